@@ -1,0 +1,1370 @@
+"""syncnode: a self-hosted sync server for local-first apps.
+
+People create an account, get a bearer session, store opaque values under keys, update them by
+compare-and-swap on a store token and share keys with other users as READ, WRITE or OWN.
+
+Three ways to run it:
+
+- ``python syncnode.py`` serves on 127.0.0.1:8080 with waitress (``--help`` lists the settings);
+- the ``syncnode`` console script does the same once the package is installed;
+- ``syncnode.create_app(database="path/to/syncnode.db")`` returns a WSGI application for any
+  WSGI server, or to mount under a path prefix in a bigger application.
+
+The behaviour contract is ``SYNCNODE.md`` with the OpenAPI document it refines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import sys
+import threading
+import time
+import unicodedata
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import argon2
+import bottle
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("syncnode")
+log.addHandler(logging.NullHandler())
+
+
+# ==================================================================================================
+# Constants and settings
+# ==================================================================================================
+
+MAX_KEY_CHARS = 1024
+MAX_META_BYTES = 8192
+MAX_ID_CHARS = 254
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_CHARS = 1024
+MAX_JSON_BYTES = 1024 * 1024
+MAX_BEARER_CHARS = 512
+READ_CHUNK_BYTES = 64 * 1024
+
+LEVELS = {"READ": 1, "WRITE": 2, "OWN": 3}
+LEVEL_NAMES = {number: name for name, number in LEVELS.items()}
+
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def _setting(default: Any, help: str, **options: Any) -> Any:
+    """Declare a setting: its default and the sentence ``--help`` and the README show."""
+    return field(default=default, metadata={"help": help, **options})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything an operator can tune; the CLI reads each from a flag or a SYNCNODE_* variable."""
+
+    database: str = _setting("syncnode.db", "SQLite database file (created if missing).")
+    host: str = _setting("127.0.0.1", "Address to listen on.")
+    port: int = _setting(8080, "TCP port to listen on.")
+    threads: int = _setting(4, "Serving threads (one SQLite connection each).")
+    log_level: str = _setting(
+        "INFO", "Server log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+    registration: str = _setting(
+        "open", "Whether POST /account creates accounts.", choices=("open", "closed")
+    )
+    session_ttl: int = _setting(30 * 86400, "Session lifetime in seconds.")
+    reset_ttl: int = _setting(3600, "Password reset token lifetime in seconds.")
+    max_value_bytes: int = _setting(32 * 1024 * 1024, "Largest stored value in bytes.")
+    min_free_bytes: int = _setting(
+        64 * 1024 * 1024, "Free space the data directory keeps; writes stop below it."
+    )
+    synchronous: str = _setting(
+        "FULL",
+        "SQLite synchronous mode: FULL survives power cuts, NORMAL is faster but may lose "
+        "the last writes on a power cut.",
+        choices=("FULL", "NORMAL"),
+    )
+    busy_timeout: int = _setting(5000, "Milliseconds a write waits for the database lock.")
+    argon2_time_cost: int = _setting(argon2.DEFAULT_TIME_COST, "Argon2id iterations.")
+    argon2_memory_cost: int = _setting(argon2.DEFAULT_MEMORY_COST, "Argon2id memory in KiB.")
+    argon2_parallelism: int = _setting(argon2.DEFAULT_PARALLELISM, "Argon2id lanes.")
+    login_window: int = _setting(900, "Window in seconds over which failed logins count.")
+    login_fails_per_id: int = _setting(10, "Failed logins per user id in the window (0: off).")
+    login_fails_per_address: int = _setting(
+        100, "Failed logins per client address in the window (0: off)."
+    )
+    reset_window: int = _setting(3600, "Window in seconds over which reset requests count.")
+    resets_per_id: int = _setting(5, "Reset requests per user id in the window (0: off).")
+    resets_per_address: int = _setting(
+        50, "Reset requests per client address in the window (0: off)."
+    )
+    registration_window: int = _setting(3600, "Window in seconds over which registrations count.")
+    registrations_per_address: int = _setting(
+        0, "Registrations per client address in the window (0: off)."
+    )
+    trusted_proxies: str = _setting(
+        "",
+        "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+        "names the client.",
+    )
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.type == "int" and (type(value) is not int or value < 0):
+                raise ValueError(f"The setting {item.name} must be a whole number of 0 or more.")
+            choices = item.metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"The setting {item.name} must be one of {', '.join(choices)}.")
+        if not self.database or self.database == ":memory:" or self.database.startswith("file:"):
+            raise ValueError("The setting database must be the path of a database file.")
+        if not 1 <= self.port <= 65535 and self.port != 0:
+            raise ValueError("The setting port must be 0 to 65535.")
+        if self.threads < 1:
+            raise ValueError("The setting threads must be at least 1.")
+        if self.session_ttl < 1 or self.reset_ttl < 1:
+            raise ValueError("The settings session_ttl and reset_ttl must be at least 1 second.")
+        if self.argon2_time_cost < 1 or self.argon2_parallelism < 1:
+            raise ValueError("The Argon2 time cost and parallelism must be at least 1.")
+        if self.argon2_memory_cost < 8 * self.argon2_parallelism:
+            raise ValueError("The Argon2 memory cost must be at least 8 KiB per lane.")
+        parse_networks(self.trusted_proxies)
+
+
+def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Parse a comma-separated list of addresses or networks; raise ValueError naming a bad one."""
+    networks = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"The trusted proxy {item!r} is not an address or network.") from None
+    return tuple(networks)
+
+
+# ==================================================================================================
+# Errors
+# ==================================================================================================
+
+#: SYNCNODE.md, Errors: every code with its HTTP status.
+ERROR_STATUS = {
+    "AUTH01": 401,
+    "AUTH02": 429,
+    "ACCT01": 403,
+    "ACCT02": 400,
+    "ACCT03": 409,
+    "ERR01": 404,
+    "ERR02": 500,
+    "KEY01": 409,
+    "PERM01": 403,
+    "PERM02": 409,
+    "REQ01": 400,
+    "REQ02": 405,
+    "SIZE01": 413,
+    "DISK01": 507,
+}
+
+
+class ApiError(Exception):
+    """A deliberate error answer: a code from the contract's table, a sentence, extra headers."""
+
+    def __init__(self, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = ERROR_STATUS[code]
+        self.message = message
+        self.headers = dict(headers or {})
+        if code == "AUTH01":
+            self.headers.setdefault("WWW-Authenticate", "Bearer")
+
+
+def not_found() -> ApiError:
+    """The one answer for a key that is missing or that the caller may not see."""
+    return ApiError("ERR01", "No data was found for this key.")
+
+
+# ==================================================================================================
+# Database
+# ==================================================================================================
+
+#: Migration scripts, applied in order; PRAGMA user_version counts how many have run.
+SCHEMA = [
+    """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE sessions (
+        id INTEGER PRIMARY KEY,
+        public_id TEXT NOT NULL UNIQUE,
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        token_digest BLOB NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL
+    );
+    CREATE INDEX sessions_by_user ON sessions (user_id, created_ms);
+    CREATE INDEX sessions_by_expiry ON sessions (expires_ms);
+    CREATE TABLE reset_tokens (
+        user_id INTEGER PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+        token_digest BLOB NOT NULL UNIQUE,
+        expires_ms INTEGER NOT NULL
+    );
+    CREATE TABLE items (
+        id INTEGER PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        token TEXT NOT NULL,
+        meta TEXT,
+        updated_ms INTEGER NOT NULL,
+        value BLOB NOT NULL
+    );
+    CREATE TABLE permissions (
+        item_id INTEGER NOT NULL REFERENCES items (id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        level INTEGER NOT NULL CHECK (level IN (1, 2, 3)),
+        PRIMARY KEY (item_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX permissions_by_user ON permissions (user_id, item_id);
+    CREATE TABLE attempts (
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX attempts_by_subject ON attempts (kind, subject, at_ms);
+    """,
+]
+
+
+class DatabaseTooNew(RuntimeError):
+    """The database was written by a newer syncnode than this one."""
+
+
+def connect(path: str, settings: Settings) -> sqlite3.Connection:
+    """Open a connection in autocommit mode with WAL, foreign keys and the busy timeout set."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {settings.synchronous}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection, write: bool = False) -> Iterator[sqlite3.Connection]:
+    """Run a block in one transaction: commit on a clean exit, roll back on any exception.
+
+    Writes use BEGIN IMMEDIATE: the write lock is taken before the first read, so a busy
+    database waits at BEGIN (busy timeout) instead of failing halfway through the block.
+    """
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a migration script into whole SQL statements."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError("A migration script ends in an incomplete statement.")
+    return statements
+
+
+def migrate(conn: sqlite3.Connection, schema: list[str] = SCHEMA) -> int:
+    """Bring the database up to the newest schema in one transaction; return the version."""
+    with transaction(conn, write=True):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(schema):
+            raise DatabaseTooNew(
+                f"The database has schema version {version}, newer than this syncnode "
+                f"({len(schema)}); upgrade syncnode."
+            )
+        for number, script in enumerate(schema[version:], start=version + 1):
+            for statement in split_statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            log.info("Migrated the database to schema version %d.", number)
+    return len(schema)
+
+
+# ==================================================================================================
+# Storage
+# ==================================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: the user's row id and name, and the session behind the request."""
+
+    user_id: int
+    name: str
+    session_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredValue:
+    """A value read from the store with its token and metadata."""
+
+    value: bytes
+    token: str
+    meta: str | None
+
+
+def new_store_token() -> str:
+    """Return a fresh store token: 128 random bits as URL-safe text."""
+    return secrets.token_urlsafe(16)
+
+
+def find_item(conn: sqlite3.Connection, key: str, user_id: int) -> tuple[int, str, int] | None:
+    """Return (item id, token, caller's level or 0) for an existing key, else None."""
+    return conn.execute(
+        """
+        SELECT items.id, items.token, coalesce(permissions.level, 0)
+        FROM items
+        LEFT JOIN permissions ON permissions.item_id = items.id AND permissions.user_id = ?
+        WHERE items.key = ?
+        """,
+        (user_id, key),
+    ).fetchone()
+
+
+def list_keys(conn: sqlite3.Connection, user_id: int) -> list[dict]:
+    """Return every key the user holds a permission on, sorted by key."""
+    rows = conn.execute(
+        """
+        SELECT items.key, permissions.level, items.token
+        FROM permissions JOIN items ON items.id = permissions.item_id
+        WHERE permissions.user_id = ?
+        ORDER BY items.key
+        """,
+        (user_id,),
+    )
+    return [
+        {"key": key, "permission": LEVEL_NAMES[level], "token": token} for key, level, token in rows
+    ]
+
+
+def get_value(conn: sqlite3.Connection, key: str, user_id: int) -> StoredValue:
+    """Return the value of a key the user may read; ERR01 when missing or invisible."""
+    row = conn.execute(
+        """
+        SELECT items.value, items.token, items.meta
+        FROM items JOIN permissions ON permissions.item_id = items.id
+        WHERE items.key = ? AND permissions.user_id = ?
+        """,
+        (key, user_id),
+    ).fetchone()
+    if row is None:
+        raise not_found()
+    return StoredValue(*row)
+
+
+def put_value(
+    conn: sqlite3.Connection,
+    key: str,
+    user_id: int,
+    value: bytes,
+    meta: str | None,
+    sent_token: str | None,
+    now_ms: int,
+) -> str:
+    """Create or compare-and-swap a value; return its new token.
+
+    The update is one conditional UPDATE on the key and the sent token inside the write
+    transaction that also checked the permission, so of racing writers holding the same token
+    exactly one changes a row, and a writer whose permission was just revoked never writes.
+    """
+    token = new_store_token()
+    with transaction(conn, write=True):
+        found = find_item(conn, key, user_id)
+        if found is None:
+            if sent_token is not None:
+                raise ApiError("KEY01", "The key does not exist; create it without X-Sync-Token.")
+            cursor = conn.execute(
+                "INSERT INTO items (key, token, meta, updated_ms, value) VALUES (?, ?, ?, ?, ?)",
+                (key, token, meta, now_ms, value),
+            )
+            conn.execute(
+                "INSERT INTO permissions (item_id, user_id, level) VALUES (?, ?, ?)",
+                (cursor.lastrowid, user_id, LEVELS["OWN"]),
+            )
+            return token
+        item_id, _, level = found
+        if level == 0:
+            raise ApiError("KEY01", "The key already exists.")
+        if level < LEVELS["WRITE"]:
+            raise ApiError("PERM01", "Writing this key needs the WRITE or OWN permission.")
+        updated = conn.execute(
+            """
+            UPDATE items SET token = ?, meta = ?, updated_ms = ?, value = ?
+            WHERE id = ? AND token = ?
+            """,
+            (token, meta, now_ms, value, item_id, sent_token),
+        ).rowcount
+        if updated != 1:
+            raise ApiError("KEY01", "X-Sync-Token is missing or does not match the stored token.")
+    return token
+
+
+def delete_value(conn: sqlite3.Connection, key: str, user_id: int, sent_token: str | None) -> None:
+    """Delete a key, its value and every permission on it; OWN and the current token needed."""
+    with transaction(conn, write=True):
+        found = find_item(conn, key, user_id)
+        if found is None or found[2] == 0:
+            raise not_found()
+        item_id, token, level = found
+        if level < LEVELS["OWN"]:
+            raise ApiError("PERM01", "Deleting this key needs the OWN permission.")
+        if sent_token is None or not secrets.compare_digest(sent_token.encode(), token.encode()):
+            raise ApiError("KEY01", "X-Sync-Token is missing or does not match the stored token.")
+        conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
+
+
+def get_permissions(conn: sqlite3.Connection, key: str, user_id: int) -> list[dict]:
+    """Return every holder of a key the user holds, sorted by user id; ERR01 otherwise."""
+    with transaction(conn):
+        found = find_item(conn, key, user_id)
+        if found is None or found[2] == 0:
+            raise not_found()
+        rows = conn.execute(
+            """
+            SELECT users.name, permissions.level
+            FROM permissions JOIN users ON users.id = permissions.user_id
+            WHERE permissions.item_id = ?
+            ORDER BY users.name
+            """,
+            (found[0],),
+        ).fetchall()
+    return [{"user": name, "permission": LEVEL_NAMES[level]} for name, level in rows]
+
+
+def check_owner_remains(conn: sqlite3.Connection, item_id: int) -> None:
+    """Raise PERM02 if the key has no OWN holder left (the caller's transaction rolls back)."""
+    owners = conn.execute(
+        "SELECT count(*) FROM permissions WHERE item_id = ? AND level = ?",
+        (item_id, LEVELS["OWN"]),
+    ).fetchone()[0]
+    if owners == 0:
+        raise ApiError("PERM02", "The change would leave the key without an OWN holder.")
+
+
+def set_permissions(
+    conn: sqlite3.Connection, key: str, user_id: int, grants: dict[str, int]
+) -> None:
+    """Grant or replace permissions all or nothing: ERR01 for unknown users, PERM02 for no owner."""
+    with transaction(conn, write=True):
+        found = find_item(conn, key, user_id)
+        if found is None or found[2] == 0:
+            raise not_found()
+        item_id, _, level = found
+        if level < LEVELS["OWN"]:
+            raise ApiError("PERM01", "Changing permissions needs the OWN permission.")
+        for name, grant in grants.items():
+            row = conn.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise ApiError("ERR01", "A user in the list does not exist.")
+            conn.execute(
+                """
+                INSERT INTO permissions (item_id, user_id, level) VALUES (?, ?, ?)
+                ON CONFLICT (item_id, user_id) DO UPDATE SET level = excluded.level
+                """,
+                (item_id, row[0], grant),
+            )
+        check_owner_remains(conn, item_id)
+
+
+def remove_permissions(conn: sqlite3.Connection, key: str, user_id: int, names: set[str]) -> None:
+    """Remove the named users' permissions; OWN needed unless the caller only removes itself."""
+    with transaction(conn, write=True):
+        found = find_item(conn, key, user_id)
+        if found is None or found[2] == 0:
+            raise not_found()
+        item_id, _, level = found
+        holders = conn.execute(
+            f"""
+            SELECT users.id FROM permissions JOIN users ON users.id = permissions.user_id
+            WHERE permissions.item_id = ? AND users.name IN ({", ".join("?" * len(names))})
+            """,
+            (item_id, *names),
+        ).fetchall()
+        holder_ids = {row[0] for row in holders}
+        if level < LEVELS["OWN"] and holder_ids - {user_id}:
+            raise ApiError("PERM01", "Removing other users' permissions needs the OWN permission.")
+        conn.executemany(
+            "DELETE FROM permissions WHERE item_id = ? AND user_id = ?",
+            [(item_id, holder_id) for holder_id in holder_ids],
+        )
+        check_owner_remains(conn, item_id)
+
+
+# ==================================================================================================
+# Identity and sessions
+# ==================================================================================================
+
+
+def normalize_id(raw: str) -> str:
+    """Normalise a user id (NFKC, stripped, lower-cased); ACCT02 when it breaks the rules."""
+    name = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", raw).strip().lower())
+    if not 1 <= len(name) <= MAX_ID_CHARS or any(
+        char.isspace() or unicodedata.category(char) == "Cc" for char in name
+    ):
+        raise ApiError(
+            "ACCT02",
+            f"The user id must be 1 to {MAX_ID_CHARS} characters without spaces or control "
+            "characters.",
+        )
+    return name
+
+
+def check_password(password: str) -> None:
+    """Raise ACCT02 unless the password has an acceptable length."""
+    if not MIN_PASSWORD_CHARS <= len(password) <= MAX_PASSWORD_CHARS:
+        raise ApiError(
+            "ACCT02",
+            f"The password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS:,} characters.",
+        )
+
+
+def digest_token(token: str) -> bytes:
+    """Return the SHA-256 digest under which a bearer token is stored."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def create_user(conn: sqlite3.Connection, name: str, password_hash: str, now_ms: int) -> int:
+    """Insert a user and return its row id; ACCT03 when the id is taken."""
+    try:
+        with transaction(conn, write=True):
+            return conn.execute(
+                "INSERT INTO users (name, password_hash, created_ms) VALUES (?, ?, ?)",
+                (name, password_hash, now_ms),
+            ).lastrowid
+    except sqlite3.IntegrityError:
+        raise ApiError("ACCT03", "This user id is already in use.") from None
+
+
+def find_user(conn: sqlite3.Connection, name: str) -> tuple[int, str] | None:
+    """Return (row id, password hash) of a user, or None."""
+    return conn.execute("SELECT id, password_hash FROM users WHERE name = ?", (name,)).fetchone()
+
+
+def create_session(conn: sqlite3.Connection, user_id: int, now_ms: int, ttl_ms: int) -> dict:
+    """Start a session; return the answer of POST /auth with the only copy of the token."""
+    token = secrets.token_urlsafe(32)
+    expires_ms = now_ms + ttl_ms
+    with transaction(conn, write=True):
+        conn.execute(
+            """
+            INSERT INTO sessions (public_id, user_id, token_digest, created_ms, expires_ms)
+            VALUES (?, ?, ?, ?, ?)
+            """,
+            (str(uuid.uuid4()), user_id, digest_token(token), now_ms, expires_ms),
+        )
+    return {"token": token, "expiration": expires_ms}
+
+
+def find_session(conn: sqlite3.Connection, token: str, now_ms: int) -> Caller:
+    """Return the caller behind a session token; AUTH01 (and the row purged) when expired."""
+    row = conn.execute(
+        """
+        SELECT sessions.id, sessions.user_id, users.name, sessions.expires_ms
+        FROM sessions JOIN users ON users.id = sessions.user_id
+        WHERE sessions.token_digest = ?
+        """,
+        (digest_token(token),),
+    ).fetchone()
+    if row is None:
+        raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
+    session_id, user_id, name, expires_ms = row
+    if expires_ms <= now_ms:
+        with transaction(conn, write=True):
+            conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
+    return Caller(user_id, name, session_id)
+
+
+def list_sessions(conn: sqlite3.Connection, caller: Caller, now_ms: int) -> list[dict]:
+    """Return the caller's live sessions, newest first, by public id."""
+    rows = conn.execute(
+        """
+        SELECT id, public_id, expires_ms, created_ms FROM sessions
+        WHERE user_id = ? AND expires_ms > ?
+        ORDER BY created_ms DESC, id DESC
+        """,
+        (caller.user_id, now_ms),
+    )
+    return [
+        {
+            "id": public_id,
+            "expiration": expires_ms,
+            "current": row_id == caller.session_id,
+            "createdAt": created_ms,
+        }
+        for row_id, public_id, expires_ms, created_ms in rows
+    ]
+
+
+def end_session(conn: sqlite3.Connection, session_id: int) -> None:
+    """Delete one session."""
+    with transaction(conn, write=True):
+        conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+
+def delete_account(conn: sqlite3.Connection, user_id: int) -> None:
+    """Delete a user with its sessions, tokens and permissions, and the keys only it owned."""
+    with transaction(conn, write=True):
+        conn.execute(
+            """
+            DELETE FROM items WHERE id IN (
+                SELECT mine.item_id FROM permissions AS mine
+                WHERE mine.user_id = :user AND mine.level = 3 AND NOT EXISTS (
+                    SELECT 1 FROM permissions AS other
+                    WHERE other.item_id = mine.item_id AND other.level = 3
+                    AND other.user_id != :user
+                )
+            )
+            """,
+            {"user": user_id},
+        )
+        conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
+
+
+def set_password(
+    conn: sqlite3.Connection, user_id: int, password_hash: str, keep_session_id: int | None
+) -> None:
+    """Store a new password hash; end every session but the one kept and any reset token."""
+    with transaction(conn, write=True):
+        conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
+        conn.execute(
+            "DELETE FROM sessions WHERE user_id = ? AND id IS NOT ?", (user_id, keep_session_id)
+        )
+        conn.execute("DELETE FROM reset_tokens WHERE user_id = ?", (user_id,))
+
+
+def update_password_hash(conn: sqlite3.Connection, user_id: int, password_hash: str) -> None:
+    """Replace a hash after login found its parameters out of date."""
+    with transaction(conn, write=True):
+        conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
+
+
+def create_reset_token(conn: sqlite3.Connection, user_id: int, now_ms: int, ttl_ms: int) -> str:
+    """Replace the user's reset token with a new one and return it."""
+    token = secrets.token_urlsafe(32)
+    with transaction(conn, write=True):
+        conn.execute(
+            """
+            INSERT INTO reset_tokens (user_id, token_digest, expires_ms) VALUES (?, ?, ?)
+            ON CONFLICT (user_id) DO UPDATE
+            SET token_digest = excluded.token_digest, expires_ms = excluded.expires_ms
+            """,
+            (user_id, digest_token(token), now_ms + ttl_ms),
+        )
+    return token
+
+
+def find_reset_token(conn: sqlite3.Connection, token: str, now_ms: int) -> int | None:
+    """Return the user id a live reset token belongs to, or None."""
+    row = conn.execute(
+        "SELECT user_id FROM reset_tokens WHERE token_digest = ? AND expires_ms > ?",
+        (digest_token(token), now_ms),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def reset_password(conn: sqlite3.Connection, token: str, password_hash: str, now_ms: int) -> None:
+    """Spend a reset token: set the password and end every session; AUTH01 if already spent."""
+    with transaction(conn, write=True):
+        user_id = find_reset_token(conn, token, now_ms)
+        if user_id is None:
+            raise ApiError("AUTH01", "The reset token is unknown, expired or used.")
+        set_password(conn, user_id, password_hash, keep_session_id=None)
+
+
+# Attempts are counted in the database, so that every serving thread sees the same counts.
+
+
+def check_attempts(
+    conn: sqlite3.Connection, kind: str, subject: str, limit: int, window_ms: int, now_ms: int
+) -> None:
+    """Raise AUTH02 with Retry-After when the subject reached its limit within the window."""
+    if limit == 0:
+        return
+    times = [
+        row[0]
+        for row in conn.execute(
+            "SELECT at_ms FROM attempts WHERE kind = ? AND subject = ? AND at_ms > ? "
+            "ORDER BY at_ms DESC LIMIT ?",
+            (kind, subject, now_ms - window_ms, limit),
+        )
+    ]
+    if len(times) >= limit:
+        retry_after = max(1, math.ceil((times[-1] + window_ms - now_ms) / 1000))
+        raise ApiError(
+            "AUTH02",
+            "Too many attempts; try again later.",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+def record_attempts(
+    conn: sqlite3.Connection, attempts: list[tuple[str, str]], window_ms: int, now_ms: int
+) -> None:
+    """Count one attempt for each (kind, subject) and forget that subject's expired ones."""
+    with transaction(conn, write=True):
+        for kind, subject in attempts:
+            conn.execute(
+                "DELETE FROM attempts WHERE kind = ? AND subject = ? AND at_ms <= ?",
+                (kind, subject, now_ms - window_ms),
+            )
+            conn.execute(
+                "INSERT INTO attempts (kind, subject, at_ms) VALUES (?, ?, ?)",
+                (kind, subject, now_ms),
+            )
+
+
+# ==================================================================================================
+# HTTP layer
+# ==================================================================================================
+
+
+class Context:
+    """What one app owns: settings, password hasher, per-thread connections and the clock."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.hasher = argon2.PasswordHasher(
+            time_cost=settings.argon2_time_cost,
+            memory_cost=settings.argon2_memory_cost,
+            parallelism=settings.argon2_parallelism,
+        )
+        self.trusted_proxies = parse_networks(settings.trusted_proxies)
+        self.data_dir = os.path.dirname(os.path.abspath(settings.database))
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._dummy_hash: str | None = None
+
+    def now_ms(self) -> int:
+        """Return the app clock's time in milliseconds since the Unix epoch."""
+        return int(self.clock() * 1000)
+
+    def connection(self) -> sqlite3.Connection:
+        """Return this thread's connection, opening it on first use."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.settings.database, self.settings)
+            with self._lock:
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close every connection the app opened (the app opens new ones if used again)."""
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()
+        for conn in connections:
+            conn.close()
+
+    def verify_password(self, password_hash: str | None, password: str) -> bool:
+        """Check a password against a hash; with no hash, spend one verification all the same.
+
+        Verifying against a dummy hash for unknown ids makes a failed login take as long
+        whether or not the id exists, so timing does not tell which ids are registered.
+        """
+        if password_hash is None:
+            if self._dummy_hash is None:
+                self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
+            password_hash = self._dummy_hash
+        try:
+            return self.hasher.verify(password_hash, password)
+        except argon2.exceptions.VerificationError:
+            return False
+        except argon2.exceptions.InvalidHashError:
+            log.error("A stored password hash is not a valid Argon2 hash.")
+            return False
+
+    def client_address(self, environ: Mapping[str, Any]) -> str:
+        """Return the client address: the socket's, or X-Forwarded-For's behind trusted proxies."""
+        address = environ.get("REMOTE_ADDR", "")
+        if not self.trusted_proxies:
+            return address
+        hops = [hop.strip() for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+        for hop in reversed([address, *filter(None, hops)]):
+            try:
+                if not any(ipaddress.ip_address(hop) in net for net in self.trusted_proxies):
+                    return hop
+            except ValueError:
+                return hop
+        return address
+
+    def disk_ok(self) -> bool:
+        """Whether the data directory is writable with at least min_free_bytes free."""
+        try:
+            free = shutil.disk_usage(self.data_dir).free
+        except OSError:
+            return False
+        return os.access(self.data_dir, os.W_OK) and free >= self.settings.min_free_bytes
+
+    def require_disk(self) -> None:
+        """Raise DISK01 unless the data directory can take a write."""
+        if not self.disk_ok():
+            raise ApiError("DISK01", "The server is out of storage space; nothing was written.")
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None):
+    """Return a JSON answer."""
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    return bottle.HTTPResponse(
+        body, status, {"Content-Type": "application/json", **(headers or {})}
+    )
+
+
+def empty_response(headers: Mapping[str, str] | None = None):
+    """Return 204 No Content."""
+    return bottle.HTTPResponse(b"", 204, dict(headers or {}))
+
+
+def error_response(error: ApiError):
+    """Return the JSON error body for an ApiError."""
+    return json_response(
+        {"code": error.code, "message": error.message}, error.status, error.headers
+    )
+
+
+def read_body(limit: int, code: str = "REQ01") -> bytes:
+    """Read the request body; SIZE01 when it is longer than limit bytes."""
+    environ = bottle.request.environ
+    length_text = environ.get("CONTENT_LENGTH") or ""
+    if length_text:
+        if not length_text.isdigit():
+            raise ApiError(code, "The Content-Length header must be a whole number.")
+        length = int(length_text)
+        if length > limit:
+            raise ApiError("SIZE01", f"The request body is larger than {limit:,} bytes.")
+    else:
+        length = limit + 1
+    stream = environ["wsgi.input"]
+    chunks, received = [], 0
+    while received < length:
+        chunk = stream.read(min(READ_CHUNK_BYTES, length - received))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        received += len(chunk)
+    if received > limit:
+        raise ApiError("SIZE01", f"The request body is larger than {limit:,} bytes.")
+    return b"".join(chunks)
+
+
+def read_json(code: str = "REQ01") -> Any:
+    """Read and parse a JSON body; the given code when it is not JSON."""
+    try:
+        return json.loads(read_body(MAX_JSON_BYTES, code))
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(code, "The request body must be valid JSON.") from None
+
+
+def read_credentials() -> tuple[str, str]:
+    """Read {"id", "password"} from the body; ACCT02 for any other shape."""
+    body = read_json("ACCT02")
+    if not (
+        isinstance(body, dict)
+        and isinstance(body.get("id"), str)
+        and isinstance(body.get("password"), str)
+    ):
+        raise ApiError("ACCT02", "The body must be a JSON object with string id and password.")
+    name = normalize_id(body["id"])
+    check_password(body["password"])
+    return name, body["password"]
+
+
+def header(name: str) -> str | None:
+    """Return a request header as sent (latin-1 text per WSGI), or None when absent."""
+    return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
+
+
+def read_store_token() -> str | None:
+    """Return X-Sync-Token; a value that is not ASCII can match no token, so it stays as sent."""
+    return header("X-Sync-Token")
+
+
+def read_meta() -> str | None:
+    """Return X-Sync-Meta; REQ01 unless printable ASCII, SIZE01 past MAX_META_BYTES."""
+    meta = header("X-Sync-Meta")
+    if meta is None:
+        return None
+    if not PRINTABLE_ASCII.fullmatch(meta):
+        raise ApiError("REQ01", "X-Sync-Meta must be printable ASCII.")
+    if len(meta) > MAX_META_BYTES:
+        raise ApiError("SIZE01", f"X-Sync-Meta is larger than {MAX_META_BYTES:,} bytes.")
+    return meta
+
+
+def read_key(key: str) -> str:
+    """Check a key taken from the path; REQ01 when it is not 1 to 1,024 characters of text."""
+    raw_path = bottle.request.environ.get("bottle.raw_path", "")
+    try:
+        raw_path.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError("REQ01", "The key must be UTF-8 text.") from None
+    except UnicodeEncodeError:
+        pass  # An outer application already decoded the path.
+    if not 1 <= len(key) <= MAX_KEY_CHARS or CONTROL_CHARS.search(key):
+        raise ApiError(
+            "REQ01",
+            f"The key must be 1 to {MAX_KEY_CHARS:,} characters without control characters.",
+        )
+    return key
+
+
+def bearer_token() -> str | None:
+    """Return the Authorization: Bearer token, None without the header; AUTH01 when malformed."""
+    value = header("Authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if (
+        scheme.lower() != "bearer"
+        or len(token) > MAX_BEARER_CHARS
+        or not BEARER_TOKEN.fullmatch(token)
+    ):
+        raise ApiError("AUTH01", "The Authorization header must be 'Bearer' and a token.")
+    return token
+
+
+def store_headers(token: str) -> dict[str, str]:
+    """Return the headers that name a stored version."""
+    return {"X-Sync-Token": token, "ETag": f'"{token}"'}
+
+
+def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
+    """Register the Sync Node API's routes on the app, closing over its context."""
+    settings = ctx.settings
+
+    def authenticate() -> Caller:
+        token = bearer_token()
+        if token is None:
+            raise ApiError("AUTH01", "This request needs an Authorization: Bearer token.")
+        return find_session(ctx.connection(), token, ctx.now_ms())
+
+    def throttle(kind: str, subject: str, limit: int, window: int) -> None:
+        check_attempts(ctx.connection(), kind, subject, limit, window * 1000, ctx.now_ms())
+
+    def resource(rule: str, **handlers: Callable) -> None:
+        """Route every method of a path through one callback that answers REQ02 for the rest."""
+        allowed = set(handlers) | ({"HEAD"} if "GET" in handlers else set())
+        allow = ", ".join(sorted(allowed))
+
+        def dispatch(**args: str):
+            method = bottle.request.method
+            handler = handlers.get("GET" if method == "HEAD" else method)
+            if handler is None:
+                raise ApiError("REQ02", f"This path takes only {allow}.", headers={"Allow": allow})
+            return handler(**args)
+
+        app.route(rule, "ANY", guarded(dispatch))
+
+    # Accounts and sessions ----------------------------------------------------------------------
+
+    def account_post():
+        if settings.registration == "closed":
+            raise ApiError("ACCT01", "Registration is disabled on this server.")
+        name, password = read_credentials()
+        conn, address = ctx.connection(), ctx.client_address(bottle.request.environ)
+        throttle(
+            "register_address",
+            address,
+            settings.registrations_per_address,
+            settings.registration_window,
+        )
+        if find_user(conn, name) is not None:
+            raise ApiError("ACCT03", "This user id is already in use.")
+        ctx.require_disk()
+        password_hash = ctx.hasher.hash(password)
+        now_ms = ctx.now_ms()
+        user_id = create_user(conn, name, password_hash, now_ms)
+        if settings.registrations_per_address:
+            record_attempts(
+                conn, [("register_address", address)], settings.registration_window * 1000, now_ms
+            )
+        return json_response(create_session(conn, user_id, now_ms, settings.session_ttl * 1000))
+
+    def account_get():
+        caller = authenticate()
+        return json_response(list_sessions(ctx.connection(), caller, ctx.now_ms()))
+
+    def account_delete():
+        caller = authenticate()
+        delete_account(ctx.connection(), caller.user_id)
+        return empty_response()
+
+    def auth_post():
+        name, password = read_credentials()
+        conn, address = ctx.connection(), ctx.client_address(bottle.request.environ)
+        throttle("login_id", name, settings.login_fails_per_id, settings.login_window)
+        throttle("login_address", address, settings.login_fails_per_address, settings.login_window)
+        user = find_user(conn, name)
+        if not ctx.verify_password(user[1] if user else None, password) or user is None:
+            record_attempts(
+                conn,
+                [("login_id", name), ("login_address", address)],
+                settings.login_window * 1000,
+                ctx.now_ms(),
+            )
+            raise ApiError("AUTH01", "The user id or password is wrong.")
+        user_id, password_hash = user
+        if ctx.hasher.check_needs_rehash(password_hash):
+            update_password_hash(conn, user_id, ctx.hasher.hash(password))
+        return json_response(
+            create_session(conn, user_id, ctx.now_ms(), settings.session_ttl * 1000)
+        )
+
+    def auth_delete():
+        caller = authenticate()
+        end_session(ctx.connection(), caller.session_id)
+        return empty_response()
+
+    # Passwords and reset ------------------------------------------------------------------------
+
+    def password_post():
+        token = bearer_token()
+        if token is None:
+            raise ApiError("AUTH01", "This request needs an Authorization: Bearer token.")
+        conn, now_ms = ctx.connection(), ctx.now_ms()
+        caller = None
+        if find_reset_token(conn, token, now_ms) is None:
+            caller = find_session(conn, token, now_ms)
+        body = read_json()
+        if not isinstance(body, dict) or not isinstance(body.get("password"), str):
+            raise ApiError("REQ01", "The body must be a JSON object with a string password.")
+        check_password(body["password"])
+        password_hash = ctx.hasher.hash(body["password"])
+        if caller is None:
+            reset_password(conn, token, password_hash, ctx.now_ms())
+        else:
+            set_password(conn, caller.user_id, password_hash, keep_session_id=caller.session_id)
+        return empty_response()
+
+    def resetpassword_post():
+        body = read_json()
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+            raise ApiError("REQ01", "The body must be a JSON object with a string id.")
+        try:
+            name = normalize_id(body["id"])
+        except ApiError:
+            return empty_response()  # No such id can exist; answer as for any unknown id.
+        conn, address = ctx.connection(), ctx.client_address(bottle.request.environ)
+        throttle("reset_id", name, settings.resets_per_id, settings.reset_window)
+        throttle("reset_address", address, settings.resets_per_address, settings.reset_window)
+        now_ms = ctx.now_ms()
+        record_attempts(
+            conn,
+            [("reset_id", name), ("reset_address", address)],
+            settings.reset_window * 1000,
+            now_ms,
+        )
+        user = find_user(conn, name)
+        if user is not None:
+            token = create_reset_token(conn, user[0], now_ms, settings.reset_ttl * 1000)
+            # SYNCNODE.md, Passwords and reset: without SMTP the log line is the delivery.
+            log.warning("Password reset token for %s: %s", name, token)
+        return empty_response()
+
+    # Store --------------------------------------------------------------------------------------
+
+    def store_list_get():
+        caller = authenticate()
+        return json_response(list_keys(ctx.connection(), caller.user_id))
+
+    def store_get(key: str):
+        caller = authenticate()
+        stored = get_value(ctx.connection(), read_key(key), caller.user_id)
+        headers = {"Content-Type": "application/octet-stream", **store_headers(stored.token)}
+        if stored.meta is not None:
+            headers["X-Sync-Meta"] = stored.meta
+        return bottle.HTTPResponse(stored.value, 200, headers)
+
+    def store_put(key: str):
+        caller = authenticate()
+        key, meta = read_key(key), read_meta()
+        value = read_body(settings.max_value_bytes)
+        ctx.require_disk()
+        token = put_value(
+            ctx.connection(), key, caller.user_id, value, meta, read_store_token(), ctx.now_ms()
+        )
+        return empty_response(store_headers(token))
+
+    def store_delete(key: str):
+        caller = authenticate()
+        delete_value(ctx.connection(), read_key(key), caller.user_id, read_store_token())
+        return empty_response()
+
+    # Permissions --------------------------------------------------------------------------------
+
+    def permission_get(key: str):
+        caller = authenticate()
+        return json_response(get_permissions(ctx.connection(), read_key(key), caller.user_id))
+
+    def permission_put(key: str):
+        caller = authenticate()
+        key, grants = read_key(key), read_grants()
+        set_permissions(ctx.connection(), key, caller.user_id, grants)
+        return empty_response()
+
+    def permission_delete(key: str):
+        caller = authenticate()
+        key = read_key(key)
+        users = bottle.request.query.getunicode("users")
+        if users is None:
+            raise ApiError("REQ01", "The users query parameter is required.")
+        names = set()
+        for raw in users.split(","):
+            with contextlib.suppress(ApiError):  # Ids that cannot exist are ignored.
+                names.add(normalize_id(raw))
+        if names:
+            remove_permissions(ctx.connection(), key, caller.user_id, names)
+        return empty_response()
+
+    # Health -------------------------------------------------------------------------------------
+
+    def health_get():
+        try:
+            database = ctx.connection().execute("SELECT 1").fetchone() == (1,)
+        except sqlite3.Error:
+            database = False
+        disk = ctx.disk_ok()
+        status = 200 if database and disk else 500
+        return json_response({"database": database, "disk": disk}, status)
+
+    def unknown_route(path: str = ""):
+        raise ApiError("ERR01", "There is nothing at this path.")
+
+    resource("/account", GET=account_get, POST=account_post, DELETE=account_delete)
+    resource("/auth", POST=auth_post, DELETE=auth_delete)
+    resource("/password", POST=password_post)
+    resource("/resetpassword", POST=resetpassword_post)
+    resource("/store", GET=store_list_get)
+    resource("/store/<key:re:.*>", GET=store_get, PUT=store_put, DELETE=store_delete)
+    resource(
+        "/permission/<key:re:.*>", GET=permission_get, PUT=permission_put, DELETE=permission_delete
+    )
+    resource("/health", GET=health_get)
+    app.route("/", "ANY", guarded(unknown_route))
+    app.route("/<path:path>", "ANY", guarded(unknown_route))
+
+
+def read_grants() -> dict[str, int]:
+    """Read the body of PUT /permission: a list of {"user", "permission"}; REQ01 otherwise."""
+    body = read_json()
+    if not isinstance(body, list):
+        raise ApiError("REQ01", "The body must be a JSON array of {user, permission} objects.")
+    grants: dict[str, int] = {}
+    for entry in body:
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("user"), str)
+            and entry.get("permission") in LEVELS
+        ):
+            raise ApiError(
+                "REQ01", "Each entry needs a string user and a permission of READ, WRITE or OWN."
+            )
+        try:
+            name = normalize_id(entry["user"])
+        except ApiError:
+            raise ApiError("ERR01", "A user in the list does not exist.") from None
+        if name in grants:
+            raise ApiError("REQ01", "Each user may appear only once in the list.")
+        grants[name] = LEVELS[entry["permission"]]
+    return grants
+
+
+def guarded(callback: Callable) -> Callable:
+    """Wrap a route: ApiError becomes its JSON answer, anything unexpected ERR02 and a log entry."""
+
+    def wrapper(*args: Any, **kwargs: Any):
+        try:
+            return callback(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except ApiError as error:
+            return error_response(error)
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY):
+                log.error("The database could not be written: %s", error.sqlite_errorname)
+                return error_response(
+                    ApiError("DISK01", "The server is out of storage space; nothing was written.")
+                )
+            log.exception("Unexpected database error in %s", bottle.request.method)
+        except Exception:
+            log.exception("Unexpected error in %s", bottle.request.method)
+        return error_response(ApiError("ERR02", "The server encountered an unexpected error."))
+
+    return wrapper
+
+
+# ==================================================================================================
+# App factory
+# ==================================================================================================
+
+
+class SyncNodeApp(bottle.Bottle):
+    """The WSGI application: a bottle app that owns its Context."""
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(catchall=True, autojson=False)
+        self.context = context
+
+    def __call__(self, environ: dict, start_response: Callable) -> Any:
+        # An outer bottle app that mounted this one has already decoded PATH_INFO from
+        # latin-1 to UTF-8; turn it back into WSGI's latin-1 form so keys survive.
+        if "bottle.raw_path" in environ:
+            environ = dict(environ)
+            environ["PATH_INFO"] = environ["PATH_INFO"].encode("utf-8").decode("latin-1")
+            del environ["bottle.raw_path"]
+        return super().__call__(environ, start_response)
+
+    def close(self) -> None:
+        """Close the app's database connections."""
+        self.context.close()
+
+
+def create_app(
+    database: str = Settings.database, *, clock: Callable[[], float] = time.time, **settings: Any
+) -> SyncNodeApp:
+    """Return a WSGI app serving the database; keyword arguments override Settings' defaults."""
+    ctx = Context(Settings(database=database, **settings), clock)
+    migrate(ctx.connection())
+    app = SyncNodeApp(ctx)
+    for status in (400, 404, 405, 413, 500):
+        app.error_handler[status] = functools.partial(error_body, status)
+    register_sync_routes(app, ctx)
+    return app
+
+
+def error_body(status: int, error: bottle.HTTPError) -> bytes:
+    """Answer bottle's own errors (raised before a route runs) in the contract's JSON layout."""
+    code = {400: "REQ01", 404: "ERR01", 405: "REQ02", 413: "SIZE01"}.get(status, "ERR02")
+    bottle.response.content_type = "application/json"
+    return json.dumps({"code": code, "message": "The request could not be handled."}).encode()
+
+
+# ==================================================================================================
+# CLI
+# ==================================================================================================
+
+
+def parse_args(argv: list[str], environ: Mapping[str, str]) -> Settings:
+    """Build Settings from flags, then SYNCNODE_* environment variables, then defaults."""
+    parser = argparse.ArgumentParser(
+        prog="syncnode",
+        description="A self-hosted sync server for local-first apps. Each setting is a flag or "
+        "a SYNCNODE_<NAME> environment variable; a flag wins.",
+    )
+    parser.add_argument("--version", action="version", version=f"syncnode {__version__}")
+    for item in dataclasses.fields(Settings):
+        variable = "SYNCNODE_" + item.name.upper()
+        parser.add_argument(
+            "--" + item.name.replace("_", "-"),
+            type=int if item.type == "int" else str,
+            choices=item.metadata.get("choices"),
+            metavar="N" if item.type == "int" else None,
+            help=f"{item.metadata['help']} [{variable}; default: {item.default}]",
+        )
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(Settings):
+        value = getattr(args, item.name)
+        variable = "SYNCNODE_" + item.name.upper()
+        if value is None and variable in environ:
+            value = environ[variable]
+            if item.type == "int":
+                if not value.strip().isdigit():
+                    parser.error(f"{variable} must be a whole number.")
+                value = int(value)
+        if value is not None:
+            values[item.name] = value
+    try:
+        return Settings(**values)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def serve(app: SyncNodeApp, settings: Settings) -> None:
+    """Serve the app with waitress until interrupted."""
+    import waitress.server
+
+    # Waitress warns about queue depth on nearly every request under load: an SD card pays for
+    # every line, and a full queue is what the thread setting is for.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    server = waitress.server.create_server(
+        app, host=settings.host, port=settings.port, threads=settings.threads, ident="syncnode"
+    )
+    log.info(
+        "syncnode %s serving %s on http://%s:%s (registration %s)",
+        __version__,
+        settings.database,
+        settings.host,
+        server.effective_port,
+        settings.registration,
+    )
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        app.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line: parse settings, open the database, serve."""
+    settings = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        app = create_app(**dataclasses.asdict(settings))
+    except (sqlite3.Error, DatabaseTooNew) as error:
+        print(f"syncnode: cannot open the database {settings.database}: {error}", file=sys.stderr)
+        return 1
+    try:
+        serve(app, settings)
+    except OSError as error:
+        app.close()
+        print(
+            f"syncnode: cannot listen on {settings.host}:{settings.port}: {error.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
