@@ -1171,9 +1171,12 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     resource("/password", POST=password_post)
     resource("/resetpassword", POST=resetpassword_post)
     resource("/store", GET=store_list_get)
-    resource("/store/<key:re:.*>", GET=store_get, PUT=store_put, DELETE=store_delete)
+    resource("/store/<key:re:[\\s\\S]*>", GET=store_get, PUT=store_put, DELETE=store_delete)
     resource(
-        "/permission/<key:re:.*>", GET=permission_get, PUT=permission_put, DELETE=permission_delete
+        "/permission/<key:re:[\\s\\S]*>",
+        GET=permission_get,
+        PUT=permission_put,
+        DELETE=permission_delete,
     )
     resource("/health", GET=health_get)
     app.route("/", "ANY", guarded(unknown_route))
@@ -1238,7 +1241,7 @@ class SyncNodeApp(bottle.Bottle):
     """The WSGI application: a bottle app that owns its Context."""
 
     def __init__(self, context: Context) -> None:
-        super().__init__(catchall=True, autojson=False)
+        super().__init__()
         self.context = context
 
     def __call__(self, environ: dict, start_response: Callable) -> Any:

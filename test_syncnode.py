@@ -7,12 +7,11 @@ permissions, health, errors and routing, secrets, embedding, real server, CLI, p
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import os
 import sqlite3
-import threading
+import urllib.parse
 
 import pytest
 import webtest
@@ -116,19 +115,24 @@ def other(make_user) -> User:
     return make_user("bob")
 
 
+def quote(key: str) -> str:
+    """Percent-encode a key for a URL path, leaving slashes and existing escapes as they are."""
+    return urllib.parse.quote(key, safe="/%")
+
+
 def put(client, user: User, key: str, value: bytes = b"v", token: str | None = None, **kw):
     """PUT a value as the user, with X-Sync-Token when given; return the response."""
     headers = dict(user.headers)
     if token is not None:
         headers["X-Sync-Token"] = token
     headers.update(kw.pop("headers", {}))
-    return client.put(f"/store/{key}", value, headers=headers, **kw)
+    return client.put(f"/store/{quote(key)}", value, headers=headers, **kw)
 
 
 def share(client, owner: User, key: str, grants: dict[str, str], **kw):
     """Grant permissions on a key as its owner; return the response."""
     body = [{"user": name, "permission": level} for name, level in grants.items()]
-    return client.put_json(f"/permission/{key}", body, headers=owner.headers, **kw)
+    return client.put_json(f"/permission/{quote(key)}", body, headers=owner.headers, **kw)
 
 
 def assert_error(response, status: int, code: str) -> None:
@@ -160,3 +164,714 @@ def snapshot(db) -> dict[str, list]:
         ).fetchall(),
         "reset_tokens": db.execute("SELECT user_id, expires_ms FROM reset_tokens").fetchall(),
     }
+
+
+# ==================================================================================================
+# Accounts
+# ==================================================================================================
+
+
+def test_account_register_answers_token_and_expiration(client, clock, db):
+    response = client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    assert response.status_int == 200
+    assert response.content_type == "application/json"
+    body = response.json
+    assert set(body) == {"token", "expiration"}
+    assert len(body["token"]) >= 43  # 256 bits of URL-safe base64
+    assert body["expiration"] == int(clock.now * 1000) + 30 * 86400 * 1000
+    assert db.execute("SELECT name FROM users").fetchall() == [("alice",)]
+
+
+def test_account_register_normalises_the_id(client, db):
+    client.post_json("/account", {"id": "  ＡＬＩＣＥ@Example.ORG ", "password": PASSWORD})
+    assert db.execute("SELECT name FROM users").fetchall() == [("alice@example.org",)]
+    response = client.post_json("/auth", {"id": "Alice@example.org", "password": PASSWORD})
+    assert response.status_int == 200
+
+
+def test_account_register_taken_id_is_acct03(client, user, db):
+    before = snapshot(db)
+    response = client.post_json("/account", {"id": " ALICE", "password": PASSWORD}, status=409)
+    assert_error(response, 409, "ACCT03")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"id": "", "password": PASSWORD},
+        {"id": "   ", "password": PASSWORD},
+        {"id": "a b", "password": PASSWORD},
+        {"id": "a\u00a0b", "password": PASSWORD},
+        {"id": "a\x00b", "password": PASSWORD},
+        {"id": "a\x85b", "password": PASSWORD},
+        {"id": "x" * 255, "password": PASSWORD},
+        {"id": "alice", "password": "short"},
+        {"id": "alice", "password": "1234567"},
+        {"id": "alice", "password": "p" * 1025},
+        {"id": "alice"},
+        {"password": PASSWORD},
+        {"id": 5, "password": PASSWORD},
+        {"id": "alice", "password": None},
+        ["alice", PASSWORD],
+        "alice",
+        None,
+    ],
+    ids=[
+        "empty-id", "blank-id", "space", "nbsp", "nul", "c1-control", "id-255-chars",
+        "password-5", "password-7", "password-1025", "no-password", "no-id", "id-number",
+        "password-null", "array", "string", "null",
+    ],
+)  # fmt: skip
+def test_account_register_bad_credentials_are_acct02(client, db, body):
+    response = client.post("/account", json.dumps(body), status=400)
+    assert_error(response, 400, "ACCT02")
+    assert table_counts(db)["users"] == 0
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{", b"not json", b"\xff\xfe", b""], ids=["cut", "text", "bytes", "empty"]
+)
+def test_account_register_malformed_json_is_acct02(client, db, raw):
+    response = client.post("/account", raw, status=400)
+    assert_error(response, 400, "ACCT02")
+    assert table_counts(db)["users"] == 0
+
+
+def test_account_register_edge_lengths_are_accepted(client, db):
+    client.post_json("/account", {"id": "x" * 254, "password": "p" * 8})
+    client.post_json("/account", {"id": "y", "password": "p" * 1024})
+    assert table_counts(db)["users"] == 2
+
+
+def test_account_register_non_ascii_id_and_password(client):
+    client.post_json("/account", {"id": "zoë@exämple.org", "password": "pässwörd✓"})
+    response = client.post_json("/auth", {"id": "ZOË@EXÄMPLE.ORG", "password": "pässwörd✓"})
+    assert response.status_int == 200
+
+
+def test_account_register_closed_is_acct01(make_app, db):
+    client = webtest.TestApp(make_app(registration="closed"))
+    response = client.post_json("/account", {"id": "alice", "password": PASSWORD}, status=403)
+    assert_error(response, 403, "ACCT01")
+    assert table_counts(db)["users"] == 0
+
+
+def test_account_register_low_disk_is_disk01(make_app, db):
+    client = webtest.TestApp(make_app(min_free_bytes=2**62))
+    response = client.post_json("/account", {"id": "alice", "password": PASSWORD}, status=507)
+    assert_error(response, 507, "DISK01")
+    assert table_counts(db)["users"] == 0
+
+
+def test_account_delete_removes_user_and_sessions(client, user, db):
+    client.delete("/account", headers=user.headers, status=204)
+    assert table_counts(db)["users"] == 0
+    assert table_counts(db)["sessions"] == 0
+    response = client.get("/store", headers=user.headers, status=401)
+    assert_error(response, 401, "AUTH01")
+
+
+def test_account_delete_removes_solely_owned_keys_and_keeps_shared_ones(client, user, other, db):
+    put(client, user, "mine")
+    put(client, user, "shared-read")
+    put(client, user, "co-owned")
+    share(client, user, "shared-read", {"bob": "READ"})
+    share(client, user, "co-owned", {"bob": "OWN"})
+    put(client, other, "bobs")
+    share(client, other, "bobs", {"alice": "WRITE"})
+    client.delete("/account", headers=user.headers, status=204)
+    keys = [row[0] for row in db.execute("SELECT key FROM items ORDER BY key")]
+    assert keys == ["bobs", "co-owned"]
+    listing = client.get("/store", headers=other.headers).json
+    assert [(e["key"], e["permission"]) for e in listing] == [("bobs", "OWN"), ("co-owned", "OWN")]
+    assert client.get("/permission/bobs", headers=other.headers).json == [
+        {"user": "bob", "permission": "OWN"}
+    ]
+
+
+def test_account_deleted_id_can_register_again_and_inherits_nothing(client, user, other):
+    put(client, other, "bobs")
+    share(client, other, "bobs", {"alice": "READ"})
+    put(client, user, "old")
+    client.delete("/account", headers=user.headers, status=204)
+    again = client.post_json("/account", {"id": "alice", "password": "another password"}).json
+    headers = {"Authorization": f"Bearer {again['token']}"}
+    assert client.get("/store", headers=headers).json == []
+    assert client.get("/permission/bobs", headers=other.headers).json == [
+        {"user": "bob", "permission": "OWN"}
+    ]
+
+
+# ==================================================================================================
+# Sessions
+# ==================================================================================================
+
+
+def test_session_login_answers_new_token(client, user, clock):
+    clock.advance(60)
+    body = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json
+    assert set(body) == {"token", "expiration"}
+    assert body["token"] != user.token
+    assert body["expiration"] == int(clock.now * 1000) + 30 * 86400 * 1000
+    client.get("/store", headers={"Authorization": f"Bearer {body['token']}"}, status=200)
+
+
+@pytest.mark.parametrize(
+    "body", [{"id": "alice", "password": "wrong password"}, {"id": "nobody", "password": PASSWORD}],
+    ids=["wrong-password", "unknown-id"],
+)  # fmt: skip
+def test_session_login_wrong_credentials_are_auth01(client, user, db, body):
+    response = client.post_json("/auth", body, status=401)
+    assert_error(response, 401, "AUTH01")
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_session_login_bad_body_is_acct02(client, user):
+    response = client.post("/auth", b"[1]", status=400)
+    assert_error(response, 400, "ACCT02")
+
+
+def test_session_list_newest_first_with_current_flag(client, user, clock, db):
+    clock.advance(10)
+    second = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json
+    listing = client.get("/account", headers=user.headers).json
+    assert len(listing) == 2
+    assert [set(entry) for entry in listing] == [{"id", "expiration", "current", "createdAt"}] * 2
+    assert listing[0]["createdAt"] == listing[1]["createdAt"] + 10_000
+    assert [entry["current"] for entry in listing] == [False, True]
+    assert listing[0]["expiration"] == second["expiration"]
+    public_ids = {row[0] for row in db.execute("SELECT public_id FROM sessions")}
+    assert {entry["id"] for entry in listing} == public_ids
+    assert user.token not in json.dumps(listing) and second["token"] not in json.dumps(listing)
+
+
+def test_session_list_shows_only_own_sessions(client, user, other):
+    listing = client.get("/account", headers=other.headers).json
+    assert len(listing) == 1 and listing[0]["current"] is True
+
+
+def test_session_logout_ends_only_that_session(client, user, db):
+    second = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json
+    client.delete("/auth", headers=user.headers, status=204)
+    assert_error(client.get("/store", headers=user.headers, status=401), 401, "AUTH01")
+    client.get("/store", headers={"Authorization": f"Bearer {second['token']}"}, status=200)
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_session_expires_after_ttl_and_is_purged(make_app, clock, db):
+    client = webtest.TestApp(make_app(session_ttl=60))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    clock.advance(59)
+    client.get("/store", headers=headers, status=200)
+    clock.advance(1)
+    assert_error(client.get("/store", headers=headers, status=401), 401, "AUTH01")
+    assert table_counts(db)["sessions"] == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer not a token",
+        "Bearer " + "A" * 43, "Bearer " + "A" * 600, "Bearer tök€n", "Token abc",
+    ],
+    ids=[
+        "missing", "empty", "scheme-only", "scheme-space", "basic", "spaces", "unknown",
+        "too-long", "non-ascii", "other-scheme",
+    ],
+)  # fmt: skip
+def test_session_bad_bearer_is_auth01(client, user, value):
+    headers = {} if value is None else {"Authorization": value}
+    for method, path in [("GET", "/store"), ("GET", "/account"), ("DELETE", "/auth")]:
+        response = client.request(path, method=method, headers=headers, status=401)
+        assert_error(response, 401, "AUTH01")
+
+
+def test_session_bearer_scheme_is_case_insensitive(client, user):
+    client.get("/store", headers={"Authorization": f"bearer {user.token}"}, status=200)
+
+
+def test_session_token_is_stored_only_as_digest(client, user, db):
+    import hashlib
+
+    digests = [row[0] for row in db.execute("SELECT token_digest FROM sessions")]
+    assert digests == [hashlib.sha256(user.token.encode()).digest()]
+
+
+# ==================================================================================================
+# Store
+# ==================================================================================================
+
+
+def test_store_put_creates_key_owned_by_caller(client, user, db):
+    response = put(client, user, "notes", b"\x00\x01binary\xff", status=204)
+    token = response.headers["X-Sync-Token"]
+    assert response.headers["ETag"] == f'"{token}"'
+    assert len(token) >= 16 and token.isascii()
+    assert response.body == b""
+    row = db.execute("SELECT value, token, meta FROM items WHERE key = 'notes'").fetchone()
+    assert row == (b"\x00\x01binary\xff", token, None)
+    assert client.get("/store", headers=user.headers).json == [
+        {"key": "notes", "permission": "OWN", "token": token}
+    ]
+
+
+def test_store_get_answers_value_and_headers(client, user):
+    token = put(client, user, "notes", b"hello", headers={"X-Sync-Meta": "v=1; t=text"}).headers[
+        "X-Sync-Token"
+    ]
+    response = client.get("/store/notes", headers=user.headers)
+    assert response.body == b"hello"
+    assert response.content_type == "application/octet-stream"
+    assert response.headers["X-Sync-Token"] == token
+    assert response.headers["ETag"] == f'"{token}"'
+    assert response.headers["X-Sync-Meta"] == "v=1; t=text"
+
+
+def test_store_head_answers_headers_without_body(client, user):
+    token = put(client, user, "k", b"hello").headers["X-Sync-Token"]
+    response = client.head("/store/k", headers=user.headers)
+    assert response.status_int == 200 and response.body == b""
+    assert response.headers["X-Sync-Token"] == token
+
+
+def test_store_get_without_meta_sends_no_meta_header(client, user):
+    put(client, user, "k")
+    assert "X-Sync-Meta" not in client.get("/store/k", headers=user.headers).headers
+
+
+def test_store_update_with_token_replaces_value_and_meta(client, user, db):
+    first = put(client, user, "k", b"one", headers={"X-Sync-Meta": "m1"}).headers["X-Sync-Token"]
+    second = put(client, user, "k", b"two", token=first, status=204).headers["X-Sync-Token"]
+    assert second != first
+    assert db.execute("SELECT value, token, meta FROM items").fetchone() == (b"two", second, None)
+
+
+@pytest.mark.parametrize(
+    "token", [None, "stale", "", "tök€n"], ids=["missing", "wrong", "empty", "non-ascii"]
+)
+def test_store_update_without_matching_token_is_key01(client, user, db, token):
+    put(client, user, "k", b"one")
+    before = snapshot(db)
+    headers = dict(user.headers)
+    if token is not None:
+        headers["X-Sync-Token"] = token.encode().decode("latin-1")
+    response = client.put("/store/k", b"two", headers=headers, status=409)
+    assert_error(response, 409, "KEY01")
+    assert snapshot(db) == before
+
+
+def test_store_create_with_token_is_key01(client, user, db):
+    response = put(client, user, "new", token="anything", status=409)
+    assert_error(response, 409, "KEY01")
+    assert table_counts(db)["items"] == 0
+
+
+def test_store_create_over_invisible_key_is_key01(client, user, other, db):
+    put(client, other, "taken", b"bob's")
+    before = snapshot(db)
+    assert_error(put(client, user, "taken", b"mine", status=409), 409, "KEY01")
+    assert snapshot(db) == before
+
+
+def test_store_missing_and_invisible_keys_are_the_same_err01(client, user, other):
+    put(client, other, "hidden")
+    for key in ["hidden", "absent"]:
+        assert_error(client.get(f"/store/{key}", headers=user.headers, status=404), 404, "ERR01")
+        response = client.delete(
+            f"/store/{key}", headers={**user.headers, "X-Sync-Token": "x"}, status=404
+        )
+        assert_error(response, 404, "ERR01")
+
+
+def test_store_read_holder_reads_but_cannot_write_or_delete(client, user, other, db):
+    token = put(client, user, "k", b"v").headers["X-Sync-Token"]
+    share(client, user, "k", {"bob": "READ"})
+    assert client.get("/store/k", headers=other.headers).body == b"v"
+    before = snapshot(db)
+    assert_error(put(client, other, "k", b"x", token=token, status=403), 403, "PERM01")
+    response = client.delete(
+        "/store/k", headers={**other.headers, "X-Sync-Token": token}, status=403
+    )
+    assert_error(response, 403, "PERM01")
+    assert snapshot(db) == before
+
+
+def test_store_write_holder_updates_but_cannot_delete(client, user, other, db):
+    token = put(client, user, "k", b"v").headers["X-Sync-Token"]
+    share(client, user, "k", {"bob": "WRITE"})
+    new = put(client, other, "k", b"bob", token=token, status=204).headers["X-Sync-Token"]
+    response = client.delete("/store/k", headers={**other.headers, "X-Sync-Token": new}, status=403)
+    assert_error(response, 403, "PERM01")
+    assert db.execute("SELECT value FROM items").fetchone() == (b"bob",)
+    assert client.get("/store", headers=other.headers).json == [
+        {"key": "k", "permission": "WRITE", "token": new}
+    ]
+
+
+def test_store_permission_error_comes_before_token_error(client, user, other):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "READ"})
+    assert_error(put(client, other, "k", b"x", token="stale", status=403), 403, "PERM01")
+
+
+def test_store_delete_removes_value_and_permissions(client, user, other, db):
+    token = put(client, user, "k").headers["X-Sync-Token"]
+    share(client, user, "k", {"bob": "READ"})
+    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": token}, status=204)
+    assert table_counts(db)["items"] == 0 and table_counts(db)["permissions"] == 0
+    assert client.get("/store", headers=other.headers).json == []
+    assert put(client, other, "k", b"new", status=204)
+
+
+@pytest.mark.parametrize("token", [None, "stale"], ids=["missing", "wrong"])
+def test_store_delete_without_matching_token_is_key01(client, user, db, token):
+    put(client, user, "k")
+    headers = dict(user.headers) | ({"X-Sync-Token": token} if token else {})
+    assert_error(client.delete("/store/k", headers=headers, status=409), 409, "KEY01")
+    assert table_counts(db)["items"] == 1
+
+
+def test_store_list_is_sorted_and_shows_only_held_keys(client, user, other):
+    for key in ["b", "a/z", "a", "é", "Z"]:
+        put(client, user, key)
+    put(client, other, "bobs")
+    listing = client.get("/store", headers=user.headers).json
+    assert [entry["key"] for entry in listing] == ["Z", "a", "a/z", "b", "é"]
+    assert [entry["key"] for entry in client.get("/store", headers=other.headers).json] == ["bobs"]
+
+
+def test_store_keys_may_hold_slashes_and_encoded_characters(client, user):
+    put(client, user, "a/b/c", b"slashes")
+    put(client, user, "x%2Fy", b"encoded slash")
+    put(client, user, "%E2%82%AC%20sign", b"euro")
+    assert client.get("/store/a/b/c", headers=user.headers).body == b"slashes"
+    assert client.get("/store/x/y", headers=user.headers).body == b"encoded slash"
+    assert client.get(quote("/store/€ sign"), headers=user.headers).body == b"euro"
+    keys = [entry["key"] for entry in client.get("/store", headers=user.headers).json]
+    assert keys == ["a/b/c", "x/y", "€ sign"]
+
+
+def test_store_key_of_1024_chars_is_accepted_and_1025_is_req01(client, user, db):
+    put(client, user, "k" * 1024, status=204)
+    put(client, user, "é" * 1024, status=204)  # characters, not bytes
+    assert_error(put(client, user, "k" * 1025, status=400), 400, "REQ01")
+    assert table_counts(db)["items"] == 2
+
+
+@pytest.mark.parametrize(
+    "path", ["", "%00", "a%0Ab", "a%7Fb", "%C2%85", "%FF", "%C3"],
+    ids=["empty", "nul", "newline", "del", "c1", "invalid-utf8", "truncated-utf8"],
+)  # fmt: skip
+def test_store_bad_key_is_req01_for_every_method(client, user, db, path):
+    for method in ["GET", "PUT", "DELETE"]:
+        response = client.request(f"/store/{path}", method=method, headers=user.headers, status=400)
+        assert_error(response, 400, "REQ01")
+        response = client.request(
+            f"/permission/{path}", method=method, headers=user.headers, status=400
+        )
+        assert_error(response, 400, "REQ01")
+    assert table_counts(db)["items"] == 0
+
+
+def test_store_authentication_comes_before_key_shape(client):
+    assert_error(client.get("/store/%00", status=401), 401, "AUTH01")
+
+
+def test_store_value_over_limit_is_size01_and_nothing_stored(make_app, db):
+    client = webtest.TestApp(make_app(max_value_bytes=100))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    client.put("/store/k", b"x" * 100, headers=headers, status=204)
+    response = client.put("/store/big", b"x" * 101, headers=headers, status=413)
+    assert_error(response, 413, "SIZE01")
+    assert [row[0] for row in db.execute("SELECT key FROM items")] == ["k"]
+
+
+def test_store_empty_value_is_stored(client, user):
+    put(client, user, "empty", b"", status=204)
+    assert client.get("/store/empty", headers=user.headers).body == b""
+
+
+@pytest.mark.parametrize(
+    "meta,status,code",
+    [
+        ("é".encode().decode("latin-1"), 400, "REQ01"),
+        ("tab\there", 400, "REQ01"),
+        ("x" * 8193, 413, "SIZE01"),
+    ],
+    ids=["non-ascii", "control", "over-8192"],
+)
+def test_store_bad_meta_is_refused(client, user, db, meta, status, code):
+    response = put(client, user, "k", headers={"X-Sync-Meta": meta}, status=status)
+    assert_error(response, status, code)
+    assert table_counts(db)["items"] == 0
+
+
+def test_store_meta_of_8192_printable_bytes_is_kept(client, user):
+    meta = ("".join(chr(c) for c in range(0x20, 0x7F)) * 100)[:8192]
+    put(client, user, "k", headers={"X-Sync-Meta": meta}, status=204)
+    assert client.get("/store/k", headers=user.headers).headers["X-Sync-Meta"] == meta
+
+
+def test_store_put_on_low_disk_is_disk01(make_app, db):
+    client = webtest.TestApp(make_app())
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    low = webtest.TestApp(make_app(min_free_bytes=2**62))
+    response = low.put("/store/k", b"v", headers={"Authorization": f"Bearer {token}"}, status=507)
+    assert_error(response, 507, "DISK01")
+    assert table_counts(db)["items"] == 0
+
+
+def test_store_values_are_rows_not_files(client, user, tmp_path):
+    put(client, user, "k", b"x" * 10_000)
+    names = {path.name for path in tmp_path.iterdir()}
+    assert names <= {"syncnode.db", "syncnode.db-wal", "syncnode.db-shm"}
+
+
+# ==================================================================================================
+# Permissions
+# ==================================================================================================
+
+
+def test_permission_list_is_visible_to_every_holder_sorted_by_user(client, make_user, user, other):
+    carol = make_user("carol")
+    put(client, user, "k")
+    share(client, user, "k", {"carol": "WRITE", "bob": "READ"}, status=204)
+    expected = [
+        {"user": "alice", "permission": "OWN"},
+        {"user": "bob", "permission": "READ"},
+        {"user": "carol", "permission": "WRITE"},
+    ]
+    for holder in (user, other, carol):
+        assert client.get("/permission/k", headers=holder.headers).json == expected
+
+
+def test_permission_operations_on_invisible_key_are_err01(client, user, other, db):
+    put(client, other, "hidden")
+    before = snapshot(db)
+    assert_error(client.get("/permission/hidden", headers=user.headers, status=404), 404, "ERR01")
+    assert_error(share(client, user, "hidden", {"alice": "OWN"}, status=404), 404, "ERR01")
+    response = client.delete("/permission/hidden?users=alice", headers=user.headers, status=404)
+    assert_error(response, 404, "ERR01")
+    assert snapshot(db) == before
+
+
+def test_permission_grant_replaces_existing_level(client, user, other):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "OWN"})
+    share(client, user, "k", {"bob": "READ"})
+    assert client.get("/store", headers=other.headers).json[0]["permission"] == "READ"
+
+
+def test_permission_grant_normalises_user_ids(client, user, other):
+    put(client, user, "k")
+    share(client, user, "k", {" BOB ": "READ"}, status=204)
+    assert client.get("/permission/k", headers=other.headers).json[1] == {
+        "user": "bob",
+        "permission": "READ",
+    }
+
+
+@pytest.mark.parametrize("level", ["READ", "WRITE"])
+def test_permission_changes_need_own(client, user, other, db, level):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": level})
+    before = snapshot(db)
+    assert_error(share(client, other, "k", {"bob": "OWN"}, status=403), 403, "PERM01")
+    response = client.delete("/permission/k?users=alice", headers=other.headers, status=403)
+    assert_error(response, 403, "PERM01")
+    assert snapshot(db) == before
+
+
+def test_permission_grant_is_all_or_nothing_on_unknown_user(client, user, other, db):
+    put(client, user, "k")
+    before = snapshot(db)
+    response = share(client, user, "k", {"bob": "READ", "nobody": "READ"}, status=404)
+    assert_error(response, 404, "ERR01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"user": "bob", "permission": "READ"},
+        [{"user": "bob", "permission": "read"}],
+        [{"user": "bob", "permission": "ADMIN"}],
+        [{"user": "bob"}],
+        [{"permission": "READ"}],
+        [{"user": 7, "permission": "READ"}],
+        [{"user": "bob", "permission": "READ"}, "bob"],
+        [{"user": "bob", "permission": "READ"}, {"user": "BOB", "permission": "OWN"}],
+    ],
+    ids=[
+        "object",
+        "lower-case",
+        "unknown-level",
+        "no-level",
+        "no-user",
+        "user-number",
+        "mixed",
+        "duplicate",
+    ],
+)
+def test_permission_bad_grant_body_is_req01(client, user, other, db, body):
+    put(client, user, "k")
+    before = snapshot(db)
+    response = client.put("/permission/k", json.dumps(body), headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert snapshot(db) == before
+
+
+def test_permission_malformed_json_is_req01(client, user):
+    put(client, user, "k")
+    response = client.put("/permission/k", b"[{", headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+
+
+def test_permission_request_shape_comes_before_visibility(client, user, other):
+    put(client, other, "hidden")
+    response = client.put("/permission/hidden", b"{}", headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+
+
+def test_permission_last_owner_cannot_downgrade_or_leave(client, user, other, db):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "WRITE"})
+    before = snapshot(db)
+    assert_error(share(client, user, "k", {"alice": "WRITE"}, status=409), 409, "PERM02")
+    response = client.delete("/permission/k?users=alice", headers=user.headers, status=409)
+    assert_error(response, 409, "PERM02")
+    assert snapshot(db) == before
+
+
+def test_permission_owner_may_leave_when_another_owner_remains(client, user, other):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "OWN", "alice": "READ"}, status=204)
+    client.delete("/permission/k?users=alice", headers=user.headers, status=204)
+    assert client.get("/permission/k", headers=other.headers).json == [
+        {"user": "bob", "permission": "OWN"}
+    ]
+    assert client.get("/store", headers=user.headers).json == []
+
+
+def test_permission_any_holder_may_remove_itself(client, user, other):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "READ"})
+    client.delete("/permission/k?users=bob", headers=other.headers, status=204)
+    assert client.get("/store", headers=other.headers).json == []
+    assert_error(client.get("/store/k", headers=other.headers, status=404), 404, "ERR01")
+
+
+def test_permission_remove_ignores_unknown_and_permissionless_users(client, make_user, user, other):
+    make_user("carol")
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "READ"})
+    client.delete("/permission/k?users=bob,carol,nobody,,a%20b", headers=user.headers, status=204)
+    assert client.get("/permission/k", headers=user.headers).json == [
+        {"user": "alice", "permission": "OWN"}
+    ]
+
+
+def test_permission_remove_without_users_is_req01(client, user):
+    put(client, user, "k")
+    assert_error(client.delete("/permission/k", headers=user.headers, status=400), 400, "REQ01")
+
+
+def test_permission_revoked_user_can_no_longer_write(client, user, other):
+    token = put(client, user, "k").headers["X-Sync-Token"]
+    share(client, user, "k", {"bob": "WRITE"})
+    client.delete("/permission/k?users=bob", headers=user.headers, status=204)
+    assert_error(put(client, other, "k", b"x", token=token, status=409), 409, "KEY01")
+
+
+# ==================================================================================================
+# Health
+# ==================================================================================================
+
+
+def test_health_needs_no_token_and_reports_both_parts(client):
+    response = client.get("/health")
+    assert response.json == {"database": True, "disk": True}
+    assert response.content_type == "application/json"
+
+
+def test_health_low_disk_is_500_with_disk_false(make_app):
+    client = webtest.TestApp(make_app(min_free_bytes=2**62))
+    response = client.get("/health", status=500)
+    assert response.json == {"database": True, "disk": False}
+
+
+def test_health_broken_database_is_500_with_database_false(app, client, db_path):
+    app.context.close()
+    os.remove(db_path)
+    os.mkdir(db_path)  # a directory where the database was: no query can run
+    response = client.get("/health", status=500)
+    assert response.json["database"] is False
+
+
+# ==================================================================================================
+# Errors and routing
+# ==================================================================================================
+
+
+@pytest.mark.parametrize(
+    "method,path,allow",
+    [
+        ("POST", "/store", "GET, HEAD"),
+        ("PATCH", "/store/k", "DELETE, GET, HEAD, PUT"),
+        ("POST", "/permission/k", "DELETE, GET, HEAD, PUT"),
+        ("GET", "/auth", "DELETE, POST"),
+        ("PUT", "/account", "DELETE, GET, HEAD, POST"),
+        ("GET", "/password", "POST"),
+        ("DELETE", "/resetpassword", "POST"),
+        ("POST", "/health", "GET, HEAD"),
+    ],
+)
+def test_routing_wrong_method_is_req02_with_allow(client, method, path, allow):
+    response = client.request(path, method=method, status=405)
+    assert_error(response, 405, "REQ02")
+    assert response.headers["Allow"] == allow
+
+
+@pytest.mark.parametrize("path", ["/", "/nothing", "/store-x", "/api-x/y", "/stores/k"])
+def test_routing_unknown_path_is_json_err01(client, path):
+    assert_error(client.get(path, status=404), 404, "ERR01")
+
+
+def test_errors_unexpected_failure_is_err02_and_logged(app, client, user, monkeypatch, caplog):
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom with secret detail")
+
+    monkeypatch.setattr(syncnode, "list_keys", explode)
+    with caplog.at_level(logging.ERROR, logger="syncnode"):
+        response = client.get("/store", headers=user.headers, status=500)
+    assert_error(response, 500, "ERR02")
+    assert "boom" not in response.text and "Traceback" not in response.text
+    assert any(record.exc_info for record in caplog.records)
+
+
+def test_errors_huge_header_is_handled(client, user):
+    response = put(client, user, "k", headers={"X-Sync-Meta": "m" * 100_000}, status=413)
+    assert_error(response, 413, "SIZE01")
+    client.get("/store", headers={**user.headers, "X-Filler": "f" * 100_000}, status=200)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"\x00\x01\x02", b'{"a": 1}' * 1000, base64.b64encode(os.urandom(300))],
+    ids=["binary", "repeated-json", "base64"],
+)  # fmt: skip
+def test_errors_garbage_json_bodies_are_refused(client, user, raw):
+    put(client, user, "k")
+    assert_error(client.put("/permission/k", raw, headers=user.headers, status=400), 400, "REQ01")
+    assert_error(client.post("/auth", raw, status=400), 400, "ACCT02")
+    assert_error(client.post("/resetpassword", raw, status=400), 400, "REQ01")
+    assert_error(client.post("/password", raw, headers=user.headers, status=400), 400, "REQ01")
+
+
+def test_errors_oversized_json_body_is_size01(client, user):
+    put(client, user, "k")
+    body = json.dumps([{"user": "bob", "permission": "READ"}] * 40_000)
+    response = client.put("/permission/k", body, headers=user.headers, status=413)
+    assert_error(response, 413, "SIZE01")
