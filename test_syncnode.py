@@ -875,3 +875,47 @@ def test_errors_oversized_json_body_is_size01(client, user):
     body = json.dumps([{"user": "bob", "permission": "READ"}] * 40_000)
     response = client.put("/permission/k", body, headers=user.headers, status=413)
     assert_error(response, 413, "SIZE01")
+
+
+# ==================================================================================================
+# Settings
+# ==================================================================================================
+
+
+def test_settings_misspelt_setting_is_type_error(db_path):
+    with pytest.raises(TypeError):
+        syncnode.create_app(db_path, sesion_ttl=5)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"registration": "maybe"},
+        {"session_ttl": 0},
+        {"max_value_bytes": -1},
+        {"port": 70000},
+        {"threads": 0},
+        {"synchronous": "OFF"},
+        {"trusted_proxies": "not-an-address"},
+        {"argon2_memory_cost": 4},
+        {"database": ":memory:"},
+    ],
+    ids=lambda override: next(iter(override)),
+)
+def test_settings_bad_value_is_value_error(db_path, override):
+    with pytest.raises(ValueError):
+        syncnode.Settings(**{"database": db_path, **override})
+
+
+def test_settings_every_setting_is_in_the_readme():
+    with open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8") as file:
+        readme = file.read()
+    for item in syncnode.dataclasses.fields(syncnode.Settings):
+        assert f"`--{item.name.replace('_', '-')}`" in readme
+        assert f"`SYNCNODE_{item.name.upper()}`" in readme
+
+
+def test_settings_flags_beat_environment_beat_defaults():
+    environ = {"SYNCNODE_PORT": "9000", "SYNCNODE_REGISTRATION": "closed"}
+    settings = syncnode.parse_args(["--port", "9100"], environ)
+    assert (settings.port, settings.registration, settings.host) == (9100, "closed", "127.0.0.1")
