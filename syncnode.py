@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
+import email.utils
 import functools
 import hashlib
 import ipaddress
@@ -61,6 +63,23 @@ MAX_BEARER_CHARS = 512
 READ_CHUNK_BYTES = 64 * 1024
 
 LEVELS = {"READ": 1, "WRITE": 2, "OWN": 3}
+
+#: APP-API.md, API keys: the document's permission enum, then the store permissions it adds.
+API_KEY_PERMISSIONS = (
+    "all", "apiKey.create", "apiKey.read", "apiKey.update", "apiKey.delete",
+    "auth.changePassword", "authDevice.delete", "session.create", "session.read",
+    "session.update", "session.delete", "systemMetadata.read", "systemMetadata.update",
+    "user.read", "user.update", "server.about", "adminUser.create", "adminUser.read",
+    "adminUser.update", "adminUser.delete", "store.read", "store.write", "store.own",
+)  # fmt: skip
+#: A store permission is also granted by the wider ones (OWN includes WRITE includes READ).
+IMPLIED_BY = {
+    "store.read": ("store.read", "store.write", "store.own"),
+    "store.write": ("store.write", "store.own"),
+}
+MAX_NAME_CHARS = 255
+MAX_DEVICE_CHARS = 64
+SESSION_REFRESH_MS = 3600 * 1000
 LEVEL_NAMES = {number: name for name, number in LEVELS.items()}
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -117,6 +136,9 @@ class Settings:
     registrations_per_address: int = _setting(
         0, "Registrations per client address in the window (0: off)."
     )
+    public_users: bool = _setting(
+        False, "Whether GET /api/users lists every account to every user (else admins only)."
+    )
     trusted_proxies: str = _setting(
         "",
         "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
@@ -128,6 +150,8 @@ class Settings:
             value = getattr(self, item.name)
             if item.type == "int" and (type(value) is not int or value < 0):
                 raise ValueError(f"The setting {item.name} must be a whole number of 0 or more.")
+            if item.type == "bool" and type(value) is not bool:
+                raise ValueError(f"The setting {item.name} must be true or false.")
             choices = item.metadata.get("choices")
             if choices and value not in choices:
                 raise ValueError(f"The setting {item.name} must be one of {', '.join(choices)}.")
@@ -248,6 +272,43 @@ SCHEMA = [
     );
     CREATE INDEX attempts_by_subject ON attempts (kind, subject, at_ms);
     """,
+    # The App API: user UUIDs, names and update times, session devices and children, API keys.
+    """
+    ALTER TABLE users ADD COLUMN uuid TEXT;
+    ALTER TABLE users ADD COLUMN display_name TEXT;
+    ALTER TABLE users ADD COLUMN updated_ms INTEGER;
+    UPDATE users SET
+        uuid = lower(
+            hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4'
+            || substr(hex(randomblob(2)), 2) || '-' || substr('89ab', 1 + abs(random() % 4), 1)
+            || substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6))
+        ),
+        updated_ms = created_ms,
+        display_name = coalesce(
+            nullif(substr(rtrim(name, replace(name, '@', '')), 1,
+                          length(rtrim(name, replace(name, '@', ''))) - 1), ''),
+            name
+        );
+    CREATE UNIQUE INDEX users_by_uuid ON users (uuid);
+    ALTER TABLE sessions ADD COLUMN parent_id INTEGER REFERENCES sessions (id) ON DELETE CASCADE;
+    ALTER TABLE sessions ADD COLUMN updated_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN device_type TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN device_os TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN app_version TEXT;
+    UPDATE sessions SET updated_ms = created_ms;
+    CREATE INDEX sessions_by_parent ON sessions (parent_id);
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        public_id TEXT NOT NULL UNIQUE,
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        secret_digest BLOB NOT NULL UNIQUE,
+        permissions TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE INDEX api_keys_by_user ON api_keys (user_id, created_ms);
+    """,
 ]
 
 
@@ -319,11 +380,20 @@ def migrate(conn: sqlite3.Connection, schema: list[str] = SCHEMA) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who is asking: the user's row id and name, and the session behind the request."""
+    """Who is asking: the user, and the session or the API key behind the request."""
 
     user_id: int
     name: str
-    session_id: int
+    session_id: int | None = None
+    api_key_id: int | None = None
+    #: The API key's permissions; None for a session, which has every right of its user.
+    permissions: frozenset[str] | None = None
+
+    def allows(self, permission: str) -> bool:
+        """Whether the credential grants the permission (APP-API.md, API keys)."""
+        if self.permissions is None or "all" in self.permissions:
+            return True
+        return not self.permissions.isdisjoint(IMPLIED_BY.get(permission, (permission,)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,13 +625,61 @@ def digest_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def create_user(conn: sqlite3.Connection, name: str, password_hash: str, now_ms: int) -> int:
-    """Insert a user and return its row id; ACCT03 when the id is taken."""
+@dataclass(frozen=True, slots=True)
+class Device:
+    """What a session records of the client that made or last refreshed it."""
+
+    device_type: str = ""
+    device_os: str = ""
+    app_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """A session just made, with the only copy of its token."""
+
+    row_id: int
+    public_id: str
+    token: str
+    expires_ms: int
+
+
+def default_display_name(name: str) -> str:
+    """Return the part of an id before its last '@', or the whole id when that is empty."""
+    return name.rpartition("@")[0] or name
+
+
+def create_user(
+    conn: sqlite3.Connection,
+    name: str,
+    password_hash: str,
+    now_ms: int,
+    *,
+    first: bool = False,
+    display_name: str | None = None,
+) -> int:
+    """Insert a user and return its row id; ACCT03 when the id is taken.
+
+    With first=True the insert happens only on an empty server (APP-API.md, admin-sign-up):
+    the check and the insert share one write transaction, so of racing calls one wins.
+    """
     try:
         with transaction(conn, write=True):
+            if first and conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+                raise ApiError("ACCT03", "The server already has an admin.")
             return conn.execute(
-                "INSERT INTO users (name, password_hash, created_ms) VALUES (?, ?, ?)",
-                (name, password_hash, now_ms),
+                """
+                INSERT INTO users (name, password_hash, created_ms, uuid, display_name, updated_ms)
+                VALUES (?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    name,
+                    password_hash,
+                    now_ms,
+                    str(uuid.uuid4()),
+                    display_name or default_display_name(name),
+                    now_ms,
+                ),
             ).lastrowid
     except sqlite3.IntegrityError:
         raise ApiError("ACCT03", "This user id is already in use.") from None
@@ -572,26 +690,49 @@ def find_user(conn: sqlite3.Connection, name: str) -> tuple[int, str] | None:
     return conn.execute("SELECT id, password_hash FROM users WHERE name = ?", (name,)).fetchone()
 
 
-def create_session(conn: sqlite3.Connection, user_id: int, now_ms: int, ttl_ms: int) -> dict:
-    """Start a session; return the answer of POST /auth with the only copy of the token."""
-    token = secrets.token_urlsafe(32)
-    expires_ms = now_ms + ttl_ms
+def create_session(
+    conn: sqlite3.Connection,
+    user_id: int,
+    now_ms: int,
+    expires_ms: int,
+    device: Device,
+    parent_id: int | None = None,
+) -> NewSession:
+    """Start a session (a child of parent_id when given) and return it with its token."""
+    token, public_id = secrets.token_urlsafe(32), str(uuid.uuid4())
     with transaction(conn, write=True):
-        conn.execute(
+        row_id = conn.execute(
             """
-            INSERT INTO sessions (public_id, user_id, token_digest, created_ms, expires_ms)
-            VALUES (?, ?, ?, ?, ?)
+            INSERT INTO sessions (public_id, user_id, token_digest, created_ms, updated_ms,
+                                  expires_ms, parent_id, device_type, device_os, app_version)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """,
-            (str(uuid.uuid4()), user_id, digest_token(token), now_ms, expires_ms),
-        )
-    return {"token": token, "expiration": expires_ms}
+            (
+                public_id,
+                user_id,
+                digest_token(token),
+                now_ms,
+                now_ms,
+                expires_ms,
+                parent_id,
+                device.device_type,
+                device.device_os,
+                device.app_version,
+            ),
+        ).lastrowid
+    return NewSession(row_id, public_id, token, expires_ms)
 
 
-def find_session(conn: sqlite3.Connection, token: str, now_ms: int) -> Caller:
-    """Return the caller behind a session token; AUTH01 (and the row purged) when expired."""
+def find_session(conn: sqlite3.Connection, token: str, now_ms: int, device: Device) -> Caller:
+    """Return the caller behind a session token; AUTH01 (and the row purged) when expired.
+
+    APP-API.md, Credentials: a session used over an hour after its last refresh, or from
+    another app version, records the time and this request's device again.
+    """
     row = conn.execute(
         """
-        SELECT sessions.id, sessions.user_id, users.name, sessions.expires_ms
+        SELECT sessions.id, sessions.user_id, users.name, sessions.expires_ms,
+               sessions.updated_ms, sessions.app_version
         FROM sessions JOIN users ON users.id = sessions.user_id
         WHERE sessions.token_digest = ?
         """,
@@ -599,12 +740,26 @@ def find_session(conn: sqlite3.Connection, token: str, now_ms: int) -> Caller:
     ).fetchone()
     if row is None:
         raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
-    session_id, user_id, name, expires_ms = row
+    session_id, user_id, name, expires_ms, updated_ms, app_version = row
     if expires_ms <= now_ms:
         with transaction(conn, write=True):
             conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
         raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
-    return Caller(user_id, name, session_id)
+    if now_ms - updated_ms > SESSION_REFRESH_MS or app_version != device.app_version:
+        with transaction(conn, write=True):
+            conn.execute(
+                """
+                UPDATE sessions SET updated_ms = ?, device_type = ?, device_os = ?, app_version = ?
+                WHERE id = ?
+                """,
+                (now_ms, device.device_type, device.device_os, device.app_version, session_id),
+            )
+    return Caller(user_id, name, session_id=session_id)
+
+
+def find_session_expiry(conn: sqlite3.Connection, session_id: int) -> int:
+    """Return when a session expires."""
+    return conn.execute("SELECT expires_ms FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
 
 
 def list_sessions(conn: sqlite3.Connection, caller: Caller, now_ms: int) -> list[dict]:
@@ -626,6 +781,65 @@ def list_sessions(conn: sqlite3.Connection, caller: Caller, now_ms: int) -> list
         }
         for row_id, public_id, expires_ms, created_ms in rows
     ]
+
+
+def list_app_sessions(conn: sqlite3.Connection, caller: Caller, now_ms: int) -> list[dict]:
+    """Return the caller's live sessions as App API SessionResponseDto objects."""
+    rows = conn.execute(
+        """
+        SELECT id, public_id, created_ms, updated_ms, expires_ms, device_type, device_os,
+               app_version
+        FROM sessions WHERE user_id = ? AND expires_ms > ?
+        ORDER BY updated_ms DESC, created_ms DESC, id DESC
+        """,
+        (caller.user_id, now_ms),
+    )
+    return [app_session(row, caller.session_id) for row in rows]
+
+
+def app_session(row: tuple, current_id: int | None) -> dict:
+    """Shape a sessions row as an App API SessionResponseDto."""
+    row_id, public_id, created_ms, updated_ms, expires_ms, device_type, device_os, version = row
+    return {
+        "id": public_id,
+        "createdAt": iso_time(created_ms),
+        "updatedAt": iso_time(updated_ms),
+        "expiresAt": iso_time(expires_ms),
+        "current": row_id == current_id,
+        "deviceType": device_type,
+        "deviceOS": device_os,
+        "appVersion": version,
+        "isPendingSyncReset": False,
+    }
+
+
+def iso_time(ms: int) -> str:
+    """Format milliseconds since the epoch as UTC ISO 8601 with milliseconds."""
+    moment = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def end_user_session(conn: sqlite3.Connection, user_id: int, public_id: str) -> bool:
+    """End one of the user's sessions with its children; False when there is none such."""
+    with transaction(conn, write=True):
+        return (
+            conn.execute(
+                "DELETE FROM sessions WHERE user_id = ? AND public_id = ?", (user_id, public_id)
+            ).rowcount
+            == 1
+        )
+
+
+def end_other_sessions(conn: sqlite3.Connection, user_id: int, keep_session_id: int | None) -> None:
+    """End every session of the user but the one kept (all with None), children included.
+
+    The kept session is detached from its parent first, so that ending the parent does not
+    end the kept session with it.
+    """
+    conn.execute("UPDATE sessions SET parent_id = NULL WHERE id = ?", (keep_session_id,))
+    conn.execute(
+        "DELETE FROM sessions WHERE user_id = ? AND id IS NOT ?", (user_id, keep_session_id)
+    )
 
 
 def end_session(conn: sqlite3.Connection, session_id: int) -> None:
@@ -654,14 +868,19 @@ def delete_account(conn: sqlite3.Connection, user_id: int) -> None:
 
 
 def set_password(
-    conn: sqlite3.Connection, user_id: int, password_hash: str, keep_session_id: int | None
+    conn: sqlite3.Connection,
+    user_id: int,
+    password_hash: str,
+    keep_session_id: int | None,
+    now_ms: int,
 ) -> None:
     """Store a new password hash; end every session but the one kept and any reset token."""
     with transaction(conn, write=True):
-        conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
         conn.execute(
-            "DELETE FROM sessions WHERE user_id = ? AND id IS NOT ?", (user_id, keep_session_id)
+            "UPDATE users SET password_hash = ?, updated_ms = ? WHERE id = ?",
+            (password_hash, now_ms, user_id),
         )
+        end_other_sessions(conn, user_id, keep_session_id)
         conn.execute("DELETE FROM reset_tokens WHERE user_id = ?", (user_id,))
 
 
@@ -701,7 +920,175 @@ def reset_password(conn: sqlite3.Connection, token: str, password_hash: str, now
         user_id = find_reset_token(conn, token, now_ms)
         if user_id is None:
             raise ApiError("AUTH01", "The reset token is unknown, expired or used.")
-        set_password(conn, user_id, password_hash, keep_session_id=None)
+        set_password(conn, user_id, password_hash, None, now_ms)
+
+
+# API keys and users of the App API (APP-API.md).
+
+
+def api_key_answer(row: tuple) -> dict:
+    """Shape an api_keys row (API_KEY_COLUMNS) as an APIKeyResponseDto."""
+    public_id, name, permissions, created_ms, updated_ms = row
+    return {
+        "id": public_id,
+        "name": name,
+        "createdAt": iso_time(created_ms),
+        "updatedAt": iso_time(updated_ms),
+        "permissions": json.loads(permissions),
+    }
+
+
+API_KEY_COLUMNS = "public_id, name, permissions, created_ms, updated_ms"
+
+
+def create_api_key(
+    conn: sqlite3.Connection, user_id: int, name: str, permissions: list[str], now_ms: int
+) -> tuple[str, dict]:
+    """Create an API key; return its secret (shown once) and its APIKeyResponseDto."""
+    secret, public_id = secrets.token_urlsafe(32), str(uuid.uuid4())
+    row = (public_id, name, json.dumps(permissions), now_ms, now_ms)
+    with transaction(conn, write=True):
+        conn.execute(
+            f"INSERT INTO api_keys (user_id, secret_digest, {API_KEY_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (user_id, digest_token(secret), *row),
+        )
+    return secret, api_key_answer(row)
+
+
+def find_api_key(conn: sqlite3.Connection, secret: str) -> Caller | None:
+    """Return the caller behind an API key secret, or None."""
+    row = conn.execute(
+        """
+        SELECT api_keys.id, api_keys.user_id, users.name, api_keys.permissions
+        FROM api_keys JOIN users ON users.id = api_keys.user_id
+        WHERE api_keys.secret_digest = ?
+        """,
+        (digest_token(secret),),
+    ).fetchone()
+    if row is None:
+        return None
+    key_id, user_id, name, permissions = row
+    return Caller(user_id, name, api_key_id=key_id, permissions=frozenset(json.loads(permissions)))
+
+
+def list_api_keys(conn: sqlite3.Connection, user_id: int) -> list[dict]:
+    """Return the user's API keys, newest first."""
+    rows = conn.execute(
+        f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = ? "
+        "ORDER BY created_ms DESC, id DESC",
+        (user_id,),
+    )
+    return [api_key_answer(row) for row in rows]
+
+
+def get_api_key(conn: sqlite3.Connection, user_id: int, *, public_id: str = "", row_id: int = 0):
+    """Return one of the user's API keys by public or row id, or None."""
+    row = conn.execute(
+        f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = ? AND (public_id = ? OR id = ?)",
+        (user_id, public_id, row_id),
+    ).fetchone()
+    return api_key_answer(row) if row else None
+
+
+def update_api_key(
+    conn: sqlite3.Connection,
+    user_id: int,
+    public_id: str,
+    name: str | None,
+    permissions: list[str] | None,
+    now_ms: int,
+) -> dict | None:
+    """Change the fields given of one of the user's API keys; None when there is none such."""
+    with transaction(conn, write=True):
+        updated = conn.execute(
+            """
+            UPDATE api_keys SET name = coalesce(?, name),
+                permissions = coalesce(?, permissions), updated_ms = ?
+            WHERE user_id = ? AND public_id = ?
+            """,
+            (
+                name,
+                None if permissions is None else json.dumps(permissions),
+                now_ms,
+                user_id,
+                public_id,
+            ),
+        ).rowcount
+    return get_api_key(conn, user_id, public_id=public_id) if updated else None
+
+
+def delete_api_key(conn: sqlite3.Connection, user_id: int, public_id: str) -> bool:
+    """Delete one of the user's API keys; False when there is none such."""
+    with transaction(conn, write=True):
+        return (
+            conn.execute(
+                "DELETE FROM api_keys WHERE user_id = ? AND public_id = ?", (user_id, public_id)
+            ).rowcount
+            == 1
+        )
+
+
+USER_COLUMNS = """
+    uuid, display_name, name, created_ms, updated_ms,
+    id = (SELECT min(id) FROM users) AS is_admin
+"""
+
+
+def user_answer(row: tuple, admin: bool = False) -> dict:
+    """Shape a users row as UserResponseDto, or UserAdminResponseDto with admin=True."""
+    public_id, display_name, name, created_ms, updated_ms, is_admin = row
+    answer = {"id": public_id, "name": display_name, "email": name}
+    if admin:
+        answer |= {
+            "shouldChangePassword": False,
+            "isAdmin": bool(is_admin),
+            "createdAt": iso_time(created_ms),
+            "deletedAt": None,
+            "updatedAt": iso_time(updated_ms),
+            "status": "active",
+        }
+    return answer
+
+
+def get_user(conn: sqlite3.Connection, *, row_id: int = 0, public_id: str = "") -> tuple | None:
+    """Return a users row (for user_answer) by row id or UUID, or None.
+
+    The oldest account is the admin (APP-API.md, Accounts), so deleting the admin makes the
+    next oldest one admin in that same transaction, and an admin exists whenever a user does.
+    """
+    return conn.execute(
+        f"SELECT {USER_COLUMNS} FROM users WHERE id = ? OR uuid = ?", (row_id, public_id)
+    ).fetchone()
+
+
+def list_users(conn: sqlite3.Connection, user_id: int, everyone: bool) -> list[dict]:
+    """Return every account (or only the caller's), newest first, as UserResponseDto."""
+    rows = conn.execute(
+        f"SELECT {USER_COLUMNS} FROM users WHERE ? OR id = ? ORDER BY created_ms DESC, id DESC",
+        (everyone, user_id),
+    )
+    return [user_answer(row) for row in rows]
+
+
+def update_user(
+    conn: sqlite3.Connection, user_id: int, name: str | None, display_name: str | None, now_ms: int
+) -> None:
+    """Rename a user's id and/or display name; ACCT03 when the new id is taken."""
+    if name is None and display_name is None:
+        return
+    try:
+        with transaction(conn, write=True):
+            conn.execute(
+                """
+                UPDATE users SET name = coalesce(?, name),
+                    display_name = coalesce(?, display_name), updated_ms = ?
+                WHERE id = ?
+                """,
+                (name, display_name, now_ms, user_id),
+            )
+    except sqlite3.IntegrityError:
+        raise ApiError("ACCT03", "This user id is already in use.") from None
 
 
 # Attempts are counted in the database, so that every serving thread sees the same counts.
@@ -731,11 +1118,11 @@ def check_attempts(
 
 
 def record_attempts(
-    conn: sqlite3.Connection, attempts: list[tuple[str, str]], window_ms: int, now_ms: int
+    conn: sqlite3.Connection, attempts: list[tuple[str, str, int]], now_ms: int
 ) -> None:
-    """Count one attempt for each (kind, subject) and forget that subject's expired ones."""
+    """Count one attempt for each (kind, subject, window) and forget that subject's expired ones."""
     with transaction(conn, write=True):
-        for kind, subject in attempts:
+        for kind, subject, window_ms in attempts:
             conn.execute(
                 "DELETE FROM attempts WHERE kind = ? AND subject = ? AND at_ms <= ?",
                 (kind, subject, now_ms - window_ms),
@@ -964,18 +1351,116 @@ def store_headers(token: str) -> dict[str, str]:
     return {"X-Sync-Token": token, "ETag": f'"{token}"'}
 
 
+#: Each kind of counted attempt: the settings that hold its limit and its window.
+THROTTLES = {
+    "login_id": ("login_fails_per_id", "login_window"),
+    "login_address": ("login_fails_per_address", "login_window"),
+    "reset_id": ("resets_per_id", "reset_window"),
+    "reset_address": ("resets_per_address", "reset_window"),
+    "register_address": ("registrations_per_address", "registration_window"),
+}
+
+BROWSER_MARKS = (
+    ("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"), ("Chrome/", "Chrome"),
+    ("CriOS/", "Chrome"), ("Safari/", "Safari"),
+)  # fmt: skip
+SYSTEM_MARKS = (
+    ("Windows", "Windows"), ("Android", "Android"), ("iPhone", "iOS"), ("iPad", "iOS"),
+    ("CrOS", "Chrome OS"), ("Mac OS X", "macOS"), ("Linux", "Linux"),
+)  # fmt: skip
+APP_VERSION = re.compile(r"(?:immich-android/|immich-ios/|Immich_Android_|Immich_iOS_)(.+)")
+
+
+def device_from_environ(environ: Mapping[str, Any]) -> Device:
+    """Derive a session's device fields from the request (APP-API.md, Credentials)."""
+    agent = environ.get("HTTP_USER_AGENT", "")
+    device_type = device_os = ""
+    if agent.startswith("Mozilla/"):
+        device_type = next((name for mark, name in BROWSER_MARKS if mark in agent), "")
+        device_os = next((name for mark, name in SYSTEM_MARKS if mark in agent), "")
+    device_type = device_type or environ.get("HTTP_DEVICEMODEL", "")
+    device_os = device_os or environ.get("HTTP_DEVICETYPE", "")
+    version = APP_VERSION.fullmatch(agent)
+    return Device(
+        device_type[:MAX_DEVICE_CHARS],
+        device_os[:MAX_DEVICE_CHARS],
+        version.group(1)[:MAX_DEVICE_CHARS] if version else None,
+    )
+
+
+def throttle(ctx: Context, attempts: list[tuple[str, str]]) -> None:
+    """Raise AUTH02 when any (kind, subject) has reached its limit."""
+    for kind, subject in attempts:
+        limit, window = (getattr(ctx.settings, name) for name in THROTTLES[kind])
+        check_attempts(ctx.connection(), kind, subject, limit, window * 1000, ctx.now_ms())
+
+
+def count_attempts(ctx: Context, attempts: list[tuple[str, str]]) -> None:
+    """Count one attempt for each (kind, subject) whose limit is on."""
+    counted = [
+        (kind, subject, getattr(ctx.settings, THROTTLES[kind][1]) * 1000)
+        for kind, subject in attempts
+        if getattr(ctx.settings, THROTTLES[kind][0])
+    ]
+    record_attempts(ctx.connection(), counted, ctx.now_ms())
+
+
+def log_in(ctx: Context, name: str, password: str) -> int:
+    """Check an id and password under the login limits; return the user's row id.
+
+    AUTH02 while a limit holds (even for the right password), AUTH01 for a wrong id or
+    password, which is counted. A hash with outdated parameters is replaced.
+    """
+    attempts = [("login_id", name), ("login_address", ctx.client_address(bottle.request.environ))]
+    throttle(ctx, attempts)
+    conn = ctx.connection()
+    user = find_user(conn, name)
+    if not ctx.verify_password(user[1] if user else None, password) or user is None:
+        count_attempts(ctx, attempts)
+        raise ApiError("AUTH01", "The user id or password is wrong.")
+    user_id, password_hash = user
+    if ctx.hasher.check_needs_rehash(password_hash):
+        update_password_hash(conn, user_id, ctx.hasher.hash(password))
+    return user_id
+
+
+def start_session(ctx: Context, user_id: int) -> NewSession:
+    """Start a session of the configured lifetime for the requesting device."""
+    now_ms = ctx.now_ms()
+    return create_session(
+        ctx.connection(),
+        user_id,
+        now_ms,
+        now_ms + ctx.settings.session_ttl * 1000,
+        device_from_environ(bottle.request.environ),
+    )
+
+
 def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     """Register the Sync Node API's routes on the app, closing over its context."""
     settings = ctx.settings
 
-    def authenticate() -> Caller:
-        token = bearer_token()
-        if token is None:
-            raise ApiError("AUTH01", "This request needs an Authorization: Bearer token.")
-        return find_session(ctx.connection(), token, ctx.now_ms())
+    def authenticate(permission: str | None = None, session_only: bool = False) -> Caller:
+        """Find the caller: Authorization: Bearer decides alone when present, else x-api-key.
 
-    def throttle(kind: str, subject: str, limit: int, window: int) -> None:
-        check_attempts(ctx.connection(), kind, subject, limit, window * 1000, ctx.now_ms())
+        An API key acts within its permissions (APP-API.md, API keys on Sync Node paths).
+        """
+        conn, token = ctx.connection(), bearer_token()
+        if token is not None:
+            return find_session(
+                conn, token, ctx.now_ms(), device_from_environ(bottle.request.environ)
+            )
+        secret = header("x-api-key")
+        if secret is None:
+            raise ApiError("AUTH01", "This request needs an Authorization: Bearer token.")
+        caller = find_api_key(conn, secret)
+        if caller is None:
+            raise ApiError("AUTH01", "The API key is unknown or deleted.")
+        if session_only:
+            raise ApiError("PERM01", "This operation needs a session token")
+        if permission and not caller.allows(permission):
+            raise ApiError("PERM01", f"Missing required permission: {permission}")
+        return caller
 
     def resource(rule: str, **handlers: Callable) -> None:
         """Route every method of a path through one callback that answers REQ02 for the rest."""
@@ -991,76 +1476,51 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
 
         app.route(rule, "ANY", guarded(dispatch))
 
+    def session_answer(session: NewSession):
+        return json_response({"token": session.token, "expiration": session.expires_ms})
+
     # Accounts and sessions ----------------------------------------------------------------------
 
     def account_post():
         if settings.registration == "closed":
             raise ApiError("ACCT01", "Registration is disabled on this server.")
         name, password = read_credentials()
-        conn, address = ctx.connection(), ctx.client_address(bottle.request.environ)
-        throttle(
-            "register_address",
-            address,
-            settings.registrations_per_address,
-            settings.registration_window,
-        )
+        attempts = [("register_address", ctx.client_address(bottle.request.environ))]
+        throttle(ctx, attempts)
+        conn = ctx.connection()
         if find_user(conn, name) is not None:
             raise ApiError("ACCT03", "This user id is already in use.")
         ctx.require_disk()
-        password_hash = ctx.hasher.hash(password)
-        now_ms = ctx.now_ms()
-        user_id = create_user(conn, name, password_hash, now_ms)
-        if settings.registrations_per_address:
-            record_attempts(
-                conn, [("register_address", address)], settings.registration_window * 1000, now_ms
-            )
-        return json_response(create_session(conn, user_id, now_ms, settings.session_ttl * 1000))
+        user_id = create_user(conn, name, ctx.hasher.hash(password), ctx.now_ms())
+        count_attempts(ctx, attempts)
+        return session_answer(start_session(ctx, user_id))
 
     def account_get():
-        caller = authenticate()
+        caller = authenticate("session.read")
         return json_response(list_sessions(ctx.connection(), caller, ctx.now_ms()))
 
     def account_delete():
-        caller = authenticate()
+        caller = authenticate(session_only=True)
         delete_account(ctx.connection(), caller.user_id)
         return empty_response()
 
     def auth_post():
         name, password = read_credentials()
-        conn, address = ctx.connection(), ctx.client_address(bottle.request.environ)
-        throttle("login_id", name, settings.login_fails_per_id, settings.login_window)
-        throttle("login_address", address, settings.login_fails_per_address, settings.login_window)
-        user = find_user(conn, name)
-        if not ctx.verify_password(user[1] if user else None, password) or user is None:
-            record_attempts(
-                conn,
-                [("login_id", name), ("login_address", address)],
-                settings.login_window * 1000,
-                ctx.now_ms(),
-            )
-            raise ApiError("AUTH01", "The user id or password is wrong.")
-        user_id, password_hash = user
-        if ctx.hasher.check_needs_rehash(password_hash):
-            update_password_hash(conn, user_id, ctx.hasher.hash(password))
-        return json_response(
-            create_session(conn, user_id, ctx.now_ms(), settings.session_ttl * 1000)
-        )
+        return session_answer(start_session(ctx, log_in(ctx, name, password)))
 
     def auth_delete():
-        caller = authenticate()
+        caller = authenticate(session_only=True)
         end_session(ctx.connection(), caller.session_id)
         return empty_response()
 
     # Passwords and reset ------------------------------------------------------------------------
 
     def password_post():
-        token = bearer_token()
-        if token is None:
-            raise ApiError("AUTH01", "This request needs an Authorization: Bearer token.")
-        conn, now_ms = ctx.connection(), ctx.now_ms()
-        caller = None
-        if find_reset_token(conn, token, now_ms) is None:
-            caller = find_session(conn, token, now_ms)
+        token, conn = bearer_token(), ctx.connection()
+        if token is None or find_reset_token(conn, token, ctx.now_ms()) is None:
+            caller = authenticate(session_only=True)
+        else:
+            caller = None  # A reset token: SYNCNODE.md, Passwords and reset.
         body = read_json()
         if not isinstance(body, dict) or not isinstance(body.get("password"), str):
             raise ApiError("REQ01", "The body must be a JSON object with a string password.")
@@ -1069,7 +1529,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         if caller is None:
             reset_password(conn, token, password_hash, ctx.now_ms())
         else:
-            set_password(conn, caller.user_id, password_hash, keep_session_id=caller.session_id)
+            set_password(conn, caller.user_id, password_hash, caller.session_id, ctx.now_ms())
         return empty_response()
 
     def resetpassword_post():
@@ -1080,16 +1540,13 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
             name = normalize_id(body["id"])
         except ApiError:
             return empty_response()  # No such id can exist; answer as for any unknown id.
-        conn, address = ctx.connection(), ctx.client_address(bottle.request.environ)
-        throttle("reset_id", name, settings.resets_per_id, settings.reset_window)
-        throttle("reset_address", address, settings.resets_per_address, settings.reset_window)
-        now_ms = ctx.now_ms()
-        record_attempts(
-            conn,
-            [("reset_id", name), ("reset_address", address)],
-            settings.reset_window * 1000,
-            now_ms,
-        )
+        attempts = [
+            ("reset_id", name),
+            ("reset_address", ctx.client_address(bottle.request.environ)),
+        ]
+        throttle(ctx, attempts)
+        count_attempts(ctx, attempts)
+        conn, now_ms = ctx.connection(), ctx.now_ms()
         user = find_user(conn, name)
         if user is not None:
             token = create_reset_token(conn, user[0], now_ms, settings.reset_ttl * 1000)
@@ -1100,11 +1557,11 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     # Store --------------------------------------------------------------------------------------
 
     def store_list_get():
-        caller = authenticate()
+        caller = authenticate("store.read")
         return json_response(list_keys(ctx.connection(), caller.user_id))
 
     def store_get(key: str):
-        caller = authenticate()
+        caller = authenticate("store.read")
         stored = get_value(ctx.connection(), read_key(key), caller.user_id)
         headers = {"Content-Type": "application/octet-stream", **store_headers(stored.token)}
         if stored.meta is not None:
@@ -1112,7 +1569,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         return bottle.HTTPResponse(stored.value, 200, headers)
 
     def store_put(key: str):
-        caller = authenticate()
+        caller = authenticate("store.write")
         key, meta = read_key(key), read_meta()
         value = read_body(settings.max_value_bytes)
         ctx.require_disk()
@@ -1122,24 +1579,24 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         return empty_response(store_headers(token))
 
     def store_delete(key: str):
-        caller = authenticate()
+        caller = authenticate("store.own")
         delete_value(ctx.connection(), read_key(key), caller.user_id, read_store_token())
         return empty_response()
 
     # Permissions --------------------------------------------------------------------------------
 
     def permission_get(key: str):
-        caller = authenticate()
+        caller = authenticate("store.read")
         return json_response(get_permissions(ctx.connection(), read_key(key), caller.user_id))
 
     def permission_put(key: str):
-        caller = authenticate()
+        caller = authenticate("store.own")
         key, grants = read_key(key), read_grants()
         set_permissions(ctx.connection(), key, caller.user_id, grants)
         return empty_response()
 
     def permission_delete(key: str):
-        caller = authenticate()
+        caller = authenticate("store.own")
         key = read_key(key)
         users = bottle.request.query.getunicode("users")
         if users is None:
@@ -1152,7 +1609,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
             remove_permissions(ctx.connection(), key, caller.user_id, names)
         return empty_response()
 
-    # Health -------------------------------------------------------------------------------------
+    # Health and discovery -----------------------------------------------------------------------
 
     def health_get():
         try:
@@ -1163,8 +1620,8 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         status = 200 if database and disk else 500
         return json_response({"database": database, "disk": disk}, status)
 
-    def unknown_route(path: str = ""):
-        raise ApiError("ERR01", "There is nothing at this path.")
+    def well_known_immich_get():
+        return json_response({"api": {"endpoint": mount_prefix() + "/api"}})
 
     resource("/account", GET=account_get, POST=account_post, DELETE=account_delete)
     resource("/auth", POST=auth_post, DELETE=auth_delete)
@@ -1179,8 +1636,22 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         DELETE=permission_delete,
     )
     resource("/health", GET=health_get)
+    resource("/.well-known/immich", GET=well_known_immich_get)
+
+
+def register_unknown_routes(app: bottle.Bottle) -> None:
+    """Answer JSON ERR01 on every path no other route takes; registered last."""
+
+    def unknown_route(path: str = ""):
+        raise ApiError("ERR01", "There is nothing at this path.")
+
     app.route("/", "ANY", guarded(unknown_route))
     app.route("/<path:path>", "ANY", guarded(unknown_route))
+
+
+def mount_prefix() -> str:
+    """Return the path the app is mounted under, without a trailing slash ('' at the root)."""
+    return bottle.request.environ.get("SCRIPT_NAME", "").rstrip("/")
 
 
 def read_grants() -> dict[str, int]:
@@ -1233,6 +1704,559 @@ def guarded(callback: Callable) -> Callable:
 
 
 # ==================================================================================================
+# App API
+# ==================================================================================================
+
+#: APP-API.md, Errors: the reason phrase of each status the App API answers with.
+REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    507: "Insufficient Storage",
+}
+#: How a Sync Node error raised by shared code reads on the App API.
+APP_ERRORS = {
+    "AUTH01": (401, "Invalid user token"),
+    "AUTH02": (429, "Too many failed attempts, try again later"),
+    "DISK01": (507, "Insufficient storage"),
+    "SIZE01": (413, "Request body too large"),
+}
+MAX_APP_BODY_BYTES = 64 * 1024
+UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.I)
+COOKIE_NAMES = ("immich_access_token", "immich_auth_type", "immich_is_authenticated")
+PUBLIC = None  # An operation that reads no credentials.
+ANY_CREDENTIAL = ""  # An operation that any valid credentials may call.
+
+
+class AppError(Exception):
+    """An App API error answer: a status and Immich's message, a sentence or a list of them."""
+
+    def __init__(
+        self, status: int, message: str | list[str], headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def app_json(data: Any, status: int = 200):
+    """Return an App API JSON answer."""
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    return bottle.HTTPResponse(body, status, {"Content-Type": "application/json; charset=utf-8"})
+
+
+def app_error_response(error: AppError, correlation_id: str):
+    """Return Immich's error body for an AppError."""
+    response = app_json(
+        {
+            "message": error.message,
+            "error": REASONS[error.status],
+            "statusCode": error.status,
+            "correlationId": correlation_id,
+        },
+        error.status,
+    )
+    for name, value in error.headers.items():
+        response.set_header(name, value)
+    return response
+
+
+def correlation_id() -> str:
+    """Return the request's x-immich-cid if 1 to 64 printable ASCII characters, else a new id."""
+    sent = header("x-immich-cid")
+    if sent and len(sent) <= 64 and PRINTABLE_ASCII.fullmatch(sent):
+        return sent
+    return secrets.token_hex(4)
+
+
+def app_guarded(callback: Callable, operation_id: str) -> Callable:
+    """Wrap an App API route: errors in Immich's layout, x-immich-cid on every answer."""
+    failure = "Failed to" + re.sub("[A-Z]+", lambda match: " " + match[0].lower(), operation_id)
+
+    def wrapper(*args: Any, **kwargs: Any):
+        cid = correlation_id()
+        try:
+            response = callback(*args, **kwargs)
+        except AppError as error:
+            response = app_error_response(error, cid)
+        except ApiError as error:
+            status, message = APP_ERRORS.get(error.code, (500, failure))
+            if status == 500:
+                log.error("Unexpected %s in %s", error.code, operation_id)
+            response = app_error_response(AppError(status, message, error.headers), cid)
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY):
+                raise
+            log.error("The database could not be written: %s", error.sqlite_errorname)
+            response = app_error_response(AppError(507, "Insufficient storage"), cid)
+        except bottle.HTTPResponse:
+            raise
+        except Exception:
+            log.exception("Unexpected error in %s", operation_id)
+            response = app_error_response(AppError(500, failure), cid)
+        response.set_header("x-immich-cid", cid)
+        return response
+
+    return wrapper
+
+
+def read_app_body() -> dict:
+    """Read a JSON object body; a body without Content-Type: application/json counts as empty."""
+    content_type = bottle.request.environ.get("CONTENT_TYPE", "")
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        return {}
+    try:
+        raw = read_body(MAX_APP_BODY_BYTES)
+    except ApiError as error:
+        if error.code == "SIZE01":
+            raise AppError(413, "Request body too large") from None
+        raise AppError(400, "Malformed JSON body") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise AppError(400, "Malformed JSON body") from None
+    if not isinstance(body, dict):
+        raise AppError(400, "Malformed JSON body")
+    return body
+
+
+def check_path_id(value: str) -> str:
+    """Return a path id in lower case; 400 unless it is a version 4 UUID."""
+    if not UUID4.fullmatch(value):
+        raise AppError(400, ["id must be a UUID"])
+    return value.lower()
+
+
+class BodyChecks:
+    """Check a request body field by field, collecting class-validator sentences in order."""
+
+    def __init__(self, body: dict) -> None:
+        self.body = body
+        self.messages: list[str] = []
+
+    def done(self) -> None:
+        """Raise 400 with every broken rule, if any."""
+        if self.messages:
+            raise AppError(400, self.messages)
+
+    def email(self, field: str, required: bool) -> str | None:
+        """An id in the email field: IsNotEmpty (when required), then the Sync Node id rules."""
+        value = self.body.get(field)
+        if value is None and not required:
+            return None
+        if required and value in (None, ""):
+            self.messages.append(f"{field} should not be empty")
+        try:
+            if isinstance(value, str):
+                return normalize_id(value)
+        except ApiError:
+            pass
+        self.messages.append(f"{field} must be an email")
+        return None
+
+    def text(self, field: str, required: bool, min_chars: int = 1, max_chars: int = 0):
+        """A string: IsNotEmpty, IsString, then the length rules; None when absent or broken."""
+        value = self.body.get(field)
+        if value is None and not required:
+            return None
+        before = len(self.messages)
+        if value in (None, ""):
+            self.messages.append(f"{field} should not be empty")
+        if not isinstance(value, str):
+            self.messages.append(f"{field} must be a string")
+        elif value and len(value) < min_chars:
+            self.messages.append(f"{field} must be longer than or equal to {min_chars} characters")
+        elif max_chars and len(value) > max_chars:
+            self.messages.append(
+                f"{field} must be shorter than or equal to {max_chars:,} characters"
+            )
+        return value if len(self.messages) == before else None
+
+    def name(self, field: str, required: bool) -> str | None:
+        """A display name: 1 to 255 characters without control characters."""
+        value = self.text(field, required, max_chars=MAX_NAME_CHARS)
+        if value is not None and CONTROL_CHARS.search(value):
+            self.messages.append(f"{field} must not contain control characters")
+            return None
+        return value
+
+    def new_password(self, field: str) -> str | None:
+        """A new password: MinLength(8) first, as Immich's ChangePasswordDto reports it."""
+        value = self.body.get(field)
+        if not isinstance(value, str) or len(value) < MIN_PASSWORD_CHARS:
+            self.messages.append(
+                f"{field} must be longer than or equal to {MIN_PASSWORD_CHARS} characters"
+            )
+        return self.text(field, True, max_chars=MAX_PASSWORD_CHARS)
+
+    def boolean(self, field: str) -> None:
+        """An optional boolean."""
+        if self.body.get(field) is not None and not isinstance(self.body[field], bool):
+            self.messages.append(f"{field} must be a boolean value")
+
+    def permissions(self, field: str, required: bool) -> list[str] | None:
+        """A list of API key permissions: ArrayMinSize(1), IsNotEmpty, IsEnum(each)."""
+        value = self.body.get(field)
+        if value is None and not required:
+            return None
+        before = len(self.messages)
+        if not isinstance(value, list) or not value:
+            self.messages.append(f"{field} must contain at least 1 elements")
+        if required and value in (None, ""):
+            self.messages.append(f"{field} should not be empty")
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str) and item in API_KEY_PERMISSIONS for item in items):
+            self.messages.append(
+                f"each value in {field} must be one of the following values: "
+                + ", ".join(API_KEY_PERMISSIONS)
+            )
+        return list(dict.fromkeys(value)) if len(self.messages) == before else None
+
+    def duration(self, field: str) -> int | None:
+        """An optional whole number of seconds, at least 1."""
+        value = self.body.get(field)
+        if value is None:
+            return None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or value <= 0:
+            self.messages.append(f"{field} must be a positive number")
+        if not number or not float(value).is_integer():
+            self.messages.append(f"{field} must be an integer number")
+            return None
+        return int(value) if value > 0 else None
+
+
+def session_token_from_request() -> str | None:
+    """Return the session token of an App API request, first found in APP-API.md's order."""
+    request = bottle.request
+    for value in (
+        header("x-immich-user-token"),
+        header("x-immich-session-token"),
+        request.query.get("sessionKey"),
+    ):
+        if value is not None:
+            return value
+    scheme, _, token = (header("Authorization") or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.get_cookie("immich_access_token")
+
+
+def cookie_headers(values: dict[str, str], max_age: int | None, now: float = 0) -> list[str]:
+    """Return Set-Cookie values for the login cookies, or their clearing when max_age is None."""
+    path = mount_prefix() or "/"
+    if max_age is None:
+        return [f"{name}=; Path={path}; Expires=Thu, 01 Jan 1970 00:00:00 GMT" for name in values]
+    expires = email.utils.formatdate(now + max_age, usegmt=True)
+    secure = "; Secure" if bottle.request.environ.get("wsgi.url_scheme") == "https" else ""
+    return [
+        f"{name}={value}; Max-Age={max_age}; Path={path}; Expires={expires}"
+        + ("; HttpOnly" if name != "immich_is_authenticated" else "")
+        + f"; SameSite=Lax{secure}"
+        for name, value in values.items()
+    ]
+
+
+def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
+    """Register the App API (APP-API.md) under /api on the app, closing over its context."""
+    settings = ctx.settings
+
+    def authenticate(permission: str) -> Caller:
+        """Find the caller: shared links, then session tokens, then API keys; the first decides."""
+        query = bottle.request.query
+        if header("x-immich-share-key") is not None or "key" in query:
+            raise AppError(401, "Invalid share key")
+        if header("x-immich-share-slug") is not None or "slug" in query:
+            raise AppError(401, "Invalid share slug")
+        conn, token = ctx.connection(), session_token_from_request()
+        if token is not None:
+            device = device_from_environ(bottle.request.environ)
+            return find_session(conn, token, ctx.now_ms(), device)
+        secret = header("x-api-key") or query.get("apiKey")
+        if secret is None:
+            raise AppError(401, "Authentication required")
+        caller = find_api_key(conn, secret)
+        if caller is None:
+            raise AppError(401, "Invalid API key")
+        if permission and not caller.allows(permission):
+            raise AppError(403, f"Missing required permission: {permission}")
+        return caller
+
+    def operation(method: str, rule: str, operation_id: str, permission: str | None):
+        """Register an App API route; the callback gets the caller unless it is public."""
+
+        def decorator(callback: Callable) -> Callable:
+            def route(**args: str):
+                if permission is None:
+                    return callback(**args)
+                return callback(authenticate(permission), **args)
+
+            app.route("/api" + rule, method, app_guarded(route, operation_id))
+            return callback
+
+        return decorator
+
+    def admin_user(user_id: int) -> dict:
+        return user_answer(get_user(ctx.connection(), row_id=user_id), admin=True)
+
+    def check_grant(caller: Caller, permissions: list[str] | None) -> None:
+        if permissions and not all(caller.allows(permission) for permission in permissions):
+            raise AppError(400, "Cannot grant permissions you do not have")
+
+    # Authentication -----------------------------------------------------------------------------
+
+    @operation("POST", "/auth/login", "login", PUBLIC)
+    def login():
+        checks = BodyChecks(read_app_body())
+        name, password = checks.email("email", True), checks.text("password", True)
+        checks.done()
+        try:
+            user_id = log_in(ctx, name, password)
+        except ApiError as error:
+            if error.code == "AUTH01":
+                raise AppError(401, "Incorrect email or password") from None
+            raise
+        session = start_session(ctx, user_id)
+        user = admin_user(user_id)
+        response = app_json(
+            {
+                "accessToken": session.token,
+                "userId": user["id"],
+                "userEmail": user["email"],
+                "name": user["name"],
+                "isAdmin": user["isAdmin"],
+                "shouldChangePassword": False,
+            },
+            201,
+        )
+        cookies = dict(zip(COOKIE_NAMES, (session.token, "password", "true"), strict=True))
+        for value in cookie_headers(cookies, settings.session_ttl, ctx.clock()):
+            response.add_header("Set-Cookie", value)
+        return response
+
+    @operation("POST", "/auth/admin-sign-up", "signUpAdmin", PUBLIC)
+    def sign_up_admin():
+        checks = BodyChecks(read_app_body())
+        display_name = checks.name("name", True)
+        name = checks.email("email", True)
+        password = checks.text(
+            "password", True, min_chars=MIN_PASSWORD_CHARS, max_chars=MAX_PASSWORD_CHARS
+        )
+        checks.done()
+        conn = ctx.connection()
+        if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+            raise AppError(400, "The server already has an admin")
+        ctx.require_disk()
+        try:
+            user_id = create_user(
+                conn, name, ctx.hasher.hash(password), ctx.now_ms(), first=True,
+                display_name=display_name,
+            )  # fmt: skip
+        except ApiError:
+            raise AppError(400, "The server already has an admin") from None
+        return app_json(admin_user(user_id), 201)
+
+    @operation("POST", "/auth/validateToken", "validateAccessToken", ANY_CREDENTIAL)
+    def validate_access_token(caller: Caller):
+        return app_json({"authStatus": True})
+
+    @operation("POST", "/auth/change-password", "changePassword", "auth.changePassword")
+    def change_password(caller: Caller):
+        checks = BodyChecks(read_app_body())
+        password = checks.text("password", True)
+        new_password = checks.new_password("newPassword")
+        checks.boolean("invalidateSessions")
+        checks.done()
+        try:
+            log_in(ctx, caller.name, password)
+        except ApiError as error:
+            if error.code == "AUTH01":
+                raise AppError(400, "Wrong password") from None
+            raise
+        password_hash = ctx.hasher.hash(new_password)
+        set_password(
+            ctx.connection(), caller.user_id, password_hash, caller.session_id, ctx.now_ms()
+        )
+        return app_json(admin_user(caller.user_id))
+
+    @operation("POST", "/auth/logout", "logout", "all")
+    def logout(caller: Caller):
+        if caller.session_id is not None:
+            end_session(ctx.connection(), caller.session_id)
+        response = app_json({"successful": True, "redirectUri": "/auth/login?autoLaunch=0"})
+        for value in cookie_headers(dict.fromkeys(COOKIE_NAMES, ""), None):
+            response.add_header("Set-Cookie", value)
+        return response
+
+    # API keys -----------------------------------------------------------------------------------
+
+    @operation("POST", "/api-keys", "createApiKey", "apiKey.create")
+    def create_api_key_route(caller: Caller):
+        checks = BodyChecks(read_app_body())
+        name = checks.name("name", False)
+        permissions = checks.permissions("permissions", True)
+        checks.done()
+        check_grant(caller, permissions)
+        ctx.require_disk()
+        secret, answer = create_api_key(
+            ctx.connection(), caller.user_id, name or "API Key", permissions, ctx.now_ms()
+        )
+        return app_json({"secret": secret, "apiKey": answer}, 201)
+
+    @operation("GET", "/api-keys", "getApiKeys", "apiKey.read")
+    def get_api_keys(caller: Caller):
+        return app_json(list_api_keys(ctx.connection(), caller.user_id))
+
+    @operation("GET", "/api-keys/me", "getMyApiKey", ANY_CREDENTIAL)
+    def get_my_api_key(caller: Caller):
+        if caller.api_key_id is None:
+            raise AppError(403, "Not authenticated with an API Key")
+        return app_json(get_api_key(ctx.connection(), caller.user_id, row_id=caller.api_key_id))
+
+    @operation("GET", "/api-keys/<key_id>", "getApiKey", "apiKey.read")
+    def get_api_key_route(caller: Caller, key_id: str):
+        answer = get_api_key(ctx.connection(), caller.user_id, public_id=check_path_id(key_id))
+        if answer is None:
+            raise AppError(400, "API Key not found")
+        return app_json(answer)
+
+    @operation("PUT", "/api-keys/<key_id>", "updateApiKey", "apiKey.update")
+    def update_api_key_route(caller: Caller, key_id: str):
+        key_id = check_path_id(key_id)
+        checks = BodyChecks(read_app_body())
+        name = checks.name("name", False)
+        permissions = checks.permissions("permissions", False)
+        checks.done()
+        check_grant(caller, permissions)
+        answer = update_api_key(
+            ctx.connection(), caller.user_id, key_id, name, permissions, ctx.now_ms()
+        )
+        if answer is None:
+            raise AppError(400, "API Key not found")
+        return app_json(answer)
+
+    @operation("DELETE", "/api-keys/<key_id>", "deleteApiKey", "apiKey.delete")
+    def delete_api_key_route(caller: Caller, key_id: str):
+        if not delete_api_key(ctx.connection(), caller.user_id, check_path_id(key_id)):
+            raise AppError(400, "API Key not found")
+        return empty_response()
+
+    # Server -------------------------------------------------------------------------------------
+
+    @operation("GET", "/server/ping", "pingServer", PUBLIC)
+    def ping_server():
+        return app_json({"res": "pong"})
+
+    @operation("GET", "/server/version", "getServerVersion", PUBLIC)
+    def get_server_version():
+        major, minor, patch = (int(re.match(r"\d+", part)[0]) for part in __version__.split("."))
+        return app_json({"major": major, "minor": minor, "patch": patch})
+
+    @operation("GET", "/server/about", "getAboutInfo", "server.about")
+    def get_about_info(caller: Caller):
+        return app_json({"version": f"v{__version__}", "versionUrl": ""})
+
+    @operation("GET", "/server/features", "getServerFeatures", PUBLIC)
+    def get_server_features():
+        return app_json({"passwordLogin": True})
+
+    @operation("GET", "/server/config", "getServerConfig", PUBLIC)
+    def get_server_config():
+        initialized = ctx.connection().execute("SELECT 1 FROM users LIMIT 1").fetchone()
+        return app_json(
+            {"loginPageMessage": "", "userDeleteDelay": 0, "isInitialized": bool(initialized)}
+        )
+
+    # Sessions -----------------------------------------------------------------------------------
+
+    @operation("POST", "/sessions", "createSession", "session.create")
+    def create_session_route(caller: Caller):
+        if caller.session_id is None:
+            raise AppError(400, "This endpoint can only be used with a session token")
+        checks = BodyChecks(read_app_body())
+        duration = checks.duration("duration")
+        device_type = checks.text("deviceType", False, min_chars=0, max_chars=MAX_NAME_CHARS)
+        device_os = checks.text("deviceOS", False, min_chars=0, max_chars=MAX_NAME_CHARS)
+        checks.done()
+        conn, now_ms = ctx.connection(), ctx.now_ms()
+        expires_ms = find_session_expiry(conn, caller.session_id)
+        if duration is not None:
+            expires_ms = min(expires_ms, now_ms + duration * 1000)
+        device = Device(device_type or "", device_os or "", None)
+        session = create_session(
+            conn, caller.user_id, now_ms, expires_ms, device, parent_id=caller.session_id
+        )
+        row = (session.row_id, session.public_id, now_ms, now_ms, expires_ms, *device_row(device))
+        return app_json({**app_session(row, None), "token": session.token}, 201)
+
+    @operation("GET", "/sessions", "getSessions", "session.read")
+    def get_sessions(caller: Caller):
+        return app_json(list_app_sessions(ctx.connection(), caller, ctx.now_ms()))
+
+    @operation("DELETE", "/sessions", "deleteAllSessions", "session.delete")
+    def delete_all_sessions(caller: Caller):
+        conn = ctx.connection()
+        with transaction(conn, write=True):
+            end_other_sessions(conn, caller.user_id, caller.session_id)
+        return empty_response()
+
+    @operation("DELETE", "/sessions/<session_id>", "deleteSession", "session.delete")
+    def delete_session_route(caller: Caller, session_id: str):
+        if not end_user_session(ctx.connection(), caller.user_id, check_path_id(session_id)):
+            raise AppError(400, "Not found or no authDevice.delete access")
+        return empty_response()
+
+    # Users --------------------------------------------------------------------------------------
+
+    @operation("GET", "/users", "searchUsers", "user.read")
+    def search_users(caller: Caller):
+        everyone = settings.public_users or admin_user(caller.user_id)["isAdmin"]
+        return app_json(list_users(ctx.connection(), caller.user_id, everyone))
+
+    @operation("GET", "/users/me", "getMyUser", "user.read")
+    def get_my_user(caller: Caller):
+        return app_json(admin_user(caller.user_id))
+
+    @operation("PUT", "/users/me", "updateMyUser", "user.update")
+    def update_my_user(caller: Caller):
+        checks = BodyChecks(read_app_body())
+        name = checks.email("email", False)
+        display_name = checks.name("name", False)
+        checks.done()
+        try:
+            update_user(ctx.connection(), caller.user_id, name, display_name, ctx.now_ms())
+        except ApiError:
+            raise AppError(400, "Email already in use by another account") from None
+        return app_json(admin_user(caller.user_id))
+
+    @operation("GET", "/users/<user_id>", "getUser", "user.read")
+    def get_user_route(caller: Caller, user_id: str):
+        row = get_user(ctx.connection(), public_id=check_path_id(user_id))
+        if row is None:
+            raise AppError(400, "User not found")
+        return app_json(user_answer(row))
+
+    # Everything else under /api: Immich's 404 ---------------------------------------------------
+
+    def unknown_app_route(path: str = ""):
+        request = bottle.request
+        raise AppError(404, f"Cannot {request.method} {request.path}")
+
+    app.route("/api", "ANY", app_guarded(unknown_app_route, "unknown"))
+    app.route("/api/<path:path>", "ANY", app_guarded(unknown_app_route, "unknown"))
+
+
+def device_row(device: Device) -> tuple[str, str, str | None]:
+    """Return a device's fields in sessions-column order."""
+    return device.device_type, device.device_os, device.app_version
+
+
+# ==================================================================================================
 # App factory
 # ==================================================================================================
 
@@ -1268,6 +2292,8 @@ def create_app(
     for status in (400, 404, 405, 413, 500):
         app.error_handler[status] = functools.partial(error_body, status)
     register_sync_routes(app, ctx)
+    register_app_routes(app, ctx)
+    register_unknown_routes(app)
     return app
 
 
@@ -1283,6 +2309,20 @@ def error_body(status: int, error: bottle.HTTPError) -> bytes:
 # ==================================================================================================
 
 
+def parse_setting(kind: str, text: str) -> int | bool | str:
+    """Convert a flag's or variable's text to a setting of the given kind; ValueError if not."""
+    text = text.strip()
+    if kind == "int":
+        if not text.isdigit():
+            raise ValueError("must be a whole number")
+        return int(text)
+    if kind == "bool":
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError("must be true or false")
+        return text.lower() in ("true", "1", "yes", "on")
+    return text
+
+
 def parse_args(argv: list[str], environ: Mapping[str, str]) -> Settings:
     """Build Settings from flags, then SYNCNODE_* environment variables, then defaults."""
     parser = argparse.ArgumentParser(
@@ -1295,24 +2335,22 @@ def parse_args(argv: list[str], environ: Mapping[str, str]) -> Settings:
         variable = "SYNCNODE_" + item.name.upper()
         parser.add_argument(
             "--" + item.name.replace("_", "-"),
-            type=int if item.type == "int" else str,
             choices=item.metadata.get("choices"),
-            metavar="N" if item.type == "int" else None,
+            metavar={"int": "N", "bool": "BOOL"}.get(item.type),
             help=f"{item.metadata['help']} [{variable}; default: {item.default}]",
         )
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for item in dataclasses.fields(Settings):
-        value = getattr(args, item.name)
-        variable = "SYNCNODE_" + item.name.upper()
-        if value is None and variable in environ:
-            value = environ[variable]
-            if item.type == "int":
-                if not value.strip().isdigit():
-                    parser.error(f"{variable} must be a whole number.")
-                value = int(value)
-        if value is not None:
-            values[item.name] = value
+        flag, variable = "--" + item.name.replace("_", "-"), "SYNCNODE_" + item.name.upper()
+        source, text = flag, getattr(args, item.name)
+        if text is None:
+            source, text = variable, environ.get(variable)
+        if text is not None:
+            try:
+                values[item.name] = parse_setting(item.type, text)
+            except ValueError as error:
+                parser.error(f"{source} {error}.")
     try:
         return Settings(**values)
     except ValueError as error:
