@@ -1873,7 +1873,7 @@ class BodyChecks:
             self.messages.append(f"{field} must be longer than or equal to {min_chars} characters")
         elif max_chars and len(value) > max_chars:
             self.messages.append(
-                f"{field} must be shorter than or equal to {max_chars:,} characters"
+                f"{field} must be shorter than or equal to {max_chars} characters"
             )
         return value if len(self.messages) == before else None
 
