@@ -19,8 +19,10 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import email.message
 import email.utils
 import functools
+import getpass
 import hashlib
 import ipaddress
 import json
@@ -30,13 +32,16 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import smtplib
 import sqlite3
+import ssl
 import sys
 import threading
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +52,7 @@ __version__ = "0.1.0"
 
 log = logging.getLogger("syncnode")
 log.addHandler(logging.NullHandler())
+access_log = logging.getLogger("syncnode.access")
 
 
 # ==================================================================================================
@@ -80,6 +86,9 @@ IMPLIED_BY = {
 MAX_NAME_CHARS = 255
 MAX_DEVICE_CHARS = 64
 SESSION_REFRESH_MS = 3600 * 1000
+HOUSEKEEPING_MS = 10 * 60 * 1000
+#: The WAL file is cut back to this size after each checkpoint.
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
 LEVEL_NAMES = {number: name for name, number in LEVELS.items()}
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -104,8 +113,11 @@ class Settings:
         "INFO", "Server log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
     registration: str = _setting(
-        "open", "Whether POST /account creates accounts.", choices=("open", "closed")
+        "open",
+        "Who may create accounts with POST /account: anyone, nobody, or holders of an invite.",
+        choices=("open", "closed", "invite"),
     )
+    invite_ttl: int = _setting(7 * 86400, "Lifetime of an invite code in seconds.")
     session_ttl: int = _setting(30 * 86400, "Session lifetime in seconds.")
     reset_ttl: int = _setting(3600, "Password reset token lifetime in seconds.")
     max_value_bytes: int = _setting(32 * 1024 * 1024, "Largest stored value in bytes.")
@@ -136,6 +148,26 @@ class Settings:
     registrations_per_address: int = _setting(
         0, "Registrations per client address in the window (0: off)."
     )
+    quota_bytes: int = _setting(0, "Bytes of values each user may own (0: no limit).")
+    quota_keys: int = _setting(100_000, "Keys each user may own (0: no limit).")
+    hash_slots: int = _setting(
+        os.cpu_count() or 1, "Password hashes computed at once (each takes Argon2's memory)."
+    )
+    hash_wait: int = _setting(
+        2, "Seconds a login or registration waits for a hashing slot before BUSY01."
+    )
+    access_log: bool = _setting(False, "Whether to log one line per request.")
+    shutdown_timeout: int = _setting(
+        10, "Seconds to finish running requests after SIGTERM or SIGINT."
+    )
+    smtp_host: str = _setting("", "SMTP server for password reset mails (empty: log line).")
+    smtp_port: int = _setting(587, "SMTP server port.")
+    smtp_security: str = _setting(
+        "starttls", "SMTP connection security.", choices=("starttls", "tls", "none")
+    )
+    smtp_user: str = _setting("", "SMTP user name (empty: no login).")
+    smtp_password: str = _setting("", "SMTP password.")
+    smtp_from: str = _setting("", "Sender address of reset mails.")
     public_users: bool = _setting(
         False, "Whether GET /api/users lists every account to every user (else admins only)."
     )
@@ -159,6 +191,10 @@ class Settings:
             raise ValueError("The setting database must be the path of a database file.")
         if not 1 <= self.port <= 65535 and self.port != 0:
             raise ValueError("The setting port must be 0 to 65535.")
+        if self.hash_slots < 1:
+            raise ValueError("The setting hash_slots must be at least 1.")
+        if self.smtp_host and not self.smtp_from:
+            raise ValueError("The setting smtp_from is needed with smtp_host.")
         if self.threads < 1:
             raise ValueError("The setting threads must be at least 1.")
         if self.session_ttl < 1 or self.reset_ttl < 1:
@@ -201,6 +237,8 @@ ERROR_STATUS = {
     "REQ02": 405,
     "SIZE01": 413,
     "DISK01": 507,
+    "QUOTA01": 507,
+    "BUSY01": 503,
 }
 
 
@@ -309,6 +347,16 @@ SCHEMA = [
     );
     CREATE INDEX api_keys_by_user ON api_keys (user_id, created_ms);
     """,
+    # Operations: value sizes for quotas, invite codes, purging old attempts by time.
+    """
+    ALTER TABLE items ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    UPDATE items SET size = length(value);
+    CREATE TABLE invites (
+        code_digest BLOB PRIMARY KEY,
+        expires_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX attempts_by_time ON attempts (at_ms);
+    """,
 ]
 
 
@@ -323,6 +371,7 @@ def connect(path: str, settings: Settings) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {settings.synchronous}")
     conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
     return conn
 
 
@@ -405,6 +454,53 @@ class StoredValue:
     meta: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Per-user limits on owned keys and their bytes; 0 means no limit."""
+
+    max_bytes: int = 0
+    max_keys: int = 0
+
+
+def get_usage(conn: sqlite3.Connection, user_id: int) -> tuple[int, int]:
+    """Return (keys, bytes) the user holds OWN on."""
+    return conn.execute(
+        """
+        SELECT count(*), coalesce(sum(items.size), 0)
+        FROM permissions JOIN items ON items.id = permissions.item_id
+        WHERE permissions.user_id = ? AND permissions.level = 3
+        """,
+        (user_id,),
+    ).fetchone()
+
+
+def check_quota(
+    conn: sqlite3.Connection,
+    item_id: int,
+    quota: Quota,
+    grew: bool,
+    new_owner_ids: Iterable[int] = (),
+) -> None:
+    """Raise QUOTA01 if a write just made left an owner of the key over a limit.
+
+    Runs inside the write transaction after the change, so raising rolls it back. Limits bind
+    only on growth: a user over a lowered quota may still shrink or delete.
+    """
+    if not quota.max_bytes and not quota.max_keys:
+        return
+    new_owner_ids = set(new_owner_ids)
+    owners = conn.execute(
+        "SELECT user_id FROM permissions WHERE item_id = ? AND level = 3", (item_id,)
+    )
+    for (owner_id,) in owners.fetchall():
+        keys, size = get_usage(conn, owner_id)
+        is_new = owner_id in new_owner_ids
+        if (quota.max_keys and is_new and keys > quota.max_keys) or (
+            quota.max_bytes and (grew or is_new) and size > quota.max_bytes
+        ):
+            raise ApiError("QUOTA01", "The write would exceed an owner's storage quota.")
+
+
 def new_store_token() -> str:
     """Return a fresh store token: 128 random bits as URL-safe text."""
     return secrets.token_urlsafe(16)
@@ -462,6 +558,7 @@ def put_value(
     meta: str | None,
     sent_token: str | None,
     now_ms: int,
+    quota: Quota = Quota(),
 ) -> str:
     """Create or compare-and-swap a value; return its new token.
 
@@ -475,29 +572,35 @@ def put_value(
         if found is None:
             if sent_token is not None:
                 raise ApiError("KEY01", "The key does not exist; create it without X-Sync-Token.")
-            cursor = conn.execute(
-                "INSERT INTO items (key, token, meta, updated_ms, value) VALUES (?, ?, ?, ?, ?)",
-                (key, token, meta, now_ms, value),
-            )
+            item_id = conn.execute(
+                """
+                INSERT INTO items (key, token, meta, updated_ms, size, value)
+                VALUES (?, ?, ?, ?, ?, ?)
+                """,
+                (key, token, meta, now_ms, len(value), value),
+            ).lastrowid
             conn.execute(
                 "INSERT INTO permissions (item_id, user_id, level) VALUES (?, ?, ?)",
-                (cursor.lastrowid, user_id, LEVELS["OWN"]),
+                (item_id, user_id, LEVELS["OWN"]),
             )
+            check_quota(conn, item_id, quota, grew=True, new_owner_ids=[user_id])
             return token
         item_id, _, level = found
         if level == 0:
             raise ApiError("KEY01", "The key already exists.")
         if level < LEVELS["WRITE"]:
             raise ApiError("PERM01", "Writing this key needs the WRITE or OWN permission.")
+        old_size = conn.execute("SELECT size FROM items WHERE id = ?", (item_id,)).fetchone()[0]
         updated = conn.execute(
             """
-            UPDATE items SET token = ?, meta = ?, updated_ms = ?, value = ?
+            UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?, value = ?
             WHERE id = ? AND token = ?
             """,
-            (token, meta, now_ms, value, item_id, sent_token),
+            (token, meta, now_ms, len(value), value, item_id, sent_token),
         ).rowcount
         if updated != 1:
             raise ApiError("KEY01", "X-Sync-Token is missing or does not match the stored token.")
+        check_quota(conn, item_id, quota, grew=len(value) > old_size)
     return token
 
 
@@ -544,7 +647,11 @@ def check_owner_remains(conn: sqlite3.Connection, item_id: int) -> None:
 
 
 def set_permissions(
-    conn: sqlite3.Connection, key: str, user_id: int, grants: dict[str, int]
+    conn: sqlite3.Connection,
+    key: str,
+    user_id: int,
+    grants: dict[str, int],
+    quota: Quota = Quota(),
 ) -> None:
     """Grant or replace permissions all or nothing: ERR01 for unknown users, PERM02 for no owner."""
     with transaction(conn, write=True):
@@ -554,10 +661,17 @@ def set_permissions(
         item_id, _, level = found
         if level < LEVELS["OWN"]:
             raise ApiError("PERM01", "Changing permissions needs the OWN permission.")
+        new_owner_ids = []
         for name, grant in grants.items():
             row = conn.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise ApiError("ERR01", "A user in the list does not exist.")
+            previous = conn.execute(
+                "SELECT level FROM permissions WHERE item_id = ? AND user_id = ?",
+                (item_id, row[0]),
+            ).fetchone()
+            if grant == LEVELS["OWN"] and previous != (LEVELS["OWN"],):
+                new_owner_ids.append(row[0])
             conn.execute(
                 """
                 INSERT INTO permissions (item_id, user_id, level) VALUES (?, ?, ?)
@@ -566,6 +680,7 @@ def set_permissions(
                 (item_id, row[0], grant),
             )
         check_owner_remains(conn, item_id)
+        check_quota(conn, item_id, quota, grew=False, new_owner_ids=new_owner_ids)
 
 
 def remove_permissions(conn: sqlite3.Connection, key: str, user_id: int, names: set[str]) -> None:
@@ -657,16 +772,20 @@ def create_user(
     *,
     first: bool = False,
     display_name: str | None = None,
+    invite: str | None = None,
 ) -> int:
     """Insert a user and return its row id; ACCT03 when the id is taken.
 
     With first=True the insert happens only on an empty server (APP-API.md, admin-sign-up):
-    the check and the insert share one write transaction, so of racing calls one wins.
+    the check and the insert share one write transaction, so of racing calls one wins. An
+    invite code, when given, is spent in that same transaction (ACCT01 if it is not live).
     """
     try:
         with transaction(conn, write=True):
             if first and conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
                 raise ApiError("ACCT03", "The server already has an admin.")
+            if invite is not None and not spend_invite(conn, invite, now_ms):
+                raise ApiError("ACCT01", "The invite code is wrong, used or expired.")
             return conn.execute(
                 """
                 INSERT INTO users (name, password_hash, created_ms, uuid, display_name, updated_ms)
@@ -873,9 +992,24 @@ def set_password(
     password_hash: str,
     keep_session_id: int | None,
     now_ms: int,
+    reset_token: str | None = None,
 ) -> None:
-    """Store a new password hash; end every session but the one kept and any reset token."""
+    """Store a new password hash; end every session but the one kept and any reset token.
+
+    With reset_token, that token is spent in the same transaction (AUTH01 if it is no
+    longer live), so of two requests racing with one token only one sets a password.
+    """
     with transaction(conn, write=True):
+        if reset_token is not None:
+            spent = conn.execute(
+                """
+                DELETE FROM reset_tokens
+                WHERE token_digest = ? AND user_id = ? AND expires_ms > ?
+                """,
+                (digest_token(reset_token), user_id, now_ms),
+            ).rowcount
+            if spent != 1:
+                raise ApiError("AUTH01", "The reset token is unknown, expired or used.")
         conn.execute(
             "UPDATE users SET password_hash = ?, updated_ms = ? WHERE id = ?",
             (password_hash, now_ms, user_id),
@@ -916,11 +1050,32 @@ def find_reset_token(conn: sqlite3.Connection, token: str, now_ms: int) -> int |
 
 def reset_password(conn: sqlite3.Connection, token: str, password_hash: str, now_ms: int) -> None:
     """Spend a reset token: set the password and end every session; AUTH01 if already spent."""
+    user_id = find_reset_token(conn, token, now_ms)
+    if user_id is None:
+        raise ApiError("AUTH01", "The reset token is unknown, expired or used.")
+    set_password(conn, user_id, password_hash, None, now_ms, reset_token=token)
+
+
+def create_invite(conn: sqlite3.Connection, now_ms: int, ttl_ms: int) -> tuple[str, int]:
+    """Mint a single-use invite code; return it with its expiry."""
+    code, expires_ms = secrets.token_urlsafe(16), now_ms + ttl_ms
     with transaction(conn, write=True):
-        user_id = find_reset_token(conn, token, now_ms)
-        if user_id is None:
-            raise ApiError("AUTH01", "The reset token is unknown, expired or used.")
-        set_password(conn, user_id, password_hash, None, now_ms)
+        conn.execute(
+            "INSERT INTO invites (code_digest, expires_ms) VALUES (?, ?)",
+            (digest_token(code), expires_ms),
+        )
+    return code, expires_ms
+
+
+def spend_invite(conn: sqlite3.Connection, code: str, now_ms: int) -> bool:
+    """Delete a live invite code inside the caller's transaction; False when there is none."""
+    return (
+        conn.execute(
+            "DELETE FROM invites WHERE code_digest = ? AND expires_ms > ?",
+            (digest_token(code), now_ms),
+        ).rowcount
+        == 1
+    )
 
 
 # API keys and users of the App API (APP-API.md).
@@ -1133,6 +1288,42 @@ def record_attempts(
             )
 
 
+# Housekeeping and the admin commands' reports.
+
+
+def purge_expired(conn: sqlite3.Connection, now_ms: int, attempts_before_ms: int) -> None:
+    """Delete expired sessions, reset tokens and invites, and attempts older than any window."""
+    with transaction(conn, write=True):
+        conn.execute("DELETE FROM sessions WHERE expires_ms <= ?", (now_ms,))
+        conn.execute("DELETE FROM reset_tokens WHERE expires_ms <= ?", (now_ms,))
+        conn.execute("DELETE FROM invites WHERE expires_ms <= ?", (now_ms,))
+        conn.execute("DELETE FROM attempts WHERE at_ms <= ?", (attempts_before_ms,))
+
+
+def get_stats(conn: sqlite3.Connection, now_ms: int) -> dict[str, int]:
+    """Return counts of users, keys, stored bytes and live sessions."""
+    return {
+        "users": conn.execute("SELECT count(*) FROM users").fetchone()[0],
+        "keys": conn.execute("SELECT count(*) FROM items").fetchone()[0],
+        "bytes": conn.execute("SELECT coalesce(sum(size), 0) FROM items").fetchone()[0],
+        "sessions": conn.execute(
+            "SELECT count(*) FROM sessions WHERE expires_ms > ?", (now_ms,)
+        ).fetchone()[0],
+    }
+
+
+def check_database(conn: sqlite3.Connection) -> list[str]:
+    """Run SQLite's integrity and foreign-key checks; return the problems found (none: [])."""
+    problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+    problems = [] if problems == ["ok"] else problems
+    for table, row_id, parent, _ in conn.execute("PRAGMA foreign_key_check"):
+        problems.append(f"Row {row_id} of {table} points to a missing row of {parent}.")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != len(SCHEMA):
+        problems.append(f"The schema version is {version}, not {len(SCHEMA)}.")
+    return problems
+
+
 # ==================================================================================================
 # HTTP layer
 # ==================================================================================================
@@ -1155,6 +1346,8 @@ class Context:
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._dummy_hash: str | None = None
+        self._hash_slots = threading.BoundedSemaphore(settings.hash_slots)
+        self._next_housekeeping_ms = 0
 
     def now_ms(self) -> int:
         """Return the app clock's time in milliseconds since the Unix epoch."""
@@ -1178,6 +1371,28 @@ class Context:
         for conn in connections:
             conn.close()
 
+    @contextlib.contextmanager
+    def hashing_slot(self) -> Iterator[None]:
+        """Hold one of the hash_slots while hashing; BUSY01 when none frees up in time.
+
+        Each Argon2 hash takes its full memory cost at once, so a burst of logins could push
+        a small board into swap; past hash_slots at once, requests wait briefly, then give up.
+        """
+        if not self._hash_slots.acquire(timeout=self.settings.hash_wait):
+            raise ApiError(
+                "BUSY01", "The server is busy hashing passwords; try again shortly.",
+                headers={"Retry-After": "1"},
+            )  # fmt: skip
+        try:
+            yield
+        finally:
+            self._hash_slots.release()
+
+    def hash_password(self, password: str) -> str:
+        """Hash a password with Argon2id within a hashing slot."""
+        with self.hashing_slot():
+            return self.hasher.hash(password)
+
     def verify_password(self, password_hash: str | None, password: str) -> bool:
         """Check a password against a hash; with no hash, spend one verification all the same.
 
@@ -1186,15 +1401,42 @@ class Context:
         """
         if password_hash is None:
             if self._dummy_hash is None:
-                self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
+                self._dummy_hash = self.hash_password(secrets.token_urlsafe(16))
             password_hash = self._dummy_hash
+        with self.hashing_slot():
+            try:
+                return self.hasher.verify(password_hash, password)
+            except argon2.exceptions.VerificationError:
+                return False
+            except argon2.exceptions.InvalidHashError:
+                log.error("A stored password hash is not a valid Argon2 hash.")
+                return False
+
+    def quota(self) -> Quota:
+        """Return the per-user storage limits."""
+        return Quota(self.settings.quota_bytes, self.settings.quota_keys)
+
+    def housekeep(self) -> None:
+        """Purge what has expired and checkpoint the WAL, at most every HOUSEKEEPING_MS.
+
+        Runs inside whichever request comes first after the interval, so that no separate
+        process or thread is needed; one request pays a few indexed deletes.
+        """
+        now_ms = self.now_ms()
+        with self._lock:
+            if now_ms < self._next_housekeeping_ms:
+                return
+            self._next_housekeeping_ms = now_ms + HOUSEKEEPING_MS
+        settings = self.settings
+        longest_window = max(
+            settings.login_window, settings.reset_window, settings.registration_window
+        )
         try:
-            return self.hasher.verify(password_hash, password)
-        except argon2.exceptions.VerificationError:
-            return False
-        except argon2.exceptions.InvalidHashError:
-            log.error("A stored password hash is not a valid Argon2 hash.")
-            return False
+            conn = self.connection()
+            purge_expired(conn, now_ms, now_ms - longest_window * 1000)
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as error:
+            log.warning("Housekeeping failed and will be tried again: %s", error.sqlite_errorname)
 
     def client_address(self, environ: Mapping[str, Any]) -> str:
         """Return the client address: the socket's, or X-Forwarded-For's behind trusted proxies."""
@@ -1202,7 +1444,7 @@ class Context:
         if not self.trusted_proxies:
             return address
         hops = [hop.strip() for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
-        for hop in reversed([address, *filter(None, hops)]):
+        for hop in reversed([*filter(None, hops), address]):
             try:
                 if not any(ipaddress.ip_address(hop) in net for net in self.trusted_proxies):
                     return hop
@@ -1277,8 +1519,8 @@ def read_json(code: str = "REQ01") -> Any:
         raise ApiError(code, "The request body must be valid JSON.") from None
 
 
-def read_credentials() -> tuple[str, str]:
-    """Read {"id", "password"} from the body; ACCT02 for any other shape."""
+def read_credentials() -> tuple[str, str, dict]:
+    """Read {"id", "password"} from the body; ACCT02 for any other shape; return the body too."""
     body = read_json("ACCT02")
     if not (
         isinstance(body, dict)
@@ -1288,7 +1530,7 @@ def read_credentials() -> tuple[str, str]:
         raise ApiError("ACCT02", "The body must be a JSON object with string id and password.")
     name = normalize_id(body["id"])
     check_password(body["password"])
-    return name, body["password"]
+    return name, body["password"], body
 
 
 def header(name: str) -> str | None:
@@ -1392,7 +1634,11 @@ def throttle(ctx: Context, attempts: list[tuple[str, str]]) -> None:
     """Raise AUTH02 when any (kind, subject) has reached its limit."""
     for kind, subject in attempts:
         limit, window = (getattr(ctx.settings, name) for name in THROTTLES[kind])
-        check_attempts(ctx.connection(), kind, subject, limit, window * 1000, ctx.now_ms())
+        try:
+            check_attempts(ctx.connection(), kind, subject, limit, window * 1000, ctx.now_ms())
+        except ApiError:
+            log.warning("Refused a request: too many attempts of kind %s.", kind)
+            raise
 
 
 def count_attempts(ctx: Context, attempts: list[tuple[str, str]]) -> None:
@@ -1420,8 +1666,51 @@ def log_in(ctx: Context, name: str, password: str) -> int:
         raise ApiError("AUTH01", "The user id or password is wrong.")
     user_id, password_hash = user
     if ctx.hasher.check_needs_rehash(password_hash):
-        update_password_hash(conn, user_id, ctx.hasher.hash(password))
+        update_password_hash(conn, user_id, ctx.hash_password(password))
     return user_id
+
+
+EMAIL_ADDRESS = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
+def deliver_reset_token(settings: Settings, name: str, token: str) -> None:
+    """Send a reset token by mail when SMTP is set and the id is an address, else log it.
+
+    The mail goes out on a thread of its own, so the answer takes as long whether or not
+    the id exists, and a slow or failing mail server never holds a request.
+    """
+    if not settings.smtp_host or not EMAIL_ADDRESS.fullmatch(name):
+        # SYNCNODE.md, Passwords and reset: without SMTP the log line is the delivery.
+        log.warning("Password reset token for %s: %s", name, token)
+        return
+    threading.Thread(
+        target=send_reset_mail, args=(settings, name, token), name="syncnode-mail", daemon=True
+    ).start()
+
+
+def send_reset_mail(settings: Settings, address: str, token: str) -> None:
+    """Send one reset mail; log, never raise, when it fails."""
+    message = email.message.EmailMessage()
+    message["From"] = settings.smtp_from
+    message["To"] = address
+    message["Subject"] = "Your syncnode password reset"
+    message.set_content(
+        f"Someone asked to reset the password of the syncnode account {address}.\n\n"
+        f"If it was you, send this reset token as a bearer token to POST /password within "
+        f"{max(1, settings.reset_ttl // 60)} minutes:\n\n{token}\n\n"
+        "If it was not you, ignore this mail: your password stays as it is.\n"
+    )
+    try:
+        factory = smtplib.SMTP_SSL if settings.smtp_security == "tls" else smtplib.SMTP
+        with factory(settings.smtp_host, settings.smtp_port, timeout=30) as smtp:
+            if settings.smtp_security == "starttls":
+                smtp.starttls(context=ssl.create_default_context())
+            if settings.smtp_user:
+                smtp.login(settings.smtp_user, settings.smtp_password)
+            smtp.send_message(message)
+        log.info("Sent a password reset mail to %s.", address)
+    except (OSError, smtplib.SMTPException) as error:
+        log.error("Could not send the password reset mail to %s: %s", address, type(error).__name__)
 
 
 def start_session(ctx: Context, user_id: int) -> NewSession:
@@ -1468,6 +1757,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         allow = ", ".join(sorted(allowed))
 
         def dispatch(**args: str):
+            ctx.housekeep()
             method = bottle.request.method
             handler = handlers.get("GET" if method == "HEAD" else method)
             if handler is None:
@@ -1484,20 +1774,33 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     def account_post():
         if settings.registration == "closed":
             raise ApiError("ACCT01", "Registration is disabled on this server.")
-        name, password = read_credentials()
+        name, password, body = read_credentials()
+        invite = None
+        if settings.registration == "invite":
+            invite = body.get("invite")
+            if not isinstance(invite, str):
+                raise ApiError("ACCT01", "Registration on this server needs an invite code.")
         attempts = [("register_address", ctx.client_address(bottle.request.environ))]
         throttle(ctx, attempts)
         conn = ctx.connection()
         if find_user(conn, name) is not None:
             raise ApiError("ACCT03", "This user id is already in use.")
         ctx.require_disk()
-        user_id = create_user(conn, name, ctx.hasher.hash(password), ctx.now_ms())
+        password_hash = ctx.hash_password(password)
+        user_id = create_user(conn, name, password_hash, ctx.now_ms(), invite=invite)
         count_attempts(ctx, attempts)
         return session_answer(start_session(ctx, user_id))
 
     def account_get():
         caller = authenticate("session.read")
-        return json_response(list_sessions(ctx.connection(), caller, ctx.now_ms()))
+        conn = ctx.connection()
+        keys, size = get_usage(conn, caller.user_id)
+        usage = {"X-Sync-Usage-Keys": str(keys), "X-Sync-Usage-Bytes": str(size)}
+        if settings.quota_keys:
+            usage["X-Sync-Quota-Keys"] = str(settings.quota_keys)
+        if settings.quota_bytes:
+            usage["X-Sync-Quota-Bytes"] = str(settings.quota_bytes)
+        return json_response(list_sessions(conn, caller, ctx.now_ms()), headers=usage)
 
     def account_delete():
         caller = authenticate(session_only=True)
@@ -1505,7 +1808,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         return empty_response()
 
     def auth_post():
-        name, password = read_credentials()
+        name, password, _ = read_credentials()
         return session_answer(start_session(ctx, log_in(ctx, name, password)))
 
     def auth_delete():
@@ -1525,7 +1828,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         if not isinstance(body, dict) or not isinstance(body.get("password"), str):
             raise ApiError("REQ01", "The body must be a JSON object with a string password.")
         check_password(body["password"])
-        password_hash = ctx.hasher.hash(body["password"])
+        password_hash = ctx.hash_password(body["password"])
         if caller is None:
             reset_password(conn, token, password_hash, ctx.now_ms())
         else:
@@ -1550,9 +1853,16 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         user = find_user(conn, name)
         if user is not None:
             token = create_reset_token(conn, user[0], now_ms, settings.reset_ttl * 1000)
-            # SYNCNODE.md, Passwords and reset: without SMTP the log line is the delivery.
-            log.warning("Password reset token for %s: %s", name, token)
+            deliver_reset_token(settings, name, token)
         return empty_response()
+
+    def invite_post():
+        caller = authenticate(session_only=True)
+        conn = ctx.connection()
+        if not get_user(conn, row_id=caller.user_id)[5]:
+            raise ApiError("PERM01", "Only the admin (the oldest account) may mint invites.")
+        code, expires_ms = create_invite(conn, ctx.now_ms(), settings.invite_ttl * 1000)
+        return json_response({"invite": code, "expiration": expires_ms})
 
     # Store --------------------------------------------------------------------------------------
 
@@ -1574,7 +1884,14 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         value = read_body(settings.max_value_bytes)
         ctx.require_disk()
         token = put_value(
-            ctx.connection(), key, caller.user_id, value, meta, read_store_token(), ctx.now_ms()
+            ctx.connection(),
+            key,
+            caller.user_id,
+            value,
+            meta,
+            read_store_token(),
+            ctx.now_ms(),
+            ctx.quota(),
         )
         return empty_response(store_headers(token))
 
@@ -1592,7 +1909,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     def permission_put(key: str):
         caller = authenticate("store.own")
         key, grants = read_key(key), read_grants()
-        set_permissions(ctx.connection(), key, caller.user_id, grants)
+        set_permissions(ctx.connection(), key, caller.user_id, grants, ctx.quota())
         return empty_response()
 
     def permission_delete(key: str):
@@ -1627,6 +1944,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     resource("/auth", POST=auth_post, DELETE=auth_delete)
     resource("/password", POST=password_post)
     resource("/resetpassword", POST=resetpassword_post)
+    resource("/invite", POST=invite_post)
     resource("/store", GET=store_list_get)
     resource("/store/<key:re:[\\s\\S]*>", GET=store_get, PUT=store_put, DELETE=store_delete)
     resource(
@@ -1716,6 +2034,7 @@ REASONS = {
     413: "Payload Too Large",
     429: "Too Many Requests",
     500: "Internal Server Error",
+    503: "Service Unavailable",
     507: "Insufficient Storage",
 }
 #: How a Sync Node error raised by shared code reads on the App API.
@@ -1724,6 +2043,7 @@ APP_ERRORS = {
     "AUTH02": (429, "Too many failed attempts, try again later"),
     "DISK01": (507, "Insufficient storage"),
     "SIZE01": (413, "Request body too large"),
+    "BUSY01": (503, "Server busy, try again later"),
 }
 MAX_APP_BODY_BYTES = 64 * 1024
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.I)
@@ -1872,9 +2192,7 @@ class BodyChecks:
         elif value and len(value) < min_chars:
             self.messages.append(f"{field} must be longer than or equal to {min_chars} characters")
         elif max_chars and len(value) > max_chars:
-            self.messages.append(
-                f"{field} must be shorter than or equal to {max_chars} characters"
-            )
+            self.messages.append(f"{field} must be shorter than or equal to {max_chars} characters")
         return value if len(self.messages) == before else None
 
     def name(self, field: str, required: bool) -> str | None:
@@ -1992,6 +2310,7 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
 
         def decorator(callback: Callable) -> Callable:
             def route(**args: str):
+                ctx.housekeep()
                 if permission is None:
                     return callback(**args)
                 return callback(authenticate(permission), **args)
@@ -2054,7 +2373,7 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
         ctx.require_disk()
         try:
             user_id = create_user(
-                conn, name, ctx.hasher.hash(password), ctx.now_ms(), first=True,
+                conn, name, ctx.hash_password(password), ctx.now_ms(), first=True,
                 display_name=display_name,
             )  # fmt: skip
         except ApiError:
@@ -2078,7 +2397,7 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
             if error.code == "AUTH01":
                 raise AppError(400, "Wrong password") from None
             raise
-        password_hash = ctx.hasher.hash(new_password)
+        password_hash = ctx.hash_password(new_password)
         set_password(
             ctx.connection(), caller.user_id, password_hash, caller.session_id, ctx.now_ms()
         )
@@ -2275,11 +2594,54 @@ class SyncNodeApp(bottle.Bottle):
             environ = dict(environ)
             environ["PATH_INFO"] = environ["PATH_INFO"].encode("utf-8").decode("latin-1")
             del environ["bottle.raw_path"]
-        return super().__call__(environ, start_response)
+        if not self.context.settings.access_log:
+            return super().__call__(environ, start_response)
+        return AccessLogged(self.context, environ, start_response, super().__call__)
 
     def close(self) -> None:
         """Close the app's database connections."""
         self.context.close()
+
+
+class AccessLogged:
+    """A response that logs one access line when the server closes it.
+
+    The line has the method, the path without its query string (which may carry an API
+    key), the status, the bytes sent, the duration and the client address; never a header.
+    """
+
+    def __init__(
+        self, ctx: Context, environ: dict, start_response: Callable, app: Callable
+    ) -> None:
+        self.started = time.monotonic()
+        self.ctx, self.environ, self.status, self.sent = ctx, environ, "-", 0
+
+        def capture(status: str, headers: list, exc_info: Any = None) -> Callable:
+            self.status = status.partition(" ")[0]
+            return start_response(status, headers, exc_info)
+
+        self.body = app(environ, capture)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.body:
+            self.sent += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        """Close the wrapped body and write the access line."""
+        if hasattr(self.body, "close"):
+            self.body.close()
+        environ = self.environ
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        access_log.info(
+            "%s %s %s %d %.1fms %s",
+            environ.get("REQUEST_METHOD", "-"),
+            path.encode("latin-1", "replace").decode("utf-8", "replace"),
+            self.status,
+            self.sent,
+            (time.monotonic() - self.started) * 1000,
+            self.ctx.client_address(environ) or "-",
+        )
 
 
 def create_app(
@@ -2309,6 +2671,56 @@ def error_body(status: int, error: bottle.HTTPError) -> bytes:
 # ==================================================================================================
 
 
+def add_setting_flags(parser: argparse.ArgumentParser, default: Any = None) -> None:
+    """Add a flag for every setting; with default=SUPPRESS a flag given earlier is kept."""
+    for item in dataclasses.fields(Settings):
+        variable = "SYNCNODE_" + item.name.upper()
+        parser.add_argument(
+            "--" + item.name.replace("_", "-"),
+            choices=item.metadata.get("choices"),
+            metavar={"int": "N", "bool": "BOOL"}.get(item.type),
+            default=default,
+            help=f"{item.metadata['help']} [{variable}; default: {item.default}]",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser: settings flags, then an optional subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="syncnode",
+        description="A self-hosted sync server for local-first apps. Each setting is a flag or "
+        "a SYNCNODE_<NAME> environment variable; a flag wins. Without a command it serves.",
+    )
+    parser.add_argument("--version", action="version", version=f"syncnode {__version__}")
+    add_setting_flags(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help: str, parent: Any = commands) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help, description=help)
+        if name == "serve":
+            add_setting_flags(sub, argparse.SUPPRESS)
+        else:
+            sub.add_argument("--database", default=argparse.SUPPRESS, help="SQLite database file.")
+        return sub
+
+    command("serve", "Serve the API (the default).")
+    users = command("user", "Manage accounts.").add_subparsers(
+        dest="user_command", metavar="ACTION", required=True
+    )
+    command("add", "Add an account; the password is asked for.", users).add_argument("id")
+    command("list", "List the accounts.", users)
+    command("delete", "Delete an account and the keys only it owns.", users).add_argument("id")
+    command("passwd", "Set an account's password; ends its sessions.", users).add_argument("id")
+    command("reset-token", "Print a one-time reset token for an account.").add_argument("id")
+    command("invite", "Print a single-use invite code (registration=invite).")
+    command("backup", "Copy the database consistently, even while it serves.").add_argument("file")
+    command("check", "Check the database's integrity; exit 1 on any problem.")
+    command("stats", "Print counts of users, keys, bytes and sessions.").add_argument(
+        "--json", action="store_true", help="Print one JSON object."
+    )
+    return parser
+
+
 def parse_setting(kind: str, text: str) -> int | bool | str:
     """Convert a flag's or variable's text to a setting of the given kind; ValueError if not."""
     text = text.strip()
@@ -2323,27 +2735,16 @@ def parse_setting(kind: str, text: str) -> int | bool | str:
     return text
 
 
-def parse_args(argv: list[str], environ: Mapping[str, str]) -> Settings:
-    """Build Settings from flags, then SYNCNODE_* environment variables, then defaults."""
-    parser = argparse.ArgumentParser(
-        prog="syncnode",
-        description="A self-hosted sync server for local-first apps. Each setting is a flag or "
-        "a SYNCNODE_<NAME> environment variable; a flag wins.",
-    )
-    parser.add_argument("--version", action="version", version=f"syncnode {__version__}")
-    for item in dataclasses.fields(Settings):
-        variable = "SYNCNODE_" + item.name.upper()
-        parser.add_argument(
-            "--" + item.name.replace("_", "-"),
-            choices=item.metadata.get("choices"),
-            metavar={"int": "N", "bool": "BOOL"}.get(item.type),
-            help=f"{item.metadata['help']} [{variable}; default: {item.default}]",
-        )
+def parse_command(
+    argv: list[str], environ: Mapping[str, str]
+) -> tuple[argparse.Namespace, Settings]:
+    """Parse the command line into its command and Settings (flags, SYNCNODE_*, defaults)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for item in dataclasses.fields(Settings):
         flag, variable = "--" + item.name.replace("_", "-"), "SYNCNODE_" + item.name.upper()
-        source, text = flag, getattr(args, item.name)
+        source, text = flag, getattr(args, item.name, None)
         if text is None:
             source, text = variable, environ.get(variable)
         if text is not None:
@@ -2352,14 +2753,26 @@ def parse_args(argv: list[str], environ: Mapping[str, str]) -> Settings:
             except ValueError as error:
                 parser.error(f"{source} {error}.")
     try:
-        return Settings(**values)
+        return args, Settings(**values)
     except ValueError as error:
         parser.error(str(error))
 
 
+def parse_args(argv: list[str], environ: Mapping[str, str]) -> Settings:
+    """Build Settings from flags, then SYNCNODE_* environment variables, then defaults."""
+    return parse_command(argv, environ)[1]
+
+
 def serve(app: SyncNodeApp, settings: Settings) -> None:
-    """Serve the app with waitress until interrupted."""
+    """Serve the app with waitress until SIGTERM or SIGINT, then stop gracefully.
+
+    Stopping closes the listening socket, lets the requests whose headers have arrived
+    finish (for shutdown_timeout seconds at most), closes every connection and finally the
+    database, so that SQLite checkpoints and removes the -wal file.
+    """
+    import waitress.channel
     import waitress.server
+    import waitress.wasyncore
 
     # Waitress warns about queue depth on nearly every request under load: an SD card pays for
     # every line, and a full queue is what the thread setting is for.
@@ -2367,6 +2780,11 @@ def serve(app: SyncNodeApp, settings: Settings) -> None:
     server = waitress.server.create_server(
         app, host=settings.host, port=settings.port, threads=settings.threads, ident="syncnode"
     )
+    stopping = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda *_: stopping.set())
     log.info(
         "syncnode %s serving %s on http://%s:%s (registration %s)",
         __version__,
@@ -2376,24 +2794,119 @@ def serve(app: SyncNodeApp, settings: Settings) -> None:
         settings.registration,
     )
     try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
+        while not stopping.is_set():
+            server.asyncore.loop(timeout=1.0, map=server._map, count=1)
+        log.info("Stopping: finishing the requests under way.")
+        waitress.wasyncore.dispatcher.close(server)  # no new connections
+        deadline = time.monotonic() + settings.shutdown_timeout
+        while time.monotonic() < deadline:
+            busy = False
+            for channel in list(server._map.values()):
+                if not isinstance(channel, waitress.channel.HTTPChannel):
+                    continue
+                receiving = channel.request is not None and channel.request.headers_finished
+                if channel.requests or channel.total_outbufs_len or receiving:
+                    busy = True
+                else:
+                    channel.close()
+            if not busy:
+                break
+            server.asyncore.loop(timeout=0.1, map=server._map, count=1)
     finally:
-        server.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+        waitress.wasyncore.close_all(server._map)
         app.close()
+        log.info("Stopped.")
+
+
+def read_new_password(stdin: Any) -> str:
+    """Read a password: asked twice on a terminal, else one line of standard input."""
+    if stdin.isatty():
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat it: ") != password:
+            raise ApiError("ACCT02", "The two passwords differ.")
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    check_password(password)
+    return password
+
+
+def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout: Any) -> int:
+    """Run an admin command on the database; return the exit status."""
+    if args.command in ("backup", "check"):
+        conn = sqlite3.connect(settings.database, isolation_level=None)
+        try:
+            if args.command == "check":
+                problems = check_database(conn)
+                print("\n".join(problems) if problems else "ok", file=stdout)
+                return 1 if problems else 0
+            partial = args.file + ".partial"
+            with contextlib.closing(sqlite3.connect(partial)) as copy:
+                conn.backup(copy)
+            os.replace(partial, args.file)
+            print(f"Backed up {settings.database} to {args.file}.", file=stdout)
+            return 0
+        finally:
+            conn.close()
+    ctx = Context(settings, time.time)
+    try:
+        conn = ctx.connection()
+        migrate(conn)
+        now_ms = ctx.now_ms()
+        if args.command == "stats":
+            stats = get_stats(conn, now_ms)
+            lines = (f"{name}: {value}" for name, value in stats.items())
+            print(json.dumps(stats) if args.json else "\n".join(lines), file=stdout)
+            return 0
+        if args.command == "invite":
+            print(create_invite(conn, now_ms, settings.invite_ttl * 1000)[0], file=stdout)
+            return 0
+        if args.command == "user" and args.user_command == "list":
+            for row in conn.execute(f"SELECT {USER_COLUMNS} FROM users ORDER BY id"):
+                user = user_answer(row, admin=True)
+                admin = "admin" if user["isAdmin"] else ""
+                print(user["email"], user["id"], user["createdAt"], admin, sep="\t", file=stdout)
+            return 0
+        name = normalize_id(args.id)
+        if args.command == "user" and args.user_command == "add":
+            password_hash = ctx.hash_password(read_new_password(stdin))
+            create_user(conn, name, password_hash, now_ms)
+            print(f"Added {name}.", file=stdout)
+            return 0
+        user = find_user(conn, name)
+        if user is None:
+            raise ApiError("ERR01", f"There is no user {name}.")
+        if args.command == "reset-token":
+            print(create_reset_token(conn, user[0], now_ms, settings.reset_ttl * 1000), file=stdout)
+        elif args.user_command == "delete":
+            delete_account(conn, user[0])
+            print(f"Deleted {name}.", file=stdout)
+        else:
+            password_hash = ctx.hash_password(read_new_password(stdin))
+            set_password(conn, user[0], password_hash, None, now_ms)
+            print(f"Set the password of {name}; its sessions have ended.", file=stdout)
+        return 0
+    finally:
+        ctx.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line: parse settings, open the database, serve."""
-    settings = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    """Run the command line: serve (the default) or run an admin command."""
+    args, settings = parse_command(sys.argv[1:] if argv is None else argv, os.environ)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.command not in (None, "serve"):
+            return run_command(args, settings, sys.stdin, sys.stdout)
         app = create_app(**dataclasses.asdict(settings))
-    except (sqlite3.Error, DatabaseTooNew) as error:
-        print(f"syncnode: cannot open the database {settings.database}: {error}", file=sys.stderr)
+    except ApiError as error:
+        print(f"syncnode: {error.message}", file=sys.stderr)
+        return 1
+    except (sqlite3.Error, DatabaseTooNew, OSError) as error:
+        print(f"syncnode: cannot use the database {settings.database}: {error}", file=sys.stderr)
         return 1
     try:
         serve(app, settings)
