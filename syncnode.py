@@ -37,13 +37,14 @@ import smtplib
 import sqlite3
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import argon2
 import bottle
@@ -67,6 +68,8 @@ MAX_PASSWORD_CHARS = 1024
 MAX_JSON_BYTES = 1024 * 1024
 MAX_BEARER_CHARS = 512
 READ_CHUNK_BYTES = 64 * 1024
+#: Values up to this size are read and written whole; larger ones stream in chunks.
+STREAM_FROM_BYTES = 256 * 1024
 
 LEVELS = {"READ": 1, "WRITE": 2, "OWN": 3}
 
@@ -294,6 +297,7 @@ SCHEMA = [
         token TEXT NOT NULL,
         meta TEXT,
         updated_ms INTEGER NOT NULL,
+        size INTEGER NOT NULL,
         value BLOB NOT NULL
     );
     CREATE TABLE permissions (
@@ -347,10 +351,8 @@ SCHEMA = [
     );
     CREATE INDEX api_keys_by_user ON api_keys (user_id, created_ms);
     """,
-    # Operations: value sizes for quotas, invite codes, purging old attempts by time.
+    # Operations: invite codes, purging old attempts by time.
     """
-    ALTER TABLE items ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
-    UPDATE items SET size = length(value);
     CREATE TABLE invites (
         code_digest BLOB PRIMARY KEY,
         expires_ms INTEGER NOT NULL
@@ -447,11 +449,38 @@ class Caller:
 
 @dataclass(frozen=True, slots=True)
 class StoredValue:
-    """A value read from the store with its token and metadata."""
+    """A value read from the store: its token, metadata, size and bytes (or a stream of them)."""
 
-    value: bytes
     token: str
     meta: str | None
+    size: int
+    body: bytes | Iterable[bytes]
+
+
+class BlobStream:
+    """The bytes of a large value, read in chunks inside one read transaction.
+
+    The transaction began before the row was looked up, so the token sent in the headers
+    and every chunk come from one snapshot: a write committed meanwhile is not seen, and
+    the reader gets the old value whole. The transaction ends when the stream is exhausted
+    or closed, whichever comes first.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, item_id: int) -> None:
+        self.conn, self.item_id = conn, item_id
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            with self.conn.blobopen("items", "value", self.item_id, readonly=True) as blob:
+                while chunk := blob.read(READ_CHUNK_BYTES):
+                    yield chunk
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End the read transaction."""
+        if self.conn.in_transaction:
+            self.conn.execute("COMMIT")
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,72 +565,122 @@ def list_keys(conn: sqlite3.Connection, user_id: int) -> list[dict]:
 
 
 def get_value(conn: sqlite3.Connection, key: str, user_id: int) -> StoredValue:
-    """Return the value of a key the user may read; ERR01 when missing or invisible."""
-    row = conn.execute(
+    """Return the value of a key the user may read; ERR01 when missing or invisible.
+
+    A value of up to STREAM_FROM_BYTES comes in the one query; a larger one as a BlobStream,
+    so that memory stays flat whatever the value's size.
+    """
+    conn.execute("BEGIN")
+    try:
+        row = conn.execute(
+            """
+            SELECT items.id, items.token, items.meta, items.size,
+                   CASE WHEN items.size <= ? THEN items.value END
+            FROM items JOIN permissions ON permissions.item_id = items.id
+            WHERE items.key = ? AND permissions.user_id = ?
+            """,
+            (STREAM_FROM_BYTES, key, user_id),
+        ).fetchone()
+        if row is None:
+            raise not_found()
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    item_id, token, meta, size, value = row
+    if value is not None:
+        conn.execute("COMMIT")
+        return StoredValue(token, meta, size, value)
+    return StoredValue(token, meta, size, BlobStream(conn, item_id))
+
+
+@dataclass(frozen=True, slots=True)
+class NewValue:
+    """A value to store: its bytes, or a file holding size bytes, and its metadata."""
+
+    body: bytes | BinaryIO
+    size: int
+    meta: str | None
+
+
+def write_value(conn: sqlite3.Connection, item_id: int, value: NewValue) -> None:
+    """Copy a file-held value into its row's zeroblob in chunks (bytes are already stored)."""
+    if isinstance(value.body, bytes) or value.size == 0:
+        return
+    with conn.blobopen("items", "value", item_id) as blob:
+        while chunk := value.body.read(READ_CHUNK_BYTES):
+            blob.write(chunk)
+
+
+def apply_put(
+    conn: sqlite3.Connection,
+    key: str,
+    user_id: int,
+    value: NewValue,
+    sent_token: str | None,
+    now_ms: int,
+    quota: Quota,
+) -> str:
+    """Create or compare-and-swap a value inside the caller's write transaction; return its token.
+
+    The update is one conditional UPDATE on the key and the sent token inside the write
+    transaction that also checked the permission, so of racing writers holding the same token
+    exactly one changes a row, and a writer whose permission was just revoked never writes.
+    A large value is stored as a zeroblob of its size and then filled in chunks.
+    """
+    token = new_store_token()
+    # Bytes go in as they are; a file-held value as zeroblob(size), filled by write_value.
+    inline = value.body if isinstance(value.body, bytes) else None
+    found = find_item(conn, key, user_id)
+    if found is None:
+        if sent_token is not None:
+            raise ApiError("KEY01", "The key does not exist; create it without X-Sync-Token.")
+        item_id = conn.execute(
+            """
+            INSERT INTO items (key, token, meta, updated_ms, size, value)
+            VALUES (?, ?, ?, ?, ?, coalesce(?, zeroblob(?)))
+            """,
+            (key, token, value.meta, now_ms, value.size, inline, value.size),
+        ).lastrowid
+        conn.execute(
+            "INSERT INTO permissions (item_id, user_id, level) VALUES (?, ?, ?)",
+            (item_id, user_id, LEVELS["OWN"]),
+        )
+        write_value(conn, item_id, value)
+        check_quota(conn, item_id, quota, grew=True, new_owner_ids=[user_id])
+        return token
+    item_id, _, level = found
+    if level == 0:
+        raise ApiError("KEY01", "The key already exists.")
+    if level < LEVELS["WRITE"]:
+        raise ApiError("PERM01", "Writing this key needs the WRITE or OWN permission.")
+    old_size = conn.execute("SELECT size FROM items WHERE id = ?", (item_id,)).fetchone()[0]
+    updated = conn.execute(
         """
-        SELECT items.value, items.token, items.meta
-        FROM items JOIN permissions ON permissions.item_id = items.id
-        WHERE items.key = ? AND permissions.user_id = ?
+        UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?,
+            value = coalesce(?, zeroblob(?))
+        WHERE id = ? AND token = ?
         """,
-        (key, user_id),
-    ).fetchone()
-    if row is None:
-        raise not_found()
-    return StoredValue(*row)
+        (token, value.meta, now_ms, value.size, inline, value.size, item_id, sent_token),
+    ).rowcount
+    if updated != 1:
+        raise ApiError("KEY01", "X-Sync-Token is missing or does not match the stored token.")
+    write_value(conn, item_id, value)
+    check_quota(conn, item_id, quota, grew=value.size > old_size)
+    return token
 
 
 def put_value(
     conn: sqlite3.Connection,
     key: str,
     user_id: int,
-    value: bytes,
-    meta: str | None,
+    value: NewValue,
     sent_token: str | None,
     now_ms: int,
     quota: Quota = Quota(),
 ) -> str:
-    """Create or compare-and-swap a value; return its new token.
-
-    The update is one conditional UPDATE on the key and the sent token inside the write
-    transaction that also checked the permission, so of racing writers holding the same token
-    exactly one changes a row, and a writer whose permission was just revoked never writes.
-    """
-    token = new_store_token()
+    """Create or compare-and-swap a value in one write transaction; return its new token."""
     with transaction(conn, write=True):
-        found = find_item(conn, key, user_id)
-        if found is None:
-            if sent_token is not None:
-                raise ApiError("KEY01", "The key does not exist; create it without X-Sync-Token.")
-            item_id = conn.execute(
-                """
-                INSERT INTO items (key, token, meta, updated_ms, size, value)
-                VALUES (?, ?, ?, ?, ?, ?)
-                """,
-                (key, token, meta, now_ms, len(value), value),
-            ).lastrowid
-            conn.execute(
-                "INSERT INTO permissions (item_id, user_id, level) VALUES (?, ?, ?)",
-                (item_id, user_id, LEVELS["OWN"]),
-            )
-            check_quota(conn, item_id, quota, grew=True, new_owner_ids=[user_id])
-            return token
-        item_id, _, level = found
-        if level == 0:
-            raise ApiError("KEY01", "The key already exists.")
-        if level < LEVELS["WRITE"]:
-            raise ApiError("PERM01", "Writing this key needs the WRITE or OWN permission.")
-        old_size = conn.execute("SELECT size FROM items WHERE id = ?", (item_id,)).fetchone()[0]
-        updated = conn.execute(
-            """
-            UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?, value = ?
-            WHERE id = ? AND token = ?
-            """,
-            (token, meta, now_ms, len(value), value, item_id, sent_token),
-        ).rowcount
-        if updated != 1:
-            raise ApiError("KEY01", "X-Sync-Token is missing or does not match the stored token.")
-        check_quota(conn, item_id, quota, grew=len(value) > old_size)
-    return token
+        return apply_put(conn, key, user_id, value, sent_token, now_ms, quota)
 
 
 def delete_value(conn: sqlite3.Connection, key: str, user_id: int, sent_token: str | None) -> None:
@@ -1511,6 +1590,43 @@ def read_body(limit: int, code: str = "REQ01") -> bytes:
     return b"".join(chunks)
 
 
+def read_value(limit: int) -> NewValue:
+    """Read a PUT body of at most limit bytes (SIZE01 past it) with its X-Sync-Meta.
+
+    A body up to STREAM_FROM_BYTES stays in memory; a larger one is spooled to a temporary
+    file, so that the write transaction copies it into the row without waiting on the
+    network and without holding the value in memory.
+    """
+    meta = read_meta()
+    environ = bottle.request.environ
+    length_text = environ.get("CONTENT_LENGTH") or ""
+    if length_text and not length_text.isdigit():
+        raise ApiError("REQ01", "The Content-Length header must be a whole number.")
+    if length_text and int(length_text) <= STREAM_FROM_BYTES:
+        body = read_body(limit)
+        return NewValue(body, len(body), meta)
+    if length_text and int(length_text) > limit:
+        raise ApiError("SIZE01", f"The request body is larger than {limit:,} bytes.")
+    spool = tempfile.TemporaryFile()
+    stream, size = environ["wsgi.input"], 0
+    remaining = int(length_text) if length_text else limit + 1
+    try:
+        while remaining > 0:
+            chunk = stream.read(min(READ_CHUNK_BYTES, remaining))
+            if not chunk:
+                break
+            size += len(chunk)
+            remaining -= len(chunk)
+            if size > limit:
+                raise ApiError("SIZE01", f"The request body is larger than {limit:,} bytes.")
+            spool.write(chunk)
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return NewValue(spool, size, meta)
+
+
 def read_json(code: str = "REQ01") -> Any:
     """Read and parse a JSON body; the given code when it is not JSON."""
     try:
@@ -1873,26 +1989,33 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     def store_get(key: str):
         caller = authenticate("store.read")
         stored = get_value(ctx.connection(), read_key(key), caller.user_id)
-        headers = {"Content-Type": "application/octet-stream", **store_headers(stored.token)}
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(stored.size),
+            **store_headers(stored.token),
+        }
         if stored.meta is not None:
             headers["X-Sync-Meta"] = stored.meta
-        return bottle.HTTPResponse(stored.value, 200, headers)
+        return bottle.HTTPResponse(stored.body, 200, headers)
 
     def store_put(key: str):
         caller = authenticate("store.write")
-        key, meta = read_key(key), read_meta()
-        value = read_body(settings.max_value_bytes)
-        ctx.require_disk()
-        token = put_value(
-            ctx.connection(),
-            key,
-            caller.user_id,
-            value,
-            meta,
-            read_store_token(),
-            ctx.now_ms(),
-            ctx.quota(),
-        )
+        key = read_key(key)
+        value = read_value(settings.max_value_bytes)
+        try:
+            ctx.require_disk()
+            token = put_value(
+                ctx.connection(),
+                key,
+                caller.user_id,
+                value,
+                read_store_token(),
+                ctx.now_ms(),
+                ctx.quota(),
+            )
+        finally:
+            if not isinstance(value.body, bytes):
+                value.body.close()
         return empty_response(store_headers(token))
 
     def store_delete(key: str):
