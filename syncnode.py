@@ -16,6 +16,7 @@ The behaviour contract is ``SYNCNODE.md`` with the OpenAPI document it refines.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -41,6 +42,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +70,20 @@ MAX_PASSWORD_CHARS = 1024
 MAX_JSON_BYTES = 1024 * 1024
 MAX_BEARER_CHARS = 512
 READ_CHUNK_BYTES = 64 * 1024
+MAX_WAIT_SECONDS = 60
+MAX_PAGE_ENTRIES = 1000
+MAX_BATCH_OPERATIONS = 100
+MAX_BATCH_BYTES = 16 * 1024 * 1024
+PROXY_SUFFIXES = ("-gzip", "-br", "-zstd", "-deflate")
+VALUE_CACHE_CONTROL = "no-cache, no-transform"
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Sync-Token, X-Sync-Meta, If-Match, If-None-Match, x-api-key"
+)
+CORS_EXPOSE_HEADERS = (
+    "X-Sync-Token, X-Sync-Meta, X-Sync-Seq, ETag, Link, Retry-After, X-Sync-Usage-Keys, "
+    "X-Sync-Usage-Bytes, X-Sync-Quota-Keys, X-Sync-Quota-Bytes"
+)
+CORS_MAX_AGE_SECONDS = 86400
 #: Values up to this size are read and written whole; larger ones stream in chunks.
 STREAM_FROM_BYTES = 256 * 1024
 
@@ -171,6 +187,12 @@ class Settings:
     smtp_user: str = _setting("", "SMTP user name (empty: no login).")
     smtp_password: str = _setting("", "SMTP password.")
     smtp_from: str = _setting("", "Sender address of reset mails.")
+    tombstone_ttl: int = _setting(
+        90 * 86400, "Seconds the change feed remembers deletions; older cursors get SYNC01."
+    )
+    cors_origins: str = _setting(
+        "*", "Origins browsers may call the Sync Node API from: *, a comma list, or empty (off)."
+    )
     public_users: bool = _setting(
         False, "Whether GET /api/users lists every account to every user (else admins only)."
     )
@@ -242,6 +264,7 @@ ERROR_STATUS = {
     "DISK01": 507,
     "QUOTA01": 507,
     "BUSY01": 503,
+    "SYNC01": 410,
 }
 
 
@@ -254,6 +277,8 @@ class ApiError(Exception):
         self.status = ERROR_STATUS[code]
         self.message = message
         self.headers = dict(headers or {})
+        #: The 0-based position of the failing operation in a POST /batch.
+        self.index: int | None = None
         if code == "AUTH01":
             self.headers.setdefault("WWW-Authenticate", "Bearer")
 
@@ -358,6 +383,27 @@ SCHEMA = [
         expires_ms INTEGER NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX attempts_by_time ON attempts (at_ms);
+    """,
+    # The change feed: a server-wide sequence, the latest seq each holder saw of each key,
+    # and tombstones for keys a user can no longer see.
+    """
+    CREATE TABLE sync_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        floor INTEGER NOT NULL
+    );
+    INSERT INTO sync_state (id, seq, floor) VALUES (1, 1, 0);
+    ALTER TABLE permissions ADD COLUMN seq INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX permissions_by_user_seq ON permissions (user_id, seq);
+    CREATE TABLE tombstones (
+        user_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (user_id, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX tombstones_by_user_seq ON tombstones (user_id, seq);
+    CREATE INDEX tombstones_by_time ON tombstones (created_ms);
     """,
 ]
 
@@ -548,20 +594,133 @@ def find_item(conn: sqlite3.Connection, key: str, user_id: int) -> tuple[int, st
     ).fetchone()
 
 
-def list_keys(conn: sqlite3.Connection, user_id: int) -> list[dict]:
-    """Return every key the user holds a permission on, sorted by key."""
-    rows = conn.execute(
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One answer of GET /store: its entries, the cursor, and whether more entries remain."""
+
+    entries: list[dict]
+    seq: int
+    more: bool
+
+
+def next_seq(conn: sqlite3.Connection) -> int:
+    """Take the next server-wide change number inside the caller's write transaction."""
+    conn.execute("UPDATE sync_state SET seq = seq + 1")
+    return conn.execute("SELECT seq FROM sync_state").fetchone()[0]
+
+
+def bury(conn: sqlite3.Connection, user_ids: Iterable[int], key: str, seq: int, now_ms: int):
+    """Record that these users can no longer see the key, as change seq."""
+    conn.executemany(
         """
-        SELECT items.key, permissions.level, items.token
-        FROM permissions JOIN items ON items.id = permissions.item_id
-        WHERE permissions.user_id = ?
-        ORDER BY items.key
+        INSERT INTO tombstones (user_id, key, seq, created_ms) VALUES (?, ?, ?, ?)
+        ON CONFLICT (user_id, key)
+        DO UPDATE SET seq = excluded.seq, created_ms = excluded.created_ms
         """,
-        (user_id,),
+        [(user_id, key, seq, now_ms) for user_id in user_ids],
     )
-    return [
-        {"key": key, "permission": LEVEL_NAMES[level], "token": token} for key, level, token in rows
+
+
+def unbury(conn: sqlite3.Connection, user_ids: Iterable[int], key: str) -> None:
+    """Forget the tombstones of users who can see the key again."""
+    conn.executemany(
+        "DELETE FROM tombstones WHERE user_id = ? AND key = ?",
+        [(user_id, key) for user_id in user_ids],
+    )
+
+
+def list_keys(
+    conn: sqlite3.Connection,
+    user_id: int,
+    prefix: str = "",
+    after: str | None = None,
+    limit: int = 0,
+) -> Listing:
+    """List the keys the user holds, sorted by key: those after `after` starting with prefix.
+
+    The cursor is read in the same snapshot, so a listing at cursor C followed by the
+    changes after C misses nothing. With a limit, `more` tells whether a next page exists.
+    """
+    with transaction(conn):
+        seq = conn.execute("SELECT seq FROM sync_state").fetchone()[0]
+        rows = conn.execute(
+            """
+            SELECT items.key, permissions.level, items.token
+            FROM permissions JOIN items ON items.id = permissions.item_id
+            WHERE permissions.user_id = :user
+              AND substr(items.key, 1, length(:prefix)) = :prefix
+              AND (:after IS NULL OR items.key > :after)
+            ORDER BY items.key
+            LIMIT :limit
+            """,
+            {
+                "user": user_id,
+                "prefix": prefix,
+                "after": after,
+                "limit": limit + 1 if limit else -1,
+            },
+        ).fetchall()
+    more = bool(limit) and len(rows) > limit
+    entries = [
+        {"key": key, "permission": LEVEL_NAMES[level], "token": token}
+        for key, level, token in rows[: limit or None]
     ]
+    return Listing(entries, seq, more)
+
+
+def list_changes(
+    conn: sqlite3.Connection, user_id: int, since: int, prefix: str = "", limit: int = 0
+) -> Listing:
+    """List what changed for the user after change `since`, one entry per key, by seq.
+
+    Live keys come with their permission, token and seq; keys the user can no longer see
+    as {"key", "deleted": true, "seq"}. SYNC01 when `since` is older than the oldest change
+    the server still remembers, or newer than the newest.
+    """
+    with transaction(conn):
+        seq, floor = conn.execute("SELECT seq, floor FROM sync_state").fetchone()
+        if since < floor or since > seq:
+            raise ApiError(
+                "SYNC01", "The server no longer remembers changes that old; list every key again."
+            )
+        rows = conn.execute(
+            """
+            SELECT items.key, permissions.level, items.token, permissions.seq
+            FROM permissions JOIN items ON items.id = permissions.item_id
+            WHERE permissions.user_id = :user AND permissions.seq > :since
+              AND substr(items.key, 1, length(:prefix)) = :prefix
+            UNION ALL
+            SELECT key, NULL, NULL, seq FROM tombstones
+            WHERE user_id = :user AND seq > :since AND substr(key, 1, length(:prefix)) = :prefix
+            ORDER BY 4
+            LIMIT :limit
+            """,
+            {
+                "user": user_id,
+                "since": since,
+                "prefix": prefix,
+                "limit": limit + 1 if limit else -1,
+            },
+        ).fetchall()
+    more = bool(limit) and len(rows) > limit
+    entries = [
+        {"key": key, "permission": LEVEL_NAMES[level], "token": token, "seq": change}
+        if level is not None
+        else {"key": key, "deleted": True, "seq": change}
+        for key, level, token, change in rows[: limit or None]
+    ]
+    return Listing(entries, seq, more)
+
+
+def purge_tombstones(conn: sqlite3.Connection, before_ms: int) -> None:
+    """Forget tombstones made before the time, raising the floor of what since may ask for."""
+    with transaction(conn, write=True):
+        oldest_kept = conn.execute(
+            "SELECT max(seq) FROM tombstones WHERE created_ms < ?", (before_ms,)
+        ).fetchone()[0]
+        if oldest_kept is not None:
+            conn.execute("UPDATE sync_state SET floor = max(floor, ?)", (oldest_kept,))
+            conn.execute("DELETE FROM tombstones WHERE created_ms < ?", (before_ms,))
 
 
 def get_value(conn: sqlite3.Connection, key: str, user_id: int) -> StoredValue:
@@ -616,9 +775,10 @@ def apply_put(
     key: str,
     user_id: int,
     value: NewValue,
-    sent_token: str | None,
+    sent_token: tuple[str, ...] | None,
     now_ms: int,
     quota: Quota,
+    create_only: bool = False,
 ) -> str:
     """Create or compare-and-swap a value inside the caller's write transaction; return its token.
 
@@ -642,28 +802,32 @@ def apply_put(
             (key, token, value.meta, now_ms, value.size, inline, value.size),
         ).lastrowid
         conn.execute(
-            "INSERT INTO permissions (item_id, user_id, level) VALUES (?, ?, ?)",
-            (item_id, user_id, LEVELS["OWN"]),
+            "INSERT INTO permissions (item_id, user_id, level, seq) VALUES (?, ?, ?, ?)",
+            (item_id, user_id, LEVELS["OWN"], next_seq(conn)),
         )
+        unbury(conn, [user_id], key)
         write_value(conn, item_id, value)
         check_quota(conn, item_id, quota, grew=True, new_owner_ids=[user_id])
         return token
     item_id, _, level = found
-    if level == 0:
+    if level == 0 or create_only:
         raise ApiError("KEY01", "The key already exists.")
     if level < LEVELS["WRITE"]:
         raise ApiError("PERM01", "Writing this key needs the WRITE or OWN permission.")
     old_size = conn.execute("SELECT size FROM items WHERE id = ?", (item_id,)).fetchone()[0]
+    if sent_token is None:
+        raise ApiError("KEY01", "X-Sync-Token is missing; send the token of the stored value.")
     updated = conn.execute(
-        """
+        f"""
         UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?,
             value = coalesce(?, zeroblob(?))
-        WHERE id = ? AND token = ?
+        WHERE id = ? AND token IN ({", ".join("?" * len(sent_token))})
         """,
-        (token, value.meta, now_ms, value.size, inline, value.size, item_id, sent_token),
+        (token, value.meta, now_ms, value.size, inline, value.size, item_id, *sent_token),
     ).rowcount
     if updated != 1:
-        raise ApiError("KEY01", "X-Sync-Token is missing or does not match the stored token.")
+        raise ApiError("KEY01", "X-Sync-Token does not match the stored token.")
+    conn.execute("UPDATE permissions SET seq = ? WHERE item_id = ?", (next_seq(conn), item_id))
     write_value(conn, item_id, value)
     check_quota(conn, item_id, quota, grew=value.size > old_size)
     return token
@@ -674,27 +838,76 @@ def put_value(
     key: str,
     user_id: int,
     value: NewValue,
-    sent_token: str | None,
+    sent_token: tuple[str, ...] | None,
     now_ms: int,
     quota: Quota = Quota(),
+    create_only: bool = False,
 ) -> str:
     """Create or compare-and-swap a value in one write transaction; return its new token."""
     with transaction(conn, write=True):
-        return apply_put(conn, key, user_id, value, sent_token, now_ms, quota)
+        return apply_put(conn, key, user_id, value, sent_token, now_ms, quota, create_only)
 
 
-def delete_value(conn: sqlite3.Connection, key: str, user_id: int, sent_token: str | None) -> None:
-    """Delete a key, its value and every permission on it; OWN and the current token needed."""
+def apply_batch(
+    conn: sqlite3.Connection, user_id: int, operations: list[dict], now_ms: int, quota: Quota
+) -> list[dict]:
+    """Apply PUTs and DELETEs all or nothing in one write transaction; return the new tokens.
+
+    The first operation that fails rolls back the whole batch; its error carries its index.
+    """
+    results = []
     with transaction(conn, write=True):
-        found = find_item(conn, key, user_id)
-        if found is None or found[2] == 0:
-            raise not_found()
-        item_id, token, level = found
-        if level < LEVELS["OWN"]:
-            raise ApiError("PERM01", "Deleting this key needs the OWN permission.")
-        if sent_token is None or not secrets.compare_digest(sent_token.encode(), token.encode()):
-            raise ApiError("KEY01", "X-Sync-Token is missing or does not match the stored token.")
-        conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
+        for index, operation in enumerate(operations):
+            key = operation["key"]
+            try:
+                if operation["method"] == "PUT":
+                    token = apply_put(
+                        conn, key, user_id, operation["value"], operation["token"], now_ms, quota
+                    )
+                else:
+                    apply_delete(conn, key, user_id, operation["token"], now_ms)
+                    token = None
+            except ApiError as error:
+                error.index = index
+                raise
+            results.append({"key": key, "token": token})
+    return results
+
+
+def apply_delete(
+    conn: sqlite3.Connection,
+    key: str,
+    user_id: int,
+    sent_token: tuple[str, ...] | None,
+    now_ms: int,
+) -> None:
+    """Delete a key, its value and its permissions inside the caller's write transaction.
+
+    OWN and the current token are needed; every holder gets a tombstone in the change feed.
+    """
+    found = find_item(conn, key, user_id)
+    if found is None or found[2] == 0:
+        raise not_found()
+    item_id, token, level = found
+    if level < LEVELS["OWN"]:
+        raise ApiError("PERM01", "Deleting this key needs the OWN permission.")
+    if sent_token is None or token not in sent_token:
+        raise ApiError("KEY01", "X-Sync-Token is missing or does not match the stored token.")
+    holders = conn.execute("SELECT user_id FROM permissions WHERE item_id = ?", (item_id,))
+    bury(conn, [row[0] for row in holders.fetchall()], key, next_seq(conn), now_ms)
+    conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
+
+
+def delete_value(
+    conn: sqlite3.Connection,
+    key: str,
+    user_id: int,
+    sent_token: tuple[str, ...] | None,
+    now_ms: int,
+) -> None:
+    """Delete a key in one write transaction (see apply_delete)."""
+    with transaction(conn, write=True):
+        apply_delete(conn, key, user_id, sent_token, now_ms)
 
 
 def get_permissions(conn: sqlite3.Connection, key: str, user_id: int) -> list[dict]:
@@ -740,7 +953,7 @@ def set_permissions(
         item_id, _, level = found
         if level < LEVELS["OWN"]:
             raise ApiError("PERM01", "Changing permissions needs the OWN permission.")
-        new_owner_ids = []
+        new_owner_ids, seq = [], None
         for name, grant in grants.items():
             row = conn.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
             if row is None:
@@ -749,20 +962,27 @@ def set_permissions(
                 "SELECT level FROM permissions WHERE item_id = ? AND user_id = ?",
                 (item_id, row[0]),
             ).fetchone()
-            if grant == LEVELS["OWN"] and previous != (LEVELS["OWN"],):
+            if previous == (grant,):
+                continue  # Nothing changes for this user, so nothing enters the feed.
+            if grant == LEVELS["OWN"]:
                 new_owner_ids.append(row[0])
+            seq = seq or next_seq(conn)
             conn.execute(
                 """
-                INSERT INTO permissions (item_id, user_id, level) VALUES (?, ?, ?)
-                ON CONFLICT (item_id, user_id) DO UPDATE SET level = excluded.level
+                INSERT INTO permissions (item_id, user_id, level, seq) VALUES (?, ?, ?, ?)
+                ON CONFLICT (item_id, user_id)
+                DO UPDATE SET level = excluded.level, seq = excluded.seq
                 """,
-                (item_id, row[0], grant),
+                (item_id, row[0], grant, seq),
             )
+            unbury(conn, [row[0]], key)
         check_owner_remains(conn, item_id)
         check_quota(conn, item_id, quota, grew=False, new_owner_ids=new_owner_ids)
 
 
-def remove_permissions(conn: sqlite3.Connection, key: str, user_id: int, names: set[str]) -> None:
+def remove_permissions(
+    conn: sqlite3.Connection, key: str, user_id: int, names: set[str], now_ms: int
+) -> None:
     """Remove the named users' permissions; OWN needed unless the caller only removes itself."""
     with transaction(conn, write=True):
         found = find_item(conn, key, user_id)
@@ -784,6 +1004,8 @@ def remove_permissions(conn: sqlite3.Connection, key: str, user_id: int, names: 
             [(item_id, holder_id) for holder_id in holder_ids],
         )
         check_owner_remains(conn, item_id)
+        if holder_ids:
+            bury(conn, holder_ids, key, next_seq(conn), now_ms)
 
 
 # ==================================================================================================
@@ -1046,22 +1268,32 @@ def end_session(conn: sqlite3.Connection, session_id: int) -> None:
         conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
 
-def delete_account(conn: sqlite3.Connection, user_id: int) -> None:
-    """Delete a user with its sessions, tokens and permissions, and the keys only it owned."""
+def delete_account(conn: sqlite3.Connection, user_id: int, now_ms: int) -> None:
+    """Delete a user with its sessions, tokens and permissions, and the keys only it owned.
+
+    The other holders of a key that goes with the account get a tombstone for it.
+    """
     with transaction(conn, write=True):
-        conn.execute(
+        doomed = conn.execute(
             """
-            DELETE FROM items WHERE id IN (
-                SELECT mine.item_id FROM permissions AS mine
-                WHERE mine.user_id = :user AND mine.level = 3 AND NOT EXISTS (
-                    SELECT 1 FROM permissions AS other
-                    WHERE other.item_id = mine.item_id AND other.level = 3
-                    AND other.user_id != :user
-                )
+            SELECT items.id, items.key FROM permissions AS mine
+            JOIN items ON items.id = mine.item_id
+            WHERE mine.user_id = :user AND mine.level = 3 AND NOT EXISTS (
+                SELECT 1 FROM permissions AS other
+                WHERE other.item_id = mine.item_id AND other.level = 3
+                AND other.user_id != :user
             )
             """,
             {"user": user_id},
-        )
+        ).fetchall()
+        for item_id, key in doomed:
+            others = conn.execute(
+                "SELECT user_id FROM permissions WHERE item_id = ? AND user_id != ?",
+                (item_id, user_id),
+            ).fetchall()
+            if others:
+                bury(conn, [row[0] for row in others], key, next_seq(conn), now_ms)
+            conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
         conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
 
 
@@ -1427,6 +1659,11 @@ class Context:
         self._dummy_hash: str | None = None
         self._hash_slots = threading.BoundedSemaphore(settings.hash_slots)
         self._next_housekeeping_ms = 0
+        self._changes = threading.Condition()
+        self._change_count = 0
+        self._waiting = 0
+        #: Long-polls held at once; the rest answer at once, so some threads stay free.
+        self.max_waiting = settings.threads // 2
 
     def now_ms(self) -> int:
         """Return the app clock's time in milliseconds since the Unix epoch."""
@@ -1491,6 +1728,42 @@ class Context:
                 log.error("A stored password hash is not a valid Argon2 hash.")
                 return False
 
+    def notify_change(self) -> None:
+        """Wake the long-polling readers of this process after a committed change."""
+        with self._changes:
+            self._change_count += 1
+            self._changes.notify_all()
+
+    def long_poll(self, query: Callable[[], Listing], wait_seconds: int) -> Listing:
+        """Run the query, and while it finds nothing, again after each change, for a while.
+
+        Changes committed by this process wake the wait at once; changes by another process
+        (an admin command) are seen within a second. Past max_waiting waiters the query
+        answers at once, as with wait=0.
+        """
+        with self._changes:
+            if not wait_seconds or self._waiting >= self.max_waiting:
+                wait_seconds = 0
+            else:
+                self._waiting += 1
+        if not wait_seconds:
+            return query()
+        try:
+            deadline = time.monotonic() + wait_seconds
+            while True:
+                seen = self._change_count
+                listing = query()
+                remaining = deadline - time.monotonic()
+                if listing.entries or remaining <= 0:
+                    return listing
+                with self._changes:
+                    self._changes.wait_for(
+                        lambda seen=seen: self._change_count != seen, timeout=min(remaining, 1.0)
+                    )
+        finally:
+            with self._changes:
+                self._waiting -= 1
+
     def quota(self) -> Quota:
         """Return the per-user storage limits."""
         return Quota(self.settings.quota_bytes, self.settings.quota_keys)
@@ -1513,6 +1786,7 @@ class Context:
         try:
             conn = self.connection()
             purge_expired(conn, now_ms, now_ms - longest_window * 1000)
+            purge_tombstones(conn, now_ms - settings.tombstone_ttl * 1000)
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as error:
             log.warning("Housekeeping failed and will be tried again: %s", error.sqlite_errorname)
@@ -1560,9 +1834,10 @@ def empty_response(headers: Mapping[str, str] | None = None):
 
 def error_response(error: ApiError):
     """Return the JSON error body for an ApiError."""
-    return json_response(
-        {"code": error.code, "message": error.message}, error.status, error.headers
-    )
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.index is not None:
+        body["index"] = error.index
+    return json_response(body, error.status, error.headers)
 
 
 def read_body(limit: int, code: str = "REQ01") -> bytes:
@@ -1627,10 +1902,10 @@ def read_value(limit: int) -> NewValue:
     return NewValue(spool, size, meta)
 
 
-def read_json(code: str = "REQ01") -> Any:
+def read_json(code: str = "REQ01", limit: int = MAX_JSON_BYTES) -> Any:
     """Read and parse a JSON body; the given code when it is not JSON."""
     try:
-        return json.loads(read_body(MAX_JSON_BYTES, code))
+        return json.loads(read_body(limit, code))
     except (ValueError, UnicodeDecodeError):
         raise ApiError(code, "The request body must be valid JSON.") from None
 
@@ -1654,9 +1929,179 @@ def header(name: str) -> str | None:
     return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
 
 
-def read_store_token() -> str | None:
-    """Return X-Sync-Token; a value that is not ASCII can match no token, so it stays as sent."""
-    return header("X-Sync-Token")
+def token_candidates(tag: str) -> tuple[str, ...]:
+    """Return the store token an entity tag names: as sent and without a proxy's changes.
+
+    Proxies that compress answers weaken ETags (W/"t") or append their coding to the token
+    ("t-gzip"); both forms still name the token. The tag as sent stays a candidate, so a
+    token that happens to end in such a suffix still matches itself.
+    """
+    value = tag.strip()
+    value = value[2:] if value.startswith("W/") else value
+    if len(value) >= 2 and value[0] == '"':
+        closing = value.rfind('"')
+        value = value[1:closing] + value[closing + 1 :] if closing > 0 else value[1:]
+    candidates = [value]
+    candidates += [value[: -len(suffix)] for suffix in PROXY_SUFFIXES if value.endswith(suffix)]
+    return tuple(candidates)
+
+
+def read_store_token() -> tuple[str, ...] | None:
+    """Return the token a PUT or DELETE names by X-Sync-Token or If-Match, None if neither.
+
+    A value that is not ASCII can match no token, so it stays as sent (KEY01 later).
+    """
+    sync_token, if_match = header("X-Sync-Token"), header("If-Match")
+    if if_match is None:
+        return None if sync_token is None else (sync_token,)
+    if if_match.strip() == "*":
+        raise ApiError("REQ01", "If-Match must name the stored token, not *.")
+    candidates = token_candidates(if_match)
+    if sync_token is not None and sync_token not in candidates:
+        raise ApiError("REQ01", "X-Sync-Token and If-Match name different tokens.")
+    return candidates
+
+
+def matches_none(if_none_match: str, token: str) -> bool:
+    """Whether an If-None-Match header names the token (or is *)."""
+    tags = [tag for tag in if_none_match.split(",") if tag.strip()]
+    return any(tag.strip() == "*" or token in token_candidates(tag) for tag in tags)
+
+
+@dataclass(frozen=True, slots=True)
+class ListingQuery:
+    """The query of GET /store."""
+
+    since: int | None = None
+    wait: int = 0
+    limit: int = 0
+    prefix: str = ""
+    after: str | None = None
+
+
+def read_listing_query() -> ListingQuery:
+    """Read since, wait, limit, prefix and after from the query string; REQ01 when malformed."""
+    query = bottle.request.query
+
+    def number(name: str, low: int, high: int) -> int | None:
+        text = query.getunicode(name)
+        if text is None:
+            return None
+        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            raise ApiError("REQ01", f"The {name} parameter must be a whole number {low} to {high}.")
+        return int(text)
+
+    def text(name: str) -> str | None:
+        value = query.getunicode(name)
+        if value is not None and (len(value) > MAX_KEY_CHARS or CONTROL_CHARS.search(value)):
+            raise ApiError("REQ01", f"The {name} parameter must be key text.")
+        return value
+
+    since = number("since", 0, 2**62)
+    after = text("after")
+    if since is not None and after is not None:
+        raise ApiError("REQ01", "The after parameter pages a listing; a feed pages by since.")
+    return ListingQuery(
+        since=since,
+        wait=number("wait", 0, MAX_WAIT_SECONDS) or 0,
+        limit=number("limit", 1, MAX_PAGE_ENTRIES) or 0,
+        prefix=text("prefix") or "",
+        after=after,
+    )
+
+
+def next_page_link(query: ListingQuery, listing: Listing) -> str:
+    """Return the Link header value pointing after the last entry of the listing."""
+    params = {"limit": str(query.limit)}
+    if query.prefix:
+        params["prefix"] = query.prefix
+    if query.since is None:
+        params["after"] = listing.entries[-1]["key"]
+    else:
+        params["since"] = str(listing.entries[-1]["seq"])
+    url = mount_prefix() + "/store?" + urllib.parse.urlencode(params, quote_via=urllib.parse.quote)
+    return f'<{url}>; rel="next"'
+
+
+def read_batch(max_value_bytes: int) -> list[dict]:
+    """Read the operations of POST /batch; REQ01 or SIZE01 with the index of a bad one."""
+    body = read_json(limit=MAX_BATCH_BYTES)
+    operations = body.get("operations") if isinstance(body, dict) else None
+    if not isinstance(operations, list) or len(operations) > MAX_BATCH_OPERATIONS:
+        raise ApiError(
+            "REQ01",
+            f'The body must be {{"operations": [...]}} with at most '
+            f"{MAX_BATCH_OPERATIONS} operations.",
+        )
+    keys, parsed = set(), []
+    for index, operation in enumerate(operations):
+        try:
+            parsed.append(read_operation(operation, max_value_bytes))
+        except ApiError as error:
+            error.index = index
+            raise
+        if parsed[-1]["key"] in keys:
+            error = ApiError("REQ01", "Each key may appear only once in a batch.")
+            error.index = index
+            raise error
+        keys.add(parsed[-1]["key"])
+    return parsed
+
+
+def read_operation(operation: Any, max_value_bytes: int) -> dict:
+    """Check one batch operation and decode its value and token."""
+    if not isinstance(operation, dict) or operation.get("method") not in ("PUT", "DELETE"):
+        raise ApiError("REQ01", "Each operation needs a method of PUT or DELETE.")
+    key, token, meta = operation.get("key"), operation.get("token"), operation.get("meta")
+    if not isinstance(key, str):
+        raise ApiError("REQ01", "Each operation needs a string key.")
+    check_key(key)
+    if token is not None and not isinstance(token, str):
+        raise ApiError("REQ01", "An operation's token must be a string or null.")
+    result = {"method": operation["method"], "key": key, "token": token and (token,)}
+    if operation["method"] == "DELETE":
+        return result
+    value = operation.get("value")
+    if not isinstance(value, str):
+        raise ApiError("REQ01", "A PUT operation needs its value as a base64 string.")
+    if len(value) > (max_value_bytes + 2) // 3 * 4:
+        raise ApiError("SIZE01", f"A value is larger than {max_value_bytes:,} bytes.")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ApiError("REQ01", "A PUT operation's value must be valid base64.") from None
+    if len(data) > max_value_bytes:
+        raise ApiError("SIZE01", f"A value is larger than {max_value_bytes:,} bytes.")
+    if meta is not None:
+        if not isinstance(meta, str) or not PRINTABLE_ASCII.fullmatch(meta):
+            raise ApiError("REQ01", "An operation's meta must be printable ASCII or null.")
+        if len(meta) > MAX_META_BYTES:
+            raise ApiError(
+                "SIZE01", f"An operation's meta is larger than {MAX_META_BYTES:,} bytes."
+            )
+    result["value"] = NewValue(data, len(data), meta)
+    return result
+
+
+def cors_headers(settings: Settings, allow: str, preflight: bool) -> dict[str, str]:
+    """Return the CORS headers for this request's Origin, if cors_origins admits it."""
+    origin = header("Origin")
+    if not settings.cors_origins or origin is None:
+        return {}
+    allowed = [item.strip() for item in settings.cors_origins.split(",")]
+    if "*" in allowed:
+        headers = {"Access-Control-Allow-Origin": "*"}
+    elif origin in allowed:
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    else:
+        return {}
+    if preflight:
+        headers["Access-Control-Allow-Methods"] = allow
+        headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        headers["Access-Control-Max-Age"] = str(CORS_MAX_AGE_SECONDS)
+    else:
+        headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+    return headers
 
 
 def read_meta() -> str | None:
@@ -1680,6 +2125,11 @@ def read_key(key: str) -> str:
         raise ApiError("REQ01", "The key must be UTF-8 text.") from None
     except UnicodeEncodeError:
         pass  # An outer application already decoded the path.
+    return check_key(key)
+
+
+def check_key(key: str) -> str:
+    """Return the key; REQ01 unless it is 1 to 1,024 characters without control characters."""
     if not 1 <= len(key) <= MAX_KEY_CHARS or CONTROL_CHARS.search(key):
         raise ApiError(
             "REQ01",
@@ -1706,7 +2156,7 @@ def bearer_token() -> str | None:
 
 def store_headers(token: str) -> dict[str, str]:
     """Return the headers that name a stored version."""
-    return {"X-Sync-Token": token, "ETag": f'"{token}"'}
+    return {"X-Sync-Token": token, "ETag": f'"{token}"', "Cache-Control": VALUE_CACHE_CONTROL}
 
 
 #: Each kind of counted attempt: the settings that hold its limit and its window.
@@ -1868,19 +2318,37 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         return caller
 
     def resource(rule: str, **handlers: Callable) -> None:
-        """Route every method of a path through one callback that answers REQ02 for the rest."""
-        allowed = set(handlers) | ({"HEAD"} if "GET" in handlers else set())
+        """Route every method of a path through one callback that answers REQ02 for the rest.
+
+        OPTIONS answers a CORS preflight; every other answer carries the CORS headers, and
+        a change is announced to long-polling readers.
+        """
+        allowed = set(handlers) | {"OPTIONS"} | ({"HEAD"} if "GET" in handlers else set())
         allow = ", ".join(sorted(allowed))
 
         def dispatch(**args: str):
             ctx.housekeep()
             method = bottle.request.method
+            if method == "OPTIONS":
+                return empty_response({"Allow": allow})
             handler = handlers.get("GET" if method == "HEAD" else method)
             if handler is None:
                 raise ApiError("REQ02", f"This path takes only {allow}.", headers={"Allow": allow})
-            return handler(**args)
+            response = handler(**args)
+            if method not in ("GET", "HEAD"):
+                ctx.notify_change()
+            return response
 
-        app.route(rule, "ANY", guarded(dispatch))
+        answer = guarded(dispatch)
+
+        def route(**args: str):
+            response = answer(**args)
+            preflight = bottle.request.method == "OPTIONS"
+            for name, value in cors_headers(settings, allow, preflight).items():
+                response.set_header(name, value)
+            return response
+
+        app.route(rule, "ANY", route)
 
     def session_answer(session: NewSession):
         return json_response({"token": session.token, "expiration": session.expires_ms})
@@ -1920,7 +2388,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
 
     def account_delete():
         caller = authenticate(session_only=True)
-        delete_account(ctx.connection(), caller.user_id)
+        delete_account(ctx.connection(), caller.user_id, ctx.now_ms())
         return empty_response()
 
     def auth_post():
@@ -1984,11 +2452,28 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
 
     def store_list_get():
         caller = authenticate("store.read")
-        return json_response(list_keys(ctx.connection(), caller.user_id))
+        query, conn = read_listing_query(), ctx.connection()
+        if query.since is None:
+            listing = list_keys(conn, caller.user_id, query.prefix, query.after, query.limit)
+        else:
+
+            def changes() -> Listing:
+                return list_changes(conn, caller.user_id, query.since, query.prefix, query.limit)
+
+            listing = ctx.long_poll(changes, query.wait)
+        headers = {"X-Sync-Seq": str(listing.seq)}
+        if listing.more:
+            headers["Link"] = next_page_link(query, listing)
+        return json_response(listing.entries, headers=headers)
 
     def store_get(key: str):
         caller = authenticate("store.read")
         stored = get_value(ctx.connection(), read_key(key), caller.user_id)
+        if_none_match = header("If-None-Match")
+        if if_none_match is not None and matches_none(if_none_match, stored.token):
+            if isinstance(stored.body, BlobStream):
+                stored.body.close()
+            return bottle.HTTPResponse(b"", 304, store_headers(stored.token))
         headers = {
             "Content-Type": "application/octet-stream",
             "Content-Length": str(stored.size),
@@ -2000,7 +2485,8 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
 
     def store_put(key: str):
         caller = authenticate("store.write")
-        key = read_key(key)
+        key, sent_token = read_key(key), read_store_token()
+        create_only = (header("If-None-Match") or "").strip() == "*"
         value = read_value(settings.max_value_bytes)
         try:
             ctx.require_disk()
@@ -2009,9 +2495,10 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
                 key,
                 caller.user_id,
                 value,
-                read_store_token(),
+                sent_token,
                 ctx.now_ms(),
                 ctx.quota(),
+                create_only,
             )
         finally:
             if not isinstance(value.body, bytes):
@@ -2020,8 +2507,23 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
 
     def store_delete(key: str):
         caller = authenticate("store.own")
-        delete_value(ctx.connection(), read_key(key), caller.user_id, read_store_token())
+        key, sent_token = read_key(key), read_store_token()
+        delete_value(ctx.connection(), key, caller.user_id, sent_token, ctx.now_ms())
         return empty_response()
+
+    def batch_post():
+        caller = authenticate("store.write")
+        operations = read_batch(settings.max_value_bytes)
+        for index, operation in enumerate(operations):
+            if operation["method"] == "DELETE" and not caller.allows("store.own"):
+                error = ApiError("PERM01", "Missing required permission: store.own")
+                error.index = index
+                raise error
+        ctx.require_disk()
+        results = apply_batch(
+            ctx.connection(), caller.user_id, operations, ctx.now_ms(), ctx.quota()
+        )
+        return json_response({"results": results})
 
     # Permissions --------------------------------------------------------------------------------
 
@@ -2046,7 +2548,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
             with contextlib.suppress(ApiError):  # Ids that cannot exist are ignored.
                 names.add(normalize_id(raw))
         if names:
-            remove_permissions(ctx.connection(), key, caller.user_id, names)
+            remove_permissions(ctx.connection(), key, caller.user_id, names, ctx.now_ms())
         return empty_response()
 
     # Health and discovery -----------------------------------------------------------------------
@@ -2069,6 +2571,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     resource("/resetpassword", POST=resetpassword_post)
     resource("/invite", POST=invite_post)
     resource("/store", GET=store_list_get)
+    resource("/batch", POST=batch_post)
     resource("/store/<key:re:[\\s\\S]*>", GET=store_get, PUT=store_put, DELETE=store_delete)
     resource(
         "/permission/<key:re:[\\s\\S]*>",
@@ -3004,7 +3507,7 @@ def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout
         if args.command == "reset-token":
             print(create_reset_token(conn, user[0], now_ms, settings.reset_ttl * 1000), file=stdout)
         elif args.user_command == "delete":
-            delete_account(conn, user[0])
+            delete_account(conn, user[0], now_ms)
             print(f"Deleted {name}.", file=stdout)
         else:
             password_hash = ctx.hash_password(read_new_password(stdin))

@@ -819,14 +819,14 @@ def test_health_broken_database_is_500_with_database_false(app, client, db_path)
 @pytest.mark.parametrize(
     "method,path,allow",
     [
-        ("POST", "/store", "GET, HEAD"),
-        ("PATCH", "/store/k", "DELETE, GET, HEAD, PUT"),
-        ("POST", "/permission/k", "DELETE, GET, HEAD, PUT"),
-        ("GET", "/auth", "DELETE, POST"),
-        ("PUT", "/account", "DELETE, GET, HEAD, POST"),
-        ("GET", "/password", "POST"),
-        ("DELETE", "/resetpassword", "POST"),
-        ("POST", "/health", "GET, HEAD"),
+        ("POST", "/store", "GET, HEAD, OPTIONS"),
+        ("PATCH", "/store/k", "DELETE, GET, HEAD, OPTIONS, PUT"),
+        ("POST", "/permission/k", "DELETE, GET, HEAD, OPTIONS, PUT"),
+        ("GET", "/auth", "DELETE, OPTIONS, POST"),
+        ("PUT", "/account", "DELETE, GET, HEAD, OPTIONS, POST"),
+        ("GET", "/password", "OPTIONS, POST"),
+        ("DELETE", "/resetpassword", "OPTIONS, POST"),
+        ("POST", "/health", "GET, HEAD, OPTIONS"),
     ],
 )
 def test_routing_wrong_method_is_req02_with_allow(client, method, path, allow):
