@@ -2562,6 +2562,11 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         status = 200 if database and disk else 500
         return json_response({"database": database, "disk": disk}, status)
 
+    document = json.dumps(openapi_document(), separators=(",", ":")).encode()
+
+    def openapi_get():
+        return bottle.HTTPResponse(document, 200, {"Content-Type": "application/json"})
+
     def well_known_immich_get():
         return json_response({"api": {"endpoint": mount_prefix() + "/api"}})
 
@@ -2581,6 +2586,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     )
     resource("/health", GET=health_get)
     resource("/.well-known/immich", GET=well_known_immich_get)
+    resource("/openapi.json", GET=openapi_get)
 
 
 def register_unknown_routes(app: bottle.Bottle) -> None:
@@ -3199,6 +3205,532 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
 def device_row(device: Device) -> tuple[str, str, str | None]:
     """Return a device's fields in sessions-column order."""
     return device.device_type, device.device_os, device.app_version
+
+
+# ==================================================================================================
+# OpenAPI document
+# ==================================================================================================
+
+
+def _ref(name: str) -> dict:
+    """A reference to a schema of the document."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _object(required: Mapping[str, Any], optional: Mapping[str, Any] = {}, closed: bool = False):
+    """An object schema; closed=True (answers) forbids properties beyond the named ones."""
+    schema: dict[str, Any] = {"type": "object", "properties": {**required, **optional}}
+    if required:
+        schema["required"] = list(required)
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def _json(schema: dict, description: str = "OK", headers: dict | None = None) -> dict:
+    """A JSON response."""
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _header(description: str, schema: dict | None = None, required: bool = True) -> dict:
+    """A response header."""
+    return {"description": description, "required": required, "schema": schema or _STRING}
+
+
+def _body(schema: dict) -> dict:
+    """A required JSON request body."""
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+_STRING = {"type": "string"}
+_INTEGER = {"type": "integer"}
+_BOOLEAN = {"type": "boolean"}
+_TIME = {"type": "string", "format": "date-time"}
+_EMPTY = {"description": "No content."}
+_SYNC_SECURITY = [{"bearer": []}, {"api_key": []}]
+_APP_SECURITY = [{"bearer": []}, {"cookie": []}, {"api_key": []}]
+_ERROR = {"default": {"$ref": "#/components/responses/Error"}}
+_KEY = {
+    "name": "key",
+    "in": "path",
+    "required": True,
+    "description": "The key; slashes and percent-encoded characters belong to it.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS},
+}
+_TOKEN_HEADERS = {
+    "X-Sync-Token": _header("The store token of the stored version."),
+    "ETag": _header("The store token as a strong entity tag."),
+}
+
+
+def _sync(summary: str, responses: dict, secure: bool = True, **extra: Any) -> dict:
+    """A Sync Node operation: its own answers, then the error layout for every other."""
+    operation = {"summary": summary, "responses": {**responses, **_ERROR}, **extra}
+    if secure:
+        operation["security"] = _SYNC_SECURITY
+    return operation
+
+
+def _app(operation_id: str, summary: str, status: str, answer: dict | None, **extra: Any):
+    """An App API operation with Immich's error layout for every other answer."""
+    cid = {"x-immich-cid": _header("The request's correlation id.")}
+    response = _json(answer, headers=cid) if answer is not None else {**_EMPTY, "headers": cid}
+    default = {"$ref": "#/components/responses/AppError"}
+    operation = {
+        "operationId": operation_id,
+        "summary": summary,
+        "tags": ["App API"],
+        "responses": {status: response, "default": default},
+        **extra,
+    }
+    operation.setdefault("security", _APP_SECURITY)
+    return operation
+
+
+def _uuid_id(description: str) -> list[dict]:
+    """The path parameter id of the App API."""
+    schema = {"type": "string", "format": "uuid"}
+    return [{"name": "id", "in": "path", "required": True, "schema": schema,
+             "description": description}]  # fmt: skip
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    """An optional query parameter."""
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}  # fmt: skip
+
+
+def openapi_document() -> dict:
+    """Return the OpenAPI 3.1 document of everything syncnode serves (GET /openapi.json)."""
+    level = {"type": "string", "enum": list(LEVELS)}
+    schemas = {
+        "Credentials": _object(
+            {"id": _STRING, "password": _STRING},
+            {"invite": {**_STRING, "description": "An invite code (registration=invite)."}},
+        ),
+        "Session": _object(
+            {"token": _STRING, "expiration": {**_INTEGER, "description": "Milliseconds."}},
+            closed=True,
+        ),
+        "SessionInfo": _object(
+            {
+                "id": {"type": "string", "format": "uuid"},
+                "expiration": _INTEGER,
+                "current": _BOOLEAN,
+                "createdAt": _INTEGER,
+            },
+            closed=True,
+        ),  # fmt: skip
+        "Permission": level,
+        "StoreKey": _object(
+            {"key": _STRING, "permission": _ref("Permission"), "token": _STRING}, closed=True
+        ),
+        "StoreChange": _object(
+            {"key": _STRING, "permission": _ref("Permission"), "token": _STRING, "seq": _INTEGER},
+            closed=True,
+        ),  # fmt: skip
+        "StoreTombstone": _object(
+            {"key": _STRING, "deleted": {"const": True}, "seq": _INTEGER}, closed=True
+        ),
+        "UserPermission": _object({"user": _STRING, "permission": _ref("Permission")}),
+        "UpdatePasswordRequest": _object({"password": _STRING}),
+        "ResetPasswordTokenRequest": _object({"id": _STRING}),
+        "Invite": _object({"invite": _STRING, "expiration": _INTEGER}, closed=True),
+        "Health": _object({"database": _BOOLEAN, "disk": _BOOLEAN}, closed=True),
+        "BatchOperation": _object(
+            {"method": {"type": "string", "enum": ["PUT", "DELETE"]}, "key": _STRING},
+            {
+                "token": {"type": ["string", "null"]},
+                "value": {**_STRING, "contentEncoding": "base64"},
+                "meta": {"type": ["string", "null"]},
+            },
+        ),  # fmt: skip
+        "BatchRequest": _object(
+            {
+                "operations": {
+                    "type": "array",
+                    "maxItems": MAX_BATCH_OPERATIONS,
+                    "items": _ref("BatchOperation"),
+                }
+            }
+        ),  # fmt: skip
+        "BatchResponse": _object(
+            {
+                "results": {
+                    "type": "array",
+                    "items": _object(
+                        {"key": _STRING, "token": {"type": ["string", "null"]}}, closed=True
+                    ),
+                }
+            },
+            closed=True,
+        ),  # fmt: skip
+        "Error": _object(
+            {"code": {"type": "string", "enum": list(ERROR_STATUS)}, "message": _STRING},
+            {"index": {**_INTEGER, "description": "The failing operation of a batch."}},
+            closed=True,
+        ),
+        **app_api_schemas(),
+    }
+    listing = {
+        "type": "array",
+        "items": {"oneOf": [_ref("StoreKey"), _ref("StoreChange"), _ref("StoreTombstone")]},
+    }
+    listing_headers = {
+        "X-Sync-Seq": _header("The change-feed cursor of this answer.", _INTEGER),
+        "Link": _header('The next page, rel="next", when more entries remain.', required=False),
+    }
+    value_headers = {
+        **_TOKEN_HEADERS,
+        "X-Sync-Meta": _header("The value's metadata.", required=False),
+        "Cache-Control": _header("no-cache, no-transform"),
+    }
+    credentials = {"$ref": "#/components/requestBodies/Credentials"}
+    paths = {
+        "/account": {
+            "get": _sync(
+                "List current sessions",
+                {"200": _json({"type": "array", "items": _ref("SessionInfo")})},
+            ),
+            "post": _sync(
+                "Create a new account",
+                {"200": _json(_ref("Session"))},
+                secure=False,
+                requestBody=credentials,
+            ),
+            "delete": _sync("Delete an account", {"204": _EMPTY}),
+        },
+        "/auth": {
+            "post": _sync(
+                "Log in as an existing user",
+                {"200": _json(_ref("Session"))},
+                secure=False,
+                requestBody=credentials,
+            ),
+            "delete": _sync("Log out an existing user", {"204": _EMPTY}),
+        },
+        "/password": {
+            "post": _sync(
+                "Update a user's password (a session or a reset token)",
+                {"204": _EMPTY},
+                requestBody=_body(_ref("UpdatePasswordRequest")),
+            )
+        },
+        "/resetpassword": {
+            "post": _sync(
+                "Request a password reset token",
+                {"204": _EMPTY},
+                secure=False,
+                requestBody=_body(_ref("ResetPasswordTokenRequest")),
+            )
+        },
+        "/invite": {"post": _sync("Mint an invite code (admin)", {"200": _json(_ref("Invite"))})},
+        "/store": {
+            "get": _sync(
+                "List the keys the caller holds, or what changed since a cursor",
+                {"200": _json(listing, headers=listing_headers)},
+                parameters=[
+                    _query("since", {**_INTEGER, "minimum": 0}, "List changes after it."),
+                    _query(
+                        "wait",
+                        {**_INTEGER, "minimum": 0, "maximum": MAX_WAIT_SECONDS},
+                        "With since: seconds to wait for a change.",
+                    ),
+                    _query(
+                        "limit",
+                        {**_INTEGER, "minimum": 1, "maximum": MAX_PAGE_ENTRIES},
+                        "Entries per page.",
+                    ),
+                    _query(
+                        "prefix",
+                        {**_STRING, "maxLength": MAX_KEY_CHARS},
+                        "Only keys starting with it, taken literally.",
+                    ),
+                    _query(
+                        "after",
+                        {**_STRING, "maxLength": MAX_KEY_CHARS},
+                        "A listing page: keys after it.",
+                    ),
+                ],  # fmt: skip
+            )
+        },
+        "/store/{key}": {
+            "parameters": [_KEY],
+            "get": _sync(
+                "Retrieve a value",
+                {
+                    "200": {
+                        "description": "The value.",
+                        "headers": value_headers,
+                        "content": {"application/octet-stream": {"schema": {}}},
+                    },
+                    "304": {"description": "Not modified.", "headers": _TOKEN_HEADERS},
+                },
+                parameters=[{"name": "If-None-Match", "in": "header", "schema": _STRING}],
+            ),
+            "put": _sync(
+                "Create or update a value",
+                {"204": {"description": "Stored.", "headers": _TOKEN_HEADERS}},
+                parameters=[
+                    {"name": "X-Sync-Token", "in": "header", "schema": _STRING},
+                    {"name": "X-Sync-Meta", "in": "header", "schema": _STRING},
+                    {"name": "If-Match", "in": "header", "schema": _STRING},
+                    {"name": "If-None-Match", "in": "header", "schema": {"const": "*"}},
+                ],
+                requestBody={
+                    "required": True,
+                    "content": {"application/octet-stream": {"schema": {}}},
+                },
+            ),
+            "delete": _sync(
+                "Delete a value",
+                {"204": _EMPTY},
+                parameters=[
+                    {"name": "X-Sync-Token", "in": "header", "schema": _STRING},
+                    {"name": "If-Match", "in": "header", "schema": _STRING},
+                ],
+            ),
+        },
+        "/batch": {
+            "post": _sync(
+                "Apply PUTs and DELETEs all or nothing",
+                {"200": _json(_ref("BatchResponse"))},
+                requestBody=_body(_ref("BatchRequest")),
+            )
+        },
+        "/permission/{key}": {
+            "parameters": [_KEY],
+            "get": _sync(
+                "List a key's holders",
+                {"200": _json({"type": "array", "items": _ref("UserPermission")})},
+            ),
+            "put": _sync(
+                "Grant or change permissions",
+                {"204": _EMPTY},
+                requestBody=_body({"type": "array", "items": _ref("UserPermission")}),
+            ),
+            "delete": _sync(
+                "Remove permissions",
+                {"204": _EMPTY},
+                parameters=[
+                    {
+                        "name": "users",
+                        "in": "query",
+                        "required": True,
+                        "schema": _STRING,
+                        "description": "Comma-separated user ids.",
+                    }
+                ],  # fmt: skip
+            ),
+        },
+        "/health": {
+            "get": _sync(
+                "Check the server health",
+                {"200": _json(_ref("Health")), "500": _json(_ref("Health"), "Unhealthy.")},
+                secure=False,
+            )
+        },
+        "/.well-known/immich": {
+            "get": _sync(
+                "Find the App API",
+                {"200": _json(_object({"api": _object({"endpoint": _STRING})}, closed=True))},
+                secure=False,
+            )
+        },
+        "/openapi.json": {
+            "get": _sync("This document", {"200": _json({"type": "object"})}, secure=False)
+        },
+        **app_api_paths(),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "syncnode",
+            "summary": "A generic sync server, with an Immich-compatible App API under /api",
+            "license": {"name": "AGPL-3.0-or-later", "identifier": "AGPL-3.0-or-later"},
+            "version": __version__,
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "requestBodies": {"Credentials": _body(_ref("Credentials"))},
+            "responses": {
+                "Error": _json(_ref("Error"), "An error in the Sync Node layout."),
+                "AppError": _json(_ref("AppError"), "An error in Immich's layout."),
+            },
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "api_key": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": "immich_access_token"},
+            },
+        },
+    }
+
+
+def app_api_schemas() -> dict:
+    """Return the App API's schemas (APP-API.md), answers closed to other properties."""
+    session = {
+        "id": _STRING, "createdAt": _STRING, "updatedAt": _STRING, "expiresAt": _STRING,
+        "current": _BOOLEAN, "deviceType": _STRING, "deviceOS": _STRING,
+        "appVersion": {"type": ["string", "null"]}, "isPendingSyncReset": _BOOLEAN,
+    }  # fmt: skip
+    api_key = {
+        "id": _STRING, "name": _STRING, "createdAt": _TIME, "updatedAt": _TIME,
+        "permissions": {"type": "array", "items": _ref("AppPermission")},
+    }  # fmt: skip
+    user = {"id": _STRING, "name": _STRING, "email": _STRING}
+    permissions = {"type": "array", "minItems": 1, "items": _ref("AppPermission")}
+    return {
+        "AppPermission": {"type": "string", "enum": list(API_KEY_PERMISSIONS)},
+        "UserStatus": {"type": "string", "enum": ["active", "removing", "deleted"]},
+        "AppError": _object(
+            {
+                "message": {"oneOf": [_STRING, {"type": "array", "items": _STRING}]},
+                "error": _STRING,
+                "statusCode": _INTEGER,
+                "correlationId": _STRING,
+            },
+            closed=True,
+        ),  # fmt: skip
+        "LoginCredentialDto": _object({"email": _STRING, "password": _STRING}),
+        "SignUpDto": _object({"email": _STRING, "password": _STRING, "name": _STRING}),
+        "ChangePasswordDto": _object(
+            {"password": _STRING, "newPassword": {**_STRING, "minLength": MIN_PASSWORD_CHARS}},
+            {"invalidateSessions": _BOOLEAN},
+        ),
+        "APIKeyCreateDto": _object({"permissions": permissions}, {"name": _STRING}),
+        "APIKeyUpdateDto": _object({}, {"name": _STRING, "permissions": permissions}),
+        "SessionCreateDto": _object(
+            {},
+            {
+                "duration": {"type": "integer", "minimum": 1},
+                "deviceType": _STRING,
+                "deviceOS": _STRING,
+            },
+        ),  # fmt: skip
+        "UserUpdateMeDto": _object({}, {"email": _STRING, "name": _STRING}),
+        "LoginResponseDto": _object(
+            {
+                "accessToken": _STRING,
+                "userId": _STRING,
+                "userEmail": _STRING,
+                "name": _STRING,
+                "isAdmin": _BOOLEAN,
+                "shouldChangePassword": _BOOLEAN,
+            },
+            closed=True,
+        ),  # fmt: skip
+        "UserAdminResponseDto": _object(
+            {
+                **user,
+                "shouldChangePassword": _BOOLEAN,
+                "isAdmin": _BOOLEAN,
+                "createdAt": _TIME,
+                "deletedAt": {"type": ["string", "null"], "format": "date-time"},
+                "updatedAt": _TIME,
+                "status": _ref("UserStatus"),
+            },
+            closed=True,
+        ),  # fmt: skip
+        "UserResponseDto": _object(user, closed=True),
+        "ValidateAccessTokenResponseDto": _object({"authStatus": _BOOLEAN}, closed=True),
+        "LogoutResponseDto": _object({"successful": _BOOLEAN, "redirectUri": _STRING}, closed=True),
+        "APIKeyResponseDto": _object(api_key, closed=True),
+        "APIKeyCreateResponseDto": _object(
+            {"secret": _STRING, "apiKey": _ref("APIKeyResponseDto")}, closed=True
+        ),
+        "SessionResponseDto": _object(session, closed=True),
+        "SessionCreateResponseDto": _object({**session, "token": _STRING}, closed=True),
+        "ServerPingResponse": _object({"res": _STRING}, closed=True),
+        "ServerVersionResponseDto": _object(
+            {"major": _INTEGER, "minor": _INTEGER, "patch": _INTEGER}, closed=True
+        ),
+        "ServerAboutResponseDto": _object({"version": _STRING, "versionUrl": _STRING}, closed=True),
+        "ServerFeaturesDto": _object({"passwordLogin": _BOOLEAN}, closed=True),
+        "ServerConfigDto": _object(
+            {"loginPageMessage": _STRING, "userDeleteDelay": _INTEGER, "isInitialized": _BOOLEAN},
+            closed=True,
+        ),
+    }
+
+
+def app_api_paths() -> dict:
+    """Return the App API's operations under /api (APP-API.md, Operations)."""
+    public: dict[str, Any] = {"security": []}
+
+    def array(name: str) -> dict:
+        return {"type": "array", "items": _ref(name)}
+
+    return {
+        "/api/auth/login": {"post": _app(
+            "login", "Log in", "201", _ref("LoginResponseDto"),
+            requestBody=_body(_ref("LoginCredentialDto")), **public)},
+        "/api/auth/admin-sign-up": {"post": _app(
+            "signUpAdmin", "Create the first account", "201", _ref("UserAdminResponseDto"),
+            requestBody=_body(_ref("SignUpDto")), **public)},
+        "/api/auth/validateToken": {"post": _app(
+            "validateAccessToken", "Validate the credentials", "200",
+            _ref("ValidateAccessTokenResponseDto"))},
+        "/api/auth/change-password": {"post": _app(
+            "changePassword", "Change the password", "200", _ref("UserAdminResponseDto"),
+            requestBody=_body(_ref("ChangePasswordDto")))},
+        "/api/auth/logout": {"post": _app(
+            "logout", "Log out", "200", _ref("LogoutResponseDto"))},
+        "/api/api-keys": {
+            "post": _app("createApiKey", "Create an API key", "201",
+                         _ref("APIKeyCreateResponseDto"),
+                         requestBody=_body(_ref("APIKeyCreateDto"))),
+            "get": _app("getApiKeys", "List API keys", "200", array("APIKeyResponseDto")),
+        },
+        "/api/api-keys/me": {"get": _app(
+            "getMyApiKey", "The API key making the request", "200", _ref("APIKeyResponseDto"))},
+        "/api/api-keys/{id}": {
+            "parameters": _uuid_id("An API key id."),
+            "get": _app("getApiKey", "Retrieve an API key", "200", _ref("APIKeyResponseDto")),
+            "put": _app("updateApiKey", "Update an API key", "200", _ref("APIKeyResponseDto"),
+                        requestBody=_body(_ref("APIKeyUpdateDto"))),
+            "delete": _app("deleteApiKey", "Delete an API key", "204", None),
+        },
+        "/api/server/ping": {"get": _app(
+            "pingServer", "Ping", "200", _ref("ServerPingResponse"), **public)},
+        "/api/server/version": {"get": _app(
+            "getServerVersion", "Version", "200", _ref("ServerVersionResponseDto"), **public)},
+        "/api/server/about": {"get": _app(
+            "getAboutInfo", "About", "200", _ref("ServerAboutResponseDto"))},
+        "/api/server/features": {"get": _app(
+            "getServerFeatures", "Features", "200", _ref("ServerFeaturesDto"), **public)},
+        "/api/server/config": {"get": _app(
+            "getServerConfig", "Configuration", "200", _ref("ServerConfigDto"), **public)},
+        "/api/sessions": {
+            "post": _app("createSession", "Create a child session", "201",
+                         _ref("SessionCreateResponseDto"),
+                         requestBody={**_body(_ref("SessionCreateDto")), "required": False}),
+            "get": _app("getSessions", "List sessions", "200", array("SessionResponseDto")),
+            "delete": _app("deleteAllSessions", "End every other session", "204", None),
+        },
+        "/api/sessions/{id}": {
+            "parameters": _uuid_id("A session id."),
+            "delete": _app("deleteSession", "End a session", "204", None),
+        },
+        "/api/users": {"get": _app(
+            "searchUsers", "List users", "200", array("UserResponseDto"))},
+        "/api/users/me": {
+            "get": _app("getMyUser", "The caller's account", "200", _ref("UserAdminResponseDto")),
+            "put": _app("updateMyUser", "Update the caller's account", "200",
+                        _ref("UserAdminResponseDto"),
+                        requestBody=_body(_ref("UserUpdateMeDto"))),
+        },
+        "/api/users/{id}": {
+            "parameters": _uuid_id("A user id."),
+            "get": _app("getUser", "Retrieve a user", "200", _ref("UserResponseDto")),
+        },
+    }  # fmt: skip
 
 
 # ==================================================================================================
