@@ -3802,12 +3802,33 @@ class AccessLogged:
         )
 
 
+def open_context(settings: Settings, clock: Callable[[], float]) -> Context:
+    """Open the database of the settings, migrated to the newest schema, as a Context.
+
+    A database written by a newer syncnode is refused before anything touches it (switching
+    it to WAL mode would already change it).
+    """
+    with contextlib.closing(sqlite3.connect(settings.database)) as conn:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(SCHEMA):
+        raise DatabaseTooNew(
+            f"The database has schema version {version}, newer than this syncnode "
+            f"({len(SCHEMA)}); upgrade syncnode."
+        )
+    ctx = Context(settings, clock)
+    try:
+        migrate(ctx.connection())
+    except BaseException:
+        ctx.close()
+        raise
+    return ctx
+
+
 def create_app(
     database: str = Settings.database, *, clock: Callable[[], float] = time.time, **settings: Any
 ) -> SyncNodeApp:
     """Return a WSGI app serving the database; keyword arguments override Settings' defaults."""
-    ctx = Context(Settings(database=database, **settings), clock)
-    migrate(ctx.connection())
+    ctx = open_context(Settings(database=database, **settings), clock)
     app = SyncNodeApp(ctx)
     for status in (400, 404, 405, 413, 500):
         app.error_handler[status] = functools.partial(error_body, status)
@@ -4008,10 +4029,9 @@ def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout
             return 0
         finally:
             conn.close()
-    ctx = Context(settings, time.time)
+    ctx = open_context(settings, time.time)
     try:
         conn = ctx.connection()
-        migrate(conn)
         now_ms = ctx.now_ms()
         if args.command == "stats":
             stats = get_stats(conn, now_ms)
