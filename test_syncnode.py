@@ -7,12 +7,15 @@ permissions, health, errors and routing, secrets, embedding, real server, CLI, p
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import urllib.parse
 
+import argon2
 import pytest
 import webtest
 
@@ -919,3 +922,690 @@ def test_settings_flags_beat_environment_beat_defaults():
     environ = {"SYNCNODE_PORT": "9000", "SYNCNODE_REGISTRATION": "closed"}
     settings = syncnode.parse_args(["--port", "9100"], environ)
     assert (settings.port, settings.registration, settings.host) == (9100, "closed", "127.0.0.1")
+
+
+NEW_PASSWORD = "battery staple"
+
+#: What a session or reset token looks like inside a log line: 256 bits of URL-safe base64.
+TOKEN_TEXT = re.compile(r"[A-Za-z0-9_-]{43,}")
+
+
+def bearer(token: str) -> dict[str, str]:
+    """Return the headers that carry a bearer token."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def login(client, name: str, password: str, **kw):
+    """POST /auth with an id and a password; return the response."""
+    return client.post_json("/auth", {"id": name, "password": password}, **kw)
+
+
+def request_reset(client, caplog, name: str = "alice", **kw) -> str:
+    """Ask for a password reset and return the one token the server wrote to its log."""
+    seen = len(caplog.records)
+    client.post_json("/resetpassword", {"id": name}, status=204, **kw)
+    lines = [record.getMessage() for record in caplog.records[seen:]]
+    [token] = [token for line in lines for token in TOKEN_TEXT.findall(line)]
+    return token
+
+
+def logged_tokens(caplog) -> list[str]:
+    """Return every token-like string in the captured log lines."""
+    return [token for record in caplog.records for token in TOKEN_TEXT.findall(record.getMessage())]
+
+
+def digest(token: str) -> bytes:
+    """Return the SHA-256 digest under which the contract stores a token."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def stored_hash(db, name: str = "alice") -> str:
+    """Return the stored password hash of a user."""
+    return db.execute("SELECT password_hash FROM users WHERE name = ?", (name,)).fetchone()[0]
+
+
+def reset_digests(db) -> list[bytes]:
+    """Return the digests of the stored reset tokens."""
+    return [row[0] for row in db.execute("SELECT token_digest FROM reset_tokens ORDER BY user_id")]
+
+
+def assert_throttled(response, window: int) -> None:
+    """Assert an AUTH02 answer whose Retry-After is whole seconds within the window."""
+    assert_error(response, 429, "AUTH02")
+    retry_after = response.headers["Retry-After"]
+    assert retry_after.isdigit() and 0 < int(retry_after) <= window
+
+
+# ==================================================================================================
+# Passwords and reset
+# ==================================================================================================
+
+
+def test_password_change_sets_the_new_password(client, user, db):
+    old_hash = stored_hash(db)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=user.headers, status=204
+    )
+    assert response.body == b""
+    assert stored_hash(db) != old_hash
+    assert_error(login(client, "alice", PASSWORD, status=401), 401, "AUTH01")
+    login(client, "alice", NEW_PASSWORD, status=200)
+
+
+def test_password_change_revokes_other_sessions_and_keeps_the_current_one(client, user, other, db):
+    second = login(client, "alice", PASSWORD).json["token"]
+    third = login(client, "alice", PASSWORD).json["token"]
+    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(second), status=204)
+    for token in (user.token, third):
+        assert_error(client.get("/store", headers=bearer(token), status=401), 401, "AUTH01")
+    client.get("/store", headers=bearer(second), status=200)
+    client.get("/store", headers=other.headers, status=200)
+    digests = {row[0] for row in db.execute("SELECT token_digest FROM sessions")}
+    assert digests == {digest(second), digest(other.token)}
+
+
+def test_password_change_deletes_a_pending_reset_token(client, user, db, caplog):
+    reset = request_reset(client, caplog)
+    client.post_json("/password", {"password": NEW_PASSWORD}, headers=user.headers, status=204)
+    assert table_counts(db)["reset_tokens"] == 0
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": "third password"}, headers=bearer(reset), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not json", b'{"password": ', b"\xff\xfe", b"[]", b'"correct horse"', b"null", b"{}",
+     b'{"pass": "correct horse"}', b'{"password": 12345678}', b'{"password": null}',
+     b'{"password": ["correct horse"]}'],
+    ids=["empty", "text", "cut", "bytes", "array", "string", "null", "no-password",
+         "misspelt-field", "password-number", "password-null", "password-array"],
+)  # fmt: skip
+def test_password_change_bad_body_is_req01(client, user, db, raw):
+    before = snapshot(db)
+    response = client.post("/password", raw, headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "password", ["", "p" * 7, "p" * 1025], ids=["empty", "7-chars", "1025-chars"]
+)
+def test_password_change_bad_length_is_acct02(client, user, db, password):
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": password}, headers=user.headers, status=400
+    )
+    assert_error(response, 400, "ACCT02")
+    assert snapshot(db) == before
+    login(client, "alice", PASSWORD, status=200)
+
+
+@pytest.mark.parametrize("password", ["p" * 8, "p" * 1024, "ü" * 8], ids=["8", "1024", "non-ascii"])
+def test_password_change_edge_lengths_are_accepted(client, user, password):
+    client.post_json("/password", {"password": password}, headers=user.headers, status=204)
+    login(client, "alice", password, status=200)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, bearer("A" * 43), {"Authorization": "Basic YWxpY2U6Y29ycmVjdCBob3JzZQ=="},
+     {"Authorization": "Bearer"}],
+    ids=["missing", "unknown", "basic", "scheme-only"],
+)  # fmt: skip
+def test_password_change_without_a_valid_token_is_auth01(client, user, db, headers):
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=headers, status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    assert snapshot(db) == before
+
+
+def test_password_change_authentication_comes_before_the_body(client, user):
+    response = client.post("/password", b"not json", headers=bearer("A" * 43), status=401)
+    assert_error(response, 401, "AUTH01")
+
+
+def test_password_change_with_expired_session_is_auth01_and_purges_it(make_app, clock, db):
+    client = webtest.TestApp(make_app(session_ttl=60))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    old_hash = stored_hash(db)
+    clock.advance(60)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    assert table_counts(db)["sessions"] == 0
+    assert stored_hash(db) == old_hash
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["nobody", "nobody@example.org", "", "   ", "a b", "a\x00b", "x" * 255],
+    ids=["unknown", "unknown-email", "empty", "blank", "space", "nul", "255-chars"],
+)
+def test_reset_request_for_unknown_or_invalid_id_is_204_and_creates_nothing(
+    client, user, db, caplog, name
+):
+    before = snapshot(db)
+    response = client.post_json("/resetpassword", {"id": name}, status=204)
+    assert response.body == b""
+    assert snapshot(db) == before
+    assert logged_tokens(caplog) == []
+
+
+def test_reset_request_answer_does_not_reveal_whether_the_id_exists(client, user):
+    known = client.post_json("/resetpassword", {"id": "alice"}, status=204)
+    unknown = client.post_json("/resetpassword", {"id": "nobody"}, status=204)
+    assert sorted(known.headers.items()) == sorted(unknown.headers.items())
+    assert known.body == unknown.body == b""
+
+
+def test_reset_request_logs_one_warning_with_the_id_and_token(client, user, db, caplog):
+    response = client.post_json("/resetpassword", {"id": "alice"}, status=204)
+    assert response.body == b""
+    lines = [record for record in caplog.records if TOKEN_TEXT.search(record.getMessage())]
+    assert len(lines) == 1
+    [record] = lines
+    assert record.name == "syncnode" and record.levelno == logging.WARNING
+    assert "alice" in record.getMessage()
+    [token] = TOKEN_TEXT.findall(record.getMessage())
+    assert db.execute("SELECT token_digest FROM reset_tokens").fetchall() == [(digest(token),)]
+
+
+def test_reset_token_is_stored_only_as_digest(client, user, db, db_path, caplog):
+    token = request_reset(client, caplog)
+    [(stored,)] = db.execute("SELECT token_digest FROM reset_tokens").fetchall()
+    assert stored == digest(token)
+    for path in (db_path, db_path + "-wal"):
+        with open(path, "rb") as file:
+            assert token.encode() not in file.read()
+
+
+@pytest.mark.parametrize(
+    "name", [" ALICE ", "Alice", "\tａｌｉｃｅ\n"], ids=["spaces", "case", "nfkc"]
+)
+def test_reset_request_normalises_the_id(client, user, db, caplog, name):
+    token = request_reset(client, caplog, name)
+    user_id = db.execute("SELECT id FROM users WHERE name = 'alice'").fetchone()[0]
+    assert db.execute("SELECT user_id, token_digest FROM reset_tokens").fetchall() == [
+        (user_id, digest(token))
+    ]
+
+
+def test_reset_second_request_replaces_the_first(client, user, db, caplog):
+    first = request_reset(client, caplog)
+    second = request_reset(client, caplog)
+    assert first != second
+    assert table_counts(db)["reset_tokens"] == 1
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer(first), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    assert snapshot(db) == before
+    assert reset_digests(db) == [digest(second)]
+
+
+def test_reset_token_sets_the_password_and_revokes_every_session(client, user, other, db, caplog):
+    second = login(client, "alice", PASSWORD).json["token"]
+    token = request_reset(client, caplog)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204
+    )
+    assert response.body == b""
+    for session in (user.token, second):
+        assert_error(client.get("/store", headers=bearer(session), status=401), 401, "AUTH01")
+    client.get("/store", headers=other.headers, status=200)
+    assert [row[0] for row in db.execute("SELECT token_digest FROM sessions")] == [
+        digest(other.token)
+    ]
+    assert table_counts(db)["reset_tokens"] == 0
+    assert_error(login(client, "alice", PASSWORD, status=401), 401, "AUTH01")
+    login(client, "alice", NEW_PASSWORD, status=200)
+
+
+def test_reset_token_works_only_once(client, user, db, caplog):
+    token = request_reset(client, caplog)
+    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204)
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": "third password"}, headers=bearer(token), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    assert snapshot(db) == before
+    login(client, "alice", NEW_PASSWORD, status=200)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [("GET", "/store"), ("GET", "/store/k"), ("PUT", "/store/k"), ("DELETE", "/store/k"),
+     ("GET", "/permission/k"), ("GET", "/account"), ("DELETE", "/account"), ("DELETE", "/auth")],
+    ids=["list", "get", "put", "delete", "permissions", "sessions", "delete-account", "logout"],
+)  # fmt: skip
+def test_reset_token_is_auth01_everywhere_but_password(client, user, db, caplog, method, path):
+    put(client, user, "k")
+    token = request_reset(client, caplog)
+    before = snapshot(db)
+    response = client.request(path, method=method, headers=bearer(token), status=401)
+    assert_error(response, 401, "AUTH01")
+    assert snapshot(db) == before
+    assert reset_digests(db) == [digest(token)]
+
+
+def test_reset_token_expires_after_reset_ttl(client, user, clock, db, caplog):
+    token = request_reset(client, caplog)
+    clock.advance(3600)
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    after = snapshot(db)
+    assert after["reset_tokens"] == []  # expired, and purged by housekeeping
+    assert {**after, "reset_tokens": None} == {**before, "reset_tokens": None}
+    login(client, "alice", PASSWORD, status=200)
+
+
+def test_reset_token_works_until_reset_ttl(client, user, clock, caplog):
+    token = request_reset(client, caplog)
+    clock.advance(3599)
+    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204)
+    login(client, "alice", NEW_PASSWORD, status=200)
+
+
+def test_reset_token_expiry_follows_the_setting(make_app, clock, caplog):
+    client = webtest.TestApp(make_app(reset_ttl=60))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    token = request_reset(client, caplog)
+    clock.advance(60)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+
+
+def test_reset_token_refused_body_does_not_spend_it(client, user, db, caplog):
+    token = request_reset(client, caplog)
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": "short"}, headers=bearer(token), status=400
+    )
+    assert_error(response, 400, "ACCT02")
+    response = client.post("/password", b"[]", headers=bearer(token), status=400)
+    assert_error(response, 400, "REQ01")
+    assert snapshot(db) == before
+    assert reset_digests(db) == [digest(token)]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not json", b'{"id": ', b"\xff\xfe", b"[]", b'"alice"', b"null", b"{}",
+     b'{"user": "alice"}', b'{"id": 5}', b'{"id": null}', b'{"id": ["alice"]}'],
+    ids=["empty", "text", "cut", "bytes", "array", "string", "null", "no-id", "misspelt-field",
+         "id-number", "id-null", "id-array"],
+)  # fmt: skip
+def test_reset_request_malformed_body_is_req01(client, user, db, caplog, raw):
+    before, counts = snapshot(db), table_counts(db)
+    response = client.post("/resetpassword", raw, status=400)
+    assert_error(response, 400, "REQ01")
+    assert snapshot(db) == before
+    assert table_counts(db) == counts
+    assert logged_tokens(caplog) == []
+
+
+# ==================================================================================================
+# Throttling
+# ==================================================================================================
+
+
+def fail_logins(client, count: int, name: str = "alice", address: str = "192.0.2.1", **kw) -> None:
+    """Send failed logins (each AUTH01) for one id, or for a new unknown id each time ("{}")."""
+    for number in range(count):
+        response = login(
+            client,
+            name.format(number),
+            "wrong password",
+            extra_environ={"REMOTE_ADDR": address.format(number)},
+            status=401,
+            **kw,
+        )
+        assert_error(response, 401, "AUTH01")
+
+
+def test_throttle_login_per_id_is_auth02_even_with_the_right_password(client, user, db):
+    fail_logins(client, 10, address="192.0.2.{}")
+    sessions = table_counts(db)["sessions"]
+    response = login(
+        client, "alice", PASSWORD, extra_environ={"REMOTE_ADDR": "198.51.100.9"}, status=429
+    )
+    assert_throttled(response, 900)
+    assert table_counts(db)["sessions"] == sessions
+
+
+def test_throttle_login_per_id_counts_the_normalised_id(client, user):
+    fail_logins(client, 10, name=" ALICE ")
+    assert_throttled(login(client, "alice", PASSWORD, status=429), 900)
+
+
+def test_throttle_login_per_id_leaves_other_ids_alone(client, user, other):
+    fail_logins(client, 10, address="192.0.2.{}")
+    login(client, "bob", PASSWORD, status=200)
+
+
+def test_throttle_login_works_again_after_the_window(client, user, clock):
+    fail_logins(client, 10)
+    clock.advance(901)
+    login(client, "alice", PASSWORD, status=200)
+
+
+def test_throttle_login_retry_after_is_exactly_long_enough(client, user, clock):
+    for _ in range(10):
+        fail_logins(client, 1)
+        clock.advance(10)
+    response = login(client, "alice", PASSWORD, status=429)
+    # The oldest of the ten failures leaves the 900 s window 900 - 100 seconds from now.
+    assert response.headers["Retry-After"] == "800"
+    clock.advance(799)
+    assert_throttled(login(client, "alice", PASSWORD, status=429), 900)
+    clock.advance(1)
+    login(client, "alice", PASSWORD, status=200)
+
+
+def test_throttle_login_per_address_default_is_100(client, user):
+    fail_logins(client, 100, name="nobody{}")
+    response = login(
+        client, "alice", PASSWORD, extra_environ={"REMOTE_ADDR": "192.0.2.1"}, status=429
+    )
+    assert_throttled(response, 900)
+
+
+def test_throttle_login_per_address_counts_every_id(make_app):
+    client = webtest.TestApp(make_app(login_fails_per_address=3))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    fail_logins(client, 3, name="nobody{}", address="203.0.113.7")
+    response = login(
+        client, "alice", PASSWORD, extra_environ={"REMOTE_ADDR": "203.0.113.7"}, status=429
+    )
+    assert_throttled(response, 900)
+    login(client, "alice", PASSWORD, extra_environ={"REMOTE_ADDR": "203.0.113.8"}, status=200)
+
+
+def test_throttle_login_window_follows_the_setting(make_app, clock):
+    client = webtest.TestApp(make_app(login_window=60, login_fails_per_id=2))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    fail_logins(client, 2)
+    assert_throttled(login(client, "alice", PASSWORD, status=429), 60)
+    clock.advance(60)
+    login(client, "alice", PASSWORD, status=200)
+
+
+@pytest.mark.parametrize(
+    "setting, failures, name",
+    [("login_fails_per_id", 11, "alice"), ("login_fails_per_address", 101, "nobody{}")],
+    ids=["per-id", "per-address"],
+)
+def test_throttle_login_limit_of_zero_is_off(make_app, setting, failures, name):
+    client = webtest.TestApp(make_app(**{setting: 0}))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    fail_logins(client, failures, name=name)
+    login(client, "alice", PASSWORD, extra_environ={"REMOTE_ADDR": "192.0.2.1"}, status=200)
+
+
+def test_throttle_reset_per_id_is_auth02_and_creates_no_token(client, user, db, caplog):
+    for number in range(5):
+        token = request_reset(client, caplog, extra_environ={"REMOTE_ADDR": f"192.0.2.{number}"})
+    before, seen = snapshot(db), len(caplog.records)
+    response = client.post_json(
+        "/resetpassword",
+        {"id": " Alice"},
+        status=429,
+        extra_environ={"REMOTE_ADDR": "198.51.100.9"},
+    )
+    assert_throttled(response, 3600)
+    assert snapshot(db) == before
+    assert [r for r in caplog.records[seen:] if TOKEN_TEXT.search(r.getMessage())] == []
+    assert reset_digests(db) == [digest(token)]
+
+
+def test_throttle_reset_per_address_is_auth02(client, user, db, caplog):
+    same = {"REMOTE_ADDR": "203.0.113.7"}
+    for number in range(50):
+        client.post_json("/resetpassword", {"id": f"nobody{number}"}, extra_environ=same)
+    before = snapshot(db)
+    response = client.post_json("/resetpassword", {"id": "alice"}, extra_environ=same, status=429)
+    assert_throttled(response, 3600)
+    assert snapshot(db) == before
+    assert logged_tokens(caplog) == []
+    request_reset(client, caplog, extra_environ={"REMOTE_ADDR": "198.51.100.9"})
+
+
+def test_throttle_reset_works_again_after_the_window(client, user, clock, caplog):
+    for _ in range(5):
+        request_reset(client, caplog)
+    assert_throttled(client.post_json("/resetpassword", {"id": "alice"}, status=429), 3600)
+    clock.advance(3601)
+    request_reset(client, caplog)
+
+
+@pytest.mark.parametrize(
+    "setting, requests, name",
+    [("resets_per_id", 5, "alice"), ("resets_per_address", 50, "nobody{}")],
+    ids=["per-id", "per-address"],
+)
+def test_throttle_reset_limit_of_zero_is_off(make_app, db, caplog, setting, requests, name):
+    client = webtest.TestApp(make_app(**{setting: 0}))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    same = {"REMOTE_ADDR": "203.0.113.7"}
+    for number in range(requests):
+        client.post_json("/resetpassword", {"id": name.format(number)}, extra_environ=same)
+    token = request_reset(client, caplog, extra_environ=same)
+    assert reset_digests(db) == [digest(token)]
+
+
+def test_throttle_registrations_per_address(make_app, db):
+    client = webtest.TestApp(make_app(registrations_per_address=2))
+    same = {"REMOTE_ADDR": "203.0.113.7"}
+    for name in ("alice", "bob"):
+        client.post_json("/account", {"id": name, "password": PASSWORD}, extra_environ=same)
+    before = snapshot(db)
+    response = client.post_json(
+        "/account", {"id": "carol", "password": PASSWORD}, extra_environ=same, status=429
+    )
+    assert_throttled(response, 3600)
+    assert snapshot(db) == before
+    client.post_json(
+        "/account",
+        {"id": "carol", "password": PASSWORD},
+        extra_environ={"REMOTE_ADDR": "203.0.113.8"},
+        status=200,
+    )
+
+
+def test_throttle_registrations_are_unlimited_by_default(client, db):
+    for number in range(5):
+        client.post_json("/account", {"id": f"user{number}", "password": PASSWORD}, status=200)
+    assert table_counts(db)["users"] == 5
+
+
+def proxied_logins(make_app, remote: str, forwarded: list[str], **settings) -> list[int]:
+    """Fail logins for new ids with each X-Forwarded-For value; return the statuses."""
+    client = webtest.TestApp(make_app(login_fails_per_address=2, **settings))
+    return [
+        login(
+            client,
+            f"nobody{number}",
+            "wrong password",
+            headers={"X-Forwarded-For": hops},
+            extra_environ={"REMOTE_ADDR": remote},
+            expect_errors=True,
+        ).status_int
+        for number, hops in enumerate(forwarded)
+    ]
+
+
+def test_throttle_trusted_proxy_forwarded_address_is_counted(make_app):
+    forwarded = ["192.0.2.1", "192.0.2.1", "192.0.2.1", "192.0.2.2"]
+    statuses = proxied_logins(make_app, "10.0.0.1", forwarded, trusted_proxies="10.0.0.1")
+    assert statuses == [401, 401, 429, 401]
+
+
+def test_throttle_trusted_proxy_forged_leading_hops_are_ignored(make_app):
+    forwarded = [f"198.51.100.{number}, 192.0.2.1" for number in range(3)]
+    statuses = proxied_logins(make_app, "10.0.0.1", forwarded, trusted_proxies="10.0.0.0/8")
+    assert statuses == [401, 401, 429]
+
+
+def test_throttle_forwarded_for_is_ignored_without_trusted_proxies(make_app):
+    forwarded = [f"198.51.100.{number}" for number in range(3)]
+    statuses = proxied_logins(make_app, "192.0.2.1", forwarded)
+    assert statuses == [401, 401, 429]
+
+
+def test_throttle_forwarded_for_from_an_untrusted_client_is_ignored(make_app):
+    forwarded = [f"198.51.100.{number}" for number in range(3)]
+    statuses = proxied_logins(make_app, "192.0.2.1", forwarded, trusted_proxies="10.0.0.1")
+    assert statuses == [401, 401, 429]
+
+
+# ==================================================================================================
+# Secrets
+# ==================================================================================================
+
+
+class ResponseRecorder:
+    """WSGI middleware that keeps the status line, headers and body of every answer."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.answers: list[str] = []
+
+    def __call__(self, environ, start_response):
+        head = []
+
+        def start(status, headers, exc_info=None):
+            head.append(status + "".join(f"\n{name}: {value}" for name, value in headers))
+            return start_response(status, headers, exc_info)
+
+        chunks = self.app(environ, start)
+        try:
+            body = b"".join(chunks)
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+        self.answers.append(head[0] + "\n\n" + body.decode("utf-8", "replace"))
+        return [body]
+
+
+def assert_nothing_leaked(records, answers, passwords, hashes, sessions, resets) -> None:
+    """Assert that log lines and answers carry no secret, and each reset token one WARNING line."""
+    lines = [(record, logging.Formatter().format(record)) for record in records]
+    for reset in resets:
+        carriers = [(record.name, record.levelname) for record, line in lines if reset in line]
+        assert carriers == [("syncnode", "WARNING")]
+    for _, line in lines:
+        for secret in [*passwords, *hashes, *sessions, "$argon2"]:
+            assert secret not in line
+    for answer in answers:
+        for secret in [*passwords, *hashes, *resets, "$argon2"]:
+            assert secret not in answer
+
+
+def test_secrets_full_flow_leaks_nothing_in_logs_or_answers(make_app, db, caplog):
+    caplog.set_level(logging.DEBUG)
+    recorder = ResponseRecorder(make_app())
+    client = webtest.TestApp(recorder)
+    passwords = [PASSWORD, "bobs password", NEW_PASSWORD, "reset password"]
+    hashes: set[str] = set()
+    sessions: list[str] = []
+    resets: list[str] = []
+
+    def remember(response) -> dict[str, str]:
+        sessions.append(response.json["token"])
+        hashes.update(row[0] for row in db.execute("SELECT password_hash FROM users"))
+        return bearer(response.json["token"])
+
+    try:
+        alice = remember(client.post_json("/account", {"id": "alice", "password": passwords[0]}))
+        bob = remember(client.post_json("/account", {"id": "bob", "password": passwords[1]}))
+        alice = remember(login(client, "alice", passwords[0]))
+        login(client, "alice", passwords[1], status=401)
+        login(client, "nobody", passwords[0], status=401)
+        token = client.put("/store/k", b"value", headers=alice).headers["X-Sync-Token"]
+        client.put_json("/permission/k", [{"user": "bob", "permission": "WRITE"}], headers=alice)
+        client.get("/store/k", headers=bob)
+        client.put("/store/k", b"new", headers={**bob, "X-Sync-Token": token}, status=204)
+        client.get("/account", headers=alice)
+        client.post_json("/password", {"password": passwords[2]}, headers=alice, status=204)
+        alice = remember(login(client, "alice", passwords[2]))
+        client.delete("/account", headers=alice, status=204)
+        resets.append(request_reset(client, caplog, "bob"))
+        client.get("/store", headers=bearer(resets[0]), status=401)
+        client.post_json(
+            "/password", {"password": passwords[3]}, headers=bearer(resets[0]), status=204
+        )
+        bob = remember(login(client, "bob", passwords[3]))
+        client.delete("/account", headers=bob, status=204)
+        assert len(hashes) == 4 and len(sessions) == 5 and len(recorder.answers) == 18
+    finally:
+        # Check whatever ran, so that a step that fails cannot hide a leak in the steps before it.
+        assert_nothing_leaked(caplog.records, recorder.answers, passwords, hashes, sessions, resets)
+
+
+def test_secrets_database_holds_no_raw_token_or_password(client, user, other, db, db_path, caplog):
+    second = login(client, "alice", PASSWORD).json["token"]
+    reset = request_reset(client, caplog, "bob")
+    tokens = [user.token, other.token, second]
+    digests = {row[0] for row in db.execute("SELECT token_digest FROM sessions")}
+    assert digests == {digest(token) for token in tokens}
+    contents = b""
+    for path in (db_path, db_path + "-wal"):
+        with open(path, "rb") as file:
+            contents += file.read()
+    for secret in [*tokens, reset, PASSWORD]:
+        assert secret.encode() not in contents
+
+
+def test_secrets_password_is_stored_as_argon2id(client, user, db):
+    password_hash = stored_hash(db)
+    assert password_hash.startswith("$argon2id$")
+    assert argon2.PasswordHasher().verify(password_hash, PASSWORD)
+
+
+def test_secrets_login_rehashes_when_the_parameters_change(make_app, db):
+    webtest.TestApp(make_app()).post_json("/account", {"id": "alice", "password": PASSWORD})
+    old_hash = stored_hash(db)
+    assert argon2.extract_parameters(old_hash).time_cost == 1
+    login(webtest.TestApp(make_app(argon2_time_cost=2)), "alice", PASSWORD, status=200)
+    new_hash = stored_hash(db)
+    assert new_hash.startswith("$argon2id$") and ",t=2," in new_hash
+    assert argon2.extract_parameters(new_hash).time_cost == 2
+    assert argon2.PasswordHasher().verify(new_hash, PASSWORD)
+
+
+def test_secrets_login_keeps_a_current_hash(client, user, db):
+    old_hash = stored_hash(db)
+    login(client, "alice", PASSWORD, status=200)
+    assert stored_hash(db) == old_hash
+
+
+@pytest.mark.parametrize(
+    "name, password, status",
+    [("nobody", PASSWORD, 401), ("alice", "wrong password", 401), ("alice", PASSWORD, 200)],
+    ids=["unknown-id", "wrong-password", "right-password"],
+)
+def test_secrets_login_spends_one_verification(client, user, monkeypatch, name, password, status):
+    calls = []
+    verify = argon2.PasswordHasher.verify
+
+    def counting_verify(self, *args, **kwargs):
+        calls.append(args)
+        return verify(self, *args, **kwargs)
+
+    monkeypatch.setattr(argon2.PasswordHasher, "verify", counting_verify)
+    login(client, name, password, status=status)
+    assert len(calls) == 1
