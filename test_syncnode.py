@@ -7,17 +7,29 @@ permissions, health, errors and routing, secrets, embedding, real server, CLI, p
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
+import http.client
 import json
 import logging
 import os
 import re
+import secrets
+import shutil
 import sqlite3
+import subprocess
+import threading
+import time
 import urllib.parse
+import uuid
+from collections.abc import Callable
+from typing import NoReturn
 
 import argon2
 import pytest
+import waitress.server
 import webtest
+from waitress import wasyncore
 
 import syncnode
 
@@ -1609,3 +1621,900 @@ def test_secrets_login_spends_one_verification(client, user, monkeypatch, name, 
     monkeypatch.setattr(argon2.PasswordHasher, "verify", counting_verify)
     login(client, name, password, status=status)
     assert len(calls) == 1
+
+
+#: A lower-case version 4 UUID, the shape of every App API id.
+UUID4_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def auth_headers(token: str) -> dict[str, str]:
+    """Return the headers that carry a session token as a bearer token."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def app_login_token(client: webtest.TestApp, name: str, password: str = PASSWORD) -> str:
+    """Log in on /api/auth/login and return the access token; the login cookies are dropped."""
+    response = client.post_json("/api/auth/login", {"email": name, "password": password})
+    assert response.status_int == 201
+    client.reset()  # Forget the immich_access_token cookie, so that it authenticates nothing.
+    return response.json["accessToken"]
+
+
+def new_api_key(client: webtest.TestApp, owner: User, *permissions: str) -> str:
+    """Create an API key for the user with the given permissions and return its secret."""
+    body = {"name": "test key", "permissions": list(permissions)}
+    response = client.post_json("/api/api-keys", body, headers=owner.headers, status=201)
+    return response.json["secret"]
+
+
+class ThreadedServer:
+    """A WSGI app on waitress, bound to 127.0.0.1 on a free port, run from a daemon thread."""
+
+    def __init__(self, wsgi_app: Callable, threads: int = 4) -> None:
+        self.socket_map: dict = {}
+        self.server = waitress.server.create_server(
+            wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
+        )
+        self.port = self.server.effective_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
+        self.thread.start()
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def stop(self) -> None:
+        """Close the server and its channels, then stop the worker threads, within seconds.
+
+        The socket map belongs to the loop thread, so the closing (server.close() and every
+        open channel's) runs there, handed over through the server's trigger.
+        """
+        self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.socket_map))
+        self.thread.join(timeout=5)
+        self.server.task_dispatcher.shutdown(timeout=5)
+        assert not self.thread.is_alive(), "the waitress loop did not stop"
+        assert not self.server.task_dispatcher.threads, "waitress worker threads did not stop"
+
+
+@pytest.fixture
+def serve(make_app):
+    """Start a syncnode app with the given settings on waitress; stop it at teardown."""
+    servers: list[ThreadedServer] = []
+
+    def start(threads: int = 4, **settings) -> ThreadedServer:
+        server = ThreadedServer(make_app(**settings), threads)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+# ==================================================================================================
+# App API: real client
+# ==================================================================================================
+
+#: Runs @immich/sdk against a live server: node SCRIPT CONFIG_JSON, prints one JSON document of
+#: {step: {"ok": answer} | {"error": {...}}}. A failing step is recorded, and the script goes on.
+SDK_SCRIPT = r"""
+import * as sdk from '@immich/sdk';
+
+const config = JSON.parse(process.argv[2]);
+const results = {};
+
+const describe = (error) => {
+  if (sdk.isHttpError(error)) return { kind: 'HttpError', status: error.status, data: error.data };
+  if (sdk.isMalformedResponseError(error)) return { kind: error.name, message: error.message };
+  return { kind: error?.name ?? 'unknown', message: String(error?.message ?? error) };
+};
+
+async function step(name, call) {
+  try {
+    results[name] = { ok: await call() };
+  } catch (error) {
+    results[name] = { error: describe(error) };
+  }
+  return results[name].ok;
+}
+
+async function syncNode(method, path, token, body) {
+  const headers = { Authorization: `Bearer ${token}` };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const response = await fetch(config.syncUrl + path, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await response.text();
+  return { status: response.status, body: text ? JSON.parse(text) : null };
+}
+
+const { admin, bob, password } = config;
+sdk.init({ baseUrl: config.baseUrl });
+await step('configBefore', () => sdk.getServerConfig());
+await step('ping', () => sdk.pingServer());
+await step('signUpAdmin', () => sdk.signUpAdmin({
+  signUpDto: { email: admin.email, password, name: admin.name },
+}));
+await step('signUpAgain', () => sdk.signUpAdmin({
+  signUpDto: { email: 'second@example.org', password, name: 'Second' },
+}));
+await step('registerBob', async () => {
+  const response = await fetch(config.syncUrl + '/account', {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ id: bob.email, password }),
+  });
+  return { status: response.status, body: await response.json() };
+});
+await step('configAfter', () => sdk.getServerConfig());
+await step('wrongPassword', () => sdk.login({
+  loginCredentialDto: { email: admin.loginEmail, password: 'not the password' },
+}));
+await step('bobLogin', () => sdk.login({ loginCredentialDto: { email: bob.email, password } }));
+const auth = await step('login', () => sdk.login({
+  loginCredentialDto: { email: admin.loginEmail, password },
+}));
+if (auth) {
+  sdk.setHeader('Authorization', `Bearer ${auth.accessToken}`);
+  await step('me', () => sdk.getMyUser());
+  await step('validate', () => sdk.validateAccessToken());
+  const created = await step('createApiKey', () => sdk.createApiKey({
+    apiKeyCreateDto: { name: 'sdk key', permissions: ['all'] },
+  }));
+  await step('apiKeys', () => sdk.getApiKeys());
+  await step('sessions', () => sdk.getSessions());
+  await step('accountSessions', () => syncNode('GET', '/account', auth.accessToken));
+  await step('notServed', () => sdk.getServerStatistics());
+  if (created) {
+    sdk.init({ baseUrl: config.baseUrl, apiKey: created.secret });
+    sdk.setHeader('Authorization', undefined);
+    await step('meByApiKey', () => sdk.getMyUser());
+    await step('myApiKey', () => sdk.getMyApiKey());
+    await step('sessionsByApiKey', () => sdk.getSessions());
+    sdk.setApiKey(undefined);
+  }
+  sdk.setHeader('Authorization', `Bearer ${auth.accessToken}`);
+  await step('logout', () => sdk.logout());
+  await step('meAfterLogout', () => sdk.getMyUser());
+  await step('storeAfterLogout', () => syncNode('GET', '/store', auth.accessToken));
+}
+console.log(JSON.stringify(results));
+"""
+
+NPM_INSTALL_TIMEOUT = 180
+NODE_RUN_TIMEOUT = 60
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip for a missing tool on a developer's machine; on CI (CI set) fail instead."""
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def immich_sdk_dir(tmp_path_factory) -> str:
+    """A folder with @immich/sdk 3.x installed from npm, once per test session."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        skip_or_fail("node and npm are needed to run @immich/sdk")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30)
+    major = re.match(r"v(\d+)", version.stdout.strip())
+    if major is None or int(major[1]) < 18:
+        skip_or_fail(f"@immich/sdk needs Node.js 18 or newer (global fetch), not {version.stdout}")
+    folder = tmp_path_factory.mktemp("immich-sdk")
+    # A package.json of its own keeps npm from installing into a project further up.
+    (folder / "package.json").write_text('{"name": "sdk-check", "private": true}\n')
+    command = [npm, "install", "--no-audit", "--no-fund", "@immich/sdk@3"]
+    env = {**os.environ, "npm_config_update_notifier": "false"}
+    try:
+        done = subprocess.run(
+            command, cwd=folder, env=env, capture_output=True, text=True,
+            timeout=NPM_INSTALL_TIMEOUT,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        skip_or_fail(f"npm install @immich/sdk@3 took over {NPM_INSTALL_TIMEOUT} s")
+    if done.returncode != 0:
+        skip_or_fail(f"npm install @immich/sdk@3 failed: {done.stderr.strip()[-2000:]}")
+    manifest = folder / "node_modules" / "@immich" / "sdk" / "package.json"
+    if not manifest.exists():
+        skip_or_fail("npm install @immich/sdk@3 left no node_modules/@immich/sdk")
+    assert json.loads(manifest.read_text())["version"].startswith("3.")
+    return str(folder)
+
+
+def run_sdk_script(sdk_dir: str, config: dict) -> dict:
+    """Write the SDK script beside node_modules, run it on the config, return its results."""
+    script = os.path.join(sdk_dir, "sdk_check.mjs")
+    with open(script, "w", encoding="utf-8") as file:
+        file.write(SDK_SCRIPT)
+    try:
+        done = subprocess.run(
+            [shutil.which("node") or "node", script, json.dumps(config)],
+            cwd=sdk_dir, capture_output=True, text=True, timeout=NODE_RUN_TIMEOUT,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"the @immich/sdk script ran over {NODE_RUN_TIMEOUT} s: {error.stderr}")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_app_client_immich_sdk_works_against_a_live_server(immich_sdk_dir, serve, db):
+    live = serve()
+    config = {
+        "baseUrl": f"{live.url}/api",
+        "syncUrl": live.url,
+        "password": PASSWORD,
+        "admin": {"email": "Admin@Example.org", "loginEmail": " ADMIN@example.ORG", "name": "Ada"},
+        "bob": {"email": "bob"},
+    }
+    results = run_sdk_script(immich_sdk_dir, config)
+    failed = {name: result["error"] for name, result in results.items() if "error" in result}
+    expected_failures = {
+        "signUpAgain", "wrongPassword", "notServed", "meAfterLogout",
+    }  # fmt: skip
+    assert set(failed) == expected_failures, failed
+    ok = {name: result["ok"] for name, result in results.items() if "ok" in result}
+
+    # Server facts, before and after the first account.
+    assert ok["ping"] == {"res": "pong"}
+    assert ok["configBefore"] == {
+        "loginPageMessage": "",
+        "userDeleteDelay": 0,
+        "isInitialized": False,
+    }
+    assert ok["configAfter"]["isInitialized"] is True
+
+    # The admin: signed up through the SDK, the id normalised, a fresh v4 UUID.
+    admin = ok["signUpAdmin"]
+    assert UUID4_TEXT.fullmatch(admin["id"])
+    assert admin["email"] == "admin@example.org" and admin["name"] == "Ada"
+    assert admin["isAdmin"] is True and admin["shouldChangePassword"] is False
+    assert failed["signUpAgain"]["kind"] == "HttpError"
+    assert failed["signUpAgain"]["status"] == 400
+    assert failed["signUpAgain"]["data"]["message"] == "The server already has an admin"
+
+    # Bob registered on the Sync Node API and logs in on the App API as a plain user.
+    assert ok["registerBob"]["status"] == 200
+    assert set(ok["registerBob"]["body"]) == {"token", "expiration"}
+    assert ok["bobLogin"]["userEmail"] == "bob" and ok["bobLogin"]["isAdmin"] is False
+    assert UUID4_TEXT.fullmatch(ok["bobLogin"]["userId"])
+    assert ok["bobLogin"]["userId"] != admin["id"]
+
+    # A wrong password is an HttpError 401 with Immich's JSON body, not a malformed answer.
+    wrong = failed["wrongPassword"]
+    assert wrong["kind"] == "HttpError" and wrong["status"] == 401
+    assert wrong["data"]["message"] == "Incorrect email or password"
+    assert wrong["data"]["statusCode"] == 401 and wrong["data"]["error"] == "Unauthorized"
+
+    # Login and the user behind the token.
+    login = ok["login"]
+    assert login["userId"] == admin["id"] and login["userEmail"] == "admin@example.org"
+    assert login["name"] == "Ada" and login["isAdmin"] is True
+    assert isinstance(login["accessToken"], str) and len(login["accessToken"]) >= 43
+    assert ok["me"]["id"] == admin["id"] and ok["me"]["email"] == "admin@example.org"
+    assert ok["validate"] == {"authStatus": True}
+
+    # The API key: created, listed, and acting for its user.
+    created = ok["createApiKey"]
+    assert isinstance(created["secret"], str) and len(created["secret"]) >= 43
+    key = created["apiKey"]
+    assert UUID4_TEXT.fullmatch(key["id"])
+    assert key["name"] == "sdk key" and key["permissions"] == ["all"]
+    assert ok["apiKeys"] == [key]
+    assert ok["meByApiKey"]["id"] == admin["id"]
+    assert ok["myApiKey"] == key
+
+    # Sessions: the login's is the one current session, the same one the Sync Node API lists.
+    sessions = ok["sessions"]
+    assert len(sessions) == 1
+    assert sessions[0]["current"] is True and UUID4_TEXT.fullmatch(sessions[0]["id"])
+    assert sessions[0]["isPendingSyncReset"] is False
+    account = ok["accountSessions"]
+    assert account["status"] == 200
+    assert [(entry["id"], entry["current"]) for entry in account["body"]] == [
+        (sessions[0]["id"], True)
+    ]
+    assert [entry["current"] for entry in ok["sessionsByApiKey"]] == [False]
+
+    # Routes outside the document answer JSON 404s, so the SDK reports an HttpError.
+    assert failed["notServed"]["kind"] == "HttpError" and failed["notServed"]["status"] == 404
+    assert failed["notServed"]["data"]["message"] == "Cannot GET /api/server/statistics"
+
+    # Logout ends the session on both APIs.
+    assert ok["logout"] == {"successful": True, "redirectUri": "/auth/login?autoLaunch=0"}
+    assert failed["meAfterLogout"]["status"] == 401
+    assert failed["meAfterLogout"]["data"]["message"] == "Invalid user token"
+    assert ok["storeAfterLogout"]["status"] == 401
+    assert ok["storeAfterLogout"]["body"]["code"] == "AUTH01"
+
+    # What the server stored: two users, one API key, only digests of secrets.
+    assert db.execute("SELECT name FROM users ORDER BY id").fetchall() == [
+        ("admin@example.org",), ("bob",),
+    ]  # fmt: skip
+    digest = hashlib.sha256(created["secret"].encode()).digest()
+    assert db.execute("SELECT public_id, secret_digest FROM api_keys").fetchall() == [
+        (key["id"], digest)
+    ]
+
+
+# ==================================================================================================
+# App API: cross-API
+# ==================================================================================================
+
+
+def test_cross_api_sync_node_login_token_works_on_app_api(client, user):
+    token = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    me = client.get("/api/users/me", headers=auth_headers(token), status=200).json
+    assert me["email"] == "alice" and me["name"] == "alice"
+    assert UUID4_TEXT.fullmatch(me["id"])
+
+
+def test_cross_api_app_login_token_works_on_sync_node(client, user):
+    token = app_login_token(client, "alice")
+    put(client, User("alice", token), "from-app", b"app value", status=204)
+    listing = client.get("/store", headers=auth_headers(token), status=200).json
+    assert [entry["key"] for entry in listing] == ["from-app"]
+    assert client.get("/store/from-app", headers=user.headers).body == b"app value"
+
+
+def test_cross_api_app_revokes_sync_node_session(client, user):
+    sync_token = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    listing = client.get("/account", headers=auth_headers(sync_token)).json
+    [session_id] = [entry["id"] for entry in listing if entry["current"]]
+    app_token = app_login_token(client, "alice")
+    client.delete(f"/api/sessions/{session_id}", headers=auth_headers(app_token), status=204)
+    response = client.get("/store", headers=auth_headers(sync_token), status=401)
+    assert_error(response, 401, "AUTH01")
+    client.get("/store", headers=user.headers, status=200)
+    client.get("/store", headers=auth_headers(app_token), status=200)
+
+
+def test_cross_api_app_logout_ends_the_token_on_sync_node(client, user):
+    token = app_login_token(client, "alice")
+    client.post("/api/auth/logout", headers=auth_headers(token), status=200)
+    assert_error(client.get("/store", headers=auth_headers(token), status=401), 401, "AUTH01")
+    assert_error(client.get("/account", headers=auth_headers(token), status=401), 401, "AUTH01")
+    client.get("/store", headers=user.headers, status=200)
+
+
+def test_cross_api_account_lists_app_login_and_child_sessions(client, user, clock):
+    clock.advance(10)
+    token = app_login_token(client, "alice")
+    clock.advance(10)
+    child = client.post_json("/api/sessions", {}, headers=auth_headers(token), status=201).json
+    listing = client.get("/account", headers=auth_headers(token), status=200).json
+    app_sessions = client.get("/api/sessions", headers=auth_headers(token)).json
+    assert [set(entry) for entry in listing] == [{"id", "expiration", "current", "createdAt"}] * 3
+    assert {entry["id"] for entry in listing} == {entry["id"] for entry in app_sessions}
+    # Newest first: the child, the App API login, the registration's session.
+    assert listing[0]["id"] == child["id"]
+    assert [entry["current"] for entry in listing] == [False, True, False]
+    assert [entry["createdAt"] for entry in listing] == sorted(
+        (entry["createdAt"] for entry in listing), reverse=True
+    )
+    assert listing[0]["expiration"] == listing[1]["expiration"]  # A child outlives no parent.
+    from_child = client.get("/account", headers=auth_headers(child["token"]), status=200).json
+    assert [entry["current"] for entry in from_child] == [True, False, False]
+
+
+def test_cross_api_sync_node_logout_ends_app_child_sessions(client, user):
+    child = client.post_json("/api/sessions", {}, headers=user.headers, status=201).json
+    client.get("/store", headers=auth_headers(child["token"]), status=200)
+    client.delete("/auth", headers=user.headers, status=204)
+    response = client.get("/store", headers=auth_headers(child["token"]), status=401)
+    assert_error(response, 401, "AUTH01")
+
+
+# API keys on Sync Node paths.
+
+
+def api_key_headers(secret: str) -> dict[str, str]:
+    return {"x-api-key": secret}
+
+
+def test_cross_api_store_read_key_reads_but_cannot_write(client, user, db):
+    token = put(client, user, "notes", b"secret notes").headers["X-Sync-Token"]
+    headers = api_key_headers(new_api_key(client, user, "store.read"))
+    response = client.get("/store/notes", headers=headers, status=200)
+    assert response.body == b"secret notes" and response.headers["X-Sync-Token"] == token
+    assert client.get("/store", headers=headers).json == [
+        {"key": "notes", "permission": "OWN", "token": token}
+    ]
+    assert client.get("/permission/notes", headers=headers).json == [
+        {"user": "alice", "permission": "OWN"}
+    ]
+    before = snapshot(db)
+    response = client.put(
+        "/store/notes", b"changed", headers={**headers, "X-Sync-Token": token}, status=403
+    )
+    assert_error(response, 403, "PERM01")
+    assert response.json["message"] == "Missing required permission: store.write"
+    assert snapshot(db) == before
+
+
+def test_cross_api_store_write_key_may_put_but_not_delete(client, user, db):
+    token = put(client, user, "notes", b"first").headers["X-Sync-Token"]
+    headers = api_key_headers(new_api_key(client, user, "store.write"))
+    response = client.put(
+        "/store/notes", b"second", headers={**headers, "X-Sync-Token": token}, status=204
+    )
+    token = response.headers["X-Sync-Token"]
+    created = client.put("/store/created-by-key", b"new", headers=headers, status=204)
+    assert client.get("/store", headers=user.headers).json == [
+        {"key": "created-by-key", "permission": "OWN", "token": created.headers["X-Sync-Token"]},
+        {"key": "notes", "permission": "OWN", "token": token},
+    ]
+    before = snapshot(db)
+    response = client.delete("/store/notes", headers={**headers, "X-Sync-Token": token}, status=403)
+    assert_error(response, 403, "PERM01")
+    assert response.json["message"] == "Missing required permission: store.own"
+    assert snapshot(db) == before
+    assert client.get("/store/notes", headers=user.headers).body == b"second"
+
+
+def test_cross_api_store_own_key_is_capped_by_the_users_read_permission(client, user, other, db):
+    token = put(client, other, "bobs", b"bob's value").headers["X-Sync-Token"]
+    share(client, other, "bobs", {"alice": "READ"}, status=204)
+    headers = api_key_headers(new_api_key(client, user, "store.own"))
+    assert client.get("/store/bobs", headers=headers, status=200).body == b"bob's value"
+    before = snapshot(db)
+    response = client.delete("/store/bobs", headers={**headers, "X-Sync-Token": token}, status=403)
+    assert_error(response, 403, "PERM01")
+    response = client.put(
+        "/store/bobs", b"overwrite", headers={**headers, "X-Sync-Token": token}, status=403
+    )
+    assert_error(response, 403, "PERM01")
+    assert snapshot(db) == before
+
+
+def test_cross_api_store_own_key_deletes_the_users_own_key(client, user, db):
+    token = put(client, user, "mine", b"v").headers["X-Sync-Token"]
+    headers = api_key_headers(new_api_key(client, user, "store.own"))
+    client.delete("/store/mine", headers={**headers, "X-Sync-Token": token}, status=204)
+    assert table_counts(db)["items"] == 0
+
+
+def test_cross_api_session_read_key_lists_sessions_with_none_current(client, user):
+    client.post_json("/auth", {"id": "alice", "password": PASSWORD})
+    headers = api_key_headers(new_api_key(client, user, "session.read"))
+    listing = client.get("/account", headers=headers, status=200).json
+    assert len(listing) == 2
+    assert [entry["current"] for entry in listing] == [False, False]
+    by_session = client.get("/account", headers=user.headers).json
+    assert {entry["id"] for entry in listing} == {entry["id"] for entry in by_session}
+
+
+def test_cross_api_key_without_session_read_cannot_list_sessions(client, user):
+    headers = api_key_headers(new_api_key(client, user, "store.own"))
+    response = client.get("/account", headers=headers, status=403)
+    assert_error(response, 403, "PERM01")
+    assert response.json["message"] == "Missing required permission: session.read"
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("DELETE", "/auth", None),
+        ("DELETE", "/account", None),
+        ("POST", "/password", json.dumps({"password": "a new password"}).encode()),
+    ],
+    ids=["logout", "delete-account", "change-password"],
+)
+def test_cross_api_session_only_operations_refuse_api_keys(client, user, db, method, path, body):
+    headers = api_key_headers(new_api_key(client, user, "all"))
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    before, counts = snapshot(db), table_counts(db)
+    response = client.request(path, method=method, body=body, headers=headers, status=403)
+    assert_error(response, 403, "PERM01")
+    assert snapshot(db) == before and table_counts(db) == counts
+    client.get("/store", headers=user.headers, status=200)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [("GET", "/store"), ("GET", "/store/k"), ("PUT", "/store/k"), ("GET", "/account")],
+)
+def test_cross_api_unknown_api_key_is_auth01(client, user, db, method, path):
+    headers = api_key_headers(secrets.token_urlsafe(32))
+    response = client.request(path, method=method, headers=headers, status=401)
+    assert_error(response, 401, "AUTH01")
+    assert table_counts(db)["items"] == 0
+
+
+def test_cross_api_bad_bearer_beside_good_api_key_is_auth01(client, user):
+    headers = {
+        **api_key_headers(new_api_key(client, user, "all")),
+        "Authorization": "Bearer " + secrets.token_urlsafe(32),
+    }
+    assert_error(client.get("/store", headers=headers, status=401), 401, "AUTH01")
+
+
+def test_cross_api_good_bearer_beside_unknown_api_key_decides(client, user):
+    headers = {**user.headers, **api_key_headers("no-such-key")}
+    client.get("/store", headers=headers, status=200)
+
+
+@pytest.mark.parametrize(
+    "credential",
+    ["cookie", "session-key-query", "api-key-query", "user-token-header"],
+)
+def test_cross_api_app_only_credentials_never_reach_sync_node_paths(client, user, credential):
+    secret = new_api_key(client, user, "all")
+    put(client, user, "k", b"v", status=204)
+    headers, query = {}, ""
+    if credential == "cookie":
+        headers["Cookie"] = f"immich_access_token={user.token}"
+    elif credential == "session-key-query":
+        query = f"?sessionKey={user.token}"
+    elif credential == "api-key-query":
+        query = f"?apiKey={secret}"
+    else:
+        headers["x-immich-user-token"] = user.token
+    # The credential is good: the App API takes it.
+    client.get("/api/users/me" + query, headers=headers, status=200)
+    for path in ("/store", "/store/k", "/account"):
+        response = client.get(path + query, headers=headers, status=401)
+        assert_error(response, 401, "AUTH01")
+
+
+def test_cross_api_deleting_the_account_removes_its_api_keys(client, user, db):
+    secret = new_api_key(client, user, "all")
+    client.get("/store", headers=api_key_headers(secret), status=200)
+    client.delete("/account", headers=user.headers, status=204)
+    assert table_counts(db)["api_keys"] == 0
+    response = client.get("/store", headers=api_key_headers(secret), status=401)
+    assert_error(response, 401, "AUTH01")
+
+
+# ==================================================================================================
+# App API: concurrency
+# ==================================================================================================
+
+
+def test_app_concurrency_admin_sign_up_race_has_one_winner(serve, db):
+    live = serve(threads=8)
+    callers = 8
+    barrier = threading.Barrier(callers)
+    answers: list[tuple[int, dict] | None] = [None] * callers
+    errors: list[BaseException] = []
+
+    def sign_up(number: int) -> None:
+        conn = live.connect()
+        try:
+            conn.connect()  # Connected before the barrier, so that the requests race.
+            body = {"email": f"admin{number}@example.org", "password": PASSWORD, "name": "Admin"}
+            barrier.wait(timeout=10)
+            conn.request(
+                "POST", "/api/auth/admin-sign-up", json.dumps(body).encode(),
+                {"Content-Type": "application/json"},
+            )  # fmt: skip
+            response = conn.getresponse()
+            answers[number] = (response.status, json.loads(response.read()))
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=sign_up, args=(n,), daemon=True) for n in range(callers)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a caller did not finish in time"
+    assert not errors, errors
+
+    winners = [number for number, (status, _) in enumerate(answers) if status == 201]
+    assert len(winners) == 1
+    [winner] = winners
+    assert answers[winner][1]["email"] == f"admin{winner}@example.org"
+    assert answers[winner][1]["isAdmin"] is True
+    for number, (status, body) in enumerate(answers):
+        if number != winner:
+            assert status == 400
+            assert body["message"] == "The server already has an admin"
+    assert db.execute("SELECT name FROM users").fetchall() == [(f"admin{winner}@example.org",)]
+
+
+# ==================================================================================================
+# Migrations
+# ==================================================================================================
+
+#: A store value with every byte value, so that nothing may be decoded or re-encoded.
+EVERY_BYTE = bytes(range(256)) * 3
+
+
+def iso_ms(ms: int) -> str:
+    """Format milliseconds since the epoch as the App API does: UTC ISO 8601 with milliseconds."""
+    moment = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def dump_database(path: str) -> tuple[int, list[str]]:
+    """Return the schema version and the whole database as SQL, for before/after comparisons."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        return version, list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+class V1Data:
+    """What build_v1_database wrote by hand, to be read back through the APIs."""
+
+    def __init__(self, now_ms: int) -> None:
+        day = 86_400_000
+        #: user id -> (row id, created_ms)
+        self.users = {
+            "alice@example.org": (1, now_ms - 30 * day),
+            "bob": (2, now_ms - 20 * day),
+            "@odd": (3, now_ms - 10 * day),
+            "zoë@home@example.org": (4, now_ms - 5 * day),
+        }
+        #: session token -> (public id, user id, created_ms, expires_ms)
+        self.sessions = {
+            secrets.token_urlsafe(32): (str(uuid.uuid4()), name, now_ms - age, now_ms + 10 * day)
+            for name, age in [
+                ("alice@example.org", 3 * day),
+                ("bob", 2 * day),
+                ("bob", day),
+                ("@odd", day // 2),
+            ]
+        }
+        #: key -> (value, store token, meta, {user id: level})
+        self.items = {
+            "notes/alice": (EVERY_BYTE, "tok-alice-1", "v=1; kind=notes",
+                            {"alice@example.org": "OWN", "bob": "READ"}),
+            "shared": (b"shared \xe2\x82\xac value", "tok-shared-7", None,
+                       {"bob": "OWN", "alice@example.org": "WRITE", "@odd": "OWN"}),
+            "empty": (b"", "tok-empty-1", "", {"@odd": "OWN"}),
+        }  # fmt: skip
+        self.reset_token = secrets.token_urlsafe(32)
+        self.reset_expires_ms = now_ms + 3_600_000
+
+    def token_of(self, name: str) -> str:
+        """The newest session token of a user."""
+        tokens = [(s[2], t) for t, s in self.sessions.items() if s[1] == name]
+        return max(tokens)[1]
+
+
+def build_v1_database(path: str, now_ms: int) -> V1Data:
+    """Make a database of schema version 1 (the core schema) and fill it by hand, as v1 did."""
+    data = V1Data(now_ms)
+    hasher = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert syncnode.migrate(conn, syncnode.SCHEMA[:1]) == 1
+        conn.execute("PRAGMA foreign_keys = ON")
+        row_ids = {name: row_id for name, (row_id, _) in data.users.items()}
+        for name, (row_id, created_ms) in data.users.items():
+            conn.execute(
+                "INSERT INTO users (id, name, password_hash, created_ms) VALUES (?, ?, ?, ?)",
+                (row_id, name, hasher.hash(PASSWORD), created_ms),
+            )
+        for token, (public_id, name, created_ms, expires_ms) in data.sessions.items():
+            conn.execute(
+                "INSERT INTO sessions (public_id, user_id, token_digest, created_ms, expires_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (public_id, row_ids[name], hashlib.sha256(token.encode()).digest(), created_ms,
+                 expires_ms),
+            )  # fmt: skip
+        for key, (value, token, meta, holders) in data.items.items():
+            item_id = conn.execute(
+                "INSERT INTO items (key, token, meta, updated_ms, size, value) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key, token, meta or None, now_ms - 1000, len(value), value),
+            ).lastrowid
+            for name, level in holders.items():
+                conn.execute(
+                    "INSERT INTO permissions (item_id, user_id, level) VALUES (?, ?, ?)",
+                    (item_id, row_ids[name], syncnode.LEVELS[level]),
+                )
+        conn.execute(
+            "INSERT INTO reset_tokens (user_id, token_digest, expires_ms) VALUES (?, ?, ?)",
+            (row_ids["bob"], hashlib.sha256(data.reset_token.encode()).digest(),
+             data.reset_expires_ms),
+        )  # fmt: skip
+        conn.execute(
+            "INSERT INTO attempts (kind, subject, at_ms) VALUES ('login_id', 'bob', ?)",
+            (now_ms - 1000,),
+        )
+    finally:
+        conn.close()
+    return data
+
+
+@pytest.fixture
+def v1_data(db_path, clock) -> V1Data:
+    return build_v1_database(db_path, int(clock.now * 1000))
+
+
+def test_migration_v1_database_reaches_the_newest_version(v1_data, app, db):
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(syncnode.SCHEMA)
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"users", "sessions", "reset_tokens", "items", "permissions", "api_keys"} <= tables
+
+
+def test_migration_v1_users_get_uuids_names_and_update_times(v1_data, app, db):
+    rows = db.execute(
+        "SELECT id, name, uuid, display_name, created_ms, updated_ms FROM users ORDER BY id"
+    ).fetchall()
+    assert [(row[0], row[1], row[4]) for row in rows] == [
+        (row_id, name, created_ms) for name, (row_id, created_ms) in v1_data.users.items()
+    ]
+    uuids = [row[2] for row in rows]
+    assert all(UUID4_TEXT.fullmatch(value) for value in uuids), uuids
+    assert len(set(uuids)) == len(uuids)
+    assert [row[3] for row in rows] == ["alice", "bob", "@odd", "zoë@home"]
+    assert all(row[5] == row[4] for row in rows)
+
+
+def test_migration_v1_sessions_get_device_fields_and_update_times(v1_data, app, db):
+    rows = db.execute(
+        "SELECT public_id, created_ms, updated_ms, expires_ms, parent_id, device_type, device_os,"
+        " app_version FROM sessions ORDER BY id"
+    ).fetchall()
+    assert rows == [
+        (public_id, created_ms, created_ms, expires_ms, None, "", "", None)
+        for public_id, _, created_ms, expires_ms in v1_data.sessions.values()
+    ]
+
+
+def test_migration_v1_sessions_authenticate_on_both_apis(v1_data, client, db, clock):
+    for token, (public_id, name, created_ms, expires_ms) in v1_data.sessions.items():
+        client.get("/store", headers=auth_headers(token), status=200)
+        me = client.get("/api/users/me", headers=auth_headers(token), status=200).json
+        public_user_id, display_name = db.execute(
+            "SELECT uuid, display_name FROM users WHERE name = ?", (name,)
+        ).fetchone()
+        created_user_ms = v1_data.users[name][1]
+        assert me == {
+            "id": public_user_id,
+            "name": display_name,
+            "email": name,
+            "shouldChangePassword": False,
+            "isAdmin": name == "alice@example.org",
+            "createdAt": iso_ms(created_user_ms),
+            "deletedAt": None,
+            "updatedAt": iso_ms(created_user_ms),
+            "status": "active",
+        }
+        app_sessions = client.get("/api/sessions", headers=auth_headers(token)).json
+        [app_current] = [entry for entry in app_sessions if entry["current"]]
+        assert app_current["id"] == public_id
+        assert app_current["createdAt"] == iso_ms(created_ms)
+        # The first use over an hour after the last refresh moved updatedAt to now.
+        assert app_current["updatedAt"] == iso_ms(int(clock.now * 1000))
+        assert app_current["expiresAt"] == iso_ms(expires_ms)
+        assert app_current["deviceType"] == "" and app_current["appVersion"] is None
+
+
+def test_migration_v1_sessions_are_listed_on_the_sync_node_api(v1_data, client):
+    for token, (public_id, _, created_ms, expires_ms) in v1_data.sessions.items():
+        listing = client.get("/account", headers=auth_headers(token), status=200).json
+        [current] = [entry for entry in listing if entry["current"]]
+        assert current["id"] == public_id
+        assert current["expiration"] == expires_ms and current["createdAt"] == created_ms
+
+
+def test_migration_v1_values_read_back_with_tokens_and_permissions(v1_data, client):
+    for key, (value, token, meta, holders) in v1_data.items.items():
+        expected_holders = [
+            {"user": name, "permission": level} for name, level in sorted(holders.items())
+        ]
+        for name, level in holders.items():
+            headers = auth_headers(v1_data.token_of(name))
+            response = client.get(f"/store/{key}", headers=headers, status=200)
+            assert response.body == value
+            assert response.headers["X-Sync-Token"] == token
+            assert response.headers.get("X-Sync-Meta") == (meta or None)
+            assert client.get(f"/permission/{key}", headers=headers).json == expected_holders
+            listed = client.get("/store", headers=headers).json
+            assert {"key": key, "permission": level, "token": token} in listed
+
+
+def test_migration_v1_tokens_still_guard_updates(v1_data, client):
+    alice = User("alice@example.org", v1_data.token_of("alice@example.org"))
+    assert_error(put(client, alice, "shared", b"new", token="stale", status=409), 409, "KEY01")
+    response = put(client, alice, "shared", b"new", token="tok-shared-7", status=204)
+    assert response.headers["X-Sync-Token"] != "tok-shared-7"
+    assert client.get("/store/shared", headers=alice.headers).body == b"new"
+
+
+def test_migration_v1_passwords_and_reset_token_still_work(v1_data, client):
+    for name in v1_data.users:
+        client.post_json("/auth", {"id": name, "password": PASSWORD}, status=200)
+        client.post_json("/api/auth/login", {"email": name, "password": PASSWORD}, status=201)
+        client.reset()
+    reset = {**auth_headers(v1_data.reset_token), "Content-Type": "application/json"}
+    client.post("/password", json.dumps({"password": "a new password"}), headers=reset, status=204)
+    client.post_json("/auth", {"id": "bob", "password": "a new password"}, status=200)
+
+
+def test_migration_v1_users_keep_their_uuids_when_reopened(v1_data, make_app, db_path, db):
+    make_app().close()
+    first = db.execute("SELECT name, uuid, display_name FROM users ORDER BY id").fetchall()
+    make_app().close()
+    assert db.execute("SELECT name, uuid, display_name FROM users ORDER BY id").fetchall() == first
+
+
+def test_migration_twice_is_a_no_op(v1_data, db_path):
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        assert syncnode.migrate(conn) == len(syncnode.SCHEMA)
+        once = dump_database(db_path)
+        assert syncnode.migrate(conn) == len(syncnode.SCHEMA)
+    finally:
+        conn.close()
+    assert once[0] == len(syncnode.SCHEMA)
+    assert dump_database(db_path) == once
+
+
+def test_migration_too_new_database_raises_and_changes_nothing(make_app, db_path):
+    client = webtest.TestApp(make_app())
+    client.post_json("/account", {"id": "alice", "password": PASSWORD}, status=200)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute(f"PRAGMA user_version = {len(syncnode.SCHEMA) + 1}")
+    conn.close()
+    before = dump_database(db_path)
+    with pytest.raises(syncnode.DatabaseTooNew):
+        syncnode.create_app(db_path, clock=FakeClock(), **CHEAP_HASHING)
+    assert dump_database(db_path) == before
+
+
+@pytest.mark.parametrize("start", [0, 1], ids=["from-empty", "from-v1"])
+def test_migration_failing_step_rolls_back_whole(db_path, clock, start):
+    if start:
+        build_v1_database(db_path, int(clock.now * 1000))
+    before = dump_database(db_path)
+    failing = (
+        "CREATE TABLE extra (a);\n"
+        "INSERT INTO extra VALUES (1);\n"
+        "INSERT INTO no_such_table VALUES (1);\n"
+    )
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            syncnode.migrate(conn, [*syncnode.SCHEMA, failing])
+        assert not conn.in_transaction
+    finally:
+        conn.close()
+    assert dump_database(db_path) == before
+    assert before[0] == start
+
+
+def open_descriptors(path: str) -> list[str]:
+    """The file descriptors of this process open on a database file or its -wal and -shm."""
+    names = {os.path.realpath(path) + suffix for suffix in ("", "-wal", "-shm")}
+    folder = "/proc/self/fd"
+    return [fd for fd in os.listdir(folder) if os.path.realpath(f"{folder}/{fd}") in names]
+
+
+def make_too_new_database(path: str) -> None:
+    """A database in SQLite's default rollback-journal mode, one schema version ahead."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE future (a)")
+    conn.execute("INSERT INTO future VALUES ('from a newer syncnode')")
+    conn.execute(f"PRAGMA user_version = {len(syncnode.SCHEMA) + 1}")
+    conn.close()
+
+
+def test_migration_too_new_database_file_is_left_byte_for_byte(db_path):
+    make_too_new_database(db_path)
+    with open(db_path, "rb") as file:
+        before = file.read()
+    with pytest.raises(syncnode.DatabaseTooNew):
+        syncnode.create_app(db_path, clock=FakeClock(), **CHEAP_HASHING)
+    with open(db_path, "rb") as file:
+        assert file.read() == before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_migration_refused_database_leaves_no_connection_open(db_path):
+    make_too_new_database(db_path)
+    with pytest.raises(syncnode.DatabaseTooNew):
+        syncnode.create_app(db_path, clock=FakeClock(), **CHEAP_HASHING)
+    assert open_descriptors(db_path) == []
