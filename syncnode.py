@@ -106,6 +106,8 @@ MAX_NAME_CHARS = 255
 MAX_DEVICE_CHARS = 64
 SESSION_REFRESH_MS = 3600 * 1000
 HOUSEKEEPING_MS = 10 * 60 * 1000
+#: How often the serving loop looks for a stop signal.
+STOP_CHECK_SECONDS = 0.25
 #: The WAL file is cut back to this size after each checkpoint.
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 LEVEL_NAMES = {number: name for name, number in LEVELS.items()}
@@ -1628,7 +1630,8 @@ def check_database(conn: sqlite3.Connection) -> list[str]:
     problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
     problems = [] if problems == ["ok"] else problems
     for table, row_id, parent, _ in conn.execute("PRAGMA foreign_key_check"):
-        problems.append(f"Row {row_id} of {table} points to a missing row of {parent}.")
+        row = f"Row {row_id} of {table}" if row_id is not None else f"A row of {table}"
+        problems.append(f"{row} points to a missing row of {parent}.")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version != len(SCHEMA):
         problems.append(f"The schema version is {version}, not {len(SCHEMA)}.")
@@ -1662,6 +1665,7 @@ class Context:
         self._changes = threading.Condition()
         self._change_count = 0
         self._waiting = 0
+        self._stopping = False
         #: Long-polls held at once; the rest answer at once, so some threads stay free.
         self.max_waiting = settings.threads // 2
 
@@ -1734,6 +1738,12 @@ class Context:
             self._change_count += 1
             self._changes.notify_all()
 
+    def stop_waiting(self) -> None:
+        """Answer every long-poll now and hold no new ones: the server is shutting down."""
+        with self._changes:
+            self._stopping = True
+            self._changes.notify_all()
+
     def long_poll(self, query: Callable[[], Listing], wait_seconds: int) -> Listing:
         """Run the query, and while it finds nothing, again after each change, for a while.
 
@@ -1742,7 +1752,7 @@ class Context:
         answers at once, as with wait=0.
         """
         with self._changes:
-            if not wait_seconds or self._waiting >= self.max_waiting:
+            if not wait_seconds or self._waiting >= self.max_waiting or self._stopping:
                 wait_seconds = 0
             else:
                 self._waiting += 1
@@ -1754,11 +1764,12 @@ class Context:
                 seen = self._change_count
                 listing = query()
                 remaining = deadline - time.monotonic()
-                if listing.entries or remaining <= 0:
+                if listing.entries or remaining <= 0 or self._stopping:
                     return listing
                 with self._changes:
                     self._changes.wait_for(
-                        lambda seen=seen: self._change_count != seen, timeout=min(remaining, 1.0)
+                        lambda seen=seen: self._change_count != seen or self._stopping,
+                        timeout=min(remaining, 1.0),
                     )
         finally:
             with self._changes:
@@ -1845,7 +1856,7 @@ def read_body(limit: int, code: str = "REQ01") -> bytes:
     environ = bottle.request.environ
     length_text = environ.get("CONTENT_LENGTH") or ""
     if length_text:
-        if not length_text.isdigit():
+        if not (length_text.isascii() and length_text.isdigit()):
             raise ApiError(code, "The Content-Length header must be a whole number.")
         length = int(length_text)
         if length > limit:
@@ -1875,7 +1886,7 @@ def read_value(limit: int) -> NewValue:
     meta = read_meta()
     environ = bottle.request.environ
     length_text = environ.get("CONTENT_LENGTH") or ""
-    if length_text and not length_text.isdigit():
+    if length_text and not (length_text.isascii() and length_text.isdigit()):
         raise ApiError("REQ01", "The Content-Length header must be a whole number.")
     if length_text and int(length_text) <= STREAM_FROM_BYTES:
         body = read_body(limit)
@@ -2118,7 +2129,8 @@ def read_meta() -> str | None:
 
 def read_key(key: str) -> str:
     """Check a key taken from the path; REQ01 when it is not 1 to 1,024 characters of text."""
-    raw_path = bottle.request.environ.get("bottle.raw_path", "")
+    environ = bottle.request.environ
+    raw_path = environ.get("syncnode.raw_path", environ.get("bottle.raw_path", ""))
     try:
         raw_path.encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
@@ -2589,10 +2601,11 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     resource("/openapi.json", GET=openapi_get)
 
 
-def register_unknown_routes(app: bottle.Bottle) -> None:
+def register_unknown_routes(app: bottle.Bottle, ctx: Context) -> None:
     """Answer JSON ERR01 on every path no other route takes; registered last."""
 
     def unknown_route(path: str = ""):
+        ctx.housekeep()
         raise ApiError("ERR01", "There is nothing at this path.")
 
     app.route("/", "ANY", guarded(unknown_route))
@@ -2601,7 +2614,17 @@ def register_unknown_routes(app: bottle.Bottle) -> None:
 
 def mount_prefix() -> str:
     """Return the path the app is mounted under, without a trailing slash ('' at the root)."""
-    return bottle.request.environ.get("SCRIPT_NAME", "").rstrip("/")
+    return bottle.request.environ.get("SCRIPT_NAME", "").rstrip("/") + merged_prefix()
+
+
+def merged_prefix() -> str:
+    """Return the prefix bottle's mount("/prefix/", app) copied this app's routes under, or ''.
+
+    That form of mounting puts the routes into the parent app instead of calling this one,
+    so SCRIPT_NAME does not show the prefix; the app's config does.
+    """
+    route = bottle.request.environ.get("bottle.route")
+    return route.app.config.get("_mount.prefix", "").rstrip("/") if route else ""
 
 
 def read_grants() -> dict[str, int]:
@@ -2728,7 +2751,7 @@ def correlation_id() -> str:
 
 def app_guarded(callback: Callable, operation_id: str) -> Callable:
     """Wrap an App API route: errors in Immich's layout, x-immich-cid on every answer."""
-    failure = "Failed to" + re.sub("[A-Z]+", lambda match: " " + match[0].lower(), operation_id)
+    failure = "Failed to " + re.sub("[A-Z]+", lambda match: " " + match[0].lower(), operation_id)
 
     def wrapper(*args: Any, **kwargs: Any):
         cid = correlation_id()
@@ -2740,12 +2763,16 @@ def app_guarded(callback: Callable, operation_id: str) -> Callable:
             status, message = APP_ERRORS.get(error.code, (500, failure))
             if status == 500:
                 log.error("Unexpected %s in %s", error.code, operation_id)
-            response = app_error_response(AppError(status, message, error.headers), cid)
+            # Only Retry-After crosses over: APP-API.md has no WWW-Authenticate.
+            retry = {k: v for k, v in error.headers.items() if k == "Retry-After"}
+            response = app_error_response(AppError(status, message, retry), cid)
         except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY):
-                raise
-            log.error("The database could not be written: %s", error.sqlite_errorname)
-            response = app_error_response(AppError(507, "Insufficient storage"), cid)
+            if error.sqlite_errorcode in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY):
+                log.error("The database could not be written: %s", error.sqlite_errorname)
+                response = app_error_response(AppError(507, "Insufficient storage"), cid)
+            else:
+                log.exception("Unexpected database error in %s", operation_id)
+                response = app_error_response(AppError(500, failure), cid)
         except bottle.HTTPResponse:
             raise
         except Exception:
@@ -2811,13 +2838,20 @@ class BodyChecks:
         self.messages.append(f"{field} must be an email")
         return None
 
-    def text(self, field: str, required: bool, min_chars: int = 1, max_chars: int = 0):
+    def text(
+        self,
+        field: str,
+        required: bool,
+        min_chars: int = 1,
+        max_chars: int = 0,
+        not_empty: bool = True,
+    ):
         """A string: IsNotEmpty, IsString, then the length rules; None when absent or broken."""
         value = self.body.get(field)
         if value is None and not required:
             return None
         before = len(self.messages)
-        if value in (None, ""):
+        if not_empty and value in (None, ""):
             self.messages.append(f"{field} should not be empty")
         if not isinstance(value, str):
             self.messages.append(f"{field} must be a string")
@@ -3105,7 +3139,7 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
 
     @operation("GET", "/server/version", "getServerVersion", PUBLIC)
     def get_server_version():
-        major, minor, patch = (int(re.match(r"\d+", part)[0]) for part in __version__.split("."))
+        major, minor, patch = map(int, re.match(r"(\d+)\.(\d+)\.(\d+)", __version__).groups())
         return app_json({"major": major, "minor": minor, "patch": patch})
 
     @operation("GET", "/server/about", "getAboutInfo", "server.about")
@@ -3127,13 +3161,13 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
 
     @operation("POST", "/sessions", "createSession", "session.create")
     def create_session_route(caller: Caller):
-        if caller.session_id is None:
-            raise AppError(400, "This endpoint can only be used with a session token")
         checks = BodyChecks(read_app_body())
         duration = checks.duration("duration")
-        device_type = checks.text("deviceType", False, min_chars=0, max_chars=MAX_NAME_CHARS)
-        device_os = checks.text("deviceOS", False, min_chars=0, max_chars=MAX_NAME_CHARS)
+        device_type = checks.text("deviceType", False, 0, MAX_NAME_CHARS, not_empty=False)
+        device_os = checks.text("deviceOS", False, 0, MAX_NAME_CHARS, not_empty=False)
         checks.done()
+        if caller.session_id is None:
+            raise AppError(400, "This endpoint can only be used with a session token")
         conn, now_ms = ctx.connection(), ctx.now_ms()
         expires_ms = find_session_expiry(conn, caller.session_id)
         if duration is not None:
@@ -3195,10 +3229,12 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
     # Everything else under /api: Immich's 404 ---------------------------------------------------
 
     def unknown_app_route(path: str = ""):
+        ctx.housekeep()
         request = bottle.request
-        raise AppError(404, f"Cannot {request.method} {request.path}")
+        raise AppError(404, f"Cannot {request.method} {request.path[len(merged_prefix()) :]}")
 
     app.route("/api", "ANY", app_guarded(unknown_app_route, "unknown"))
+    app.route("/api/", "ANY", app_guarded(unknown_app_route, "unknown"))
     app.route("/api/<path:path>", "ANY", app_guarded(unknown_app_route, "unknown"))
 
 
@@ -3751,7 +3787,8 @@ class SyncNodeApp(bottle.Bottle):
         if "bottle.raw_path" in environ:
             environ = dict(environ)
             environ["PATH_INFO"] = environ["PATH_INFO"].encode("utf-8").decode("latin-1")
-            del environ["bottle.raw_path"]
+            # The outer app dropped bytes that are not UTF-8; read_key checks the original.
+            environ["syncnode.raw_path"] = environ.pop("bottle.raw_path")
         if not self.context.settings.access_log:
             return super().__call__(environ, start_response)
         return AccessLogged(self.context, environ, start_response, super().__call__)
@@ -3791,10 +3828,12 @@ class AccessLogged:
             self.body.close()
         environ = self.environ
         path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        path = path.encode("latin-1", "replace").decode("utf-8", "replace")
         access_log.info(
             "%s %s %s %d %.1fms %s",
             environ.get("REQUEST_METHOD", "-"),
-            path.encode("latin-1", "replace").decode("utf-8", "replace"),
+            # A %0A in the URL must not start a forged line of its own.
+            CONTROL_CHARS.sub(lambda char: f"%{ord(char[0]):02X}", path),
             self.status,
             self.sent,
             (time.monotonic() - self.started) * 1000,
@@ -3834,7 +3873,7 @@ def create_app(
         app.error_handler[status] = functools.partial(error_body, status)
     register_sync_routes(app, ctx)
     register_app_routes(app, ctx)
-    register_unknown_routes(app)
+    register_unknown_routes(app, ctx)
     return app
 
 
@@ -3904,7 +3943,7 @@ def parse_setting(kind: str, text: str) -> int | bool | str:
     """Convert a flag's or variable's text to a setting of the given kind; ValueError if not."""
     text = text.strip()
     if kind == "int":
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise ValueError("must be a whole number")
         return int(text)
     if kind == "bool":
@@ -3974,9 +4013,10 @@ def serve(app: SyncNodeApp, settings: Settings) -> None:
     )
     try:
         while not stopping.is_set():
-            server.asyncore.loop(timeout=1.0, map=server._map, count=1)
+            server.asyncore.loop(timeout=STOP_CHECK_SECONDS, map=server._map, count=1)
         log.info("Stopping: finishing the requests under way.")
         waitress.wasyncore.dispatcher.close(server)  # no new connections
+        app.context.stop_waiting()
         deadline = time.monotonic() + settings.shutdown_timeout
         while time.monotonic() < deadline:
             busy = False
@@ -4015,6 +4055,8 @@ def read_new_password(stdin: Any) -> str:
 def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout: Any) -> int:
     """Run an admin command on the database; return the exit status."""
     if args.command in ("backup", "check"):
+        if not os.path.isfile(settings.database):
+            raise ApiError("ERR01", f"There is no database at {settings.database}.")
         conn = sqlite3.connect(settings.database, isolation_level=None)
         try:
             if args.command == "check":
@@ -4088,11 +4130,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         serve(app, settings)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         app.close()
+        reason = getattr(error, "strerror", None) or str(error)
         print(
-            f"syncnode: cannot listen on {settings.host}:{settings.port}: {error.strerror}",
-            file=sys.stderr,
+            f"syncnode: cannot listen on {settings.host}:{settings.port}: {reason}", file=sys.stderr
         )
         return 1
     return 0

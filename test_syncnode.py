@@ -7,28 +7,54 @@ permissions, health, errors and routing, secrets, embedding, real server, CLI, p
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import datetime
+import email
+import email.policy
+import getpass
 import hashlib
 import http.client
+import io
+import itertools
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
-from typing import NoReturn
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn
 
 import argon2
+import bottle
+import jsonschema
 import pytest
+import schemathesis
 import waitress.server
 import webtest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
+from hypothesis import HealthCheck, given, settings
+from openapi_spec_validator import validate
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from waitress import wasyncore
 
 import syncnode
@@ -2518,3 +2544,4669 @@ def test_migration_refused_database_leaves_no_connection_open(db_path):
     with pytest.raises(syncnode.DatabaseTooNew):
         syncnode.create_app(db_path, clock=FakeClock(), **CHEAP_HASHING)
     assert open_descriptors(db_path) == []
+
+
+# ==================================================================================================
+# OpenAPI document
+# ==================================================================================================
+
+
+def test_openapi_document_is_served_and_valid(client):
+    response = client.get("/openapi.json")
+    assert response.content_type == "application/json"
+    validate(response.json)
+    assert response.json["openapi"] == "3.1.0"
+    assert response.json == syncnode.openapi_document()
+
+
+def test_openapi_document_lists_every_error_code_and_store_permissions(client):
+    document = client.get("/openapi.json").json
+    schemas = document["components"]["schemas"]
+    assert schemas["Error"]["properties"]["code"]["enum"] == list(syncnode.ERROR_STATUS)
+    assert {"store.read", "store.write", "store.own"} <= set(schemas["AppPermission"]["enum"])
+
+
+def test_openapi_document_describes_every_route(app):
+    paths = syncnode.openapi_document()["paths"]
+    for route in app.routes:
+        path = route.rule.replace("<key:re:[\\s\\S]*>", "{key}")
+        path = re.sub(r"<(key_id|session_id|user_id)>", "{id}", path)
+        if "<path:path>" in path or path in ("/", "/api", "/api/"):
+            continue  # the JSON 404 of unknown paths
+        assert path in paths, path
+        if route.method != "ANY":  # App API routes; Sync Node paths take every method
+            assert route.method.lower() in paths[path], (route.method, path)
+
+
+# ==================================================================================================
+# Schemathesis against a live server
+# ==================================================================================================
+
+
+@pytest.fixture(scope="module")
+def live_api(tmp_path_factory):
+    """A real server with one user and an all-permissions API key; yields (schema, headers)."""
+    import waitress.server
+    import webtest
+
+    database = str(tmp_path_factory.mktemp("schemathesis") / "syncnode.db")
+    app = syncnode.create_app(database, **CHEAP_HASHING)
+    setup = webtest.TestApp(app)
+    token = setup.post_json("/account", {"id": "fuzz", "password": "fuzz password"}).json["token"]
+    secret = setup.post_json(
+        "/api/api-keys", {"permissions": ["all"]}, headers={"Authorization": f"Bearer {token}"}
+    ).json["secret"]
+    server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{server.effective_port}"
+    schema = schemathesis.openapi.from_dict(syncnode.openapi_document())
+    yield schema, base_url, {"x-api-key": secret}
+    server.close()
+    thread.join(timeout=5)
+    app.close()
+
+
+FUZZ_SCHEMA = schemathesis.openapi.from_dict(syncnode.openapi_document())
+FUZZ_OPERATIONS = [result.ok() for result in FUZZ_SCHEMA.get_all_operations()]
+FUZZ_CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+#: These end the fuzzing credentials' reach, so they run last in their own test.
+DESTRUCTIVE = {("DELETE", "/account"), ("DELETE", "/auth")}
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [op for op in FUZZ_OPERATIONS if (op.method.upper(), op.path) not in DESTRUCTIVE],
+    ids=lambda op: f"{op.method.upper()} {op.path}",
+)
+def test_openapi_schemathesis_finds_no_mismatch_and_no_500(operation, live_api):
+    _, base_url, headers = live_api
+
+    @given(case=operation.as_strategy())
+    @settings(
+        max_examples=10, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    def call(case):
+        case.call_and_validate(base_url=base_url, headers=headers, timeout=10, checks=FUZZ_CHECKS)
+
+    call()
+
+
+# ==================================================================================================
+# Real server
+# ==================================================================================================
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """An answer read off a real socket, shaped like webtest's so that assert_error takes it."""
+
+    status_int: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get_content_type()
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+def call(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | Iterable[bytes] | None = None,
+    headers: dict[str, str] | None = None,
+    **kw,
+) -> Reply:
+    """Send one request on a connection and read the whole answer."""
+    conn.request(method, path, body, headers or {}, **kw)
+    response = conn.getresponse()
+    return Reply(response.status, response.headers, response.read())
+
+
+class LiveServer:
+    """A WSGI app served by waitress on 127.0.0.1 (port 0) from a daemon thread."""
+
+    def __init__(self, wsgi_app: Callable, threads: int) -> None:
+        self.socket_map: dict = {}
+        self.server = waitress.server.create_server(
+            wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
+        )
+        self.port = self.server.effective_port
+        self.thread = threading.Thread(target=self.server.run, name="waitress-loop", daemon=True)
+        self.thread.start()
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def request(self, method: str, path: str, body=None, headers=None, **kw) -> Reply:
+        """Send one request on a fresh connection."""
+        conn = self.connect()
+        try:
+            return call(conn, method, path, body, headers, **kw)
+        finally:
+            conn.close()
+
+    def register(self, name: str) -> User:
+        body = json.dumps({"id": name, "password": PASSWORD}).encode()
+        reply = self.request("POST", "/account", body, {"Content-Type": "application/json"})
+        assert reply.status_int == 200, reply.body
+        return User(name, reply.json["token"])
+
+    def stop(self) -> None:
+        """Stop the loop thread and the worker threads, then close the server's sockets.
+
+        The loop runs while its socket map holds anything, and only the loop thread may touch
+        the map, so a thunk (the trigger runs thunks in that thread) empties it. The sockets
+        are closed once no thread of the server is left: closing the trigger's pipe from the
+        thunk would race with this thread's write that wakes the loop.
+        """
+        sockets: list = []
+
+        def empty_map() -> None:
+            sockets.extend(self.socket_map.values())
+            self.socket_map.clear()
+
+        self.server.trigger.pull_trigger(empty_map)
+        self.thread.join(timeout=5)
+        self.server.task_dispatcher.shutdown(timeout=5)
+        assert not self.thread.is_alive(), "the waitress loop did not stop"
+        assert not self.server.task_dispatcher.threads, "waitress worker threads did not stop"
+        for each in sockets:
+            each.close()
+
+
+@pytest.fixture
+def start_server(make_app):
+    """Serve a WSGI app (by default a new syncnode app with the given settings) on waitress."""
+    servers = []
+
+    def start(wsgi_app: Callable | None = None, threads: int = 8, **settings) -> LiveServer:
+        server = LiveServer(wsgi_app or make_app(**settings), threads)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def live_server(start_server) -> LiveServer:
+    return start_server()
+
+
+def run_threads(targets: list[Callable[[], None]], timeout: float = 10) -> None:
+    """Run each target in a thread, join all within the timeout, re-raise the first error."""
+    errors: list[BaseException] = []
+
+    def guard(target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=guard, args=(target,), daemon=True) for target in targets]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a thread did not finish in time"
+    if errors:
+        raise errors[0]
+
+
+def live_put(live: LiveServer, user: User, key: str, value: bytes) -> Reply:
+    """PUT a value without a token (a create) as the user."""
+    return live.request("PUT", f"/store/{key}", value, user.headers)
+
+
+def race_one_token(live: LiveServer, user: User, key: str, writers: int = 24) -> list[Reply]:
+    """Create a key, then let writers released by a barrier PUT it with its one token."""
+    token = live_put(live, user, key, b"first").headers["X-Sync-Token"]
+    barrier = threading.Barrier(writers)
+    replies: list[Reply | None] = [None] * writers
+
+    def write(number: int) -> None:
+        conn = live.connect()
+        try:
+            conn.connect()  # Connected before the barrier, so that the requests race.
+            barrier.wait(timeout=5)
+            headers = {**user.headers, "X-Sync-Token": token}
+            replies[number] = call(
+                conn, "PUT", f"/store/{key}", f"writer {number}".encode(), headers
+            )
+        finally:
+            conn.close()
+
+    run_threads([lambda number=number: write(number) for number in range(writers)])
+    return replies
+
+
+def test_real_server_racing_writers_one_token_one_winner(start_server, db):
+    """Three races of 24 writers, each served in parallel, each with exactly one winner."""
+    live = start_server(threads=24)
+    alice = live.register("alice")
+    for round_number in range(3):
+        key = f"race/{round_number}"
+        replies = race_one_token(live, alice, key)
+        winners = [number for number, reply in enumerate(replies) if reply.status_int == 204]
+        assert len(winners) == 1, f"{len(winners)} writers won in {key}"
+        for number, reply in enumerate(replies):
+            if number != winners[0]:
+                assert_error(reply, 409, "KEY01")
+        body, token = f"writer {winners[0]}".encode(), replies[winners[0]].headers["X-Sync-Token"]
+        stored = live.request("GET", f"/store/{key}", headers=alice.headers)
+        assert (stored.body, stored.headers["X-Sync-Token"]) == (body, token)
+        row = db.execute("SELECT value, token FROM items WHERE key = ?", (key,)).fetchone()
+        assert row == (body, token)
+
+
+#: Test-only triggers: SQLite lets one writer at a time hold the lock from BEGIN IMMEDIATE to
+#: COMMIT, so the audit's sequence numbers give the order in which writes and revokes committed.
+AUDIT = """
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL, key TEXT NOT NULL, token TEXT
+);
+CREATE TRIGGER audit_write AFTER UPDATE ON items BEGIN
+    INSERT INTO audit (event, key, token) VALUES ('write', NEW.key, NEW.token);
+END;
+CREATE TRIGGER audit_revoke AFTER DELETE ON permissions BEGIN
+    INSERT INTO audit (event, key) SELECT 'revoke', key FROM items WHERE id = OLD.item_id;
+END;
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One request in a race: when it was sent, what it carried and what came back."""
+
+    method: str
+    sent: float
+    reply: Reply
+    token: str | None = None
+    body: bytes = b""
+
+
+def race_revoke(live: LiveServer, owner: User, bob: User, key: str) -> tuple[float, list[Attempt]]:
+    """Let bob's writers update a key while the owner revokes bob; return when the revoke answered.
+
+    Each writer reads the token, then PUTs with the newest token it holds (the one it read, or
+    the one its own last write got), and keeps going until it has sent three rounds after the
+    revoke answered (at most 400 rounds or 5 seconds).
+    """
+    path = f"/store/{key}"
+    created = live_put(live, owner, key, b"created")
+    grant = json.dumps([{"user": bob.name, "permission": "WRITE"}]).encode()
+    assert live.request("PUT", f"/permission/{key}", grant, owner.headers).status_int == 204
+    attempts = [Attempt("PUT", 0.0, created, None, b"created")]
+    bob_wrote, revoked = threading.Semaphore(0), threading.Event()
+    answered: list[float] = []
+    deadline = time.monotonic() + 5
+
+    def writer(number: int) -> None:
+        conn, token, late = live.connect(), None, 0
+        try:
+            for count in range(400):
+                if late == 3 or time.monotonic() > deadline:
+                    break
+                late += revoked.is_set()
+                sent = time.monotonic()
+                got = call(conn, "GET", path, headers=bob.headers)
+                attempts.append(Attempt("GET", sent, got))
+                if got.status_int == 200:
+                    token = got.headers["X-Sync-Token"]
+                body = f"bob {number}.{count}".encode()
+                sent = time.monotonic()
+                reply = call(conn, "PUT", path, body, {**bob.headers, "X-Sync-Token": token})
+                attempts.append(Attempt("PUT", sent, reply, token, body))
+                if reply.status_int == 204:
+                    token = reply.headers["X-Sync-Token"]
+                    bob_wrote.release()
+        finally:
+            conn.close()
+
+    def revoke() -> None:
+        for _ in range(3):  # Revoke while the writers are in full swing.
+            assert bob_wrote.acquire(timeout=2), "bob's writers did not get going"
+        reply = live.request("DELETE", f"/permission/{key}?users={bob.name}", None, owner.headers)
+        answered.append(time.monotonic())
+        revoked.set()
+        assert reply.status_int == 204, reply.body
+
+    run_threads([revoke, *(lambda number=number: writer(number) for number in range(4))])
+    return answered[0], attempts
+
+
+def test_real_server_revoke_racing_writes_refuses_later_writes(start_server):
+    live = start_server(threads=8)
+    owner, bob = live.register("alice"), live.register("bob")
+    revoke_answered, attempts = race_revoke(live, owner, bob, "raced")
+    late = [attempt for attempt in attempts if attempt.sent > revoke_answered]
+    assert any(attempt.method == "PUT" for attempt in late)
+    for attempt in late:
+        if attempt.method == "GET":
+            assert_error(attempt.reply, 404, "ERR01")
+        else:
+            assert_error(attempt.reply, 409, "KEY01")
+
+
+def test_real_server_revoke_racing_writes_no_write_commits_after_it(start_server, db):
+    """Five times over, no write by bob commits after the revoke that removed him commits.
+
+    Audit triggers record the commit order. A permission check made before the write
+    transaction began would let a writer that passed it just before the revoke write just
+    after it, and the audit would show that write after the revoke.
+    """
+    live = start_server(threads=8)
+    db.executescript(AUDIT)
+    owner, bob = live.register("alice"), live.register("bob")
+    for round_number in range(5):
+        key = f"raced/{round_number}"
+        revoke_answered, attempts = race_revoke(live, owner, bob, key)
+        events = db.execute("SELECT event, token FROM audit WHERE key = ? ORDER BY seq", (key,))
+        events = events.fetchall()
+        assert events[-1] == ("revoke", None), f"a write committed after the revoke in {key}"
+        value, token = db.execute("SELECT value, token FROM items WHERE key = ?", (key,)).fetchone()
+        assert token == events[-2][1]
+        written = {
+            attempt.reply.headers["X-Sync-Token"]: attempt.body
+            for attempt in attempts
+            if attempt.method == "PUT" and attempt.reply.status_int == 204
+        }
+        assert written[token] == value
+        late_tokens = {a.token for a in attempts if a.method == "PUT" and a.sent > revoke_answered}
+        assert token in late_tokens, "no late write held the stored token: KEY01 proved nothing"
+
+
+#: Request paths and the keys they name once percent-decoded.
+KEY_PATHS = [
+    pytest.param("/store/a/b/c", "a/b/c", id="slashes"),
+    pytest.param("/store/a%2Fb", "a/b", id="encoded-slash"),
+    pytest.param(quote("/store/ключ/日本/🎉"), "ключ/日本/🎉", id="unicode"),
+    pytest.param("/store/my%20key%20here", "my key here", id="spaces"),
+    pytest.param("/store/100%25", "100%", id="encoded-percent"),
+    pytest.param("/store//lead//double/", "/lead//double/", id="empty-segments"),
+]
+
+
+@pytest.mark.parametrize(("path", "key"), KEY_PATHS)
+def test_real_server_key_path_round_trips(live_server, path, key):
+    alice = live_server.register("alice")
+    assert live_server.request("PUT", path, key.encode(), alice.headers).status_int == 204
+    got = live_server.request("GET", path, headers=alice.headers)
+    assert (got.status_int, got.body) == (200, key.encode())
+
+
+@pytest.mark.parametrize(("path", "key"), KEY_PATHS)
+def test_real_server_key_path_lists_decoded_key(live_server, path, key):
+    alice = live_server.register("alice")
+    assert live_server.request("PUT", path, b"v", alice.headers).status_int == 204
+    listed = live_server.request("GET", "/store", headers=alice.headers).json
+    assert [entry["key"] for entry in listed] == [key]
+
+
+def test_real_server_encoded_slash_is_the_same_key(live_server):
+    alice = live_server.register("alice")
+    assert live_server.request("PUT", "/store/a%2Fb", b"encoded", alice.headers).status_int == 204
+    assert live_server.request("GET", "/store/a/b", headers=alice.headers).body == b"encoded"
+
+
+def test_real_server_value_of_max_bytes_is_stored(start_server):
+    live = start_server(max_value_bytes=1000)
+    alice = live.register("alice")
+    assert live_put(live, alice, "big", b"x" * 1000).status_int == 204
+    assert live.request("GET", "/store/big", headers=alice.headers).body == b"x" * 1000
+
+
+def test_real_server_value_over_max_bytes_is_size01(start_server, db):
+    live = start_server(max_value_bytes=1000)
+    alice = live.register("alice")
+    assert_error(live_put(live, alice, "big", b"x" * 1001), 413, "SIZE01")
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
+
+
+def test_real_server_chunked_value_within_max_bytes_is_stored(start_server):
+    live = start_server(max_value_bytes=1000)
+    alice = live.register("alice")
+    chunks = iter([b"x" * 400, b"y" * 400, b"z" * 200])
+    headers = {**alice.headers, "Transfer-Encoding": "chunked"}
+    reply = live.request("PUT", "/store/big", chunks, headers, encode_chunked=True)
+    assert reply.status_int == 204
+    stored = live.request("GET", "/store/big", headers=alice.headers).body
+    assert stored == b"x" * 400 + b"y" * 400 + b"z" * 200
+
+
+def test_real_server_chunked_value_over_max_bytes_is_size01(start_server, db):
+    live = start_server(max_value_bytes=1000)
+    alice = live.register("alice")
+    chunks = iter([b"x" * 400, b"y" * 400, b"z" * 201])
+    headers = {**alice.headers, "Transfer-Encoding": "chunked"}
+    reply = live.request("PUT", "/store/big", chunks, headers, encode_chunked=True)
+    assert_error(reply, 413, "SIZE01")
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
+
+
+def test_real_server_mounted_app_round_trips_unicode_key(start_server, make_app):
+    parent = bottle.Bottle()
+    parent.mount("/sync/", make_app())
+    live = start_server(parent)
+    body = json.dumps({"id": "alice", "password": PASSWORD}).encode()
+    token = live.request("POST", "/sync/account", body).json["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    path = quote("/sync/store/ключ/🎉")
+    assert live.request("PUT", path, b"mounted", headers).status_int == 204
+    assert live.request("GET", path, headers=headers).body == b"mounted"
+    assert live.request("GET", "/sync/store", headers=headers).json[0]["key"] == "ключ/🎉"
+
+
+# ==================================================================================================
+# Embedding
+# ==================================================================================================
+
+
+def register_user(client: webtest.TestApp, name: str = "alice", prefix: str = "") -> User:
+    response = client.post_json(f"{prefix}/account", {"id": name, "password": PASSWORD})
+    return User(name, response.json["token"])
+
+
+@pytest.fixture
+def two_apps(make_app, tmp_path):
+    """Two apps in this process, each on its own database."""
+    return make_app(str(tmp_path / "first.db")), make_app(str(tmp_path / "second.db"))
+
+
+def test_embedding_two_apps_do_not_share_users(two_apps):
+    first, second = (webtest.TestApp(each) for each in two_apps)
+    alice = register_user(first)
+    login = {"id": "alice", "password": PASSWORD}
+    assert_error(second.post_json("/auth", login, status=401), 401, "AUTH01")
+    assert_error(second.get("/store", headers=alice.headers, status=401), 401, "AUTH01")
+    second.post_json("/account", login, status=200)
+
+
+def test_embedding_two_apps_do_not_share_keys(two_apps):
+    first, second = (webtest.TestApp(each) for each in two_apps)
+    alice_first, alice_second = register_user(first), register_user(second)
+    first.put("/store/notes/1", b"first", headers=alice_first.headers, status=204)
+    assert_error(
+        second.get("/store/notes/1", headers=alice_second.headers, status=404), 404, "ERR01"
+    )
+    assert second.get("/store", headers=alice_second.headers).json == []
+    second.put("/store/notes/1", b"second", headers=alice_second.headers, status=204)
+    assert first.get("/store/notes/1", headers=alice_first.headers).body == b"first"
+
+
+def test_embedding_two_apps_keep_their_own_settings(make_app, tmp_path):
+    closed = webtest.TestApp(make_app(str(tmp_path / "first.db"), registration="closed"))
+    open_ = webtest.TestApp(make_app(str(tmp_path / "second.db")))
+    login = {"id": "alice", "password": PASSWORD}
+    assert_error(closed.post_json("/account", login, status=403), 403, "ACCT01")
+    open_.post_json("/account", login, status=200)
+
+
+def test_embedding_closing_one_app_leaves_the_other_serving(two_apps):
+    first, second = (webtest.TestApp(each) for each in two_apps)
+    register_user(first)
+    alice = register_user(second)
+    second.put("/store/kept", b"before", headers=alice.headers, status=204)
+    two_apps[0].close()
+    assert second.get("/store/kept", headers=alice.headers).body == b"before"
+    second.put("/store/new", b"after", headers=alice.headers, status=204)
+    assert second.get("/health").json == {"database": True, "disk": True}
+
+
+def mount_with_bottle(prefix: str) -> Callable:
+    """Return a function that mounts an app on a new bottle app at the prefix."""
+
+    def mount(wsgi_app: Callable) -> bottle.Bottle:
+        parent = bottle.Bottle()
+        with warnings.catch_warnings():
+            # Bottle 0.13 warns that a prefix without a trailing slash falls back to a plain
+            # WSGI mount; that fallback is one of the cases under test.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            parent.mount(prefix, wsgi_app)
+        return parent
+
+    return mount
+
+
+def mount_with_dispatcher(wsgi_app: Callable) -> Callable:
+    """A minimal WSGI router: shift /sync from PATH_INFO to SCRIPT_NAME, else answer 404."""
+
+    def dispatch(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path != "/sync" and not path.startswith("/sync/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"Nothing here."]
+        script_name = environ.get("SCRIPT_NAME", "") + "/sync"
+        inner = {**environ, "SCRIPT_NAME": script_name, "PATH_INFO": path[len("/sync") :]}
+        return wsgi_app(inner, start_response)
+
+    return dispatch
+
+
+MOUNTS = [
+    pytest.param(mount_with_bottle("/sync"), id="bottle-mount-sync"),
+    pytest.param(mount_with_bottle("/sync/"), id="bottle-mount-sync-slash"),
+    pytest.param(mount_with_dispatcher, id="prefix-dispatcher"),
+]
+
+
+@pytest.fixture(params=MOUNTS)
+def mounted_client(request, app) -> webtest.TestApp:
+    """The app mounted under /sync in a bigger WSGI application."""
+    return webtest.TestApp(request.param(app))
+
+
+def test_embedding_mounted_app_stores_unicode_key_under_prefix(mounted_client):
+    alice = register_user(mounted_client, prefix="/sync")
+    path = quote("/sync/store/ключ/日本 🎉")
+    written = mounted_client.put(path, b"mounted", headers=alice.headers, status=204)
+    got = mounted_client.get(path, headers=alice.headers, status=200)
+    assert got.body == b"mounted"
+    assert got.headers["X-Sync-Token"] == written.headers["X-Sync-Token"]
+    listed = mounted_client.get("/sync/store", headers=alice.headers).json
+    assert [entry["key"] for entry in listed] == ["ключ/日本 🎉"]
+
+
+def test_embedding_mounted_app_unknown_path_is_err01(mounted_client):
+    assert_error(mounted_client.get("/sync/no/such/path", status=404), 404, "ERR01")
+
+
+@pytest.mark.parametrize(
+    "mount",
+    [
+        pytest.param(mount_with_bottle("/sync"), id="bottle-mount-sync"),
+        pytest.param(mount_with_bottle("/sync/"), id="bottle-mount-sync-slash"),
+        pytest.param(mount_with_dispatcher, id="prefix-dispatcher"),
+    ],
+)
+def test_embedding_mounted_app_non_utf8_key_is_req01(app, db, mount):
+    client = webtest.TestApp(mount(app))
+    alice = register_user(client, prefix="/sync")
+    reply = client.put("/sync/store/a%FFb", b"v", headers=alice.headers, status="*")
+    assert_error(reply, 400, "REQ01")
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
+
+
+#: Run in a fresh interpreter: import syncnode and report what the import changed.
+IMPORT_PROBE = """
+import json, logging, sqlite3, sys, threading
+adapters = dict(sqlite3.adapters)
+import syncnode
+print(json.dumps({
+    "root_handlers": [repr(handler) for handler in logging.getLogger().handlers],
+    "threads": [thread.name for thread in threading.enumerate()],
+    "waitress": sorted(name for name in sys.modules if name.split(".")[0] == "waitress"),
+    "new_adapters": len(sqlite3.adapters) - len(adapters),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def import_report(tmp_path_factory) -> dict:
+    """Import syncnode in a fresh interpreter whose cwd, HOME and TMPDIR are an empty directory."""
+    home = tmp_path_factory.mktemp("import")
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "TMPDIR": str(home),
+        "PYTHONPATH": os.path.dirname(os.path.abspath(syncnode.__file__)),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return {
+        **json.loads(result.stdout),
+        "stderr": result.stderr,
+        "files": sorted(str(path.relative_to(home)) for path in home.rglob("*")),
+    }
+
+
+def test_embedding_import_adds_no_root_log_handler(import_report):
+    assert import_report["root_handlers"] == []
+
+
+def test_embedding_import_creates_no_file(import_report):
+    assert import_report["files"] == []
+
+
+def test_embedding_import_starts_no_thread(import_report):
+    assert import_report["threads"] == ["MainThread"]
+
+
+def test_embedding_import_writes_nothing_to_stderr(import_report):
+    assert import_report["stderr"] == ""
+
+
+def test_embedding_import_does_not_load_waitress(import_report):
+    assert import_report["waitress"] == []
+
+
+def test_embedding_import_registers_no_sqlite_adapter(import_report):
+    assert import_report["new_adapters"] == 0
+
+
+# ==================================================================================================
+# CLI
+# ==================================================================================================
+
+SYNCNODE_PY = os.path.abspath(syncnode.__file__)
+
+
+def free_port() -> int:
+    """Return a port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that a listening socket holds for the whole test."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def cli_env(**variables: str) -> dict[str, str]:
+    """This environment without SYNCNODE_* variables, plus cheap Argon2 and the given ones."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SYNCNODE_")}
+    env.update({f"SYNCNODE_{name.upper()}": str(value) for name, value in CHEAP_HASHING.items()})
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return {**env, **variables}
+
+
+def run_cli(cwd, *args: str, **variables: str) -> subprocess.CompletedProcess:
+    """Run `python syncnode.py` to its end and return its exit status and output."""
+    return subprocess.run(
+        [sys.executable, SYNCNODE_PY, *args],
+        cwd=cwd,
+        env=cli_env(**variables),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+@pytest.fixture
+def start_cli(tmp_path):
+    """Start `python syncnode.py` in the background; terminate it and wait at teardown."""
+    processes: list[subprocess.Popen] = []
+
+    def start(*args: str, **variables: str) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, SYNCNODE_PY, *args],
+            cwd=tmp_path,
+            env=cli_env(**variables),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate(timeout=5)
+
+
+def get_health(process: subprocess.Popen, port: int, timeout: float = 10) -> Reply:
+    """Ask a starting server for GET /health until it answers; fail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"syncnode exited with {process.returncode}: {process.stderr.read()}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            return call(conn, "GET", "/health")
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+        finally:
+            conn.close()
+        time.sleep(0.05)  # The server is still starting.
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
+    """Assert a failed run that wrote exactly one `syncnode:` line and no traceback; return it."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("syncnode:"), result.stderr
+    return lines[0]
+
+
+def test_cli_serves_health(start_cli, tmp_path):
+    port, database = free_port(), tmp_path / "flagged.db"
+    process = start_cli("--port", str(port), "--database", str(database))
+    reply = get_health(process, port)
+    assert (reply.status_int, reply.json) == (200, {"database": True, "disk": True})
+    assert database.exists()
+    process.terminate()
+    process.wait(timeout=5)
+
+
+def test_cli_port_comes_from_environment_without_flag(start_cli):
+    port = free_port()
+    process = start_cli(SYNCNODE_PORT=str(port))
+    assert get_health(process, port).status_int == 200
+
+
+def test_cli_port_flag_beats_environment(start_cli, taken_port):
+    """The variable names a taken port, so the server starts only if the flag wins."""
+    port = free_port()
+    process = start_cli("--port", str(port), SYNCNODE_PORT=str(taken_port))
+    assert get_health(process, port).status_int == 200
+
+
+def test_cli_interrupt_exits_zero(start_cli):
+    port = free_port()
+    process = start_cli("--port", str(port))
+    get_health(process, port)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0
+    assert "Traceback" not in stderr
+
+
+def test_cli_taken_port_exits_with_one_line(tmp_path, taken_port):
+    # At WARNING the start-up lines (such as the migration) stay out of stderr.
+    result = run_cli(tmp_path, "--port", str(taken_port), "--log-level", "WARNING")
+    assert str(taken_port) in assert_one_error_line(result)
+
+
+def not_a_database(tmp_path) -> str:
+    (tmp_path / "garbage.db").write_bytes(b"this is not a database" * 100)
+    return str(tmp_path / "garbage.db")
+
+
+def newer_schema(tmp_path) -> str:
+    with contextlib.closing(sqlite3.connect(tmp_path / "newer.db")) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    return str(tmp_path / "newer.db")
+
+
+@pytest.mark.parametrize(
+    "make_path",
+    [
+        pytest.param(lambda tmp_path: str(tmp_path / "missing" / "syncnode.db"), id="missing-dir"),
+        pytest.param(lambda tmp_path: str(tmp_path), id="directory"),
+        pytest.param(not_a_database, id="not-a-database"),
+        pytest.param(newer_schema, id="newer-schema"),
+    ],
+)
+def test_cli_unusable_database_exits_with_one_line(tmp_path, taken_port, make_path):
+    # The port is taken too, so that a database that wrongly opens fails fast instead of serving.
+    database = make_path(tmp_path)
+    result = run_cli(tmp_path, "--database", database, "--port", str(taken_port))
+    assert "database" in assert_one_error_line(result)
+
+
+def test_cli_unusable_host_exits_with_one_line(tmp_path):
+    result = run_cli(tmp_path, "--host", "bad..host", "--port", "0", "--log-level", "WARNING")
+    assert "bad..host" in assert_one_error_line(result)
+
+
+@pytest.fixture(scope="module")
+def help_run(tmp_path_factory) -> subprocess.CompletedProcess:
+    return run_cli(tmp_path_factory.mktemp("help"), "--help")
+
+
+def test_cli_help_exits_zero(help_run):
+    assert help_run.returncode == 0
+
+
+def test_cli_help_lists_every_flag(help_run):
+    for item in dataclasses.fields(syncnode.Settings):
+        assert f"--{item.name.replace('_', '-')}" in help_run.stdout
+
+
+def test_cli_help_names_every_variable(help_run):
+    for item in dataclasses.fields(syncnode.Settings):
+        assert f"SYNCNODE_{item.name.upper()}" in help_run.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "variables", "named"),
+    [
+        pytest.param(["--registration", "maybe"], {}, "registration", id="flag-choice"),
+        pytest.param(["--port", "eighty"], {}, "--port", id="flag-not-a-number"),
+        pytest.param([], {"SYNCNODE_PORT": "abc"}, "SYNCNODE_PORT", id="variable-not-a-number"),
+        pytest.param([], {"SYNCNODE_REGISTRATION": "maybe"}, "registration", id="variable-choice"),
+        pytest.param([], {"SYNCNODE_PORT": "²"}, "SYNCNODE_PORT", id="variable-superscript-digit"),
+    ],
+)
+def test_cli_bad_value_exits_2_naming_the_setting(tmp_path, args, variables, named):
+    result = run_cli(tmp_path, *args, **variables)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.splitlines()[-1]
+    assert last_line.startswith("syncnode: error:") and named in last_line
+
+
+APP_NEW_PASSWORD = "battery staple horse"
+
+#: The App API's document, beside the contract.
+APP_DOCUMENT_PATH = (
+    Path(__file__).resolve().parent.parent / "shared" / "spec" / "app-api-openapi.json"
+)
+APP_JSON = "application/json; charset=utf-8"
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+UUID_V4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+#: The start of the fake clock (1.8e9 s) as the App API writes it.
+CLOCK_START = "2027-01-15T08:00:00.000Z"
+APP_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    507: "Insufficient Storage",
+}
+#: APP-API.md, API keys: the document's enum, then the store permissions appended when served.
+SERVED_PERMISSIONS = [
+    "all", "apiKey.create", "apiKey.read", "apiKey.update", "apiKey.delete",
+    "auth.changePassword", "authDevice.delete", "session.create", "session.read",
+    "session.update", "session.delete", "systemMetadata.read", "systemMetadata.update",
+    "user.read", "user.update", "server.about", "adminUser.create", "adminUser.read",
+    "adminUser.update", "adminUser.delete", "store.read", "store.write", "store.own",
+]  # fmt: skip
+ENUM_SENTENCE = "each value in permissions must be one of the following values: " + ", ".join(
+    SERVED_PERMISSIONS
+)
+#: Optional properties APP-API.md names as always present; every other optional one is absent.
+PRESENT_OPTIONAL = {"SessionResponseDto": {"expiresAt"}, "SessionCreateResponseDto": {"expiresAt"}}
+LOGIN_EMPTY = [
+    "email should not be empty",
+    "email must be an email",
+    "password should not be empty",
+    "password must be a string",
+]
+FIREFOX_LINUX = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0"
+CHROME_WINDOWS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36"
+)
+
+
+def load_app_document() -> dict:
+    """Return app-api-openapi.json made Draft 2020-12: nullable as a type, store.* in the enum."""
+    document = json.loads(APP_DOCUMENT_PATH.read_text())
+
+    def convert(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.pop("nullable", False):
+                node["type"] = [node["type"], "null"]
+            for value in node.values():
+                convert(value)
+        elif isinstance(node, list):
+            for value in node:
+                convert(value)
+
+    convert(document)
+    document["components"]["schemas"]["Permission"]["enum"] += [
+        "store.read",
+        "store.write",
+        "store.own",
+    ]
+    return document
+
+
+APP_DOCUMENT = load_app_document()
+APP_SCHEMAS = APP_DOCUMENT["components"]["schemas"]
+
+
+def assert_exact_keys(value: dict, name: str) -> None:
+    """Assert an object has exactly its schema's keys, well-formed ids and timestamps."""
+    schema = APP_SCHEMAS[name]
+    assert set(value) == set(schema["required"]) | PRESENT_OPTIONAL.get(name, set()), name
+    for key, item in value.items():
+        prop = schema["properties"][key]
+        if "$ref" in prop and APP_SCHEMAS[prop["$ref"].rpartition("/")[2]]["type"] == "object":
+            assert_exact_keys(item, prop["$ref"].rpartition("/")[2])
+        if key.endswith("At") and item is not None:
+            assert TIMESTAMP.fullmatch(item), (key, item)
+        if key in ("id", "userId"):
+            assert UUID_V4.fullmatch(item), (key, item)
+
+
+def assert_schema(response, schema: str | list[str]) -> Any:
+    """Validate a JSON answer against its schema (a name, or [name] for an array); return it.
+
+    Checks the App API's JSON type and x-immich-cid, the document's schema with jsonschema
+    (Draft 2020-12) and the exact key set APP-API.md allows.
+    """
+    assert response.headers["Content-Type"] == APP_JSON
+    assert response.headers.get("x-immich-cid")
+    body = response.json
+    is_array = isinstance(schema, list)
+    name = schema[0] if is_array else schema
+    ref = {"$ref": f"#/components/schemas/{name}"}
+    target = {"type": "array", "items": ref} if is_array else ref
+    jsonschema.Draft202012Validator({**target, "components": APP_DOCUMENT["components"]}).validate(
+        body
+    )
+    for item in body if is_array else [body]:
+        assert_exact_keys(item, name)
+    return body
+
+
+def assert_app_error(response, status: int, message: str | list[str]) -> None:
+    """Assert Immich's error body: exact keys in order, correlationId equal to x-immich-cid."""
+    assert response.status_int == status
+    assert response.headers["Content-Type"] == APP_JSON
+    cid = response.headers["x-immich-cid"]
+    assert list(response.json) == ["message", "error", "statusCode", "correlationId"]
+    assert response.json == {
+        "message": message,
+        "error": APP_REASONS[status],
+        "statusCode": status,
+        "correlationId": cid,
+    }
+
+
+def app_headers(token: str) -> dict[str, str]:
+    """Return the headers that carry a session token."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def app_login(client, email: str = "alice", password: str = PASSWORD, **kw):
+    """POST /api/auth/login and return the response, leaving no cookie in the client's jar."""
+    response = client.post_json("/api/auth/login", {"email": email, "password": password}, **kw)
+    client.reset()
+    if response.status_int == 201:
+        assert_schema(response, "LoginResponseDto")
+    return response
+
+
+def make_key(client, headers: dict, permissions=("all",), **fields) -> tuple[str, dict]:
+    """Create an API key with the given credentials; return its secret and APIKeyResponseDto."""
+    body = {"permissions": list(permissions), **fields}
+    response = client.post_json("/api/api-keys", body, headers=headers, status=201)
+    created = assert_schema(response, "APIKeyCreateResponseDto")
+    return created["secret"], created["apiKey"]
+
+
+def key_headers(secret: str) -> dict[str, str]:
+    """Return the headers that carry an API key."""
+    return {"x-api-key": secret}
+
+
+def my_user(client, headers: dict) -> dict:
+    """Return GET /api/users/me, checked against its schema."""
+    return assert_schema(client.get("/api/users/me", headers=headers), "UserAdminResponseDto")
+
+
+def make_child(client, headers: dict, **body) -> dict:
+    """POST /api/sessions and return the child session with its token, checked."""
+    response = client.post_json("/api/sessions", body, headers=headers, status=201)
+    return assert_schema(response, "SessionCreateResponseDto")
+
+
+def token_digest(token: str) -> bytes:
+    """Return the SHA-256 digest under which a token or secret is stored."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def session_id_of(db, token: str) -> str:
+    """Return the public id of the session behind a token."""
+    query = "SELECT public_id FROM sessions WHERE token_digest = ?"
+    return db.execute(query, (token_digest(token),)).fetchone()[0]
+
+
+def app_state(db) -> dict[str, list]:
+    """Every row of every table but the login counters, to show a refused call changed nothing."""
+    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return {
+        table: sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        for table in tables
+        if table != "attempts"
+    }
+
+
+def app_reset_token(client, caplog, name: str = "alice") -> str:
+    """Ask the Sync Node API for a reset token and return it from the log line."""
+    with caplog.at_level(logging.WARNING, logger="syncnode"):
+        seen = len(caplog.records)
+        client.post_json("/resetpassword", {"id": name}, status=204)
+    [token] = [
+        match
+        for record in caplog.records[seen:]
+        for match in re.findall(r"[A-Za-z0-9_-]{43,}", record.getMessage())
+    ]
+    return token
+
+
+def mounted(app, prefix: str = "/sync") -> webtest.TestApp:
+    """Return a client for the app mounted in a parent bottle app, as the README shows."""
+    parent = bottle.Bottle()
+    with warnings.catch_warnings():
+        # Bottle 0.13 warns that a prefix without a trailing slash falls back to a WSGI mount,
+        # which is the mount the README shows.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        parent.mount(prefix, app)
+    return webtest.TestApp(parent)
+
+
+def sessions_listing(client, headers: dict) -> list[dict]:
+    """Return GET /api/sessions, checked against its schema."""
+    return assert_schema(client.get("/api/sessions", headers=headers), ["SessionResponseDto"])
+
+
+# ==================================================================================================
+# App API: wire format
+# ==================================================================================================
+
+
+def test_app_wire_document_enum_plus_store_is_the_served_list():
+    assert APP_SCHEMAS["Permission"]["enum"] == SERVED_PERMISSIONS
+    assert syncnode.API_KEY_PERMISSIONS == tuple(SERVED_PERMISSIONS)
+
+
+def test_app_wire_every_answer_carries_a_generated_cid(client, user):
+    for method, path, headers, status in [
+        ("GET", "/api/server/ping", {}, 200),
+        ("GET", "/api/users/me", user.headers, 200),
+        ("GET", "/api/users/me", {}, 401),
+        ("GET", "/api/nothing-here", {}, 404),
+        ("POST", "/api/auth/login", {}, 400),
+        ("DELETE", "/api/sessions", user.headers, 204),
+    ]:
+        response = client.request(path, method=method, headers=headers, status=status)
+        assert re.fullmatch(r"[0-9a-f]{8}", response.headers["x-immich-cid"])
+        if status >= 400:
+            assert response.json["correlationId"] == response.headers["x-immich-cid"]
+
+
+def test_app_wire_generated_cids_differ(client):
+    cids = {client.get("/api/server/ping").headers["x-immich-cid"] for _ in range(5)}
+    assert len(cids) == 5
+
+
+def test_app_wire_sent_cid_is_echoed(client):
+    for sent in ["a", "x" * 64, "with space ~!@#$%^&*()"]:
+        response = client.get("/api/server/ping", headers={"x-immich-cid": sent})
+        assert response.headers["x-immich-cid"] == sent
+        response = client.get("/api/nope", headers={"x-immich-cid": sent}, status=404)
+        assert response.headers["x-immich-cid"] == sent
+        assert response.json["correlationId"] == sent
+
+
+@pytest.mark.parametrize(
+    "sent",
+    ["", "x" * 65, "caf\xe9", "a\tb", "a\x7fb"],
+    ids=["empty", "65", "latin-1", "tab", "del"],
+)
+def test_app_wire_bad_sent_cid_is_replaced(client, sent):
+    response = client.get("/api/nope", headers={"x-immich-cid": sent}, status=404)
+    assert re.fullmatch(r"[0-9a-f]{8}", response.headers["x-immich-cid"])
+    assert response.json["correlationId"] == response.headers["x-immich-cid"]
+
+
+def test_app_wire_sync_node_paths_keep_their_own_layout(client, user):
+    response = client.get("/store", status=401)
+    assert_error(response, 401, "AUTH01")
+    assert set(response.json) == {"code", "message"}
+    assert "x-immich-cid" not in response.headers
+    assert "x-immich-cid" not in client.get("/store", headers=user.headers).headers
+    response = client.get("/api/users/me", status=401)
+    assert "code" not in response.json
+
+
+def test_app_wire_delete_answers_204_empty(client, user):
+    response = client.delete("/api/sessions", headers=user.headers, status=204)
+    assert response.body == b""
+    assert "Content-Type" not in response.headers
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/api/nope"),
+        ("POST", "/api/server/ping"),
+        ("DELETE", "/api/users/me"),
+        ("OPTIONS", "/api/server/ping"),
+        ("GET", "/api/auth/status"),
+        ("GET", "/api/assets"),
+        ("GET", "/api/server/media-types"),
+        ("POST", "/api/auth/pin-code"),
+        ("POST", "/api/oauth/authorize"),
+        ("GET", "/api/shared-links"),
+        ("PUT", "/api/sessions/7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60/lock"),
+        ("GET", "/api"),
+    ],
+    ids=[
+        "unknown", "wrong-method", "wrong-method-users", "options", "auth-status", "assets",
+        "media-types", "pin-code", "oauth", "shared-links", "session-lock", "bare-api",
+    ],
+)  # fmt: skip
+def test_app_wire_unknown_route_is_json_404_naming_method_and_path(client, method, path):
+    headers = {"Authorization": "Bearer any", "x-api-key": "any"}
+    response = client.request(path, method=method, headers=headers, status=404)
+    assert_app_error(response, 404, f"Cannot {method} {path}")
+
+
+def test_app_wire_404_message_leaves_out_the_query_string(client):
+    response = client.get("/api/nope?apiKey=SECRETKEY&sessionKey=SECRETTOKEN", status=404)
+    assert_app_error(response, 404, "Cannot GET /api/nope")
+    assert "SECRET" not in response.text
+
+
+def test_app_wire_api_with_trailing_slash_is_immich_404(client):
+    assert_app_error(client.get("/api/", status=404), 404, "Cannot GET /api/")
+
+
+def test_app_wire_no_cors_headers(client):
+    origin = {"Origin": "https://evil.example"}
+    responses = [
+        client.get("/api/server/ping", headers=origin),
+        client.options("/api/server/ping", headers=origin, status=404),
+        client.post_json("/api/auth/login", {}, headers=origin, status=400),
+    ]
+    for response in responses:
+        assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/jsonx"])
+def test_app_wire_body_without_json_type_counts_as_empty(client, user, db, content_type):
+    body = json.dumps({"email": "alice", "password": PASSWORD}).encode()
+    kw = {"content_type": content_type} if content_type else {}
+    response = client.post("/api/auth/login", body, status=400, **kw)
+    assert_app_error(response, 400, LOGIN_EMPTY)
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_app_wire_json_type_with_parameters_is_parsed(client, user):
+    body = json.dumps({"email": "alice", "password": PASSWORD}).encode()
+    for content_type in ("application/json; charset=utf-8", "Application/JSON ; charset=UTF-8"):
+        client.post("/api/auth/login", body, content_type=content_type, status=201)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{", b"not json", b"[]", b'[{"email": "alice"}]', b"null", b'"text"', b"5", b"\xff\xfe", b""],
+    ids=["cut", "text", "array", "array-of-object", "null", "string", "number", "bytes", "empty"],
+)
+def test_app_wire_malformed_json_is_400(client, user, db, raw):
+    before = app_state(db)
+    for path, headers in [
+        ("/api/auth/login", {}),
+        ("/api/api-keys", user.headers),
+        ("/api/auth/change-password", user.headers),
+    ]:
+        response = client.post(
+            path, raw, headers=headers, content_type="application/json", status=400
+        )
+        assert_app_error(response, 400, "Malformed JSON body")
+    assert app_state(db) == before
+
+
+def test_app_wire_body_over_64_kib_is_413(client, user, db):
+    before = app_state(db)
+    body = json.dumps({"permissions": ["all"], "pad": "x" * (64 * 1024)})
+    response = client.post(
+        "/api/api-keys", body, headers=user.headers, content_type="application/json", status=413
+    )
+    assert_app_error(response, 413, "Request body too large")
+    assert app_state(db) == before
+
+
+def test_app_wire_body_of_exactly_64_kib_is_read(client, user):
+    start = json.dumps({"email": "alice", "password": PASSWORD, "pad": ""})
+    body = start[:-2] + "x" * (64 * 1024 - len(start)) + start[-2:]
+    assert len(body) == 64 * 1024
+    client.post("/api/auth/login", body, content_type="application/json", status=201)
+
+
+def test_app_wire_unknown_properties_are_ignored(client, user, db):
+    body = {"email": "alice", "password": PASSWORD, "isAdmin": False, "role": "x", "nested": {}}
+    client.post_json("/api/auth/login", body, status=201)
+    client.reset()
+    secret, _ = make_key(client, user.headers, ["user.read"], owner="bob", secret="mine")
+    assert secret != "mine"
+    assert db.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 1
+
+
+def test_app_wire_timestamps_have_milliseconds_and_ids_are_uuid4(client, clock, make_user):
+    clock.advance(0.125)
+    alice = make_user("alice")
+    me = assert_schema(client.get("/api/users/me", headers=alice.headers), "UserAdminResponseDto")
+    assert me["createdAt"] == me["updatedAt"] == "2027-01-15T08:00:00.125Z"
+    assert UUID_V4.fullmatch(me["id"])
+    clock.advance(1.25)
+    _, key = make_key(client, alice.headers)
+    assert key["createdAt"] == "2027-01-15T08:00:01.375Z"
+    assert UUID_V4.fullmatch(key["id"])
+    [session] = sessions_listing(client, alice.headers)
+    assert session["createdAt"] == "2027-01-15T08:00:00.125Z"
+    assert session["expiresAt"] == "2027-02-14T08:00:00.125Z"
+    assert UUID_V4.fullmatch(session["id"])
+
+
+def test_app_wire_credentials_come_before_permission_and_body(client, user):
+    response = client.put_json("/api/api-keys/123", {"name": 5}, status=401)
+    assert_app_error(response, 401, "Authentication required")
+    response = client.put_json(
+        "/api/api-keys/123", {"name": 5}, headers=key_headers("unknown"), status=401
+    )
+    assert_app_error(response, 401, "Invalid API key")
+
+
+def test_app_wire_permission_comes_before_path_id_and_body(client, user):
+    secret, _ = make_key(client, user.headers, ["server.about"])
+    response = client.put_json(
+        "/api/api-keys/123", {"name": 5}, headers=key_headers(secret), status=403
+    )
+    assert_app_error(response, 403, "Missing required permission: apiKey.update")
+
+
+def test_app_wire_path_id_comes_before_body(client, user):
+    response = client.put_json("/api/api-keys/123", {"name": 5}, headers=user.headers, status=400)
+    assert_app_error(response, 400, ["id must be a UUID"])
+
+
+def test_app_wire_body_comes_before_the_operations_rules(client, user, other, db):
+    _, bobs = make_key(client, other.headers)
+    response = client.put_json(
+        f"/api/api-keys/{bobs['id']}", {"name": 5}, headers=user.headers, status=400
+    )
+    assert_app_error(response, 400, ["name must be a string"])
+    body = {"password": "wrong password", "newPassword": "short"}
+    response = client.post_json("/api/auth/change-password", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, ["newPassword must be longer than or equal to 8 characters"])
+    response = client.post_json("/api/auth/admin-sign-up", {"name": ""}, status=400)
+    assert_app_error(response, 400, ["name should not be empty", *LOGIN_EMPTY])
+
+
+def test_app_wire_session_create_body_comes_before_the_session_only_rule(client, user):
+    secret, _ = make_key(client, user.headers)
+    response = client.post_json(
+        "/api/sessions", {"duration": 0}, headers=key_headers(secret), status=400
+    )
+    assert_app_error(response, 400, ["duration must be a positive number"])
+
+
+def explode(*args, **kwargs):
+    """Stand in for a storage function and fail the way a bug would."""
+    raise RuntimeError("boom with secret detail")
+
+
+def assert_failed_to(response) -> None:
+    """Assert a 500 in Immich's layout whose message is a 'Failed to ...' sentence."""
+    assert response.status_int == 500
+    assert response.headers["Content-Type"] == APP_JSON
+    assert list(response.json) == ["message", "error", "statusCode", "correlationId"]
+    assert response.json["message"].startswith("Failed to")
+    assert response.json["error"] == "Internal Server Error"
+    assert response.json["statusCode"] == 500
+    assert response.json["correlationId"] == response.headers["x-immich-cid"]
+
+
+def test_app_wire_unexpected_failure_is_500_and_logged(client, user, monkeypatch, caplog):
+    monkeypatch.setattr(syncnode, "get_user", explode)
+    with caplog.at_level(logging.ERROR, logger="syncnode"):
+        response = client.get("/api/users/me", headers=user.headers, status=500)
+    assert_failed_to(response)
+    assert "boom" not in response.text and "Traceback" not in response.text
+    assert any(record.exc_info for record in caplog.records if record.name == "syncnode")
+
+
+@pytest.mark.parametrize(
+    "method, path, target, message",
+    [
+        ("GET", "/api/users/me", "get_user", "Failed to get my user"),
+        ("GET", "/api/users", "list_users", "Failed to search users"),
+        ("GET", "/api/api-keys", "list_api_keys", "Failed to get api keys"),
+        ("POST", "/api/api-keys", "create_api_key", "Failed to create api key"),
+        ("GET", "/api/sessions", "list_app_sessions", "Failed to get sessions"),
+        ("DELETE", "/api/sessions", "end_other_sessions", "Failed to delete all sessions"),
+        ("POST", "/api/auth/login", "start_session", "Failed to login"),
+    ],
+    ids=["getMyUser", "searchUsers", "getApiKeys", "createApiKey", "getSessions",
+         "deleteAllSessions", "login"],
+)  # fmt: skip
+def test_app_wire_500_message_names_the_operation(
+    client, user, monkeypatch, caplog, method, path, target, message
+):
+    monkeypatch.setattr(syncnode, target, explode)
+    body = {"email": "alice", "password": PASSWORD, "permissions": ["all"]}
+    with caplog.at_level(logging.ERROR, logger="syncnode"):
+        response = client.request(
+            path,
+            method=method,
+            headers={**user.headers, "Content-Type": "application/json"},
+            body=json.dumps(body).encode(),
+            status=500,
+        )
+    assert_app_error(response, 500, message)
+
+
+def test_app_wire_busy_database_is_500_failed_to(make_app, db, caplog):
+    client = webtest.TestApp(make_app(busy_timeout=0))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        with caplog.at_level(logging.ERROR, logger="syncnode"):
+            response = client.post_json(
+                "/api/api-keys", {"permissions": ["all"]}, headers=app_headers(token),
+                expect_errors=True,
+            )  # fmt: skip
+    finally:
+        db.execute("ROLLBACK")
+    assert_failed_to(response)
+    assert not response.errors
+    assert any(record.exc_info for record in caplog.records if record.name == "syncnode")
+
+
+def test_app_wire_low_disk_is_507_and_nothing_written(client, user, make_app, db):
+    low = webtest.TestApp(make_app(min_free_bytes=2**62))
+    before = app_state(db)
+    response = low.post_json(
+        "/api/api-keys", {"permissions": ["all"]}, headers=user.headers, status=507
+    )
+    assert_app_error(response, 507, "Insufficient storage")
+    assert app_state(db) == before
+
+
+# ==================================================================================================
+# App API: credentials
+# ==================================================================================================
+
+
+def session_sources(token: str) -> dict[str, tuple[str, dict]]:
+    """Each place a session token is read from: (query string, headers)."""
+    return {
+        "x-immich-user-token": ("", {"x-immich-user-token": token}),
+        "x-immich-session-token": ("", {"x-immich-session-token": token}),
+        "sessionKey": (f"?sessionKey={token}", {}),
+        "bearer": ("", {"Authorization": f"Bearer {token}"}),
+        "bearer-lower": ("", {"Authorization": f"bearer {token}"}),
+        "bearer-upper": ("", {"Authorization": f"BEARER {token}"}),
+        "bearer-mixed": ("", {"Authorization": f"bEaReR {token}"}),
+        "cookie": ("", {"Cookie": f"immich_access_token={token}"}),
+    }
+
+
+def test_app_credentials_session_token_is_read_from_each_source(client, user):
+    for source, (query, headers) in session_sources(user.token).items():
+        response = client.get("/api/users/me" + query, headers=headers)
+        assert assert_schema(response, "UserAdminResponseDto")["email"] == "alice", source
+
+
+def test_app_credentials_bad_session_token_in_any_source_is_401(client, user):
+    for query, headers in session_sources("unknown-token").values():
+        response = client.get("/api/users/me" + query, headers=headers, status=401)
+        assert_app_error(response, 401, "Invalid user token")
+
+
+def test_app_credentials_first_session_source_found_decides(client, user):
+    order = ["x-immich-user-token", "x-immich-session-token", "sessionKey", "bearer", "cookie"]
+    for number, earlier in enumerate(order):
+        for later in order[number + 1 :]:
+            bad_query, bad_headers = session_sources("unknown-token")[earlier]
+            good_query, good_headers = session_sources(user.token)[later]
+            response = client.get(
+                "/api/users/me" + (bad_query or good_query),
+                headers={**good_headers, **bad_headers},
+                status=401,
+            )
+            assert_app_error(response, 401, "Invalid user token")
+
+
+def test_app_credentials_api_key_from_header_or_query(client, user):
+    secret, _ = make_key(client, user.headers, ["user.read"])
+    for query, headers in [("", key_headers(secret)), (f"?apiKey={secret}", {})]:
+        me = client.get("/api/users/me" + query, headers=headers).json
+        assert me["email"] == "alice"
+
+
+def test_app_credentials_api_key_header_comes_before_query(client, user):
+    secret, _ = make_key(client, user.headers, ["user.read"])
+    response = client.get(
+        f"/api/users/me?apiKey={secret}", headers=key_headers("unknown"), status=401
+    )
+    assert_app_error(response, 401, "Invalid API key")
+
+
+def test_app_credentials_bad_session_token_beside_good_api_key_is_401(client, user):
+    secret, _ = make_key(client, user.headers)
+    for query, headers in session_sources("unknown-token").values():
+        response = client.get(
+            "/api/users/me" + query, headers={**headers, **key_headers(secret)}, status=401
+        )
+        assert_app_error(response, 401, "Invalid user token")
+
+
+def test_app_credentials_good_session_beside_bad_api_key_passes(client, user):
+    headers = {**user.headers, **key_headers("unknown")}
+    assert client.get("/api/users/me", headers=headers).json["email"] == "alice"
+
+
+def test_app_credentials_shared_link_is_always_401_first(client, user):
+    secret, _ = make_key(client, user.headers)
+    for query, headers, message in [
+        ("", {"x-immich-share-key": "k"}, "Invalid share key"),
+        ("?key=k", {}, "Invalid share key"),
+        ("", {"x-immich-share-slug": "s"}, "Invalid share slug"),
+        ("?slug=s", {}, "Invalid share slug"),
+        ("?slug=s", {"x-immich-share-key": "k"}, "Invalid share key"),
+    ]:
+        for credentials in [user.headers, key_headers(secret), {}]:
+            response = client.get(
+                "/api/users/me" + query, headers={**credentials, **headers}, status=401
+            )
+            assert_app_error(response, 401, message)
+
+
+def test_app_credentials_none_is_authentication_required(client, user):
+    for headers in [{}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer "}]:
+        response = client.get("/api/users/me", headers=headers, status=401)
+        assert_app_error(response, 401, "Authentication required")
+
+
+def test_app_credentials_unknown_or_deleted_api_key_is_401(client, user):
+    secret, key = make_key(client, user.headers)
+    client.delete(f"/api/api-keys/{key['id']}", headers=user.headers, status=204)
+    for value in [secret, "unknown", "x" * 43]:
+        response = client.get("/api/users/me", headers=key_headers(value), status=401)
+        assert_app_error(response, 401, "Invalid API key")
+
+
+def test_app_credentials_expired_or_revoked_session_is_invalid_user_token(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=60))
+    first = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    second = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    client.delete("/auth", headers=app_headers(second), status=204)
+    assert_app_error(
+        client.get("/api/users/me", headers=app_headers(second), status=401),
+        401,
+        "Invalid user token",
+    )
+    clock.advance(60)
+    assert_app_error(
+        client.get("/api/users/me", headers=app_headers(first), status=401),
+        401,
+        "Invalid user token",
+    )
+
+
+def test_app_credentials_reset_token_is_invalid_user_token(client, user, caplog, db):
+    token = app_reset_token(client, caplog)
+    for query, headers in session_sources(token).values():
+        response = client.get("/api/users/me" + query, headers=headers, status=401)
+        assert_app_error(response, 401, "Invalid user token")
+    assert table_counts(db)["reset_tokens"] == 1
+
+
+def test_app_credentials_session_tokens_work_on_both_apis(client, user):
+    app_token = app_login(client).json["accessToken"]
+    client.get("/store", headers=app_headers(app_token), status=200)
+    assert my_user(client, user.headers)["email"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"x-api-key": "unknown"}, {"Authorization": "Bearer unknown"}],
+    ids=["none", "bad-api-key", "bad-session"],
+)
+def test_app_credentials_401_has_no_www_authenticate(client, headers):
+    response = client.get("/api/users/me", headers=headers, status=401)
+    assert "WWW-Authenticate" not in response.headers
+    response = app_login(client, "nobody", PASSWORD, status=401)
+    assert "WWW-Authenticate" not in response.headers
+
+
+def test_app_credentials_access_log_leaves_out_query_secrets(make_app, caplog):
+    client = webtest.TestApp(make_app(access_log=True))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    secret, _ = make_key(client, app_headers(token))
+    with caplog.at_level(logging.INFO, logger="syncnode.access"):
+        client.get(f"/api/users/me?apiKey={secret}")
+        client.get(f"/api/users/me?sessionKey={token}")
+    lines = [r.getMessage() for r in caplog.records if r.name == "syncnode.access"]
+    assert len(lines) == 2
+    assert all("/api/users/me" in line for line in lines)
+    assert not [line for line in lines if secret in line or token in line]
+
+
+# Operations and the permission each needs from an API key (APP-API.md, Operations); the last
+# columns are what a key holding exactly that permission gets: status, error message or schema.
+OPERATIONS = [
+    ("POST", "/api/auth/change-password", "auth.changePassword",
+     {"password": PASSWORD, "newPassword": APP_NEW_PASSWORD}, 200, "UserAdminResponseDto"),
+    ("POST", "/api/auth/logout", "all", None, 200, "LogoutResponseDto"),
+    ("POST", "/api/api-keys", "apiKey.create", {"permissions": ["apiKey.create"]}, 201,
+     "APIKeyCreateResponseDto"),
+    ("GET", "/api/api-keys", "apiKey.read", None, 200, ["APIKeyResponseDto"]),
+    ("GET", "/api/api-keys/{key}", "apiKey.read", None, 200, "APIKeyResponseDto"),
+    ("PUT", "/api/api-keys/{key}", "apiKey.update", {"name": "renamed"}, 200,
+     "APIKeyResponseDto"),
+    ("DELETE", "/api/api-keys/{key}", "apiKey.delete", None, 204, None),
+    ("GET", "/api/server/about", "server.about", None, 200, "ServerAboutResponseDto"),
+    ("POST", "/api/sessions", "session.create", {}, 400,
+     "This endpoint can only be used with a session token"),
+    ("GET", "/api/sessions", "session.read", None, 200, ["SessionResponseDto"]),
+    ("DELETE", "/api/sessions", "session.delete", None, 204, None),
+    ("DELETE", "/api/sessions/{session}", "session.delete", None, 204, None),
+    ("GET", "/api/users", "user.read", None, 200, ["UserResponseDto"]),
+    ("GET", "/api/users/me", "user.read", None, 200, "UserAdminResponseDto"),
+    ("PUT", "/api/users/me", "user.update", {"name": "Alice"}, 200, "UserAdminResponseDto"),
+    ("GET", "/api/users/{user}", "user.read", None, 200, "UserResponseDto"),
+]  # fmt: skip
+OPERATION_IDS = [f"{method}-{path[5:]}" for method, path, *_ in OPERATIONS]
+
+
+def call_operation(client, db, owner: User, headers: dict, key: dict, method, path, body):
+    """Call one operation of the table, filling the path ids from the owner's data."""
+    user_id = my_user(client, owner.headers)["id"]
+    path = path.format(key=key["id"], session=session_id_of(db, owner.token), user=user_id)
+    if body is None:
+        return client.request(path, method=method, headers=headers, expect_errors=True)
+    return client.request(
+        path,
+        method=method,
+        headers={**headers, "Content-Type": "application/json"},
+        body=json.dumps(body).encode(),
+        expect_errors=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "method, path, permission, body, status, answer", OPERATIONS, ids=OPERATION_IDS
+)
+def test_app_credentials_api_key_without_the_permission_is_403(
+    client, user, db, method, path, permission, body, status, answer
+):
+    unrelated = "user.read" if permission == "server.about" else "server.about"
+    secret, key = make_key(client, user.headers, [unrelated, "store.own", "authDevice.delete"])
+    before = app_state(db)
+    response = call_operation(client, db, user, key_headers(secret), key, method, path, body)
+    assert_app_error(response, 403, f"Missing required permission: {permission}")
+    assert app_state(db) == before
+
+
+@pytest.mark.parametrize(
+    "method, path, permission, body, status, answer", OPERATIONS, ids=OPERATION_IDS
+)
+def test_app_credentials_api_key_with_the_permission_passes(
+    client, user, db, method, path, permission, body, status, answer
+):
+    secret, key = make_key(client, user.headers, [permission])
+    response = call_operation(client, db, user, key_headers(secret), key, method, path, body)
+    assert response.status_int == status
+    if status == 400:
+        assert_app_error(response, status, answer)
+    elif status == 204:
+        assert response.body == b"" and response.headers["x-immich-cid"]
+    else:
+        assert_schema(response, answer)
+
+
+def test_app_credentials_api_key_with_all_passes_every_operation(client, user, db):
+    user_id = my_user(client, user.headers)["id"]
+    session_id = session_id_of(db, user.token)
+    keys = [make_key(client, user.headers, ["all"]) for _ in OPERATIONS]
+    for (method, path, _, body, status, _), (secret, key) in zip(OPERATIONS, keys, strict=True):
+        path = path.format(key=key["id"], session=session_id, user=user_id)
+        response = client.request(
+            path,
+            method=method,
+            headers={**key_headers(secret), "Content-Type": "application/json"},
+            body=b"" if body is None else json.dumps(body).encode(),
+            expect_errors=True,
+        )
+        if path == f"/api/sessions/{session_id}":
+            status = 400  # The change of password with the key ended every session.
+        assert response.status_int == status, (method, path, response.json)
+
+
+@pytest.mark.parametrize(
+    "method, path", [("POST", "/api/auth/validateToken"), ("GET", "/api/api-keys/me")]
+)
+def test_app_credentials_any_permission_passes_any_credential_operations(
+    client, user, method, path
+):
+    secret, _ = make_key(client, user.headers, ["authDevice.delete"])
+    client.request(path, method=method, headers=key_headers(secret), status=200)
+
+
+def test_app_credentials_inert_permissions_are_stored_but_grant_nothing(client, user, db):
+    inert = [
+        "authDevice.delete", "session.update", "systemMetadata.read", "systemMetadata.update",
+        "adminUser.create", "adminUser.read", "adminUser.update", "adminUser.delete",
+    ]  # fmt: skip
+    secret, key = make_key(client, user.headers, inert)
+    assert key["permissions"] == inert
+    before = app_state(db)
+    for method, path, needed, body, *_ in OPERATIONS:
+        response = call_operation(client, db, user, key_headers(secret), key, method, path, body)
+        assert_app_error(response, 403, f"Missing required permission: {needed}")
+    assert app_state(db) == before
+
+
+# ==================================================================================================
+# App API: auth
+# ==================================================================================================
+
+
+def test_app_auth_login_answers_login_response_and_session(client, user, other, db):
+    response = client.post_json("/api/auth/login", {"email": " ALICE ", "password": PASSWORD})
+    assert response.status_int == 201
+    body = assert_schema(response, "LoginResponseDto")
+    me = my_user(client, user.headers)
+    assert body == {
+        "accessToken": body["accessToken"],
+        "userId": me["id"],
+        "userEmail": "alice",
+        "name": "alice",
+        "isAdmin": True,
+        "shouldChangePassword": False,
+    }
+    assert len(body["accessToken"]) >= 43
+    stored = db.execute(
+        "SELECT users.name, sessions.expires_ms, sessions.created_ms FROM sessions "
+        "JOIN users ON users.id = sessions.user_id WHERE token_digest = ?",
+        (token_digest(body["accessToken"]),),
+    ).fetchone()
+    assert stored == ("alice", 1_800_000_000_000 + 30 * 86400 * 1000, 1_800_000_000_000)
+    client.reset()
+    bob = app_login(client, "bob").json
+    assert (bob["isAdmin"], bob["userEmail"], bob["name"]) == (False, "bob", "bob")
+
+
+def test_app_auth_login_sets_three_cookies_in_order(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=3600))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    response = app_login(client, status=201)
+    token = response.json["accessToken"]
+    attributes = "Max-Age=3600; Path=/; Expires=Fri, 15 Jan 2027 09:00:00 GMT"
+    assert response.headers.getall("Set-Cookie") == [
+        f"immich_access_token={token}; {attributes}; HttpOnly; SameSite=Lax",
+        f"immich_auth_type=password; {attributes}; HttpOnly; SameSite=Lax",
+        f"immich_is_authenticated=true; {attributes}; SameSite=Lax",
+    ]
+
+
+def test_app_auth_login_cookies_are_secure_over_https(client, user):
+    response = client.post_json(
+        "/api/auth/login",
+        {"email": "alice", "password": PASSWORD},
+        extra_environ={"wsgi.url_scheme": "https"},
+    )
+    cookies = response.headers.getall("Set-Cookie")
+    assert len(cookies) == 3
+    assert all(cookie.endswith("; SameSite=Lax; Secure") for cookie in cookies)
+    assert all("Max-Age=2592000; Path=/; " in cookie for cookie in cookies)
+
+
+def test_app_auth_login_cookie_path_is_the_mount_prefix(app, client, user):
+    sync = mounted(app)
+    response = sync.post_json("/sync/api/auth/login", {"email": "alice", "password": PASSWORD})
+    cookies = response.headers.getall("Set-Cookie")
+    assert [cookie.split("; ")[2] for cookie in cookies] == ["Path=/sync"] * 3
+    sync.reset()
+    response = sync.post("/sync/api/auth/logout", headers=user.headers)
+    assert response.headers.getall("Set-Cookie") == [
+        f"{name}=; Path=/sync; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+        for name in ("immich_access_token", "immich_auth_type", "immich_is_authenticated")
+    ]
+
+
+def test_app_auth_login_cookie_authenticates_later_requests(client, user):
+    token = app_login(client).json["accessToken"]
+    headers = {"Cookie": f"immich_access_token={token}; immich_is_authenticated=true"}
+    assert client.post("/api/auth/validateToken", headers=headers).json == {"authStatus": True}
+
+
+def test_app_auth_login_reads_no_credentials(client, user):
+    headers = {"Authorization": "Bearer unknown", "x-immich-share-key": "k"}
+    client.post_json(
+        "/api/auth/login", {"email": "alice", "password": PASSWORD}, headers=headers, status=201
+    )
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        ({}, LOGIN_EMPTY),
+        ({"email": None, "password": None}, LOGIN_EMPTY),
+        ({"email": "", "password": PASSWORD},
+         ["email should not be empty", "email must be an email"]),
+        ({"email": 5, "password": PASSWORD}, ["email must be an email"]),
+        ({"email": [], "password": PASSWORD}, ["email must be an email"]),
+        ({"email": {}, "password": PASSWORD}, ["email must be an email"]),
+        ({"email": "a b", "password": PASSWORD}, ["email must be an email"]),
+        ({"email": "x" * 255, "password": PASSWORD}, ["email must be an email"]),
+        ({"email": "alice", "password": ""}, ["password should not be empty"]),
+        ({"email": "alice", "password": 5}, ["password must be a string"]),
+        ({"email": "alice", "password": False}, ["password must be a string"]),
+        ({"email": "alice"}, ["password should not be empty", "password must be a string"]),
+        ({"email": 5, "password": 5}, ["email must be an email", "password must be a string"]),
+    ],
+    ids=[
+        "empty", "nulls", "email-empty", "email-number", "email-array", "email-object",
+        "email-space", "email-255", "password-empty", "password-number", "password-bool",
+        "no-password", "both-wrong-types",
+    ],
+)  # fmt: skip
+def test_app_auth_login_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    before = app_state(db)
+    response = client.post_json("/api/auth/login", body, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+    assert "Set-Cookie" not in response.headers
+
+
+def test_app_auth_login_wrong_credentials_are_401(client, user, db):
+    before = app_state(db)
+    for login_id, password in [
+        ("alice", "wrong password"), ("alice", "x"), ("alice", "p" * 5000), ("nobody", PASSWORD),
+    ]:  # fmt: skip
+        response = app_login(client, login_id, password, status=401)
+        assert_app_error(response, 401, "Incorrect email or password")
+        assert "Set-Cookie" not in response.headers
+    assert app_state(db) == before
+
+
+def test_app_auth_login_failures_count_for_the_sync_node_api(make_app, db):
+    client = webtest.TestApp(make_app(login_fails_per_id=2, login_window=900))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    for _ in range(2):
+        app_login(client, "alice", "wrong password", status=401)
+    response = client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=429)
+    assert_error(response, 429, "AUTH02")
+    response = app_login(client, "alice", PASSWORD, status=429)
+    assert_app_error(response, 429, "Too many failed attempts, try again later")
+    assert response.headers["Retry-After"].isdigit()
+    assert 0 < int(response.headers["Retry-After"]) <= 900
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_app_auth_sync_node_failures_count_for_login(make_app, clock):
+    client = webtest.TestApp(make_app(login_fails_per_id=2, login_window=900))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    for _ in range(2):
+        client.post_json("/auth", {"id": "alice", "password": "wrong password"}, status=401)
+    clock.advance(100)
+    response = app_login(client, "alice", PASSWORD, status=429)
+    assert_app_error(response, 429, "Too many failed attempts, try again later")
+    assert response.headers["Retry-After"] == "800"
+    assert "Set-Cookie" not in response.headers
+    assert_app_error(
+        app_login(client, "alice", "", status=400), 400, ["password should not be empty"]
+    )
+    clock.advance(800)
+    app_login(client, "alice", PASSWORD, status=201)
+
+
+def test_app_auth_admin_sign_up_makes_the_first_account_admin(client, db):
+    body = {"email": " Admin@Example.org ", "password": PASSWORD, "name": "The Admin"}
+    response = client.post_json("/api/auth/admin-sign-up", body)
+    assert response.status_int == 201
+    admin = assert_schema(response, "UserAdminResponseDto")
+    assert admin == {
+        "id": admin["id"],
+        "name": "The Admin",
+        "email": "admin@example.org",
+        "shouldChangePassword": False,
+        "isAdmin": True,
+        "createdAt": CLOCK_START,
+        "deletedAt": None,
+        "updatedAt": CLOCK_START,
+        "status": "active",
+    }
+    assert "Set-Cookie" not in response.headers
+    assert table_counts(db)["sessions"] == 0
+    client.post_json("/auth", {"id": "admin@example.org", "password": PASSWORD}, status=200)
+    assert app_login(client, "ADMIN@example.org").json["userId"] == admin["id"]
+
+
+def test_app_auth_admin_sign_up_works_with_closed_registration(make_app, db):
+    client = webtest.TestApp(make_app(registration="closed"))
+    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
+    client.post_json("/api/auth/admin-sign-up", body, status=201)
+    assert table_counts(db)["users"] == 1
+    client.post_json("/account", {"id": "bob", "password": PASSWORD}, status=403)
+
+
+def test_app_auth_admin_sign_up_second_time_is_400(client, db):
+    client.post_json("/api/auth/admin-sign-up", {"email": "a", "password": PASSWORD, "name": "A"})
+    before = app_state(db)
+    body = {"email": "b", "password": PASSWORD, "name": "B"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
+    assert_app_error(response, 400, "The server already has an admin")
+    assert app_state(db) == before
+
+
+def test_app_auth_admin_sign_up_after_sync_node_registration_is_400(client, user, db):
+    before = app_state(db)
+    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
+    assert_app_error(response, 400, "The server already has an admin")
+    assert app_state(db) == before
+    assert my_user(client, user.headers)["isAdmin"] is True
+
+
+def test_app_auth_admin_sign_up_low_disk_is_507(make_app, db):
+    client = webtest.TestApp(make_app(min_free_bytes=2**62))
+    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=507)
+    assert_app_error(response, 507, "Insufficient storage")
+    assert table_counts(db)["users"] == 0
+
+
+SIGN_UP_EMPTY = ["name should not be empty", "name must be a string", *LOGIN_EMPTY]
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        ({}, SIGN_UP_EMPTY),
+        ({"email": None, "password": None, "name": None}, SIGN_UP_EMPTY),
+        ({"email": "a", "password": PASSWORD, "name": ""}, ["name should not be empty"]),
+        ({"email": "a", "password": PASSWORD, "name": 5}, ["name must be a string"]),
+        ({"email": "a", "password": PASSWORD, "name": "n" * 256},
+         ["name must be shorter than or equal to 255 characters"]),
+        ({"email": "a", "password": PASSWORD, "name": "a\x00b"},
+         ["name must not contain control characters"]),
+        ({"email": "a b", "password": PASSWORD, "name": "A"}, ["email must be an email"]),
+        ({"email": "", "password": PASSWORD, "name": "A"},
+         ["email should not be empty", "email must be an email"]),
+        ({"email": "a", "password": "short", "name": "A"},
+         ["password must be longer than or equal to 8 characters"]),
+        ({"email": "a", "password": "p" * 1025, "name": "A"},
+         ["password must be shorter than or equal to 1024 characters"]),
+        ({"email": "a", "password": "", "name": "A"}, ["password should not be empty"]),
+        ({"email": "a", "password": 12345678, "name": "A"}, ["password must be a string"]),
+        ({"email": 5, "password": 5, "name": 5},
+         ["name must be a string", "email must be an email", "password must be a string"]),
+    ],
+    ids=[
+        "empty", "nulls", "name-empty", "name-number", "name-256", "name-nul",
+        "email-space", "email-empty", "password-5", "password-1025",
+        "password-empty", "password-number", "all-numbers",
+    ],
+)  # fmt: skip
+def test_app_auth_admin_sign_up_bad_body_is_400_with_sentences(client, db, body, messages):
+    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
+    assert_app_error(response, 400, messages)
+    assert table_counts(db)["users"] == 0
+
+
+def test_app_auth_admin_sign_up_edge_lengths_are_accepted(client, db):
+    body = {"email": "x" * 254, "password": "p" * 8, "name": "n" * 255}
+    admin = client.post_json("/api/auth/admin-sign-up", body, status=201).json
+    assert (admin["email"], admin["name"]) == ("x" * 254, "n" * 255)
+
+
+def test_app_auth_validate_token_answers_true(client, user):
+    secret, _ = make_key(client, user.headers, ["server.about"])
+    for headers in (
+        user.headers,
+        key_headers(secret),
+        {"Cookie": f"immich_access_token={user.token}"},
+    ):
+        response = client.post("/api/auth/validateToken", headers=headers)
+        assert response.status_int == 200
+        assert assert_schema(response, "ValidateAccessTokenResponseDto") == {"authStatus": True}
+
+
+def test_app_auth_validate_token_bad_credentials_are_401(client, user):
+    for headers, message in [
+        ({}, "Authentication required"),
+        ({"Authorization": "Bearer unknown"}, "Invalid user token"),
+        ({"x-api-key": "unknown"}, "Invalid API key"),
+    ]:
+        response = client.post("/api/auth/validateToken", headers=headers, status=401)
+        assert_app_error(response, 401, message)
+
+
+def change_password(client, headers: dict, password: str = PASSWORD, **kw):
+    """POST /api/auth/change-password to APP_NEW_PASSWORD; return the response."""
+    body = {"password": password, "newPassword": APP_NEW_PASSWORD, **kw.pop("body", {})}
+    return client.post_json("/api/auth/change-password", body, headers=headers, **kw)
+
+
+def test_app_auth_change_password_sets_it_and_answers_the_user(client, user, clock, db):
+    old_hash = db.execute("SELECT password_hash FROM users").fetchone()[0]
+    clock.advance(61.5)
+    response = change_password(client, user.headers)
+    assert response.status_int == 200
+    me = assert_schema(response, "UserAdminResponseDto")
+    assert me["updatedAt"] == "2027-01-15T08:01:01.500Z"
+    assert me["createdAt"] == CLOCK_START
+    assert db.execute("SELECT password_hash FROM users").fetchone()[0] != old_hash
+    assert_app_error(
+        app_login(client, "alice", PASSWORD, status=401), 401, "Incorrect email or password"
+    )
+    app_login(client, "alice", APP_NEW_PASSWORD, status=201)
+    client.post_json("/auth", {"id": "alice", "password": APP_NEW_PASSWORD}, status=200)
+
+
+@pytest.mark.parametrize("flag", [False, True], ids=["false", "true"])
+def test_app_auth_change_password_revokes_other_sessions_and_children(
+    client, user, other, db, flag
+):
+    current = app_login(client).json["accessToken"]
+    own_child = make_child(client, app_headers(current))["token"]
+    other_child = make_child(client, user.headers)["token"]
+    grandchild = make_child(client, app_headers(other_child))["token"]
+    secret, _ = make_key(client, user.headers, ["user.read"])
+    body = {"invalidateSessions": flag}
+    change_password(client, app_headers(current), body=body, status=200)
+    for token in (user.token, own_child, other_child, grandchild):
+        response = client.get("/api/users/me", headers=app_headers(token), status=401)
+        assert_app_error(response, 401, "Invalid user token")
+    client.get("/api/users/me", headers=app_headers(current), status=200)
+    client.get("/api/users/me", headers=key_headers(secret), status=200)
+    client.get("/api/users/me", headers=other.headers, status=200)
+    digests = {row[0] for row in db.execute("SELECT token_digest FROM sessions")}
+    assert digests == {token_digest(current), token_digest(other.token)}
+
+
+def test_app_auth_change_password_from_a_child_keeps_only_that_child(client, user, db):
+    child = make_child(client, user.headers)["token"]
+    change_password(client, app_headers(child), status=200)
+    assert_app_error(
+        client.get("/api/users/me", headers=user.headers, status=401), 401, "Invalid user token"
+    )
+    client.get("/api/users/me", headers=app_headers(child), status=200)
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_app_auth_change_password_with_api_key_revokes_every_session(client, user, db):
+    secret, _ = make_key(client, user.headers, ["auth.changePassword", "user.read"])
+    make_child(client, user.headers)
+    change_password(client, key_headers(secret), status=200)
+    assert table_counts(db)["sessions"] == 0
+    client.get("/api/users/me", headers=key_headers(secret), status=200)
+    app_login(client, "alice", APP_NEW_PASSWORD, status=201)
+
+
+def test_app_auth_change_password_deletes_a_pending_reset_token(client, user, db, caplog):
+    app_reset_token(client, caplog)
+    assert table_counts(db)["reset_tokens"] == 1
+    change_password(client, user.headers, status=200)
+    assert table_counts(db)["reset_tokens"] == 0
+
+
+def test_app_auth_change_password_wrong_password_is_400(client, user, db):
+    make_child(client, user.headers)
+    before = app_state(db)
+    response = change_password(client, user.headers, "wrong password", status=400)
+    assert_app_error(response, 400, "Wrong password")
+    assert app_state(db) == before
+
+
+def test_app_auth_change_password_wrong_password_counts_toward_the_limit(make_app, db):
+    client = webtest.TestApp(make_app(login_fails_per_id=2))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    for _ in range(2):
+        change_password(client, app_headers(token), "wrong password", status=400)
+    before = app_state(db)
+    response = change_password(client, app_headers(token), status=429)
+    assert_app_error(response, 429, "Too many failed attempts, try again later")
+    assert response.headers["Retry-After"].isdigit()
+    assert app_state(db) == before
+    assert_app_error(
+        app_login(client, status=429), 429, "Too many failed attempts, try again later"
+    )
+    assert_error(
+        client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=429), 429, "AUTH02"
+    )
+
+
+CHANGE_EMPTY = [
+    "password should not be empty",
+    "password must be a string",
+    "newPassword must be longer than or equal to 8 characters",
+    "newPassword should not be empty",
+    "newPassword must be a string",
+]
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        ({}, CHANGE_EMPTY),
+        ({"password": None, "newPassword": None, "invalidateSessions": None}, CHANGE_EMPTY),
+        ({"password": "", "newPassword": ""},
+         ["password should not be empty",
+          "newPassword must be longer than or equal to 8 characters",
+          "newPassword should not be empty"]),
+        ({"password": 1, "newPassword": 1, "invalidateSessions": 1},
+         ["password must be a string",
+          "newPassword must be longer than or equal to 8 characters",
+          "newPassword must be a string", "invalidateSessions must be a boolean value"]),
+        ({"password": PASSWORD, "newPassword": "short"},
+         ["newPassword must be longer than or equal to 8 characters"]),
+        ({"password": PASSWORD, "newPassword": list(range(1, 9))},
+         ["newPassword must be longer than or equal to 8 characters",
+          "newPassword must be a string"]),
+        ({"password": PASSWORD, "newPassword": "p" * 1025},
+         ["newPassword must be shorter than or equal to 1024 characters"]),
+        ({"password": PASSWORD, "newPassword": APP_NEW_PASSWORD, "invalidateSessions": "yes"},
+         ["invalidateSessions must be a boolean value"]),
+        ({"password": PASSWORD, "newPassword": APP_NEW_PASSWORD, "invalidateSessions": "true"},
+         ["invalidateSessions must be a boolean value"]),
+        ({"newPassword": APP_NEW_PASSWORD},
+         ["password should not be empty", "password must be a string"]),
+    ],
+    ids=[
+        "empty", "nulls", "empty-strings", "numbers", "new-5", "new-array", "new-1025",
+        "flag-yes", "flag-string-true", "no-password",
+    ],
+)  # fmt: skip
+def test_app_auth_change_password_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    before = app_state(db)
+    response = client.post_json("/api/auth/change-password", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+
+
+@pytest.mark.parametrize("new_password", ["p" * 8, "p" * 1024], ids=["8", "1024"])
+def test_app_auth_change_password_edge_lengths_are_accepted(client, user, new_password):
+    body = {"password": PASSWORD, "newPassword": new_password}
+    client.post_json("/api/auth/change-password", body, headers=user.headers, status=200)
+    app_login(client, "alice", new_password, status=201)
+
+
+def test_app_auth_logout_ends_the_session_and_its_children(client, user, db):
+    current = app_login(client).json["accessToken"]
+    child = make_child(client, app_headers(current))["token"]
+    grandchild = make_child(client, app_headers(child))["token"]
+    response = client.post("/api/auth/logout", headers=app_headers(current))
+    assert response.status_int == 200
+    body = assert_schema(response, "LogoutResponseDto")
+    assert body == {"successful": True, "redirectUri": "/auth/login?autoLaunch=0"}
+    assert response.headers.getall("Set-Cookie") == [
+        f"{name}=; Path=/; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+        for name in ("immich_access_token", "immich_auth_type", "immich_is_authenticated")
+    ]
+    for token in (current, child, grandchild):
+        response = client.get("/api/users/me", headers=app_headers(token), status=401)
+        assert_app_error(response, 401, "Invalid user token")
+    client.get("/store", headers=user.headers, status=200)
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_app_auth_logout_by_cookie(client, user, db):
+    client.post("/api/auth/logout", headers={"Cookie": f"immich_access_token={user.token}"})
+    assert table_counts(db)["sessions"] == 0
+
+
+def test_app_auth_logout_with_api_key_ends_nothing(client, user, db):
+    secret, _ = make_key(client, user.headers)
+    before = app_state(db)
+    response = client.post("/api/auth/logout", headers=key_headers(secret))
+    assert assert_schema(response, "LogoutResponseDto") == {
+        "successful": True,
+        "redirectUri": "/auth/login?autoLaunch=0",
+    }
+    assert len(response.headers.getall("Set-Cookie")) == 3
+    assert app_state(db) == before
+    client.get("/api/users/me", headers=key_headers(secret), status=200)
+
+
+def test_app_auth_logout_without_credentials_is_401(client, user):
+    response = client.post("/api/auth/logout", status=401)
+    assert_app_error(response, 401, "Authentication required")
+    assert "Set-Cookie" not in response.headers
+
+
+# ==================================================================================================
+# App API: API keys
+# ==================================================================================================
+
+
+def test_app_keys_create_shows_the_secret_once_and_stores_its_digest(client, user, db):
+    response = client.post_json(
+        "/api/api-keys", {"name": "CLI", "permissions": ["user.read"]}, headers=user.headers
+    )
+    assert response.status_int == 201
+    body = assert_schema(response, "APIKeyCreateResponseDto")
+    secret, key = body["secret"], body["apiKey"]
+    assert key == {
+        "id": key["id"],
+        "name": "CLI",
+        "createdAt": CLOCK_START,
+        "updatedAt": CLOCK_START,
+        "permissions": ["user.read"],
+    }
+    assert len(secret) >= 43 and re.fullmatch(r"[A-Za-z0-9_-]+", secret)
+    rows = db.execute("SELECT * FROM api_keys").fetchall()
+    assert len(rows) == 1 and secret not in repr(rows)
+    stored = db.execute("SELECT public_id, secret_digest FROM api_keys").fetchone()
+    assert stored == (key["id"], token_digest(secret))
+    listed = client.get("/api/api-keys", headers=user.headers).json
+    assert secret not in json.dumps(listed)
+    assert client.get("/api/users/me", headers=key_headers(secret)).json["email"] == "alice"
+
+
+def test_app_keys_create_secrets_differ(client, user):
+    secrets = {make_key(client, user.headers)[0] for _ in range(3)}
+    assert len(secrets) == 3
+
+
+def test_app_keys_create_defaults_and_deduplicates(client, user):
+    for fields, name, permissions in [
+        ({"permissions": ["all"]}, "API Key", ["all"]),
+        ({"name": None, "permissions": ["all"]}, "API Key", ["all"]),
+        ({"name": "n" * 255, "permissions": ["all"]}, "n" * 255, ["all"]),
+        ({"permissions": ["user.read", "all", "user.read", "all"]}, "API Key",
+         ["user.read", "all"]),
+        ({"permissions": SERVED_PERMISSIONS[::-1]}, "API Key", SERVED_PERMISSIONS[::-1]),
+    ]:  # fmt: skip
+        response = client.post_json("/api/api-keys", fields, headers=user.headers, status=201)
+        key = assert_schema(response, "APIKeyCreateResponseDto")["apiKey"]
+        assert (key["name"], key["permissions"]) == (name, permissions)
+        assert client.get(f"/api/api-keys/{key['id']}", headers=user.headers).json == key
+
+
+KEY_CREATE_EMPTY = [
+    "permissions must contain at least 1 elements",
+    "permissions should not be empty",
+    ENUM_SENTENCE,
+]
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        ({}, KEY_CREATE_EMPTY),
+        ({"permissions": None}, KEY_CREATE_EMPTY),
+        ({"name": "", "permissions": []},
+         ["name should not be empty", "permissions must contain at least 1 elements"]),
+        ({"name": 5, "permissions": "all"},
+         ["name must be a string", "permissions must contain at least 1 elements"]),
+        ({"permissions": {}}, ["permissions must contain at least 1 elements", ENUM_SENTENCE]),
+        ({"permissions": "bogus"}, ["permissions must contain at least 1 elements", ENUM_SENTENCE]),
+        ({"permissions": ["all", "bogus"]}, [ENUM_SENTENCE]),
+        ({"permissions": [5]}, [ENUM_SENTENCE]),
+        ({"permissions": ["asset.read"]}, [ENUM_SENTENCE]),
+        ({"name": "n" * 256, "permissions": ["all"]},
+         ["name must be shorter than or equal to 255 characters"]),
+        ({"name": "a\nb", "permissions": ["all"]}, ["name must not contain control characters"]),
+    ],
+    ids=[
+        "empty", "null-permissions", "empty-name-and-list", "number-name-string-permission",
+        "object", "bogus-string", "one-bogus", "number", "immich-only-value", "name-256",
+        "name-newline",
+    ],
+)  # fmt: skip
+def test_app_keys_create_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    before = app_state(db)
+    response = client.post_json("/api/api-keys", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+
+
+@pytest.mark.parametrize(
+    "holds, asks",
+    [
+        (["apiKey.create", "user.read"], ["server.about"]),
+        (["apiKey.create", "user.read"], ["all"]),
+        (["apiKey.create", "store.read"], ["store.write"]),
+        (["apiKey.create", "store.write"], ["store.own"]),
+    ],
+    ids=["other", "all", "read-to-write", "write-to-own"],
+)
+def test_app_keys_create_narrower_key_cannot_grant_more(client, user, db, holds, asks):
+    secret, _ = make_key(client, user.headers, holds)
+    before = app_state(db)
+    response = client.post_json(
+        "/api/api-keys", {"permissions": asks}, headers=key_headers(secret), status=400
+    )
+    assert_app_error(response, 400, "Cannot grant permissions you do not have")
+    assert app_state(db) == before
+
+
+def test_app_keys_create_key_may_grant_what_it_holds(client, user):
+    for holds, asks in [
+        (["apiKey.create", "user.read"], ["apiKey.create", "user.read", "user.read"]),
+        (["apiKey.create", "store.own"], ["store.read", "store.write", "store.own"]),
+        (["apiKey.create", "store.write"], ["store.read"]),
+        (["all"], ["all", "adminUser.delete", "store.own"]),
+    ]:
+        secret, _ = make_key(client, user.headers, holds)
+        response = client.post_json(
+            "/api/api-keys", {"permissions": asks}, headers=key_headers(secret), status=201
+        )
+        key = assert_schema(response, "APIKeyCreateResponseDto")["apiKey"]
+        assert key["permissions"] == list(dict.fromkeys(asks))
+
+
+def test_app_keys_list_is_newest_first_and_only_own(client, user, other, clock):
+    created = []
+    for name in ("first", "second", "third"):
+        created.append(make_key(client, user.headers, name=name)[1])
+        clock.advance(1)
+    make_key(client, other.headers, name="bobs")
+    response = client.get("/api/api-keys", headers=user.headers)
+    listing = assert_schema(response, ["APIKeyResponseDto"])
+    assert listing == created[::-1]
+    assert [key["name"] for key in client.get("/api/api-keys", headers=other.headers).json] == [
+        "bobs"
+    ]
+
+
+def test_app_keys_list_is_empty_without_keys(client, user):
+    assert (
+        assert_schema(client.get("/api/api-keys", headers=user.headers), ["APIKeyResponseDto"])
+        == []
+    )
+
+
+def test_app_keys_me_answers_the_key_in_use(client, user):
+    secret, key = make_key(client, user.headers, ["server.about"], name="mine")
+    make_key(client, user.headers, name="another")
+    for query, headers in [("", key_headers(secret)), (f"?apiKey={secret}", {})]:
+        response = client.get("/api/api-keys/me" + query, headers=headers)
+        assert assert_schema(response, "APIKeyResponseDto") == key
+
+
+def test_app_keys_me_with_a_session_is_403(client, user):
+    response = client.get("/api/api-keys/me", headers=user.headers, status=403)
+    assert_app_error(response, 403, "Not authenticated with an API Key")
+
+
+def test_app_keys_me_without_credentials_is_401(client, user):
+    assert_app_error(client.get("/api/api-keys/me", status=401), 401, "Authentication required")
+
+
+def test_app_keys_get_answers_own_key_by_any_case_of_its_id(client, user):
+    _, key = make_key(client, user.headers, ["user.read"])
+    for key_id in (key["id"], key["id"].upper()):
+        response = client.get(f"/api/api-keys/{key_id}", headers=user.headers)
+        assert assert_schema(response, "APIKeyResponseDto") == key
+
+
+def test_app_keys_another_users_or_unknown_key_is_400(client, user, other, db):
+    _, bobs = make_key(client, other.headers)
+    before = app_state(db)
+    for method in ("GET", "PUT", "DELETE"):
+        for key_id in (bobs["id"], "7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60"):
+            response = client.request(
+                f"/api/api-keys/{key_id}",
+                method=method,
+                headers={**user.headers, "Content-Type": "application/json"},
+                body=b'{"name": "stolen"}' if method == "PUT" else b"",
+                status=400,
+            )
+            assert_app_error(response, 400, "API Key not found")
+    assert app_state(db) == before
+
+
+@pytest.mark.parametrize(
+    "key_id",
+    ["123", "7f1a3e4c-9d2b-1c5e-8f6a-1b2c3d4e5f60", "7f1a3e4c-9d2b-4c5e-cf6a-1b2c3d4e5f60",
+     "7f1a3e4c9d2b4c5e8f6a1b2c3d4e5f60"],
+    ids=["digits", "uuid-v1", "bad-variant", "no-dashes"],
+)  # fmt: skip
+def test_app_keys_bad_id_is_400(client, user, db, key_id):
+    before = app_state(db)
+    for method in ("GET", "PUT", "DELETE"):
+        response = client.request(
+            f"/api/api-keys/{key_id}",
+            method=method,
+            headers={**user.headers, "Content-Type": "application/json"},
+            body=b'{"name": "x"}' if method == "PUT" else b"",
+            status=400,
+        )
+        assert_app_error(response, 400, ["id must be a UUID"])
+    assert app_state(db) == before
+
+
+def test_app_keys_update_changes_only_the_fields_sent(client, user, clock):
+    _, key = make_key(client, user.headers, ["user.read", "server.about"], name="old")
+    clock.advance(5)
+    response = client.put_json(f"/api/api-keys/{key['id']}", {"name": "new"}, headers=user.headers)
+    renamed = assert_schema(response, "APIKeyResponseDto")
+    assert renamed == {**key, "name": "new", "updatedAt": "2027-01-15T08:00:05.000Z"}
+    clock.advance(5)
+    body = {"permissions": ["user.update", "user.update"], "name": None}
+    response = client.put_json(f"/api/api-keys/{key['id']}", body, headers=user.headers)
+    assert response.json == {
+        **renamed,
+        "permissions": ["user.update"],
+        "updatedAt": "2027-01-15T08:00:10.000Z",
+    }
+    assert client.get("/api/api-keys", headers=user.headers).json == [response.json]
+
+
+def test_app_keys_update_empty_body_changes_no_field(client, user):
+    _, key = make_key(client, user.headers, ["user.read"], name="same")
+    response = client.put_json(f"/api/api-keys/{key['id']}", {}, headers=user.headers)
+    body = assert_schema(response, "APIKeyResponseDto")
+    assert (body["name"], body["permissions"], body["createdAt"]) == (
+        "same", ["user.read"], key["createdAt"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        ({"name": ""}, ["name should not be empty"]),
+        ({"name": 5}, ["name must be a string"]),
+        ({"name": "n" * 256}, ["name must be shorter than or equal to 255 characters"]),
+        ({"name": "a\x1bb"}, ["name must not contain control characters"]),
+        ({"permissions": []}, ["permissions must contain at least 1 elements"]),
+        ({"permissions": ["x"]}, [ENUM_SENTENCE]),
+        ({"permissions": "all"}, ["permissions must contain at least 1 elements"]),
+        ({"permissions": {}}, ["permissions must contain at least 1 elements", ENUM_SENTENCE]),
+        ({"name": "", "permissions": []},
+         ["name should not be empty", "permissions must contain at least 1 elements"]),
+    ],
+    ids=["name-empty", "name-number", "name-256", "name-escape", "permissions-empty",
+         "permissions-bogus", "permissions-string", "permissions-object", "both"],
+)  # fmt: skip
+def test_app_keys_update_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    _, key = make_key(client, user.headers)
+    before = app_state(db)
+    response = client.put_json(f"/api/api-keys/{key['id']}", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+
+
+def test_app_keys_update_narrower_key_cannot_widen_any_key(client, user, db):
+    secret, narrow = make_key(client, user.headers, ["apiKey.update", "user.read"])
+    _, wide = make_key(client, user.headers, ["all"])
+    before = app_state(db)
+    for key_id, asks in [(narrow["id"], ["all"]), (narrow["id"], ["server.about"]),
+                         (wide["id"], ["all"]), (wide["id"], ["server.about"])]:  # fmt: skip
+        response = client.put_json(
+            f"/api/api-keys/{key_id}",
+            {"permissions": asks},
+            headers=key_headers(secret),
+            status=400,
+        )
+        assert_app_error(response, 400, "Cannot grant permissions you do not have")
+    assert app_state(db) == before
+
+
+def test_app_keys_update_narrower_key_may_rename_a_wider_one_and_narrow_itself(client, user):
+    secret, narrow = make_key(client, user.headers, ["apiKey.update", "user.read"])
+    _, wide = make_key(client, user.headers, ["all"])
+    response = client.put_json(
+        f"/api/api-keys/{wide['id']}", {"name": "renamed"}, headers=key_headers(secret)
+    )
+    assert (response.json["name"], response.json["permissions"]) == ("renamed", ["all"])
+    response = client.put_json(
+        f"/api/api-keys/{narrow['id']}", {"name": "me", "permissions": ["apiKey.update"]},
+        headers=key_headers(secret),
+    )  # fmt: skip
+    assert (response.json["name"], response.json["permissions"]) == ("me", ["apiKey.update"])
+    response = client.get("/api/users/me", headers=key_headers(secret), status=403)
+    assert_app_error(response, 403, "Missing required permission: user.read")
+
+
+def test_app_keys_delete_removes_the_key(client, user, db):
+    secret, key = make_key(client, user.headers)
+    _, kept = make_key(client, user.headers)
+    response = client.delete(f"/api/api-keys/{key['id']}", headers=user.headers, status=204)
+    assert response.body == b""
+    assert [row[0] for row in db.execute("SELECT public_id FROM api_keys")] == [kept["id"]]
+    assert_app_error(
+        client.get("/api/users/me", headers=key_headers(secret), status=401), 401, "Invalid API key"
+    )
+    response = client.delete(f"/api/api-keys/{key['id']}", headers=user.headers, status=400)
+    assert_app_error(response, 400, "API Key not found")
+
+
+def test_app_keys_key_may_delete_itself(client, user, db):
+    secret, key = make_key(client, user.headers, ["apiKey.delete"])
+    client.delete(f"/api/api-keys/{key['id']}", headers=key_headers(secret), status=204)
+    assert table_counts(db)["api_keys"] == 0
+    assert_app_error(
+        client.get("/api/api-keys/me", headers=key_headers(secret), status=401),
+        401,
+        "Invalid API key",
+    )
+
+
+def test_app_keys_survive_password_changes_and_reset(client, user, caplog):
+    secret, key = make_key(client, user.headers, ["user.read"])
+    client.post_json("/password", {"password": "second password"}, headers=user.headers, status=204)
+    body = {"password": "second password", "newPassword": "third password"}
+    client.post_json("/api/auth/change-password", body, headers=user.headers, status=200)
+    token = app_reset_token(client, caplog)
+    client.post_json("/password", {"password": "fourth password"}, headers=app_headers(token),
+                     status=204)  # fmt: skip
+    assert client.get("/api/users/me", headers=key_headers(secret)).json["email"] == "alice"
+    token = app_login(client, "alice", "fourth password").json["accessToken"]
+    assert client.get("/api/api-keys", headers=app_headers(token)).json == [key]
+
+
+def test_app_keys_never_expire(client, user, clock):
+    secret, _ = make_key(client, user.headers, ["user.read"])
+    clock.advance(10 * 365 * 86400)
+    assert client.get("/api/users/me", headers=key_headers(secret)).json["email"] == "alice"
+    assert_app_error(
+        client.get("/api/users/me", headers=user.headers, status=401), 401, "Invalid user token"
+    )
+
+
+# API keys on Sync Node paths (APP-API.md): each request, the permission it needs and the status
+# a key holding it gets. The fixture `stored` makes alice own "k" and "bob" exist.
+SYNC_OPERATIONS = [
+    ("GET", "/store", "store.read", 200),
+    ("HEAD", "/store/k", "store.read", 200),
+    ("GET", "/store/k", "store.read", 200),
+    ("GET", "/permission/k", "store.read", 200),
+    ("PUT", "/store/k", "store.write", 204),
+    ("DELETE", "/store/k", "store.own", 204),
+    ("PUT", "/permission/k", "store.own", 204),
+    ("DELETE", "/permission/k?users=bob", "store.own", 204),
+    ("GET", "/account", "session.read", 200),
+]
+SYNC_OPERATION_IDS = [f"{method}-{path[1:]}" for method, path, *_ in SYNC_OPERATIONS]
+
+
+def call_sync_operation(client, headers: dict, method: str, path: str, token: str):
+    """Call a Sync Node operation with the body and X-Sync-Token it needs."""
+    headers = {**headers, "X-Sync-Token": token}
+    if path == "/permission/k" and method == "PUT":
+        body = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
+    else:
+        body = b"new value" if method == "PUT" else b""
+    return client.request(path, method=method, headers=headers, body=body, expect_errors=True)
+
+
+@pytest.fixture
+def stored(client, user, other) -> str:
+    """Alice owns "k" (READ for bob); return its store token."""
+    token = put(client, user, "k", b"value").headers["X-Sync-Token"]
+    share(client, user, "k", {"bob": "READ"})
+    return token
+
+
+@pytest.mark.parametrize(
+    "method, path, permission, status", SYNC_OPERATIONS, ids=SYNC_OPERATION_IDS
+)
+def test_app_keys_sync_node_operation_with_the_permission_passes(
+    client, user, stored, method, path, permission, status
+):
+    secret, _ = make_key(client, user.headers, [permission])
+    response = call_sync_operation(client, key_headers(secret), method, path, stored)
+    assert response.status_int == status
+    if path == "/account":
+        assert [session["current"] for session in response.json] == [False]
+
+
+@pytest.mark.parametrize(
+    "method, path, permission, status", SYNC_OPERATIONS, ids=SYNC_OPERATION_IDS
+)
+def test_app_keys_sync_node_operation_without_the_permission_is_perm01(
+    client, user, db, stored, method, path, permission, status
+):
+    unrelated = {"store.read": "session.read", "session.read": "store.own"}.get(
+        permission, "store.read"
+    )
+    secret, _ = make_key(client, user.headers, [unrelated, "user.read", "apiKey.create"])
+    before = app_state(db)
+    response = call_sync_operation(client, key_headers(secret), method, path, stored)
+    assert response.status_int == 403
+    if method != "HEAD":
+        assert_error(response, 403, "PERM01")
+        assert response.json["message"] == f"Missing required permission: {permission}"
+    assert app_state(db) == before
+
+
+@pytest.mark.parametrize("permission", ["store.own", "store.write"])
+def test_app_keys_wider_store_permission_covers_narrower(client, user, stored, permission):
+    secret, _ = make_key(client, user.headers, [permission])
+    client.get("/store/k", headers=key_headers(secret), status=200)
+    client.get("/store", headers=key_headers(secret), status=200)
+    client.put("/store/k", b"v2", headers={**key_headers(secret), "X-Sync-Token": stored},
+               status=204)  # fmt: skip
+
+
+# ==================================================================================================
+# App API: sessions
+# ==================================================================================================
+
+
+def test_app_sessions_list_fields_order_and_current(client, user, other, clock, db):
+    clock.advance(10)
+    second = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    clock.advance(10)
+    third = app_login(client).json["accessToken"]
+    listing = sessions_listing(client, app_headers(second))
+    ids = [session_id_of(db, token) for token in (third, second, user.token)]
+    assert [session["id"] for session in listing] == ids
+    assert [session["current"] for session in listing] == [False, True, False]
+    assert listing[1] == {
+        "id": ids[1],
+        "createdAt": "2027-01-15T08:00:10.000Z",
+        "updatedAt": "2027-01-15T08:00:10.000Z",
+        "expiresAt": "2027-02-14T08:00:10.000Z",
+        "current": True,
+        "deviceType": "",
+        "deviceOS": "",
+        "appVersion": None,
+        "isPendingSyncReset": False,
+    }
+    assert user.token not in json.dumps(listing) and second not in json.dumps(listing)
+    assert len(sessions_listing(client, other.headers)) == 1
+
+
+def test_app_sessions_list_orders_by_updated_then_created(client, user, clock, db):
+    clock.advance(10)
+    second = app_login(client).json["accessToken"]
+    clock.advance(10)
+    third = app_login(client).json["accessToken"]
+    clock.advance(3601)
+    client.get("/store", headers=user.headers)  # Refreshes the first session.
+    listing = sessions_listing(client, app_headers(second))  # And this the second.
+    ids = [session_id_of(db, token) for token in (second, user.token, third)]
+    assert [session["id"] for session in listing] == ids
+    assert [session["updatedAt"] for session in listing] == [
+        "2027-01-15T09:00:21.000Z", "2027-01-15T09:00:21.000Z", "2027-01-15T08:00:20.000Z",
+    ]  # fmt: skip
+
+
+def test_app_sessions_list_leaves_out_expired_sessions(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=100))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    clock.advance(50)
+    newer = app_login(client).json["accessToken"]
+    clock.advance(50)
+    listing = sessions_listing(client, app_headers(newer))
+    assert [session["current"] for session in listing] == [True]
+    assert token not in json.dumps(listing)
+
+
+def test_app_sessions_list_with_api_key_has_no_current(client, user):
+    secret, _ = make_key(client, user.headers, ["session.read"])
+    app_login(client)
+    listing = sessions_listing(client, key_headers(secret))
+    assert [session["current"] for session in listing] == [False, False]
+
+
+def test_app_sessions_create_child_answers_it_with_token(client, user, clock, db):
+    clock.advance(30)
+    body = {"deviceType": "Television", "deviceOS": "webOS"}
+    response = client.post_json("/api/sessions", body, headers=user.headers)
+    assert response.status_int == 201
+    child = assert_schema(response, "SessionCreateResponseDto")
+    assert child == {
+        "id": child["id"],
+        "createdAt": "2027-01-15T08:00:30.000Z",
+        "updatedAt": "2027-01-15T08:00:30.000Z",
+        "expiresAt": "2027-02-14T08:00:00.000Z",
+        "current": False,
+        "deviceType": "Television",
+        "deviceOS": "webOS",
+        "appVersion": None,
+        "isPendingSyncReset": False,
+        "token": child["token"],
+    }
+    assert len(child["token"]) >= 43
+    row = db.execute(
+        "SELECT public_id, parent_id, token_digest FROM sessions WHERE public_id = ?",
+        (child["id"],),
+    ).fetchone()
+    parent = db.execute(
+        "SELECT id FROM sessions WHERE token_digest = ?", (token_digest(user.token),)
+    ).fetchone()
+    assert row == (child["id"], parent[0], token_digest(child["token"]))
+    assert child["token"] not in repr(db.execute("SELECT * FROM sessions").fetchall())
+    listing = sessions_listing(client, user.headers)
+    assert {key: value for key, value in child.items() if key != "token"} in listing
+
+
+def test_app_sessions_child_token_works_on_both_apis(client, user):
+    child = make_child(client, user.headers)["token"]
+    assert my_user(client, app_headers(child))["email"] == "alice"
+    client.get("/store", headers=app_headers(child), status=200)
+    put(client, User("alice", child), "from-child")
+    grandchild = make_child(client, app_headers(child))["token"]
+    client.get("/store/from-child", headers=app_headers(grandchild), status=200)
+
+
+def test_app_sessions_child_expiry_is_never_past_the_parent(client, user):
+    parents = "2027-02-14T08:00:00.000Z"
+    for body, expires in [
+        ({}, parents),
+        ({"duration": None}, parents),
+        ({"duration": 1}, "2027-01-15T08:00:01.000Z"),
+        ({"duration": 2.0}, "2027-01-15T08:00:02.000Z"),
+        ({"duration": 30 * 86400}, parents),
+        ({"duration": 30 * 86400 + 1}, parents),
+        ({"duration": 10**12}, parents),
+    ]:
+        assert make_child(client, user.headers, **body)["expiresAt"] == expires, body
+
+
+def test_app_sessions_grandchild_expiry_is_capped_by_its_parent(client, user, clock):
+    child = make_child(client, user.headers, duration=60)
+    clock.advance(10)
+    grandchild = make_child(client, app_headers(child["token"]), duration=3600)
+    assert grandchild["expiresAt"] == "2027-01-15T08:01:00.000Z"
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        ({"duration": 0}, ["duration must be a positive number"]),
+        ({"duration": 1.5}, ["duration must be an integer number"]),
+        ({"duration": -1.5},
+         ["duration must be a positive number", "duration must be an integer number"]),
+        ({"duration": "10"},
+         ["duration must be a positive number", "duration must be an integer number"]),
+        ({"duration": True},
+         ["duration must be a positive number", "duration must be an integer number"]),
+        ({"deviceType": 5}, ["deviceType must be a string"]),
+        ({"deviceOS": []}, ["deviceOS must be a string"]),
+        ({"deviceType": "t" * 256},
+         ["deviceType must be shorter than or equal to 255 characters"]),
+        ({"duration": 0.5, "deviceType": 5, "deviceOS": False},
+         ["duration must be an integer number", "deviceType must be a string",
+          "deviceOS must be a string"]),
+    ],
+    ids=["zero", "fraction", "negative-fraction", "string", "bool", "type-number", "os-array",
+         "type-256", "all-three"],
+)  # fmt: skip
+def test_app_sessions_create_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    before = app_state(db)
+    response = client.post_json("/api/sessions", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+
+
+def test_app_sessions_create_accepts_nulls_and_edge_lengths(client, user):
+    child = make_child(client, user.headers, duration=None, deviceType=None, deviceOS=None)
+    assert (child["deviceType"], child["deviceOS"]) == ("", "")
+    child = make_child(client, user.headers, deviceType="t" * 255, deviceOS="o" * 255)
+    assert (child["deviceType"], child["deviceOS"]) == ("t" * 255, "o" * 255)
+
+
+def test_app_sessions_create_accepts_empty_device_fields(client, user):
+    child = make_child(client, user.headers, deviceType="", deviceOS="")
+    assert (child["deviceType"], child["deviceOS"]) == ("", "")
+
+
+def test_app_sessions_create_with_api_key_is_400(client, user, db):
+    secret, _ = make_key(client, user.headers)
+    before = app_state(db)
+    response = client.post_json("/api/sessions", {}, headers=key_headers(secret), status=400)
+    assert_app_error(response, 400, "This endpoint can only be used with a session token")
+    assert app_state(db) == before
+
+
+def parent_with_family(client) -> tuple[str, str, str]:
+    """Log alice in and make a child and a grandchild; return the three tokens."""
+    parent = app_login(client).json["accessToken"]
+    child = make_child(client, app_headers(parent))["token"]
+    grandchild = make_child(client, app_headers(child))["token"]
+    return parent, child, grandchild
+
+
+def assert_ended(client, *tokens: str) -> None:
+    """Assert each session token is refused on both APIs."""
+    for token in tokens:
+        response = client.get("/api/users/me", headers=app_headers(token), status=401)
+        assert_app_error(response, 401, "Invalid user token")
+        assert_error(client.get("/store", headers=app_headers(token), status=401), 401, "AUTH01")
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "app-logout",
+        "app-delete-session",
+        "sync-node-logout",
+        "sync-node-password",
+        "app-delete-all",
+    ],
+)
+def test_app_sessions_children_end_with_the_parent(client, user, db, how):
+    parent, child, grandchild = parent_with_family(client)
+    if how == "app-logout":
+        client.post("/api/auth/logout", headers=app_headers(parent))
+    elif how == "app-delete-session":
+        session_id = session_id_of(db, parent)
+        client.delete(f"/api/sessions/{session_id}", headers=user.headers, status=204)
+    elif how == "sync-node-logout":
+        client.delete("/auth", headers=app_headers(parent), status=204)
+    elif how == "sync-node-password":
+        body = {"password": "another password"}
+        client.post_json("/password", body, headers=user.headers, status=204)
+    else:
+        client.delete("/api/sessions", headers=user.headers, status=204)
+    assert_ended(client, parent, child, grandchild)
+    client.get("/api/users/me", headers=user.headers, status=200)
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_app_sessions_children_end_with_the_parents_expiry(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=100))
+    parent = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    child = make_child(client, app_headers(parent))["token"]
+    clock.advance(99)
+    grandchild = make_child(client, app_headers(child))["token"]
+    client.get("/api/users/me", headers=app_headers(grandchild), status=200)
+    clock.advance(1)
+    assert_ended(client, parent, child, grandchild)
+
+
+def test_app_sessions_delete_all_keeps_only_the_current_one(client, user, other, db):
+    current = app_login(client).json["accessToken"]
+    own_child = make_child(client, app_headers(current))["token"]
+    other_child = make_child(client, user.headers)["token"]
+    response = client.delete("/api/sessions", headers=app_headers(current), status=204)
+    assert response.body == b""
+    assert_ended(client, user.token, own_child, other_child)
+    [session] = sessions_listing(client, app_headers(current))
+    assert session["current"] is True
+    client.get("/store", headers=other.headers, status=200)
+
+
+def test_app_sessions_delete_all_from_a_child_keeps_only_it(client, user, db):
+    child = make_child(client, user.headers)["token"]
+    client.delete("/api/sessions", headers=app_headers(child), status=204)
+    assert_ended(client, user.token)
+    assert [s["current"] for s in sessions_listing(client, app_headers(child))] == [True]
+
+
+def test_app_sessions_delete_all_with_api_key_ends_every_session(client, user, other, db):
+    secret, _ = make_key(client, user.headers, ["session.delete", "user.read"])
+    make_child(client, user.headers)
+    app_login(client)
+    client.delete("/api/sessions", headers=key_headers(secret), status=204)
+    assert table_counts(db)["sessions"] == 1  # Bob's.
+    client.get("/api/users/me", headers=key_headers(secret), status=200)
+    client.get("/store", headers=other.headers, status=200)
+
+
+def test_app_sessions_delete_one_ends_it(client, user, db):
+    second = app_login(client).json["accessToken"]
+    response = client.delete(
+        f"/api/sessions/{session_id_of(db, second)}", headers=user.headers, status=204
+    )
+    assert response.body == b""
+    assert_ended(client, second)
+    client.get("/api/users/me", headers=user.headers, status=200)
+
+
+def test_app_sessions_delete_one_may_end_the_current_session(client, user, db):
+    session_id = session_id_of(db, user.token)
+    client.delete(f"/api/sessions/{session_id.upper()}", headers=user.headers, status=204)
+    assert_ended(client, user.token)
+    assert table_counts(db)["sessions"] == 0
+
+
+def test_app_sessions_delete_unknown_or_another_users_session_is_400(client, user, other, db):
+    before = app_state(db)
+    for session_id in (session_id_of(db, other.token), "7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60"):
+        response = client.delete(f"/api/sessions/{session_id}", headers=user.headers, status=400)
+        assert_app_error(response, 400, "Not found or no authDevice.delete access")
+    assert app_state(db) == before
+    client.get("/store", headers=other.headers, status=200)
+
+
+def test_app_sessions_delete_bad_id_is_400(client, user, db):
+    before = app_state(db)
+    for session_id in ("123", "7f1a3e4c-9d2b-1c5e-8f6a-1b2c3d4e5f60"):
+        response = client.delete(f"/api/sessions/{session_id}", headers=user.headers, status=400)
+        assert_app_error(response, 400, ["id must be a UUID"])
+    assert app_state(db) == before
+
+
+# User-Agent and headers, and the device fields a session records (APP-API.md, Credentials).
+DEVICES = [
+    ({"User-Agent": CHROME_WINDOWS[:-14] + "Safari/537.36 Edg/120.0.0.0"}, "Edge", "Windows", None),
+    ({"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36 OPR/106.0"},
+     "Opera", "Linux", None),
+    ({"User-Agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10.15; rv:121.0) Firefox/121.0"},
+     "Firefox", "macOS", None),
+    ({"User-Agent": CHROME_WINDOWS}, "Chrome", "Windows", None),
+    ({"User-Agent": "Mozilla/5.0 (Linux; Android 14; Pixel 8) Chrome/120.0 Mobile Safari/537.36"},
+     "Chrome", "Android", None),
+    ({"User-Agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) CriOS/120.0 "
+                    "Mobile/15E148 Safari/604.1"}, "Chrome", "iOS", None),
+    ({"User-Agent": "Mozilla/5.0 (iPad; CPU OS 17_0 like Mac OS X) Version/17.0 Safari/604.1"},
+     "Safari", "iOS", None),
+    ({"User-Agent": "Mozilla/5.0 (X11; CrOS x86_64 14541.0.0) Chrome/120.0 Safari/537.36"},
+     "Chrome", "Chrome OS", None),
+    ({"User-Agent": "Mozilla/5.0 (compatible; Unknown)", "deviceModel": "Pixel 8",
+      "deviceType": "Android"}, "Pixel 8", "Android", None),
+    ({"User-Agent": "Mozilla/5.0 (Plan9) Firefox/1.0", "deviceType": "Plan 9"},
+     "Firefox", "Plan 9", None),
+    ({"User-Agent": "immich-android/1.2.3", "deviceModel": "Pixel 8", "deviceType": "Android"},
+     "Pixel 8", "Android", "1.2.3"),
+    ({"User-Agent": "immich-ios/1.120.0", "deviceModel": "iPhone15,2", "deviceType": "iOS"},
+     "iPhone15,2", "iOS", "1.120.0"),
+    ({"User-Agent": "Immich_Android_1.99.0"}, "", "", "1.99.0"),
+    ({"User-Agent": "Immich_iOS_2.0.0-beta"}, "", "", "2.0.0-beta"),
+    ({"User-Agent": "curl/8.5.0"}, "", "", None),
+    ({}, "", "", None),
+    ({"User-Agent": "immich-android/" + "9" * 100, "deviceModel": "m" * 100,
+      "deviceType": "t" * 100}, "m" * 64, "t" * 64, "9" * 64),
+]  # fmt: skip
+DEVICE_IDS = [
+    "edge-windows", "opera-linux", "firefox-macos", "chrome-windows", "chrome-android",
+    "crios-iphone", "safari-ipad", "chrome-os", "mozilla-no-match", "browser-without-os",
+    "immich-android", "immich-ios", "old-android", "old-ios", "curl", "nothing", "cut-to-64",
+]  # fmt: skip
+
+
+def test_app_sessions_device_fields_come_from_the_request(client, user):
+    for case, (headers, *expected) in zip(DEVICE_IDS, DEVICES, strict=True):
+        token = app_login(client, headers=headers).json["accessToken"]
+        listing = sessions_listing(client, {**headers, **app_headers(token)})
+        [session] = [session for session in listing if session["current"]]
+        fields = [session["deviceType"], session["deviceOS"], session["appVersion"]]
+        assert fields == expected, case
+
+
+@pytest.mark.parametrize("path", ["/account", "/auth"])
+def test_app_sessions_sync_node_sessions_record_the_device_too(client, user, path):
+    headers = {"User-Agent": "immich-ios/1.5.0", "deviceModel": "iPhone", "deviceType": "iOS"}
+    body = {"id": "carol" if path == "/account" else "alice", "password": PASSWORD}
+    token = client.post_json(path, body, headers=headers).json["token"]
+    [session] = [
+        s for s in sessions_listing(client, {**headers, **app_headers(token)}) if s["current"]
+    ]
+    assert (session["deviceType"], session["deviceOS"], session["appVersion"]) == (
+        "iPhone", "iOS", "1.5.0",
+    )  # fmt: skip
+
+
+def device_of(client, db, token: str, secret: str) -> tuple:
+    """Return (deviceType, deviceOS, appVersion, updatedAt, expiresAt) of a session.
+
+    The listing is read with an API key, which refreshes no session.
+    """
+    session_id = session_id_of(db, token)
+    [session] = [s for s in sessions_listing(client, key_headers(secret)) if s["id"] == session_id]
+    keys = ("deviceType", "deviceOS", "appVersion", "updatedAt", "expiresAt")
+    return tuple(session[key] for key in keys)
+
+
+def test_app_sessions_device_is_refreshed_after_an_hour_on_either_api(client, user, clock, db):
+    firefox, chrome = {"User-Agent": FIREFOX_LINUX}, {"User-Agent": CHROME_WINDOWS}
+    secret, _ = make_key(client, user.headers, ["session.read"])
+    token = app_login(client, headers=firefox).json["accessToken"]
+    expires = "2027-02-14T08:00:00.000Z"
+    clock.advance(3600)
+    client.get("/api/users/me", headers={**chrome, **app_headers(token)})
+    assert device_of(client, db, token, secret) == ("Firefox", "Linux", None, CLOCK_START, expires)
+    clock.advance(1)
+    client.get("/api/users/me", headers={**chrome, **app_headers(token)})
+    refreshed = ("Chrome", "Windows", None, "2027-01-15T09:00:01.000Z", expires)
+    assert device_of(client, db, token, secret) == refreshed
+    clock.advance(3601)
+    client.get("/store", headers={**firefox, **app_headers(token)})
+    assert device_of(client, db, token, secret) == (
+        "Firefox", "Linux", None, "2027-01-15T10:00:02.000Z", expires,
+    )  # fmt: skip
+
+
+def test_app_sessions_device_is_refreshed_when_the_app_version_changes(client, user, clock, db):
+    old = {"User-Agent": "immich-android/1.0.0", "deviceModel": "Pixel 7", "deviceType": "Android"}
+    new = {"User-Agent": "immich-android/1.1.0", "deviceModel": "Pixel 8", "deviceType": "Android"}
+    secret, _ = make_key(client, user.headers, ["session.read"])
+    token = app_login(client, headers=old).json["accessToken"]
+    clock.advance(60)
+    client.get("/api/users/me", headers={**old, "deviceModel": "ignored", **app_headers(token)})
+    assert device_of(client, db, token, secret)[:4] == ("Pixel 7", "Android", "1.0.0", CLOCK_START)
+    client.get("/api/users/me", headers={**new, **app_headers(token)})
+    assert device_of(client, db, token, secret)[:4] == (
+        "Pixel 8", "Android", "1.1.0", "2027-01-15T08:01:00.000Z",
+    )  # fmt: skip
+
+
+# ==================================================================================================
+# App API: users
+# ==================================================================================================
+
+
+def test_app_users_list_admin_sees_everyone_newest_first(client, make_user, clock):
+    alice = make_user("alice")
+    clock.advance(1)
+    make_user("bob@example.org")
+    clock.advance(1)
+    make_user("carol")
+    response = client.get("/api/users", headers=alice.headers)
+    listing = assert_schema(response, ["UserResponseDto"])
+    assert [(u["email"], u["name"]) for u in listing] == [
+        ("carol", "carol"), ("bob@example.org", "bob"), ("alice", "alice"),
+    ]  # fmt: skip
+
+
+def test_app_users_list_non_admin_sees_only_itself(client, user, other):
+    secret, _ = make_key(client, other.headers, ["user.read"])
+    for headers in (other.headers, key_headers(secret)):
+        listing = assert_schema(client.get("/api/users", headers=headers), ["UserResponseDto"])
+        assert listing == [{key: value for key, value in my_user(client, other.headers).items()
+                            if key in ("id", "name", "email")}]  # fmt: skip
+
+
+def test_app_users_list_public_users_shows_everyone(make_app):
+    client = webtest.TestApp(make_app(public_users=True))
+    for name in ("alice", "bob"):
+        token = client.post_json("/account", {"id": name, "password": PASSWORD}).json["token"]
+    listing = assert_schema(
+        client.get("/api/users", headers=app_headers(token)), ["UserResponseDto"]
+    )
+    assert [user["email"] for user in listing] == ["bob", "alice"]
+
+
+def test_app_users_me_answers_the_admin_dto(client, user, other, clock):
+    response = client.get("/api/users/me", headers=other.headers)
+    me = assert_schema(response, "UserAdminResponseDto")
+    assert me == {
+        "id": me["id"],
+        "name": "bob",
+        "email": "bob",
+        "shouldChangePassword": False,
+        "isAdmin": False,
+        "createdAt": CLOCK_START,
+        "deletedAt": None,
+        "updatedAt": CLOCK_START,
+        "status": "active",
+    }
+    assert my_user(client, user.headers)["isAdmin"] is True
+
+
+def test_app_users_default_name_is_the_part_before_the_last_at(client, make_user):
+    for name, display in [
+        ("alice@example.org", "alice"), ("a@b@example.org", "a@b"), ("carol", "carol"),
+        ("@handle", "@handle"), ("dave@", "dave"), ("@", "@"),
+    ]:  # fmt: skip
+        created = make_user(name)
+        assert my_user(client, created.headers)["name"] == display, name
+
+
+def test_app_users_update_me_with_empty_body_changes_nothing(client, user, clock, db):
+    before = my_user(client, user.headers)
+    state = app_state(db)
+    clock.advance(60)
+    for body in ({}, {"email": None, "name": None}, {"unknown": "x"}):
+        response = client.put_json("/api/users/me", body, headers=user.headers)
+        assert assert_schema(response, "UserAdminResponseDto") == before
+    assert app_state(db) == state
+
+
+def test_app_users_update_me_renames_the_display_name(client, user, clock):
+    clock.advance(61)
+    response = client.put_json("/api/users/me", {"name": "Alice Liddell"}, headers=user.headers)
+    me = assert_schema(response, "UserAdminResponseDto")
+    assert (me["name"], me["email"]) == ("Alice Liddell", "alice")
+    assert me["updatedAt"] == "2027-01-15T08:01:01.000Z" and me["createdAt"] == CLOCK_START
+    assert my_user(client, user.headers) == me
+    assert app_login(client).json["name"] == "Alice Liddell"
+
+
+def test_app_users_updated_at_moves_with_a_sync_node_password_change(client, user, clock):
+    clock.advance(2)
+    client.post_json("/password", {"password": "another password"}, headers=user.headers)
+    me = my_user(client, user.headers)
+    assert (me["createdAt"], me["updatedAt"]) == (CLOCK_START, "2027-01-15T08:00:02.000Z")
+
+
+def test_app_users_update_me_ignores_password_and_avatar_color(client, user, db):
+    before = app_state(db)
+    body = {"password": "another password", "avatarColor": "red", "isAdmin": False}
+    client.put_json("/api/users/me", body, headers=user.headers, status=200)
+    assert app_state(db) == before
+    app_login(client, "alice", PASSWORD, status=201)
+
+
+def test_app_users_update_me_email_renames_the_sync_node_id(client, user, other, clock, db):
+    secret, _ = make_key(client, user.headers, ["user.read", "store.read"])
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "READ"})
+    clock.advance(5)
+    body = {"email": " Alice@Example.ORG "}
+    response = client.put_json("/api/users/me", body, headers=user.headers)
+    me = assert_schema(response, "UserAdminResponseDto")
+    assert (me["email"], me["name"]) == ("alice@example.org", "alice")
+    assert me["updatedAt"] == "2027-01-15T08:00:05.000Z"
+    client.post_json("/auth", {"id": "alice@example.org", "password": PASSWORD}, status=200)
+    assert_error(
+        client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=401), 401, "AUTH01"
+    )
+    app_login(client, "alice@example.org", PASSWORD, status=201)
+    assert my_user(client, user.headers)["email"] == "alice@example.org"
+    assert my_user(client, key_headers(secret))["email"] == "alice@example.org"
+    assert client.get("/permission/k", headers=other.headers).json == [
+        {"user": "alice@example.org", "permission": "OWN"},
+        {"user": "bob", "permission": "READ"},
+    ]
+    assert client.get("/permission/k", headers=key_headers(secret)).status_int == 200
+    client.post_json("/account", {"id": "alice", "password": PASSWORD}, status=200)
+
+
+def test_app_users_update_me_with_a_taken_email_is_400(client, user, other, db):
+    before = app_state(db)
+    for taken in ("bob", " BOB "):
+        response = client.put_json(
+            "/api/users/me", {"email": taken}, headers=user.headers, status=400
+        )
+        assert_app_error(response, 400, "Email already in use by another account")
+    assert app_state(db) == before
+
+
+def test_app_users_update_me_with_own_email_is_accepted(client, user):
+    me = client.put_json("/api/users/me", {"email": "ALICE"}, headers=user.headers).json
+    assert me["email"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        ({"email": ""}, ["email must be an email"]),
+        ({"email": "a b"}, ["email must be an email"]),
+        ({"name": ""}, ["name should not be empty"]),
+        ({"name": 5}, ["name must be a string"]),
+        ({"name": "n" * 256}, ["name must be shorter than or equal to 255 characters"]),
+        ({"name": "line\nbreak"}, ["name must not contain control characters"]),
+        ({"name": "c1\x85"}, ["name must not contain control characters"]),
+        ({"email": 5, "name": 5}, ["email must be an email", "name must be a string"]),
+    ],
+    ids=["email-empty", "email-space", "name-empty", "name-number",
+         "name-256", "name-newline", "name-c1", "both"],
+)  # fmt: skip
+def test_app_users_update_me_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    before = app_state(db)
+    response = client.put_json("/api/users/me", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+
+
+def test_app_users_get_answers_any_account(client, user, other):
+    bob = my_user(client, other.headers)
+    for user_id in (bob["id"], bob["id"].upper()):
+        response = client.get(f"/api/users/{user_id}", headers=user.headers)
+        assert assert_schema(response, "UserResponseDto") == {
+            "id": bob["id"], "name": "bob", "email": "bob",
+        }  # fmt: skip
+
+
+def test_app_users_get_unknown_is_400(client, user, other, db):
+    bob = my_user(client, other.headers)
+    client.delete("/account", headers=other.headers, status=204)
+    for user_id in (bob["id"], "7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60"):
+        response = client.get(f"/api/users/{user_id}", headers=user.headers, status=400)
+        assert_app_error(response, 400, "User not found")
+
+
+@pytest.mark.parametrize(
+    "user_id", ["123", "7f1a3e4c-9d2b-1c5e-8f6a-1b2c3d4e5f60"], ids=["digits", "v1"]
+)
+def test_app_users_get_bad_id_is_400(client, user, user_id):
+    response = client.get(f"/api/users/{user_id}", headers=user.headers, status=400)
+    assert_app_error(response, 400, ["id must be a UUID"])
+
+
+def test_app_users_deleting_the_admin_makes_the_next_oldest_admin(client, make_user, clock):
+    alice = make_user("alice")
+    clock.advance(1)
+    bob = make_user("bob")
+    clock.advance(1)
+    carol = make_user("carol")
+    client.delete("/account", headers=alice.headers, status=204)
+    assert my_user(client, bob.headers)["isAdmin"] is True
+    assert my_user(client, carol.headers)["isAdmin"] is False
+    assert app_login(client, "bob").json["isAdmin"] is True
+    assert [u["email"] for u in client.get("/api/users", headers=bob.headers).json] == [
+        "carol", "bob",
+    ]  # fmt: skip
+    assert client.get("/api/users", headers=carol.headers).json[0]["email"] == "carol"
+
+
+def test_app_users_admin_stays_the_oldest_account(client, make_user, clock):
+    alice = make_user("alice")
+    clock.advance(1)
+    bob = make_user("bob")
+    client.delete("/account", headers=bob.headers, status=204)
+    clock.advance(1)
+    bob = make_user("bob")
+    assert my_user(client, alice.headers)["isAdmin"] is True
+    assert my_user(client, bob.headers)["isAdmin"] is False
+
+
+# ==================================================================================================
+# App API: server
+# ==================================================================================================
+
+
+@pytest.mark.parametrize(
+    "path, schema, answer",
+    [
+        ("/api/server/ping", "ServerPingResponse", {"res": "pong"}),
+        ("/api/server/features", "ServerFeaturesDto", {"passwordLogin": True}),
+    ],
+    ids=["ping", "features"],
+)
+def test_app_server_public_answers(client, path, schema, answer):
+    for headers in ({}, {"Authorization": "Bearer unknown", "x-immich-share-key": "k"}):
+        response = client.get(path, headers=headers)
+        assert response.status_int == 200
+        assert assert_schema(response, schema) == answer
+
+
+def test_app_server_version_is_syncnodes_own(client, monkeypatch):
+    major, minor, patch = (int(part) for part in syncnode.__version__.split("."))
+    response = client.get("/api/server/version")
+    assert assert_schema(response, "ServerVersionResponseDto") == {
+        "major": major, "minor": minor, "patch": patch,
+    }  # fmt: skip
+    monkeypatch.setattr(syncnode, "__version__", "12.34.5rc1")
+    assert client.get("/api/server/version").json == {"major": 12, "minor": 34, "patch": 5}
+
+
+@pytest.mark.parametrize("version", ["12.34.5.dev1", "12.34.5-rc.1"], ids=["pep440-dev", "semver"])
+def test_app_server_version_drops_a_dotted_pre_release_part(client, monkeypatch, version):
+    monkeypatch.setattr(syncnode, "__version__", version)
+    response = client.get("/api/server/version")
+    assert response.json == {"major": 12, "minor": 34, "patch": 5}
+
+
+def test_app_server_about_answers_the_version(client, user):
+    secret, _ = make_key(client, user.headers, ["server.about"])
+    for headers in (user.headers, key_headers(secret)):
+        response = client.get("/api/server/about", headers=headers)
+        assert assert_schema(response, "ServerAboutResponseDto") == {
+            "version": f"v{syncnode.__version__}",
+            "versionUrl": "",
+        }
+
+
+def test_app_server_about_needs_credentials_and_server_about(client, user):
+    assert_app_error(client.get("/api/server/about", status=401), 401, "Authentication required")
+    secret, _ = make_key(client, user.headers, ["user.read"])
+    response = client.get("/api/server/about", headers=key_headers(secret), status=403)
+    assert_app_error(response, 403, "Missing required permission: server.about")
+
+
+def test_app_server_config_is_initialized_once_an_admin_exists(client, db):
+    def config() -> dict:
+        return assert_schema(client.get("/api/server/config"), "ServerConfigDto")
+
+    assert config() == {"loginPageMessage": "", "userDeleteDelay": 0, "isInitialized": False}
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    assert config()["isInitialized"] is True
+    client.delete("/account", headers=app_headers(token), status=204)
+    assert config()["isInitialized"] is False
+    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
+    client.post_json("/api/auth/admin-sign-up", body, status=201)
+    assert config() == {"loginPageMessage": "", "userDeleteDelay": 0, "isInitialized": True}
+
+
+def test_app_server_well_known_immich_at_the_root(client):
+    response = client.get("/.well-known/immich")
+    assert response.status_int == 200
+    assert response.content_type == "application/json"
+    assert response.json == {"api": {"endpoint": "/api"}}
+
+
+def test_app_server_well_known_immich_under_a_mount_prefix(app, client, user):
+    sync = mounted(app)
+    assert sync.get("/sync/.well-known/immich").json == {"api": {"endpoint": "/sync/api"}}
+    assert sync.get("/sync/api/server/ping").json == {"res": "pong"}
+    response = sync.get("/sync/api/nope", status=404)
+    assert_app_error(response, 404, "Cannot GET /api/nope")
+    me = sync.get("/sync/api/users/me", headers={"x-immich-user-token": user.token}).json
+    assert me["email"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "/sync",
+        pytest.param(
+            "/sync/",
+        ),
+    ],
+    ids=["wsgi-mount", "bottle-mount-slash"],
+)
+def test_app_server_mount_prefix_reaches_discovery_cookies_and_404(make_app, prefix):
+    sync = mounted(make_app(), prefix)
+    sync.post_json("/sync/account", {"id": "alice", "password": PASSWORD})
+    assert sync.get("/sync/.well-known/immich").json == {"api": {"endpoint": "/sync/api"}}
+    response = sync.post_json("/sync/api/auth/login", {"email": "alice", "password": PASSWORD})
+    assert [cookie.split("; ")[2] for cookie in response.headers.getall("Set-Cookie")] == [
+        "Path=/sync"
+    ] * 3
+    assert_app_error(sync.get("/sync/api/x", status=404), 404, "Cannot GET /api/x")
+
+
+def register(client: webtest.TestApp, name: str = "alice", prefix: str = "") -> User:
+    """Register a user through POST /account (under a mount prefix if given)."""
+    response = client.post_json(f"{prefix}/account", {"id": name, "password": PASSWORD})
+    return User(name, response.json["token"])
+
+
+def wait_for(condition, timeout: float = 5.0, what: str = "the condition") -> None:
+    """Poll a condition until it holds; fail the test after the timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# ==================================================================================================
+# Throttling across restarts
+# ==================================================================================================
+
+
+def test_throttle_failed_logins_survive_a_restart(make_app, app, client, user):
+    for _ in range(10):
+        client.post_json("/auth", {"id": "alice", "password": "wrong password"}, status=401)
+    app.close()
+    restarted = webtest.TestApp(make_app())
+    response = restarted.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=429)
+    assert_error(response, 429, "AUTH02")
+    assert int(response.headers["Retry-After"]) > 0
+
+
+# ==================================================================================================
+# Quotas
+# ==================================================================================================
+
+
+def usage(client: webtest.TestApp, user: User) -> tuple[int, int]:
+    """Return the (keys, bytes) GET /account reports for the user."""
+    headers = client.get("/account", headers=user.headers).headers
+    return int(headers["X-Sync-Usage-Keys"]), int(headers["X-Sync-Usage-Bytes"])
+
+
+def test_quota_account_headers_report_usage_and_limits(make_app):
+    client = webtest.TestApp(make_app(quota_bytes=1000, quota_keys=5))
+    alice, bob = register(client, "alice"), register(client, "bob")
+    put(client, alice, "a/1", b"abc")
+    put(client, alice, "a/2", b"defg")
+    put(client, bob, "b/1", b"0123456789")
+    response = client.get("/account", headers=alice.headers)
+    assert response.status_int == 200
+    assert response.headers["X-Sync-Usage-Keys"] == "2"
+    assert response.headers["X-Sync-Usage-Bytes"] == "7"
+    assert response.headers["X-Sync-Quota-Keys"] == "5"
+    assert response.headers["X-Sync-Quota-Bytes"] == "1000"
+    (session,) = response.json
+    assert set(session) == {"id", "expiration", "current", "createdAt"} and session["current"]
+
+
+def test_quota_usage_counts_only_keys_held_with_own(make_app):
+    client = webtest.TestApp(make_app())
+    alice, bob = register(client, "alice"), register(client, "bob")
+    put(client, alice, "shared", b"abc")
+    put(client, bob, "mine", b"0123456789")
+    share(client, alice, "shared", {"bob": "WRITE"})
+    assert usage(client, bob) == (1, 10)
+    share(client, alice, "shared", {"bob": "OWN"})
+    assert usage(client, bob) == (2, 13)
+    assert usage(client, alice) == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "settings, limits",
+    [
+        ({}, {"X-Sync-Quota-Keys": "100000"}),
+        ({"quota_keys": 0}, {}),
+        ({"quota_keys": 0, "quota_bytes": 50}, {"X-Sync-Quota-Bytes": "50"}),
+    ],
+    ids=["default", "keys-off", "bytes-only"],
+)
+def test_quota_headers_name_only_the_limits_that_are_on(make_app, settings, limits):
+    client = webtest.TestApp(make_app(**settings))
+    alice = register(client, "alice")
+    headers = client.get("/account", headers=alice.headers).headers
+    sent = {name: value for name, value in headers.items() if name.startswith("X-Sync-Quota-")}
+    assert sent == limits
+    assert (headers["X-Sync-Usage-Keys"], headers["X-Sync-Usage-Bytes"]) == ("0", "0")
+
+
+def test_quota_create_past_bytes_is_quota01_and_stores_nothing(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice = register(client, "alice")
+    put(client, alice, "first", b"123456")
+    before = snapshot(db)
+    response = put(client, alice, "second", b"12345", status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+def test_quota_create_up_to_the_byte_limit_is_accepted(make_app):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice = register(client, "alice")
+    put(client, alice, "first", b"123456")
+    put(client, alice, "second", b"1234", status=204)
+    assert usage(client, alice) == (2, 10)
+
+
+def test_quota_create_of_a_streamed_value_past_bytes_is_quota01(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=300 * 1024))
+    alice = register(client, "alice")
+    response = put(client, alice, "big", os.urandom(400 * 1024), status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert table_counts(db)["items"] == 0
+
+
+def test_quota_batch_past_bytes_is_quota01_and_stores_nothing(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice = register(client, "alice")
+    operations = [
+        {"method": "PUT", "key": key, "value": base64.b64encode(value).decode()}
+        for key, value in [("a", b"123456"), ("b", b"12345")]
+    ]
+    before = snapshot(db)
+    body = {"operations": operations}
+    response = client.post_json("/batch", body, headers=alice.headers, status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert response.json["index"] == 1
+    assert snapshot(db) == before
+
+
+def test_quota_create_past_keys_is_quota01(make_app, db):
+    client = webtest.TestApp(make_app(quota_keys=2))
+    alice = register(client, "alice")
+    put(client, alice, "one")
+    put(client, alice, "two")
+    before = snapshot(db)
+    assert_error(put(client, alice, "three", status=507), 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+def test_quota_update_growing_past_bytes_is_quota01_and_keeps_the_value(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice = register(client, "alice")
+    token = put(client, alice, "k", b"12345").headers["X-Sync-Token"]
+    before = snapshot(db)
+    response = put(client, alice, "k", b"12345678901", token=token, status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+    stored = client.get("/store/k", headers=alice.headers)
+    assert (stored.body, stored.headers["X-Sync-Token"]) == (b"12345", token)
+
+
+def test_quota_write_holder_growing_an_owners_key_is_quota01(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice, bob = register(client, "alice"), register(client, "bob")
+    token = put(client, alice, "k", b"1234").headers["X-Sync-Token"]
+    share(client, alice, "k", {"bob": "WRITE"})
+    before = snapshot(db)
+    response = put(client, bob, "k", b"12345678901", token=token, status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+def test_quota_growth_is_charged_to_owners_not_to_the_writer(make_app):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice, bob = register(client, "alice"), register(client, "bob")
+    put(client, bob, "mine", b"0123456789")  # bob is at his limit
+    token = put(client, alice, "k", b"1").headers["X-Sync-Token"]
+    share(client, alice, "k", {"bob": "WRITE"})
+    put(client, bob, "k", b"123456789", token=token, status=204)
+    assert usage(client, alice) == (1, 9)
+    assert usage(client, bob) == (1, 10)
+
+
+def test_quota_growth_is_checked_for_every_owner(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice, bob = register(client, "alice"), register(client, "bob")
+    put(client, bob, "mine", b"12345678")
+    token = put(client, alice, "k", b"12").headers["X-Sync-Token"]
+    share(client, alice, "k", {"bob": "OWN"})  # bob now owns exactly 10 bytes
+    before = snapshot(db)
+    response = put(client, alice, "k", b"123", token=token, status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "settings", [{"quota_keys": 1}, {"quota_bytes": 10}], ids=["keys", "bytes"]
+)
+def test_quota_granting_own_past_a_limit_is_quota01(make_app, db, settings):
+    client = webtest.TestApp(make_app(**settings))
+    alice, bob = register(client, "alice"), register(client, "bob")
+    put(client, alice, "k", b"123456")
+    put(client, bob, "mine", b"123456")
+    before = snapshot(db)
+    response = share(client, alice, "k", {"bob": "OWN"}, status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize("level", ["READ", "WRITE"])
+def test_quota_granting_read_or_write_past_a_limit_is_allowed(make_app, level):
+    client = webtest.TestApp(make_app(quota_keys=1, quota_bytes=10))
+    alice, bob = register(client, "alice"), register(client, "bob")
+    put(client, alice, "k", b"123456")
+    put(client, bob, "mine", b"123456")
+    share(client, alice, "k", {"bob": level}, status=204)
+    assert usage(client, bob) == (1, 6)
+
+
+@pytest.fixture
+def over_quota(make_app):
+    """alice owns two keys of 20 bytes; then the server restarts with 10 bytes and 1 key each."""
+    before = webtest.TestApp(make_app())
+    alice = register(before, "alice")
+    tokens = {key: put(before, alice, key, b"x" * 20).headers["X-Sync-Token"] for key in "ab"}
+    return webtest.TestApp(make_app(quota_bytes=10, quota_keys=1)), alice, tokens
+
+
+@pytest.mark.parametrize("size", [5, 20], ids=["shrink", "same-size"])
+def test_quota_over_a_lowered_quota_may_still_rewrite_without_growing(over_quota, size):
+    client, alice, tokens = over_quota
+    put(client, alice, "a", b"y" * size, token=tokens["a"], status=204)
+    assert usage(client, alice) == (2, 20 + size)
+
+
+def test_quota_over_a_lowered_quota_may_still_delete(over_quota):
+    client, alice, tokens = over_quota
+    client.delete("/store/a", headers={**alice.headers, "X-Sync-Token": tokens["a"]}, status=204)
+    assert usage(client, alice) == (1, 20)
+
+
+def test_quota_over_a_lowered_quota_may_not_grow(over_quota, db):
+    client, alice, tokens = over_quota
+    before = snapshot(db)
+    response = put(client, alice, "a", b"y" * 21, token=tokens["a"], status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+def test_quota_over_a_lowered_quota_may_not_create(over_quota, db):
+    client, alice, _ = over_quota
+    before = snapshot(db)
+    assert_error(put(client, alice, "c", b"", status=507), 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+# ==================================================================================================
+# Reset mail
+# ==================================================================================================
+
+SMTP_FROM = "syncnode@example.org"
+
+
+class MailBox:
+    """An aiosmtpd handler that keeps every message and every login it receives."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.envelopes: list = []
+        self.logins: list[tuple[bytes, bytes]] = []
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.envelopes.append(envelope)
+        return "250 Message accepted for delivery"
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
+        self.logins.append((auth_data.login, auth_data.password))
+        success = self.logins[-1] == (b"mailer", b"mail secret")
+        return AuthResult(success=success, handled=False)  # handled=False: aiosmtpd answers 535
+
+    def wait(self) -> email.message.EmailMessage:
+        """Wait (at most 5 s) for the first message and return it parsed."""
+        wait_for(lambda: self.envelopes, what="the reset mail")
+        return email.message_from_bytes(self.envelopes[0].content, policy=email.policy.default)
+
+
+@pytest.fixture
+def mailbox():
+    """A mail server on 127.0.0.1 that accepts every message, and logins as mailer."""
+    box = MailBox()
+    box.port = free_port()
+    controller = Controller(
+        box,
+        hostname="127.0.0.1",
+        port=box.port,
+        authenticator=box.authenticate,
+        auth_require_tls=False,
+    )
+    controller.start()
+    yield box
+    controller.stop()
+
+
+@pytest.fixture
+def mail_attempts(monkeypatch):
+    """Record the (address, token) of each reset mail syncnode sends, and send it as usual."""
+    attempts = []
+    send = syncnode.send_reset_mail
+
+    def recording_send(settings, address, token):
+        attempts.append((address, token))
+        send(settings, address, token)
+
+    monkeypatch.setattr(syncnode, "send_reset_mail", recording_send)
+    return attempts
+
+
+def mail_settings(port: int, **settings) -> dict:
+    """Settings that send reset mails to 127.0.0.1:port without TLS."""
+    return {
+        "smtp_host": "127.0.0.1",
+        "smtp_port": port,
+        "smtp_security": "none",
+        "smtp_from": SMTP_FROM,
+        **settings,
+    }
+
+
+def mail_token(message: email.message.EmailMessage) -> str:
+    """Return the one reset token on a line of its own in a mail's text."""
+    lines = message.get_content().splitlines()
+    (token,) = [line for line in lines if re.fullmatch(r"[A-Za-z0-9_-]{43}", line)]
+    return token
+
+
+def join_mail_threads(timeout: float = 5.0) -> None:
+    """Wait for syncnode's mail threads to end, so that their log lines are written."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name == "syncnode-mail":
+            thread.join(max(0.0, deadline - time.monotonic()))
+            assert not thread.is_alive(), "a reset mail was still being sent"
+
+
+def syncnode_lines(caplog, level: int = logging.DEBUG) -> list[str]:
+    """Return the messages syncnode's loggers wrote at the level or above."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith("syncnode") and record.levelno >= level
+    ]
+
+
+def test_reset_mail_goes_to_the_address_with_the_token(make_app, mailbox, db):
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
+    register(client, "alice@example.org")
+    client.post_json("/resetpassword", {"id": " Alice@Example.ORG"}, status=204)
+    message = mailbox.wait()
+    assert mailbox.envelopes[0].mail_from == SMTP_FROM
+    assert mailbox.envelopes[0].rcpt_tos == ["alice@example.org"]
+    assert (message["From"], message["To"]) == (SMTP_FROM, "alice@example.org")
+    assert message.get_content_type() == "text/plain"
+    token = mail_token(message)
+    digest = db.execute("SELECT token_digest FROM reset_tokens").fetchone()[0]
+    assert digest == hashlib.sha256(token.encode()).digest()
+
+
+def test_reset_mail_reaches_an_address_that_is_not_ascii(make_app, mailbox):
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
+    register(client, "zoë@exämple.org")
+    client.post_json("/resetpassword", {"id": "ZOË@EXÄMPLE.ORG"}, status=204)
+    message = mailbox.wait()
+    assert mailbox.envelopes[0].rcpt_tos == ["zoë@exämple.org"]
+    assert message["To"] == "zoë@exämple.org"
+    assert mail_token(message)
+
+
+def test_reset_mail_token_sets_the_password_once(make_app, mailbox):
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
+    register(client, "alice@example.org")
+    client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+    token = mail_token(mailbox.wait())
+    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204)
+    client.post_json("/auth", {"id": "alice@example.org", "password": NEW_PASSWORD}, status=200)
+    again = client.post_json("/password", {"password": PASSWORD}, headers=bearer(token), status=401)
+    assert_error(again, 401, "AUTH01")
+
+
+def test_reset_mail_token_is_in_no_log_line(make_app, mailbox, caplog):
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
+    register(client, "alice@example.org")
+    with caplog.at_level(logging.DEBUG, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        token = mail_token(mailbox.wait())
+        join_mail_threads()
+    lines = syncnode_lines(caplog)
+    assert any("alice@example.org" in line for line in lines)  # the line saying it was sent
+    assert not [line for line in lines if token in line]
+
+
+def test_reset_mail_request_answers_while_the_mail_server_stalls(make_app, caplog):
+    with socket.socket() as silent:  # accepts connections, never greets
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        client = webtest.TestApp(make_app(**mail_settings(silent.getsockname()[1])))
+        register(client, "alice@example.org")
+        started = time.monotonic()
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        assert time.monotonic() - started < 5  # smtplib would wait 30 s for the greeting
+    join_mail_threads()
+
+
+def test_reset_mail_id_that_is_no_address_gets_the_log_line(
+    make_app, mailbox, mail_attempts, caplog
+):
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
+    register(client, "alice")
+    with caplog.at_level(logging.WARNING, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice"}, status=204)
+    (line,) = syncnode_lines(caplog, logging.WARNING)
+    token = line.rsplit(" ", 1)[-1]
+    assert "alice" in line
+    assert mail_attempts == []
+    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204)
+
+
+def test_reset_mail_server_down_logs_an_error_without_the_token(make_app, mail_attempts, caplog):
+    client = webtest.TestApp(make_app(**mail_settings(free_port())))  # nothing listens there
+    register(client, "alice@example.org")
+    with caplog.at_level(logging.DEBUG, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        join_mail_threads()
+    ((address, token),) = mail_attempts
+    (error,) = syncnode_lines(caplog, logging.ERROR)
+    assert address in error
+    assert not [line for line in syncnode_lines(caplog) if token in line]
+
+
+def test_reset_mail_logs_in_with_the_smtp_user_and_password(make_app, mailbox, caplog):
+    settings = mail_settings(mailbox.port, smtp_user="mailer", smtp_password="mail secret")
+    client = webtest.TestApp(make_app(**settings))
+    register(client, "alice@example.org")
+    with caplog.at_level(logging.DEBUG, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        mail_token(mailbox.wait())
+        join_mail_threads()
+    assert mailbox.logins == [(b"mailer", b"mail secret")]
+    assert not [line for line in syncnode_lines(caplog) if "mail secret" in line]
+
+
+def test_reset_mail_refused_smtp_login_logs_an_error_and_sends_nothing(make_app, mailbox, caplog):
+    settings = mail_settings(mailbox.port, smtp_user="mailer", smtp_password="wrong secret")
+    client = webtest.TestApp(make_app(**settings))
+    register(client, "alice@example.org")
+    with caplog.at_level(logging.DEBUG, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        join_mail_threads()
+    assert set(mailbox.logins) == {(b"mailer", b"wrong secret")}  # smtplib tries each method
+    assert mailbox.envelopes == []
+    assert len(syncnode_lines(caplog, logging.ERROR)) == 1
+    assert not [line for line in syncnode_lines(caplog) if "wrong secret" in line]
+
+
+def test_reset_mail_starttls_is_never_skipped(make_app, mailbox, caplog):
+    """A server that offers no STARTTLS gets no mail in clear text."""
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port, smtp_security="starttls")))
+    register(client, "alice@example.org")
+    with caplog.at_level(logging.DEBUG, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        join_mail_threads()
+    assert mailbox.envelopes == []
+    assert len(syncnode_lines(caplog, logging.ERROR)) == 1
+
+
+# ==================================================================================================
+# Admin CLI
+# ==================================================================================================
+
+
+def admin_env(**variables: str) -> dict[str, str]:
+    """This environment without SYNCNODE_* variables, plus cheap Argon2 and the given ones."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SYNCNODE_")}
+    env.update({f"SYNCNODE_{name.upper()}": str(value) for name, value in CHEAP_HASHING.items()})
+    env["PYTHONPATH"] = os.path.dirname(SYNCNODE_PY)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return {**env, **variables}
+
+
+def run_admin(cwd, *args: str, stdin: str = "", **variables: str) -> subprocess.CompletedProcess:
+    """Run `python syncnode.py ARGS` to its end with the given standard input."""
+    return subprocess.run(
+        [sys.executable, SYNCNODE_PY, *args],
+        cwd=cwd,
+        env=admin_env(**variables),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture
+def admin(tmp_path, db_path):
+    """Run an admin command on the test's database."""
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return run_admin(tmp_path, "--database", db_path, *args, stdin=stdin)
+
+    return run
+
+
+def assert_exit_1_with_one_line(result: subprocess.CompletedProcess) -> str:
+    """Assert exit status 1 with exactly one `syncnode:` line and no traceback; return it."""
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("syncnode: "), result.stderr
+    return lines[0]
+
+
+def test_cli_user_add_reads_one_line_and_the_account_logs_in(admin, make_app):
+    result = admin("user", "add", " Alice@Example.org", stdin=PASSWORD + "\n")
+    assert (result.returncode, result.stdout) == (0, "Added alice@example.org.\n")
+    client = webtest.TestApp(make_app())
+    client.post_json("/auth", {"id": "alice@example.org", "password": PASSWORD}, status=200)
+
+
+def test_cli_user_add_taken_id_exits_1(admin, user, db):
+    before = snapshot(db)
+    assert_exit_1_with_one_line(admin("user", "add", "ALICE", stdin=NEW_PASSWORD + "\n"))
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "command", [["user", "add", "carol"], ["user", "passwd", "alice"]], ids=["add", "passwd"]
+)
+def test_cli_password_of_7_characters_exits_1(admin, user, db, command):
+    before = snapshot(db)
+    assert_exit_1_with_one_line(admin(*command, stdin="1234567\n"))
+    assert snapshot(db) == before
+
+
+def test_cli_user_list_prints_every_account_oldest_first(admin, user, other, db, clock):
+    result = admin("user", "list")
+    assert result.returncode == 0
+    uuids = [row[0] for row in db.execute("SELECT uuid FROM users ORDER BY id")]
+    created = syncnode.iso_time(int(clock.now * 1000))
+    assert [line.split("\t") for line in result.stdout.splitlines()] == [
+        ["alice", uuids[0], created, "admin"],
+        ["bob", uuids[1], created, ""],
+    ]
+
+
+def test_cli_user_delete_removes_the_account_and_its_keys(admin, client, user, other, db):
+    put(client, user, "alone")
+    put(client, user, "together")
+    share(client, user, "together", {"bob": "OWN"})
+    result = admin("user", "delete", "Alice")
+    assert (result.returncode, result.stdout) == (0, "Deleted alice.\n")
+    assert db.execute("SELECT name FROM users").fetchall() == [("bob",)]
+    assert db.execute("SELECT key FROM items").fetchall() == [("together",)]
+    assert_error(client.get("/account", headers=user.headers, status=401), 401, "AUTH01")
+
+
+def test_cli_user_passwd_sets_the_password_and_ends_sessions(admin, client, user):
+    result = admin("user", "passwd", "alice", stdin=NEW_PASSWORD + "\n")
+    assert result.returncode == 0
+    assert_error(client.get("/account", headers=user.headers, status=401), 401, "AUTH01")
+    client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=401)
+    client.post_json("/auth", {"id": "alice", "password": NEW_PASSWORD}, status=200)
+
+
+def test_cli_reset_token_prints_only_a_token_usable_once(admin, client, user, clock):
+    clock.now = time.time()  # the token's lifetime runs on the command's real clock
+    result = admin("reset-token", "alice")
+    assert result.returncode == 0
+    token = result.stdout.removesuffix("\n")
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43,}", token)
+    assert token not in result.stderr
+    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204)
+    again = client.post_json("/password", {"password": PASSWORD}, headers=bearer(token), status=401)
+    assert_error(again, 401, "AUTH01")
+    client.post_json("/auth", {"id": "alice", "password": NEW_PASSWORD}, status=200)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["user", "delete", "nobody"],
+        ["user", "passwd", "nobody"],
+        ["reset-token", "nobody"],
+        ["user", "add", "no body"],
+    ],
+    ids=["delete", "passwd", "reset-token", "add-bad-id"],
+)
+def test_cli_unknown_user_exits_1_with_one_line(admin, user, db, command):
+    before = snapshot(db)
+    assert_exit_1_with_one_line(admin(*command, stdin=NEW_PASSWORD + "\n"))
+    assert snapshot(db) == before
+
+
+@pytest.fixture
+def stats_data(make_app, clock, db):
+    """Two users, two live sessions and one expired (on the real clock), keys of 5 and 7 bytes."""
+    clock.now = time.time()
+    client = webtest.TestApp(make_app())
+    alice, bob = register(client, "alice"), register(client, "bob")
+    put(client, alice, "k1", b"12345")
+    put(client, bob, "k2", b"1234567")
+    clock.now = time.time() - 31 * 86400
+    client.post_json("/auth", {"id": "alice", "password": PASSWORD})
+    assert table_counts(db)["sessions"] == 3
+
+
+def test_cli_stats_prints_counts(admin, stats_data):
+    result = admin("stats")
+    assert (result.returncode, result.stdout) == (0, "users: 2\nkeys: 2\nbytes: 12\nsessions: 2\n")
+
+
+def test_cli_stats_json_prints_one_object(admin, stats_data):
+    result = admin("stats", "--json")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {"users": 2, "keys": 2, "bytes": 12, "sessions": 2}
+
+
+# The admin fixture puts --database before the command, so every other CLI test covers that.
+@pytest.mark.parametrize(
+    "args, variables",
+    [
+        (["stats", "--json", "--database", "named.db"], {}),
+        (["stats", "--json"], {"SYNCNODE_DATABASE": "named.db"}),
+        (["stats", "--json", "--database", "named.db"], {"SYNCNODE_DATABASE": "other.db"}),
+    ],
+    ids=["flag-after-the-command", "variable", "flag-beats-variable"],
+)
+def test_cli_database_comes_from_either_flag_or_the_variable(make_app, tmp_path, args, variables):
+    register(webtest.TestApp(make_app(str(tmp_path / "named.db"))), "alice")
+    result = run_admin(tmp_path, *args, **variables)
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["users"] == 1
+    assert sorted(path.name for path in tmp_path.glob("*.db")) == ["named.db"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["serve"],
+        ["user"],
+        ["user", "add"],
+        ["user", "list"],
+        ["user", "delete"],
+        ["user", "passwd"],
+        ["reset-token"],
+        ["invite"],
+        ["backup"],
+        ["check"],
+        ["stats"],
+    ],
+    ids=lambda command: "-".join(command) or "top",
+)
+def test_cli_help_of_every_command_exits_0(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        syncnode.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(" ".join(["usage: syncnode", *command]))
+
+
+class Terminal(io.StringIO):
+    """Standard input that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def typed(monkeypatch):
+    """Answer getpass's prompts with the given passwords in turn; return the prompts asked."""
+    prompts: list[str] = []
+
+    def type_in(*passwords: str) -> list[str]:
+        answers = iter(passwords)
+
+        def fake_getpass(prompt: str = "Password: ", stream=None) -> str:
+            prompts.append(prompt)
+            return next(answers)
+
+        monkeypatch.setattr(getpass, "getpass", fake_getpass)
+        return prompts
+
+    return type_in
+
+
+def cheap_environ() -> dict[str, str]:
+    """SYNCNODE_* variables for cheap Argon2 hashing."""
+    return {f"SYNCNODE_{name.upper()}": str(value) for name, value in CHEAP_HASHING.items()}
+
+
+def test_cli_terminal_asks_for_the_password_twice(typed):
+    prompts = typed(NEW_PASSWORD, NEW_PASSWORD)
+    assert syncnode.read_new_password(Terminal("typed ahead\n")) == NEW_PASSWORD
+    assert len(prompts) == 2
+
+
+def test_cli_terminal_password_adds_a_user_who_logs_in(typed, make_app, db_path):
+    typed(NEW_PASSWORD, NEW_PASSWORD)
+    argv = ["--database", db_path, "user", "add", "carol"]
+    args, settings = syncnode.parse_command(argv, cheap_environ())
+    out = io.StringIO()
+    assert syncnode.run_command(args, settings, Terminal(), out) == 0
+    assert out.getvalue() == "Added carol.\n"
+    client = webtest.TestApp(make_app())
+    client.post_json("/auth", {"id": "carol", "password": NEW_PASSWORD}, status=200)
+
+
+def test_cli_terminal_passwords_that_differ_are_refused(typed, db_path, db):
+    typed(NEW_PASSWORD, NEW_PASSWORD + "!")
+    argv = ["--database", db_path, "user", "add", "carol"]
+    args, settings = syncnode.parse_command(argv, cheap_environ())
+    with pytest.raises(syncnode.ApiError) as error:
+        syncnode.run_command(args, settings, Terminal(), io.StringIO())
+    assert error.value.code == "ACCT02"
+    assert table_counts(db)["users"] == 0
+
+
+def test_cli_check_healthy_database_prints_ok(admin, client, user):
+    put(client, user, "k", b"value")
+    result = admin("check")
+    assert (result.returncode, result.stdout) == (0, "ok\n")
+
+
+def test_cli_check_corrupted_file_exits_1(admin, app, db_path):
+    app.close()
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        conn.execute(
+            """
+            WITH RECURSIVE numbers (n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM numbers
+                                           WHERE n < 4000)
+            INSERT INTO items (key, token, updated_ms, size, value)
+            SELECT 'key ' || n, 'token ' || n, 0, 200, randomblob(200) FROM numbers
+            """
+        )
+    # That was the last connection, so the WAL went into the file as it closed.
+    size = os.path.getsize(db_path)
+    with open(db_path, "r+b") as file:
+        file.seek(size // 2 // 4096 * 4096)
+        file.write(b"\xa5" * 4096)
+    result = admin("check")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "ok" not in result.stdout.splitlines()
+    assert (result.stdout + result.stderr).strip()
+
+
+def test_cli_check_broken_foreign_key_exits_1_naming_the_table(admin, user, db):
+    db.execute("PRAGMA foreign_keys = OFF")
+    db.execute(
+        "INSERT INTO sessions (public_id, user_id, token_digest, created_ms, expires_ms) "
+        "VALUES ('dangling', 999, x'00', 0, 0)"
+    )
+    result = admin("check")
+    assert result.returncode == 1
+    assert "sessions" in result.stdout and "ok" not in result.stdout.splitlines()
+
+
+def test_cli_check_broken_foreign_key_in_permissions_names_the_row(admin, client, user, db):
+    put(client, user, "k")
+    db.execute(
+        "INSERT INTO permissions (item_id, user_id, level) VALUES ((SELECT id FROM items), 999, 1)"
+    )
+    result = admin("check")
+    assert result.returncode == 1 and "permissions" in result.stdout
+    assert "None" not in result.stdout
+
+
+def test_cli_check_missing_database_creates_no_file(tmp_path):
+    result = run_admin(tmp_path, "check", "--database", "missing.db")
+    assert result.returncode == 1
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_cli_backup_of_a_missing_database_exits_1(tmp_path):
+    result = run_admin(tmp_path, "--database", "missing.db", "backup", "copy.db")
+    assert_exit_1_with_one_line(result)
+    assert not (tmp_path / "copy.db").exists()
+
+
+# ==================================================================================================
+# Housekeeping
+# ==================================================================================================
+
+PURGED_TABLES = ("sessions", "reset_tokens", "invites", "attempts")
+
+
+def purged_counts(db) -> dict[str, int]:
+    """Count the rows of the tables housekeeping purges."""
+    counts = table_counts(db)
+    return {table: counts[table] for table in PURGED_TABLES}
+
+
+@pytest.fixture
+def expiring(make_app, db):
+    """A server whose sessions, reset tokens and invites last a minute, one row each, and
+    four attempts (a reset request and a failed login, each per id and per address)."""
+    client = webtest.TestApp(make_app(session_ttl=60, reset_ttl=60, invite_ttl=60))
+    alice = register(client, "alice")
+    client.post("/invite", headers=alice.headers, status=200)
+    client.post_json("/resetpassword", {"id": "alice"}, status=204)
+    client.post_json("/auth", {"id": "alice", "password": "wrong password"}, status=401)
+    assert purged_counts(db) == {"sessions": 1, "reset_tokens": 1, "invites": 1, "attempts": 4}
+    return client
+
+
+def test_housekeeping_waits_for_its_interval(expiring, clock, db):
+    clock.advance(61)
+    expiring.get("/health")
+    assert purged_counts(db) == {"sessions": 1, "reset_tokens": 1, "invites": 1, "attempts": 4}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/health",
+        "/api/server/ping",
+        pytest.param(
+            "/nothing",
+        ),
+    ],
+)
+def test_housekeeping_purges_expired_rows_on_any_request(expiring, clock, db, path):
+    clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)
+    expiring.get(path, status="*")
+    # The attempts are younger than the longest window (an hour), so they stay.
+    assert purged_counts(db) == {"sessions": 0, "reset_tokens": 0, "invites": 0, "attempts": 4}
+
+
+def test_housekeeping_keeps_live_rows(client, user, clock, db):
+    client.post("/invite", headers=user.headers, status=200)
+    client.post_json("/resetpassword", {"id": "alice"}, status=204)
+    clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)
+    client.get("/health")
+    assert purged_counts(db) == {"sessions": 1, "reset_tokens": 1, "invites": 1, "attempts": 2}
+
+
+def test_housekeeping_keeps_attempts_for_the_longest_window(make_app, clock, db):
+    client = webtest.TestApp(make_app(login_window=60, reset_window=120, registration_window=7200))
+    register(client, "alice")
+    client.post_json("/auth", {"id": "alice", "password": "wrong password"}, status=401)
+    clock.advance(3600)
+    client.get("/health")
+    assert table_counts(db)["attempts"] == 2
+    clock.advance(3601)
+    client.get("/health")
+    assert table_counts(db)["attempts"] == 0
+
+
+def test_housekeeping_wal_stays_bounded_under_steady_writes(make_app, clock, db_path):
+    # NORMAL spares an fsync per write; the WAL grows the same way under FULL.
+    client = webtest.TestApp(make_app(synchronous="NORMAL"))
+    alice = register(client, "alice")
+    big, largest = os.urandom(100 * 1024), 0
+    for number in range(1000):
+        put(client, alice, f"small/{number}", b"%d" % number)
+        if number % 20 == 0:
+            put(client, alice, f"big/{number}", big)
+        if number % 250 == 249:
+            clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)
+        largest = max(largest, os.path.getsize(db_path + "-wal"))
+    assert 0 < largest <= syncnode.WAL_LIMIT_BYTES
+
+
+# ==================================================================================================
+# Access log
+# ==================================================================================================
+
+ACCESS_LINE = re.compile(
+    r"(?P<method>[A-Z]+) (?P<path>\S+) (?P<status>\d{3}) (?P<bytes>\d+) (?P<ms>\d+\.\d)ms "
+    r"(?P<client>\S+)"
+)
+CLIENT_ADDRESS = {"REMOTE_ADDR": "192.0.2.7"}
+
+
+def access_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "syncnode.access"]
+
+
+def test_access_log_writes_one_line_per_request(make_app, caplog):
+    client = webtest.TestApp(make_app(access_log=True), extra_environ=CLIENT_ADDRESS)
+    alice = register(client, "alice")
+    with caplog.at_level(logging.INFO, logger="syncnode.access"):
+        responses = [
+            client.get("/health"),
+            client.put("/store/notes/a?apiKey=SECRET", b"hello", headers=alice.headers),
+            client.get("/store/notes/a", headers=alice.headers),
+            client.get("/store/missing", headers=alice.headers, status=404),
+            client.post_json(
+                "/api/auth/login", {"email": "alice", "password": "wrong"}, status=401
+            ),
+        ]
+    matches = [ACCESS_LINE.fullmatch(line) for line in access_lines(caplog)]
+    assert all(matches) and len(matches) == len(responses)
+    assert [(match["method"], match["path"], match["status"]) for match in matches] == [
+        ("GET", "/health", "200"),
+        ("PUT", "/store/notes/a", "204"),
+        ("GET", "/store/notes/a", "200"),
+        ("GET", "/store/missing", "404"),
+        ("POST", "/api/auth/login", "401"),
+    ]
+    assert [int(match["bytes"]) for match in matches] == [len(r.body) for r in responses]
+    assert {match["client"] for match in matches} == {"192.0.2.7"}
+
+
+def test_access_log_line_stays_one_line_for_any_path(make_app, caplog):
+    client = webtest.TestApp(make_app(access_log=True), extra_environ=CLIENT_ADDRESS)
+    forged = urllib.parse.quote("GET /forged 200 0 0.1ms 203.0.113.9")
+    with caplog.at_level(logging.INFO, logger="syncnode.access"):
+        client.get(f"/store/a%0A{forged}", status=401)
+        client.get(f"/nothing%0D%0A{forged}", status=404)
+    lines = access_lines(caplog)
+    assert len(lines) == 2
+    assert [line for line in lines if "\n" in line or "\r" in line] == []
+
+
+def test_access_log_is_off_by_default(client, user, caplog):
+    with caplog.at_level(logging.DEBUG):
+        client.get("/health")
+        put(client, user, "k")
+        client.get("/store/missing", headers=user.headers, status=404)
+    assert access_lines(caplog) == []
+
+
+def test_access_log_and_server_log_carry_no_secret(make_app, caplog):
+    caplog.set_level(logging.DEBUG)
+    client = webtest.TestApp(make_app(access_log=True), extra_environ=CLIENT_ADDRESS)
+    alice = register(client, "alice")
+    login = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    meta = "meta-secret-4711"
+    put(client, alice, "k", b"value", headers={"X-Sync-Meta": meta})
+    client.get("/store/k", headers=alice.headers)
+    body = {"name": "key", "permissions": ["all"]}
+    key = client.post_json("/api/api-keys", body, headers=alice.headers, status=201).json["secret"]
+    client.get("/store", headers={"x-api-key": key})
+    client.get(f"/api/users/me?apiKey={key}")
+    client.post_json("/auth", {"id": "alice", "password": "wrong password 1"}, status=401)
+    client.post_json("/password", {"password": NEW_PASSWORD}, headers=alice.headers, status=204)
+    app_login = {"email": "alice", "password": NEW_PASSWORD}
+    access = client.post_json("/api/auth/login", app_login, status=201).json["accessToken"]
+    client.reset()
+    change = {"password": NEW_PASSWORD, "newPassword": "third password"}
+    client.post_json("/api/auth/change-password", change, headers=bearer(access), status=200)
+    secrets = [PASSWORD, NEW_PASSWORD, "wrong password 1", "third password", meta]
+    secrets += [alice.token, login, key, access]
+    assert len(access_lines(caplog)) == 11
+    texts = [record.getMessage() for record in caplog.records] + [caplog.text]
+    assert not [(secret, text) for secret in secrets for text in texts if secret in text]
+
+
+# ==================================================================================================
+# Shutdown and restarts
+# ==================================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """An answer read off a real socket."""
+
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+
+def send_request(conn: http.client.HTTPConnection, method: str, path: str, body=None, headers=None):
+    """Send one request on a connection and read the whole answer."""
+    conn.request(method, path, body, headers or {})
+    response = conn.getresponse()
+    return Answer(response.status, response.headers, response.read())
+
+
+@dataclasses.dataclass
+class ServerProcess:
+    """`python syncnode.py` serving a database on 127.0.0.1, its stderr going to a file."""
+
+    process: subprocess.Popen
+    port: int
+    log_path: str
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def request(self, method: str, path: str, body=None, headers=None) -> Answer:
+        """Send one request on a fresh connection."""
+        conn = self.connect()
+        try:
+            return send_request(conn, method, path, body, headers)
+        finally:
+            conn.close()
+
+    def register(self, name: str) -> User:
+        body = json.dumps({"id": name, "password": PASSWORD})
+        answer = self.request("POST", "/account", body, {"Content-Type": "application/json"})
+        assert answer.status == 200, answer.body
+        return User(name, json.loads(answer.body)["token"])
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8") as file:
+            return file.read()
+
+    def wait_until_up(self, timeout: float = 15) -> None:
+        """Ask GET /health until it answers; fail if the process exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"syncnode exited with {self.process.returncode}: {self.log()}")
+            try:
+                if self.request("GET", "/health").status == 200:
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)  # The server is still starting.
+
+
+@pytest.fixture
+def start_syncnode(tmp_path):
+    """Start `python syncnode.py --port P --database F ARGS`; kill what still runs at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(database: str, *args: str) -> ServerProcess:
+        port, log_path = free_port(), str(tmp_path / f"server-{len(started)}.log")
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, SYNCNODE_PY, "--port", str(port), "--database", database, *args],
+                cwd=tmp_path,
+                env=admin_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
+        server = ServerProcess(process, port, log_path)
+        started.append(server)
+        server.wait_until_up()
+        return server
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+        server.process.wait(timeout=10)
+
+
+def test_shutdown_sigterm_finishes_a_put_under_way(start_syncnode, db_path):
+    server = start_syncnode(db_path, "--shutdown-timeout", "5")
+    alice = server.register("alice")
+    value = os.urandom(8192)
+    head = (
+        "PUT /store/in-flight HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {alice.token}\r\nContent-Length: {len(value)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + value[:4096])
+        # One more request through the same event loop: by its answer the headers are read.
+        assert server.request("GET", "/health").status == 200
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "Stopping" in server.log(), what="the server to start stopping")
+        sock.sendall(value[4096:])
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 204
+        token = response.getheader("X-Sync-Token")
+    assert server.process.wait(timeout=10) == 0
+    assert time.monotonic() - signalled <= 5
+    assert not os.path.exists(db_path + "-wal")
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        row = conn.execute("SELECT value, token FROM items WHERE key = 'in-flight'").fetchone()
+    assert row == (value, token)
+
+
+def test_shutdown_sigint_with_an_idle_connection_exits_0_at_once_without_a_wal(
+    start_syncnode, db_path
+):
+    server = start_syncnode(db_path, "--shutdown-timeout", "30")
+    alice = server.register("alice")
+    idle = server.connect()
+    answer = send_request(idle, "PUT", "/store/k", b"value", alice.headers)
+    assert answer.status == 204  # the connection stays open, idle
+    assert os.path.exists(db_path + "-wal")
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=20) == 0
+    assert time.monotonic() - signalled < 10  # the idle connection held nothing up
+    idle.close()
+    assert not os.path.exists(db_path + "-wal")
+    assert "Stopped." in server.log() and "Traceback" not in server.log()
+
+
+def test_shutdown_answers_a_long_poll_at_once(start_syncnode, db_path):
+    server = start_syncnode(db_path, "--shutdown-timeout", "1")
+    alice = server.register("alice")
+    seq = server.request("GET", "/store?since=0", headers=alice.headers).headers["X-Sync-Seq"]
+    poller, answers = server.connect(), []
+    poller.request("GET", f"/store?since={seq}&wait=30", headers=alice.headers)
+
+    def read_answer() -> None:
+        try:
+            response = poller.getresponse()
+            answers.append(Answer(response.status, response.headers, response.read()))
+        except (OSError, http.client.HTTPException) as error:
+            answers.append(error)
+
+    thread = threading.Thread(target=read_answer, daemon=True)
+    thread.start()
+    assert server.request("GET", "/health").status == 200  # by now the poll is under way
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=15) == 0
+    thread.join(10)
+    poller.close()
+    (answer,) = answers
+    assert isinstance(answer, Answer), answer
+    assert (answer.status, answer.body) == (200, b"[]")
+    assert time.monotonic() - signalled < 1
+
+
+class Writer(threading.Thread):
+    """A client that keeps updating its own keys until its connection breaks.
+
+    It records the last write answered 204 for each key, and the value of a write whose
+    answer never came (which may or may not have been stored).
+    """
+
+    def __init__(self, server: ServerProcess, user: User, keys: list[str], known: dict) -> None:
+        super().__init__(daemon=True)
+        self.server, self.user, self.keys = server, user, keys
+        self.known = known  # key -> (value, token) last acknowledged
+        self.pending: dict[str, bytes] = {}
+        self.acknowledged = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        conn = self.server.connect()
+        try:
+            for number in itertools.count():
+                key = self.keys[number % len(self.keys)]
+                value = f"{self.name}/{number}|".encode() * (1 + number % 40)
+                headers = dict(self.user.headers)
+                if key in self.known:
+                    headers["X-Sync-Token"] = self.known[key][1]
+                self.pending[key] = value
+                try:
+                    answer = send_request(conn, "PUT", f"/store/{key}", value, headers)
+                except (OSError, http.client.HTTPException):
+                    return  # The server is gone; this write's fate is unknown.
+                assert answer.status == 204, answer.body
+                del self.pending[key]
+                self.known[key] = (value, answer.headers["X-Sync-Token"])
+                self.acknowledged += 1
+        except BaseException as error:
+            self.error = error
+        finally:
+            conn.close()
+
+
+def check_survivors(server: ServerProcess, users: list[User], writers: list[Writer]) -> None:
+    """Assert each key holds its last acknowledged write, or else the write left unanswered."""
+    for owner, writer in zip(users, writers, strict=True):
+        for key in sorted(set(writer.known) | set(writer.pending)):
+            answer = server.request("GET", f"/store/{key}", headers=owner.headers)
+            if key not in writer.known and answer.status == 404:
+                continue  # Its creation was never answered, and did not happen.
+            assert answer.status == 200
+            stored = (answer.body, answer.headers["X-Sync-Token"])
+            if stored != writer.known.get(key):
+                assert answer.body == writer.pending.get(key), f"{key} lost an acknowledged write"
+                writer.known[key] = stored
+
+
+def test_restart_after_sigkill_keeps_every_acknowledged_write(start_syncnode, tmp_path, db_path):
+    server = start_syncnode(db_path)
+    users = [server.register(f"writer{number}") for number in range(4)]
+    known: list[dict] = [{} for _ in users]
+    for _ in range(3):
+        writers = [
+            Writer(server, user, [f"{user.name}/{n}" for n in range(3)], known[number])
+            for number, user in enumerate(users)
+        ]
+        for writer in writers:
+            writer.start()
+        wait_for(
+            lambda: all(writer.acknowledged >= 20 for writer in writers),  # noqa: B023
+            timeout=20,
+            what="every writer to have 20 writes acknowledged",
+        )
+        server.process.kill()
+        server.process.wait(timeout=10)
+        for writer in writers:
+            writer.join(timeout=10)
+            assert not writer.is_alive() and writer.error is None, writer.error
+        result = run_admin(tmp_path, "--database", db_path, "check")
+        assert (result.returncode, result.stdout) == (0, "ok\n")
+        server = start_syncnode(db_path)
+        check_survivors(server, users, writers)
+
+
+def test_cli_backup_while_serving_holds_every_acknowledged_key(start_syncnode, tmp_path, db_path):
+    server = start_syncnode(db_path)
+    alice = server.register("alice")
+    acknowledged: list[str] = []
+    stop, errors = threading.Event(), []
+
+    def write() -> None:
+        conn = server.connect()
+        try:
+            for number in itertools.count():
+                if stop.is_set():
+                    return
+                key = f"key{number}"
+                answer = send_request(
+                    conn, "PUT", f"/store/{key}", key.encode() * 100, alice.headers
+                )
+                assert answer.status == 204, answer.body
+                acknowledged.append(key)
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            conn.close()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    wait_for(lambda: len(acknowledged) >= 50, timeout=20, what="50 acknowledged writes")
+    before = set(acknowledged)
+    result = run_admin(tmp_path, "--database", db_path, "backup", "copy.db")
+    after = len(acknowledged)
+    stop.set()
+    writer.join(10)
+    assert errors == []
+    assert result.returncode == 0
+    assert after > len(before)  # the server kept taking writes
+    check = run_admin(tmp_path, "--database", "copy.db", "check")
+    assert (check.returncode, check.stdout) == (0, "ok\n")
+    with contextlib.closing(sqlite3.connect(tmp_path / "copy.db")) as copy:
+        stored = dict(copy.execute("SELECT key, value FROM items"))
+    assert before <= set(stored)
+    assert all(stored[key] == key.encode() * 100 for key in before)
+    assert sorted(path.name for path in tmp_path.glob("copy.db*")) == ["copy.db"]
+
+
+# ==================================================================================================
+# Low-memory profile
+# ==================================================================================================
+
+
+@pytest.mark.parametrize(
+    "path, body, signed_in, status",
+    [
+        ("/auth", {"id": "alice", "password": PASSWORD}, False, 200),
+        ("/account", {"id": "carol", "password": PASSWORD}, False, 200),
+        ("/password", {"password": NEW_PASSWORD}, True, 204),
+    ],
+    ids=["login", "register", "password"],
+)
+def test_busy_hashing_is_busy01_while_every_slot_is_held(
+    make_app, db, path, body, signed_in, status
+):
+    app = make_app(hash_slots=1, hash_wait=1)
+    client = webtest.TestApp(app)
+    alice = register(client, "alice")
+    headers = alice.headers if signed_in else {}
+    before, counts = snapshot(db), table_counts(db)
+    with app.context.hashing_slot():
+        response = client.post_json(path, body, headers=headers, status=503)
+    assert_error(response, 503, "BUSY01")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert (snapshot(db), table_counts(db)) == (before, counts)
+    client.post_json(path, body, headers=headers, status=status)  # the slot is free again
+
+
+def test_busy_app_login_is_503_in_the_immich_layout(make_app, db):
+    app = make_app(hash_slots=1, hash_wait=1)
+    client = webtest.TestApp(app)
+    register(client, "alice")
+    counts = table_counts(db)
+    with app.context.hashing_slot():
+        body = {"email": "alice", "password": PASSWORD}
+        response = client.post_json("/api/auth/login", body, status=503)
+    assert set(response.json) == {"message", "error", "statusCode", "correlationId"}
+    assert (response.json["error"], response.json["statusCode"]) == ("Service Unavailable", 503)
+    assert int(response.headers["Retry-After"]) >= 1
+    assert "Set-Cookie" not in response.headers
+    assert table_counts(db) == counts
+    client.post_json("/api/auth/login", body, status=201)
+
+
+def test_busy_login_waits_for_a_slot_freed_in_time(make_app):
+    app = make_app(hash_slots=1, hash_wait=5)
+    client = webtest.TestApp(app)
+    register(client, "alice")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with app.context.hashing_slot():
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    held.wait(5)
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=200)
+    assert time.monotonic() - started >= 0.25
+    holder.join(5)
+
+
+def test_busy_new_argon2_settings_rehash_at_the_next_login(make_app, db):
+    register(webtest.TestApp(make_app()), "alice")
+    low = webtest.TestApp(make_app(argon2_memory_cost=16, argon2_time_cost=2))
+    low.post_json("/api/auth/login", {"email": "alice", "password": PASSWORD}, status=201)
+    (stored,) = db.execute("SELECT password_hash FROM users").fetchone()
+    assert stored.startswith("$argon2id$v=19$m=16,t=2,p=1$")
+    assert argon2.PasswordHasher().verify(stored, PASSWORD)
+
+
+# ==================================================================================================
+# Invites
+# ==================================================================================================
+
+
+@pytest.fixture
+def inviting(make_app, client, user, other):
+    """A server that takes invites, where alice (the oldest account) is the admin."""
+    return webtest.TestApp(make_app(registration="invite"))
+
+
+def test_invite_registration_without_a_code_is_acct01(inviting, db):
+    before = snapshot(db)
+    response = inviting.post_json("/account", {"id": "carol", "password": PASSWORD}, status=403)
+    assert_error(response, 403, "ACCT01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "code", ["no-such-code", "", 5, None], ids=["unknown", "empty", "int", "null"]
+)
+def test_invite_registration_with_a_bad_code_is_acct01(inviting, db, code):
+    before = snapshot(db)
+    body = {"id": "carol", "password": PASSWORD, "invite": code}
+    assert_error(inviting.post_json("/account", body, status=403), 403, "ACCT01")
+    assert snapshot(db) == before
+
+
+def test_invite_from_the_cli_registers_once(make_app, clock, tmp_path, db_path, db):
+    clock.now = time.time()  # the code's lifetime runs on the command's real clock
+    result = run_admin(tmp_path, "--database", db_path, "invite")
+    assert result.returncode == 0
+    code = result.stdout.removesuffix("\n")
+    assert re.fullmatch(r"[A-Za-z0-9_-]{16,}", code) and code not in result.stderr
+    client = webtest.TestApp(make_app(registration="invite"))
+    body = {"id": "carol", "password": PASSWORD, "invite": code}
+    client.post_json("/account", body, status=200)
+    again = client.post_json("/account", {**body, "id": "dave"}, status=403)
+    assert_error(again, 403, "ACCT01")
+    assert db.execute("SELECT name FROM users").fetchall() == [("carol",)]
+
+
+def test_invite_minted_by_the_admin_registers_once(inviting, user, clock, db):
+    response = inviting.post("/invite", headers=user.headers, status=200)
+    assert response.content_type == "application/json"
+    assert set(response.json) == {"invite", "expiration"}
+    assert response.json["expiration"] == int(clock.now * 1000) + 7 * 86400 * 1000
+    body = {"id": "carol", "password": PASSWORD, "invite": response.json["invite"]}
+    assert set(inviting.post_json("/account", body, status=200).json) == {"token", "expiration"}
+    assert_error(inviting.post_json("/account", {**body, "id": "dave"}, status=403), 403, "ACCT01")
+    assert table_counts(db)["users"] == 3
+
+
+def test_invite_minting_by_a_non_admin_is_perm01(inviting, other, db):
+    assert_error(inviting.post("/invite", headers=other.headers, status=403), 403, "PERM01")
+    assert table_counts(db)["invites"] == 0
+
+
+def test_invite_minting_with_an_api_key_is_perm01(inviting, user, db):
+    body = {"name": "key", "permissions": ["all"]}
+    key = inviting.post_json("/api/api-keys", body, headers=user.headers, status=201).json["secret"]
+    response = inviting.post("/invite", headers={"x-api-key": key}, status=403)
+    assert_error(response, 403, "PERM01")
+    assert table_counts(db)["invites"] == 0
+
+
+def test_invite_minting_without_credentials_is_auth01(inviting, db):
+    assert_error(inviting.post("/invite", status=401), 401, "AUTH01")
+    assert table_counts(db)["invites"] == 0
+
+
+def test_invite_expired_code_is_acct01(make_app, user, clock, db):
+    inviting = webtest.TestApp(make_app(registration="invite", invite_ttl=60))
+    code = inviting.post("/invite", headers=user.headers).json["invite"]
+    clock.advance(60)
+    before = snapshot(db)
+    body = {"id": "carol", "password": PASSWORD, "invite": code}
+    assert_error(inviting.post_json("/account", body, status=403), 403, "ACCT01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "refused, status, code",
+    [
+        ({"id": "carol", "password": "short"}, 400, "ACCT02"),
+        ({"id": "BOB", "password": PASSWORD}, 409, "ACCT03"),
+    ],
+    ids=["bad-password", "taken-id"],
+)
+def test_invite_refused_registration_keeps_the_code(inviting, user, db, refused, status, code):
+    invite = inviting.post("/invite", headers=user.headers).json["invite"]
+    response = inviting.post_json("/account", {**refused, "invite": invite}, status=status)
+    assert_error(response, status, code)
+    assert table_counts(db)["invites"] == 1
+    body = {"id": "carol", "password": PASSWORD, "invite": invite}
+    inviting.post_json("/account", body, status=200)
