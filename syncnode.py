@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -106,6 +107,8 @@ MAX_NAME_CHARS = 255
 MAX_DEVICE_CHARS = 64
 SESSION_REFRESH_MS = 3600 * 1000
 HOUSEKEEPING_MS = 10 * 60 * 1000
+#: How much lower the CPU priority of hashing threads is than the serving threads'.
+HASH_NICENESS = 10
 #: How often the serving loop looks for a stop signal.
 STOP_CHECK_SECONDS = 0.25
 #: The WAL file is cut back to this size after each checkpoint.
@@ -563,15 +566,17 @@ def check_quota(
     Runs inside the write transaction after the change, so raising rolls it back. Limits bind
     only on growth: a user over a lowered quota may still shrink or delete.
     """
-    if not quota.max_bytes and not quota.max_keys:
-        return
     new_owner_ids = set(new_owner_ids)
+    if not (quota.max_bytes and (grew or new_owner_ids)) and not (quota.max_keys and new_owner_ids):
+        return
     owners = conn.execute(
         "SELECT user_id FROM permissions WHERE item_id = ? AND level = 3", (item_id,)
     )
     for (owner_id,) in owners.fetchall():
-        keys, size = get_usage(conn, owner_id)
         is_new = owner_id in new_owner_ids
+        if not ((quota.max_keys and is_new) or (quota.max_bytes and (grew or is_new))):
+            continue  # no limit can bind this owner: skip counting what it owns
+        keys, size = get_usage(conn, owner_id)
         if (quota.max_keys and is_new and keys > quota.max_keys) or (
             quota.max_bytes and (grew or is_new) and size > quota.max_bytes
         ):
@@ -583,11 +588,11 @@ def new_store_token() -> str:
     return secrets.token_urlsafe(16)
 
 
-def find_item(conn: sqlite3.Connection, key: str, user_id: int) -> tuple[int, str, int] | None:
-    """Return (item id, token, caller's level or 0) for an existing key, else None."""
+def find_item(conn: sqlite3.Connection, key: str, user_id: int) -> tuple[int, str, int, int] | None:
+    """Return (item id, token, caller's level or 0, size) for an existing key, else None."""
     return conn.execute(
         """
-        SELECT items.id, items.token, coalesce(permissions.level, 0)
+        SELECT items.id, items.token, coalesce(permissions.level, 0), items.size
         FROM items
         LEFT JOIN permissions ON permissions.item_id = items.id AND permissions.user_id = ?
         WHERE items.key = ?
@@ -643,29 +648,35 @@ def list_keys(
     The cursor is read in the same snapshot, so a listing at cursor C followed by the
     changes after C misses nothing. With a limit, `more` tells whether a next page exists.
     """
-    with transaction(conn):
-        seq = conn.execute("SELECT seq FROM sync_state").fetchone()[0]
-        rows = conn.execute(
-            """
-            SELECT items.key, permissions.level, items.token
-            FROM permissions JOIN items ON items.id = permissions.item_id
-            WHERE permissions.user_id = :user
-              AND substr(items.key, 1, length(:prefix)) = :prefix
-              AND (:after IS NULL OR items.key > :after)
-            ORDER BY items.key
-            LIMIT :limit
-            """,
-            {
-                "user": user_id,
-                "prefix": prefix,
-                "after": after,
-                "limit": limit + 1 if limit else -1,
-            },
-        ).fetchall()
+    # One statement reads the rows and the cursor (a scalar subquery, computed once) in one
+    # snapshot. An empty answer has no row to carry the cursor: then both are read again
+    # inside one read transaction.
+    query = """
+        SELECT items.key, permissions.level, items.token, (SELECT seq FROM sync_state)
+        FROM permissions JOIN items ON items.id = permissions.item_id
+        WHERE permissions.user_id = :user
+          AND substr(items.key, 1, length(:prefix)) = :prefix
+          AND (:after IS NULL OR items.key > :after)
+        ORDER BY items.key
+        LIMIT :limit
+    """
+    params = {
+        "user": user_id,
+        "prefix": prefix,
+        "after": after,
+        "limit": limit + 1 if limit else -1,
+    }
+    rows = conn.execute(query, params).fetchall()
+    if rows:
+        seq = rows[0][3]
+    else:
+        with transaction(conn):
+            rows = conn.execute(query, params).fetchall()
+            seq = conn.execute("SELECT seq FROM sync_state").fetchone()[0]
     more = bool(limit) and len(rows) > limit
     entries = [
         {"key": key, "permission": LEVEL_NAMES[level], "token": token}
-        for key, level, token in rows[: limit or None]
+        for key, level, token, _ in rows[: limit or None]
     ]
     return Listing(entries, seq, more)
 
@@ -731,27 +742,23 @@ def get_value(conn: sqlite3.Connection, key: str, user_id: int) -> StoredValue:
     A value of up to STREAM_FROM_BYTES comes in the one query; a larger one as a BlobStream,
     so that memory stays flat whatever the value's size.
     """
-    conn.execute("BEGIN")
-    try:
-        row = conn.execute(
-            """
-            SELECT items.id, items.token, items.meta, items.size,
-                   CASE WHEN items.size <= ? THEN items.value END
-            FROM items JOIN permissions ON permissions.item_id = items.id
-            WHERE items.key = ? AND permissions.user_id = ?
-            """,
-            (STREAM_FROM_BYTES, key, user_id),
-        ).fetchone()
-        if row is None:
-            raise not_found()
-    except BaseException:
+    query = """
+        SELECT items.id, items.token, items.meta, items.size,
+               CASE WHEN items.size <= ? THEN items.value END
+        FROM items JOIN permissions ON permissions.item_id = items.id
+        WHERE items.key = ? AND permissions.user_id = ?
+    """
+    row = conn.execute(query, (STREAM_FROM_BYTES, key, user_id)).fetchone()
+    if row is None:
+        raise not_found()
+    if row[4] is not None:  # one statement, one snapshot: the whole answer
+        return StoredValue(row[1], row[2], row[3], row[4])
+    conn.execute("BEGIN")  # a large value: look again inside the snapshot it streams from
+    row = conn.execute(query, (STREAM_FROM_BYTES, key, user_id)).fetchone()
+    if row is None or row[4] is not None:
         conn.execute("ROLLBACK")
-        raise
-    item_id, token, meta, size, value = row
-    if value is not None:
-        conn.execute("COMMIT")
-        return StoredValue(token, meta, size, value)
-    return StoredValue(token, meta, size, BlobStream(conn, item_id))
+        return get_value(conn, key, user_id)  # changed in between; start over
+    return StoredValue(row[1], row[2], row[3], BlobStream(conn, row[0]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -811,12 +818,11 @@ def apply_put(
         write_value(conn, item_id, value)
         check_quota(conn, item_id, quota, grew=True, new_owner_ids=[user_id])
         return token
-    item_id, _, level = found
+    item_id, _, level, old_size = found
     if level == 0 or create_only:
         raise ApiError("KEY01", "The key already exists.")
     if level < LEVELS["WRITE"]:
         raise ApiError("PERM01", "Writing this key needs the WRITE or OWN permission.")
-    old_size = conn.execute("SELECT size FROM items WHERE id = ?", (item_id,)).fetchone()[0]
     if sent_token is None:
         raise ApiError("KEY01", "X-Sync-Token is missing; send the token of the stored value.")
     updated = conn.execute(
@@ -890,7 +896,7 @@ def apply_delete(
     found = find_item(conn, key, user_id)
     if found is None or found[2] == 0:
         raise not_found()
-    item_id, token, level = found
+    item_id, token, level, _ = found
     if level < LEVELS["OWN"]:
         raise ApiError("PERM01", "Deleting this key needs the OWN permission.")
     if sent_token is None or token not in sent_token:
@@ -952,7 +958,7 @@ def set_permissions(
         found = find_item(conn, key, user_id)
         if found is None or found[2] == 0:
             raise not_found()
-        item_id, _, level = found
+        item_id, _, level, _ = found
         if level < LEVELS["OWN"]:
             raise ApiError("PERM01", "Changing permissions needs the OWN permission.")
         new_owner_ids, seq = [], None
@@ -990,7 +996,7 @@ def remove_permissions(
         found = find_item(conn, key, user_id)
         if found is None or found[2] == 0:
             raise not_found()
-        item_id, _, level = found
+        item_id, _, level, _ = found
         holders = conn.execute(
             f"""
             SELECT users.id FROM permissions JOIN users ON users.id = permissions.user_id
@@ -1145,7 +1151,13 @@ def create_session(
     return NewSession(row_id, public_id, token, expires_ms)
 
 
-def find_session(conn: sqlite3.Connection, token: str, now_ms: int, device: Device) -> Caller:
+def find_session(
+    conn: sqlite3.Connection,
+    token: str,
+    now_ms: int,
+    app_version: str | None,
+    device: Callable[[], Device],
+) -> Caller:
     """Return the caller behind a session token; AUTH01 (and the row purged) when expired.
 
     APP-API.md, Credentials: a session used over an hour after its last refresh, or from
@@ -1162,12 +1174,13 @@ def find_session(conn: sqlite3.Connection, token: str, now_ms: int, device: Devi
     ).fetchone()
     if row is None:
         raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
-    session_id, user_id, name, expires_ms, updated_ms, app_version = row
+    session_id, user_id, name, expires_ms, updated_ms, stored_version = row
     if expires_ms <= now_ms:
         with transaction(conn, write=True):
             conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
         raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
-    if now_ms - updated_ms > SESSION_REFRESH_MS or app_version != device.app_version:
+    if now_ms - updated_ms > SESSION_REFRESH_MS or stored_version != app_version:
+        device = device()  # derived only when it is recorded
         with transaction(conn, write=True):
             conn.execute(
                 """
@@ -1661,6 +1674,10 @@ class Context:
         self._lock = threading.Lock()
         self._dummy_hash: str | None = None
         self._hash_slots = threading.BoundedSemaphore(settings.hash_slots)
+        self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._hash_requests = 0
+        #: Requests hashing or waiting to, at most; the rest answer BUSY01 at once.
+        self.max_hash_requests = max(1, settings.threads // 2)
         self._next_housekeeping_ms = 0
         self._changes = threading.Condition()
         self._change_count = 0
@@ -1688,8 +1705,11 @@ class Context:
         with self._lock:
             connections, self._connections = self._connections, []
             self._local = threading.local()
+            pool, self._hash_pool = self._hash_pool, None
         for conn in connections:
             conn.close()
+        if pool is not None:
+            pool.shutdown()
 
     @contextlib.contextmanager
     def hashing_slot(self) -> Iterator[None]:
@@ -1697,21 +1717,44 @@ class Context:
 
         Each Argon2 hash takes its full memory cost at once, so a burst of logins could push
         a small board into swap; past hash_slots at once, requests wait briefly, then give up.
+        At most half the serving threads hash or wait to, so logins never hold every thread.
         """
-        if not self._hash_slots.acquire(timeout=self.settings.hash_wait):
-            raise ApiError(
-                "BUSY01", "The server is busy hashing passwords; try again shortly.",
-                headers={"Retry-After": "1"},
-            )  # fmt: skip
+        busy = ApiError(
+            "BUSY01", "The server is busy hashing passwords; try again shortly.",
+            headers={"Retry-After": "1"},
+        )  # fmt: skip
+        with self._lock:
+            if self._hash_requests >= self.max_hash_requests:
+                raise busy
+            self._hash_requests += 1
         try:
-            yield
+            if not self._hash_slots.acquire(timeout=self.settings.hash_wait):
+                raise busy
+            try:
+                yield
+            finally:
+                self._hash_slots.release()
         finally:
-            self._hash_slots.release()
+            with self._lock:
+                self._hash_requests -= 1
+
+    def run_hashing(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run an Argon2 call in a hashing slot, on a thread of lowered CPU priority.
+
+        Hashing at a lower priority leaves the CPU to the serving threads first, so a burst
+        of logins slows other requests little (bench/run, login-profiles).
+        """
+        with self.hashing_slot():
+            with self._lock:
+                if self._hash_pool is None:
+                    self._hash_pool = concurrent.futures.ThreadPoolExecutor(
+                        self.settings.hash_slots, "syncnode-hash", lower_thread_priority
+                    )
+            return self._hash_pool.submit(function, *args).result()
 
     def hash_password(self, password: str) -> str:
-        """Hash a password with Argon2id within a hashing slot."""
-        with self.hashing_slot():
-            return self.hasher.hash(password)
+        """Hash a password with Argon2id."""
+        return self.run_hashing(self.hasher.hash, password)
 
     def verify_password(self, password_hash: str | None, password: str) -> bool:
         """Check a password against a hash; with no hash, spend one verification all the same.
@@ -1723,14 +1766,13 @@ class Context:
             if self._dummy_hash is None:
                 self._dummy_hash = self.hash_password(secrets.token_urlsafe(16))
             password_hash = self._dummy_hash
-        with self.hashing_slot():
-            try:
-                return self.hasher.verify(password_hash, password)
-            except argon2.exceptions.VerificationError:
-                return False
-            except argon2.exceptions.InvalidHashError:
-                log.error("A stored password hash is not a valid Argon2 hash.")
-                return False
+        try:
+            return self.run_hashing(self.hasher.verify, password_hash, password)
+        except argon2.exceptions.VerificationError:
+            return False
+        except argon2.exceptions.InvalidHashError:
+            log.error("A stored password hash is not a valid Argon2 hash.")
+            return False
 
     def notify_change(self) -> None:
         """Wake the long-polling readers of this process after a committed change."""
@@ -1786,6 +1828,8 @@ class Context:
         process or thread is needed; one request pays a few indexed deletes.
         """
         now_ms = self.now_ms()
+        if now_ms < self._next_housekeeping_ms:
+            return  # the common case, decided without the lock
         with self._lock:
             if now_ms < self._next_housekeeping_ms:
                 return
@@ -1828,6 +1872,18 @@ class Context:
         """Raise DISK01 unless the data directory can take a write."""
         if not self.disk_ok():
             raise ApiError("DISK01", "The server is out of storage space; nothing was written.")
+
+
+def lower_thread_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux keeps a nice value per thread).
+
+    Argon2's lane threads, started from this one, inherit it.
+    """
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            thread = threading.get_native_id()
+            niceness = os.getpriority(os.PRIO_PROCESS, thread)
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, niceness + HASH_NICENESS))
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None):
@@ -1913,10 +1969,24 @@ def read_value(limit: int) -> NewValue:
     return NewValue(spool, size, meta)
 
 
+def parse_json(raw: bytes) -> Any:
+    """Parse JSON text; ValueError also for a string escape that is not a character.
+
+    JSON may write a lone UTF-16 surrogate ("\\ud800"), which is no text that SQLite or a
+    reply could carry.
+    """
+    data = json.loads(raw)
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ValueError("The JSON holds a lone surrogate.") from None
+    return data
+
+
 def read_json(code: str = "REQ01", limit: int = MAX_JSON_BYTES) -> Any:
     """Read and parse a JSON body; the given code when it is not JSON."""
     try:
-        return json.loads(read_body(limit, code))
+        return parse_json(read_body(limit, code))
     except (ValueError, UnicodeDecodeError):
         raise ApiError(code, "The request body must be valid JSON.") from None
 
@@ -2200,11 +2270,26 @@ def device_from_environ(environ: Mapping[str, Any]) -> Device:
         device_os = next((name for mark, name in SYSTEM_MARKS if mark in agent), "")
     device_type = device_type or environ.get("HTTP_DEVICEMODEL", "")
     device_os = device_os or environ.get("HTTP_DEVICETYPE", "")
-    version = APP_VERSION.fullmatch(agent)
     return Device(
-        device_type[:MAX_DEVICE_CHARS],
-        device_os[:MAX_DEVICE_CHARS],
-        version.group(1)[:MAX_DEVICE_CHARS] if version else None,
+        device_type[:MAX_DEVICE_CHARS], device_os[:MAX_DEVICE_CHARS], app_version_of(environ)
+    )
+
+
+def app_version_of(environ: Mapping[str, Any]) -> str | None:
+    """Return the Immich app version a User-Agent names, or None."""
+    version = APP_VERSION.fullmatch(environ.get("HTTP_USER_AGENT", ""))
+    return version.group(1)[:MAX_DEVICE_CHARS] if version else None
+
+
+def session_of(ctx: Context, token: str) -> Caller:
+    """Find the caller behind a session token of this request (refreshing its device)."""
+    environ = bottle.request.environ
+    return find_session(
+        ctx.connection(),
+        token,
+        ctx.now_ms(),
+        app_version_of(environ),
+        functools.partial(device_from_environ, environ),
     )
 
 
@@ -2314,9 +2399,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         """
         conn, token = ctx.connection(), bearer_token()
         if token is not None:
-            return find_session(
-                conn, token, ctx.now_ms(), device_from_environ(bottle.request.environ)
-            )
+            return session_of(ctx, token)
         secret = header("x-api-key")
         if secret is None:
             raise ApiError("AUTH01", "This request needs an Authorization: Bearer token.")
@@ -2559,8 +2642,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         for raw in users.split(","):
             with contextlib.suppress(ApiError):  # Ids that cannot exist are ignored.
                 names.add(normalize_id(raw))
-        if names:
-            remove_permissions(ctx.connection(), key, caller.user_id, names, ctx.now_ms())
+        remove_permissions(ctx.connection(), key, caller.user_id, names, ctx.now_ms())
         return empty_response()
 
     # Health and discovery -----------------------------------------------------------------------
@@ -2796,7 +2878,7 @@ def read_app_body() -> dict:
             raise AppError(413, "Request body too large") from None
         raise AppError(400, "Malformed JSON body") from None
     try:
-        body = json.loads(raw)
+        body = parse_json(raw)
     except (ValueError, UnicodeDecodeError):
         raise AppError(400, "Malformed JSON body") from None
     if not isinstance(body, dict):
@@ -2959,8 +3041,7 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
             raise AppError(401, "Invalid share slug")
         conn, token = ctx.connection(), session_token_from_request()
         if token is not None:
-            device = device_from_environ(bottle.request.environ)
-            return find_session(conn, token, ctx.now_ms(), device)
+            return session_of(ctx, token)
         secret = header("x-api-key") or query.get("apiKey")
         if secret is None:
             raise AppError(401, "Authentication required")

@@ -28,12 +28,15 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import unicodedata
 import urllib.parse
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -46,7 +49,16 @@ import waitress.server
 import webtest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from openapi_spec_validator import validate
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -7210,3 +7222,539 @@ def test_invite_refused_registration_keeps_the_code(inviting, user, db, refused,
     assert table_counts(db)["invites"] == 1
     body = {"id": "carol", "password": PASSWORD, "invite": invite}
     inviting.post_json("/account", body, status=200)
+
+
+# ==================================================================================================
+# Properties
+# ==================================================================================================
+
+
+class FreshServer:
+    """An app on a database in its own temporary directory, built and removed per example.
+
+    Hypothesis runs many examples inside one test call, so a function-scoped fixture would
+    share one database between them; each example builds its own server instead.
+    """
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="syncnode-props-")
+        self.database = os.path.join(self.directory, "syncnode.db")
+        self.app = syncnode.create_app(self.database, clock=FakeClock(), **CHEAP_HASHING)
+        self.client = webtest.TestApp(self.app)
+
+    def register(self, name: str) -> User:
+        """Register a user through the API and return it."""
+        response = self.client.post_json("/account", {"id": name, "password": PASSWORD})
+        return User(name, response.json["token"])
+
+    def close(self) -> None:
+        self.app.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def store_url(key: str) -> str:
+    """The path of a key, every reserved character percent-encoded ('/' as %2F)."""
+    return "/store/" + urllib.parse.quote(key, safe="")
+
+
+def permission_url(key: str) -> str:
+    """The permission path of a key, percent-encoded like store_url."""
+    return "/permission/" + urllib.parse.quote(key, safe="")
+
+
+#: Text the contract accepts as a key: no control characters (Cc, C1 included), no surrogates.
+valid_keys = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cc", "Cs"]),
+    min_size=1,
+    max_size=syncnode.MAX_KEY_CHARS,
+)
+printable_meta = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E),
+    max_size=syncnode.MAX_META_BYTES,
+)
+
+
+#: Every code point, lone surrogates and controls included: ids arrive as JSON strings, and
+#: JSON's \u escapes can spell any of them.
+any_text = st.text(st.characters(exclude_categories=()))
+
+
+def accepted_id(raw: str) -> str | None:
+    """Return normalize_id(raw), or None when it refuses the id."""
+    try:
+        return syncnode.normalize_id(raw)
+    except syncnode.ApiError as error:
+        assert error.code == "ACCT02"
+        return None
+
+
+@given(any_text)
+@example("ℌello")  # NFKC makes capitals of some letters: lower-casing must come after it.
+@example("İstanbul")  # Lower-cases to two code points.
+@example("ΌΣΟΣ")  # Final sigma.
+@example("ﬀ\u3000")  # A ligature and ideographic space.
+@example("Å" * syncnode.MAX_ID_CHARS)  # Angstrom sign, NFKC to Å, at the length limit.
+def test_account_id_normalisation_is_idempotent(raw):
+    name = accepted_id(raw)
+    if name is not None:
+        assert syncnode.normalize_id(name) == name
+
+
+@given(any_text)
+@example(" " + "x" * syncnode.MAX_ID_CHARS + "\t")
+@example("x" * (syncnode.MAX_ID_CHARS + 1))
+@example("a\u0085b")  # NEL: C1 control and whitespace.
+@example("a\u00a0b")  # No-break space.
+@example("\u2028")
+def test_account_accepted_ids_have_no_whitespace_or_controls(raw):
+    name = accepted_id(raw)
+    if name is not None:
+        assert 1 <= len(name) <= syncnode.MAX_ID_CHARS
+        assert not any(char.isspace() for char in name)
+        assert not any(unicodedata.category(char) == "Cc" for char in name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=valid_keys, value=st.binary(max_size=4096), meta=st.none() | printable_meta)
+@example(key="a/b?c#d%2F e", value=b"", meta=None)
+@example(key="%", value=b"\x00\xff", meta="")
+@example(key="🦄 ünï/cødé", value=b"v", meta=" spaced meta ")
+@example(key="k" * syncnode.MAX_KEY_CHARS, value=b"v", meta="m" * syncnode.MAX_META_BYTES)
+def test_store_any_valid_key_value_and_meta_read_back(key, value, meta):
+    server = FreshServer()
+    try:
+        user = server.register("alice")
+        headers = dict(user.headers)
+        if meta is not None:
+            headers["X-Sync-Meta"] = meta
+        put = server.client.put(
+            store_url(key),
+            value,
+            headers=headers,
+            content_type="application/octet-stream",
+            status=204,
+        )
+        token = put.headers["X-Sync-Token"]
+        assert put.headers["ETag"] == f'"{token}"'
+
+        got = server.client.get(store_url(key), headers=user.headers, status=200)
+        assert got.body == value
+        assert got.content_type == "application/octet-stream"
+        assert got.headers["X-Sync-Token"] == token
+        assert got.headers["ETag"] == f'"{token}"'
+        assert got.headers.get("X-Sync-Meta") == meta
+
+        listing = server.client.get("/store", headers=user.headers, status=200)
+        assert listing.json == [{"key": key, "permission": "OWN", "token": token}]
+    finally:
+        server.close()
+
+
+USERS = ("ann", "bob", "cyd")
+#: An id that never belongs to an account: a grant naming it is ERR01, a removal ignores it.
+STRANGER = "ghost"
+#: A small key alphabet, so that rules collide on keys; percent-encoding matters for two.
+KEYS = ("a", "a/b", "é ?#%")
+LEVELS = ("READ", "WRITE", "OWN")
+RANK = {"READ": 1, "WRITE": 2, "OWN": 3}
+#: X-Sync-Meta values a PUT must refuse: not printable ASCII (REQ01), too long (SIZE01).
+BAD_METAS = ("tab\there", "caf\u00e9", "x" * (syncnode.MAX_META_BYTES + 1))
+#: Who sends a request: a user by id, or a role that the rule resolves against the model to a
+#: holder of the key at (or nearest to) that level, so that rules often get past ERR01 to the
+#: permission and token checks.
+ROLES = {"<owner>": "OWN", "<writer>": "WRITE", "<reader>": "READ"}
+ACTORS = (*USERS, *ROLES)
+#: Which X-Sync-Token a PUT or DELETE sends: the stored one (if any), a spent one, or none.
+SENT_TOKENS = ("current", "current", "stale", "none")
+#: Whom a permission change names: a user, the stranger, the caller itself or the key's owner.
+SUBJECTS = ("<self>", "<owner>", *USERS, STRANGER)
+
+
+@dataclass
+class Entry:
+    """The model of one stored key."""
+
+    value: bytes
+    token: str
+    meta: str | None
+    holders: dict[str, str] = field(default_factory=dict)
+
+
+def spell(name: str, shout: bool) -> str:
+    """Write an id as a client might; the server normalises it (SYNCNODE.md, Identities)."""
+    return name.upper() if shout else name
+
+
+class StoreModel(RuleBasedStateMachine):
+    """Three users send store, permission and account requests; a dict model predicts each answer.
+
+    Expected codes follow SYNCNODE.md: the first broken rule in the order AUTH01, REQ01/SIZE01,
+    ERR01 (missing or invisible key), PERM01, KEY01 answers; permission changes need OWN except
+    self-removal, and none may leave a key without an OWN holder (PERM02).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server = FreshServer()
+        self.client = self.server.client
+        self.db = sqlite3.connect(self.server.database, isolation_level=None)
+        #: The latest session of every id; a deleted account's stays here until it registers again.
+        self.sessions: dict[str, User] = {}
+        #: Sessions of deleted accounts, which must stay dead after the id registers again.
+        self.dead_sessions: list[User] = []
+        self.alive: set[str] = set()
+        self.store: dict[str, Entry] = {}
+        self.spent_tokens: list[str] = ["never-issued-token"]
+
+    def teardown(self) -> None:
+        self.db.close()
+        self.server.close()
+
+    # Model helpers ------------------------------------------------------------------------------
+
+    def resolve(self, actor: str, key: str) -> str:
+        """The user behind an actor: a role goes to the holder nearest its level, else USERS[0]."""
+        if actor not in ROLES:
+            return actor
+        entry, wanted = self.store.get(key), RANK[ROLES[actor]]
+        if not entry or not entry.holders:
+            return USERS[0]
+        return min(entry.holders, key=lambda user: (abs(RANK[entry.holders[user]] - wanted), user))
+
+    def subject(self, who: str, name: str, key: str) -> str:
+        """The user a permission change names; <self> is the caller."""
+        return name if who == "<self>" else self.resolve(who, key)
+
+    def level(self, name: str, key: str) -> int:
+        entry = self.store.get(key)
+        return RANK[entry.holders[name]] if entry and name in entry.holders else 0
+
+    def token_to_send(self, key: str, sent: str) -> str | None:
+        """The X-Sync-Token for a rule: the current one, a stale one or none."""
+        entry = self.store.get(key)
+        if sent == "current":
+            return entry.token if entry else None
+        if sent == "stale":
+            return self.spent_tokens[-1]
+        return None
+
+    def headers(self, name: str, token: str | None = None, meta: str | None = None) -> dict:
+        headers = dict(self.sessions[name].headers)
+        if token is not None:
+            headers["X-Sync-Token"] = token
+        if meta is not None:
+            headers["X-Sync-Meta"] = meta
+        return headers
+
+    @staticmethod
+    def expect(response, status: int, code: str | None) -> None:
+        if code is not None:
+            assert_error(response, status, code)
+
+    @staticmethod
+    def has_owner(holders: dict[str, str]) -> bool:
+        return "OWN" in holders.values()
+
+    # Accounts -----------------------------------------------------------------------------------
+
+    def register(self, name: str, shout: bool = False) -> None:
+        body = {"id": spell(name, shout), "password": PASSWORD}
+        if name in self.alive:
+            response = self.client.post_json("/account", body, status=409)
+            assert_error(response, 409, "ACCT03")
+            return
+        response = self.client.post_json("/account", body, status=200)
+        self.sessions[name] = User(name, response.json["token"])
+        self.alive.add(name)
+
+    @initialize(
+        owners=st.lists(st.sampled_from(USERS), min_size=len(KEYS), max_size=len(KEYS)),
+        shares=st.lists(
+            st.tuples(st.sampled_from(KEYS), st.sampled_from(USERS), st.sampled_from(LEVELS)),
+            min_size=1,
+            max_size=5,
+        ),
+    )
+    def register_users_and_share_keys(
+        self, owners: list[str], shares: list[tuple[str, str, str]]
+    ) -> None:
+        """Start from three users, every key created and some of them shared."""
+        for name in USERS:
+            self.register(name)
+        for key, owner in zip(KEYS, owners, strict=True):
+            self.put_value(owner, key, "none", b"first", None)
+        for key, user, permission in shares:
+            self.grant("<owner>", key, [(user, permission, False)])
+
+    @rule(name=st.sampled_from(USERS), shout=st.booleans())
+    def register_again(self, name: str, shout: bool) -> None:
+        self.register(name, shout)
+
+    # One deleted account at a time, so that few steps end in AUTH01.
+    @precondition(lambda self: len(self.alive) == len(USERS))
+    @rule(name=st.sampled_from(USERS))
+    def delete_account(self, name: str) -> None:
+        self.client.delete("/account", headers=self.headers(name), status=204)
+        self.alive.discard(name)
+        self.dead_sessions.append(self.sessions[name])
+        for key, entry in list(self.store.items()):
+            level = entry.holders.pop(name, None)
+            if level == "OWN" and not self.has_owner(entry.holders):
+                del self.store[key]
+
+    # Store --------------------------------------------------------------------------------------
+
+    @rule(
+        actor=st.sampled_from(ACTORS),
+        key=st.sampled_from(KEYS),
+        sent=st.sampled_from(SENT_TOKENS),
+        value=st.binary(max_size=64),
+        meta=st.none()
+        | st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=16)
+        | st.sampled_from(BAD_METAS),
+    )
+    def put_value(self, actor: str, key: str, sent: str, value: bytes, meta: str | None) -> None:
+        """PUT: a bad X-Sync-Meta answers before visibility, permission and token."""
+        name = self.resolve(actor, key)
+        entry, level = self.store.get(key), self.level(name, key)
+        token = self.token_to_send(key, sent)
+        if name not in self.alive:
+            status, code = 401, "AUTH01"
+        elif meta is not None and not (meta.isascii() and meta.isprintable()):
+            status, code = 400, "REQ01"
+        elif meta is not None and len(meta) > syncnode.MAX_META_BYTES:
+            status, code = 413, "SIZE01"
+        elif entry is None:
+            status, code = (204, None) if token is None else (409, "KEY01")
+        elif level == 0:
+            status, code = 409, "KEY01"  # Exists but invisible: a create that cannot happen.
+        elif level < RANK["WRITE"]:
+            status, code = 403, "PERM01"
+        elif token != entry.token:
+            status, code = 409, "KEY01"
+        else:
+            status, code = 204, None
+        response = self.client.put(
+            store_url(key),
+            value,
+            headers=self.headers(name, token, meta),
+            content_type="application/octet-stream",
+            status=status,
+        )
+        self.expect(response, status, code)
+        if status == 204:
+            new_token = response.headers["X-Sync-Token"]
+            assert response.headers["ETag"] == f'"{new_token}"'
+            assert new_token not in self.spent_tokens
+            if entry is None:
+                self.store[key] = Entry(value, new_token, meta, {name: "OWN"})
+            else:
+                self.spent_tokens.append(entry.token)
+                entry.value, entry.token, entry.meta = value, new_token, meta
+
+    @rule(
+        actor=st.sampled_from(ACTORS),
+        key=st.sampled_from(KEYS),
+        sent=st.sampled_from(SENT_TOKENS),
+    )
+    def delete_value(self, actor: str, key: str, sent: str) -> None:
+        name = self.resolve(actor, key)
+        entry, level = self.store.get(key), self.level(name, key)
+        token = self.token_to_send(key, sent)
+        if name not in self.alive:
+            status, code = 401, "AUTH01"
+        elif level == 0:
+            status, code = 404, "ERR01"
+        elif level < RANK["OWN"]:
+            status, code = 403, "PERM01"
+        elif token != entry.token:
+            status, code = 409, "KEY01"
+        else:
+            status, code = 204, None
+        response = self.client.delete(
+            store_url(key), headers=self.headers(name, token), status=status
+        )
+        self.expect(response, status, code)
+        if status == 204:
+            self.spent_tokens.append(entry.token)
+            del self.store[key]
+
+    @rule(actor=st.sampled_from(ACTORS), key=st.sampled_from(KEYS))
+    def read(self, actor: str, key: str) -> None:
+        """GET the value and the permission list: any holder may, nobody else sees the key."""
+        name = self.resolve(actor, key)
+        entry, level = self.store.get(key), self.level(name, key)
+        if name not in self.alive:
+            status, code = 401, "AUTH01"
+        elif level == 0:
+            status, code = 404, "ERR01"
+        else:
+            status, code = 200, None
+        value = self.client.get(store_url(key), headers=self.headers(name), status=status)
+        self.expect(value, status, code)
+        holders = self.client.get(permission_url(key), headers=self.headers(name), status=status)
+        self.expect(holders, status, code)
+        if status == 200:
+            assert value.body == entry.value
+            assert value.headers["X-Sync-Token"] == entry.token
+            assert value.headers["ETag"] == f'"{entry.token}"'
+            assert value.headers.get("X-Sync-Meta") == entry.meta
+            assert holders.json == [
+                {"user": user, "permission": entry.holders[user]} for user in sorted(entry.holders)
+            ]
+
+    # Permissions --------------------------------------------------------------------------------
+
+    @rule(
+        actor=st.sampled_from(ACTORS),
+        key=st.sampled_from(KEYS),
+        grants=st.lists(
+            st.tuples(st.sampled_from(SUBJECTS), st.sampled_from(LEVELS), st.booleans()),
+            max_size=3,
+        ),
+    )
+    def grant(self, actor: str, key: str, grants: list[tuple[str, str, bool]]) -> None:
+        name = self.resolve(actor, key)
+        entry, level = self.store.get(key), self.level(name, key)
+        wanted: dict[str, tuple[str, bool]] = {}
+        for user, permission, shout in grants:  # One entry per user; a repeat is REQ01.
+            wanted.setdefault(self.subject(user, name, key), (permission, shout))
+        changed = dict(entry.holders) if entry else {}
+        changed.update({user: permission for user, (permission, _) in wanted.items()})
+        if name not in self.alive:
+            status, code = 401, "AUTH01"
+        elif level == 0:
+            status, code = 404, "ERR01"
+        elif level < RANK["OWN"]:
+            status, code = 403, "PERM01"
+        elif any(user not in self.alive for user in wanted):
+            status, code = 404, "ERR01"
+        elif not self.has_owner(changed):
+            status, code = 409, "PERM02"
+        else:
+            status, code = 204, None
+        body = [
+            {"user": spell(user, shout), "permission": permission}
+            for user, (permission, shout) in wanted.items()
+        ]
+        response = self.client.put_json(
+            permission_url(key), body, headers=self.headers(name), status=status
+        )
+        self.expect(response, status, code)
+        if status == 204:
+            entry.holders = changed
+
+    @rule(
+        actor=st.sampled_from(ACTORS),
+        key=st.sampled_from(KEYS),
+        users=st.lists(st.tuples(st.sampled_from(SUBJECTS), st.booleans()), max_size=3),
+    )
+    def revoke(self, actor: str, key: str, users: list[tuple[str, bool]]) -> None:
+        """DELETE /permission: OWN removes anyone, a holder itself; no users parameter is REQ01."""
+        name = self.resolve(actor, key)
+        entry, level = self.store.get(key), self.level(name, key)
+        holders = entry.holders if entry else {}
+        names = {self.subject(user, name, key) for user, _ in users}
+        changed = {user: permission for user, permission in holders.items() if user not in names}
+        if name not in self.alive:
+            status, code = 401, "AUTH01"
+        elif not users:
+            status, code = 400, "REQ01"
+        elif level == 0:
+            status, code = 404, "ERR01"
+        elif level < RANK["OWN"] and (names & set(holders)) - {name}:
+            status, code = 403, "PERM01"
+        elif not self.has_owner(changed):
+            status, code = 409, "PERM02"
+        else:
+            status, code = 204, None
+        url = permission_url(key)
+        if users:
+            spelled = [spell(self.subject(user, name, key), shout) for user, shout in users]
+            url += "?users=" + urllib.parse.quote(",".join(spelled), safe=",")
+        response = self.client.delete(url, headers=self.headers(name), status=status)
+        self.expect(response, status, code)
+        if status == 204:
+            entry.holders = changed
+
+    # Invariants ---------------------------------------------------------------------------------
+
+    @invariant()
+    def listings_match_the_model(self) -> None:
+        for name in USERS:
+            if name not in self.alive:
+                continue
+            response = self.client.get("/store", headers=self.headers(name), status=200)
+            assert response.json == [
+                {"key": key, "permission": entry.holders[name], "token": entry.token}
+                for key, entry in sorted(self.store.items())
+                if name in entry.holders
+            ]
+
+    @invariant()
+    def deleted_accounts_stay_signed_out(self) -> None:
+        for session in self.dead_sessions:
+            response = self.client.get("/store", headers=session.headers, status=401)
+            assert_error(response, 401, "AUTH01")
+
+    @invariant()
+    def every_stored_key_has_an_owner(self) -> None:
+        keys = {row[0] for row in self.db.execute("SELECT key FROM items")}
+        assert keys == set(self.store)
+        orphans = self.db.execute(
+            """
+            SELECT items.key FROM items
+            WHERE NOT EXISTS (
+                SELECT 1 FROM permissions
+                WHERE permissions.item_id = items.id AND permissions.level = ?
+            )
+            """,
+            (syncnode.LEVELS["OWN"],),
+        ).fetchall()
+        assert orphans == []
+
+
+def test_store_and_permissions_follow_the_model():
+    run_state_machine_as_test(
+        StoreModel, settings=settings(max_examples=40, stateful_step_count=30, deadline=None)
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(users=st.text(max_size=20), key=st.sampled_from(["missing", "theirs"]))
+@example(users="no one", key="missing")
+@example(users=",", key="theirs")
+def test_permission_revoke_on_unseen_key_never_succeeds(users, key):
+    server = FreshServer()
+    try:
+        caller, owner = server.register("alice"), server.register("bob")
+        server.client.put(store_url("theirs"), b"v", headers=owner.headers, status=204)
+        response = server.client.delete(
+            permission_url(key) + "?users=" + urllib.parse.quote(users, safe=","),
+            headers=caller.headers,
+            expect_errors=True,
+        )
+        assert response.status_int in (400, 404)
+        assert response.json["code"] == {400: "REQ01", 404: "ERR01"}[response.status_int]
+        holders = server.client.get(permission_url("theirs"), headers=owner.headers, status=200)
+        assert holders.json == [{"user": "bob", "permission": "OWN"}]
+    finally:
+        server.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(name=any_text, password=any_text)
+@example(name="a\ud800", password=PASSWORD)
+@example(name="bob", password="\udfff" + PASSWORD)
+def test_account_register_any_credentials_is_200_or_acct02(name, password):
+    server = FreshServer()
+    try:
+        body = json.dumps({"id": name, "password": password}).encode()  # Escapes surrogates.
+        response = server.client.post(
+            "/account", body, content_type="application/json", expect_errors=True
+        )
+        assert response.status_int in (200, 400)
+        if response.status_int == 400:
+            assert_error(response, 400, "ACCT02")
+    finally:
+        server.close()
