@@ -1676,8 +1676,9 @@ class Context:
         self._hash_slots = threading.BoundedSemaphore(settings.hash_slots)
         self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._hash_requests = 0
-        #: Requests hashing or waiting to, at most; the rest answer BUSY01 at once.
-        self.max_hash_requests = max(1, settings.threads // 2)
+        #: Requests hashing or waiting to, at most; the rest answer BUSY01 at once, so that
+        #: at least one serving thread is always free for everything else.
+        self.max_hash_requests = max(1, settings.threads - 1)
         self._next_housekeeping_ms = 0
         self._changes = threading.Condition()
         self._change_count = 0
@@ -1717,7 +1718,7 @@ class Context:
 
         Each Argon2 hash takes its full memory cost at once, so a burst of logins could push
         a small board into swap; past hash_slots at once, requests wait briefly, then give up.
-        At most half the serving threads hash or wait to, so logins never hold every thread.
+        All serving threads but one at most hash or wait to, so logins never hold every thread.
         """
         busy = ApiError(
             "BUSY01", "The server is busy hashing passwords; try again shortly.",
@@ -2569,11 +2570,9 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
             if isinstance(stored.body, BlobStream):
                 stored.body.close()
             return bottle.HTTPResponse(b"", 304, store_headers(stored.token))
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(stored.size),
-            **store_headers(stored.token),
-        }
+        headers = {"Content-Type": "application/octet-stream", **store_headers(stored.token)}
+        if isinstance(stored.body, BlobStream):
+            headers["Content-Length"] = str(stored.size)  # bottle counts bytes itself
         if stored.meta is not None:
             headers["X-Sync-Meta"] = stored.meta
         return bottle.HTTPResponse(stored.body, 200, headers)

@@ -217,6 +217,8 @@ class Client(threading.Thread):
         self.failure = ""
         self.latencies = array.array("d")
         self.statuses: Counter[str] = Counter()
+        #: Seconds to wait before the next request, after a 503 with Retry-After.
+        self.pause = 0.0
 
     def prime(self) -> None:
         """Connect and learn what the scenario needs before the clock starts."""
@@ -257,6 +259,8 @@ class Client(threading.Thread):
                 self.store_token = response.headers["X-Sync-Token"]
             else:
                 self.fetch_token()
+        if response.status == 503:  # BUSY01: come back when Retry-After says, as clients do
+            self.pause = float(response.headers.get("Retry-After") or 1)
         return response.status
 
     def run(self) -> None:
@@ -282,6 +286,9 @@ class Client(threading.Thread):
                 self.conn.close()
             latencies.append(clock() - started)
             statuses[status] += 1
+            if self.pause:
+                time.sleep(max(0.0, min(self.pause, self.deadline - time.monotonic())))
+                self.pause = 0.0
         self.conn.close()
 
 
@@ -405,7 +412,8 @@ def run(
             statuses.update(part["statuses"])
         seconds = max(part["ended"] for part in mine) - min(part["started"] for part in mine)
         ordered = sorted(latencies)
-        errors = sum(n for status, n in statuses.items() if not status.startswith("2"))
+        busy = statuses.get("503", 0)
+        errors = sum(n for status, n in statuses.items() if not status.startswith("2")) - busy
         answers.append(
             {
                 "scenario": group.scenario,
@@ -414,11 +422,12 @@ def run(
                 "seconds": round(seconds, 3),
                 "requests": len(ordered),
                 "requests_per_s": round(len(ordered) / seconds, 1) if seconds else 0.0,
-                "ok_per_s": round((len(ordered) - errors) / seconds, 1) if seconds else 0.0,
+                "ok_per_s": round((len(ordered) - errors - busy) / seconds, 1) if seconds else 0.0,
                 "p50_ms": round(percentile(ordered, 0.50) * 1000, 2),
                 "p99_ms": round(percentile(ordered, 0.99) * 1000, 2),
                 "max_ms": round(ordered[-1] * 1000, 2) if ordered else 0.0,
                 "errors": errors,
+                "busy": busy,
                 "statuses": dict(sorted(statuses.items())),
                 "failures": [failure for part in mine for failure in part["failures"]],
             }
