@@ -85,6 +85,8 @@ CORS_EXPOSE_HEADERS = (
     "X-Sync-Usage-Bytes, X-Sync-Quota-Keys, X-Sync-Quota-Bytes"
 )
 CORS_MAX_AGE_SECONDS = 86400
+#: Bytes of an answer waitress buffers before the serving thread waits for the client.
+OUTBUF_HIGH_WATERMARK_BYTES = 1024 * 1024
 #: Values up to this size are read and written whole; larger ones stream in chunks.
 STREAM_FROM_BYTES = 256 * 1024
 
@@ -4076,7 +4078,14 @@ def serve(app: SyncNodeApp, settings: Settings) -> None:
     # every line, and a full queue is what the thread setting is for.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     server = waitress.server.create_server(
-        app, host=settings.host, port=settings.port, threads=settings.threads, ident="syncnode"
+        app,
+        host=settings.host,
+        port=settings.port,
+        threads=settings.threads,
+        ident="syncnode",
+        # Waitress holds up to this much of an answer in memory before the serving thread
+        # waits for the client (16 MiB by default): one large streamed value would cost that.
+        outbuf_high_watermark=OUTBUF_HIGH_WATERMARK_BYTES,
     )
     stopping = threading.Event()
     previous = {}
