@@ -1,7 +1,13 @@
 """Tests for syncnode, black box over WSGI unless a promise needs the database or a real server.
 
-Areas, each behind a banner: accounts, sessions, passwords and reset, throttling, store,
-permissions, health, errors and routing, secrets, embedding, real server, CLI, properties.
+Areas, each behind a banner, in this order: accounts, sessions, store, permissions, health,
+errors and routing, settings; passwords and reset, throttling, secrets; the App API (a real
+@immich/sdk client, cross-API credentials, concurrency); migrations; the OpenAPI document and
+schemathesis against a live server; real server, embedding, CLI; the App API's contract rows
+(wire format, credentials, auth, API keys, sessions, users, server); operations (throttling
+across restarts, quotas, reset mail, admin CLI, housekeeping, access log, shutdown and
+restarts, low-memory profile, invites); properties; streaming large values; the sync protocol
+(change feed, long-poll, listing and paging, conditional requests, CORS, browser, batch).
 """
 
 from __future__ import annotations
@@ -67,7 +73,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from waitress import wasyncore
 
 import syncnode
 
@@ -1685,42 +1690,13 @@ def new_api_key(client: webtest.TestApp, owner: User, *permissions: str) -> str:
     return response.json["secret"]
 
 
-class ThreadedServer:
-    """A WSGI app on waitress, bound to 127.0.0.1 on a free port, run from a daemon thread."""
-
-    def __init__(self, wsgi_app: Callable, threads: int = 4) -> None:
-        self.socket_map: dict = {}
-        self.server = waitress.server.create_server(
-            wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
-        )
-        self.port = self.server.effective_port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
-        self.thread.start()
-
-    def connect(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-
-    def stop(self) -> None:
-        """Close the server and its channels, then stop the worker threads, within seconds.
-
-        The socket map belongs to the loop thread, so the closing (server.close() and every
-        open channel's) runs there, handed over through the server's trigger.
-        """
-        self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.socket_map))
-        self.thread.join(timeout=5)
-        self.server.task_dispatcher.shutdown(timeout=5)
-        assert not self.thread.is_alive(), "the waitress loop did not stop"
-        assert not self.server.task_dispatcher.threads, "waitress worker threads did not stop"
-
-
 @pytest.fixture
 def serve(make_app):
     """Start a syncnode app with the given settings on waitress; stop it at teardown."""
-    servers: list[ThreadedServer] = []
+    servers: list[LiveServer] = []
 
-    def start(threads: int = 4, **settings) -> ThreadedServer:
-        server = ThreadedServer(make_app(**settings), threads)
+    def start(threads: int = 4, **settings) -> LiveServer:
+        server = LiveServer(make_app(**settings), threads)
         servers.append(server)
         return server
 
@@ -2693,6 +2669,7 @@ class LiveServer:
             wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
         )
         self.port = self.server.effective_port
+        self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, name="waitress-loop", daemon=True)
         self.thread.start()
 
@@ -7758,3 +7735,92 @@ def test_account_register_any_credentials_is_200_or_acct02(name, password):
             assert_error(response, 400, "ACCT02")
     finally:
         server.close()
+
+
+# ==================================================================================================
+# Streaming large values
+# ==================================================================================================
+
+#: A value large enough to stream in chunks rather than travel whole.
+LARGE = syncnode.STREAM_FROM_BYTES * 4 + 12345
+
+
+def test_stream_large_value_round_trips_and_is_stored_as_one_row(client, user, db):
+    value = os.urandom(LARGE)
+    token = put(client, user, "big", value, status=204).headers["X-Sync-Token"]
+    response = client.get("/store/big", headers=user.headers)
+    assert response.body == value
+    assert response.headers["Content-Length"] == str(LARGE)
+    assert response.headers["X-Sync-Token"] == token
+    assert db.execute("SELECT size, length(value) FROM items").fetchone() == (LARGE, LARGE)
+
+
+def test_stream_large_update_replaces_the_whole_value(client, user, db):
+    first = put(client, user, "big", b"a" * LARGE).headers["X-Sync-Token"]
+    shorter = os.urandom(LARGE // 2)
+    put(client, user, "big", shorter, token=first, status=204)
+    assert client.get("/store/big", headers=user.headers).body == shorter
+    assert db.execute("SELECT size, length(value) FROM items").fetchone() == (len(shorter),) * 2
+
+
+def test_stream_large_value_over_the_limit_is_size01_and_nothing_stored(make_app, db):
+    client = webtest.TestApp(make_app(max_value_bytes=LARGE))
+    owner = User(
+        "alice", client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    )
+    put(client, owner, "fits", b"x" * LARGE, status=204)
+    assert_error(put(client, owner, "big", b"x" * (LARGE + 1), status=413), 413, "SIZE01")
+    assert [row[0] for row in db.execute("SELECT key FROM items")] == ["fits"]
+
+
+def test_stream_large_value_with_stale_token_stores_nothing(client, user, db):
+    put(client, user, "big", b"a" * LARGE)
+    before = snapshot(db)
+    assert_error(put(client, user, "big", b"b" * LARGE, token="stale", status=409), 409, "KEY01")
+    assert snapshot(db) == before
+
+
+def test_stream_head_of_large_value_ends_its_read_transaction(app, client, user):
+    put(client, user, "big", b"a" * LARGE)
+    response = client.head("/store/big", headers=user.headers)
+    assert response.headers["Content-Length"] == str(LARGE) and response.body == b""
+    assert not app.context.connection().in_transaction
+    put(client, user, "next", b"b", status=204)  # the thread's connection is usable again
+
+
+def test_stream_read_is_not_torn_by_a_concurrent_update(app, user, client):
+    old, new = b"o" * LARGE, b"n" * LARGE
+    token = put(client, user, "big", old).headers["X-Sync-Token"]
+    environ = webtest.TestRequest.blank(
+        "/store/big", headers=user.headers, environ={"REQUEST_METHOD": "GET"}
+    ).environ
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    chunks = iter(body)
+    first = next(chunks)  # the answer is streaming from its snapshot
+    writer = threading.Thread(
+        target=lambda: webtest.TestApp(app).put(
+            "/store/big", new, headers={**user.headers, "X-Sync-Token": token}, status=204
+        )
+    )
+    writer.start()
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+    rest = b"".join(chunks)
+    body.close()
+    assert first + rest == old  # the old value, whole
+    assert client.get("/store/big", headers=user.headers).body == new  # then the new one, whole
+
+
+def test_stream_read_over_a_real_server_is_not_torn(live_server):
+    owner = live_server.register("alice")
+    old, new = os.urandom(LARGE), os.urandom(LARGE)
+    token = live_server.request("PUT", "/store/big", old, owner.headers).headers["X-Sync-Token"]
+    reader = live_server.connect()
+    reader.request("GET", "/store/big", headers=owner.headers)
+    response = reader.getresponse()
+    first = response.read(1000)
+    reply = live_server.request("PUT", "/store/big", new, {**owner.headers, "X-Sync-Token": token})
+    assert reply.status_int == 204
+    assert first + response.read() == old
+    reader.close()
+    assert live_server.request("GET", "/store/big", headers=owner.headers).body == new
