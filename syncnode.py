@@ -2030,6 +2030,20 @@ def token_candidates(tag: str) -> tuple[str, ...]:
     return tuple(candidates)
 
 
+def query_text(name: str) -> str | None:
+    """Return a query parameter as text, None when absent; REQ01 when it is not UTF-8.
+
+    (bottle's getunicode would answer None for a value that does not decode, as if absent.)
+    """
+    raw = bottle.request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise ApiError("REQ01", f"The {name} parameter must be UTF-8 text.") from None
+
+
 def read_store_token() -> tuple[str, ...] | None:
     """Return the token a PUT or DELETE names by X-Sync-Token or If-Match, None if neither.
 
@@ -2040,7 +2054,9 @@ def read_store_token() -> tuple[str, ...] | None:
         return None if sync_token is None else (sync_token,)
     if if_match.strip() == "*":
         raise ApiError("REQ01", "If-Match must name the stored token, not *.")
-    candidates = token_candidates(if_match)
+    # RFC 9110 allows a list of entity tags; any of them may name the token.
+    tags = [tag for tag in if_match.split(",") if tag.strip()]
+    candidates = tuple(dict.fromkeys(c for tag in tags for c in token_candidates(tag)))
     if sync_token is not None and sync_token not in candidates:
         raise ApiError("REQ01", "X-Sync-Token and If-Match name different tokens.")
     return candidates
@@ -2065,10 +2081,9 @@ class ListingQuery:
 
 def read_listing_query() -> ListingQuery:
     """Read since, wait, limit, prefix and after from the query string; REQ01 when malformed."""
-    query = bottle.request.query
 
     def number(name: str, low: int, high: int) -> int | None:
-        text = query.getunicode(name)
+        text = query_text(name)
         if text is None:
             return None
         if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
@@ -2076,7 +2091,7 @@ def read_listing_query() -> ListingQuery:
         return int(text)
 
     def text(name: str) -> str | None:
-        value = query.getunicode(name)
+        value = query_text(name)
         if value is not None and (len(value) > MAX_KEY_CHARS or CONTROL_CHARS.search(value)):
             raise ApiError("REQ01", f"The {name} parameter must be key text.")
         return value
@@ -2178,7 +2193,7 @@ def cors_headers(settings: Settings, allow: str, preflight: bool) -> dict[str, s
     elif origin in allowed:
         headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
     else:
-        return {}
+        return {"Vary": "Origin"}  # the answer depends on the Origin, for caches
     if preflight:
         headers["Access-Control-Allow-Methods"] = allow
         headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
@@ -2636,7 +2651,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     def permission_delete(key: str):
         caller = authenticate("store.own")
         key = read_key(key)
-        users = bottle.request.query.getunicode("users")
+        users = query_text("users")
         if users is None:
             raise ApiError("REQ01", "The users query parameter is required.")
         names = set()

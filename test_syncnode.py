@@ -20,7 +20,9 @@ import email
 import email.policy
 import getpass
 import hashlib
+import html
 import http.client
+import http.server
 import io
 import itertools
 import json
@@ -7824,3 +7826,1450 @@ def test_stream_read_over_a_real_server_is_not_torn(live_server):
     assert first + response.read() == old
     reader.close()
     assert live_server.request("GET", "/store/big", headers=owner.headers).body == new
+
+
+DAY = 86400
+
+# ==================================================================================================
+# Sync protocol helpers
+# ==================================================================================================
+
+
+def sign_up(client, name: str) -> User:
+    """Register a user on the given client (for apps built with other settings than `app`)."""
+    response = client.post_json("/account", {"id": name, "password": PASSWORD})
+    return User(name, response.json["token"])
+
+
+def token_of(response) -> str:
+    """Return the X-Sync-Token of an answer."""
+    return response.headers["X-Sync-Token"]
+
+
+def current_seq(client, user: User) -> int:
+    """Return the X-Sync-Seq of a plain GET /store, the cursor a client keeps."""
+    return int(client.get("/store", headers=user.headers).headers["X-Sync-Seq"])
+
+
+def changes(client, user: User, since: int, **query) -> list[dict]:
+    """Return the entries of GET /store?since=... (one page, no wait)."""
+    return client.get("/store", {"since": since, **query}, headers=user.headers).json
+
+
+def next_link(response) -> str | None:
+    """Return the URL of the answer's Link: <URL>; rel="next", or None without one."""
+    value = response.headers.get("Link")
+    if value is None:
+        return None
+    match = re.fullmatch(r'<([^<>]*)>; rel="next"', value)
+    assert match, f"malformed Link header {value!r}"
+    return match.group(1)
+
+
+def follow_pages(client, user: User, url: str) -> list[dict]:
+    """GET the URL and every page its Link headers lead to; return the entries of them all."""
+    entries: list[dict] = []
+    for _ in range(1000):
+        response = client.get(url, headers=user.headers)
+        entries += response.json
+        url = next_link(response)
+        if url is None:
+            return entries
+    raise AssertionError("the Link headers never ended")
+
+
+def feed_state(db) -> dict[str, list]:
+    """Every row the store and the change feed answer from, to show a refusal changed nothing."""
+    return {
+        **snapshot(db),
+        "sync_state": db.execute("SELECT seq, floor FROM sync_state").fetchall(),
+        "permission_seqs": db.execute(
+            "SELECT item_id, user_id, seq FROM permissions ORDER BY item_id, user_id"
+        ).fetchall(),
+        "tombstones": db.execute(
+            "SELECT user_id, key, seq, created_ms FROM tombstones ORDER BY user_id, key"
+        ).fetchall(),
+    }
+
+
+def escaped(key: str) -> str:
+    """Escape the percent signs of a key for put() and share(), which keep %XX as it is."""
+    return key.replace("%", "%25")
+
+
+def seed(client, user: User, keys: list[str]) -> dict[str, str]:
+    """Create the keys in one POST /batch (one commit, in this order); return their tokens."""
+    operations = [{"method": "PUT", "key": key, "token": None, "value": ""} for key in keys]
+    response = client.post_json("/batch", {"operations": operations}, headers=user.headers)
+    return {result["key"]: result["token"] for result in response.json["results"]}
+
+
+def live(key: str, permission: str, token: str, seq: int) -> dict:
+    """A live entry of the change feed."""
+    return {"key": key, "permission": permission, "token": token, "seq": seq}
+
+
+def gone(key: str, seq: int) -> dict:
+    """A tombstone entry of the change feed."""
+    return {"key": key, "deleted": True, "seq": seq}
+
+
+# ==================================================================================================
+# Change feed
+# ==================================================================================================
+
+
+@pytest.mark.parametrize(
+    "method, url",
+    [
+        ("GET", "/store"),
+        ("GET", "/store?prefix=n"),
+        ("GET", "/store?limit=1"),
+        ("GET", "/store?limit=1&after=a"),
+        ("GET", "/store?since=1"),
+        ("GET", "/store?since=1&limit=1&prefix=n"),
+        ("HEAD", "/store"),
+    ],
+    ids=["listing", "prefix", "limit", "after", "feed", "feed-page", "head"],
+)
+def test_feed_every_store_listing_carries_x_sync_seq(client, user, method, url):
+    put(client, user, "notes")
+    put(client, user, "other")
+    expected = current_seq(client, user)
+    response = client.request(url, method=method, headers=user.headers)
+    assert response.status_int == 200
+    assert re.fullmatch(r"[0-9]+", response.headers["X-Sync-Seq"])
+    assert int(response.headers["X-Sync-Seq"]) == expected
+
+
+def test_feed_seq_grows_with_every_kind_of_change(client, user, other):
+    seqs = [current_seq(client, user)]
+    token = token_of(put(client, user, "k"))
+    seqs.append(current_seq(client, user))
+    token = token_of(put(client, user, "k", b"v2", token))
+    seqs.append(current_seq(client, user))
+    share(client, user, "k", {"bob": "READ"})
+    seqs.append(current_seq(client, user))
+    share(client, user, "k", {"bob": "WRITE"})
+    seqs.append(current_seq(client, user))
+    client.delete("/permission/k?users=bob", headers=user.headers)
+    seqs.append(current_seq(client, user))
+    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": token})
+    seqs.append(current_seq(client, user))
+    assert seqs == sorted(set(seqs)), seqs
+
+
+def test_feed_since_answers_only_later_changes_by_seq(client, user):
+    put(client, user, "a")
+    b = put(client, user, "b")
+    cursor = current_seq(client, user)
+    b2 = put(client, user, "b", b"new", token_of(b))
+    c = put(client, user, "c")
+    response = client.get(f"/store?since={cursor}", headers=user.headers)
+    seq = int(response.headers["X-Sync-Seq"])
+    assert response.json == [
+        live("b", "OWN", token_of(b2), seq - 1),
+        live("c", "OWN", token_of(c), seq),
+    ]
+
+
+def test_feed_since_zero_lists_every_held_key(client, user):
+    put(client, user, "b")
+    put(client, user, "a")
+    entries = changes(client, user, 0)
+    assert [entry["key"] for entry in entries] == ["b", "a"]
+    assert {entry["key"]: entry["token"] for entry in entries} == {
+        entry["key"]: entry["token"] for entry in client.get("/store", headers=user.headers).json
+    }
+
+
+def test_feed_answers_one_entry_per_key_with_its_latest_state(client, user):
+    cursor = current_seq(client, user)
+    a = put(client, user, "a")
+    b = put(client, user, "b")
+    a = put(client, user, "a", b"2", token_of(a))
+    b = put(client, user, "b", b"2", token_of(b))
+    a = put(client, user, "a", b"3", token_of(a))
+    entries = changes(client, user, cursor)
+    assert [entry["key"] for entry in entries] == ["b", "a"]
+    assert [entry["token"] for entry in entries] == [token_of(b), token_of(a)]
+    assert entries[0]["seq"] < entries[1]["seq"] == current_seq(client, user)
+
+
+def test_feed_delete_answers_a_tombstone_to_every_holder(client, user, other):
+    token = token_of(put(client, user, "k"))
+    share(client, user, "k", {"bob": "READ"})
+    cursor = current_seq(client, user)
+    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": token})
+    seq = current_seq(client, user)
+    assert changes(client, user, cursor) == [gone("k", seq)]
+    assert changes(client, other, cursor) == [gone("k", seq)]
+
+
+def test_feed_grant_reaches_only_the_grantee(client, user, other):
+    token = token_of(put(client, user, "k"))
+    cursor = current_seq(client, user)
+    share(client, user, "k", {"bob": "READ"})
+    assert changes(client, other, cursor) == [live("k", "READ", token, cursor + 1)]
+    assert changes(client, user, cursor) == []
+
+
+def test_feed_permission_change_reaches_that_holder(client, user, other):
+    token = token_of(put(client, user, "k"))
+    share(client, user, "k", {"bob": "READ"})
+    cursor = current_seq(client, user)
+    share(client, user, "k", {"bob": "WRITE"})
+    assert changes(client, other, cursor) == [live("k", "WRITE", token, cursor + 1)]
+    assert changes(client, user, cursor) == []
+
+
+def test_feed_unchanged_grant_takes_no_seq(client, user, other, db):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "READ"})
+    before = feed_state(db)
+    share(client, user, "k", {"bob": "READ"})
+    assert feed_state(db) == before
+
+
+def test_feed_revoke_answers_a_tombstone_to_the_revoked_user(client, user, other):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "WRITE"})
+    cursor = current_seq(client, user)
+    client.delete("/permission/k?users=bob", headers=user.headers)
+    assert changes(client, other, cursor) == [gone("k", cursor + 1)]
+    assert changes(client, user, cursor) == []
+
+
+def test_feed_holder_leaving_a_key_gets_a_tombstone(client, user, other):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "READ"})
+    cursor = current_seq(client, user)
+    client.delete("/permission/k?users=bob", headers=other.headers)
+    assert changes(client, other, cursor) == [gone("k", cursor + 1)]
+    assert changes(client, user, cursor) == []
+
+
+def test_feed_update_by_a_writer_reaches_every_holder(client, user, other):
+    token = token_of(put(client, user, "k"))
+    share(client, user, "k", {"bob": "WRITE"})
+    cursor = current_seq(client, user)
+    new = token_of(put(client, other, "k", b"bob's", token))
+    assert changes(client, user, cursor) == [live("k", "OWN", new, cursor + 1)]
+    assert changes(client, other, cursor) == [live("k", "WRITE", new, cursor + 1)]
+
+
+def test_feed_account_deletion_buries_the_keys_it_alone_owned(client, user, other):
+    put(client, other, "bobs")
+    share(client, other, "bobs", {"alice": "READ"})
+    shared = token_of(put(client, other, "shared"))
+    share(client, other, "shared", {"alice": "OWN"})
+    cursor = current_seq(client, user)
+    client.delete("/account", headers=other.headers, status=204)
+    assert changes(client, user, cursor) == [gone("bobs", cursor + 1)]
+    assert client.get("/store", headers=user.headers).json == [
+        {"key": "shared", "permission": "OWN", "token": shared}
+    ]
+
+
+def test_feed_regrant_leaves_one_live_entry(client, user, other):
+    token = token_of(put(client, user, "k"))
+    cursor = current_seq(client, user)
+    share(client, user, "k", {"bob": "READ"})
+    client.delete("/permission/k?users=bob", headers=user.headers)
+    share(client, user, "k", {"bob": "WRITE"})
+    assert changes(client, other, cursor) == [live("k", "WRITE", token, cursor + 3)]
+
+
+def test_feed_recreated_key_leaves_one_live_entry(client, user):
+    token = token_of(put(client, user, "k"))
+    cursor = current_seq(client, user)
+    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": token})
+    new = token_of(put(client, user, "k"))
+    assert changes(client, user, cursor) == [live("k", "OWN", new, cursor + 2)]
+
+
+def test_feed_refused_writes_take_no_seq(client, make_user, user, other, db):
+    token = token_of(put(client, user, "k"))
+    share(client, user, "k", {"bob": "READ"})
+    carol = make_user("carol")
+    before = feed_state(db)
+    put(client, user, "k", b"x", "stale", status=409)
+    put(client, other, "k", b"x", token, status=403)
+    put(client, carol, "k", b"x", status=409)
+    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": "stale"}, status=409)
+    share(client, other, "k", {"bob": "OWN"}, status=403)
+    client.delete("/permission/k?users=alice", headers=user.headers, status=409)
+    assert feed_state(db) == before
+
+
+def test_feed_since_current_seq_is_empty(client, user):
+    put(client, user, "k")
+    cursor = current_seq(client, user)
+    response = client.get(f"/store?since={cursor}", headers=user.headers)
+    assert response.json == []
+    assert response.headers["X-Sync-Seq"] == str(cursor)
+
+
+@pytest.mark.parametrize("ahead", [1, 2**40], ids=["next", "far"])
+def test_feed_since_beyond_current_seq_is_sync01(client, user, ahead):
+    cursor = current_seq(client, user)
+    response = client.get(f"/store?since={cursor + ahead}", headers=user.headers, status=410)
+    assert_error(response, 410, "SYNC01")
+
+
+def test_feed_tombstones_are_kept_for_90_days_by_default(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=365 * DAY))
+    alice = sign_up(client, "alice")
+    token = token_of(put(client, alice, "k"))
+    cursor = current_seq(client, alice)
+    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
+    clock.advance(90 * DAY - 3600)
+    client.get("/health")  # housekeeping runs here
+    assert changes(client, alice, cursor) == [gone("k", cursor + 1)]
+
+
+def test_feed_cursor_older_than_purged_tombstones_is_sync01(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=365 * DAY))
+    alice = sign_up(client, "alice")
+    token = token_of(put(client, alice, "k"))
+    cursor = current_seq(client, alice)
+    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
+    clock.advance(90 * DAY + 3600)
+    client.get("/health")  # housekeeping runs here
+    response = client.get(f"/store?since={cursor}", headers=alice.headers, status=410)
+    assert_error(response, 410, "SYNC01")
+
+
+def test_feed_cursor_after_purged_tombstones_still_answers(make_app, clock):
+    client = webtest.TestApp(make_app(tombstone_ttl=3600))
+    alice = sign_up(client, "alice")
+    token = token_of(put(client, alice, "k"))
+    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
+    cursor = current_seq(client, alice)
+    clock.advance(7200)
+    later = put(client, alice, "later")  # housekeeping purges the tombstone first
+    assert changes(client, alice, cursor) == [live("later", "OWN", token_of(later), cursor + 1)]
+
+
+def test_feed_purge_waits_for_housekeeping_every_10_minutes(make_app, clock):
+    client = webtest.TestApp(make_app(tombstone_ttl=3600))
+    alice = sign_up(client, "alice")  # housekeeping ran now
+    token = token_of(put(client, alice, "k"))
+    cursor = current_seq(client, alice)
+    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
+    clock.advance(3600 - 300)
+    client.get("/health")  # housekeeping: the tombstone is 55 minutes old and stays
+    clock.advance(360)
+    # The tombstone is past its ttl, but the next housekeeping is 4 minutes away.
+    assert changes(client, alice, cursor) == [gone("k", cursor + 1)]
+    clock.advance(300)
+    client.get("/health")
+    response = client.get(f"/store?since={cursor}", headers=alice.headers, status=410)
+    assert_error(response, 410, "SYNC01")
+
+
+# A small world: three users and three keys, two with characters that wildcards would match.
+FEED_USERS = ("ann", "ben", "cat")
+FEED_KEYS = ("a_", "a%", "ab")
+FEED_STEP = st.tuples(
+    st.sampled_from(["put", "put", "delete", "grant", "grant", "revoke", "regrant"]),
+    st.sampled_from(FEED_KEYS),
+    st.integers(0, 2),  # who acts, among those who may
+    st.integers(0, 2),  # whom a grant or a revoke names
+    st.sampled_from(["READ", "WRITE", "OWN"]),
+)
+
+
+def key_holders(client, users: list[User], key: str) -> dict[str, str]:
+    """Return {user: permission} of a key, asked as each user until one holds it; {} if none."""
+    for each in users:
+        response = client.get(f"/permission/{quote(escaped(key))}", headers=each.headers,
+                              status=(200, 404))  # fmt: skip
+        if response.status_int == 200:
+            return {entry["user"]: entry["permission"] for entry in response.json}
+    return {}
+
+
+def feed_step(client, users: list[User], step: tuple) -> None:
+    """Make one random change, acted by an owner where one is needed so that most steps apply.
+
+    A missing key is created; a refusal is fine, but only with a code the contract allows.
+    """
+    action, key, actor, target, level = step
+    by_name = {each.name: each for each in users}
+    holders = key_holders(client, users, key)
+    owners = sorted(name for name, permission in holders.items() if permission == "OWN")
+    if not holders or action == "put":
+        caller = users[actor]
+    else:
+        caller = by_name[owners[actor % len(owners)]]
+    path = quote(escaped(key))
+    read = client.get(f"/store/{path}", headers=caller.headers, status=(200, 404))
+    token = read.headers.get("X-Sync-Token")
+    if not holders or action == "put":
+        response = put(client, caller, escaped(key), os.urandom(2), token, status=(204, 403, 409))
+    elif action == "delete":
+        headers = {**caller.headers, "X-Sync-Token": token}
+        response = client.delete(f"/store/{path}", headers=headers, status=204)
+    elif action == "grant":
+        grant = {FEED_USERS[target]: level}
+        response = share(client, caller, escaped(key), grant, status=(204, 409))
+    else:  # revoke, or revoke and grant again at once
+        name = sorted(holders)[target % len(holders)]
+        url = f"/permission/{path}?users={name}"
+        response = client.delete(url, headers=caller.headers, status=(204, 409))
+        if action == "regrant" and response.status_int == 204:
+            # An owner that left was not the last one: another owner grants it back.
+            granter = caller.name if name != caller.name else [o for o in owners if o != name][0]
+            grant = {name: level}
+            response = share(client, by_name[granter], escaped(key), grant, status=204)
+    if response.status_int >= 400:
+        assert response.json["code"] in ("PERM01", "PERM02", "KEY01")
+
+
+def listing_at_cursor(client, user: User, limit: int, between: list[Callable[[], None]]):
+    """Page through the full listing as the README's client does; return its cursor and keys.
+
+    The cursor is the X-Sync-Seq of the first page; one of `between` runs after each page, so
+    that the listing is not one snapshot.
+    """
+    response = client.get(f"/store?limit={limit}", headers=user.headers)
+    cursor, entries = int(response.headers["X-Sync-Seq"]), list(response.json)
+    while url := next_link(response):
+        if between:
+            between.pop(0)()
+        response = client.get(url, headers=user.headers)
+        entries += response.json
+    return cursor, {entry["key"]: entry for entry in entries}
+
+
+def replay(mirror: dict[str, dict], entries: list[dict]) -> None:
+    """Apply change feed entries to a client's copy of the listing."""
+    for entry in entries:
+        if entry.get("deleted"):
+            assert set(entry) == {"key", "deleted", "seq"}
+            mirror.pop(entry["key"], None)
+        else:
+            assert set(entry) == {"key", "permission", "token", "seq"}
+            mirror[entry["key"]] = {name: entry[name] for name in ("key", "permission", "token")}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    before=st.lists(FEED_STEP, max_size=3),
+    during=st.lists(FEED_STEP, max_size=3),
+    after=st.lists(FEED_STEP, min_size=1, max_size=8),
+    limit=st.integers(1, 3),
+)
+def test_feed_replayed_on_a_listing_reproduces_the_final_listing(before, during, after, limit):
+    # Refusals are allowed answers, so an example whose steps are mostly refused still checks
+    # the feed; `during` runs between the pages of the listings, `after` once they are done.
+    with tempfile.TemporaryDirectory() as tmp:
+        app = syncnode.create_app(
+            os.path.join(tmp, "feed.db"), clock=FakeClock(), synchronous="NORMAL", **CHEAP_HASHING
+        )
+        try:
+            client = webtest.TestApp(app)
+            users = [sign_up(client, name) for name in FEED_USERS]
+            for number, key in enumerate(FEED_KEYS):  # each key shared, so that steps matter
+                put(client, users[number], escaped(key))
+                share(client, users[number], escaped(key), {FEED_USERS[number - 1]: "WRITE"})
+            for step in before:
+                feed_step(client, users, step)
+            between = [lambda step=step: feed_step(client, users, step) for step in during]
+            copies = {each.name: listing_at_cursor(client, each, limit, between) for each in users}
+            for step in after:
+                feed_step(client, users, step)
+            for each in users:
+                cursor, mirror = copies[each.name]
+                entries = follow_pages(client, each, f"/store?since={cursor}&limit={limit}")
+                seqs = [entry["seq"] for entry in entries]
+                assert seqs == sorted(set(seqs)), "entries not in strictly increasing seq order"
+                assert len({entry["key"] for entry in entries}) == len(entries)
+                replay(mirror, entries)
+                final = client.get("/store", headers=each.headers)
+                assert [mirror[key] for key in sorted(mirror)] == final.json, each.name
+                assert all(seq <= int(final.headers["X-Sync-Seq"]) for seq in seqs)
+        finally:
+            app.close()
+
+
+# ==================================================================================================
+# Long-poll
+# ==================================================================================================
+
+
+class Received:
+    """An answer read off a real socket."""
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.status = response.status
+        self.headers = response.headers
+        self.body = response.read()
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+class SyncServer:
+    """A syncnode app served by waitress on 127.0.0.1 (port 0) from a thread of the test."""
+
+    def __init__(self, app: syncnode.SyncNodeApp, threads: int) -> None:
+        self.app = app
+        self.socket_map: dict = {}
+        self.server = waitress.server.create_server(
+            app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
+        )
+        self.port = self.server.effective_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
+        self.thread.start()
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers=None) -> Received:
+        """Send one request on a new connection and read the whole answer."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request(method, path, body, headers or {})
+            return Received(conn.getresponse())
+        finally:
+            conn.close()
+
+    def sign_up(self, name: str) -> User:
+        body = json.dumps({"id": name, "password": PASSWORD}).encode()
+        answer = self.request("POST", "/account", body, {"Content-Type": "application/json"})
+        assert answer.status == 200, answer.body
+        return User(name, answer.json["token"])
+
+    def stop(self) -> None:
+        """Stop the loop and the worker threads, then close the sockets.
+
+        Only the loop thread may touch the socket map, so a thunk run there empties it, and
+        the loop ends; the sockets are closed once no thread of the server is left.
+        """
+        sockets: list = []
+
+        def empty_map() -> None:
+            sockets.extend(self.socket_map.values())
+            self.socket_map.clear()
+
+        self.server.trigger.pull_trigger(empty_map)
+        self.thread.join(timeout=5)
+        self.server.task_dispatcher.shutdown(timeout=5)
+        assert not self.thread.is_alive(), "the waitress loop did not stop"
+        for each in sockets:
+            each.close()
+
+
+@pytest.fixture
+def serve_sync(make_app):
+    """Serve a new syncnode app with the given settings on waitress; stop it in teardown."""
+    servers = []
+
+    def start(threads: int = 4, **settings) -> SyncServer:
+        server = SyncServer(make_app(threads=threads, **settings), threads)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+class Waiter:
+    """A GET /store long-poll running in a thread, timed from send to answer."""
+
+    def __init__(self, server: SyncServer, user: User, url: str) -> None:
+        self.answer: Received | None = None
+        self.error: BaseException | None = None
+        self.done_at = 0.0
+        self.started_at = time.monotonic()
+        self.thread = threading.Thread(target=self.run, args=(server, user, url), daemon=True)
+        self.thread.start()
+
+    def run(self, server: SyncServer, user: User, url: str) -> None:
+        try:
+            self.answer = server.request("GET", url, headers=user.headers)
+        except BaseException as error:  # re-raised by result()
+            self.error = error
+        self.done_at = time.monotonic()
+
+    def result(self, timeout: float = 10) -> Received:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the long-poll did not answer"
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+def wait_for_waiters(server: SyncServer, count: int) -> None:
+    """Block until the app holds `count` long-polls (a synchronisation aid, not a check)."""
+    deadline = time.monotonic() + 5
+    while server.app.context._waiting != count:
+        assert time.monotonic() < deadline, "the long-poll never started waiting"
+        time.sleep(0.005)
+
+
+def test_longpoll_answers_at_once_when_changes_exist(client, user):
+    put(client, user, "k")
+    started = time.monotonic()
+    response = client.get("/store?since=0&wait=60", headers=user.headers)
+    assert [entry["key"] for entry in response.json] == ["k"]
+    assert time.monotonic() - started < 1
+
+
+def test_longpoll_wakes_within_a_moment_of_a_commit(serve_sync):
+    server = serve_sync()
+    alice = server.sign_up("alice")
+    cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
+    waiter = Waiter(server, alice, f"/store?since={cursor}&wait=5")
+    wait_for_waiters(server, 1)
+    committing = time.monotonic()
+    written = server.request("PUT", "/store/k", b"v", alice.headers)
+    committed = time.monotonic()
+    answer = waiter.result()
+    assert written.status == 204
+    assert answer.status == 200
+    assert answer.json == [live("k", "OWN", written.headers["X-Sync-Token"], cursor + 1)]
+    # Measured from before the PUT was sent, so the PUT's own time counts against the bound.
+    woke_after = waiter.done_at - committing
+    print(f"long-poll woke {woke_after * 1000:.1f} ms after the PUT was sent "
+          f"({(waiter.done_at - committed) * 1000:.1f} ms after its answer)")  # fmt: skip
+    assert woke_after < 0.5
+
+
+def test_longpoll_wakes_when_a_key_is_shared_with_the_caller(serve_sync):
+    server = serve_sync()
+    alice, bob = server.sign_up("alice"), server.sign_up("bob")
+    assert server.request("PUT", "/store/k", b"v", alice.headers).status == 204
+    cursor = int(server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"])
+    waiter = Waiter(server, bob, f"/store?since={cursor}&wait=5")
+    wait_for_waiters(server, 1)
+    grant = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
+    assert server.request("PUT", "/permission/k", grant, alice.headers).status == 204
+    answer = waiter.result()
+    assert [(entry["key"], entry["permission"]) for entry in answer.json] == [("k", "READ")]
+    assert answer.json[0]["seq"] == cursor + 1
+    assert waiter.done_at - waiter.started_at < 4
+
+
+def test_longpoll_ignores_changes_the_caller_cannot_see(serve_sync):
+    server = serve_sync()
+    alice, bob = server.sign_up("alice"), server.sign_up("bob")
+    cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
+    waiter = Waiter(server, alice, f"/store?since={cursor}&wait=1")
+    wait_for_waiters(server, 1)
+    assert server.request("PUT", "/store/bobs", b"v", bob.headers).status == 204
+    answer = waiter.result()
+    assert answer.status == 200
+    assert answer.json == []
+    assert waiter.done_at - waiter.started_at >= 0.95
+    assert int(answer.headers["X-Sync-Seq"]) >= cursor
+
+
+def test_longpoll_past_max_waiting_answers_at_once(serve_sync):
+    server = serve_sync(threads=2)  # max_waiting = threads // 2 = 1
+    alice = server.sign_up("alice")
+    cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
+    first = Waiter(server, alice, f"/store?since={cursor}&wait=5")
+    wait_for_waiters(server, 1)
+    started = time.monotonic()
+    second = server.request("GET", f"/store?since={cursor}&wait=5", headers=alice.headers)
+    assert time.monotonic() - started < 1
+    assert second.status == 200
+    assert second.json == []
+    assert first.thread.is_alive(), "the first long-poll should still be waiting"
+    assert server.request("PUT", "/store/k", b"v", alice.headers).status == 204
+    assert [entry["key"] for entry in first.result().json] == ["k"]
+
+
+# ==================================================================================================
+# Listing and paging
+# ==================================================================================================
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "since=abc", "since=-1", "since=1.5", "since=", "since=%D9%A1", "since=4611686018427387905",
+        "wait=61", "wait=-1", "wait=abc", "wait=1.5", "limit=0", "limit=1001", "limit=abc",
+        "limit=-1", "prefix=%01", "prefix=a%7Fb", "prefix=" + "x" * 1025, "after=%0A",
+        "after=" + "x" * 1025, "since=1&after=a",
+    ],
+    ids=[
+        "since-text", "since-negative", "since-fraction", "since-empty", "since-arabic-digit",
+        "since-over-2**62", "wait-61", "wait-negative", "wait-text", "wait-fraction", "limit-0",
+        "limit-1001", "limit-text", "limit-negative", "prefix-control", "prefix-del",
+        "prefix-1025", "after-control", "after-1025", "since-with-after",
+    ],
+)  # fmt: skip
+def test_listing_malformed_query_is_req01(client, user, query):
+    response = client.get(f"/store?{query}", headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+
+
+@pytest.mark.parametrize(
+    "query", ["prefix=%FF", "prefix=a%ED%A0%80", "since=%FF", "limit=%FF", "wait=%FF", "after=%FF"]
+)
+def test_listing_query_that_is_not_utf8_is_req01(client, user, query):
+    put(client, user, "k")
+    response = client.get(f"/store?{query}", headers=user.headers, status=(200, 400))
+    assert_error(response, 400, "REQ01")
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["since=0&wait=60", "since=0&wait=0", "limit=1", "limit=1000", "prefix=" + "x" * 1024],
+    ids=["wait-60", "wait-0", "limit-1", "limit-1000", "prefix-1024"],
+)
+def test_listing_query_edge_values_are_accepted(client, user, query):
+    put(client, user, "k")  # so that the long-poll finds a change at once
+    response = client.get(f"/store?{query}", headers=user.headers)
+    assert response.status_int == 200
+
+
+def test_listing_malformed_query_without_token_is_auth01(client):
+    response = client.get("/store?limit=0", status=401)
+    assert_error(response, 401, "AUTH01")
+
+
+LITERAL_KEYS = ["A1", "a%b", "a*b", "a?b", "a_b", "ab", "axb", "b", "a\\b"]
+
+
+@pytest.mark.parametrize(
+    "prefix, expected",
+    [
+        ("a%", ["a%b"]),
+        ("a_", ["a_b"]),
+        ("a*", ["a*b"]),
+        ("a?", ["a?b"]),
+        ("a\\", ["a\\b"]),
+        ("A", ["A1"]),
+        ("a", ["a%b", "a*b", "a?b", "a\\b", "a_b", "ab", "axb"]),
+        ("%", []),
+        ("", sorted(LITERAL_KEYS)),
+    ],
+    ids=["percent", "underscore", "star", "question", "backslash", "case", "plain", "bare-percent",
+         "empty"],
+)  # fmt: skip
+def test_listing_prefix_matches_literally(client, user, prefix, expected):
+    seed(client, user, LITERAL_KEYS)
+    response = client.get("/store", {"prefix": prefix}, headers=user.headers)
+    assert [entry["key"] for entry in response.json] == expected
+
+
+def test_listing_prefix_applies_to_the_feed(client, user):
+    tokens = seed(client, user, ["a%1", "ab"])
+    cursor = current_seq(client, user)
+    put(client, user, "ab", b"2", tokens["ab"])
+    client.delete("/store/a%251", headers={**user.headers, "X-Sync-Token": tokens["a%1"]})
+    new = token_of(put(client, user, escaped("a%2")))
+    seq = current_seq(client, user)
+    assert changes(client, user, cursor, prefix="a%") == [
+        gone("a%1", seq - 1),
+        live("a%2", "OWN", new, seq),
+    ]
+
+
+def test_listing_feed_link_keeps_the_prefix(client, user):
+    cursor = current_seq(client, user)
+    seed(client, user, ["n/1", "o/1", "n/2", "n/3"])
+    response = client.get(f"/store?since={cursor}&prefix=n/&limit=2", headers=user.headers)
+    url = urllib.parse.urlsplit(next_link(response))
+    last = response.json[-1]["seq"]
+    assert urllib.parse.parse_qs(url.query) == {
+        "limit": ["2"],
+        "prefix": ["n/"],
+        "since": [str(last)],
+    }
+    entries = follow_pages(client, user, f"/store?since={cursor}&prefix=n/&limit=2")
+    assert [entry["key"] for entry in entries] == ["n/1", "n/2", "n/3"]
+
+
+def test_listing_limit_caps_and_links_to_the_next_page(client, user):
+    seed(client, user, ["e", "d", "c", "b", "a"])
+    response = client.get("/store?limit=2", headers=user.headers)
+    assert [entry["key"] for entry in response.json] == ["a", "b"]
+    assert response.headers["Link"] == '</store?limit=2&after=b>; rel="next"'
+    second = client.get(next_link(response), headers=user.headers)
+    assert [entry["key"] for entry in second.json] == ["c", "d"]
+    third = client.get(next_link(second), headers=user.headers)
+    assert [entry["key"] for entry in third.json] == ["e"]
+    assert "Link" not in third.headers
+
+
+def test_listing_full_last_page_has_no_link(client, user):
+    seed(client, user, ["a", "b", "c", "d"])
+    second = client.get("/store?limit=2&after=b", headers=user.headers)
+    assert [entry["key"] for entry in second.json] == ["c", "d"]
+    assert "Link" not in second.headers
+
+
+def test_listing_link_keeps_the_prefix(client, user):
+    seed(client, user, ["n/1", "n/2", "n/3", "o/1"])
+    response = client.get("/store?prefix=n/&limit=2", headers=user.headers)
+    url = urllib.parse.urlsplit(next_link(response))
+    assert url.path == "/store"
+    assert urllib.parse.parse_qs(url.query) == {"limit": ["2"], "prefix": ["n/"], "after": ["n/2"]}
+    assert follow_pages(client, user, "/store?prefix=n/&limit=2") == (
+        client.get("/store?prefix=n/", headers=user.headers).json
+    )
+
+
+def test_listing_pages_keys_with_url_characters(client, user):
+    keys = ["a b", "a+b", "a&b", "a=b", "a#b", "a%b", "a%2Fb", "a/b", "a;b", "a<b>", 'a"b', "é",
+            "日本"]  # fmt: skip
+    seed(client, user, keys)
+    entries = follow_pages(client, user, "/store?limit=1")
+    assert [entry["key"] for entry in entries] == sorted(keys)
+
+
+def test_listing_paging_survives_keys_added_and_deleted_between_pages(client, user):
+    tokens = seed(client, user, ["b", "d", "f", "h", "j", "l"])
+    first = client.get("/store?limit=2", headers=user.headers)
+    seen = [entry["key"] for entry in first.json]
+    put(client, user, "a")  # before the cursor
+    put(client, user, "e")  # ahead of it
+    client.delete("/store/b", headers={**user.headers, "X-Sync-Token": tokens["b"]})
+    client.delete("/store/h", headers={**user.headers, "X-Sync-Token": tokens["h"]})
+    seen += [entry["key"] for entry in follow_pages(client, user, next_link(first))]
+    assert len(seen) == len(set(seen))
+    assert {"d", "f", "j", "l"} <= set(seen)  # present throughout
+    assert seen == sorted(seen)
+
+
+def mount_under_sync(wsgi_app: Callable, how: str) -> Callable:
+    """Mount the app under /sync: bottle's WSGI mount, bottle's route merge, or a bare router."""
+    if how == "router":
+
+        def router(environ: dict, start_response: Callable):
+            path = environ["PATH_INFO"]
+            assert path.startswith("/sync/")
+            inner = {**environ, "SCRIPT_NAME": "/sync", "PATH_INFO": path[len("/sync") :]}
+            return wsgi_app(inner, start_response)
+
+        return router
+    site = bottle.Bottle()
+    with warnings.catch_warnings():
+        # Bottle warns that a prefix without a slash falls back to a WSGI mount: a case here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        site.mount("/sync" if how == "bottle-wsgi" else "/sync/", wsgi_app)
+    return site
+
+
+@pytest.mark.parametrize("how", ["bottle-wsgi", "bottle-routes", "router"])
+def test_listing_link_carries_the_mount_prefix(make_app, how):
+    client = webtest.TestApp(mount_under_sync(make_app(), how))
+    body = {"id": "alice", "password": PASSWORD}
+    alice = User("alice", client.post_json("/sync/account", body).json["token"])
+    for key in ["a", "b"]:
+        client.put(f"/sync/store/{key}", b"v", headers=alice.headers)
+    response = client.get("/sync/store?limit=1", headers=alice.headers)
+    assert response.headers["Link"] == '</sync/store?limit=1&after=a>; rel="next"'
+    following = client.get(next_link(response), headers=alice.headers)
+    assert [entry["key"] for entry in following.json] == ["b"]
+
+
+def test_listing_feed_pages_link_by_seq(client, user):
+    cursor = current_seq(client, user)
+    seed(client, user, ["c", "a", "b"])
+    response = client.get(f"/store?since={cursor}&limit=2", headers=user.headers)
+    assert [entry["key"] for entry in response.json] == ["c", "a"]
+    last = response.json[-1]["seq"]
+    assert response.headers["Link"] == f'</store?limit=2&since={last}>; rel="next"'
+    second = client.get(next_link(response), headers=user.headers)
+    assert [entry["key"] for entry in second.json] == ["b"]
+    assert "Link" not in second.headers
+
+
+def test_listing_feed_paging_survives_changes_between_pages(client, user):
+    cursor = current_seq(client, user)
+    tokens = seed(client, user, ["a", "b", "c", "d", "e"])
+    first = client.get(f"/store?since={cursor}&limit=2", headers=user.headers)
+    seen = [entry["key"] for entry in first.json]
+    put(client, user, "a", b"2", tokens["a"])  # already paged: comes again with its new state
+    client.delete("/store/d", headers={**user.headers, "X-Sync-Token": tokens["d"]})
+    new = token_of(put(client, user, "f"))
+    rest = follow_pages(client, user, next_link(first))
+    seen += [entry["key"] for entry in rest]
+    assert seen == ["a", "b", "c", "e", "a", "d", "f"]
+    assert rest[-1] == live("f", "OWN", new, current_seq(client, user))
+
+
+# ==================================================================================================
+# Conditional requests
+# ==================================================================================================
+
+#: Each way a client or a proxy may spell the entity tag of token T.
+TAG_FORMS = ['"T"', 'W/"T"', '"T-gzip"', '"T-br"', '"T-zstd"', '"T-deflate"', 'W/"T-gzip"']
+TAG_IDS = ["strong", "weak", "gzip", "br", "zstd", "deflate", "weak-gzip"]
+
+
+def test_conditional_get_matching_tag_is_304(client, user):
+    token = token_of(put(client, user, "k", b"value", headers={"X-Sync-Meta": "m"}))
+    response = client.get("/store/k", headers={**user.headers, "If-None-Match": f'"{token}"'})
+    assert response.status_int == 304
+    assert response.body == b""
+    assert response.headers["ETag"] == f'"{token}"'
+    assert response.headers["X-Sync-Token"] == token
+    assert "Content-Type" not in response.headers
+
+
+@pytest.mark.parametrize("form", [*TAG_FORMS, '"other", "T"', "*"], ids=[*TAG_IDS, "list", "star"])
+def test_conditional_get_if_none_match_forms_are_304(client, user, form):
+    token = token_of(put(client, user, "k"))
+    tag = form.replace("T", token)
+    response = client.get("/store/k", headers={**user.headers, "If-None-Match": tag})
+    assert response.status_int == 304
+    assert response.headers["X-Sync-Token"] == token
+
+
+def test_conditional_get_stale_tag_is_200_with_the_value(client, user):
+    old = token_of(put(client, user, "k", b"one"))
+    new = token_of(put(client, user, "k", b"two", old))
+    response = client.get("/store/k", headers={**user.headers, "If-None-Match": f'"{old}"'})
+    assert response.status_int == 200
+    assert response.body == b"two"
+    assert response.headers["ETag"] == f'"{new}"'
+
+
+def test_conditional_get_on_invisible_key_is_err01(client, user, other):
+    token = token_of(put(client, other, "k"))
+    response = client.get("/store/k", headers={**user.headers, "If-None-Match": f'"{token}"'},
+                          status=404)  # fmt: skip
+    assert_error(response, 404, "ERR01")
+
+
+def test_conditional_304_and_head_of_a_streamed_value_end_their_read(client, user):
+    token = token_of(put(client, user, "big", os.urandom(300 * 1024)))
+    client.get("/store/big", headers={**user.headers, "If-None-Match": f'"{token}"'}, status=304)
+    client.head("/store/big", headers=user.headers, status=200)
+    put(client, user, "big", b"small", token, status=204)
+
+
+def test_conditional_values_carry_no_cache_no_transform(client, user):
+    written = put(client, user, "k")
+    read = client.get("/store/k", headers=user.headers)
+    assert read.headers["Cache-Control"] == "no-cache, no-transform"
+    assert written.headers["Cache-Control"] == "no-cache, no-transform"
+
+
+def test_conditional_head_answers_the_headers_of_get(client, user):
+    put(client, user, "k", b"12345", headers={"X-Sync-Meta": "text/plain"})
+    get = client.get("/store/k", headers=user.headers)
+    head = client.head("/store/k", headers=user.headers)
+    assert head.body == b""
+    assert dict(head.headers) == dict(get.headers)
+
+
+def test_conditional_head_with_matching_tag_is_304(client, user):
+    token = token_of(put(client, user, "k"))
+    response = client.head("/store/k", headers={**user.headers, "If-None-Match": f'"{token}"'})
+    assert response.status_int == 304
+    assert response.headers["ETag"] == f'"{token}"'
+
+
+@pytest.mark.parametrize("form", TAG_FORMS, ids=TAG_IDS)
+def test_conditional_put_if_match_forms_update(client, user, db, form):
+    token = token_of(put(client, user, "k", b"old"))
+    response = put(client, user, "k", b"new", headers={"If-Match": form.replace("T", token)})
+    assert response.status_int == 204
+    assert token_of(response) != token
+    assert db.execute("SELECT value, token FROM items").fetchall() == [(b"new", token_of(response))]
+
+
+@pytest.mark.parametrize("form", TAG_FORMS, ids=TAG_IDS)
+def test_conditional_delete_if_match_forms_delete(client, user, db, form):
+    token = token_of(put(client, user, "k"))
+    headers = {**user.headers, "If-Match": form.replace("T", token)}
+    client.delete("/store/k", headers=headers, status=204)
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_conditional_stale_if_match_is_key01(client, user, db, method):
+    old = token_of(put(client, user, "k"))
+    put(client, user, "k", b"v2", old)
+    before = feed_state(db)
+    headers = {**user.headers, "If-Match": f'"{old}"'}
+    response = client.request("/store/k", method=method, body=b"v3", headers=headers, status=409)
+    assert_error(response, 409, "KEY01")
+    assert feed_state(db) == before
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_conditional_if_match_and_different_x_sync_token_is_req01(client, user, db, method):
+    token = token_of(put(client, user, "k"))
+    before = feed_state(db)
+    headers = {**user.headers, "If-Match": f'"{token}"', "X-Sync-Token": "something-else"}
+    response = client.request("/store/k", method=method, body=b"v2", headers=headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert feed_state(db) == before
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_conditional_if_match_and_same_x_sync_token_is_accepted(client, user, method):
+    token = token_of(put(client, user, "k"))
+    headers = {**user.headers, "If-Match": f'W/"{token}-gzip"', "X-Sync-Token": token}
+    response = client.request("/store/k", method=method, body=b"v2", headers=headers)
+    assert response.status_int == 204
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_conditional_if_match_star_is_req01(client, user, db, method):
+    put(client, user, "k")
+    before = feed_state(db)
+    headers = {**user.headers, "If-Match": "*"}
+    response = client.request("/store/k", method=method, body=b"v2", headers=headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert feed_state(db) == before
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_conditional_if_match_on_a_missing_key_is_refused(client, user, db, method):
+    before = feed_state(db)
+    headers = {**user.headers, "If-Match": '"some-token"'}
+    status, code = (409, "KEY01") if method == "PUT" else (404, "ERR01")
+    response = client.request("/store/k", method=method, body=b"v", headers=headers, status=status)
+    assert_error(response, status, code)
+    assert feed_state(db) == before
+
+
+def test_conditional_put_if_none_match_star_creates(client, user, db):
+    response = put(client, user, "k", b"new", headers={"If-None-Match": "*"})
+    assert response.status_int == 204
+    assert db.execute("SELECT key, value, token FROM items").fetchall() == [
+        ("k", b"new", token_of(response))
+    ]
+
+
+@pytest.mark.parametrize("holder", ["owner", "reader", "stranger"])
+def test_conditional_put_if_none_match_star_on_existing_key_is_key01(
+    client, user, other, db, holder
+):
+    token = token_of(put(client, user, "k"))
+    if holder == "reader":
+        share(client, user, "k", {"bob": "READ"})
+    caller, sent = (user, token) if holder == "owner" else (other, None)
+    before = feed_state(db)
+    response = put(client, caller, "k", b"x", sent, headers={"If-None-Match": "*"}, status=409)
+    assert_error(response, 409, "KEY01")
+    assert feed_state(db) == before
+
+
+# ==================================================================================================
+# CORS
+# ==================================================================================================
+
+SYNC_PATHS = [
+    "/account", "/auth", "/password", "/resetpassword", "/invite", "/store", "/store/a/b",
+    "/batch", "/permission/a/b", "/health", "/.well-known/immich", "/openapi.json",
+]  # fmt: skip
+PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "PUT"}
+EXPOSED = {"X-Sync-Token", "X-Sync-Meta", "X-Sync-Seq", "ETag"}
+ALLOWED_HEADERS = {
+    "authorization", "content-type", "x-sync-token", "x-sync-meta", "if-match", "if-none-match",
+    "x-api-key",
+}  # fmt: skip
+
+
+def header_names(value: str) -> set[str]:
+    """Split a comma-separated header list into its names."""
+    return {name.strip() for name in value.split(",")}
+
+
+@pytest.mark.parametrize("path", SYNC_PATHS)
+def test_cors_preflight_answers_on_every_sync_path(client, path):
+    response = client.options(path, headers=PREFLIGHT)
+    assert response.status_int == 204
+    assert response.body == b""
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert header_names(response.headers["Access-Control-Allow-Methods"]) == header_names(
+        response.headers["Allow"]
+    )
+    assert "OPTIONS" in header_names(response.headers["Allow"])
+    allowed = header_names(response.headers["Access-Control-Allow-Headers"])
+    assert ALLOWED_HEADERS <= {name.lower() for name in allowed}
+    assert int(response.headers["Access-Control-Max-Age"]) > 0
+
+
+def test_cors_preflight_lists_the_methods_of_the_path(client):
+    response = client.options("/store/k", headers=PREFLIGHT)
+    methods = header_names(response.headers["Access-Control-Allow-Methods"])
+    assert methods == {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}
+
+
+@pytest.mark.parametrize(
+    "method, path, extra, status",
+    [
+        ("GET", "/store", {}, 200),
+        ("GET", "/store/k", {}, 200),
+        ("GET", "/store/k", {"If-None-Match": "*"}, 304),
+        ("PUT", "/store/new", {}, 204),
+        ("GET", "/store/missing", {}, 404),
+        ("PATCH", "/store/k", {}, 405),
+        ("POST", "/batch", {"Content-Type": "application/json"}, 200),
+        ("GET", "/health", {}, 200),
+    ],
+    ids=["listing", "value", "not-modified", "put", "err01", "req02", "batch", "health"],
+)
+def test_cors_answers_expose_the_sync_headers(client, user, method, path, extra, status):
+    put(client, user, "k")
+    headers = {**user.headers, "Origin": "https://app.example", **extra}
+    body = b'{"operations": []}' if path == "/batch" else b"v"
+    response = client.request(path, method=method, headers=headers, body=body, status=status)
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert EXPOSED <= header_names(response.headers["Access-Control-Expose-Headers"])
+
+
+def test_cors_auth01_answer_carries_cors_headers(client):
+    response = client.get("/store", headers={"Origin": "https://app.example"}, status=401)
+    assert_error(response, 401, "AUTH01")
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_cors_listed_origin_is_echoed_with_vary(make_app):
+    client = webtest.TestApp(make_app(cors_origins="https://a.example, https://b.example"))
+    preflight = client.options("/store", headers={**PREFLIGHT, "Origin": "https://b.example"})
+    answer = client.get("/health", headers={"Origin": "https://b.example"})
+    for response in (preflight, answer):
+        assert response.headers["Access-Control-Allow-Origin"] == "https://b.example"
+        assert "Origin" in header_names(response.headers["Vary"])
+    assert EXPOSED <= header_names(answer.headers["Access-Control-Expose-Headers"])
+
+
+def test_cors_unlisted_origin_gets_no_cors_headers(make_app):
+    client = webtest.TestApp(make_app(cors_origins="https://a.example"))
+    preflight = client.options("/store", headers={**PREFLIGHT, "Origin": "https://evil.example"})
+    answer = client.get("/health", headers={"Origin": "https://evil.example"})
+    for response in (preflight, answer):
+        assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+def test_cors_empty_setting_turns_cors_off(make_app):
+    client = webtest.TestApp(make_app(cors_origins=""))
+    preflight = client.options("/store", headers=PREFLIGHT)
+    answer = client.get("/health", headers={"Origin": "https://app.example"})
+    assert preflight.status_int == 204
+    for response in (preflight, answer):
+        assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+def test_cors_answer_without_origin_has_no_cors_headers(client, user):
+    response = client.get("/store", headers=user.headers)
+    assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [("OPTIONS", "/api/server/ping"), ("GET", "/api/server/ping"), ("OPTIONS", "/api/users/me"),
+     ("GET", "/api/users/me")],
+    ids=["preflight-ping", "ping", "preflight-me", "me"],
+)  # fmt: skip
+def test_cors_api_paths_never_carry_cors_headers(client, user, method, path):
+    headers = {**PREFLIGHT, **user.headers}
+    response = client.request(path, method=method, headers=headers, expect_errors=True)
+    assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+# ==================================================================================================
+# Browser
+# ==================================================================================================
+
+CHROMIUM = "/usr/bin/chromium"
+
+BROWSER_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>syncnode browser test</title></head>
+<body><pre id="result">pending</pre>
+<script>
+(async () => {
+  const base = "SYNCNODE_URL";
+  const out = document.getElementById("result");
+  try {
+    let response = await fetch(base + "/account", {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({id: "browser", password: "correct horse"}),
+    });
+    const session = await response.json();
+    const auth = {"Authorization": "Bearer " + session.token};
+    response = await fetch(base + "/store/from/browser", {
+      method: "PUT", headers: {...auth, "X-Sync-Meta": "text/plain"}, body: "hello from chromium",
+    });
+    const written = {status: response.status, token: response.headers.get("X-Sync-Token")};
+    response = await fetch(base + "/store/from/browser", {headers: auth});
+    const read = {
+      status: response.status, value: await response.text(),
+      token: response.headers.get("X-Sync-Token"), meta: response.headers.get("X-Sync-Meta"),
+    };
+    response = await fetch(base + "/store", {headers: auth});
+    const listing = {keys: (await response.json()).map(e => e.key),
+                     seq: response.headers.get("X-Sync-Seq")};
+    out.textContent = JSON.stringify({written, read, listing});
+  } catch (error) {
+    out.textContent = JSON.stringify({error: String(error)});
+  }
+})();
+</script></body></html>
+"""
+
+
+def serve_page(page: dict[str, bytes]) -> http.server.ThreadingHTTPServer:
+    """Serve page["html"] at / on 127.0.0.1 (port 0) from a thread; 404 for anything else."""
+
+    class PageHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = page["html"] if self.path == "/" else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass  # keep the test output clean
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PageHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="page-server", daemon=True).start()
+    return server
+
+
+@pytest.mark.skipif(
+    not os.access(CHROMIUM, os.X_OK),
+    reason="install Debian's chromium to run the browser test (apt-get install chromium)",
+)
+def test_browser_page_writes_and_reads_through_cors(serve_sync, tmp_path, db):
+    page: dict[str, bytes] = {"html": b""}
+    page_server = serve_page(page)
+    try:
+        page_url = f"http://127.0.0.1:{page_server.server_address[1]}"
+        sync = serve_sync(cors_origins=page_url)  # the page's origin only: the echo path
+        page["html"] = BROWSER_PAGE.replace("SYNCNODE_URL", sync.url).encode()
+        command = [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
+            "--virtual-time-budget=10000", "--dump-dom", page_url + "/",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, timeout=60, text=True)
+    finally:
+        page_server.shutdown()
+        page_server.server_close()
+    match = re.search(r'<pre id="result">(.*?)</pre>', done.stdout, re.S)
+    assert match, f"no result in the DOM; chromium said: {done.stderr[-2000:]}"
+    result = json.loads(html.unescape(match.group(1)))
+    stored_token = db.execute("SELECT token FROM items WHERE key = 'from/browser'").fetchone()[0]
+    assert result == {
+        "written": {"status": 204, "token": stored_token},
+        "read": {"status": 200, "value": "hello from chromium", "token": stored_token,
+                 "meta": "text/plain"},
+        "listing": {"keys": ["from/browser"], "seq": result["listing"]["seq"]},
+    }  # fmt: skip
+    assert result["listing"]["seq"].isdigit()
+
+
+# ==================================================================================================
+# Batch
+# ==================================================================================================
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def batch(client, user: User, operations: list, **kw):
+    """POST /batch as the user; return the response."""
+    return client.post_json("/batch", {"operations": operations}, headers=user.headers, **kw)
+
+
+def put_op(key: str, value: bytes = b"v", token: str | None = None, meta: str | None = None):
+    return {"method": "PUT", "key": key, "token": token, "value": b64(value), "meta": meta}
+
+
+def delete_op(key: str, token: str | None) -> dict:
+    return {"method": "DELETE", "key": key, "token": token}
+
+
+def test_batch_applies_every_operation_and_answers_tokens_in_order(client, user, db):
+    old = token_of(put(client, user, "old"))
+    gone_token = token_of(put(client, user, "gone"))
+    operations = [
+        put_op("new", b"created", meta="text/plain"),
+        put_op("old", b"updated", old),
+        delete_op("gone", gone_token),
+    ]
+    response = batch(client, user, operations)
+    results = response.json["results"]
+    assert [result["key"] for result in results] == ["new", "old", "gone"]
+    assert results[2]["token"] is None
+    assert db.execute("SELECT key, value, meta, token FROM items ORDER BY key").fetchall() == [
+        ("new", b"created", "text/plain", results[0]["token"]),
+        ("old", b"updated", None, results[1]["token"]),
+    ]
+    assert results[1]["token"] != old
+    assert response.json == {"results": results}
+
+
+def test_batch_gives_each_changed_key_its_own_seq(client, user):
+    token = token_of(put(client, user, "b"))
+    cursor = current_seq(client, user)
+    results = batch(client, user, [put_op("a"), delete_op("b", token), put_op("c")]).json["results"]
+    assert changes(client, user, cursor) == [
+        live("a", "OWN", results[0]["token"], cursor + 1),
+        gone("b", cursor + 2),
+        live("c", "OWN", results[2]["token"], cursor + 3),
+    ]
+
+
+def test_batch_empty_list_changes_nothing(client, user, db):
+    before = feed_state(db)
+    assert batch(client, user, []).json == {"results": []}
+    assert feed_state(db) == before
+
+
+def test_batch_of_100_operations_is_accepted(client, user, db):
+    response = batch(client, user, [put_op(f"k{number:03}") for number in range(100)])
+    assert len(response.json["results"]) == 100
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (100,)
+
+
+def test_batch_of_101_operations_is_req01(client, user, db):
+    before = feed_state(db)
+    response = batch(client, user, [put_op(f"k{number:03}") for number in range(101)], status=400)
+    assert_error(response, 400, "REQ01")
+    assert feed_state(db) == before
+
+
+def test_batch_value_at_the_size_limit_is_accepted(make_app, db):
+    client = webtest.TestApp(make_app(max_value_bytes=10))
+    alice = sign_up(client, "alice")
+    batch(client, alice, [put_op("ten", b"x" * 10), put_op("empty", b"")])
+    assert db.execute("SELECT key, value FROM items ORDER BY key").fetchall() == [
+        ("empty", b""),
+        ("ten", b"x" * 10),
+    ]
+
+
+def test_batch_repeated_key_is_req01_at_the_repeat(client, user, db):
+    before = feed_state(db)
+    operations = [put_op("a"), put_op("b"), delete_op("a", None)]
+    response = batch(client, user, operations, status=400)
+    assert_error(response, 400, "REQ01")
+    assert response.json["index"] == 2
+    assert feed_state(db) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[]", b"{}", b'{"operations": {}}', b'{"operations": null}'],
+    ids=["text", "array", "no-operations", "object", "null"],
+)
+def test_batch_malformed_body_is_req01(client, user, db, body):
+    before = feed_state(db)
+    response = client.post("/batch", body, headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert feed_state(db) == before
+
+
+def test_batch_needs_authentication(client, db):
+    response = client.post_json("/batch", {"operations": [put_op("k")]}, status=401)
+    assert_error(response, 401, "AUTH01")
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
+
+
+#: name: (the failing operation, put at index 1 after a valid PUT, expected status and code).
+FAILING_OPERATIONS = {
+    "stale-token": (put_op("mine", token="stale"), 409, "KEY01"),
+    "create-over-existing": (put_op("mine"), 409, "KEY01"),
+    "create-over-invisible": (put_op("bobs"), 409, "KEY01"),
+    "create-with-token": (put_op("absent", token="t"), 409, "KEY01"),
+    "create-with-empty-token": (put_op("absent", token=""), 409, "KEY01"),
+    "read-holder-put": (put_op("shared-read", token="{read}"), 403, "PERM01"),
+    "write-holder-delete": (delete_op("shared-write", "{write}"), 403, "PERM01"),
+    "delete-missing": (delete_op("absent", "t"), 404, "ERR01"),
+    "delete-invisible": (delete_op("bobs", "{bobs}"), 404, "ERR01"),
+    "delete-stale": (delete_op("mine", "stale"), 409, "KEY01"),
+    "delete-no-token": (delete_op("mine", None), 409, "KEY01"),
+    "too-large": (put_op("big", b"x" * 11), 413, "SIZE01"),
+    "meta-too-large": (put_op("m", meta="m" * 8193), 413, "SIZE01"),
+    "bad-base64": ({"method": "PUT", "key": "x", "token": None, "value": "***"}, 400, "REQ01"),
+    "unpadded-base64": ({"method": "PUT", "key": "x", "token": None, "value": "dg"}, 400, "REQ01"),
+    "no-value": ({"method": "PUT", "key": "x", "token": None}, 400, "REQ01"),
+    "bad-meta": (put_op("x", meta="tab\there"), 400, "REQ01"),
+    "meta-number": ({**put_op("x"), "meta": 5}, 400, "REQ01"),
+    "empty-key": (put_op(""), 400, "REQ01"),
+    "control-key": (put_op("a\nb"), 400, "REQ01"),
+    "long-key": (put_op("k" * 1025), 400, "REQ01"),
+    "key-number": ({**put_op("x"), "key": 5}, 400, "REQ01"),
+    "token-number": ({**put_op("x"), "token": 5}, 400, "REQ01"),
+    "method-get": ({**put_op("x"), "method": "GET"}, 400, "REQ01"),
+    "method-lower": ({**put_op("x"), "method": "put"}, 400, "REQ01"),
+    "not-object": ("PUT x", 400, "REQ01"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(FAILING_OPERATIONS))
+def test_batch_failing_operation_applies_nothing(make_app, db, name):
+    client = webtest.TestApp(make_app(max_value_bytes=10))
+    alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+    tokens = {"mine": token_of(put(client, alice, "mine"))}
+    tokens["bobs"] = token_of(put(client, bob, "bobs"))
+    for key, level in [("read", "READ"), ("write", "WRITE")]:
+        tokens[key] = token_of(put(client, bob, f"shared-{key}"))
+        share(client, bob, f"shared-{key}", {"alice": level})
+    failing, status, code = FAILING_OPERATIONS[name]
+    if isinstance(failing, dict) and isinstance(failing.get("token"), str):
+        failing = {**failing, "token": failing["token"].format(**tokens)}
+    before = feed_state(db)
+    response = batch(client, alice, [put_op("first"), failing, put_op("last")], status=status)
+    assert_error(response, status, code)
+    assert response.json["index"] == 1
+    assert feed_state(db) == before
+
+
+def test_batch_shape_error_comes_before_any_store_check(client, user, db):
+    before = feed_state(db)
+    operations = [delete_op("missing", "t"), put_op("x", meta="\x01")]
+    response = batch(client, user, operations, status=400)
+    assert_error(response, 400, "REQ01")
+    assert response.json["index"] == 1
+    assert feed_state(db) == before
+
+
+def make_api_key(client, owner: User, permissions: list[str]) -> dict[str, str]:
+    """Create an API key through the App API; return the headers that carry it."""
+    body = {"name": "sync", "permissions": permissions}
+    response = client.post_json("/api/api-keys", body, headers=owner.headers, status=201)
+    return {"x-api-key": response.json["secret"]}
+
+
+def test_batch_store_write_api_key_may_put(client, user, db):
+    token = token_of(put(client, user, "k"))
+    key = make_api_key(client, user, ["store.write"])
+    response = client.post_json(
+        "/batch", {"operations": [put_op("new"), put_op("k", b"2", token)]}, headers=key
+    )
+    assert [result["key"] for result in response.json["results"]] == ["new", "k"]
+    assert db.execute("SELECT key, value FROM items ORDER BY key").fetchall() == [
+        ("k", b"2"),
+        ("new", b"v"),
+    ]
+
+
+def test_batch_store_write_api_key_delete_is_perm01_at_its_index(client, user, db):
+    token = token_of(put(client, user, "k"))
+    key = make_api_key(client, user, ["store.write"])
+    before = feed_state(db)
+    operations = [put_op("new"), put_op("other"), delete_op("k", token)]
+    response = client.post_json("/batch", {"operations": operations}, headers=key, status=403)
+    assert_error(response, 403, "PERM01")
+    assert response.json["index"] == 2
+    assert feed_state(db) == before
+
+
+def test_batch_store_read_api_key_is_perm01(client, user, db):
+    key = make_api_key(client, user, ["store.read"])
+    before = feed_state(db)
+    response = client.post_json("/batch", {"operations": [put_op("new")]}, headers=key, status=403)
+    assert_error(response, 403, "PERM01")
+    assert feed_state(db) == before
