@@ -2343,6 +2343,22 @@ def build_v1_database(path: str, now_ms: int) -> V1Data:
     return data
 
 
+#: SHA-256 of each migration script as released. Databases made by them exist from then on, so a
+#: released script never changes: a schema change goes into a new script at the end.
+RELEASED_SCHEMA_DIGESTS = [
+    "1363828413368ce9afa0181767ae693462d1b1e3888d1e6b254bd344491924f5",
+    "09ac1ffd4af396baab0a24d5c062e195f6fdcb10959dddf80c57ffd5096711b4",
+    "6c260b96f5615db4e18335fa37f8c6f984fcb8fa84bf5d15d8e0f24ae1aa08b1",
+    "13d257f7eb1120c35544647e526d72489849b31da3c5fae0472dc284acb39c17",
+]
+
+
+def test_migration_released_scripts_never_change():
+    released = syncnode.SCHEMA[: len(RELEASED_SCHEMA_DIGESTS)]
+    digests = [hashlib.sha256(script.encode()).hexdigest() for script in released]
+    assert digests == RELEASED_SCHEMA_DIGESTS
+
+
 @pytest.fixture
 def v1_data(db_path, clock) -> V1Data:
     return build_v1_database(db_path, int(clock.now * 1000))
