@@ -2686,6 +2686,7 @@ class LiveServer:
         self.server = waitress.server.create_server(
             wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
         )
+        self.app = wsgi_app
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, name="waitress-loop", daemon=True)
@@ -8315,102 +8316,35 @@ def test_feed_replayed_on_a_listing_reproduces_the_final_listing(before, during,
 # ==================================================================================================
 
 
-class Received:
-    """An answer read off a real socket."""
-
-    def __init__(self, response: http.client.HTTPResponse) -> None:
-        self.status = response.status
-        self.headers = response.headers
-        self.body = response.read()
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-
-class SyncServer:
-    """A syncnode app served by waitress on 127.0.0.1 (port 0) from a thread of the test."""
-
-    def __init__(self, app: syncnode.SyncNodeApp, threads: int) -> None:
-        self.app = app
-        self.socket_map: dict = {}
-        self.server = waitress.server.create_server(
-            app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
-        )
-        self.port = self.server.effective_port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.run, name="waitress", daemon=True)
-        self.thread.start()
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers=None) -> Received:
-        """Send one request on a new connection and read the whole answer."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request(method, path, body, headers or {})
-            return Received(conn.getresponse())
-        finally:
-            conn.close()
-
-    def sign_up(self, name: str) -> User:
-        body = json.dumps({"id": name, "password": PASSWORD}).encode()
-        answer = self.request("POST", "/account", body, {"Content-Type": "application/json"})
-        assert answer.status == 200, answer.body
-        return User(name, answer.json["token"])
-
-    def stop(self) -> None:
-        """Stop the loop and the worker threads, then close the sockets.
-
-        Only the loop thread may touch the socket map, so a thunk run there empties it, and
-        the loop ends; the sockets are closed once no thread of the server is left.
-        """
-        sockets: list = []
-
-        def empty_map() -> None:
-            sockets.extend(self.socket_map.values())
-            self.socket_map.clear()
-
-        self.server.trigger.pull_trigger(empty_map)
-        self.thread.join(timeout=5)
-        self.server.task_dispatcher.shutdown(timeout=5)
-        assert not self.thread.is_alive(), "the waitress loop did not stop"
-        for each in sockets:
-            each.close()
-
-
 @pytest.fixture
-def serve_sync(make_app):
-    """Serve a new syncnode app with the given settings on waitress; stop it in teardown."""
-    servers = []
+def serve_sync(make_app, start_server):
+    """Serve a syncnode app on waitress with as many threads as its threads setting."""
 
-    def start(threads: int = 4, **settings) -> SyncServer:
-        server = SyncServer(make_app(threads=threads, **settings), threads)
-        servers.append(server)
-        return server
+    def start(threads: int = 4, **settings) -> LiveServer:
+        return start_server(make_app(threads=threads, **settings), threads)
 
-    yield start
-    for server in servers:
-        server.stop()
+    return start
 
 
 class Waiter:
     """A GET /store long-poll running in a thread, timed from send to answer."""
 
-    def __init__(self, server: SyncServer, user: User, url: str) -> None:
-        self.answer: Received | None = None
+    def __init__(self, server: LiveServer, user: User, url: str) -> None:
+        self.answer: Reply | None = None
         self.error: BaseException | None = None
         self.done_at = 0.0
         self.started_at = time.monotonic()
         self.thread = threading.Thread(target=self.run, args=(server, user, url), daemon=True)
         self.thread.start()
 
-    def run(self, server: SyncServer, user: User, url: str) -> None:
+    def run(self, server: LiveServer, user: User, url: str) -> None:
         try:
             self.answer = server.request("GET", url, headers=user.headers)
         except BaseException as error:  # re-raised by result()
             self.error = error
         self.done_at = time.monotonic()
 
-    def result(self, timeout: float = 10) -> Received:
+    def result(self, timeout: float = 10) -> Reply:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the long-poll did not answer"
         if self.error is not None:
@@ -8418,7 +8352,7 @@ class Waiter:
         return self.answer
 
 
-def wait_for_waiters(server: SyncServer, count: int) -> None:
+def wait_for_waiters(server: LiveServer, count: int) -> None:
     """Block until the app holds `count` long-polls (a synchronisation aid, not a check)."""
     deadline = time.monotonic() + 5
     while server.app.context._waiting != count:
@@ -8436,7 +8370,7 @@ def test_longpoll_answers_at_once_when_changes_exist(client, user):
 
 def test_longpoll_wakes_within_a_moment_of_a_commit(serve_sync):
     server = serve_sync()
-    alice = server.sign_up("alice")
+    alice = server.register("alice")
     cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
     waiter = Waiter(server, alice, f"/store?since={cursor}&wait=5")
     wait_for_waiters(server, 1)
@@ -8444,8 +8378,8 @@ def test_longpoll_wakes_within_a_moment_of_a_commit(serve_sync):
     written = server.request("PUT", "/store/k", b"v", alice.headers)
     committed = time.monotonic()
     answer = waiter.result()
-    assert written.status == 204
-    assert answer.status == 200
+    assert written.status_int == 204
+    assert answer.status_int == 200
     assert answer.json == [live("k", "OWN", written.headers["X-Sync-Token"], cursor + 1)]
     # Measured from before the PUT was sent, so the PUT's own time counts against the bound.
     woke_after = waiter.done_at - committing
@@ -8456,13 +8390,13 @@ def test_longpoll_wakes_within_a_moment_of_a_commit(serve_sync):
 
 def test_longpoll_wakes_when_a_key_is_shared_with_the_caller(serve_sync):
     server = serve_sync()
-    alice, bob = server.sign_up("alice"), server.sign_up("bob")
-    assert server.request("PUT", "/store/k", b"v", alice.headers).status == 204
+    alice, bob = server.register("alice"), server.register("bob")
+    assert server.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
     cursor = int(server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"])
     waiter = Waiter(server, bob, f"/store?since={cursor}&wait=5")
     wait_for_waiters(server, 1)
     grant = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
-    assert server.request("PUT", "/permission/k", grant, alice.headers).status == 204
+    assert server.request("PUT", "/permission/k", grant, alice.headers).status_int == 204
     answer = waiter.result()
     assert [(entry["key"], entry["permission"]) for entry in answer.json] == [("k", "READ")]
     assert answer.json[0]["seq"] == cursor + 1
@@ -8471,13 +8405,13 @@ def test_longpoll_wakes_when_a_key_is_shared_with_the_caller(serve_sync):
 
 def test_longpoll_ignores_changes_the_caller_cannot_see(serve_sync):
     server = serve_sync()
-    alice, bob = server.sign_up("alice"), server.sign_up("bob")
+    alice, bob = server.register("alice"), server.register("bob")
     cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
     waiter = Waiter(server, alice, f"/store?since={cursor}&wait=1")
     wait_for_waiters(server, 1)
-    assert server.request("PUT", "/store/bobs", b"v", bob.headers).status == 204
+    assert server.request("PUT", "/store/bobs", b"v", bob.headers).status_int == 204
     answer = waiter.result()
-    assert answer.status == 200
+    assert answer.status_int == 200
     assert answer.json == []
     assert waiter.done_at - waiter.started_at >= 0.95
     assert int(answer.headers["X-Sync-Seq"]) >= cursor
@@ -8485,17 +8419,17 @@ def test_longpoll_ignores_changes_the_caller_cannot_see(serve_sync):
 
 def test_longpoll_past_max_waiting_answers_at_once(serve_sync):
     server = serve_sync(threads=2)  # max_waiting = threads // 2 = 1
-    alice = server.sign_up("alice")
+    alice = server.register("alice")
     cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
     first = Waiter(server, alice, f"/store?since={cursor}&wait=5")
     wait_for_waiters(server, 1)
     started = time.monotonic()
     second = server.request("GET", f"/store?since={cursor}&wait=5", headers=alice.headers)
     assert time.monotonic() - started < 1
-    assert second.status == 200
+    assert second.status_int == 200
     assert second.json == []
     assert first.thread.is_alive(), "the first long-poll should still be waiting"
-    assert server.request("PUT", "/store/k", b"v", alice.headers).status == 204
+    assert server.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
     assert [entry["key"] for entry in first.result().json] == ["k"]
 
 
