@@ -10,7 +10,11 @@ Three ways to run it:
 - ``syncnode.create_app(database="path/to/syncnode.db")`` returns a WSGI application for any
   WSGI server, or to mount under a path prefix in a bigger application.
 
-The behaviour contract is ``SYNCNODE.md`` with the OpenAPI document it refines.
+Beside the Sync Node API it serves an App API under ``/api``: the accounts, sessions, API keys
+and server-info operations of Immich's API, on the same accounts. The behaviour contracts are
+``SYNCNODE.md`` and ``APP-API.md`` with the OpenAPI documents they refine; ``GET /openapi.json``
+serves the document of everything this file serves. The admin commands (``syncnode user``,
+``backup``, ``check``, ...) are at the end, with the CLI.
 """
 
 from __future__ import annotations
