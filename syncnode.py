@@ -423,9 +423,19 @@ class DatabaseTooNew(RuntimeError):
     """The database was written by a newer syncnode than this one."""
 
 
-def connect(path: str, settings: Settings) -> sqlite3.Connection:
+class Connection(sqlite3.Connection):
+    """A SQLite connection that may share an in-process write lock with its siblings."""
+
+    #: Held by write transactions of the same app, so that writers queue in Python.
+    write_lock: threading.Lock | None = None
+
+
+def connect(
+    path: str, settings: Settings, write_lock: threading.Lock | None = None
+) -> sqlite3.Connection:
     """Open a connection in autocommit mode with WAL, foreign keys and the busy timeout set."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
+    conn.write_lock = write_lock
     conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout)}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {settings.synchronous}")
@@ -440,15 +450,25 @@ def transaction(conn: sqlite3.Connection, write: bool = False) -> Iterator[sqlit
 
     Writes use BEGIN IMMEDIATE: the write lock is taken before the first read, so a busy
     database waits at BEGIN (busy timeout) instead of failing halfway through the block.
+    Writers of one app first queue on its in-process lock: SQLite's busy handler sleeps in
+    steps of up to 100 ms, while a waiter on the lock wakes the moment the writer before it
+    commits.
     """
-    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    lock = getattr(conn, "write_lock", None) if write else None
+    if lock is not None:
+        lock.acquire()
     try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def split_statements(script: str) -> list[str]:
@@ -1678,6 +1698,7 @@ class Context:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._dummy_hash: str | None = None
         self._hash_slots = threading.BoundedSemaphore(settings.hash_slots)
         self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -1701,7 +1722,7 @@ class Context:
         """Return this thread's connection, opening it on first use."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect(self.settings.database, self.settings)
+            conn = connect(self.settings.database, self.settings, self._write_lock)
             with self._lock:
                 self._connections.append(conn)
             self._local.conn = conn
