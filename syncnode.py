@@ -4251,6 +4251,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in (None, "serve"):
             return run_command(args, settings, sys.stdin, sys.stdout)
         app = create_app(**dataclasses.asdict(settings))
+    except (KeyboardInterrupt, EOFError):
+        print("syncnode: stopped before the command finished.", file=sys.stderr)
+        return 1
     except ApiError as error:
         print(f"syncnode: {error.message}", file=sys.stderr)
         return 1

@@ -6586,6 +6586,18 @@ def test_cli_backup_of_a_missing_database_exits_1(tmp_path):
     assert not (tmp_path / "copy.db").exists()
 
 
+def test_admin_cli_interrupted_prompt_is_one_line(monkeypatch, db_path, capsys):
+    def interrupted(prompt: str = "") -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(getpass, "getpass", interrupted)
+    monkeypatch.setattr(
+        sys, "stdin", type("Terminal", (io.StringIO,), {"isatty": lambda self: True})()
+    )
+    assert syncnode.main(["--database", db_path, "user", "add", "alice"]) == 1
+    assert capsys.readouterr().err.startswith("syncnode: ")
+
+
 # ==================================================================================================
 # Housekeeping
 # ==================================================================================================
