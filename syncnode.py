@@ -1914,17 +1914,36 @@ def lower_thread_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, thread, min(19, niceness + HASH_NICENESS))
 
 
+def answer(body: Any, status: int, headers: Mapping[str, str]) -> Any:
+    """Set the status and headers of this request's answer and return its body.
+
+    Setting them on bottle's response, as a route usually does, costs less than building an
+    HTTPResponse, which bottle would copy over it. An error raised later still answers with
+    its own HTTPResponse, which replaces all of this.
+    """
+    response = bottle.response
+    response.status = status
+    for name, value in headers.items():
+        response[name] = value
+    return body
+
+
+def add_headers(response: Any, headers: Mapping[str, str]) -> None:
+    """Add headers to a route's answer: an HTTPResponse, or a body whose headers bottle holds."""
+    target = response if isinstance(response, bottle.HTTPResponse) else bottle.response
+    for name, value in headers.items():
+        target.set_header(name, value)
+
+
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None):
     """Return a JSON answer."""
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-    return bottle.HTTPResponse(
-        body, status, {"Content-Type": "application/json", **(headers or {})}
-    )
+    return answer(body, status, {"Content-Type": "application/json", **(headers or {})})
 
 
 def empty_response(headers: Mapping[str, str] | None = None):
     """Return 204 No Content."""
-    return bottle.HTTPResponse(b"", 204, dict(headers or {}))
+    return answer(b"", 204, headers or {})
 
 
 def error_response(error: ApiError):
@@ -2477,13 +2496,12 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
                 ctx.notify_change()
             return response
 
-        answer = guarded(dispatch)
+        guarded_dispatch = guarded(dispatch)
 
         def route(**args: str):
-            response = answer(**args)
+            response = guarded_dispatch(**args)
             preflight = bottle.request.method == "OPTIONS"
-            for name, value in cors_headers(settings, allow, preflight).items():
-                response.set_header(name, value)
+            add_headers(response, cors_headers(settings, allow, preflight))
             return response
 
         app.route(rule, "ANY", route)
@@ -2617,7 +2635,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
             headers["Content-Length"] = str(stored.size)  # bottle counts bytes itself
         if stored.meta is not None:
             headers["X-Sync-Meta"] = stored.meta
-        return bottle.HTTPResponse(stored.body, 200, headers)
+        return answer(stored.body, 200, headers)
 
     def store_put(key: str):
         caller = authenticate("store.write")
@@ -2901,7 +2919,7 @@ def app_guarded(callback: Callable, operation_id: str) -> Callable:
         except Exception:
             log.exception("Unexpected error in %s", operation_id)
             response = app_error_response(AppError(500, failure), cid)
-        response.set_header("x-immich-cid", cid)
+        add_headers(response, {"x-immich-cid": cid})
         return response
 
     return wrapper
