@@ -836,9 +836,13 @@ def apply_put(
             """,
             (key, token, value.meta, now_ms, value.size, inline, value.size),
         ).lastrowid
+        conn.execute("UPDATE sync_state SET seq = seq + 1")
         conn.execute(
-            "INSERT INTO permissions (item_id, user_id, level, seq) VALUES (?, ?, ?, ?)",
-            (item_id, user_id, LEVELS["OWN"], next_seq(conn)),
+            """
+            INSERT INTO permissions (item_id, user_id, level, seq)
+            VALUES (?, ?, ?, (SELECT seq FROM sync_state))
+            """,
+            (item_id, user_id, LEVELS["OWN"]),
         )
         unbury(conn, [user_id], key)
         write_value(conn, item_id, value)
@@ -861,7 +865,10 @@ def apply_put(
     ).rowcount
     if updated != 1:
         raise ApiError("KEY01", "X-Sync-Token does not match the stored token.")
-    conn.execute("UPDATE permissions SET seq = ? WHERE item_id = ?", (next_seq(conn), item_id))
+    conn.execute("UPDATE sync_state SET seq = seq + 1")
+    conn.execute(
+        "UPDATE permissions SET seq = (SELECT seq FROM sync_state) WHERE item_id = ?", (item_id,)
+    )
     write_value(conn, item_id, value)
     check_quota(conn, item_id, quota, grew=value.size > old_size)
     return token
