@@ -484,15 +484,20 @@ def split_statements(script: str) -> list[str]:
     return statements
 
 
+def refuse_newer(version: int, newest: int) -> None:
+    """Raise DatabaseTooNew for a database whose schema version is past the newest known."""
+    if version > newest:
+        raise DatabaseTooNew(
+            f"The database has schema version {version}, newer than this syncnode "
+            f"({newest}); upgrade syncnode."
+        )
+
+
 def migrate(conn: sqlite3.Connection, schema: list[str] = SCHEMA) -> int:
     """Bring the database up to the newest schema in one transaction; return the version."""
     with transaction(conn, write=True):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(schema):
-            raise DatabaseTooNew(
-                f"The database has schema version {version}, newer than this syncnode "
-                f"({len(schema)}); upgrade syncnode."
-            )
+        refuse_newer(version, len(schema))
         for number, script in enumerate(schema[version:], start=version + 1):
             for statement in split_statements(script):
                 conn.execute(statement)
@@ -636,9 +641,17 @@ class Listing:
     more: bool
 
 
-def next_seq(conn: sqlite3.Connection) -> int:
-    """Take the next server-wide change number inside the caller's write transaction."""
+def bump_seq(conn: sqlite3.Connection) -> None:
+    """Take the next server-wide change number inside the caller's write transaction.
+
+    SQL that records it reads it back as (SELECT seq FROM sync_state).
+    """
     conn.execute("UPDATE sync_state SET seq = seq + 1")
+
+
+def next_seq(conn: sqlite3.Connection) -> int:
+    """Take the next change number, as bump_seq does, and return it."""
+    bump_seq(conn)
     return conn.execute("SELECT seq FROM sync_state").fetchone()[0]
 
 
@@ -836,7 +849,7 @@ def apply_put(
             """,
             (key, token, value.meta, now_ms, value.size, inline, value.size),
         ).lastrowid
-        conn.execute("UPDATE sync_state SET seq = seq + 1")
+        bump_seq(conn)
         conn.execute(
             """
             INSERT INTO permissions (item_id, user_id, level, seq)
@@ -865,7 +878,7 @@ def apply_put(
     ).rowcount
     if updated != 1:
         raise ApiError("KEY01", "X-Sync-Token does not match the stored token.")
-    conn.execute("UPDATE sync_state SET seq = seq + 1")
+    bump_seq(conn)
     conn.execute(
         "UPDATE permissions SET seq = (SELECT seq FROM sync_state) WHERE item_id = ?", (item_id,)
     )
@@ -1961,29 +1974,34 @@ def error_response(error: ApiError):
     return json_response(body, error.status, error.headers)
 
 
-def read_body(limit: int, code: str = "REQ01") -> bytes:
-    """Read the request body; SIZE01 when it is longer than limit bytes."""
+def body_chunks(limit: int, code: str = "REQ01") -> Iterator[bytes]:
+    """Yield the request body in chunks; SIZE01 as soon as it is known to pass limit bytes.
+
+    A Content-Length over the limit is refused before anything is read; the given code
+    answers a Content-Length that is not a whole number.
+    """
     environ = bottle.request.environ
     length_text = environ.get("CONTENT_LENGTH") or ""
-    if length_text:
-        if not (length_text.isascii() and length_text.isdigit()):
-            raise ApiError(code, "The Content-Length header must be a whole number.")
-        length = int(length_text)
-        if length > limit:
-            raise ApiError("SIZE01", f"The request body is larger than {limit:,} bytes.")
-    else:
-        length = limit + 1
-    stream = environ["wsgi.input"]
-    chunks, received = [], 0
-    while received < length:
-        chunk = stream.read(min(READ_CHUNK_BYTES, length - received))
+    if length_text and not (length_text.isascii() and length_text.isdigit()):
+        raise ApiError(code, "The Content-Length header must be a whole number.")
+    remaining = int(length_text) if length_text else limit + 1
+    if remaining > limit and length_text:
+        raise ApiError("SIZE01", f"The request body is larger than {limit:,} bytes.")
+    stream, received = environ["wsgi.input"], 0
+    while remaining > 0:
+        chunk = stream.read(min(READ_CHUNK_BYTES, remaining))
         if not chunk:
             break
-        chunks.append(chunk)
         received += len(chunk)
-    if received > limit:
-        raise ApiError("SIZE01", f"The request body is larger than {limit:,} bytes.")
-    return b"".join(chunks)
+        remaining -= len(chunk)
+        if received > limit:
+            raise ApiError("SIZE01", f"The request body is larger than {limit:,} bytes.")
+        yield chunk
+
+
+def read_body(limit: int, code: str = "REQ01") -> bytes:
+    """Read the request body; SIZE01 when it is longer than limit bytes."""
+    return b"".join(body_chunks(limit, code))
 
 
 def read_value(limit: int) -> NewValue:
@@ -1994,28 +2012,15 @@ def read_value(limit: int) -> NewValue:
     network and without holding the value in memory.
     """
     meta = read_meta()
-    environ = bottle.request.environ
-    length_text = environ.get("CONTENT_LENGTH") or ""
-    if length_text and not (length_text.isascii() and length_text.isdigit()):
-        raise ApiError("REQ01", "The Content-Length header must be a whole number.")
-    if length_text and int(length_text) <= STREAM_FROM_BYTES:
+    length_text = bottle.request.environ.get("CONTENT_LENGTH") or ""
+    if length_text.isascii() and length_text.isdigit() and int(length_text) <= STREAM_FROM_BYTES:
         body = read_body(limit)
         return NewValue(body, len(body), meta)
-    if length_text and int(length_text) > limit:
-        raise ApiError("SIZE01", f"The request body is larger than {limit:,} bytes.")
-    spool = tempfile.TemporaryFile()
-    stream, size = environ["wsgi.input"], 0
-    remaining = int(length_text) if length_text else limit + 1
+    spool, size = tempfile.TemporaryFile(), 0
     try:
-        while remaining > 0:
-            chunk = stream.read(min(READ_CHUNK_BYTES, remaining))
-            if not chunk:
-                break
-            size += len(chunk)
-            remaining -= len(chunk)
-            if size > limit:
-                raise ApiError("SIZE01", f"The request body is larger than {limit:,} bytes.")
+        for chunk in body_chunks(limit):
             spool.write(chunk)
+            size += len(chunk)
     except BaseException:
         spool.close()
         raise
@@ -3995,12 +4000,7 @@ def open_context(settings: Settings, clock: Callable[[], float]) -> Context:
     it to WAL mode would already change it).
     """
     with contextlib.closing(sqlite3.connect(settings.database)) as conn:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(SCHEMA):
-        raise DatabaseTooNew(
-            f"The database has schema version {version}, newer than this syncnode "
-            f"({len(SCHEMA)}); upgrade syncnode."
-        )
+        refuse_newer(conn.execute("PRAGMA user_version").fetchone()[0], len(SCHEMA))
     ctx = Context(settings, clock)
     try:
         migrate(ctx.connection())
