@@ -4128,22 +4128,19 @@ def parse_args(argv: list[str], environ: Mapping[str, str]) -> Settings:
     return parse_command(argv, environ)[1]
 
 
-def serve(app: SyncNodeApp, settings: Settings) -> None:
-    """Serve the app with waitress until SIGTERM or SIGINT, then stop gracefully.
+def make_server(settings: Settings, app: Callable | None = None, map: dict | None = None) -> Any:
+    """Bind a waitress server to the settings' host and port; the app may be set later.
 
-    Stopping closes the listening socket, lets the requests whose headers have arrived
-    finish (for shutdown_timeout seconds at most), closes every connection and finally the
-    database, so that SQLite checkpoints and removes the -wal file.
+    serve() runs it; tests run it on a socket map of their own.
     """
-    import waitress.channel
     import waitress.server
-    import waitress.wasyncore
 
     # Waitress warns about queue depth on nearly every request under load: an SD card pays for
     # every line, and a full queue is what the thread setting is for.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    server = waitress.server.create_server(
+    return waitress.server.create_server(
         app,
+        map=map,
         host=settings.host,
         port=settings.port,
         threads=settings.threads,
@@ -4152,6 +4149,19 @@ def serve(app: SyncNodeApp, settings: Settings) -> None:
         # waits for the client (16 MiB by default): one large streamed value would cost that.
         outbuf_high_watermark=OUTBUF_HIGH_WATERMARK_BYTES,
     )
+
+
+def serve(app: SyncNodeApp, settings: Settings) -> None:
+    """Serve the app with waitress until SIGTERM or SIGINT, then stop gracefully.
+
+    Stopping closes the listening socket, lets the requests whose headers have arrived
+    finish (for shutdown_timeout seconds at most), closes every connection and finally the
+    database, so that SQLite checkpoints and removes the -wal file.
+    """
+    import waitress.channel
+    import waitress.wasyncore
+
+    server = make_server(settings, app)
     stopping = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():

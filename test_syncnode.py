@@ -2683,9 +2683,16 @@ class LiveServer:
 
     def __init__(self, wsgi_app: Callable, threads: int) -> None:
         self.socket_map: dict = {}
-        self.server = waitress.server.create_server(
-            wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
-        )
+        context = getattr(wsgi_app, "context", None)
+        if context is not None:  # syncnode's own server, as serve() runs it
+            settings = dataclasses.replace(
+                context.settings, host="127.0.0.1", port=0, threads=threads
+            )
+            self.server = syncnode.make_server(settings, wsgi_app, self.socket_map)
+        else:
+            self.server = waitress.server.create_server(
+                wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
+            )
         self.app = wsgi_app
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
