@@ -186,6 +186,15 @@ class Settings:
     hash_wait: int = _setting(
         2, "Seconds a login or registration waits for a hashing slot before BUSY01."
     )
+    client_timeout: int = _setting(
+        30,
+        "Seconds a connection may take to send a request's headers, stay idle, or stall in "
+        "sending a body or reading an answer before it is closed.",
+    )
+    max_connections: int = _setting(
+        1000,
+        "Open connections at most; half of them at most may hold no complete request.",
+    )
     access_log: bool = _setting(False, "Whether to log one line per request.")
     shutdown_timeout: int = _setting(
         10, "Seconds to finish running requests after SIGTERM or SIGINT."
@@ -233,6 +242,10 @@ class Settings:
             raise ValueError("The setting smtp_from is needed with smtp_host.")
         if self.threads < 1:
             raise ValueError("The setting threads must be at least 1.")
+        if self.client_timeout < 1 or self.max_connections < 2:
+            raise ValueError(
+                "The setting client_timeout must be at least 1 and max_connections at least 2."
+            )
         if self.session_ttl < 1 or self.reset_ttl < 1:
             raise ValueError("The settings session_ttl and reset_ttl must be at least 1 second.")
         if self.argon2_time_cost < 1 or self.argon2_parallelism < 1:
@@ -536,33 +549,45 @@ class StoredValue:
     token: str
     meta: str | None
     size: int
-    body: bytes | Iterable[bytes]
+    #: The bytes, a BlobReader, or None for a value too large to read whole.
+    body: bytes | BlobReader | None
 
 
-class BlobStream:
-    """The bytes of a large value, read in chunks inside one read transaction.
+class BlobReader:
+    """The bytes of a large value as a read-only file, read inside one read transaction.
 
-    The transaction began before the row was looked up, so the token sent in the headers
-    and every chunk come from one snapshot: a write committed meanwhile is not seen, and
-    the reader gets the old value whole. The transaction ends when the stream is exhausted
-    or closed, whichever comes first.
+    The reader owns a connection of its own: the transaction began before the row was looked
+    up, so the token sent in the headers and every chunk come from one snapshot, and a write
+    committed meanwhile is not seen. A WSGI server may read it from another thread (waitress
+    sends it from its main loop, so no serving thread waits on a slow client). Closing it
+    ends the transaction and closes the connection.
     """
 
     def __init__(self, conn: sqlite3.Connection, item_id: int) -> None:
-        self.conn, self.item_id = conn, item_id
+        self.conn = conn
+        self.blob = conn.blobopen("items", "value", item_id, readonly=True)
 
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            with self.conn.blobopen("items", "value", self.item_id, readonly=True) as blob:
-                while chunk := blob.read(READ_CHUNK_BYTES):
-                    yield chunk
-        finally:
-            self.close()
+    def read(self, size: int = -1) -> bytes:
+        """Read up to size bytes (all that is left with -1)."""
+        return self.blob.read(size)
+
+    def seek(self, offset: int, origin: int = os.SEEK_SET) -> int:
+        """Move the read position, as a file does."""
+        self.blob.seek(offset, origin)
+        return self.blob.tell()
+
+    def tell(self) -> int:
+        """Return the read position."""
+        return self.blob.tell()
 
     def close(self) -> None:
-        """End the read transaction."""
-        if self.conn.in_transaction:
-            self.conn.execute("COMMIT")
+        """End the read transaction and close the reader's connection (twice is harmless)."""
+        if self.conn is None:
+            return
+        conn, self.conn = self.conn, None
+        with contextlib.suppress(sqlite3.Error):
+            self.blob.close()
+        conn.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -775,29 +800,43 @@ def purge_tombstones(conn: sqlite3.Connection, before_ms: int) -> None:
             conn.execute("DELETE FROM tombstones WHERE created_ms < ?", (before_ms,))
 
 
+VALUE_QUERY = """
+    SELECT items.id, items.token, items.meta, items.size,
+           CASE WHEN items.size <= ? THEN items.value END
+    FROM items JOIN permissions ON permissions.item_id = items.id
+    WHERE items.key = ? AND permissions.user_id = ?
+"""
+
+
 def get_value(conn: sqlite3.Connection, key: str, user_id: int) -> StoredValue:
     """Return the value of a key the user may read; ERR01 when missing or invisible.
 
-    A value of up to STREAM_FROM_BYTES comes in the one query; a larger one as a BlobStream,
-    so that memory stays flat whatever the value's size.
+    A value of up to STREAM_FROM_BYTES comes whole in the one query; for a larger one the
+    body is None, and stream_value reads it.
     """
-    query = """
-        SELECT items.id, items.token, items.meta, items.size,
-               CASE WHEN items.size <= ? THEN items.value END
-        FROM items JOIN permissions ON permissions.item_id = items.id
-        WHERE items.key = ? AND permissions.user_id = ?
-    """
-    row = conn.execute(query, (STREAM_FROM_BYTES, key, user_id)).fetchone()
+    row = conn.execute(VALUE_QUERY, (STREAM_FROM_BYTES, key, user_id)).fetchone()
     if row is None:
         raise not_found()
-    if row[4] is not None:  # one statement, one snapshot: the whole answer
-        return StoredValue(row[1], row[2], row[3], row[4])
-    conn.execute("BEGIN")  # a large value: look again inside the snapshot it streams from
-    row = conn.execute(query, (STREAM_FROM_BYTES, key, user_id)).fetchone()
-    if row is None or row[4] is not None:
-        conn.execute("ROLLBACK")
-        return get_value(conn, key, user_id)  # changed in between; start over
-    return StoredValue(row[1], row[2], row[3], BlobStream(conn, row[0]))
+    return StoredValue(row[1], row[2], row[3], row[4])
+
+
+def stream_value(conn: sqlite3.Connection, key: str, user_id: int) -> StoredValue:
+    """Return a value as get_value does, a large one as a BlobReader that owns conn.
+
+    conn is a connection of the reader's own; it is closed here unless a BlobReader took it.
+    """
+    try:
+        conn.execute("BEGIN")
+        row = conn.execute(VALUE_QUERY, (STREAM_FROM_BYTES, key, user_id)).fetchone()
+        if row is None:
+            raise not_found()
+        if row[4] is not None:  # it became small meanwhile
+            conn.close()
+            return StoredValue(row[1], row[2], row[3], row[4])
+        return StoredValue(row[1], row[2], row[3], BlobReader(conn, row[0]))
+    except BaseException:
+        conn.close()
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -1738,11 +1777,15 @@ class Context:
         """Return the app clock's time in milliseconds since the Unix epoch."""
         return int(self.clock() * 1000)
 
+    def open_connection(self) -> sqlite3.Connection:
+        """Open a connection of the app's that its caller owns and closes."""
+        return connect(self.settings.database, self.settings, self._write_lock)
+
     def connection(self) -> sqlite3.Connection:
         """Return this thread's connection, opening it on first use."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect(self.settings.database, self.settings, self._write_lock)
+            conn = self.open_connection()
             with self._lock:
                 self._connections.append(conn)
             self._local.conn = conn
@@ -2029,12 +2072,15 @@ def read_value(limit: int) -> NewValue:
 
 
 def parse_json(raw: bytes) -> Any:
-    """Parse JSON text; ValueError also for a string escape that is not a character.
+    """Parse JSON text; ValueError also for nesting too deep to parse or a lone surrogate.
 
     JSON may write a lone UTF-16 surrogate ("\\ud800"), which is no text that SQLite or a
     reply could carry.
     """
-    data = json.loads(raw)
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ValueError("The JSON is nested too deeply.") from None
     try:
         json.dumps(data, ensure_ascii=False).encode()
     except UnicodeEncodeError:
@@ -2636,14 +2682,15 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
 
     def store_get(key: str):
         caller = authenticate("store.read")
-        stored = get_value(ctx.connection(), read_key(key), caller.user_id)
+        key = read_key(key)
+        stored = get_value(ctx.connection(), key, caller.user_id)
         if_none_match = header("If-None-Match")
         if if_none_match is not None and matches_none(if_none_match, stored.token):
-            if isinstance(stored.body, BlobStream):
-                stored.body.close()
             return bottle.HTTPResponse(b"", 304, store_headers(stored.token))
+        if stored.body is None:  # a large value: read from a snapshot of its own
+            stored = stream_value(ctx.open_connection(), key, caller.user_id)
         headers = {"Content-Type": "application/octet-stream", **store_headers(stored.token)}
-        if isinstance(stored.body, BlobStream):
+        if isinstance(stored.body, BlobReader):
             headers["Content-Length"] = str(stored.size)  # bottle counts bytes itself
         if stored.meta is not None:
             headers["X-Sync-Meta"] = stored.meta
@@ -2790,7 +2837,8 @@ def read_grants() -> dict[str, int]:
         if not (
             isinstance(entry, dict)
             and isinstance(entry.get("user"), str)
-            and entry.get("permission") in LEVELS
+            and isinstance(entry.get("permission"), str)
+            and entry["permission"] in LEVELS
         ):
             raise ApiError(
                 "REQ01", "Each entry needs a string user and a permission of READ, WRITE or OWN."
@@ -4032,6 +4080,234 @@ def error_body(status: int, error: bottle.HTTPError) -> bytes:
 
 
 # ==================================================================================================
+# HTTP server
+# ==================================================================================================
+
+#: Bytes of earlier answers a client may leave unread before its next pipelined request waits
+#: (without a serving thread) until it reads them.
+PARKED_ANSWER_BYTES = OUTBUF_HIGH_WATERMARK_BYTES // 2
+#: Seconds between the server's sweeps for stalled, idle and surplus connections.
+SWEEP_SECONDS = 1
+SERVER_ERROR_MESSAGES = {
+    "REQ01": "The request could not be parsed.",
+    "SIZE01": "The request is larger than this server accepts.",
+    "ERR02": "The server encountered an unexpected error.",
+}
+
+
+def request_body_limit(settings: Settings, method: str, path: str) -> int:
+    """Return the largest body the route of a request reads, so the server refuses more early.
+
+    The same limits as the readers': a value for PUT /store, a batch for POST /batch, an
+    App API body under /api, a JSON body elsewhere.
+    """
+    if path == "/api" or path.startswith("/api/"):
+        return MAX_APP_BODY_BYTES
+    if method == "PUT" and path.startswith("/store/"):
+        return settings.max_value_bytes
+    if path == "/batch":
+        return MAX_BATCH_BYTES
+    return MAX_JSON_BYTES
+
+
+def server_error_answer(status: int, path: str) -> tuple[str, bytes]:
+    """Return the status line and JSON body of an error the HTTP server answers itself.
+
+    Such errors (a request line or header that cannot be parsed, a body or headers too
+    large) come before any route, so the path alone chooses the API's layout.
+    """
+    code = "SIZE01" if status in (413, 431) else "ERR02" if status >= 500 else "REQ01"
+    status = ERROR_STATUS[code]
+    message = SERVER_ERROR_MESSAGES[code]
+    if path == "/api" or path.startswith("/api/"):
+        body = {
+            "message": message,
+            "error": REASONS[status],
+            "statusCode": status,
+            "correlationId": secrets.token_hex(4),
+        }
+    else:
+        body = {"code": code, "message": message}
+    return f"{status} {REASONS[status]}", json.dumps(body).encode()
+
+
+def server_class(settings: Settings) -> type:
+    """Return waitress's TCP server class, hardened against slow and stalled clients.
+
+    - A declared body larger than its route reads is refused (413) before it is read.
+    - The server's own errors are JSON in the layout of the path's API.
+    - 204 and 304 answers keep the connection open.
+    - A pipelining client that leaves earlier answers unread waits for its next answer
+      without holding a serving thread; a large value is sent by the main loop (see
+      BlobReader), so no serving thread waits on a client that does not read.
+    - Once a second, connections are closed that stalled for client_timeout seconds (an
+      answer not read, a body not sent) or held no complete request for that long; past
+      half of max_connections such connections, the longest idle ones go first.
+    """
+    import waitress.channel
+    import waitress.parser
+    import waitress.server
+    import waitress.task
+    import waitress.utilities
+
+    timeout, waiting_limit = settings.client_timeout, settings.max_connections // 2
+
+    class Parser(waitress.parser.HTTPRequestParser):
+        def received(self, data: bytes) -> int:
+            had_headers = self.headers_finished
+            consumed = super().received(data)
+            if self.headers_finished and not had_headers and self.error is None:
+                limit = request_body_limit(settings, self.command, self.path)
+                if self.content_length > limit:
+                    self.error = waitress.utilities.RequestEntityTooLarge(f"over {limit}")
+                    self.completed, self.expect_continue = True, False
+            return consumed
+
+    class ErrorTask(waitress.task.ErrorTask):
+        def execute(self) -> None:
+            # A request line that could not be parsed leaves no path.
+            path = getattr(self.request, "path", None) or ""
+            self.status, body = server_error_answer(self.request.error.code, path)
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class Task(waitress.task.WSGITask):
+        #: Set while the headers of a 204 or 304 answer are built that may keep the connection.
+        keep_bodiless = False
+
+        def build_response_header(self) -> bytes:
+            # Waitress closes after every answer without a Content-Length, and a 204 or 304
+            # may not carry one: keep the connection unless the client asked to close it.
+            self.keep_bodiless = (
+                not self.has_body
+                and self.version == "1.1"
+                and self.request.headers.get("CONNECTION", "").lower() != "close"
+            )
+            try:
+                return super().build_response_header()
+            finally:
+                self.keep_bodiless = False
+
+        def set_close_on_finish(self) -> None:
+            if not self.keep_bodiless:
+                super().set_close_on_finish()
+
+        def service(self) -> None:
+            super().service()
+            self.channel.answered = True
+
+    class Channel(waitress.channel.HTTPChannel):
+        task_class, error_task_class, parser_class = Task, ErrorTask, Parser
+        #: Whether the next request waits, without a thread, for the client to read.
+        parked = False
+        #: Whether the current request's answer is complete.
+        answered = False
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            #: Since when the connection holds no request: its opening or its last answer.
+            self.idle_since = self.creation_time
+
+        def service(self) -> None:
+            with self.outbuf_lock:
+                if self.connected and self.total_outbufs_len > PARKED_ANSWER_BYTES:
+                    self.parked = True  # handle_write schedules the request again
+                    self.server.pull_trigger()
+                    return
+            self.answered = False
+            super().service()
+            self.idle_since = time.time()
+
+        def handle_write(self) -> None:
+            if not self.parked:
+                return super().handle_write()
+            with self.outbuf_lock:
+                self._flush_exception(self._flush_some)
+                if self.connected and self.total_outbufs_len <= PARKED_ANSWER_BYTES:
+                    self.parked = False
+                    self.server.add_task(self)
+            if self.will_close:
+                self.handle_close()
+
+        def _flush_outbufs_below_high_watermark(self) -> None:
+            # Between two pipelined answers: service() parks the next one instead.
+            if self.answered:
+                return
+            # Within an answer: wait for the client to read, but not past client_timeout.
+            with self.outbuf_lock:
+                left, since = self.total_outbufs_len, time.monotonic()
+                while self.connected and self.total_outbufs_len > self.adj.outbuf_high_watermark:
+                    self.server.pull_trigger()
+                    self.outbuf_lock.wait(SWEEP_SECONDS)
+                    if self.total_outbufs_len < left:
+                        left, since = self.total_outbufs_len, time.monotonic()
+                    elif time.monotonic() - since > timeout:
+                        self.will_close, self.connected = True, False
+                        self.server.pull_trigger()
+
+    class Server(waitress.server.TcpWSGIServer):
+        channel_class = Channel
+
+        def maintenance(self, now: float) -> None:
+            cutoff, waiting = now - timeout, []
+            for channel in self.active_channels.values():
+                request = channel.request
+                if channel.parked or channel.total_outbufs_len:
+                    stalled = channel.last_activity < cutoff  # an answer the client leaves
+                elif channel.requests:
+                    continue  # being answered
+                elif request is not None and request.headers_finished:
+                    stalled = channel.last_activity < cutoff  # a body on its way
+                    waiting.append(channel)
+                else:
+                    stalled = channel.idle_since < cutoff  # no complete request in time
+                    waiting.append(channel)
+                if stalled:
+                    channel.will_close = True
+            waiting.sort(key=lambda c: (c.request is not None and c.request.headers_finished,
+                                        c.idle_since))  # fmt: skip
+            for channel in waiting[: max(0, len(waiting) - waiting_limit)]:
+                channel.will_close = True
+
+    return Server
+
+
+def make_server(settings: Settings, app: Callable | None = None, map: dict | None = None) -> Any:
+    """Bind the hardened waitress server to the settings' host and port; app may come later.
+
+    serve() runs it; tests run it on a socket map of their own.
+    """
+    import waitress.adjustments
+    import waitress.task
+
+    # Waitress warns about queue depth on nearly every request under load: an SD card pays for
+    # every line, and a full queue is what the thread setting is for.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    adjustments = waitress.adjustments.Adjustments(
+        host=settings.host,
+        port=settings.port,
+        threads=settings.threads,
+        ident="syncnode",
+        # Waitress holds up to this much of an answer in memory before the serving thread
+        # waits for the client (16 MiB by default): one large streamed value would cost that.
+        outbuf_high_watermark=OUTBUF_HIGH_WATERMARK_BYTES,
+        connection_limit=settings.max_connections,
+        cleanup_interval=SWEEP_SECONDS,
+        channel_timeout=settings.client_timeout,
+        max_request_body_size=max(settings.max_value_bytes, MAX_BATCH_BYTES) + 1,
+    )
+    dispatcher = waitress.task.ThreadedTaskDispatcher()
+    dispatcher.set_thread_count(settings.threads)
+    # A host name may resolve to several addresses; the server listens on the first.
+    return server_class(settings)(
+        app, {} if map is None else map, dispatcher=dispatcher, adj=adjustments,
+        sockinfo=adjustments.listen[0],
+    )  # fmt: skip
+
+
+# ==================================================================================================
 # CLI
 # ==================================================================================================
 
@@ -4126,29 +4402,6 @@ def parse_command(
 def parse_args(argv: list[str], environ: Mapping[str, str]) -> Settings:
     """Build Settings from flags, then SYNCNODE_* environment variables, then defaults."""
     return parse_command(argv, environ)[1]
-
-
-def make_server(settings: Settings, app: Callable | None = None, map: dict | None = None) -> Any:
-    """Bind a waitress server to the settings' host and port; the app may be set later.
-
-    serve() runs it; tests run it on a socket map of their own.
-    """
-    import waitress.server
-
-    # Waitress warns about queue depth on nearly every request under load: an SD card pays for
-    # every line, and a full queue is what the thread setting is for.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    return waitress.server.create_server(
-        app,
-        map=map,
-        host=settings.host,
-        port=settings.port,
-        threads=settings.threads,
-        ident="syncnode",
-        # Waitress holds up to this much of an answer in memory before the serving thread
-        # waits for the client (16 MiB by default): one large streamed value would cost that.
-        outbuf_high_watermark=OUTBUF_HIGH_WATERMARK_BYTES,
-    )
 
 
 def serve(app: SyncNodeApp, settings: Settings) -> None:
