@@ -30,6 +30,7 @@ import email.utils
 import functools
 import getpass
 import hashlib
+import html
 import ipaddress
 import json
 import logging
@@ -55,6 +56,11 @@ from typing import Any, BinaryIO
 
 import argon2
 import bottle
+
+try:
+    import fcntl
+except ImportError:  # Windows: syncnode restore cannot tell whether a server is running
+    fcntl = None
 
 __version__ = "0.1.0"
 
@@ -93,6 +99,8 @@ CORS_MAX_AGE_SECONDS = 86400
 OUTBUF_HIGH_WATERMARK_BYTES = 1024 * 1024
 #: Values up to this size are read and written whole; larger ones stream in chunks.
 STREAM_FROM_BYTES = 256 * 1024
+#: The WSGI environ key of the callbacks a request leaves for after its answer.
+AFTER_ANSWER = "syncnode.after_answer"
 
 LEVELS = {"READ": 1, "WRITE": 2, "OWN": 3}
 
@@ -210,6 +218,10 @@ class Settings:
     tombstone_ttl: int = _setting(
         90 * 86400, "Seconds the change feed remembers deletions; older cursors get SYNC01."
     )
+    tombstones_per_user: int = _setting(
+        100_000,
+        "Deletions the change feed remembers per user; past them its older cursors get SYNC01.",
+    )
     cors_origins: str = _setting(
         "*", "Origins browsers may call the Sync Node API from: *, a comma list, or empty (off)."
     )
@@ -305,6 +317,11 @@ class ApiError(Exception):
         self.index: int | None = None
         if code == "AUTH01":
             self.headers.setdefault("WWW-Authenticate", "Bearer")
+
+
+def out_of_space() -> ApiError:
+    """The one answer for a write the disk has no room for (or a file that takes no write)."""
+    return ApiError("DISK01", "The server is out of storage space; nothing was written.")
 
 
 def not_found() -> ApiError:
@@ -429,6 +446,18 @@ SCHEMA = [
     CREATE INDEX tombstones_by_user_seq ON tombstones (user_id, seq);
     CREATE INDEX tombstones_by_time ON tombstones (created_ms);
     """,
+    # Hardening: ids that name an owner are never used twice (each table's last id is kept
+    # past deletions), and each user's own floor of the change feed.
+    """
+    CREATE TABLE id_counters (
+        name TEXT PRIMARY KEY,
+        last INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO id_counters (name, last) SELECT 'users', coalesce(max(id), 0) FROM users;
+    INSERT INTO id_counters (name, last) SELECT 'sessions', coalesce(max(id), 0) FROM sessions;
+    INSERT INTO id_counters (name, last) SELECT 'api_keys', coalesce(max(id), 0) FROM api_keys;
+    ALTER TABLE users ADD COLUMN feed_floor INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -436,11 +465,17 @@ class DatabaseTooNew(RuntimeError):
     """The database was written by a newer syncnode than this one."""
 
 
+class DatabaseUnusable(RuntimeError):
+    """The database path cannot be used (a missing or unwritable folder, say); says why."""
+
+
 class Connection(sqlite3.Connection):
     """A SQLite connection that may share an in-process write lock with its siblings."""
 
     #: Held by write transactions of the same app, so that writers queue in Python.
     write_lock: threading.Lock | None = None
+    #: Set when the file could not take a write: the app replaces the connection.
+    stale = False
 
 
 def connect(
@@ -450,6 +485,8 @@ def connect(
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
     conn.write_lock = write_lock
     conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout)}")
+    # Takes effect in a new database (open_context converts an older one once).
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {settings.synchronous}")
     conn.execute("PRAGMA foreign_keys = ON")
@@ -482,6 +519,30 @@ def transaction(conn: sqlite3.Connection, write: bool = False) -> Iterator[sqlit
     finally:
         if lock is not None:
             lock.release()
+
+
+def cannot_write(error: sqlite3.Error) -> bool:
+    """Whether a database error means the file cannot take a write (full or read-only)."""
+    return (getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF in (
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_READONLY,
+    )
+
+
+def write_if_possible(conn: sqlite3.Connection, statement: str, params: tuple) -> None:
+    """Run one bookkeeping write that a read can do without; skip it if the file takes none.
+
+    Reads go on working on a database that cannot be written; the connection is marked so
+    that the next request opens a fresh one.
+    """
+    try:
+        with transaction(conn, write=True):
+            conn.execute(statement, params)
+    except sqlite3.OperationalError as error:
+        if not cannot_write(error):
+            raise
+        conn.stale = True
+        log.warning("Skipped a bookkeeping write: %s", error.sqlite_errorname)
 
 
 def split_statements(script: str) -> list[str]:
@@ -517,6 +578,17 @@ def migrate(conn: sqlite3.Connection, schema: list[str] = SCHEMA) -> int:
             conn.execute(f"PRAGMA user_version = {number}")
             log.info("Migrated the database to schema version %d.", number)
     return len(schema)
+
+
+def take_id(conn: sqlite3.Connection, table: str) -> int:
+    """Take the next row id of users, sessions or api_keys inside a write transaction.
+
+    SQLite would hand out the id of a deleted newest row again; these ids name who owns
+    sessions, keys and permissions, so a new row never gets an old one.
+    """
+    return conn.execute(
+        "UPDATE id_counters SET last = last + 1 WHERE name = ? RETURNING last", (table,)
+    ).fetchone()[0]
 
 
 # ==================================================================================================
@@ -592,22 +664,30 @@ class BlobReader:
 
 @dataclass(frozen=True, slots=True)
 class Quota:
-    """Per-user limits on owned keys and their bytes; 0 means no limit."""
+    """Per-user limits on owned keys and their bytes (0: no limit), and the disk's floor."""
 
     max_bytes: int = 0
     max_keys: int = 0
+    #: The data directory is below its free-space floor: only writes that grow nothing pass.
+    disk_full: bool = False
 
 
 def get_usage(conn: sqlite3.Connection, user_id: int) -> tuple[int, int]:
-    """Return (keys, bytes) the user holds OWN on."""
+    """Return (keys, bytes of values and metadata) the user holds OWN on."""
     return conn.execute(
         """
-        SELECT count(*), coalesce(sum(items.size), 0)
+        SELECT count(*), coalesce(sum(items.size + coalesce(length(items.meta), 0)), 0)
         FROM permissions JOIN items ON items.id = permissions.item_id
         WHERE permissions.user_id = ? AND permissions.level = 3
         """,
         (user_id,),
     ).fetchone()
+
+
+def check_growth(quota: Quota, grew: bool) -> None:
+    """Raise DISK01 for a write that grows the store while the disk is at its floor."""
+    if grew and quota.disk_full:
+        raise out_of_space()
 
 
 def check_quota(
@@ -645,10 +725,11 @@ def new_store_token() -> str:
 
 
 def find_item(conn: sqlite3.Connection, key: str, user_id: int) -> tuple[int, str, int, int] | None:
-    """Return (item id, token, caller's level or 0, size) for an existing key, else None."""
+    """Return (item id, token, caller's level or 0, bytes of value and meta) for a key, or None."""
     return conn.execute(
         """
-        SELECT items.id, items.token, coalesce(permissions.level, 0), items.size
+        SELECT items.id, items.token, coalesce(permissions.level, 0),
+               items.size + coalesce(length(items.meta), 0)
         FROM items
         LEFT JOIN permissions ON permissions.item_id = items.id AND permissions.user_id = ?
         WHERE items.key = ?
@@ -755,7 +836,13 @@ def list_changes(
     the server still remembers, or newer than the newest.
     """
     with transaction(conn):
-        seq, floor = conn.execute("SELECT seq, floor FROM sync_state").fetchone()
+        seq, floor = conn.execute(
+            """
+            SELECT seq, max(floor, coalesce((SELECT feed_floor FROM users WHERE id = ?), 0))
+            FROM sync_state
+            """,
+            (user_id,),
+        ).fetchone()
         if since < floor or since > seq:
             raise ApiError(
                 "SYNC01", "The server no longer remembers changes that old; list every key again."
@@ -787,6 +874,27 @@ def list_changes(
         for key, level, token, change in rows[: limit or None]
     ]
     return Listing(entries, seq, more)
+
+
+def trim_tombstones(conn: sqlite3.Connection, per_user: int) -> None:
+    """Keep each user's newest per_user tombstones; its feed floor rises past the rest.
+
+    A user whose deletions outgrow the bound answers SYNC01 to a cursor older than the
+    oldest tombstone kept; nobody else's feed changes.
+    """
+    with transaction(conn, write=True):
+        crowded = conn.execute(
+            "SELECT user_id FROM tombstones GROUP BY user_id HAVING count(*) > ?", (per_user,)
+        ).fetchall()
+        for (user_id,) in crowded:
+            (cut,) = conn.execute(
+                "SELECT seq FROM tombstones WHERE user_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                (user_id, per_user),
+            ).fetchone()
+            conn.execute("DELETE FROM tombstones WHERE user_id = ? AND seq <= ?", (user_id, cut))
+            conn.execute(
+                "UPDATE users SET feed_floor = max(feed_floor, ?) WHERE id = ?", (cut, user_id)
+            )
 
 
 def purge_tombstones(conn: sqlite3.Connection, before_ms: int) -> None:
@@ -877,10 +985,12 @@ def apply_put(
     token = new_store_token()
     # Bytes go in as they are; a file-held value as zeroblob(size), filled by write_value.
     inline = value.body if isinstance(value.body, bytes) else None
+    new_bytes = value.size + len(value.meta or "")
     found = find_item(conn, key, user_id)
     if found is None:
         if sent_token is not None:
             raise ApiError("KEY01", "The key does not exist; create it without X-Sync-Token.")
+        check_growth(quota, grew=True)
         item_id = conn.execute(
             """
             INSERT INTO items (key, token, meta, updated_ms, size, value)
@@ -900,13 +1010,14 @@ def apply_put(
         write_value(conn, item_id, value)
         check_quota(conn, item_id, quota, grew=True, new_owner_ids=[user_id])
         return token
-    item_id, _, level, old_size = found
+    item_id, _, level, old_bytes = found
     if level == 0 or create_only:
         raise ApiError("KEY01", "The key already exists.")
     if level < LEVELS["WRITE"]:
         raise ApiError("PERM01", "Writing this key needs the WRITE or OWN permission.")
     if sent_token is None:
         raise ApiError("KEY01", "X-Sync-Token is missing; send the token of the stored value.")
+    check_growth(quota, grew=new_bytes > old_bytes)
     updated = conn.execute(
         f"""
         UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?,
@@ -922,7 +1033,7 @@ def apply_put(
         "UPDATE permissions SET seq = (SELECT seq FROM sync_state) WHERE item_id = ?", (item_id,)
     )
     write_value(conn, item_id, value)
-    check_quota(conn, item_id, quota, grew=value.size > old_size)
+    check_quota(conn, item_id, quota, grew=new_bytes > old_bytes)
     return token
 
 
@@ -1110,12 +1221,12 @@ def normalize_id(raw: str) -> str:
     """Normalise a user id (NFKC, stripped, lower-cased); ACCT02 when it breaks the rules."""
     name = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", raw).strip().lower())
     if not 1 <= len(name) <= MAX_ID_CHARS or any(
-        char.isspace() or unicodedata.category(char) == "Cc" for char in name
+        char.isspace() or unicodedata.category(char) in ("Cc", "Cf") for char in name
     ):
         raise ApiError(
             "ACCT02",
-            f"The user id must be 1 to {MAX_ID_CHARS} characters without spaces or control "
-            "characters.",
+            f"The user id must be 1 to {MAX_ID_CHARS} characters without spaces, control or "
+            "invisible format characters.",
         )
     return name
 
@@ -1182,10 +1293,13 @@ def create_user(
                 raise ApiError("ACCT01", "The invite code is wrong, used or expired.")
             return conn.execute(
                 """
-                INSERT INTO users (name, password_hash, created_ms, uuid, display_name, updated_ms)
-                VALUES (?, ?, ?, ?, ?, ?)
+                INSERT INTO users (id, name, password_hash, created_ms, uuid, display_name,
+                                   updated_ms)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                RETURNING id
                 """,
                 (
+                    take_id(conn, "users"),
                     name,
                     password_hash,
                     now_ms,
@@ -1193,7 +1307,7 @@ def create_user(
                     display_name or default_display_name(name),
                     now_ms,
                 ),
-            ).lastrowid
+            ).fetchone()[0]
     except sqlite3.IntegrityError:
         raise ApiError("ACCT03", "This user id is already in use.") from None
 
@@ -1214,13 +1328,15 @@ def create_session(
     """Start a session (a child of parent_id when given) and return it with its token."""
     token, public_id = secrets.token_urlsafe(32), str(uuid.uuid4())
     with transaction(conn, write=True):
-        row_id = conn.execute(
+        row_id = take_id(conn, "sessions")
+        conn.execute(
             """
-            INSERT INTO sessions (public_id, user_id, token_digest, created_ms, updated_ms,
+            INSERT INTO sessions (id, public_id, user_id, token_digest, created_ms, updated_ms,
                                   expires_ms, parent_id, device_type, device_os, app_version)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """,
             (
+                row_id,
                 public_id,
                 user_id,
                 digest_token(token),
@@ -1232,7 +1348,7 @@ def create_session(
                 device.device_os,
                 device.app_version,
             ),
-        ).lastrowid
+        )
     return NewSession(row_id, public_id, token, expires_ms)
 
 
@@ -1261,20 +1377,42 @@ def find_session(
         raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
     session_id, user_id, name, expires_ms, updated_ms, stored_version = row
     if expires_ms <= now_ms:
-        with transaction(conn, write=True):
-            conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        write_if_possible(conn, "DELETE FROM sessions WHERE id = ?", (session_id,))
         raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
     if now_ms - updated_ms > SESSION_REFRESH_MS or stored_version != app_version:
         device = device()  # derived only when it is recorded
-        with transaction(conn, write=True):
-            conn.execute(
-                """
-                UPDATE sessions SET updated_ms = ?, device_type = ?, device_os = ?, app_version = ?
-                WHERE id = ?
-                """,
-                (now_ms, device.device_type, device.device_os, device.app_version, session_id),
-            )
+        write_if_possible(
+            conn,
+            """
+            UPDATE sessions SET updated_ms = ?, device_type = ?, device_os = ?, app_version = ?
+            WHERE id = ?
+            """,
+            (now_ms, device.device_type, device.device_os, device.app_version, session_id),
+        )
     return Caller(user_id, name, session_id=session_id)
+
+
+def credential_is_live(conn: sqlite3.Connection, caller: Caller, permission: str, now_ms: int):
+    """Whether the session or API key behind a caller still exists and grants the permission.
+
+    A long-poll asks again each time it wakes, so it ends once the session ends, the
+    password changes, the key is deleted or narrowed, or the account goes.
+    """
+    if caller.session_id is not None:
+        return (
+            conn.execute(
+                "SELECT 1 FROM sessions WHERE id = ? AND user_id = ? AND expires_ms > ?",
+                (caller.session_id, caller.user_id, now_ms),
+            ).fetchone()
+            is not None
+        )
+    row = conn.execute(
+        "SELECT permissions FROM api_keys WHERE id = ? AND user_id = ?",
+        (caller.api_key_id, caller.user_id),
+    ).fetchone()
+    return row is not None and dataclasses.replace(
+        caller, permissions=frozenset(json.loads(row[0]))
+    ).allows(permission)
 
 
 def find_session_expiry(conn: sqlite3.Connection, session_id: int) -> int:
@@ -1478,6 +1616,17 @@ def create_invite(conn: sqlite3.Connection, now_ms: int, ttl_ms: int) -> tuple[s
     return code, expires_ms
 
 
+def invite_is_live(conn: sqlite3.Connection, code: str, now_ms: int) -> bool:
+    """Whether an invite code exists and has not expired (it stays unspent)."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM invites WHERE code_digest = ? AND expires_ms > ?",
+            (digest_token(code), now_ms),
+        ).fetchone()
+        is not None
+    )
+
+
 def spend_invite(conn: sqlite3.Connection, code: str, now_ms: int) -> bool:
     """Delete a live invite code inside the caller's transaction; False when there is none."""
     return (
@@ -1515,9 +1664,9 @@ def create_api_key(
     row = (public_id, name, json.dumps(permissions), now_ms, now_ms)
     with transaction(conn, write=True):
         conn.execute(
-            f"INSERT INTO api_keys (user_id, secret_digest, {API_KEY_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (user_id, digest_token(secret), *row),
+            f"INSERT INTO api_keys (id, user_id, secret_digest, {API_KEY_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (take_id(conn, "api_keys"), user_id, digest_token(secret), *row),
         )
     return secret, api_key_answer(row)
 
@@ -1660,43 +1809,70 @@ def update_user(
 # Attempts are counted in the database, so that every serving thread sees the same counts.
 
 
-def check_attempts(
-    conn: sqlite3.Connection, kind: str, subject: str, limit: int, window_ms: int, now_ms: int
-) -> None:
-    """Raise AUTH02 with Retry-After when the subject reached its limit within the window."""
-    if limit == 0:
-        return
-    times = [
-        row[0]
-        for row in conn.execute(
-            "SELECT at_ms FROM attempts WHERE kind = ? AND subject = ? AND at_ms > ? "
-            "ORDER BY at_ms DESC LIMIT ?",
-            (kind, subject, now_ms - window_ms, limit),
-        )
-    ]
-    if len(times) >= limit:
-        retry_after = max(1, math.ceil((times[-1] + window_ms - now_ms) / 1000))
-        raise ApiError(
-            "AUTH02",
-            "Too many attempts; try again later.",
-            headers={"Retry-After": str(retry_after)},
-        )
+def take_attempts(
+    conn: sqlite3.Connection, attempts: list[tuple[str, str, int, int]], now_ms: int
+) -> list[int]:
+    """Count one attempt for each (kind, subject, limit, window) at once; return their row ids.
 
-
-def record_attempts(
-    conn: sqlite3.Connection, attempts: list[tuple[str, str, int]], now_ms: int
-) -> None:
-    """Count one attempt for each (kind, subject, window) and forget that subject's expired ones."""
+    AUTH02 with Retry-After, counting nothing, when a subject already reached its limit
+    within the window. Checking and counting share one write transaction, so racing
+    attempts never pass a limit. Attempts dated later than now (the clock was set back)
+    are dated now, so they count for one window at most.
+    """
+    refusal = None
     with transaction(conn, write=True):
-        for kind, subject, window_ms in attempts:
+        for kind, subject, limit, window_ms in attempts:
+            conn.execute(
+                "UPDATE attempts SET at_ms = :now WHERE kind = :kind AND subject = :subject "
+                "AND at_ms > :now",
+                {"now": now_ms, "kind": kind, "subject": subject},
+            )
             conn.execute(
                 "DELETE FROM attempts WHERE kind = ? AND subject = ? AND at_ms <= ?",
                 (kind, subject, now_ms - window_ms),
             )
-            conn.execute(
-                "INSERT INTO attempts (kind, subject, at_ms) VALUES (?, ?, ?)",
-                (kind, subject, now_ms),
-            )
+            times = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT at_ms FROM attempts WHERE kind = ? AND subject = ? "
+                    "ORDER BY at_ms DESC LIMIT ?",
+                    (kind, subject, limit),
+                )
+            ]
+            if len(times) >= limit and refusal is None:
+                retry_after = max(1, math.ceil((times[-1] + window_ms - now_ms) / 1000))
+                refusal = ApiError(
+                    "AUTH02",
+                    "Too many attempts; try again later.",
+                    headers={"Retry-After": str(retry_after)},
+                )
+        if refusal is not None:  # the re-dating and forgetting above stay
+            row_ids = []
+        else:
+            row_ids = [
+                conn.execute(
+                    "INSERT INTO attempts (kind, subject, at_ms) VALUES (?, ?, ?)",
+                    (kind, subject, now_ms),
+                ).lastrowid
+                for kind, subject, _, _ in attempts
+            ]
+    if refusal is not None:
+        raise refusal
+    return row_ids
+
+
+def release_attempts(conn: sqlite3.Connection, row_ids: list[int]) -> None:
+    """Uncount attempts that turned out not to count (a right password, a failed sign-up)."""
+    with transaction(conn, write=True):
+        conn.executemany("DELETE FROM attempts WHERE rowid = ?", [(row_id,) for row_id in row_ids])
+
+
+def clear_attempts(conn: sqlite3.Connection, kind: str, subject: str) -> int:
+    """Forget every attempt of a kind by a subject (syncnode unlock); return how many."""
+    with transaction(conn, write=True):
+        return conn.execute(
+            "DELETE FROM attempts WHERE kind = ? AND subject = ?", (kind, subject)
+        ).rowcount
 
 
 # Housekeeping and the admin commands' reports.
@@ -1723,15 +1899,18 @@ def get_stats(conn: sqlite3.Connection, now_ms: int) -> dict[str, int]:
     }
 
 
-def check_database(conn: sqlite3.Connection) -> list[str]:
-    """Run SQLite's integrity and foreign-key checks; return the problems found (none: [])."""
+def check_database(conn: sqlite3.Connection, newest: bool = True) -> list[str]:
+    """Run SQLite's integrity and foreign-key checks; return the problems found (none: []).
+
+    With newest, a schema version other than this syncnode's is a problem too.
+    """
     problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
     problems = [] if problems == ["ok"] else problems
     for table, row_id, parent, _ in conn.execute("PRAGMA foreign_key_check"):
         row = f"Row {row_id} of {table}" if row_id is not None else f"A row of {table}"
         problems.append(f"{row} points to a missing row of {parent}.")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version != len(SCHEMA):
+    if newest and version != len(SCHEMA):
         problems.append(f"The schema version is {version}, not {len(SCHEMA)}.")
     return problems
 
@@ -1759,6 +1938,7 @@ class Context:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._dummy_hash: str | None = None
+        self._held: int | None = None
         self._hash_slots = threading.BoundedSemaphore(settings.hash_slots)
         self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._hash_requests = 0
@@ -1782,8 +1962,11 @@ class Context:
         return connect(self.settings.database, self.settings, self._write_lock)
 
     def connection(self) -> sqlite3.Connection:
-        """Return this thread's connection, opening it on first use."""
+        """Return this thread's connection, opening it on first use or after it went stale."""
         conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.stale and not conn.in_transaction:
+            self.discard_connection()
+            conn = None
         if conn is None:
             conn = self.open_connection()
             with self._lock:
@@ -1791,14 +1974,69 @@ class Context:
             self._local.conn = conn
         return conn
 
+    def discard_connection(self) -> None:
+        """Close this thread's connection; the next use opens a new one.
+
+        SQLite opens a file it cannot write read-only, and such a connection never writes
+        again: a new one does once the file is writable.
+        """
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is None:
+            return
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+    def database_ok(self) -> bool:
+        """Whether the database file can take a write, cheaply and without raising.
+
+        The file must start as SQLite's do, its -wal must be there (deleting it under a
+        running server loses writes), and a write must be possible: one is tried and
+        rolled back.
+        """
+        path = self.settings.database
+        try:
+            with open(path, "rb") as file:
+                if file.read(16) != b"SQLite format 3\x00":
+                    return False
+            conn = self.connection()
+            with self._write_lock:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    (version,) = conn.execute("PRAGMA user_version").fetchone()
+                    conn.execute(f"PRAGMA user_version = {int(version)}")
+                finally:
+                    conn.execute("ROLLBACK")
+            if not os.path.exists(path + "-wal"):  # (an open connection has made it)
+                return False
+        except (OSError, sqlite3.Error) as error:
+            if isinstance(error, sqlite3.Error) and cannot_write(error):
+                self.discard_connection()
+            return False
+        return True
+
+    def hold_database(self) -> None:
+        """Hold a shared lock on the database file while the app is open.
+
+        syncnode restore takes it exclusively, so it never swaps a database a server uses.
+        """
+        if fcntl is not None and self._held is None:
+            self._held = os.open(self.settings.database, os.O_RDONLY)
+            fcntl.flock(self._held, fcntl.LOCK_SH)
+
     def close(self) -> None:
         """Close every connection the app opened (the app opens new ones if used again)."""
         with self._lock:
             connections, self._connections = self._connections, []
             self._local = threading.local()
             pool, self._hash_pool = self._hash_pool, None
+            held, self._held = self._held, None
         for conn in connections:
             conn.close()
+        if held is not None:
+            os.close(held)
         if pool is not None:
             pool.shutdown()
 
@@ -1909,8 +2147,8 @@ class Context:
                 self._waiting -= 1
 
     def quota(self) -> Quota:
-        """Return the per-user storage limits."""
-        return Quota(self.settings.quota_bytes, self.settings.quota_keys)
+        """Return the per-user storage limits, and whether the disk is at its floor."""
+        return Quota(self.settings.quota_bytes, self.settings.quota_keys, not self.disk_ok())
 
     def housekeep(self) -> None:
         """Purge what has expired and checkpoint the WAL, at most every HOUSEKEEPING_MS.
@@ -1919,10 +2157,12 @@ class Context:
         process or thread is needed; one request pays a few indexed deletes.
         """
         now_ms = self.now_ms()
-        if now_ms < self._next_housekeeping_ms:
-            return  # the common case, decided without the lock
+        next_ms = self._next_housekeeping_ms
+        if now_ms < next_ms and now_ms > next_ms - 2 * HOUSEKEEPING_MS:
+            return  # the common case, decided without the lock (a clock set back runs it)
         with self._lock:
-            if now_ms < self._next_housekeeping_ms:
+            next_ms = self._next_housekeeping_ms
+            if now_ms < next_ms and now_ms > next_ms - 2 * HOUSEKEEPING_MS:
                 return
             self._next_housekeeping_ms = now_ms + HOUSEKEEPING_MS
         settings = self.settings
@@ -1933,6 +2173,9 @@ class Context:
             conn = self.connection()
             purge_expired(conn, now_ms, now_ms - longest_window * 1000)
             purge_tombstones(conn, now_ms - settings.tombstone_ttl * 1000)
+            trim_tombstones(conn, settings.tombstones_per_user)
+            with self._write_lock:  # give freed pages back (one execute frees only one)
+                conn.executescript("PRAGMA incremental_vacuum;")
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as error:
             log.warning("Housekeeping failed and will be tried again: %s", error.sqlite_errorname)
@@ -1962,7 +2205,7 @@ class Context:
     def require_disk(self) -> None:
         """Raise DISK01 unless the data directory can take a write."""
         if not self.disk_ok():
-            raise ApiError("DISK01", "The server is out of storage space; nothing was written.")
+            raise out_of_space()
 
 
 def lower_thread_priority() -> None:
@@ -2059,10 +2302,16 @@ def read_value(limit: int) -> NewValue:
     if length_text.isascii() and length_text.isdigit() and int(length_text) <= STREAM_FROM_BYTES:
         body = read_body(limit)
         return NewValue(body, len(body), meta)
-    spool, size = tempfile.TemporaryFile(), 0
+    try:
+        spool, size = tempfile.TemporaryFile(), 0
+    except OSError:
+        raise out_of_space() from None
     try:
         for chunk in body_chunks(limit):
-            spool.write(chunk)
+            try:
+                spool.write(chunk)
+            except OSError:
+                raise out_of_space() from None
             size += len(chunk)
     except BaseException:
         spool.close()
@@ -2413,40 +2662,41 @@ def session_of(ctx: Context, token: str) -> Caller:
     )
 
 
-def throttle(ctx: Context, attempts: list[tuple[str, str]]) -> None:
-    """Raise AUTH02 when any (kind, subject) has reached its limit."""
+def count_attempts(ctx: Context, attempts: list[tuple[str, str]]) -> list[int]:
+    """Count one attempt for each (kind, subject) whose limit is on; AUTH02 past a limit."""
+    counted = []
     for kind, subject in attempts:
         limit, window = (getattr(ctx.settings, name) for name in THROTTLES[kind])
-        try:
-            check_attempts(ctx.connection(), kind, subject, limit, window * 1000, ctx.now_ms())
-        except ApiError:
-            log.warning("Refused a request: too many attempts of kind %s.", kind)
-            raise
-
-
-def count_attempts(ctx: Context, attempts: list[tuple[str, str]]) -> None:
-    """Count one attempt for each (kind, subject) whose limit is on."""
-    counted = [
-        (kind, subject, getattr(ctx.settings, THROTTLES[kind][1]) * 1000)
-        for kind, subject in attempts
-        if getattr(ctx.settings, THROTTLES[kind][0])
-    ]
-    record_attempts(ctx.connection(), counted, ctx.now_ms())
+        if limit:
+            counted.append((kind, subject, limit, window * 1000))
+    try:
+        return take_attempts(ctx.connection(), counted, ctx.now_ms())
+    except ApiError:
+        kinds = ", ".join(kind for kind, *_ in counted)
+        log.warning("Refused a request: too many attempts of kind %s.", kinds)
+        raise
 
 
 def log_in(ctx: Context, name: str, password: str) -> int:
     """Check an id and password under the login limits; return the user's row id.
 
     AUTH02 while a limit holds (even for the right password), AUTH01 for a wrong id or
-    password, which is counted. A hash with outdated parameters is replaced.
+    password. The attempt is counted before the password is verified, so racing guesses
+    never pass the limit, and uncounted when the password is right. A hash with outdated
+    parameters is replaced.
     """
     attempts = [("login_id", name), ("login_address", ctx.client_address(bottle.request.environ))]
-    throttle(ctx, attempts)
+    counted = count_attempts(ctx, attempts)
     conn = ctx.connection()
-    user = find_user(conn, name)
-    if not ctx.verify_password(user[1] if user else None, password) or user is None:
-        count_attempts(ctx, attempts)
+    try:
+        user = find_user(conn, name)
+        verified = ctx.verify_password(user[1] if user else None, password)
+    except BaseException:  # not verified (BUSY01, say): it does not count
+        release_attempts(conn, counted)
+        raise
+    if not verified or user is None:
         raise ApiError("AUTH01", "The user id or password is wrong.")
+    release_attempts(conn, counted)
     user_id, password_hash = user
     if ctx.hasher.check_needs_rehash(password_hash):
         update_password_hash(conn, user_id, ctx.hash_password(password))
@@ -2494,6 +2744,42 @@ def send_reset_mail(settings: Settings, address: str, token: str) -> None:
         log.info("Sent a password reset mail to %s.", address)
     except (OSError, smtplib.SMTPException) as error:
         log.error("Could not send the password reset mail to %s: %s", address, type(error).__name__)
+
+
+def after_answer(callback: Callable[[], None]) -> None:
+    """Run callback once this request's answer is out (SyncNodeApp or the server does)."""
+    bottle.request.environ[AFTER_ANSWER].append(callback)
+
+
+def run_after_answer(callbacks: list[Callable[[], None]]) -> None:
+    """Run the callbacks a request left for after its answer; log, never raise, a failure."""
+    while callbacks:
+        try:
+            callbacks.pop(0)()
+        except Exception:
+            log.exception("A task after an answer failed.")
+
+
+def issue_reset_token(ctx: Context, name: str) -> None:
+    """Make and deliver a reset token if the id exists (after the answer of POST /resetpassword)."""
+    conn = ctx.connection()
+    user = find_user(conn, name)
+    if user is not None:
+        token = create_reset_token(conn, user[0], ctx.now_ms(), ctx.settings.reset_ttl * 1000)
+        deliver_reset_token(ctx.settings, name, token)
+
+
+def read_invite(ctx: Context, body: dict) -> str | None:
+    """Return the live invite code of a sign-up body (None unless registration is invite).
+
+    ACCT01 for a missing, wrong, used or expired code; the code is spent with the account.
+    """
+    if ctx.settings.registration != "invite":
+        return None
+    invite = body.get("invite")
+    if not isinstance(invite, str) or not invite_is_live(ctx.connection(), invite, ctx.now_ms()):
+        raise ApiError("ACCT01", "Registration on this server needs a live invite code.")
+    return invite
 
 
 def start_session(ctx: Context, user_id: int) -> NewSession:
@@ -2554,7 +2840,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
                 ctx.notify_change()
             return response
 
-        guarded_dispatch = guarded(dispatch)
+        guarded_dispatch = guarded(ctx, dispatch)
 
         def route(**args: str):
             response = guarded_dispatch(**args)
@@ -2573,20 +2859,19 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         if settings.registration == "closed":
             raise ApiError("ACCT01", "Registration is disabled on this server.")
         name, password, body = read_credentials()
-        invite = None
-        if settings.registration == "invite":
-            invite = body.get("invite")
-            if not isinstance(invite, str):
-                raise ApiError("ACCT01", "Registration on this server needs an invite code.")
-        attempts = [("register_address", ctx.client_address(bottle.request.environ))]
-        throttle(ctx, attempts)
         conn = ctx.connection()
-        if find_user(conn, name) is not None:
-            raise ApiError("ACCT03", "This user id is already in use.")
-        ctx.require_disk()
-        password_hash = ctx.hash_password(password)
-        user_id = create_user(conn, name, password_hash, ctx.now_ms(), invite=invite)
-        count_attempts(ctx, attempts)
+        invite = read_invite(ctx, body)  # before the id, so a stranger learns nothing of it
+        attempts = [("register_address", ctx.client_address(bottle.request.environ))]
+        counted = count_attempts(ctx, attempts)
+        try:
+            if find_user(conn, name) is not None:
+                raise ApiError("ACCT03", "This user id is already in use.")
+            ctx.require_disk()
+            password_hash = ctx.hash_password(password)
+            user_id = create_user(conn, name, password_hash, ctx.now_ms(), invite=invite)
+        except BaseException:
+            release_attempts(conn, counted)
+            raise
         return session_answer(start_session(ctx, user_id))
 
     def account_get():
@@ -2645,13 +2930,9 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
             ("reset_id", name),
             ("reset_address", ctx.client_address(bottle.request.environ)),
         ]
-        throttle(ctx, attempts)
         count_attempts(ctx, attempts)
-        conn, now_ms = ctx.connection(), ctx.now_ms()
-        user = find_user(conn, name)
-        if user is not None:
-            token = create_reset_token(conn, user[0], now_ms, settings.reset_ttl * 1000)
-            deliver_reset_token(settings, name, token)
+        # Whether the id exists is decided after the answer, so its timing tells nothing.
+        after_answer(functools.partial(issue_reset_token, ctx, name))
         return empty_response()
 
     def invite_post():
@@ -2672,6 +2953,8 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         else:
 
             def changes() -> Listing:
+                if not credential_is_live(conn, caller, "store.read", ctx.now_ms()):
+                    raise ApiError("AUTH01", "The credential of this long-poll was revoked.")
                 return list_changes(conn, caller.user_id, query.since, query.prefix, query.limit)
 
             listing = ctx.long_poll(changes, query.wait)
@@ -2702,7 +2985,6 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         create_only = (header("If-None-Match") or "").strip() == "*"
         value = read_value(settings.max_value_bytes)
         try:
-            ctx.require_disk()
             token = put_value(
                 ctx.connection(),
                 key,
@@ -2732,7 +3014,6 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
                 error = ApiError("PERM01", "Missing required permission: store.own")
                 error.index = index
                 raise error
-        ctx.require_disk()
         results = apply_batch(
             ctx.connection(), caller.user_id, operations, ctx.now_ms(), ctx.quota()
         )
@@ -2766,11 +3047,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     # Health and discovery -----------------------------------------------------------------------
 
     def health_get():
-        try:
-            database = ctx.connection().execute("SELECT 1").fetchone() == (1,)
-        except sqlite3.Error:
-            database = False
-        disk = ctx.disk_ok()
+        database, disk = ctx.database_ok(), ctx.disk_ok()
         status = 200 if database and disk else 500
         return json_response({"database": database, "disk": disk}, status)
 
@@ -2801,15 +3078,34 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     resource("/openapi.json", GET=openapi_get)
 
 
+#: What GET / shows a browser.
+FRONT_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>syncnode</title></head>
+<body><h1>syncnode {version} is running</h1>
+<p>This is a sync server for local-first apps; there is nothing to see here in a browser.</p>
+<ul><li>Its API is described by <a href="{prefix}/openapi.json">{prefix}/openapi.json</a>.</li>
+<li>Immich-compatible accounts, sessions and API keys are under <code>{prefix}/api</code>.</li>
+<li><a href="{prefix}/health">{prefix}/health</a> tells whether it can store data.</li></ul>
+</body></html>
+"""
+
+
 def register_unknown_routes(app: bottle.Bottle, ctx: Context) -> None:
-    """Answer JSON ERR01 on every path no other route takes; registered last."""
+    """Answer JSON ERR01 on every path no other route takes (a page at / for browsers)."""
 
     def unknown_route(path: str = ""):
         ctx.housekeep()
         raise ApiError("ERR01", "There is nothing at this path.")
 
-    app.route("/", "ANY", guarded(unknown_route))
-    app.route("/<path:path>", "ANY", guarded(unknown_route))
+    def root_route():
+        if "text/html" not in (header("Accept") or ""):
+            return unknown_route()  # API clients keep the JSON answer
+        ctx.housekeep()
+        page = FRONT_PAGE.format(version=__version__, prefix=html.escape(mount_prefix()))
+        return answer(page.encode(), 200, {"Content-Type": "text/html; charset=utf-8"})
+
+    app.route("/", "ANY", guarded(ctx, root_route))
+    app.route("/<path:path>", "ANY", guarded(ctx, unknown_route))
 
 
 def mount_prefix() -> str:
@@ -2853,26 +3149,33 @@ def read_grants() -> dict[str, int]:
     return grants
 
 
-def guarded(callback: Callable) -> Callable:
-    """Wrap a route: ApiError becomes its JSON answer, anything unexpected ERR02 and a log entry."""
+def classify_error(ctx: Context, error: Exception) -> ApiError:
+    """Return the ApiError that any exception a route raised answers as, for either API.
+
+    DISK01 for a database that cannot be written (a connection that met a read-only file is
+    replaced, so writes work again once the file does); ERR02, logged with its traceback,
+    for anything unexpected.
+    """
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, sqlite3.OperationalError) and cannot_write(error):
+        log.error("The database could not be written: %s", error.sqlite_errorname)
+        ctx.discard_connection()
+        return out_of_space()
+    log.error("Unexpected error in %s", bottle.request.method, exc_info=error)
+    return ApiError("ERR02", "The server encountered an unexpected error.")
+
+
+def guarded(ctx: Context, callback: Callable) -> Callable:
+    """Wrap a route: an error becomes its JSON answer (see classify_error)."""
 
     def wrapper(*args: Any, **kwargs: Any):
         try:
             return callback(*args, **kwargs)
         except bottle.HTTPResponse:
             raise
-        except ApiError as error:
-            return error_response(error)
-        except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY):
-                log.error("The database could not be written: %s", error.sqlite_errorname)
-                return error_response(
-                    ApiError("DISK01", "The server is out of storage space; nothing was written.")
-                )
-            log.exception("Unexpected database error in %s", bottle.request.method)
-        except Exception:
-            log.exception("Unexpected error in %s", bottle.request.method)
-        return error_response(ApiError("ERR02", "The server encountered an unexpected error."))
+        except Exception as error:
+            return error_response(classify_error(ctx, error))
 
     return wrapper
 
@@ -2950,7 +3253,7 @@ def correlation_id() -> str:
     return secrets.token_hex(4)
 
 
-def app_guarded(callback: Callable, operation_id: str) -> Callable:
+def app_guarded(ctx: Context, callback: Callable, operation_id: str) -> Callable:
     """Wrap an App API route: errors in Immich's layout, x-immich-cid on every answer."""
     failure = "Failed to " + re.sub("[A-Z]+", lambda match: " " + match[0].lower(), operation_id)
 
@@ -2960,25 +3263,16 @@ def app_guarded(callback: Callable, operation_id: str) -> Callable:
             response = callback(*args, **kwargs)
         except AppError as error:
             response = app_error_response(error, cid)
-        except ApiError as error:
-            status, message = APP_ERRORS.get(error.code, (500, failure))
-            if status == 500:
-                log.error("Unexpected %s in %s", error.code, operation_id)
-            # Only Retry-After crosses over: APP-API.md has no WWW-Authenticate.
-            retry = {k: v for k, v in error.headers.items() if k == "Retry-After"}
-            response = app_error_response(AppError(status, message, retry), cid)
-        except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY):
-                log.error("The database could not be written: %s", error.sqlite_errorname)
-                response = app_error_response(AppError(507, "Insufficient storage"), cid)
-            else:
-                log.exception("Unexpected database error in %s", operation_id)
-                response = app_error_response(AppError(500, failure), cid)
         except bottle.HTTPResponse:
             raise
-        except Exception:
-            log.exception("Unexpected error in %s", operation_id)
-            response = app_error_response(AppError(500, failure), cid)
+        except Exception as error:
+            api_error = classify_error(ctx, error)
+            status, message = APP_ERRORS.get(api_error.code, (500, failure))
+            if status == 500 and api_error.code != "ERR02":  # ERR02 was logged already
+                log.error("Unexpected %s in %s", api_error.code, operation_id)
+            # Only Retry-After crosses over: APP-API.md has no WWW-Authenticate.
+            retry = {k: v for k, v in api_error.headers.items() if k == "Retry-After"}
+            response = app_error_response(AppError(status, message, retry), cid)
         add_headers(response, {"x-immich-cid": cid})
         return response
 
@@ -3179,9 +3473,12 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
                 ctx.housekeep()
                 if permission is None:
                     return callback(**args)
-                return callback(authenticate(permission), **args)
+                response = callback(authenticate(permission), **args)
+                if method != "GET":  # a credential may have ended: wake the long-polls
+                    ctx.notify_change()
+                return response
 
-            app.route("/api" + rule, method, app_guarded(route, operation_id))
+            app.route("/api" + rule, method, app_guarded(ctx, route, operation_id))
             return callback
 
         return decorator
@@ -3226,7 +3523,8 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
 
     @operation("POST", "/auth/admin-sign-up", "signUpAdmin", PUBLIC)
     def sign_up_admin():
-        checks = BodyChecks(read_app_body())
+        body = read_app_body()
+        checks = BodyChecks(body)
         display_name = checks.name("name", True)
         name = checks.email("email", True)
         password = checks.text(
@@ -3234,15 +3532,25 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
         )
         checks.done()
         conn = ctx.connection()
+        if settings.registration == "closed":
+            raise AppError(403, "Registration is disabled on this server")
+        try:
+            invite = read_invite(ctx, body)
+        except ApiError:
+            raise AppError(403, "Registration on this server needs a live invite code") from None
         if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
             raise AppError(400, "The server already has an admin")
         ctx.require_disk()
         try:
             user_id = create_user(
                 conn, name, ctx.hash_password(password), ctx.now_ms(), first=True,
-                display_name=display_name,
+                display_name=display_name, invite=invite,
             )  # fmt: skip
-        except ApiError:
+        except ApiError as error:
+            if error.code == "ACCT01":  # another sign-up spent the invite first
+                raise AppError(
+                    403, "Registration on this server needs a live invite code"
+                ) from None
             raise AppError(400, "The server already has an admin") from None
         return app_json(admin_user(user_id), 201)
 
@@ -3433,9 +3741,8 @@ def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
         request = bottle.request
         raise AppError(404, f"Cannot {request.method} {request.path[len(merged_prefix()) :]}")
 
-    app.route("/api", "ANY", app_guarded(unknown_app_route, "unknown"))
-    app.route("/api/", "ANY", app_guarded(unknown_app_route, "unknown"))
-    app.route("/api/<path:path>", "ANY", app_guarded(unknown_app_route, "unknown"))
+    for rule in ("/api", "/api/", "/api/<path:path>"):
+        app.route(rule, "ANY", app_guarded(ctx, unknown_app_route, "unknown"))
 
 
 def device_row(device: Device) -> tuple[str, str, str | None]:
@@ -3989,13 +4296,38 @@ class SyncNodeApp(bottle.Bottle):
             environ["PATH_INFO"] = environ["PATH_INFO"].encode("utf-8").decode("latin-1")
             # The outer app dropped bytes that are not UTF-8; read_key checks the original.
             environ["syncnode.raw_path"] = environ.pop("bottle.raw_path")
+        # syncnode's own server runs these after sending the answer; other servers, when
+        # they close it (after sending it, too, as WSGI has them do).
+        callbacks = environ.setdefault(AFTER_ANSWER, [])
         if not self.context.settings.access_log:
-            return super().__call__(environ, start_response)
-        return AccessLogged(self.context, environ, start_response, super().__call__)
+            body = super().__call__(environ, start_response)
+        else:
+            body = AccessLogged(self.context, environ, start_response, super().__call__)
+        if callbacks and environ.get("syncnode.server") != "syncnode":
+            return AfterAnswer(body, callbacks)
+        return body
 
     def close(self) -> None:
         """Close the app's database connections."""
         self.context.close()
+
+
+class AfterAnswer:
+    """An answer's body that runs the request's after-answer callbacks when closed."""
+
+    def __init__(self, body: Iterable[bytes], callbacks: list[Callable[[], None]]) -> None:
+        self.body, self.callbacks = body, callbacks
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        """Close the body, then run the callbacks."""
+        try:
+            if hasattr(self.body, "close"):
+                self.body.close()
+        finally:
+            run_after_answer(self.callbacks)
 
 
 class AccessLogged:
@@ -4047,15 +4379,50 @@ def open_context(settings: Settings, clock: Callable[[], float]) -> Context:
     A database written by a newer syncnode is refused before anything touches it (switching
     it to WAL mode would already change it).
     """
+    check_database_path(settings.database)
     with contextlib.closing(sqlite3.connect(settings.database)) as conn:
         refuse_newer(conn.execute("PRAGMA user_version").fetchone()[0], len(SCHEMA))
     ctx = Context(settings, clock)
     try:
-        migrate(ctx.connection())
+        conn = ctx.connection()
+        migrate(conn)
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            make_vacuum_incremental(conn)
+        ctx.hold_database()
     except BaseException:
         ctx.close()
         raise
     return ctx
+
+
+def check_database_path(path: str) -> None:
+    """Raise DatabaseUnusable, saying what to do, for a database path SQLite could not use."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DatabaseUnusable(
+            f"The folder {folder} does not exist; create it or choose another database path."
+        )
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DatabaseUnusable(f"{path} is not a file; choose another database path.")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise DatabaseUnusable(
+            f"The folder {folder} or the database in it is not writable by this user; "
+            "change its owner or permissions, or choose another database path."
+        )
+
+
+def make_vacuum_incremental(conn: sqlite3.Connection) -> None:
+    """Switch a database made before incremental vacuum to it, once (VACUUM rewrites it).
+
+    Housekeeping then gives the pages that deletions free back to the file system. Without
+    room for the rewrite it stays as it is and says so.
+    """
+    log.info("Switching the database to incremental vacuum; this rewrites it once.")
+    try:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+    except sqlite3.OperationalError as error:
+        log.warning("Could not switch to incremental vacuum: %s", error.sqlite_errorname)
 
 
 def create_app(
@@ -4155,12 +4522,18 @@ def server_class(settings: Settings) -> type:
     class Parser(waitress.parser.HTTPRequestParser):
         def received(self, data: bytes) -> int:
             had_headers = self.headers_finished
+            start = (self.header_plus or data)[: MAX_KEY_CHARS * 12]
             consumed = super().received(data)
             if self.headers_finished and not had_headers and self.error is None:
                 limit = request_body_limit(settings, self.command, self.path)
                 if self.content_length > limit:
                     self.error = waitress.utilities.RequestEntityTooLarge(f"over {limit}")
                     self.completed, self.expect_continue = True, False
+            elif self.error is not None and self.error.code == 431:
+                # Waitress forgets the request line of headers too large; its path picks
+                # the API whose layout the answer takes.
+                target = start.partition(b"\r\n")[0].split(b" ")[1:2]
+                self.path = target[0].decode("latin-1").partition("?")[0] if target else "/"
             return consumed
 
     class ErrorTask(waitress.task.ErrorTask):
@@ -4194,9 +4567,20 @@ def server_class(settings: Settings) -> type:
             if not self.keep_bodiless:
                 super().set_close_on_finish()
 
+        def get_environment(self) -> dict:
+            environ = super().get_environment()
+            environ.setdefault(AFTER_ANSWER, [])
+            environ["syncnode.server"] = "syncnode"
+            return environ
+
         def service(self) -> None:
             super().service()
             self.channel.answered = True
+            callbacks = self.environ.get(AFTER_ANSWER) if self.environ else None
+            if callbacks:
+                with self.channel.outbuf_lock:  # send the answer before the work behind it
+                    self.channel._flush_exception(self.channel._flush_some, do_close=False)
+                run_after_answer(callbacks)
 
     class Channel(waitress.channel.HTTPChannel):
         task_class, error_task_class, parser_class = Task, ErrorTask, Parser
@@ -4251,7 +4635,7 @@ def server_class(settings: Settings) -> type:
         channel_class = Channel
 
         def maintenance(self, now: float) -> None:
-            cutoff, waiting = now - timeout, []
+            cutoff = now - timeout
             for channel in self.active_channels.values():
                 request = channel.request
                 if channel.parked or channel.total_outbufs_len:
@@ -4260,16 +4644,31 @@ def server_class(settings: Settings) -> type:
                     continue  # being answered
                 elif request is not None and request.headers_finished:
                     stalled = channel.last_activity < cutoff  # a body on its way
-                    waiting.append(channel)
                 else:
                     stalled = channel.idle_since < cutoff  # no complete request in time
-                    waiting.append(channel)
                 if stalled:
                     channel.will_close = True
-            waiting.sort(key=lambda c: (c.request is not None and c.request.headers_finished,
-                                        c.idle_since))  # fmt: skip
-            for channel in waiting[: max(0, len(waiting) - waiting_limit)]:
-                channel.will_close = True
+            self.close_surplus()
+
+        def handle_accept(self) -> None:
+            super().handle_accept()
+            self.close_surplus()
+
+        def close_surplus(self) -> None:
+            """Close the connections without a complete request past the limit, idlest first.
+
+            A body on its way goes last.
+            """
+            waiting = [
+                channel
+                for channel in self.active_channels.values()
+                if not (channel.requests or channel.total_outbufs_len or channel.will_close)
+            ]
+            if len(waiting) > waiting_limit:
+                waiting.sort(key=lambda c: (bool(c.request and c.request.headers_finished),
+                                            c.idle_since))  # fmt: skip
+                for channel in waiting[: len(waiting) - waiting_limit]:
+                    channel.will_close = True
 
     return Server
 
@@ -4353,8 +4752,16 @@ def build_parser() -> argparse.ArgumentParser:
     command("delete", "Delete an account and the keys only it owns.", users).add_argument("id")
     command("passwd", "Set an account's password; ends its sessions.", users).add_argument("id")
     command("reset-token", "Print a one-time reset token for an account.").add_argument("id")
+    command("unlock", "Clear an account's failed logins, so it may log in at once.").add_argument(
+        "id"
+    )
     command("invite", "Print a single-use invite code (registration=invite).")
-    command("backup", "Copy the database consistently, even while it serves.").add_argument("file")
+    backup = command("backup", "Copy the database consistently, even while it serves.")
+    backup.add_argument("file")
+    backup.add_argument("--force", action="store_true", help="Replace an existing file.")
+    command(
+        "restore", "Check a backup and swap it in for the database (no server may be running)."
+    ).add_argument("backup")
     command("check", "Check the database's integrity; exit 1 on any problem.")
     command("stats", "Print counts of users, keys, bytes and sessions.").add_argument(
         "--json", action="store_true", help="Print one JSON object."
@@ -4371,7 +4778,7 @@ def parse_setting(kind: str, text: str) -> int | bool | str:
         return int(text)
     if kind == "bool":
         if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            raise ValueError("must be true or false")
+            raise ValueError("must be one of true, false, 1, 0, yes, no, on, off")
         return text.lower() in ("true", "1", "yes", "on")
     return text
 
@@ -4404,7 +4811,7 @@ def parse_args(argv: list[str], environ: Mapping[str, str]) -> Settings:
     return parse_command(argv, environ)[1]
 
 
-def serve(app: SyncNodeApp, settings: Settings) -> None:
+def serve(app: SyncNodeApp, settings: Settings, server: Any = None) -> None:
     """Serve the app with waitress until SIGTERM or SIGINT, then stop gracefully.
 
     Stopping closes the listening socket, lets the requests whose headers have arrived
@@ -4414,7 +4821,9 @@ def serve(app: SyncNodeApp, settings: Settings) -> None:
     import waitress.channel
     import waitress.wasyncore
 
-    server = make_server(settings, app)
+    if server is None:
+        server = make_server(settings, app)
+    server.application = app
     stopping = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -4457,6 +4866,83 @@ def serve(app: SyncNodeApp, settings: Settings) -> None:
         log.info("Stopped.")
 
 
+def copy_database(conn: sqlite3.Connection, target: str) -> None:
+    """Copy a database consistently into target (through a .partial file, then a rename)."""
+    partial = target + ".partial"
+    with contextlib.closing(sqlite3.connect(partial)) as copy:
+        conn.backup(copy)
+    os.replace(partial, target)
+
+
+def check_backup_target(target: str, database: str, force: bool) -> None:
+    """Refuse a backup target that is the database itself, in no folder, or taken (unless force)."""
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        raise ApiError("REQ01", f"The folder {folder} for the backup does not exist.")
+    if os.path.exists(target):
+        if os.path.samefile(target, database):
+            raise ApiError("REQ01", f"{target} is the database itself; back up to another file.")
+        if not force:
+            raise ApiError("REQ01", f"{target} exists; pass --force to replace it.")
+
+
+def restore_database(backup: str, database: str) -> str:
+    """Swap a checked backup in for the database; return what was done.
+
+    The backup must be a whole syncnode database of a schema this syncnode knows. No server
+    may hold the database (see Context.hold_database). The previous database is kept as
+    DATABASE.before-restore with its -wal, so that no old WAL is replayed into the backup.
+    """
+    if not os.path.isfile(backup):
+        raise ApiError("ERR01", f"There is no backup at {backup}.")
+    check_database_path(database)
+    uri = "file:" + urllib.parse.quote(os.path.abspath(backup)) + "?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as source:
+            problems = check_database(source, newest=False)
+            version = source.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(SCHEMA):
+                raise ApiError("REQ01", f"{backup} was written by a newer syncnode; upgrade first.")
+            if version < 1:
+                raise ApiError("REQ01", f"{backup} is not a syncnode database.")
+            if problems:
+                raise ApiError("REQ01", f"{backup} is not a sound syncnode database: {problems[0]}")
+            users, keys = (
+                source.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("users", "items")
+            )
+            held = None
+            if os.path.exists(database) and fcntl is not None:
+                held = os.open(database, os.O_RDONLY)
+                try:
+                    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(held)
+                    raise ApiError(
+                        "REQ01", f"A server has {database} open; stop it, then restore."
+                    ) from None
+            try:
+                copy_database(source, database + ".restoring")
+                kept = database + ".before-restore"
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(kept + suffix)
+                if os.path.exists(database):
+                    os.replace(database, kept)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(database + "-wal", kept + "-wal")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(database + "-shm")
+                os.replace(database + ".restoring", database)
+            finally:
+                if held is not None:
+                    os.close(held)
+    except sqlite3.DatabaseError as error:
+        raise ApiError("REQ01", f"{backup} is not a syncnode database: {error}") from None
+    previous = f" The previous database is at {kept}." if os.path.exists(kept) else ""
+    return f"Restored {database} from {backup}: {users} users, {keys} keys.{previous}"
+
+
 def read_new_password(stdin: Any) -> str:
     """Read a password: asked twice on a terminal, else one line of standard input."""
     if stdin.isatty():
@@ -4471,19 +4957,21 @@ def read_new_password(stdin: Any) -> str:
 
 def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout: Any) -> int:
     """Run an admin command on the database; return the exit status."""
+    if args.command == "restore":
+        print(restore_database(args.backup, settings.database), file=stdout)
+        return 0
     if args.command in ("backup", "check"):
         if not os.path.isfile(settings.database):
             raise ApiError("ERR01", f"There is no database at {settings.database}.")
+        if args.command == "backup":
+            check_backup_target(args.file, settings.database, args.force)
         conn = sqlite3.connect(settings.database, isolation_level=None)
         try:
             if args.command == "check":
                 problems = check_database(conn)
                 print("\n".join(problems) if problems else "ok", file=stdout)
                 return 1 if problems else 0
-            partial = args.file + ".partial"
-            with contextlib.closing(sqlite3.connect(partial)) as copy:
-                conn.backup(copy)
-            os.replace(partial, args.file)
+            copy_database(conn, args.file)
             print(f"Backed up {settings.database} to {args.file}.", file=stdout)
             return 0
         finally:
@@ -4517,6 +5005,9 @@ def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout
             raise ApiError("ERR01", f"There is no user {name}.")
         if args.command == "reset-token":
             print(create_reset_token(conn, user[0], now_ms, settings.reset_ttl * 1000), file=stdout)
+        elif args.command == "unlock":
+            cleared = clear_attempts(conn, "login_id", name)
+            print(f"Cleared {cleared} failed logins of {name}.", file=stdout)
         elif args.user_command == "delete":
             delete_account(conn, user[0], now_ms)
             print(f"Deleted {name}.", file=stdout)
@@ -4535,28 +5026,34 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    server = None
     try:
         if args.command not in (None, "serve"):
             return run_command(args, settings, sys.stdin, sys.stdout)
+        try:  # listen first: a taken port must not create or migrate a database
+            server = make_server(settings)
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            print(
+                f"syncnode: cannot listen on {settings.host}:{settings.port}: {reason}",
+                file=sys.stderr,
+            )
+            return 1
         app = create_app(**dataclasses.asdict(settings))
+        server.application = app
     except (KeyboardInterrupt, EOFError):
         print("syncnode: stopped before the command finished.", file=sys.stderr)
         return 1
-    except ApiError as error:
-        print(f"syncnode: {error.message}", file=sys.stderr)
+    except (ApiError, DatabaseUnusable) as error:
+        print(f"syncnode: {error}", file=sys.stderr)
         return 1
     except (sqlite3.Error, DatabaseTooNew, OSError) as error:
         print(f"syncnode: cannot use the database {settings.database}: {error}", file=sys.stderr)
         return 1
-    try:
-        serve(app, settings)
-    except (OSError, ValueError) as error:
-        app.close()
-        reason = getattr(error, "strerror", None) or str(error)
-        print(
-            f"syncnode: cannot listen on {settings.host}:{settings.port}: {reason}", file=sys.stderr
-        )
-        return 1
+    finally:
+        if server is not None and server.application is None:
+            server.close()  # the database could not be opened
+    serve(app, settings, server)
     return 0
 
 

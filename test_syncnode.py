@@ -2882,7 +2882,8 @@ def race_revoke(live: LiveServer, owner: User, bob: User, key: str) -> tuple[flo
                     token = got.headers["X-Sync-Token"]
                 body = f"bob {number}.{count}".encode()
                 sent = time.monotonic()
-                reply = call(conn, "PUT", path, body, {**bob.headers, "X-Sync-Token": token})
+                sent_token = {"X-Sync-Token": token} if token else {}  # none if never read
+                reply = call(conn, "PUT", path, body, {**bob.headers, **sent_token})
                 attempts.append(Attempt("PUT", sent, reply, token, body))
                 if reply.status_int == 204:
                     token = reply.headers["X-Sync-Token"]
@@ -3377,10 +3378,10 @@ def newer_schema(tmp_path) -> str:
         pytest.param(newer_schema, id="newer-schema"),
     ],
 )
-def test_cli_unusable_database_exits_with_one_line(tmp_path, taken_port, make_path):
-    # The port is taken too, so that a database that wrongly opens fails fast instead of serving.
+def test_cli_unusable_database_exits_with_one_line(tmp_path, make_path):
+    # On a free port a database that wrongly opens would serve until run_cli's timeout.
     database = make_path(tmp_path)
-    result = run_cli(tmp_path, "--database", database, "--port", str(taken_port))
+    result = run_cli(tmp_path, "--database", database, "--port", "0")
     assert "database" in assert_one_error_line(result)
 
 
@@ -4401,14 +4402,6 @@ def test_app_auth_admin_sign_up_makes_the_first_account_admin(client, db):
     assert table_counts(db)["sessions"] == 0
     client.post_json("/auth", {"id": "admin@example.org", "password": PASSWORD}, status=200)
     assert app_login(client, "ADMIN@example.org").json["userId"] == admin["id"]
-
-
-def test_app_auth_admin_sign_up_works_with_closed_registration(make_app, db):
-    client = webtest.TestApp(make_app(registration="closed"))
-    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
-    client.post_json("/api/auth/admin-sign-up", body, status=201)
-    assert table_counts(db)["users"] == 1
-    client.post_json("/account", {"id": "bob", "password": PASSWORD}, status=403)
 
 
 def test_app_auth_admin_sign_up_second_time_is_400(client, db):
