@@ -11,10 +11,11 @@ Three ways to run it:
   WSGI server, or to mount under a path prefix in a bigger application.
 
 Beside the Sync Node API it serves an App API under ``/api``: the accounts, sessions, API keys
-and server-info operations of Immich's API, on the same accounts. The behaviour contracts are
-``SYNCNODE.md`` and ``APP-API.md`` with the OpenAPI documents they refine; ``GET /openapi.json``
-serves the document of everything this file serves. The admin commands (``syncnode user``,
-``backup``, ``check``, ...) are at the end, with the CLI.
+and server-info operations of Immich's API, on the same accounts. The README describes the
+behaviour (errors, sessions, reset, permissions, the App API's scope) with the OpenAPI documents
+in ``spec/``; ``GET /openapi.json`` serves the document of everything this file serves. The
+admin commands (``syncnode user``, ``backup``, ``restore``, ``check``, ...) are at the end, with
+the CLI.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ AFTER_ANSWER = "syncnode.after_answer"
 
 LEVELS = {"READ": 1, "WRITE": 2, "OWN": 3}
 
-#: APP-API.md, API keys: the document's permission enum, then the store permissions it adds.
+#: README, App API: the API key permissions of Immich's document, then the store ones added.
 API_KEY_PERMISSIONS = (
     "all", "apiKey.create", "apiKey.read", "apiKey.update", "apiKey.delete",
     "auth.changePassword", "authDevice.delete", "session.create", "session.read",
@@ -282,7 +283,7 @@ def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Net
 # Errors
 # ==================================================================================================
 
-#: SYNCNODE.md, Errors: every code with its HTTP status.
+#: README, Errors: every code with its HTTP status.
 ERROR_STATUS = {
     "AUTH01": 401,
     "AUTH02": 429,
@@ -608,7 +609,7 @@ class Caller:
     permissions: frozenset[str] | None = None
 
     def allows(self, permission: str) -> bool:
-        """Whether the credential grants the permission (APP-API.md, API keys)."""
+        """Whether the credential grants the permission (README, App API)."""
         if self.permissions is None or "all" in self.permissions:
             return True
         return not self.permissions.isdisjoint(IMPLIED_BY.get(permission, (permission,)))
@@ -1281,7 +1282,7 @@ def create_user(
 ) -> int:
     """Insert a user and return its row id; ACCT03 when the id is taken.
 
-    With first=True the insert happens only on an empty server (APP-API.md, admin-sign-up):
+    With first=True the insert happens only on an empty server (README, App API):
     the check and the insert share one write transaction, so of racing calls one wins. An
     invite code, when given, is spent in that same transaction (ACCT01 if it is not live).
     """
@@ -1361,7 +1362,7 @@ def find_session(
 ) -> Caller:
     """Return the caller behind a session token; AUTH01 (and the row purged) when expired.
 
-    APP-API.md, Credentials: a session used over an hour after its last refresh, or from
+    README, App API: a session used over an hour after its last refresh, or from
     another app version, records the time and this request's device again.
     """
     row = conn.execute(
@@ -1638,7 +1639,7 @@ def spend_invite(conn: sqlite3.Connection, code: str, now_ms: int) -> bool:
     )
 
 
-# API keys and users of the App API (APP-API.md).
+# API keys and users of the App API.
 
 
 def api_key_answer(row: tuple) -> dict:
@@ -1769,7 +1770,7 @@ def user_answer(row: tuple, admin: bool = False) -> dict:
 def get_user(conn: sqlite3.Connection, *, row_id: int = 0, public_id: str = "") -> tuple | None:
     """Return a users row (for user_answer) by row id or UUID, or None.
 
-    The oldest account is the admin (APP-API.md, Accounts), so deleting the admin makes the
+    The oldest account is the admin (README, Accounts and sessions), so deleting the admin makes the
     next oldest one admin in that same transaction, and an admin exists whenever a user does.
     """
     return conn.execute(
@@ -2631,7 +2632,7 @@ APP_VERSION = re.compile(r"(?:immich-android/|immich-ios/|Immich_Android_|Immich
 
 
 def device_from_environ(environ: Mapping[str, Any]) -> Device:
-    """Derive a session's device fields from the request (APP-API.md, Credentials)."""
+    """Derive a session's device fields from the request (README, App API)."""
     agent = environ.get("HTTP_USER_AGENT", "")
     device_type = device_os = ""
     if agent.startswith("Mozilla/"):
@@ -2713,7 +2714,7 @@ def deliver_reset_token(settings: Settings, name: str, token: str) -> None:
     the id exists, and a slow or failing mail server never holds a request.
     """
     if not settings.smtp_host or not EMAIL_ADDRESS.fullmatch(name):
-        # SYNCNODE.md, Passwords and reset: without SMTP the log line is the delivery.
+        # README, Accounts and sessions: without SMTP the log line is the delivery.
         log.warning("Password reset token for %s: %s", name, token)
         return
     threading.Thread(
@@ -2801,7 +2802,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
     def authenticate(permission: str | None = None, session_only: bool = False) -> Caller:
         """Find the caller: Authorization: Bearer decides alone when present, else x-api-key.
 
-        An API key acts within its permissions (APP-API.md, API keys on Sync Node paths).
+        An API key acts within its permissions (README, App API).
         """
         conn, token = ctx.connection(), bearer_token()
         if token is not None:
@@ -2906,7 +2907,7 @@ def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
         if token is None or find_reset_token(conn, token, ctx.now_ms()) is None:
             caller = authenticate(session_only=True)
         else:
-            caller = None  # A reset token: SYNCNODE.md, Passwords and reset.
+            caller = None  # A reset token (README, Accounts and sessions).
         body = read_json()
         if not isinstance(body, dict) or not isinstance(body.get("password"), str):
             raise ApiError("REQ01", "The body must be a JSON object with a string password.")
@@ -3184,7 +3185,7 @@ def guarded(ctx: Context, callback: Callable) -> Callable:
 # App API
 # ==================================================================================================
 
-#: APP-API.md, Errors: the reason phrase of each status the App API answers with.
+#: README, Errors under /api: the reason phrase of each status the App API answers with.
 REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -3270,7 +3271,7 @@ def app_guarded(ctx: Context, callback: Callable, operation_id: str) -> Callable
             status, message = APP_ERRORS.get(api_error.code, (500, failure))
             if status == 500 and api_error.code != "ERR02":  # ERR02 was logged already
                 log.error("Unexpected %s in %s", api_error.code, operation_id)
-            # Only Retry-After crosses over: APP-API.md has no WWW-Authenticate.
+            # Only Retry-After crosses over: Immich answers no WWW-Authenticate.
             retry = {k: v for k, v in api_error.headers.items() if k == "Retry-After"}
             response = app_error_response(AppError(status, message, retry), cid)
         add_headers(response, {"x-immich-cid": cid})
@@ -3411,7 +3412,7 @@ class BodyChecks:
 
 
 def session_token_from_request() -> str | None:
-    """Return the session token of an App API request, first found in APP-API.md's order."""
+    """Return the session token of an App API request, first found in Immich's order."""
     request = bottle.request
     for value in (
         header("x-immich-user-token"),
@@ -3442,7 +3443,7 @@ def cookie_headers(values: dict[str, str], max_age: int | None, now: float = 0) 
 
 
 def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
-    """Register the App API (APP-API.md) under /api on the app, closing over its context."""
+    """Register the App API under /api on the app, closing over its context."""
     settings = ctx.settings
 
     def authenticate(permission: str) -> Caller:
@@ -4117,7 +4118,7 @@ def openapi_document() -> dict:
 
 
 def app_api_schemas() -> dict:
-    """Return the App API's schemas (APP-API.md), answers closed to other properties."""
+    """Return the App API's schemas, answers closed to other properties."""
     session = {
         "id": _STRING, "createdAt": _STRING, "updatedAt": _STRING, "expiresAt": _STRING,
         "current": _BOOLEAN, "deviceType": _STRING, "deviceOS": _STRING,
@@ -4204,7 +4205,7 @@ def app_api_schemas() -> dict:
 
 
 def app_api_paths() -> dict:
-    """Return the App API's operations under /api (APP-API.md, Operations)."""
+    """Return the App API's operations under /api."""
     public: dict[str, Any] = {"security": []}
 
     def array(name: str) -> dict:
