@@ -7,17 +7,22 @@ schemathesis against a live server; real server, embedding, CLI; the App API's c
 (wire format, credentials, auth, API keys, sessions, users, server); operations (throttling
 across restarts, quotas, reset mail, admin CLI, housekeeping, access log, shutdown and
 restarts, low-memory profile, invites); properties; streaming large values; the sync protocol
-(change feed, long-poll, listing and paging, conditional requests, CORS, browser, batch).
+(change feed, long-poll, listing and paging, conditional requests, CORS, browser, batch);
+hardening (faults and operations, nothing leaks between users, slow and stalled clients, type
+confusion over the served document); the README's contract and curl session.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
+import copy
 import dataclasses
 import datetime
 import email
 import email.policy
+import errno
 import getpass
 import hashlib
 import html
@@ -28,6 +33,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import shutil
@@ -45,6 +51,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -54,6 +61,7 @@ import jsonschema
 import pytest
 import schemathesis
 import waitress.server
+import webob
 import webtest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
@@ -3446,7 +3454,7 @@ APP_REASONS = {
     500: "Internal Server Error",
     507: "Insufficient Storage",
 }
-#: APP-API.md, API keys: the document's enum, then the store permissions appended when served.
+#: README, App API: the document's enum, then the store permissions appended when served.
 SERVED_PERMISSIONS = [
     "all", "apiKey.create", "apiKey.read", "apiKey.update", "apiKey.delete",
     "auth.changePassword", "authDevice.delete", "session.create", "session.read",
@@ -3457,7 +3465,7 @@ SERVED_PERMISSIONS = [
 ENUM_SENTENCE = "each value in permissions must be one of the following values: " + ", ".join(
     SERVED_PERMISSIONS
 )
-#: Optional properties APP-API.md names as always present; every other optional one is absent.
+#: Optional properties the App API always sends; every other optional one is absent.
 PRESENT_OPTIONAL = {"SessionResponseDto": {"expiresAt"}, "SessionCreateResponseDto": {"expiresAt"}}
 LOGIN_EMPTY = [
     "email should not be empty",
@@ -3517,7 +3525,7 @@ def assert_schema(response, schema: str | list[str]) -> Any:
     """Validate a JSON answer against its schema (a name, or [name] for an array); return it.
 
     Checks the App API's JSON type and x-immich-cid, the document's schema with jsonschema
-    (Draft 2020-12) and the exact key set APP-API.md allows.
+    (Draft 2020-12) and the exact key set the App API sends.
     """
     assert response.headers["Content-Type"] == APP_JSON
     assert response.headers.get("x-immich-cid")
@@ -4112,7 +4120,7 @@ def test_app_credentials_access_log_leaves_out_query_secrets(make_app, caplog):
     assert not [line for line in lines if secret in line or token in line]
 
 
-# Operations and the permission each needs from an API key (APP-API.md, Operations); the last
+# Operations and the permission each needs from an API key (README, App API); the last
 # columns are what a key holding exactly that permission gets: status, error message or schema.
 OPERATIONS = [
     ("POST", "/api/auth/change-password", "auth.changePassword",
@@ -5021,7 +5029,7 @@ def test_app_keys_never_expire(client, user, clock):
     )
 
 
-# API keys on Sync Node paths (APP-API.md): each request, the permission it needs and the status
+# API keys on Sync Node paths (README, App API): a request, the permission it needs and the status
 # a key holding it gets. The fixture `stored` makes alice own "k" and "bob" exist.
 SYNC_OPERATIONS = [
     ("GET", "/store", "store.read", 200),
@@ -5388,7 +5396,7 @@ def test_app_sessions_delete_bad_id_is_400(client, user, db):
     assert app_state(db) == before
 
 
-# User-Agent and headers, and the device fields a session records (APP-API.md, Credentials).
+# User-Agent and headers, and the device fields a session records (README, App API).
 DEVICES = [
     ({"User-Agent": CHROME_WINDOWS[:-14] + "Safari/537.36 Edg/120.0.0.0"}, "Edge", "Windows", None),
     ({"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36 OPR/106.0"},
@@ -7387,14 +7395,14 @@ class Entry:
 
 
 def spell(name: str, shout: bool) -> str:
-    """Write an id as a client might; the server normalises it (SYNCNODE.md, Identities)."""
+    """Write an id as a client might; the server normalises it (README, Accounts and sessions)."""
     return name.upper() if shout else name
 
 
 class StoreModel(RuleBasedStateMachine):
     """Three users send store, permission and account requests; a dict model predicts each answer.
 
-    Expected codes follow SYNCNODE.md: the first broken rule in the order AUTH01, REQ01/SIZE01,
+    Codes follow the README's Errors: the first broken rule in the order AUTH01, REQ01/SIZE01,
     ERR01 (missing or invisible key), PERM01, KEY01 answers; permission changes need OWN except
     self-removal, and none may leave a key without an OWN holder (PERM02).
     """
@@ -9231,3 +9239,2478 @@ def test_batch_store_read_api_key_is_perm01(client, user, db):
     response = client.post_json("/batch", {"operations": [put_op("new")]}, headers=key, status=403)
     assert_error(response, 403, "PERM01")
     assert feed_state(db) == before
+
+
+# ==================================================================================================
+# Hardening: faults and operations
+# ==================================================================================================
+
+# A full disk, a database that cannot be written or is damaged, the free-space floor and
+# vacuuming, a clock that steps back; the backup, restore and unlock commands, start-up errors,
+# the browser's front page and boolean settings.
+
+#: syncnode's own connect, kept before any test replaces it.
+REAL_CONNECT = syncnode.connect
+
+#: Where the failed logins of fail_logins do not come from.
+ELSEWHERE = {"REMOTE_ADDR": "198.51.100.9"}
+
+
+def read_only_connect(path: str, settings, write_lock=None, **_):
+    """Open a connection as syncnode does, but read-only, as on a file system mounted ro."""
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+    conn = sqlite3.connect(
+        uri, uri=True, isolation_level=None, check_same_thread=False, factory=syncnode.Connection
+    )
+    conn.write_lock = write_lock
+    conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout)}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+@pytest.fixture
+def read_only(app, client, user, monkeypatch) -> tuple[User, str]:
+    """Alice stored "k"; from now on the app's connections open the database read-only.
+
+    Returns alice and the token of "k".
+    """
+    token = token_of(put(client, user, "k", b"value"))
+    monkeypatch.setattr(syncnode, "connect", read_only_connect)
+    app.close()  # the next request opens this thread's connection again
+    return user, token
+
+
+def deleting(client, user: User, key: str, token: str, **kw):
+    """DELETE a key as the user with its current token; return the response."""
+    return client.delete(f"/store/{key}", headers={**user.headers, "X-Sync-Token": token}, **kw)
+
+
+# Faults -------------------------------------------------------------------------------------------
+
+
+class FullDisk(io.BytesIO):
+    """A temporary file on a file system with no space left."""
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_faults_spooling_out_of_space_is_disk01_and_stores_nothing(client, user, db, monkeypatch):
+    monkeypatch.setattr(syncnode.tempfile, "TemporaryFile", lambda *args, **kwargs: FullDisk())
+    before = snapshot(db)
+    body = b"x" * (syncnode.STREAM_FROM_BYTES + 1)  # large enough to be spooled
+    assert_error(put(client, user, "big", body, status=507), 507, "DISK01")
+    assert snapshot(db) == before
+
+
+def test_faults_read_only_connection_recovers_once_the_database_is_writable(
+    client, read_only, monkeypatch
+):
+    alice, _ = read_only
+    assert_error(put(client, alice, "new", status=507), 507, "DISK01")
+    monkeypatch.setattr(syncnode, "connect", REAL_CONNECT)
+    put(client, alice, "new", status=204)  # same thread, same app
+    assert client.get("/store/new", headers=alice.headers).body == b"v"
+
+
+def test_faults_read_only_get_answers_200_when_the_session_is_due_a_refresh(
+    client, clock, read_only
+):
+    alice, _ = read_only
+    clock.advance(2 * 3600)
+    assert client.get("/store/k", headers=alice.headers).body == b"value"
+
+
+def test_faults_read_only_listing_answers_200_when_the_session_is_due_a_refresh(
+    client, clock, read_only
+):
+    alice, _ = read_only
+    clock.advance(2 * 3600)
+    listing = client.get("/store", headers=alice.headers).json
+    assert [entry["key"] for entry in listing] == ["k"]
+
+
+def test_faults_read_only_expired_session_is_auth01(client, clock, read_only):
+    alice, _ = read_only
+    clock.advance(31 * 86400)
+    assert_error(client.get("/store/k", headers=alice.headers, status=401), 401, "AUTH01")
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda client, alice, token: put(client, alice, "new", status="*"),
+        lambda client, alice, token: put(client, alice, "k", b"changed", token, status="*"),
+        lambda client, alice, token: deleting(client, alice, "k", token, status="*"),
+        lambda client, alice, token: batch(client, alice, [put_op("new")], status="*"),
+        lambda client, alice, token: client.post_json(
+            "/account", {"id": "bob", "password": PASSWORD}, status="*"
+        ),
+    ],
+    ids=["put-new", "put-update", "delete", "batch", "register"],
+)
+def test_faults_read_only_writes_are_disk01(client, read_only, write):
+    alice, token = read_only
+    assert_error(write(client, alice, token), 507, "DISK01")
+
+
+# Health -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("history", ["fresh", "after-a-write", "reopened"])
+def test_health_healthy_database_is_200_with_both_parts(app, client, user, history):
+    if history != "fresh":
+        put(client, user, "k")
+    if history == "reopened":
+        app.close()
+    response = client.get("/health")
+    assert (response.status_int, response.json) == (200, {"database": True, "disk": True})
+
+
+def test_health_read_only_database_is_500_with_database_false(client, read_only):
+    response = client.get("/health", status=500)
+    assert response.json["database"] is False
+
+
+def test_health_wal_removed_under_the_app_is_500_with_database_false(client, user, db_path):
+    put(client, user, "k")
+    os.remove(db_path + "-wal")
+    response = client.get("/health", status=500)
+    assert response.json["database"] is False
+
+
+def test_health_malformed_database_is_500_with_database_false(client, user, db_path):
+    put(client, user, "k")
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # page 1 lives in the file alone now
+    with open(db_path, "r+b") as file:
+        file.write(b"\xa5" * 100)
+    response = client.get("/health", status=500)
+    assert response.content_type == "application/json"
+    assert response.json["database"] is False
+    assert "Traceback" not in response.text
+
+
+# Disk floor ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Floor:
+    """Two apps on one database: one with room to write, one whose floor no disk meets."""
+
+    roomy: webtest.TestApp
+    full: webtest.TestApp
+    alice: User
+
+
+@pytest.fixture
+def floor(make_app) -> Floor:
+    roomy = webtest.TestApp(make_app())
+    alice = register(roomy, "alice")
+    return Floor(roomy, webtest.TestApp(make_app(min_free_bytes=10**18)), alice)
+
+
+def store(client, user: User, key: str, value: bytes, meta: str | None, **kw):
+    """PUT a value with an X-Sync-Meta (none for None); return the response."""
+    headers = {} if meta is None else {"X-Sync-Meta": meta}
+    return put(client, user, key, value, headers=headers, **kw)
+
+
+def test_disk_floor_delete_is_allowed(floor):
+    token = token_of(put(floor.roomy, floor.alice, "k"))
+    deleting(floor.full, floor.alice, "k", token, status=204)
+    floor.roomy.get("/store/k", headers=floor.alice.headers, status=404)
+
+
+def test_disk_floor_batch_of_deletes_is_allowed(floor):
+    tokens = {key: token_of(put(floor.roomy, floor.alice, key)) for key in ("a", "b")}
+    operations = [delete_op(key, token) for key, token in tokens.items()]
+    batch(floor.full, floor.alice, operations, status=200)
+    floor.roomy.get("/store/a", headers=floor.alice.headers, status=404)
+    floor.roomy.get("/store/b", headers=floor.alice.headers, status=404)
+
+
+def test_disk_floor_batch_with_a_new_key_is_disk01_and_changes_nothing(floor):
+    token = token_of(put(floor.roomy, floor.alice, "a"))
+    operations = [delete_op("a", token), put_op("new")]
+    assert_error(batch(floor.full, floor.alice, operations, status=507), 507, "DISK01")
+    floor.roomy.get("/store/a", headers=floor.alice.headers, status=200)
+
+
+def test_disk_floor_put_of_a_new_key_is_disk01(floor):
+    assert_error(put(floor.full, floor.alice, "new", status=507), 507, "DISK01")
+    floor.roomy.get("/store/new", headers=floor.alice.headers, status=404)
+
+
+#: (old value, old meta) -> (new value, new meta); the size counts the value and the meta.
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ((b"abcd", None), (b"wxyz", None)),
+        ((b"abcd", "ab"), (b"wxyz", "cd")),
+        ((b"abcd", "ab"), (b"ab", "ab")),
+        ((b"abcd", "abcd"), (b"abcdef", None)),
+    ],
+    ids=["same-size", "same-size-with-meta", "smaller", "meta-dropped-value-grows-less"],
+)
+def test_disk_floor_put_that_does_not_grow_is_allowed(floor, old, new):
+    token = token_of(store(floor.roomy, floor.alice, "k", *old))
+    store(floor.full, floor.alice, "k", *new, token=token, status=204)
+    response = floor.roomy.get("/store/k", headers=floor.alice.headers)
+    assert (response.body, response.headers.get("X-Sync-Meta")) == new
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ((b"abcd", None), (b"abcde", None)),
+        ((b"abcd", None), (b"abcd", "m")),
+        ((b"abcd", None), (b"ab", "abc")),
+    ],
+    ids=["larger-value", "meta-added", "value-shrinks-meta-grows-more"],
+)
+def test_disk_floor_put_that_grows_is_disk01_and_keeps_the_value(floor, old, new):
+    token = token_of(store(floor.roomy, floor.alice, "k", *old))
+    response = store(floor.full, floor.alice, "k", *new, token=token, status=507)
+    assert_error(response, 507, "DISK01")
+    response = floor.roomy.get("/store/k", headers=floor.alice.headers)
+    assert (response.body, response.headers.get("X-Sync-Meta")) == old
+
+
+# Vacuum -------------------------------------------------------------------------------------------
+
+
+def auto_vacuum(path: str) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute("PRAGMA auto_vacuum").fetchone()[0]
+
+
+def test_vacuum_new_database_is_incremental(app, db_path):
+    assert auto_vacuum(db_path) == 2
+
+
+def test_vacuum_housekeeping_gives_freed_pages_back(client, user, clock, db, db_path):
+    keys = [f"big/{number}" for number in range(8)]  # 2 MiB in all
+    tokens = [token_of(put(client, user, key, os.urandom(256 * 1024))) for key in keys]
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    stored_size = os.path.getsize(db_path)
+    for key, token in zip(keys, tokens, strict=True):
+        deleting(client, user, key, token, status=204)
+    clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)
+    client.get("/health")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    free_pages = db.execute("PRAGMA freelist_count").fetchone()[0]
+    assert free_pages == 0 or os.path.getsize(db_path) <= stored_size - 2**20
+
+
+def test_vacuum_existing_database_is_switched_to_incremental(make_app, db_path):
+    # As an older syncnode left it: the whole schema, in WAL mode, without auto-vacuum.
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA auto_vacuum = NONE")
+        conn.execute("PRAGMA journal_mode = WAL")
+        for number, script in enumerate(syncnode.SCHEMA, start=1):
+            for statement in syncnode.split_statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+    assert auto_vacuum(db_path) == 0
+    make_app()
+    assert auto_vacuum(db_path) == 2
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+# Clock steps --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stepped_back(make_app, clock) -> webtest.TestApp:
+    """Alice, locked out by 10 failed logins in a window of 900 s; then the clock steps 2 days
+    back."""
+    client = webtest.TestApp(make_app(login_fails_per_id=10, login_window=900))
+    register(client, "alice")
+    fail_logins(client, 10, address="192.0.2.{}")
+    clock.advance(-2 * 86400)
+    return client
+
+
+def test_throttle_clock_stepped_back_locks_for_the_window_at_most(stepped_back):
+    response = login(stepped_back, "alice", PASSWORD, extra_environ=ELSEWHERE, status="*")
+    if response.status_int != 200:
+        assert_throttled(response, 900)
+
+
+def test_throttle_clock_stepped_back_right_password_logs_in_after_the_window(stepped_back, clock):
+    login(stepped_back, "alice", PASSWORD, extra_environ=ELSEWHERE, status="*")
+    clock.advance(900)
+    login(stepped_back, "alice", PASSWORD, extra_environ=ELSEWHERE, status=200)
+
+
+def test_housekeeping_runs_after_the_clock_stepped_back(make_app, clock, db):
+    client = webtest.TestApp(make_app(reset_ttl=60))
+    register(client, "alice")  # the first request housekeeps; the next run is due later
+    clock.advance(-2 * 86400)
+    client.post_json("/resetpassword", {"id": "alice"}, status=204)
+    assert table_counts(db)["reset_tokens"] == 1
+    clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)  # the token has expired
+    client.get("/health")
+    assert table_counts(db)["reset_tokens"] == 0
+
+
+# CLI backup ---------------------------------------------------------------------------------------
+
+
+def data_of(path) -> dict[str, list]:
+    """Every row of the data tables of a database file, read by a connection of its own."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return snapshot(conn)
+
+
+def check_ok(tmp_path, database) -> bool:
+    """Whether `syncnode check` passes on the database."""
+    result = run_admin(tmp_path, "--database", str(database), "check")
+    return (result.returncode, result.stdout) == (0, "ok\n")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [lambda tmp_path: str(tmp_path / "syncnode.db"), lambda tmp_path: "./syncnode.db"],
+    ids=["same-path", "relative-path"],
+)
+def test_cli_backup_onto_the_live_database_is_refused(
+    admin, client, user, db_path, tmp_path, target
+):
+    put(client, user, "k", b"value")
+    before, inode = data_of(db_path), os.stat(db_path).st_ino
+    line = assert_exit_1_with_one_line(admin("backup", target(tmp_path)))
+    assert "syncnode.db" in line
+    assert (data_of(db_path), os.stat(db_path).st_ino) == (before, inode)
+    assert check_ok(tmp_path, db_path)
+
+
+def test_cli_backup_into_a_missing_folder_names_the_folder(admin, user, tmp_path):
+    folder = tmp_path / "missing"
+    line = assert_exit_1_with_one_line(admin("backup", str(folder / "copy.db")))
+    assert str(folder) in line
+    assert "cannot use the database" not in line
+    assert not folder.exists()
+
+
+def test_cli_backup_onto_an_existing_file_is_refused_without_force(admin, user, tmp_path):
+    target = tmp_path / "copy.db"
+    target.write_bytes(b"an older backup")
+    line = assert_exit_1_with_one_line(admin("backup", str(target)))
+    assert "copy.db" in line
+    assert target.read_bytes() == b"an older backup"
+
+
+def test_cli_backup_force_replaces_an_existing_file_with_a_good_copy(
+    admin, client, user, db_path, tmp_path
+):
+    put(client, user, "k", b"value")
+    target = tmp_path / "copy.db"
+    target.write_bytes(b"an older backup")
+    assert admin("backup", str(target), "--force").returncode == 0
+    assert check_ok(tmp_path, target)
+    assert data_of(target) == data_of(db_path)
+
+
+# CLI restore --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Restorable:
+    """A backup of alice with key "old", a live database that since gained bob and key "new",
+    and the -wal and -shm files a killed server would have left beside the live database."""
+
+    backup: str
+    alice: User
+    wal: bytes
+    shm: bytes
+
+
+@pytest.fixture
+def restorable(make_app, db_path, tmp_path) -> Restorable:
+    app = make_app()
+    client = webtest.TestApp(app)
+    alice = register(client, "alice")
+    put(client, alice, "old", b"old value")
+    backup = str(tmp_path / "backup.db")
+    with contextlib.closing(sqlite3.connect(db_path)) as live:
+        with contextlib.closing(sqlite3.connect(backup)) as copy:
+            live.backup(copy)
+    register(client, "bob")
+    put(client, alice, "new", b"new value")
+    wal, shm = Path(db_path + "-wal").read_bytes(), Path(db_path + "-shm").read_bytes()
+    app.close()  # no server has the database open any more
+    return Restorable(backup, alice, wal, shm)
+
+
+def leave_crash_files(restorable: Restorable, db_path: str) -> None:
+    """Put back the -wal and -shm of the live database, as a killed server leaves them."""
+    Path(db_path + "-wal").write_bytes(restorable.wal)
+    Path(db_path + "-shm").write_bytes(restorable.shm)
+
+
+def restore(tmp_path, db_path: str, backup: str):
+    return run_admin(tmp_path, "--database", db_path, "restore", backup)
+
+
+def not_sqlite(backup: str) -> None:
+    Path(backup).write_bytes(b"this is not a database" * 100)
+
+
+def empty_file(backup: str) -> None:
+    Path(backup).write_bytes(b"")
+
+
+def truncated(backup: str) -> None:
+    os.truncate(backup, os.path.getsize(backup) // 2)
+
+
+def newer_schema_version(backup: str) -> None:
+    with contextlib.closing(sqlite3.connect(backup)) as conn:
+        conn.execute(f"PRAGMA user_version = {len(syncnode.SCHEMA) + 1}")
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [not_sqlite, empty_file, truncated, newer_schema_version],
+    ids=["not-sqlite", "empty-file", "truncated", "newer-schema"],
+)
+def test_cli_restore_bad_backup_is_refused_and_the_database_untouched(
+    restorable, db_path, tmp_path, spoil
+):
+    spoil(restorable.backup)
+    before = Path(db_path).read_bytes()
+    assert_exit_1_with_one_line(restore(tmp_path, db_path, restorable.backup))
+    assert Path(db_path).read_bytes() == before
+    assert not os.path.exists(db_path + ".before-restore")
+
+
+def test_cli_restore_while_a_server_has_the_database_open_is_refused(
+    restorable, make_app, db_path, tmp_path
+):
+    webtest.TestApp(make_app()).get("/health")  # the app stays open until teardown
+    before = data_of(db_path)
+    line = assert_exit_1_with_one_line(restore(tmp_path, db_path, restorable.backup))
+    assert "server" in line
+    assert data_of(db_path) == before
+    assert not os.path.exists(db_path + ".before-restore")
+
+
+def test_cli_restore_swaps_in_exactly_the_backup_data(restorable, db_path, tmp_path):
+    leave_crash_files(restorable, db_path)
+    expected = data_of(restorable.backup)
+    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
+    assert data_of(db_path) == expected
+    assert check_ok(tmp_path, db_path)
+
+
+def test_cli_restore_leaves_no_wal_of_the_old_database(restorable, db_path, tmp_path):
+    leave_crash_files(restorable, db_path)
+    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
+    for suffix, stale in (("-wal", restorable.wal), ("-shm", restorable.shm)):
+        path = Path(db_path + suffix)
+        assert not path.exists() or path.read_bytes() != stale, suffix
+
+
+def test_cli_restore_keeps_the_previous_database_as_before_restore(restorable, db_path, tmp_path):
+    before = data_of(db_path)
+    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
+    assert data_of(db_path + ".before-restore") == before
+
+
+def test_cli_restore_prints_what_it_did(restorable, db_path, tmp_path):
+    result = restore(tmp_path, db_path, restorable.backup)
+    assert result.returncode == 0
+    assert ".before-restore" in result.stdout
+
+
+def test_cli_restore_then_a_server_serves_the_restored_data(
+    restorable, make_app, db_path, tmp_path
+):
+    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
+    client = webtest.TestApp(make_app())
+    alice = restorable.alice
+    assert client.get("/store/old", headers=alice.headers).body == b"old value"
+    client.get("/store/new", headers=alice.headers, status=404)
+    login(client, "bob", PASSWORD, status=401)
+
+
+# CLI unlock ---------------------------------------------------------------------------------------
+
+
+def test_cli_unlock_lets_a_locked_out_user_log_in_at_once(admin, client, user):
+    fail_logins(client, 10, address="192.0.2.{}")
+    assert_throttled(login(client, "alice", PASSWORD, extra_environ=ELSEWHERE, status=429), 900)
+    assert admin("unlock", "alice").returncode == 0
+    login(client, "alice", PASSWORD, extra_environ=ELSEWHERE, status=200)
+
+
+def test_cli_unlock_unknown_id_exits_1(admin, user, db):
+    before = snapshot(db)
+    assert_exit_1_with_one_line(admin("unlock", "nobody"))
+    assert snapshot(db) == before
+
+
+# CLI start-up -------------------------------------------------------------------------------------
+
+
+def test_cli_taken_port_creates_no_database(tmp_path, taken_port):
+    database = tmp_path / "new.db"
+    result = run_cli(
+        tmp_path, "--port", str(taken_port), "--database", str(database), "--log-level", "WARNING"
+    )
+    line = assert_one_error_line(result)
+    assert result.returncode == 1
+    assert "listen" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_cli_database_in_a_missing_folder_says_the_folder_does_not_exist(tmp_path):
+    folder = tmp_path / "no-such-folder"
+    # Port 0: should the database wrongly open, the server would start (and time out).
+    result = run_cli(
+        tmp_path, "--database", str(folder / "x.db"), "--port", "0", "--log-level", "WARNING"
+    )
+    line = assert_one_error_line(result)
+    assert result.returncode == 1
+    assert str(folder) in line and "not exist" in line
+    assert "unable to open" not in line
+    assert not folder.exists()
+
+
+def test_embedding_database_in_a_missing_folder_raises_database_unusable(tmp_path):
+    folder = tmp_path / "no-such-folder"
+    with pytest.raises(syncnode.DatabaseUnusable) as raised:
+        syncnode.create_app(str(folder / "x.db"), **CHEAP_HASHING)
+    assert str(folder) in str(raised.value) and "not exist" in str(raised.value)
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "variables", "named"),
+    [
+        pytest.param(["--access-log", "maybe"], {}, "--access-log", id="flag"),
+        pytest.param([], {"SYNCNODE_ACCESS_LOG": "maybe"}, "SYNCNODE_ACCESS_LOG", id="variable"),
+    ],
+)
+def test_cli_bad_boolean_lists_the_accepted_words(tmp_path, taken_port, args, variables, named):
+    # The port is taken, so that a value wrongly accepted fails fast instead of serving.
+    result = run_cli(tmp_path, *args, "--port", str(taken_port), **variables)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.splitlines()[-1]
+    assert last_line.startswith("syncnode: error:") and named in last_line
+    for word in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        assert re.search(rf"\b{word}\b", last_line), word
+
+
+# Routing ------------------------------------------------------------------------------------------
+
+#: What Firefox sends for a page.
+BROWSER_ACCEPT = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+)
+
+
+def test_routing_root_for_a_browser_is_a_page_linking_the_document(client):
+    response = client.get("/", headers={"Accept": BROWSER_ACCEPT})
+    assert response.status_int == 200
+    assert response.content_type == "text/html"
+    assert re.search(r'href="[^"]*openapi\.json"', response.text)
+    assert "/api" in response.text
+
+
+def test_routing_root_for_a_program_is_json_err01(client):
+    # Without an Accept header: test_routing_unknown_path_is_json_err01, path "/".
+    headers = {"Accept": "application/json"}
+    assert_error(client.get("/", headers=headers, status=404), 404, "ERR01")
+
+
+# ==================================================================================================
+# Hardening: nothing leaks between users
+# ==================================================================================================
+
+# Reused row ids, long-polls outliving their credential, what registration and reset reveal,
+# racing failed logins, quotas that forget X-Sync-Meta, tombstones without bound, invisible
+# characters in ids, admin sign-up past closed or invite-only registration.
+
+#: How soon a long-poll must answer once its credential has died, in seconds.
+PROMPTLY = 2.0
+
+
+def row_ids(db, table: str) -> list[int]:
+    """Return the row ids of a table, lowest first."""
+    return [row[0] for row in db.execute(f"SELECT id FROM {table} ORDER BY id")]
+
+
+def user_row_id(db, name: str) -> int:
+    """Return the users.id of a user."""
+    return db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()[0]
+
+
+def create_key(client, owner: User, permissions=("all",)) -> tuple[str, str]:
+    """Create an API key with the owner's session; return its secret and public id."""
+    body = {"name": "k", "permissions": list(permissions)}
+    response = client.post_json("/api/api-keys", body, headers=owner.headers, status=201)
+    return response.json["secret"], response.json["apiKey"]["id"]
+
+
+def now_ms(clock) -> int:
+    """Return the fake clock's time in milliseconds, as the server reads it."""
+    return int(clock.now * 1000)
+
+
+def assert_app_refusal(response, status: int) -> None:
+    """Assert Immich's error layout without its wording: keys in order, reason, status, cid."""
+    assert response.status_int == status
+    assert response.headers["Content-Type"] == APP_JSON
+    body = response.json
+    assert list(body) == ["message", "error", "statusCode", "correlationId"]
+    assert body["error"] == {400: "Bad Request", 403: "Forbidden"}[status]
+    assert body["statusCode"] == status
+    assert body["correlationId"] == response.headers["x-immich-cid"]
+    assert body["message"]
+
+
+# Row ids are never reused -------------------------------------------------------------------------
+
+
+def test_ids_user_id_of_a_deleted_account_is_never_reused(client, make_user, db):
+    make_user("a")
+    b = make_user("b")
+    used = row_ids(db, "users")
+    client.delete("/account", headers=b.headers, status=204)
+    make_user("c")
+    assert user_row_id(db, "c") > max(used)
+
+
+def test_ids_session_id_of_an_ended_session_is_never_reused(client, user, db):
+    newest = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    used = row_ids(db, "sessions")
+    client.delete("/auth", headers={"Authorization": f"Bearer {newest}"}, status=204)
+    token = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    query = "SELECT id FROM sessions WHERE token_digest = ?"
+    assert db.execute(query, (digest(token),)).fetchone()[0] > max(used)
+
+
+def test_ids_api_key_id_of_a_deleted_key_is_never_reused(client, user, db):
+    create_key(client, user)
+    _, newest = create_key(client, user)
+    used = row_ids(db, "api_keys")
+    client.delete(f"/api/api-keys/{newest}", headers=user.headers, status=204)
+    _, made = create_key(client, user)
+    query = "SELECT id FROM api_keys WHERE public_id = ?"
+    assert db.execute(query, (made,)).fetchone()[0] > max(used)
+
+
+# Long-polls end when their credential dies --------------------------------------------------------
+
+
+class Poll:
+    """A GET /store long-poll run in a thread on its own connection (socket timeout 25 s)."""
+
+    def __init__(self, server, headers: dict[str, str], url: str) -> None:
+        self.answer: Reply | None = None
+        self.error: BaseException | None = None
+        self.done_at = 0.0
+        self.thread = threading.Thread(target=self.run, args=(server, headers, url), daemon=True)
+        self.thread.start()
+
+    def run(self, server, headers: dict[str, str], url: str) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=25)
+        try:
+            self.answer = call(conn, "GET", url, headers=headers)
+        except BaseException as error:  # re-raised by result()
+            self.error = error
+        finally:
+            conn.close()
+        self.done_at = time.monotonic()
+
+    def result(self, timeout: float) -> Reply:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the long-poll did not answer within {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+@pytest.fixture
+def poll_server(serve_sync):
+    """A live server; at teardown its polls answer at once, so that a failing test ends fast."""
+    server = serve_sync(threads=4)
+    yield server
+    server.app.context.stop_waiting()
+
+
+def live_json(server, method: str, path: str, body, headers: dict) -> Reply:
+    """Send a JSON body on a fresh connection."""
+    headers = {**headers, "Content-Type": "application/json"}
+    return server.request(method, path, json.dumps(body).encode(), headers)
+
+
+def live_login(server, name: str, password: str = PASSWORD) -> User:
+    """Start another session for the user on the live server."""
+    reply = live_json(server, "POST", "/auth", {"id": name, "password": password}, {})
+    assert reply.status_int == 200, reply.body
+    return User(name, reply.json["token"])
+
+
+def start_poll(server, headers: dict[str, str]) -> Poll:
+    """Start a 20 s long-poll from the caller's current cursor; return once it waits."""
+    listing = server.request("GET", "/store", headers=headers)
+    assert listing.status_int == 200, listing.body
+    poll = Poll(server, headers, f"/store?since={listing.headers['X-Sync-Seq']}&wait=20")
+    wait_for_waiters(server, 1)
+    return poll
+
+
+# Each way to kill a poll's credential: given the server, the poll's user and a second session
+# of that user, return the poll's headers and the request that kills its credential.
+Kill = tuple[dict[str, str], Callable[[], Reply]]
+
+
+def account_deleted(server, alice: User, second: User) -> Kill:
+    return alice.headers, lambda: server.request("DELETE", "/account", headers=second.headers)
+
+
+def session_ended(server, alice: User, second: User) -> Kill:
+    return alice.headers, lambda: server.request("DELETE", "/auth", headers=alice.headers)
+
+
+def password_changed(server, alice: User, second: User) -> Kill:
+    body = {"password": "new password 1"}
+    return alice.headers, lambda: live_json(server, "POST", "/password", body, second.headers)
+
+
+def api_key_deleted(server, alice: User, second: User) -> Kill:
+    body = {"name": "k", "permissions": ["store.read"]}
+    created = live_json(server, "POST", "/api/api-keys", body, second.headers)
+    assert created.status_int == 201, created.body
+    path = f"/api/api-keys/{created.json['apiKey']['id']}"
+    key = {"x-api-key": created.json["secret"]}
+    return key, lambda: server.request("DELETE", path, headers=second.headers)
+
+
+@pytest.mark.parametrize(
+    "kill",
+    [account_deleted, session_ended, password_changed, api_key_deleted],
+    ids=["account-deleted", "session-ended-by-its-token", "password-changed", "api-key-deleted"],
+)
+def test_longpoll_dead_credential_answers_auth01_promptly(poll_server, kill):
+    alice = poll_server.register("alice")
+    second = live_login(poll_server, "alice")
+    headers, killing = kill(poll_server, alice, second)
+    poll = start_poll(poll_server, headers)
+    started = time.monotonic()
+    assert killing().status_int == 204
+    answer = poll.result(timeout=PROMPTLY + 1)
+    assert poll.done_at - started < PROMPTLY
+    assert_error(answer, 401, "AUTH01")
+
+
+def test_longpoll_deleted_account_never_answers_a_new_users_keys(poll_server):
+    xavier = poll_server.register("xavier")
+    second = live_login(poll_server, "xavier")
+    poll = start_poll(poll_server, xavier.headers)
+    assert poll_server.request("DELETE", "/account", headers=second.headers).status_int == 204
+    yvonne = poll_server.register("yvonne")  # the row id xavier had, if ids were reused
+    secrets_of_yvonne = []
+    for key in ("yvonne-diary", "yvonne-bank"):
+        written = poll_server.request("PUT", f"/store/{key}", b"private", yvonne.headers)
+        assert written.status_int == 204
+        secrets_of_yvonne += [key, written.headers["X-Sync-Token"]]
+    answer = poll.result(timeout=PROMPTLY + 1)
+    for secret in secrets_of_yvonne:
+        assert secret.encode() not in answer.body, answer.body
+    assert_error(answer, 401, "AUTH01")
+
+
+# Invites: a stranger learns nothing of taken ids --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"invite": "wrong"}, {"invite": ""}, {}],
+    ids=["wrong-invite", "empty-invite", "no-invite"],
+)
+def test_invite_taken_id_without_a_valid_invite_is_acct01(inviting, db, fields):
+    before = snapshot(db)
+    body = {"id": "bob", "password": PASSWORD, **fields}
+    response = inviting.post_json("/account", body, status=403)
+    assert_error(response, 403, "ACCT01")
+    assert snapshot(db) == before
+
+
+def test_invite_taken_id_with_a_valid_invite_is_acct03_and_keeps_the_invite(inviting, clock, db):
+    code, _ = syncnode.create_invite(db, now_ms(clock), 3600_000)
+    body = {"id": "bob", "password": PASSWORD, "invite": code}
+    response = inviting.post_json("/account", body, status=409)
+    assert_error(response, 409, "ACCT03")
+    assert table_counts(db)["invites"] == 1
+    inviting.post_json("/account", {**body, "id": "carol"}, status=200)
+    assert user_row_id(db, "carol")
+
+
+def test_invite_new_id_with_a_valid_invite_registers_once(inviting, user, db):
+    code = inviting.post("/invite", headers=user.headers, status=200).json["invite"]
+    body = {"id": "carol", "password": PASSWORD, "invite": code}
+    assert set(inviting.post_json("/account", body, status=200).json) == {"token", "expiration"}
+    again = inviting.post_json("/account", {**body, "id": "dave"}, status=403)
+    assert_error(again, 403, "ACCT01")
+    assert table_counts(db)["invites"] == 0
+    assert db.execute("SELECT count(*) FROM users WHERE name = 'dave'").fetchone()[0] == 0
+
+
+# Reset requests: the same answer, the token made off the request path -----------------------------
+
+
+class Driven:
+    """One POST /resetpassword driven through the WSGI interface by hand, with the number of
+    reset tokens stored after start_response, after the body was read and after close()."""
+
+    def __init__(self, app, db, name: str) -> None:
+        environ = webob.Request.blank(
+            "/resetpassword",
+            method="POST",
+            body=json.dumps({"id": name}).encode(),
+            content_type="application/json",
+            remote_addr="192.0.2.1",
+        ).environ
+        started: list[tuple[str, list]] = []
+
+        def start_response(status, headers, exc_info=None):
+            started.append((status, list(headers)))
+            return lambda data: None
+
+        def tokens() -> int:
+            return table_counts(db)["reset_tokens"]
+
+        chunks = app(environ, start_response)
+        assert started, "start_response was not called before the body was returned"
+        self.tokens_when_started = tokens()
+        self.body = b"".join(chunks)
+        self.tokens_before_close = tokens()
+        if hasattr(chunks, "close"):
+            chunks.close()
+        self.tokens_after_close = tokens()
+        [(self.status, self.headers)] = started
+
+
+def test_reset_request_token_is_made_only_after_the_answer(app, user, db):
+    driven = Driven(app, db, "alice")
+    assert driven.status.startswith("204")
+    assert (driven.tokens_when_started, driven.tokens_before_close) == (0, 0)
+    assert driven.tokens_after_close == 1
+
+
+def test_reset_request_answer_is_identical_for_known_and_unknown_ids(app, user, db):
+    known, unknown = Driven(app, db, "alice"), Driven(app, db, "nobody")
+    assert (known.status, known.headers, known.body) == (
+        unknown.status,
+        unknown.headers,
+        unknown.body,
+    )
+
+
+def test_reset_request_token_is_logged_by_the_time_webtest_returns(client, user, db, caplog):
+    with caplog.at_level(logging.WARNING, logger="syncnode"):
+        token = request_reset(client, caplog, "alice")
+    assert reset_digests(db) == [digest(token)]
+    headers = {"Authorization": f"Bearer {token}"}
+    client.post_json("/password", {"password": "new password 1"}, headers=headers, status=204)
+
+
+# Throttling: racing failed logins -----------------------------------------------------------------
+
+
+def race_logins(server, name: str, password: str, count: int) -> list[Reply]:
+    """Send `count` logins released together by a barrier, each on its own connection."""
+    barrier = threading.Barrier(count)
+    replies: list[Reply | None] = [None] * count
+    body = json.dumps({"id": name, "password": password}).encode()
+
+    def attempt(number: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+        try:
+            conn.connect()  # connected before the barrier, so that the requests overlap
+            barrier.wait(timeout=10)
+            headers = {"Content-Type": "application/json"}
+            replies[number] = call(conn, "POST", "/auth", body, headers)
+        finally:
+            conn.close()
+
+    run_threads([lambda number=number: attempt(number) for number in range(count)], timeout=25)
+    return replies
+
+
+@pytest.fixture
+def raced(serve_sync):
+    """A server limited to 10 failed logins per id, after 16 racing wrong passwords."""
+    server = serve_sync(
+        threads=16,
+        login_fails_per_id=10,
+        argon2_time_cost=3,
+        argon2_memory_cost=4096,
+        hash_slots=16,
+    )
+    server.register("alice")
+    return server, race_logins(server, "alice", "wrong password", 16)
+
+
+def test_throttle_racing_wrong_passwords_verify_at_most_the_limit(raced):
+    _, replies = raced
+    statuses = collections.Counter(reply.status_int for reply in replies)
+    assert set(statuses) <= {401, 429}, statuses
+    assert 1 <= statuses[401] <= 10, statuses
+    for reply in replies:
+        if reply.status_int == 401:
+            assert_error(reply, 401, "AUTH01")
+        else:
+            assert_error(reply, 429, "AUTH02")
+            assert reply.headers["Retry-After"].isdigit()
+            assert int(reply.headers["Retry-After"]) > 0
+
+
+def test_throttle_racing_wrong_passwords_then_the_right_one_is_auth02(raced):
+    server, _ = raced
+    reply = live_json(server, "POST", "/auth", {"id": "alice", "password": PASSWORD}, {})
+    assert_error(reply, 429, "AUTH02")
+    assert reply.headers["Retry-After"].isdigit()
+
+
+def test_throttle_successful_logins_are_not_counted_as_failures(make_app):
+    client = webtest.TestApp(make_app(login_fails_per_id=10))
+    sign_up(client, "alice")
+    for _ in range(11):
+        client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=200)
+
+
+# Quotas count X-Sync-Meta -------------------------------------------------------------------------
+
+
+def meta(size: int) -> dict[str, str]:
+    """Return an X-Sync-Meta header of `size` printable bytes."""
+    return {"X-Sync-Meta": "m" * size}
+
+
+def test_quota_usage_counts_meta_bytes(client, user):
+    put(client, user, "k", b"0123456789", headers=meta(100), status=204)
+    assert usage(client, user) == (1, 110)
+
+
+def test_quota_create_past_bytes_by_its_meta_is_quota01_and_stores_nothing(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=50))
+    alice = sign_up(client, "alice")
+    response = put(client, alice, "k", b"0123456789", headers=meta(100), status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert table_counts(db)["items"] == 0
+    assert usage(client, alice) == (0, 0)
+
+
+def test_quota_update_growing_only_the_meta_past_bytes_is_quota01(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=50))
+    alice = sign_up(client, "alice")
+    token = token_of(put(client, alice, "k", b"0123456789", headers=meta(20), status=204))
+    before = snapshot(db)
+    response = put(client, alice, "k", b"0123456789", token, headers=meta(45), status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+    assert client.get("/store/k", headers=alice.headers).headers["X-Sync-Meta"] == "m" * 20
+
+
+@pytest.mark.parametrize(
+    "headers, size", [(meta(50), 60), ({}, 10)], ids=["meta-shorter", "meta-dropped"]
+)
+def test_quota_shrinking_the_meta_over_a_lowered_quota_is_allowed(make_app, headers, size):
+    unlimited = webtest.TestApp(make_app())
+    alice = sign_up(unlimited, "alice")
+    token = token_of(put(unlimited, alice, "k", b"0123456789", headers=meta(100), status=204))
+    client = webtest.TestApp(make_app(quota_bytes=50))
+    put(client, alice, "k", b"0123456789", token, headers=headers, status=204)
+    assert usage(client, alice) == (1, size)
+
+
+# Tombstones per user ------------------------------------------------------------------------------
+
+
+class Pile:
+    """Alice created and deleted 12 keys she shared with no one; housekeeping has run since."""
+
+    def __init__(self, make_app, clock) -> None:
+        self.client = webtest.TestApp(make_app(tombstones_per_user=5))
+        self.alice, self.bob = sign_up(self.client, "alice"), sign_up(self.client, "bob")
+        put(self.client, self.bob, "bobs")
+        self.bob_cursor = current_seq(self.client, self.bob)
+        tokens = seed(self.client, self.alice, [f"gone/{number:02d}" for number in range(12)])
+        self.before = current_seq(self.client, self.alice)
+        for key, token in tokens.items():
+            headers = {**self.alice.headers, "X-Sync-Token": token}
+            self.client.delete(f"/store/{key}", headers=headers, status=204)
+        self.after = current_seq(self.client, self.alice)
+        clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)
+        self.client.get("/health", status=200)  # housekeeping runs here
+
+
+@pytest.fixture
+def pile(make_app, clock) -> Pile:
+    return Pile(make_app, clock)
+
+
+def test_tombstones_per_user_keeps_at_most_the_setting(pile, db):
+    query = "SELECT count(*) FROM tombstones WHERE user_id = ?"
+    assert db.execute(query, (user_row_id(db, "alice"),)).fetchone()[0] <= 5
+
+
+def test_tombstones_per_user_cursor_before_the_deletions_is_sync01(pile):
+    url = f"/store?since={pile.before}"
+    response = pile.client.get(url, headers=pile.alice.headers, status=410)
+    assert_error(response, 410, "SYNC01")
+
+
+def test_tombstones_per_user_cursor_after_the_deletions_still_answers(pile):
+    url = f"/store?since={pile.after}"
+    response = pile.client.get(url, headers=pile.alice.headers, status=200)
+    assert response.json == []
+
+
+def test_tombstones_per_user_leave_other_users_cursors_alone(pile):
+    url = f"/store?since={pile.bob_cursor}"
+    response = pile.client.get(url, headers=pile.bob.headers, status=200)
+    assert response.json == []
+
+
+# Invisible characters in ids ----------------------------------------------------------------------
+
+INVISIBLE = ["\u200b", "\ufeff", "\u202e", "\u00ad", "\u2060"]
+INVISIBLE_IDS = ["zero-width-space", "bom", "rtl-override", "soft-hyphen", "word-joiner"]
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=INVISIBLE_IDS)
+def test_account_register_invisible_format_character_is_acct02(client, db, char):
+    response = client.post_json(
+        "/account", {"id": f"ali{char}ce", "password": PASSWORD}, status=400
+    )
+    assert_error(response, 400, "ACCT02")
+    assert table_counts(db)["users"] == 0
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=INVISIBLE_IDS)
+def test_app_auth_admin_sign_up_invisible_format_character_is_400(client, db, char):
+    body = {"email": f"ali{char}ce@example.org", "password": PASSWORD, "name": "Alice"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
+    assert_app_refusal(response, 400)
+    assert "email must be an email" in response.json["message"]
+    assert table_counts(db)["users"] == 0
+
+
+def test_account_register_ordinary_non_ascii_letters_are_accepted(client, db):
+    client.post_json("/account", {"id": "zoë", "password": PASSWORD}, status=200)
+    assert db.execute("SELECT name FROM users").fetchall() == [("zoë",)]
+
+
+def test_app_auth_admin_sign_up_ordinary_non_ascii_letters_are_accepted(client, db):
+    body = {"email": "zoë@example.org", "password": PASSWORD, "name": "Zoë"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=201)
+    assert response.json["email"] == "zoë@example.org"
+
+
+# Admin sign-up follows the registration setting ---------------------------------------------------
+
+ADMIN = {"email": "admin", "password": PASSWORD, "name": "Admin"}
+
+
+def test_app_auth_admin_sign_up_closed_registration_is_403(make_app, db):
+    client = webtest.TestApp(make_app(registration="closed"))
+    response = client.post_json("/api/auth/admin-sign-up", ADMIN, status=403)
+    assert_app_refusal(response, 403)
+    assert table_counts(db)["users"] == 0
+
+
+@pytest.mark.parametrize(
+    "fields", [{}, {"invite": "wrong"}, {"invite": ""}], ids=["no-invite", "wrong", "empty"]
+)
+def test_app_auth_admin_sign_up_without_a_valid_invite_is_403(make_app, clock, db, fields):
+    client = webtest.TestApp(make_app(registration="invite"))
+    syncnode.create_invite(db, now_ms(clock), 3600_000)
+    response = client.post_json("/api/auth/admin-sign-up", {**ADMIN, **fields}, status=403)
+    assert_app_refusal(response, 403)
+    assert table_counts(db)["users"] == 0
+    assert table_counts(db)["invites"] == 1
+
+
+def test_app_auth_admin_sign_up_with_a_valid_invite_spends_it(make_app, clock, db):
+    client = webtest.TestApp(make_app(registration="invite"))
+    code, _ = syncnode.create_invite(db, now_ms(clock), 3600_000)
+    response = client.post_json("/api/auth/admin-sign-up", {**ADMIN, "invite": code}, status=201)
+    assert response.json["isAdmin"] is True
+    assert table_counts(db)["invites"] == 0
+    again = client.post_json("/account", {"id": "bob", "password": PASSWORD, "invite": code},
+                             status=403)  # fmt: skip
+    assert_error(again, 403, "ACCT01")
+
+
+def test_app_auth_admin_sign_up_open_registration_works_once(client, db):
+    client.post_json("/api/auth/admin-sign-up", ADMIN, status=201)
+    body = {**ADMIN, "email": "second"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
+    assert_app_refusal(response, 400)
+    assert table_counts(db)["users"] == 1
+
+
+# ==================================================================================================
+# Hardening: slow and stalled clients
+# ==================================================================================================
+
+# Slow, stalled and malformed clients against a live server, over raw sockets: the server keeps
+# answering, client_timeout closes what cannot be written or never becomes a request,
+# max_connections bounds connections without a request, a declared Content-Length over the
+# endpoint's limit is refused before the body, the server's own errors are JSON in the layout of
+# the API the path belongs to, and keep-alive survives 204 and 304. Every server binds 127.0.0.1
+# port 0 through syncnode.make_server (LiveServer). Every wait has a socket timeout or a
+# deadline, so that a server that freezes fails a test in seconds instead of hanging it.
+
+HOST = "127.0.0.1"
+#: Receive buffer of a client that never reads: the kernel's buffers fill after a few KiB.
+SMALL_RCVBUF = 4096
+#: How often a trickling client sends one more byte of its request.
+TRICKLE_SECONDS = 0.5
+#: A request line cut in half: what every trickling client sends first.
+TRICKLE_HEAD = b"GET /heal"
+#: The bytes that follow, one at a time; then "a" forever (a header value that never ends).
+TRICKLE_TAIL = b"th HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: "
+#: Most bytes a Trickler sends on each connection (60 s of trickling).
+TRICKLE_STEPS = 120
+#: Most recv calls any read loop makes.
+MAX_READS = 100_000
+CLIENT_TIMEOUT = 2
+BIG_VALUE = random.Random(16).randbytes(16 * 1024 * 1024)
+
+
+# Helpers ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawAnswer:
+    """One HTTP answer parsed from raw bytes: status, headers (lower-case names) and body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+class Clients:
+    """Client sockets opened to one server; close() closes them all."""
+
+    def __init__(self, server: LiveServer) -> None:
+        self.port = int(server.port)  # waitress gives it as text
+        self.sockets: list[socket.socket] = []
+
+    def open(self, rcvbuf: int | None = None, timeout: float = 5.0) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sockets.append(sock)
+        if rcvbuf is not None:  # before connect, so that the window the server sees is small
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect((HOST, self.port))
+        return sock
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+class Trickler:
+    """Trickling clients: half a request line, then one more byte every TRICKLE_SECONDS.
+
+    One thread sends the bytes; a connection the server closed is left alone from then on.
+    """
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+        self.dead: set[socket.socket] = set()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="trickler", daemon=True)
+
+    def add(self, sock: socket.socket) -> socket.socket:
+        sock.sendall(TRICKLE_HEAD)
+        self.sockets.append(sock)
+        return sock
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        for step in range(TRICKLE_STEPS):
+            if self.stopping.wait(TRICKLE_SECONDS):
+                return
+            byte = TRICKLE_TAIL[step : step + 1] or b"a"
+            for sock in self.sockets:
+                if sock in self.dead:
+                    continue
+                try:
+                    sock.send(byte)
+                except OSError:  # closed by the server, or the send buffer is full
+                    self.dead.add(sock)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        assert not self.thread.is_alive(), "the trickling thread did not stop"
+
+
+def raw_request(method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
+    """The head of an HTTP/1.1 request; no body."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def recv_by(sock: socket.socket, deadline: float, what: str, size: int = 65536) -> bytes:
+    """One recv that gives up at the deadline, failing the test with what was awaited."""
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    try:
+        return sock.recv(size)
+    except TimeoutError:
+        raise AssertionError(f"no {what} before the deadline") from None
+
+
+def read_answer(sock: socket.socket, timeout: float) -> RawAnswer:
+    """Read one answer: status line and headers, then a body by Content-Length or chunks."""
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    for _ in range(MAX_READS):
+        if b"\r\n\r\n" in buffer:
+            break
+        chunk = recv_by(sock, deadline, "complete answer head")
+        assert chunk, f"the connection closed before the answer's head ended: {buffer[:200]!r}"
+        buffer += chunk
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    version, status, *_ = status_line.split(" ", 2)
+    assert version.startswith("HTTP/1."), status_line
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
+    if int(status) in (204, 304):
+        return RawAnswer(int(status), headers, b"")
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return RawAnswer(int(status), headers, read_chunked(sock, rest, deadline))
+    length = int(headers.get("content-length", "-1"))
+    for _ in range(MAX_READS):
+        if 0 <= length <= len(rest):
+            break
+        chunk = recv_by(sock, deadline, "complete answer body")
+        if not chunk:
+            assert length < 0, f"the connection closed after {len(rest)} of {length} body bytes"
+            break
+        rest += chunk
+    return RawAnswer(int(status), headers, rest[:length] if length >= 0 else rest)
+
+
+def read_chunked(sock: socket.socket, buffer: bytes, deadline: float) -> bytes:
+    """Decode a chunked body that starts with the bytes already received."""
+    body = b""
+    for _ in range(MAX_READS):
+        line, found, rest = buffer.partition(b"\r\n")
+        size = int(line.split(b";")[0], 16) if found else -1
+        if found and len(rest) >= size + 2:
+            if size == 0:
+                return body
+            body += rest[:size]
+            buffer = rest[size + 2 :]
+            continue
+        chunk = recv_by(sock, deadline, "complete chunked body")
+        assert chunk, "the connection closed inside a chunked body"
+        buffer += chunk
+    raise AssertionError("the chunked body did not end")
+
+
+def closed_after_drain(sock: socket.socket, quiet: float = 0.5, limit: float = 3.0) -> bool:
+    """Whether the server closed the connection: read what arrived until EOF or a reset.
+
+    False when nothing arrives for quiet seconds (the connection is open) or when data still
+    flows after limit seconds (the server is still writing to it).
+    """
+    deadline = time.monotonic() + limit
+    for _ in range(MAX_READS):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        sock.settimeout(min(quiet, remaining))
+        try:
+            if not sock.recv(1024 * 1024):
+                return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+    return False
+
+
+def health(server: LiveServer, timeout: float = 5.0) -> tuple[RawAnswer, float]:
+    """GET /health on a fresh connection; the answer and the seconds it took."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        started = time.monotonic()
+        sock.connect((HOST, int(server.port)))
+        sock.sendall(raw_request("GET", "/health"))
+        answer = read_answer(sock, timeout - (time.monotonic() - started))
+        return answer, time.monotonic() - started
+    finally:
+        sock.close()
+
+
+def send_and_read(server: LiveServer, data: bytes, timeout: float = 2.0) -> tuple[RawAnswer, bool]:
+    """Send raw bytes on a fresh connection; the answer, and whether the server then closed."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((HOST, int(server.port)))
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may answer and close before it has read everything
+        answer = read_answer(sock, timeout)
+        return answer, closed_after_drain(sock, quiet=1.0)
+    finally:
+        sock.close()
+
+
+def store_big(server: LiveServer, owner: User, key: str, value: bytes) -> None:
+    reply = server.request("PUT", f"/store/{key}", value, owner.headers)
+    assert reply.status_int == 204, reply.body
+
+
+def pipelined_openapi(count: int = 400) -> bytes:
+    return raw_request("GET", "/openapi.json") * count
+
+
+def assert_json_answer(answer: RawAnswer, status: int) -> dict:
+    """Check the status and the JSON Content-Type of an answer; return its JSON body."""
+    content_type = answer.headers.get("content-type", "")
+    seen = f"{answer.status} {content_type}: {answer.body[:200]!r}"
+    assert answer.status == status, seen
+    assert content_type.partition(";")[0].strip() == "application/json", seen
+    return answer.json
+
+
+def assert_sync_error(answer: RawAnswer, status: int, code: str) -> None:
+    body = assert_json_answer(answer, status)
+    assert set(body) == {"code", "message"}, body
+    assert body["code"] == code, body
+    assert isinstance(body["message"], str)
+
+
+def assert_raw_app_error(answer: RawAnswer, status: int, reason: str) -> None:
+    body = assert_json_answer(answer, status)
+    assert set(body) == {"message", "error", "statusCode", "correlationId"}, body
+    assert body["statusCode"] == status
+    assert body["error"] == reason
+    assert isinstance(body["message"], str | list)
+    assert isinstance(body["correlationId"], str) and body["correlationId"]
+
+
+# Stalled clients ----------------------------------------------------------------------------------
+
+
+def test_server_health_answers_while_clients_stall(serve_sync):
+    server = serve_sync()  # threads=4, the default
+    owner = server.register("alice")
+    store_big(server, owner, "big", BIG_VALUE)
+    clients, trickler = Clients(server), Trickler()
+    try:
+        for _ in range(4):
+            clients.open().sendall(pipelined_openapi())
+        big = raw_request("GET", "/store/big", owner.headers)
+        for _ in range(4):
+            clients.open(rcvbuf=SMALL_RCVBUF).sendall(big)
+        for _ in range(100):
+            trickler.add(clients.open())
+        trickler.start()
+        time.sleep(1.0)  # the serving threads take the stalled requests and fill the buffers
+        try:
+            answer, seconds = health(server, timeout=5.0)
+        except AssertionError as error:
+            raise AssertionError(f"GET /health while clients stall: {error} (5 s)") from None
+        print(f"GET /health answered in {seconds:.3f} s while 108 clients stall")
+        assert answer.status == 200, answer.body
+        assert seconds < 1.0
+    finally:
+        trickler.stop()
+        clients.close()
+
+
+def test_server_closes_stalled_and_trickling_connections(serve_sync):
+    server = serve_sync(client_timeout=CLIENT_TIMEOUT)
+    owner = server.register("alice")
+    store_big(server, owner, "big", BIG_VALUE)
+    clients, trickler = Clients(server), Trickler()
+    try:
+        watched: list[tuple[str, socket.socket]] = []
+        for number in range(2):
+            sock = clients.open()
+            sock.sendall(pipelined_openapi())
+            watched.append((f"pipelined {number}, never read", sock))
+        for number in range(2):
+            sock = clients.open(rcvbuf=SMALL_RCVBUF)
+            sock.sendall(raw_request("GET", "/store/big", owner.headers))
+            watched.append((f"16 MiB GET {number}, never read", sock))
+        watched.append(("idle, no request ever", clients.open()))
+        kept = clients.open()
+        kept.sendall(raw_request("GET", "/health"))
+        assert read_answer(kept, 2.0).status == 200
+        watched.append(("idle after one answer", kept))
+        for number in range(5):
+            watched.append((f"trickling {number}", trickler.add(clients.open())))
+        trickler.start()
+        time.sleep(CLIENT_TIMEOUT + 1.5)
+        still_open = [name for name, sock in watched if not closed_after_drain(sock)]
+        assert not still_open, f"open {CLIENT_TIMEOUT + 1.5} s later: {still_open}"
+    finally:
+        trickler.stop()
+        clients.close()
+
+
+def test_server_keeps_slow_steady_reader(serve_sync):
+    server = serve_sync(client_timeout=CLIENT_TIMEOUT)
+    owner = server.register("alice")
+    value = BIG_VALUE[: 4 * 1024 * 1024]
+    store_big(server, owner, "slow", value)
+    clients = Clients(server)
+    try:
+        sock = clients.open(rcvbuf=64 * 1024)
+        started = time.monotonic()
+        sock.sendall(raw_request("GET", "/store/slow", owner.headers))
+        deadline = started + 30
+        buffer = b""
+        for _ in range(MAX_READS):
+            if b"\r\n\r\n" in buffer:
+                break
+            chunk = recv_by(sock, deadline, "answer head")
+            assert chunk, "the connection closed before the answer's head"
+            buffer += chunk
+        head, _, body = buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head[:100]
+        for _ in range(len(value) // (64 * 1024) + 10):  # 64 KiB every 0.2 s
+            if len(body) >= len(value):
+                break
+            time.sleep(0.2)
+            goal = min(len(value), len(body) + 64 * 1024)
+            for _ in range(MAX_READS):
+                if len(body) >= goal:
+                    break
+                chunk = recv_by(sock, deadline, f"byte {len(body)}", goal - len(body))
+                assert chunk, f"cut off after {len(body)} of {len(value)} bytes"
+                body += chunk
+        seconds = time.monotonic() - started
+        print(f"read {len(body)} bytes in {seconds:.1f} s")
+        assert body == value
+        assert seconds > 2 * CLIENT_TIMEOUT  # the read was slow enough to matter
+    finally:
+        clients.close()
+
+
+def test_server_closes_oldest_connections_without_request(serve_sync):
+    server = serve_sync(max_connections=40)
+    clients, trickler = Clients(server), Trickler()
+    try:
+        socks = [trickler.add(clients.open()) for _ in range(60)]
+        trickler.start()
+        opened = time.monotonic()
+        open_ones = list(range(len(socks)))
+        for _ in range(20):  # look every 0.25 s for 2.5 s at most
+            time.sleep(0.25)
+            open_ones = [n for n in open_ones if not closed_after_drain(socks[n], 0.01)]
+            if len(open_ones) <= 20 and min(open_ones, default=40) >= 40:
+                break
+            if time.monotonic() - opened > 2.5:
+                break
+        print(f"{len(open_ones)} of 60 left open after {time.monotonic() - opened:.2f} s")
+        assert len(open_ones) <= 20, f"{len(open_ones)} trickling connections open: {open_ones}"
+        assert min(open_ones, default=40) >= 40, f"open among the oldest 40: {open_ones}"
+        answer, seconds = health(server, timeout=5.0)
+        print(f"GET /health answered in {seconds:.3f} s beside 60 trickling clients")
+        assert answer.status == 200, answer.body
+        assert seconds < 1.0
+    finally:
+        trickler.stop()
+        clients.close()
+
+
+# Request limits -----------------------------------------------------------------------------------
+
+MAX_VALUE_BYTES = 1024 * 1024
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "length", "layout"),
+    [
+        ("POST", "/auth", 300_000_000, "sync"),
+        ("POST", "/auth", 2 * syncnode.MAX_JSON_BYTES, "sync"),
+        ("PUT", "/store/k", MAX_VALUE_BYTES + 1, "sync"),
+        ("POST", "/api/auth/login", 300_000_000, "app"),
+    ],
+    ids=["auth-300MB", "auth-json-2MiB", "store-max-value-plus-1", "app-login-300MB"],
+)
+def test_server_refuses_declared_oversize_body_before_reading_it(
+    serve_sync, method, path, length, layout
+):
+    server = serve_sync(max_value_bytes=MAX_VALUE_BYTES)
+    owner = server.register("alice")
+    kind = JSON if path != "/store/k" else {"Content-Type": "application/octet-stream"}
+    headers = {**kind, **owner.headers, "Content-Length": str(length)}
+    started = time.monotonic()
+    answer, closed = send_and_read(server, raw_request(method, path, headers), timeout=2.0)
+    print(f"413 after {time.monotonic() - started:.3f} s with no body sent")
+    if layout == "sync":
+        assert_sync_error(answer, 413, "SIZE01")
+    else:
+        assert_raw_app_error(answer, 413, "Payload Too Large")
+    assert closed, "the connection stayed open after the 413"
+
+
+def test_server_store_put_of_max_value_bytes_is_204(serve_sync):
+    server = serve_sync(max_value_bytes=MAX_VALUE_BYTES)
+    owner = server.register("alice")
+    value = BIG_VALUE[:MAX_VALUE_BYTES]
+    assert server.request("PUT", "/store/k", value, owner.headers).status_int == 204
+    assert server.request("GET", "/store/k", headers=owner.headers).body == value
+
+
+# The server's own errors --------------------------------------------------------------------------
+
+HUGE_HEADER = {"X-Huge": "a" * (300 * 1024)}
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "REQ01"),
+        (raw_request("PUT", "/store/k", {"Content-Length": "abc"}), 400, "REQ01"),
+        (raw_request("PUT", "/store/k", {"Content-Length": "-1"}), 400, "REQ01"),
+        (raw_request("GET", "/health", HUGE_HEADER), 413, "SIZE01"),
+    ],
+    ids=["garbage-request-line", "content-length-abc", "content-length-minus-1", "header-300KiB"],
+)
+def test_server_own_errors_are_sync_node_json(serve_sync, data, status, code):
+    server = serve_sync()
+    answer, _ = send_and_read(server, data, timeout=3.0)
+    assert_sync_error(answer, status, code)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "reason"),
+    [
+        ({**JSON, "Content-Length": "abc"}, 400, "Bad Request"),
+        ({**JSON, "Content-Length": "-1"}, 400, "Bad Request"),
+        ({**JSON, **HUGE_HEADER}, 413, "Payload Too Large"),
+    ],
+    ids=["content-length-abc", "content-length-minus-1", "header-300KiB"],
+)
+def test_server_own_errors_on_app_api_are_immich_json(serve_sync, headers, status, reason):
+    server = serve_sync()
+    data = raw_request("POST", "/api/auth/login", headers)
+    answer, _ = send_and_read(server, data, timeout=3.0)
+    assert_raw_app_error(answer, status, reason)
+
+
+# Keep-alive after 204 and 304 ---------------------------------------------------------------------
+
+
+def test_server_keeps_connection_after_204(serve_sync):
+    server = serve_sync()
+    owner = server.register("alice")
+    conn = server.connect()
+    try:
+        conn.request("PUT", "/store/k", b"value", owner.headers)
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 204
+        assert "close" not in (first.getheader("Connection") or "").lower()
+        sock = conn.sock
+        assert sock is not None, "http.client closed the connection after the 204"
+        conn.request("GET", "/store/k", headers=owner.headers)
+        second = conn.getresponse()
+        assert second.status == 200
+        assert second.read() == b"value"
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_server_keeps_connection_after_304(serve_sync):
+    server = serve_sync()
+    owner = server.register("alice")
+    token = server.request("PUT", "/store/k", b"value", owner.headers).headers["X-Sync-Token"]
+    conn = server.connect()
+    try:
+        conn.request("GET", "/store/k", headers={**owner.headers, "If-None-Match": f'"{token}"'})
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 304
+        assert "close" not in (first.getheader("Connection") or "").lower()
+        sock = conn.sock
+        assert sock is not None, "http.client closed the connection after the 304"
+        conn.request("GET", "/health")
+        second = conn.getresponse()
+        assert second.status == 200
+        second.read()
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+# ==================================================================================================
+# Hardening: type confusion over the served document
+# ==================================================================================================
+
+# Driven by the served OpenAPI document (GET /openapi.json). For every operation of the document
+# and every field of its JSON request body, every query parameter, every header parameter and
+# every credential of its security schemes, send an otherwise valid request with that one place
+# holding a bad value: null, booleans, odd numbers, lists, objects, deep nesting, an empty, a
+# long, a NUL and a lone-surrogate string. Whole bodies get the same values and a few that are
+# not JSON at all. Every answer must be no 5xx and one the operation documents: one of its own
+# answers (its schema and required headers), or the error layout of its API. On Sync Node paths
+# that is {"code", "message"} with the code's status from syncnode.ERROR_STATUS; under /api it is
+# Immich's {"message", "error", "statusCode", "correlationId"} with statusCode the status.
+
+# The bad values -----------------------------------------------------------------------------------
+
+#: Nesting past Python's recursion limit, in the 1 MiB of a Sync Node JSON body.
+SYNC_DEPTH = 100_000
+#: Nesting past the recursion limit that still fits the App API's 64 KiB bodies.
+APP_DEPTH = 30_000
+LONG_TEXT = "x" * 100_000
+
+
+def nested(depth: int) -> str:
+    """A list nested depth deep, as JSON text."""
+    return "[" * depth + "]" * depth
+
+
+@dataclasses.dataclass(frozen=True)
+class Bad:
+    """A bad value: its name, its raw JSON text, and its text as a query or header value.
+
+    The text is a WSGI string, one character per byte: a lone surrogate there is its
+    UTF-8-style bytes, which no UTF-8 decoder accepts.
+    """
+
+    name: str
+    json: str
+    text: str
+
+
+BAD_VALUES = [
+    Bad("null", "null", "null"),
+    Bad("true", "true", "true"),
+    Bad("false", "false", "false"),
+    Bad("0", "0", "0"),
+    Bad("-1", "-1", "-1"),
+    Bad("1e400", "1e400", "1e400"),
+    Bad("1.5", "1.5", "1.5"),
+    Bad("2**63", str(2**63), str(2**63)),
+    Bad("[]", "[]", "[]"),
+    Bad("[1]", "[1]", "[1]"),
+    Bad("[[]]", "[[]]", "[[]]"),
+    Bad("{}", "{}", "{}"),
+    Bad('{"a":1}', '{"a": 1}', '{"a":1}'),
+    Bad(f"nested-{SYNC_DEPTH}", nested(SYNC_DEPTH), nested(SYNC_DEPTH)),
+    Bad(f"nested-{APP_DEPTH}", nested(APP_DEPTH), nested(APP_DEPTH)),
+    Bad("empty-string", '""', ""),
+    Bad("long-string", json.dumps(LONG_TEXT), LONG_TEXT),
+    Bad("nul-string", json.dumps("correct\x00horse"), "correct\x00horse"),
+    Bad("lone-surrogate", '"\\ud800"', "\xed\xa0\x80"),
+]
+
+#: Whole bodies beyond the bad values: text that is no JSON, or no JSON object.
+BAD_BODIES = {
+    "string": b'"alice"',
+    "invalid-utf8": b'{"id": "\xff\xfe"}',
+    "not-json": b"not json",
+    "empty-body": b"",
+}
+
+#: The text the field under test holds until the bad value's JSON replaces it.
+PLACEHOLDER = "\x01placeholder\x01"
+
+
+# The document and its operations ------------------------------------------------------------------
+
+
+def served_document() -> dict:
+    """GET /openapi.json of a syncnode app on a throwaway database."""
+    with tempfile.TemporaryDirectory() as tmp:
+        app = syncnode.create_app(os.path.join(tmp, "document.db"), **CHEAP_HASHING)
+        try:
+            return webtest.TestApp(app).get("/openapi.json").json
+        finally:
+            app.close()
+
+
+DOCUMENT = served_document()
+METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+
+
+def resolve(node: dict) -> dict:
+    """Follow a node's $ref within the document, as often as it takes."""
+    while "$ref" in node:
+        target: Any = DOCUMENT
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+@cache
+def validator(schema_text: str) -> jsonschema.Draft202012Validator:
+    """A validator of one schema of the document, its references resolved in the document."""
+    schema = {**json.loads(schema_text), "components": DOCUMENT["components"]}
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_errors(schema: dict, data: Any) -> list[str]:
+    """The schema's complaints about data."""
+    checker = validator(json.dumps(schema, sort_keys=True))
+    return [error.message[:120] for error in checker.iter_errors(data)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """One operation of the document: method, path and what the document says of it."""
+
+    method: str
+    path: str
+    spec: dict = dataclasses.field(repr=False, compare=False)
+    parameters: tuple = dataclasses.field(repr=False, compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+    @property
+    def app_api(self) -> bool:
+        return self.path.startswith("/api/")
+
+    @property
+    def secured(self) -> bool:
+        return bool(self.spec.get("security"))
+
+    def parameter_names(self, where: str) -> list[str]:
+        return [p["name"] for p in self.parameters if p["in"] == where]
+
+    @property
+    def body_type(self) -> str | None:
+        body = resolve(self.spec.get("requestBody", {}))
+        return next(iter(body.get("content", {})), None)
+
+    @property
+    def body_schema(self) -> dict:
+        body = resolve(self.spec["requestBody"])
+        return body["content"]["application/json"]["schema"]
+
+
+def document_operations() -> list[Operation]:
+    operations = []
+    for path, item in DOCUMENT["paths"].items():
+        for method in METHODS:
+            if method in item:
+                parameters = item.get("parameters", []) + item[method].get("parameters", [])
+                parameters = tuple(resolve(parameter) for parameter in parameters)
+                operations.append(Operation(method.upper(), path, item[method], parameters))
+    return operations
+
+
+CONFUSION_OPERATIONS = document_operations()
+JSON_OPERATIONS = [
+    operation for operation in CONFUSION_OPERATIONS if operation.body_type == "application/json"
+]
+
+
+def schema_fields(schema: dict, prefix: tuple = ()) -> Iterator[tuple]:
+    """Every place in a body of the schema: object properties, and one item of each array."""
+    schema = resolve(schema)
+    if schema.get("type") == "object":
+        for name, sub in schema.get("properties", {}).items():
+            yield (*prefix, name)
+            yield from schema_fields(sub, (*prefix, name))
+    elif schema.get("type") == "array":
+        yield (*prefix, 0)
+        yield from schema_fields(schema["items"], (*prefix, 0))
+
+
+def dotted(place: tuple) -> str:
+    """A place in a body as text: operations[0].token."""
+    text = ""
+    for part in place:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def with_placeholder(data: Any, place: tuple) -> Any:
+    """The data with the placeholder at the place (the data is a fresh copy)."""
+    if not place:
+        return PLACEHOLDER
+    target = data
+    for part in place[:-1]:
+        target = target[part]
+    target[place[-1]] = PLACEHOLDER
+    return data
+
+
+def json_with(data: Any, place: tuple, raw: str) -> bytes:
+    """The data as JSON text, with raw JSON text at the place."""
+    text = json.dumps(with_placeholder(data, place))
+    return text.replace(json.dumps(PLACEHOLDER), raw).encode()
+
+
+def query_string(values: dict[str, str]) -> str:
+    """Percent-encode a query, each value's characters taken as bytes (WSGI's latin-1)."""
+    return "&".join(
+        f"{name}={urllib.parse.quote(value.encode('latin-1'), safe='')}"
+        for name, value in values.items()
+    )
+
+
+# The world a sweep runs in ------------------------------------------------------------------------
+
+
+class World:
+    """An app with alice (the admin: a stored key, an API key, two sessions) and bob.
+
+    It fills path parameters with real ids, sends alice's credentials and keeps up with what
+    the requests change, so that each request is a valid one but for the place under test.
+    """
+
+    def __init__(self, http: webtest.TestApp) -> None:
+        self.client = http
+        #: Whether the app (self.client may change to another on the database) takes invites.
+        self.invite_mode = False
+        self.counter = itertools.count()
+        self.password = PASSWORD
+        http.post_json(
+            "/api/auth/admin-sign-up", {"email": "alice", "password": PASSWORD, "name": "Alice"}
+        )
+        self.session = self.log_in()
+        self.headers = {"Authorization": f"Bearer {self.session}"}
+        self.log_in()  # a second session, for DELETE /api/sessions/{id}
+        http.post_json("/account", {"id": "bob", "password": PASSWORD, "invite": self.invite()})
+        self.store_token = self.put_key()
+        created = http.post_json(
+            "/api/api-keys", {"permissions": ["all"], "name": "sweep"}, headers=self.headers
+        ).json
+        self.api_key = created["secret"]
+        me = http.get("/api/users/me", headers=self.headers).json
+        sessions = http.get("/api/sessions", headers=self.headers).json
+        (other_id,) = [s["id"] for s in sessions if not s["current"]]
+        self.path_ids = {
+            "/api/api-keys/{id}": created["apiKey"]["id"],
+            "/api/sessions/{id}": other_id,
+            "/api/users/{id}": me["id"],
+        }
+
+    def log_in(self) -> str:
+        body = {"id": "alice", "password": PASSWORD}
+        return self.client.post_json("/auth", body).json["token"]
+
+    def put_key(self) -> str:
+        response = self.client.put("/store/k", b"v", headers=self.headers)
+        return response.headers["X-Sync-Token"]
+
+    def fresh(self, stem: str) -> str:
+        return f"{stem}{next(self.counter)}"
+
+    def invite(self) -> str:
+        """An unspent invite code (minted by alice) with registration=invite; else any text."""
+        if not self.invite_mode:
+            return "unused"
+        return self.client.post("/invite", headers=self.headers).json["invite"]
+
+    def url(self, operation: Operation) -> str:
+        path = operation.path.replace("{key}", "k")
+        if "{id}" in path:
+            path = path.replace("{id}", self.path_ids[operation.path])
+        assert "{" not in path, f"no value for the path parameters of {operation}"
+        return path
+
+    def credentials(self, operation: Operation) -> dict[str, str]:
+        if not operation.secured:
+            return {}
+        if str(operation) == "GET /api/api-keys/me":
+            return {"x-api-key": self.api_key}
+        return dict(self.headers)
+
+    def send(
+        self,
+        operation: Operation,
+        body: bytes | None = None,
+        query: str = "",
+        headers: dict[str, str] | None = None,
+        credentials: bool = True,
+    ) -> webtest.TestResponse:
+        """Send the request and keep the world up with what it changed."""
+        sent = {**(self.credentials(operation) if credentials else {}), **(headers or {})}
+        kwargs: dict[str, Any] = {"method": operation.method, "headers": sent}
+        if body is not None:
+            kwargs["body"] = body
+            kwargs["content_type"] = operation.body_type
+        url = self.url(operation) + (f"?{query}" if query else "")
+        response = self.client.request(url, expect_errors=True, **kwargs)
+        self.follow(operation, body, response)
+        return response
+
+    def follow(self, operation: Operation, body: bytes | None, response) -> None:
+        if response.status_int >= 300:
+            return
+        if str(operation) == "PUT /store/{key}":
+            self.store_token = response.headers["X-Sync-Token"]
+        elif str(operation) == "DELETE /store/{key}":
+            self.store_token = self.put_key()
+        elif str(operation) == "POST /api/auth/change-password":
+            self.password = json.loads(body)["newPassword"]
+
+
+#: Valid values of body fields, by field name; a callable takes the world.
+FIELD_VALUES: dict[str, Any] = {
+    "password": lambda world: world.password,
+    "newPassword": PASSWORD,
+    "invalidateSessions": False,
+    "email": "alice",
+    "name": "Alice",
+    "permissions": ["all"],
+    "user": "bob",
+    "permission": "READ",
+    "method": "PUT",
+    "key": lambda world: world.fresh("batch/"),
+    "token": None,
+    "value": "dg==",
+    "meta": "m",
+    "duration": 60,
+    "deviceType": "phone",
+    "deviceOS": "os",
+    "invite": World.invite,
+}
+#: Valid values of body fields where an operation needs its own.
+OPERATION_FIELD_VALUES: dict[str, dict[str, Any]] = {
+    "POST /account": {"id": lambda world: world.fresh("user")},
+    "POST /auth": {"id": "alice"},
+    "POST /resetpassword": {"id": "alice"},
+    "POST /api/auth/admin-sign-up": {"email": "carol", "name": "Carol"},
+}
+#: Valid query parameters; optional ones are left out.
+QUERY_VALUES: dict[str, dict[str, str]] = {"DELETE /permission/{key}": {"users": "bob"}}
+#: Valid header parameters; optional ones are left out.
+HEADER_VALUES: dict[str, Callable[[World], dict[str, str]]] = {
+    "PUT /store/{key}": lambda world: {"X-Sync-Token": world.store_token, "X-Sync-Meta": "m"},
+    "DELETE /store/{key}": lambda world: {"X-Sync-Token": world.store_token},
+}
+#: Headers that say the same as the one under test, left out while it holds the bad value.
+ALTERNATIVES = {"If-Match": ("X-Sync-Token",)}
+#: Octet-stream bodies are any bytes.
+OCTET_BODY = b"v"
+#: Operations whose valid request the world refuses, with the documented reason.
+REFUSED_BASELINES = {"POST /api/auth/admin-sign-up": "the server already has an admin"}
+
+
+def valid_data(operation: Operation, world: World) -> Any:
+    """A valid JSON body for the operation, built from its schema and the value tables."""
+    values = {**FIELD_VALUES, **OPERATION_FIELD_VALUES.get(str(operation), {})}
+
+    def example(schema: dict, name: str | None) -> Any:
+        schema = resolve(schema)
+        if name in values:
+            value = values[name]
+            return value(world) if callable(value) else copy.deepcopy(value)
+        if "enum" in schema:
+            return schema["enum"][0]
+        kind = schema.get("type")
+        kind = kind[0] if isinstance(kind, list) else kind
+        if kind == "object":
+            return {key: example(sub, key) for key, sub in schema.get("properties", {}).items()}
+        if kind == "array":
+            return [example(schema["items"], None)]
+        raise AssertionError(f"no valid value for {name!r} of {operation}")
+
+    return example(operation.body_schema, None)
+
+
+@dataclasses.dataclass
+class Request:
+    """What a sweep sends: a label for reports, the body, the query and the headers."""
+
+    label: str
+    body: bytes | None = None
+    query: str = ""
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Whether to send alice's credentials; False when the request carries bad ones.
+    credentials: bool = True
+
+
+def valid_request(operation: Operation, world: World, label: str = "valid request") -> Request:
+    required = [p["name"] for p in operation.parameters if p["in"] == "query" and p["required"]]
+    query = QUERY_VALUES.get(str(operation), {})
+    assert set(required) <= set(query), f"no valid query for {operation}"
+    headers = HEADER_VALUES.get(str(operation), lambda world: {})(world)
+    body = None
+    if operation.body_type == "application/json":
+        body = json.dumps(valid_data(operation, world)).encode()
+    elif operation.body_type is not None:
+        body = OCTET_BODY
+    return Request(label, body, query_string(query), headers)
+
+
+def sweep(operation: Operation, world: World) -> Iterator[Request]:
+    """The bad requests, each built when its turn comes (the world moves on meanwhile)."""
+    if operation.body_type == "application/json":
+        for place in schema_fields(operation.body_schema):
+            for bad in BAD_VALUES:
+                request = valid_request(operation, world, f"body {dotted(place)}={bad.name}")
+                request.body = json_with(valid_data(operation, world), place, bad.json)
+                yield request
+    if operation.body_type is not None:
+        for bad in BAD_VALUES:
+            request = valid_request(operation, world, f"whole body={bad.name}")
+            request.body = bad.json.encode()
+            yield request
+        for name, raw in BAD_BODIES.items():
+            request = valid_request(operation, world, f"whole body={name}")
+            request.body = raw
+            yield request
+        request = valid_request(operation, world, "whole body=truncated")
+        request.body = request.body[: len(request.body) // 2]
+        yield request
+    for name in operation.parameter_names("query"):
+        valid = QUERY_VALUES.get(str(operation), {})
+        for bad in BAD_VALUES:
+            request = valid_request(operation, world, f"query {name}={bad.name}")
+            request.query = query_string({**valid, name: bad.text})
+            yield request
+        request = valid_request(operation, world, f"query {name}=repeated")
+        request.query = "&".join(filter(None, [query_string(valid), f"{name}=1&{name}=2"]))
+        yield request
+    for name in operation.parameter_names("header"):
+        for bad in BAD_VALUES:
+            request = valid_request(operation, world, f"header {name}={bad.name}")
+            for alternative in ALTERNATIVES.get(name, ()):
+                request.headers.pop(alternative, None)
+            request.headers[name] = bad.text
+            yield request
+    for scheme in operation.spec.get("security", []):
+        for bad in BAD_VALUES:
+            request = valid_request(operation, world, f"credential {', '.join(scheme)}={bad.name}")
+            request.credentials = False
+            request.headers.update(credential_headers(next(iter(scheme)), bad.text))
+            yield request
+
+
+def credential_headers(scheme_name: str, text: str) -> dict[str, str]:
+    """The headers that carry text as a credential of the security scheme."""
+    scheme = DOCUMENT["components"]["securitySchemes"][scheme_name]
+    if scheme["type"] == "http":
+        return {"Authorization": f"{scheme['scheme'].title()} {text}"}
+    if scheme["in"] == "cookie":
+        return {"Cookie": f"{scheme['name']}={text}"}
+    return {scheme["name"]: text}
+
+
+# The sweep ----------------------------------------------------------------------------------------
+
+
+def answer_problem(operation: Operation, response) -> str | None:
+    """What is wrong with an answer, if anything: undocumented status, layout or headers."""
+    status = response.status_int
+    if status >= 500:
+        return "a server error"
+    documented = operation.spec["responses"].get(str(status))
+    if documented is not None:
+        return documented_problem(resolve(documented), response)
+    if status < 400:
+        return "an undocumented status"
+    if response.content_type != "application/json":
+        return f"an error of type {response.content_type!r}"
+    try:
+        body = json.loads(response.body)
+    except ValueError:
+        return "an error that is not JSON"
+    if operation.app_api:
+        errors = schema_errors(DOCUMENT["components"]["schemas"]["AppError"], body)
+        if errors:
+            return f"not Immich's error layout ({errors[0]})"
+        if body["statusCode"] != status or body["error"] != syncnode.REASONS.get(status):
+            return "an error whose statusCode or error is not the status"
+        return None
+    errors = schema_errors(DOCUMENT["components"]["schemas"]["Error"], body)
+    if errors:
+        return f"not the Sync Node error layout ({errors[0]})"
+    if syncnode.ERROR_STATUS.get(body["code"]) != status:
+        return f"{body['code']} with another status than its own"
+    return None
+
+
+def documented_problem(documented: dict, response) -> str | None:
+    """What is wrong with an answer of a status the operation documents."""
+    for name, header in documented.get("headers", {}).items():
+        if header.get("required") and name not in response.headers:
+            return f"no {name} header"
+    content = documented.get("content")
+    if content is None:
+        return "a body where none is documented" if response.body else None
+    if "application/json" not in content:
+        return None
+    if response.content_type != "application/json":
+        return f"a body of type {response.content_type!r}"
+    errors = schema_errors(content["application/json"]["schema"], response.json)
+    return f"a body off its schema ({errors[0]})" if errors else None
+
+
+def report(label: str, response, problem: str) -> str:
+    return f"{label}: {response.status} {problem}: {response.body[:160]!r}"
+
+
+SWEEPS = [pytest.param(operation, {}, id=str(operation)) for operation in CONFUSION_OPERATIONS] + [
+    pytest.param(
+        next(op for op in CONFUSION_OPERATIONS if str(op) == "POST /account"),
+        {"registration": "invite"},
+        id="POST /account [registration=invite]",
+    )
+]
+
+
+@pytest.mark.parametrize(("operation", "settings"), SWEEPS)
+def test_sweep_bad_values_get_documented_answers(make_app, clock, operation, settings):
+    world = World(webtest.TestApp(make_app()))
+    if settings:  # the same database, served with other settings
+        world.client = webtest.TestApp(make_app(**settings))
+        world.invite_mode = settings.get("registration") == "invite"
+    if operation.body_type == "application/json":
+        data = valid_data(operation, world)
+        assert not schema_errors(operation.body_schema, data), "the valid body is off its schema"
+    failures = []
+    if operation.secured:
+        request = valid_request(operation, world, "no credentials")
+        response = world.send(operation, request.body, request.query, request.headers, False)
+        problem = answer_problem(operation, response)
+        if problem is None and response.status_int != 401:
+            problem = "an answer other than 401"
+        if problem:
+            failures.append(report(request.label, response, problem))
+    for request in sweep(operation, world):
+        response = world.send(
+            operation, request.body, request.query, request.headers, request.credentials
+        )
+        problem = answer_problem(operation, response)
+        if problem:
+            failures.append(report(request.label, response, problem))
+    # Last, as it may end the session or the key: the valid request, once throttles have reset.
+    clock.advance(86400)
+    request = valid_request(operation, world)
+    response = world.send(operation, request.body, request.query, request.headers)
+    problem = answer_problem(operation, response)
+    if str(operation) in REFUSED_BASELINES:
+        problem = problem or (None if response.status_int == 400 else "not the documented 400")
+    elif problem is None and response.status_int >= 400:
+        problem = "the valid request failed, so the sweep may not reach the checks"
+    if problem:
+        failures.append(report(request.label, response, problem))
+    assert not failures, f"{len(failures)} answers of {operation}:\n" + "\n".join(failures)
+
+
+# Regressions --------------------------------------------------------------------------------------
+
+#: The code of a malformed body on Sync Node paths where it is not REQ01.
+MALFORMED_CODES = {"POST /account": "ACCT02", "POST /auth": "ACCT02"}
+
+
+@pytest.mark.parametrize("shape", ["whole-body", "first-field"])
+@pytest.mark.parametrize("operation", JSON_OPERATIONS, ids=str)
+def test_regression_deep_nesting_is_the_malformed_body_error(make_app, operation, shape):
+    world = World(webtest.TestApp(make_app()))
+    raw = nested(APP_DEPTH if operation.app_api else SYNC_DEPTH)
+    request = valid_request(operation, world)
+    if shape == "whole-body":
+        request.body = raw.encode()
+    else:
+        first = next(schema_fields(operation.body_schema))
+        request.body = json_with(valid_data(operation, world), first, raw)
+    response = world.send(operation, request.body, request.query, request.headers)
+    if operation.app_api:
+        assert response.status_int == 400
+        assert response.json["statusCode"] == 400
+        assert not schema_errors(DOCUMENT["components"]["schemas"]["AppError"], response.json)
+    else:
+        assert_error(response, 400, MALFORMED_CODES.get(str(operation), "REQ01"))
+
+
+@pytest.mark.parametrize(
+    "permission", [{}, [], [1], {"a": 1}, [[]]], ids=["{}", "[]", "[1]", '{"a":1}', "[[]]"]
+)
+def test_regression_permission_put_unhashable_permission_is_req01(client, user, other, permission):
+    client.put("/store/k", b"v", headers=user.headers)
+    body = [{"user": other.name, "permission": permission}]
+    response = client.put_json("/permission/k", body, headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+    holders = client.get("/permission/k", headers=user.headers).json
+    assert holders == [{"user": user.name, "permission": "OWN"}]
+
+
+# ==================================================================================================
+# The README's contract and curl session
+# ==================================================================================================
+
+# - Errors: the README's error table lists every code of syncnode.ERROR_STATUS with its status.
+# - Self-contained: the README names no contract file that the repository lacks.
+# - Session: the README's curl session, the ```sh blocks each preceded by `<!-- session -->`,
+#   runs with bash against a live server and gets the answers the README promises.
+
+REPO = Path(__file__).resolve().parent
+README = REPO / "README.md"
+#: The session's first line, which the test points at its own server.
+README_SERVER = "S=http://127.0.0.1:8080"
+#: The long-poll of the session, and the short one the test runs instead.
+README_WAIT, TEST_WAIT = "wait=30", "wait=1"
+#: CHEAP_HASHING as command-line flags.
+CHEAP_HASHING_FLAGS = [
+    arg
+    for name, value in CHEAP_HASHING.items()
+    for arg in (f"--{name.replace('_', '-')}", str(value))
+]
+SERVER_START_TIMEOUT = 20
+SESSION_TIMEOUT = 60
+SESSION_BLOCK = re.compile(r"^<!-- session -->\n```sh\n(.*?)^```$", re.M | re.S)
+STATUS_LINE = re.compile(r"^HTTP/[0-9.]+ (\d{3})\b.*$", re.M)
+
+
+def readme_section(title: str) -> str:
+    """Return the text of the README's `## title` section, without its heading."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"README.md has no section '## {title}'"
+    return match[1]
+
+
+# Errors -------------------------------------------------------------------------------------------
+
+
+def test_readme_error_table_lists_every_code_with_its_status():
+    rows = re.findall(
+        r"^\| *`?([A-Z]+\d\d)`? *\| *(\d{3}) *\| *(.*?) *\|$", readme_section("Errors"), re.M
+    )
+    table = {code: int(status) for code, status, _ in rows}
+    assert table == syncnode.ERROR_STATUS
+    assert len(rows) == len(table), "a code appears twice in the error table"
+    assert all(when for _, _, when in rows), "every code says when it is answered"
+
+
+def test_readme_error_section_shows_the_json_layout():
+    section = readme_section("Errors")
+    assert '{"code": "KEY01", "message": ' in section
+    assert '"index"' in section
+
+
+# Self-contained -----------------------------------------------------------------------------------
+
+
+def test_readme_names_no_contract_outside_the_repository():
+    text = README.read_text(encoding="utf-8")
+    assert "SYNCNODE.md" not in text and "APP-API.md" not in text
+    named = set(re.findall(r"`(spec/[^`]+)`", text))
+    assert named >= {"spec/syncnode-openapi.json", "spec/app-api-openapi.json"}
+    assert all((REPO / path).is_file() for path in named), named
+
+
+# Session ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CurlAnswer:
+    """One HTTP answer that the session printed, with what was printed after it."""
+
+    status: int
+    headers: dict[str, str]
+    body: str
+
+    @property
+    def code(self) -> str | None:
+        """Return the first Sync Node error code printed after the status line, if any."""
+        match = re.search(r'"code":"([A-Z]+\d\d)"', self.body)
+        return match[1] if match else None
+
+
+#: Each answer the session shows, in order: a name for the test, its status and Sync Node code.
+EXPECTED = [
+    ("create", 204, None),  # alice creates notes/today
+    ("update", 204, None),  # alice updates it with the current token
+    ("stale", 409, "KEY01"),  # the replaced token is stale
+    ("read", 200, None),  # alice reads it: no X-Sync-Meta any more
+    ("share", 204, None),  # alice shares it with bob, who then reads and lists it
+    ("bob_put", 403, "PERM01"),  # bob, a READ holder, cannot write
+    ("key_put", 403, "PERM01"),  # the API key lacks store.write
+    ("key_user", 403, None),  # the API key lacks user.read (App API layout)
+    ("key_assets", 404, None),  # /api/assets is not served (App API layout)
+    ("listing", 200, None),  # the full listing that gives the cursor
+    ("not_modified", 304, None),  # alice's copy is current
+    ("batch_stale", 409, "KEY01"),  # the batch with a stale token
+    ("batch", 200, None),  # the batch with the current token
+    ("feed", 200, None),  # the changes after the cursor, then the long-poll's []
+]
+
+
+def session_script() -> str:
+    """Return the README's session blocks as one script, waiting briefly instead of 30 s."""
+    blocks = SESSION_BLOCK.findall(README.read_text(encoding="utf-8"))
+    assert blocks, "README.md marks no ```sh block with <!-- session -->"
+    script = "".join(blocks)
+    assert script.splitlines()[0] == README_SERVER, "the session opens by setting S"
+    assert script.count(README_WAIT) == 1, "the session has one long-poll"
+    return script.replace(README_WAIT, TEST_WAIT)
+
+
+def parse_answers(output: str) -> list[CurlAnswer]:
+    """Split the session's output at each status line into answers."""
+    output = output.replace("\r", "")
+    starts = list(STATUS_LINE.finditer(output))
+    answers = []
+    for match, following in zip(starts, [*starts[1:], None], strict=True):
+        text = output[match.end() : following.start() if following else len(output)]
+        head, _, body = text.lstrip("\n").partition("\n\n")
+        headers = {}
+        for line in head.splitlines():
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        answers.append(CurlAnswer(int(match[1]), headers, body))
+    return answers
+
+
+def first_line(answer: CurlAnswer) -> str:
+    """Return the first line printed after an answer's headers: its body when it has one."""
+    return answer.body.splitlines()[0]
+
+
+def wait_for_health(process: subprocess.Popen, port: int, log: Path) -> None:
+    """Ask a starting server for GET /health until it answers 200; fail if it exits or hangs."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"syncnode exited with {process.returncode}: {log.read_text()}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass  # The server is still starting.
+        finally:
+            conn.close()
+        if time.monotonic() > deadline:
+            pytest.fail(f"syncnode did not answer /health in time: {log.read_text()}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Path) -> Iterator[str]:
+    """Run `python syncnode.py` on a free 127.0.0.1 port; yield its URL, then stop it."""
+    port, log = free_port(), tmp_path / "server.log"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SYNCNODE_")}
+    command = [sys.executable, SYNCNODE_PY, "--port", str(port)]
+    command += ["--database", str(tmp_path / "x.db"), *CHEAP_HASHING_FLAGS]
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    try:
+        wait_for_health(process, port, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()  # Only this process, by its pid.
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def session_env(tmp_path: Path) -> dict[str, str]:
+    """Return an environment for the session: this Python first, no proxy, no curl or bash rc."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name.lower() not in ("http_proxy", "https_proxy", "all_proxy", "bash_env", "env")
+    }
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env.update(NO_PROXY="*", no_proxy="*", CURL_HOME=str(tmp_path))
+    return env
+
+
+def run_session(tmp_path: Path, server: str, env: dict[str, str]) -> str:
+    """Run the README's session with bash against the server; return what it printed."""
+    script = tmp_path / "session.sh"
+    body = session_script().replace(README_SERVER, f"S={server}", 1)
+    script.write_text("set -euo pipefail\n" + body, encoding="utf-8")
+    result = subprocess.run(
+        [shutil.which("bash", path=env["PATH"]), str(script)],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=SESSION_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stdout
+    return result.stdout
+
+
+def test_readme_session_runs_and_answers_as_documented(tmp_path):
+    env = session_env(tmp_path)
+    tools = ("curl", "bash", "awk", "tr", "python3")
+    missing = [tool for tool in tools if shutil.which(tool, path=env["PATH"]) is None]
+    if missing:
+        skip_or_fail(f"The README's curl session needs {', '.join(missing)}.")
+    with running_server(tmp_path) as server:
+        output = run_session(tmp_path, server, env)
+    answers = parse_answers(output)
+    assert [(a.status, a.code) for a in answers] == [(s, c) for _, s, c in EXPECTED], output
+    answer = {name: a for (name, _, _), a in zip(EXPECTED, answers, strict=True)}
+
+    token = answer["update"].headers["x-sync-token"]
+    assert answer["create"].headers["x-sync-token"] != token
+    # A PUT without X-Sync-Meta drops the stored meta.
+    assert answer["read"].body.startswith("buy milk and eggs")
+    assert "x-sync-meta" not in answer["read"].headers
+    # bob reads and lists the key he holds READ on.
+    bob_read, bob_list = answer["share"].body.strip().splitlines()
+    assert bob_read == "buy milk and eggs"
+    listed = [(item["key"], item["permission"]) for item in json.loads(bob_list)]
+    assert listed == [("notes/today", "READ")]
+    assert json.loads(first_line(answer["key_user"]))["statusCode"] == 403
+    assert json.loads(first_line(answer["key_assets"]))["message"] == "Cannot GET /api/assets"
+    # The session carries alice's latest token into Syncing a client.
+    assert answer["listing"].headers["x-sync-seq"].isdigit()
+    assert answer["not_modified"].headers["etag"] == f'"{token}"'
+    assert json.loads(first_line(answer["batch_stale"]))["index"] == 1
+    results = json.loads(first_line(answer["batch"]))["results"]
+    assert [(item["key"], item["token"] is None) for item in results] == [
+        ("notes/a", False),
+        ("notes/today", True),
+    ]
+    changes, waited = answer["feed"].body.strip().splitlines()
+    assert [(item["key"], "deleted" in item) for item in json.loads(changes)] == [
+        ("notes/a", False),
+        ("notes/today", True),
+    ]
+    assert json.loads(waited) == []
