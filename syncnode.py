@@ -306,18 +306,37 @@ ERROR_STATUS = {
 
 
 class ApiError(Exception):
-    """A deliberate error answer: a code from the contract's table, a sentence, extra headers."""
+    """A deliberate error answer: a code from the contract's table, a sentence, extra headers.
 
-    def __init__(self, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+    Both APIs render it in their own layout; app_message is the App API's wording (Immich's),
+    where it differs from the code's usual one (APP_ERRORS).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        index: int | None = None,
+        app_message: str | list[str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.status = ERROR_STATUS[code]
         self.message = message
         self.headers = dict(headers or {})
         #: The 0-based position of the failing operation in a POST /batch.
-        self.index: int | None = None
+        self.index = index
+        self.app_message = app_message
         if code == "AUTH01":
             self.headers.setdefault("WWW-Authenticate", "Bearer")
+
+    def at(self, index: int) -> ApiError:
+        """Return this error as the failure of a batch's operation at index."""
+        return ApiError(
+            self.code, self.message, self.headers, index=index, app_message=self.app_message
+        )
 
 
 def out_of_space() -> ApiError:
@@ -503,8 +522,19 @@ def transaction(conn: sqlite3.Connection, write: bool = False) -> Iterator[sqlit
     database waits at BEGIN (busy timeout) instead of failing halfway through the block.
     Writers of one app first queue on its in-process lock: SQLite's busy handler sleeps in
     steps of up to 100 ms, while a waiter on the lock wakes the moment the writer before it
-    commits.
+    commits. Inside an open transaction the block runs in a savepoint of it, so any storage
+    function may call another.
     """
+    if conn.in_transaction:  # inside another: a savepoint, so either may be called alone
+        conn.execute("SAVEPOINT nested")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK TO nested")
+            conn.execute("RELEASE nested")
+            raise
+        conn.execute("RELEASE nested")
+        return
     lock = getattr(conn, "write_lock", None) if write else None
     if lock is not None:
         lock.acquire()
@@ -1073,8 +1103,7 @@ def apply_batch(
                     apply_delete(conn, key, user_id, operation["token"], now_ms)
                     token = None
             except ApiError as error:
-                error.index = index
-                raise
+                raise error.at(index) from None
             results.append({"key": key, "token": token})
     return results
 
@@ -1265,6 +1294,11 @@ class NewSession:
     expires_ms: int
 
 
+#: Immich's words for a second admin sign-up, and for a sign-up without a live invite.
+HAS_ADMIN = "The server already has an admin"
+NEEDS_INVITE = "Registration on this server needs a live invite code"
+
+
 def default_display_name(name: str) -> str:
     """Return the part of an id before its last '@', or the whole id when that is empty."""
     return name.rpartition("@")[0] or name
@@ -1288,10 +1322,12 @@ def create_user(
     """
     try:
         with transaction(conn, write=True):
-            if first and conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
-                raise ApiError("ACCT03", "The server already has an admin.")
+            if first and has_users(conn):
+                raise ApiError("ACCT03", "The server already has an admin.", app_message=HAS_ADMIN)
             if invite is not None and not spend_invite(conn, invite, now_ms):
-                raise ApiError("ACCT01", "The invite code is wrong, used or expired.")
+                raise ApiError(
+                    "ACCT01", "The invite code is wrong, used or expired.", app_message=NEEDS_INVITE
+                )
             return conn.execute(
                 """
                 INSERT INTO users (id, name, password_hash, created_ms, uuid, display_name,
@@ -1311,6 +1347,11 @@ def create_user(
             ).fetchone()[0]
     except sqlite3.IntegrityError:
         raise ApiError("ACCT03", "This user id is already in use.") from None
+
+
+def has_users(conn: sqlite3.Connection) -> bool:
+    """Whether any account exists."""
+    return conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
 
 
 def find_user(conn: sqlite3.Connection, name: str) -> tuple[int, str] | None:
@@ -1453,10 +1494,10 @@ def list_app_sessions(conn: sqlite3.Connection, caller: Caller, now_ms: int) -> 
         """,
         (caller.user_id, now_ms),
     )
-    return [app_session(row, caller.session_id) for row in rows]
+    return [session_dto(row, caller.session_id) for row in rows]
 
 
-def app_session(row: tuple, current_id: int | None) -> dict:
+def session_dto(row: tuple, current_id: int | None) -> dict:
     """Shape a sessions row as an App API SessionResponseDto."""
     row_id, public_id, created_ms, updated_ms, expires_ms, device_type, device_os, version = row
     return {
@@ -1495,10 +1536,11 @@ def end_other_sessions(conn: sqlite3.Connection, user_id: int, keep_session_id: 
     The kept session is detached from its parent first, so that ending the parent does not
     end the kept session with it.
     """
-    conn.execute("UPDATE sessions SET parent_id = NULL WHERE id = ?", (keep_session_id,))
-    conn.execute(
-        "DELETE FROM sessions WHERE user_id = ? AND id IS NOT ?", (user_id, keep_session_id)
-    )
+    with transaction(conn, write=True):
+        conn.execute("UPDATE sessions SET parent_id = NULL WHERE id = ?", (keep_session_id,))
+        conn.execute(
+            "DELETE FROM sessions WHERE user_id = ? AND id IS NOT ?", (user_id, keep_session_id)
+        )
 
 
 def end_session(conn: sqlite3.Connection, session_id: int) -> None:
@@ -2489,12 +2531,9 @@ def read_batch(max_value_bytes: int) -> list[dict]:
         try:
             parsed.append(read_operation(operation, max_value_bytes))
         except ApiError as error:
-            error.index = index
-            raise
+            raise error.at(index) from None
         if parsed[-1]["key"] in keys:
-            error = ApiError("REQ01", "Each key may appear only once in a batch.")
-            error.index = index
-            raise error
+            raise ApiError("REQ01", "Each key may appear only once in a batch.", index=index)
         keys.add(parsed[-1]["key"])
     return parsed
 
@@ -2678,13 +2717,13 @@ def count_attempts(ctx: Context, attempts: list[tuple[str, str]]) -> list[int]:
         raise
 
 
-def log_in(ctx: Context, name: str, password: str) -> int:
-    """Check an id and password under the login limits; return the user's row id.
+def check_login(ctx: Context, name: str, password: str) -> int | None:
+    """Check an id and password under the login limits; return the user's row id, or None.
 
-    AUTH02 while a limit holds (even for the right password), AUTH01 for a wrong id or
-    password. The attempt is counted before the password is verified, so racing guesses
-    never pass the limit, and uncounted when the password is right. A hash with outdated
-    parameters is replaced.
+    AUTH02 while a limit holds (even for the right password). The attempt is counted before
+    the password is verified, so racing guesses never pass the limit, and uncounted when the
+    password is right or was never verified (BUSY01). A hash with outdated parameters is
+    replaced.
     """
     attempts = [("login_id", name), ("login_address", ctx.client_address(bottle.request.environ))]
     counted = count_attempts(ctx, attempts)
@@ -2692,16 +2731,46 @@ def log_in(ctx: Context, name: str, password: str) -> int:
     try:
         user = find_user(conn, name)
         verified = ctx.verify_password(user[1] if user else None, password)
-    except BaseException:  # not verified (BUSY01, say): it does not count
+    except BaseException:
         release_attempts(conn, counted)
         raise
     if not verified or user is None:
-        raise ApiError("AUTH01", "The user id or password is wrong.")
+        return None
     release_attempts(conn, counted)
     user_id, password_hash = user
     if ctx.hasher.check_needs_rehash(password_hash):
         update_password_hash(conn, user_id, ctx.hash_password(password))
     return user_id
+
+
+def log_in(ctx: Context, name: str, password: str) -> int:
+    """Return the row id of the user an id and password name; AUTH01 when they do not."""
+    user_id = check_login(ctx, name, password)
+    if user_id is None:
+        raise ApiError(
+            "AUTH01", "The user id or password is wrong.",
+            app_message="Incorrect email or password",
+        )  # fmt: skip
+    return user_id
+
+
+def register_user(ctx: Context, name: str, password: str, invite: str | None = None) -> int:
+    """Create an account under the registration limit; return its row id.
+
+    The attempt counts only if the account is made.
+    """
+    conn = ctx.connection()
+    counted = count_attempts(
+        ctx, [("register_address", ctx.client_address(bottle.request.environ))]
+    )
+    try:
+        if find_user(conn, name) is not None:
+            raise ApiError("ACCT03", "This user id is already in use.")
+        ctx.require_disk()
+        return create_user(conn, name, ctx.hash_password(password), ctx.now_ms(), invite=invite)
+    except BaseException:
+        release_attempts(conn, counted)
+        raise
 
 
 EMAIL_ADDRESS = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
@@ -2779,7 +2848,10 @@ def read_invite(ctx: Context, body: dict) -> str | None:
         return None
     invite = body.get("invite")
     if not isinstance(invite, str) or not invite_is_live(ctx.connection(), invite, ctx.now_ms()):
-        raise ApiError("ACCT01", "Registration on this server needs a live invite code.")
+        raise ApiError(
+            "ACCT01", "Registration on this server needs a live invite code.",
+            app_message=NEEDS_INVITE,
+        )  # fmt: skip
     return invite
 
 
@@ -2795,288 +2867,278 @@ def start_session(ctx: Context, user_id: int) -> NewSession:
     )
 
 
-def register_sync_routes(app: bottle.Bottle, ctx: Context) -> None:
-    """Register the Sync Node API's routes on the app, closing over its context."""
-    settings = ctx.settings
+#: What an operation's row says of its caller, beside a permission an API key needs.
+PUBLIC = None  # reads no credential
+ANY_CREDENTIAL = ""  # any valid session or API key
+SESSION_ONLY = "session"  # a session; an API key is PERM01
+SYNC_API, APP_API = "sync", "app"
 
-    def authenticate(permission: str | None = None, session_only: bool = False) -> Caller:
-        """Find the caller: Authorization: Bearer decides alone when present, else x-api-key.
 
-        An API key acts within its permissions (README, App API).
-        """
-        conn, token = ctx.connection(), bearer_token()
-        if token is not None:
-            return session_of(ctx, token)
-        secret = header("x-api-key")
-        if secret is None:
-            raise ApiError("AUTH01", "This request needs an Authorization: Bearer token.")
-        caller = find_api_key(conn, secret)
-        if caller is None:
-            raise ApiError("AUTH01", "The API key is unknown or deleted.")
-        if session_only:
-            raise ApiError("PERM01", "This operation needs a session token")
-        if permission and not caller.allows(permission):
-            raise ApiError("PERM01", f"Missing required permission: {permission}")
-        return caller
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One row of an API's route table: an operation and who may call it."""
 
-    def resource(rule: str, **handlers: Callable) -> None:
-        """Route every method of a path through one callback that answers REQ02 for the rest.
+    method: str
+    #: A bottle rule under the API's root.
+    path: str
+    operation_id: str
+    #: PUBLIC, ANY_CREDENTIAL, SESSION_ONLY, or the permission an API key needs.
+    permission: str | None
+    #: handler(ctx, caller, **path_arguments) -> answer; caller is None when PUBLIC.
+    handler: Callable[..., Any]
 
-        OPTIONS answers a CORS preflight; every other answer carries the CORS headers, and
-        a change is announced to long-polling readers.
-        """
-        allowed = set(handlers) | {"OPTIONS"} | ({"HEAD"} if "GET" in handlers else set())
-        allow = ", ".join(sorted(allowed))
 
-        def dispatch(**args: str):
-            ctx.housekeep()
-            method = bottle.request.method
-            if method == "OPTIONS":
-                return empty_response({"Allow": allow})
-            handler = handlers.get("GET" if method == "HEAD" else method)
-            if handler is None:
-                raise ApiError("REQ02", f"This path takes only {allow}.", headers={"Allow": allow})
-            response = handler(**args)
-            if method not in ("GET", "HEAD"):
-                ctx.notify_change()
-            return response
+def resolve_caller(ctx: Context, api: str, permission: str) -> Caller:
+    """Find who calls, for either API: a session token decides alone, else an API key.
 
-        guarded_dispatch = guarded(ctx, dispatch)
-
-        def route(**args: str):
-            response = guarded_dispatch(**args)
-            preflight = bottle.request.method == "OPTIONS"
-            add_headers(response, cors_headers(settings, allow, preflight))
-            return response
-
-        app.route(rule, "ANY", route)
-
-    def session_answer(session: NewSession):
-        return json_response({"token": session.token, "expiration": session.expires_ms})
-
-    # Accounts and sessions ----------------------------------------------------------------------
-
-    def account_post():
-        if settings.registration == "closed":
-            raise ApiError("ACCT01", "Registration is disabled on this server.")
-        name, password, body = read_credentials()
-        conn = ctx.connection()
-        invite = read_invite(ctx, body)  # before the id, so a stranger learns nothing of it
-        attempts = [("register_address", ctx.client_address(bottle.request.environ))]
-        counted = count_attempts(ctx, attempts)
-        try:
-            if find_user(conn, name) is not None:
-                raise ApiError("ACCT03", "This user id is already in use.")
-            ctx.require_disk()
-            password_hash = ctx.hash_password(password)
-            user_id = create_user(conn, name, password_hash, ctx.now_ms(), invite=invite)
-        except BaseException:
-            release_attempts(conn, counted)
-            raise
-        return session_answer(start_session(ctx, user_id))
-
-    def account_get():
-        caller = authenticate("session.read")
-        conn = ctx.connection()
-        keys, size = get_usage(conn, caller.user_id)
-        usage = {"X-Sync-Usage-Keys": str(keys), "X-Sync-Usage-Bytes": str(size)}
-        if settings.quota_keys:
-            usage["X-Sync-Quota-Keys"] = str(settings.quota_keys)
-        if settings.quota_bytes:
-            usage["X-Sync-Quota-Bytes"] = str(settings.quota_bytes)
-        return json_response(list_sessions(conn, caller, ctx.now_ms()), headers=usage)
-
-    def account_delete():
-        caller = authenticate(session_only=True)
-        delete_account(ctx.connection(), caller.user_id, ctx.now_ms())
-        return empty_response()
-
-    def auth_post():
-        name, password, _ = read_credentials()
-        return session_answer(start_session(ctx, log_in(ctx, name, password)))
-
-    def auth_delete():
-        caller = authenticate(session_only=True)
-        end_session(ctx.connection(), caller.session_id)
-        return empty_response()
-
-    # Passwords and reset ------------------------------------------------------------------------
-
-    def password_post():
-        token, conn = bearer_token(), ctx.connection()
-        if token is None or find_reset_token(conn, token, ctx.now_ms()) is None:
-            caller = authenticate(session_only=True)
-        else:
-            caller = None  # A reset token (README, Accounts and sessions).
-        body = read_json()
-        if not isinstance(body, dict) or not isinstance(body.get("password"), str):
-            raise ApiError("REQ01", "The body must be a JSON object with a string password.")
-        check_password(body["password"])
-        password_hash = ctx.hash_password(body["password"])
-        if caller is None:
-            reset_password(conn, token, password_hash, ctx.now_ms())
-        else:
-            set_password(conn, caller.user_id, password_hash, caller.session_id, ctx.now_ms())
-        return empty_response()
-
-    def resetpassword_post():
-        body = read_json()
-        if not isinstance(body, dict) or not isinstance(body.get("id"), str):
-            raise ApiError("REQ01", "The body must be a JSON object with a string id.")
-        try:
-            name = normalize_id(body["id"])
-        except ApiError:
-            return empty_response()  # No such id can exist; answer as for any unknown id.
-        attempts = [
-            ("reset_id", name),
-            ("reset_address", ctx.client_address(bottle.request.environ)),
-        ]
-        count_attempts(ctx, attempts)
-        # Whether the id exists is decided after the answer, so its timing tells nothing.
-        after_answer(functools.partial(issue_reset_token, ctx, name))
-        return empty_response()
-
-    def invite_post():
-        caller = authenticate(session_only=True)
-        conn = ctx.connection()
-        if not get_user(conn, row_id=caller.user_id)[5]:
-            raise ApiError("PERM01", "Only the admin (the oldest account) may mint invites.")
-        code, expires_ms = create_invite(conn, ctx.now_ms(), settings.invite_ttl * 1000)
-        return json_response({"invite": code, "expiration": expires_ms})
-
-    # Store --------------------------------------------------------------------------------------
-
-    def store_list_get():
-        caller = authenticate("store.read")
-        query, conn = read_listing_query(), ctx.connection()
-        if query.since is None:
-            listing = list_keys(conn, caller.user_id, query.prefix, query.after, query.limit)
-        else:
-
-            def changes() -> Listing:
-                if not credential_is_live(conn, caller, "store.read", ctx.now_ms()):
-                    raise ApiError("AUTH01", "The credential of this long-poll was revoked.")
-                return list_changes(conn, caller.user_id, query.since, query.prefix, query.limit)
-
-            listing = ctx.long_poll(changes, query.wait)
-        headers = {"X-Sync-Seq": str(listing.seq)}
-        if listing.more:
-            headers["Link"] = next_page_link(query, listing)
-        return json_response(listing.entries, headers=headers)
-
-    def store_get(key: str):
-        caller = authenticate("store.read")
-        key = read_key(key)
-        stored = get_value(ctx.connection(), key, caller.user_id)
-        if_none_match = header("If-None-Match")
-        if if_none_match is not None and matches_none(if_none_match, stored.token):
-            return bottle.HTTPResponse(b"", 304, store_headers(stored.token))
-        if stored.body is None:  # a large value: read from a snapshot of its own
-            stored = stream_value(ctx.open_connection(), key, caller.user_id)
-        headers = {"Content-Type": "application/octet-stream", **store_headers(stored.token)}
-        if isinstance(stored.body, BlobReader):
-            headers["Content-Length"] = str(stored.size)  # bottle counts bytes itself
-        if stored.meta is not None:
-            headers["X-Sync-Meta"] = stored.meta
-        return answer(stored.body, 200, headers)
-
-    def store_put(key: str):
-        caller = authenticate("store.write")
-        key, sent_token = read_key(key), read_store_token()
-        create_only = (header("If-None-Match") or "").strip() == "*"
-        value = read_value(settings.max_value_bytes)
-        try:
-            token = put_value(
-                ctx.connection(),
-                key,
-                caller.user_id,
-                value,
-                sent_token,
-                ctx.now_ms(),
-                ctx.quota(),
-                create_only,
+    The Sync Node API reads Authorization: Bearer and x-api-key; the App API also Immich's
+    other places (README, App API) and refuses shared links first. An API key acts within
+    its permissions.
+    """
+    if api == APP_API:
+        query = bottle.request.query
+        if header("x-immich-share-key") is not None or "key" in query:
+            raise ApiError(
+                "AUTH01", "Shared links are not served.", app_message="Invalid share key"
             )
-        finally:
-            if not isinstance(value.body, bytes):
-                value.body.close()
-        return empty_response(store_headers(token))
-
-    def store_delete(key: str):
-        caller = authenticate("store.own")
-        key, sent_token = read_key(key), read_store_token()
-        delete_value(ctx.connection(), key, caller.user_id, sent_token, ctx.now_ms())
-        return empty_response()
-
-    def batch_post():
-        caller = authenticate("store.write")
-        operations = read_batch(settings.max_value_bytes)
-        for index, operation in enumerate(operations):
-            if operation["method"] == "DELETE" and not caller.allows("store.own"):
-                error = ApiError("PERM01", "Missing required permission: store.own")
-                error.index = index
-                raise error
-        results = apply_batch(
-            ctx.connection(), caller.user_id, operations, ctx.now_ms(), ctx.quota()
+        if header("x-immich-share-slug") is not None or "slug" in query:
+            raise ApiError(
+                "AUTH01", "Shared links are not served.", app_message="Invalid share slug"
+            )
+        token, secret = session_token_from_request(), header("x-api-key") or query.get("apiKey")
+    else:
+        token, secret = bearer_token(), header("x-api-key")
+    if token is not None:
+        return session_of(ctx, token)
+    if secret is None:
+        raise ApiError(
+            "AUTH01", "This request needs an Authorization: Bearer token.",
+            app_message="Authentication required",
+        )  # fmt: skip
+    caller = find_api_key(ctx.connection(), secret)
+    if caller is None:
+        raise ApiError(
+            "AUTH01", "The API key is unknown or deleted.", app_message="Invalid API key"
         )
-        return json_response({"results": results})
+    if permission == SESSION_ONLY:
+        raise ApiError("PERM01", "This operation needs a session token")
+    if permission and not caller.allows(permission):
+        missing = f"Missing required permission: {permission}"
+        raise ApiError("PERM01", missing, app_message=missing)
+    return caller
 
-    # Permissions --------------------------------------------------------------------------------
 
-    def permission_get(key: str):
-        caller = authenticate("store.read")
-        return json_response(get_permissions(ctx.connection(), read_key(key), caller.user_id))
+def session_answer(session: NewSession):
+    """Answer a new session: its token and expiry."""
+    return json_response({"token": session.token, "expiration": session.expires_ms})
 
-    def permission_put(key: str):
-        caller = authenticate("store.own")
-        key, grants = read_key(key), read_grants()
-        set_permissions(ctx.connection(), key, caller.user_id, grants, ctx.quota())
-        return empty_response()
 
-    def permission_delete(key: str):
-        caller = authenticate("store.own")
-        key = read_key(key)
-        users = query_text("users")
-        if users is None:
-            raise ApiError("REQ01", "The users query parameter is required.")
-        names = set()
-        for raw in users.split(","):
-            with contextlib.suppress(ApiError):  # Ids that cannot exist are ignored.
-                names.add(normalize_id(raw))
-        remove_permissions(ctx.connection(), key, caller.user_id, names, ctx.now_ms())
-        return empty_response()
+# Accounts and sessions --------------------------------------------------------------------------
 
-    # Health and discovery -----------------------------------------------------------------------
 
-    def health_get():
-        database, disk = ctx.database_ok(), ctx.disk_ok()
-        status = 200 if database and disk else 500
-        return json_response({"database": database, "disk": disk}, status)
+def sync_register(ctx: Context, caller: None):
+    if ctx.settings.registration == "closed":
+        raise ApiError("ACCT01", "Registration is disabled on this server.")
+    name, password, body = read_credentials()
+    invite = read_invite(ctx, body)  # before the id, so a stranger learns nothing of it
+    return session_answer(start_session(ctx, register_user(ctx, name, password, invite=invite)))
 
-    document = json.dumps(openapi_document(), separators=(",", ":")).encode()
 
-    def openapi_get():
-        return bottle.HTTPResponse(document, 200, {"Content-Type": "application/json"})
+def sync_list_sessions(ctx: Context, caller: Caller):
+    conn, settings = ctx.connection(), ctx.settings
+    keys, size = get_usage(conn, caller.user_id)
+    usage = {"X-Sync-Usage-Keys": str(keys), "X-Sync-Usage-Bytes": str(size)}
+    if settings.quota_keys:
+        usage["X-Sync-Quota-Keys"] = str(settings.quota_keys)
+    if settings.quota_bytes:
+        usage["X-Sync-Quota-Bytes"] = str(settings.quota_bytes)
+    return json_response(list_sessions(conn, caller, ctx.now_ms()), headers=usage)
 
-    def well_known_immich_get():
-        return json_response({"api": {"endpoint": mount_prefix() + "/api"}})
 
-    resource("/account", GET=account_get, POST=account_post, DELETE=account_delete)
-    resource("/auth", POST=auth_post, DELETE=auth_delete)
-    resource("/password", POST=password_post)
-    resource("/resetpassword", POST=resetpassword_post)
-    resource("/invite", POST=invite_post)
-    resource("/store", GET=store_list_get)
-    resource("/batch", POST=batch_post)
-    resource("/store/<key:re:[\\s\\S]*>", GET=store_get, PUT=store_put, DELETE=store_delete)
-    resource(
-        "/permission/<key:re:[\\s\\S]*>",
-        GET=permission_get,
-        PUT=permission_put,
-        DELETE=permission_delete,
-    )
-    resource("/health", GET=health_get)
-    resource("/.well-known/immich", GET=well_known_immich_get)
-    resource("/openapi.json", GET=openapi_get)
+def sync_delete_account(ctx: Context, caller: Caller):
+    delete_account(ctx.connection(), caller.user_id, ctx.now_ms())
+    return empty_response()
+
+
+def sync_log_in(ctx: Context, caller: None):
+    name, password, _ = read_credentials()
+    return session_answer(start_session(ctx, log_in(ctx, name, password)))
+
+
+def sync_log_out(ctx: Context, caller: Caller):
+    end_session(ctx.connection(), caller.session_id)
+    return empty_response()
+
+
+# Passwords and reset ----------------------------------------------------------------------------
+
+
+def sync_set_password(ctx: Context, caller: None):
+    # A session, or a reset token (README, Accounts and sessions): resolved here.
+    token, conn = bearer_token(), ctx.connection()
+    if token is None or find_reset_token(conn, token, ctx.now_ms()) is None:
+        caller = resolve_caller(ctx, SYNC_API, SESSION_ONLY)
+    body = read_json()
+    if not isinstance(body, dict) or not isinstance(body.get("password"), str):
+        raise ApiError("REQ01", "The body must be a JSON object with a string password.")
+    check_password(body["password"])
+    password_hash = ctx.hash_password(body["password"])
+    if caller is None:
+        reset_password(conn, token, password_hash, ctx.now_ms())
+    else:
+        set_password(conn, caller.user_id, password_hash, caller.session_id, ctx.now_ms())
+    return empty_response()
+
+
+def sync_request_password_reset(ctx: Context, caller: None):
+    body = read_json()
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+        raise ApiError("REQ01", "The body must be a JSON object with a string id.")
+    try:
+        name = normalize_id(body["id"])
+    except ApiError:
+        return empty_response()  # No such id can exist; answer as for any unknown id.
+    address = ctx.client_address(bottle.request.environ)
+    count_attempts(ctx, [("reset_id", name), ("reset_address", address)])
+    # Whether the id exists is decided after the answer, so its timing tells nothing.
+    after_answer(functools.partial(issue_reset_token, ctx, name))
+    return empty_response()
+
+
+def sync_create_invite(ctx: Context, caller: Caller):
+    conn = ctx.connection()
+    if not get_user(conn, row_id=caller.user_id)[5]:
+        raise ApiError("PERM01", "Only the admin (the oldest account) may mint invites.")
+    code, expires_ms = create_invite(conn, ctx.now_ms(), ctx.settings.invite_ttl * 1000)
+    return json_response({"invite": code, "expiration": expires_ms})
+
+
+# Store ------------------------------------------------------------------------------------------
+
+
+def sync_list_keys(ctx: Context, caller: Caller):
+    query, conn = read_listing_query(), ctx.connection()
+    if query.since is None:
+        listing = list_keys(conn, caller.user_id, query.prefix, query.after, query.limit)
+    else:
+
+        def changes() -> Listing:
+            if not credential_is_live(conn, caller, "store.read", ctx.now_ms()):
+                raise ApiError("AUTH01", "The credential of this long-poll was revoked.")
+            return list_changes(conn, caller.user_id, query.since, query.prefix, query.limit)
+
+        listing = ctx.long_poll(changes, query.wait)
+    headers = {"X-Sync-Seq": str(listing.seq)}
+    if listing.more:
+        headers["Link"] = next_page_link(query, listing)
+    return json_response(listing.entries, headers=headers)
+
+
+def sync_get_value(ctx: Context, caller: Caller, key: str):
+    key = read_key(key)
+    stored = get_value(ctx.connection(), key, caller.user_id)
+    if_none_match = header("If-None-Match")
+    if if_none_match is not None and matches_none(if_none_match, stored.token):
+        return bottle.HTTPResponse(b"", 304, store_headers(stored.token))
+    if stored.body is None:  # a large value: read from a snapshot of its own
+        stored = stream_value(ctx.open_connection(), key, caller.user_id)
+    headers = {"Content-Type": "application/octet-stream", **store_headers(stored.token)}
+    if isinstance(stored.body, BlobReader):
+        headers["Content-Length"] = str(stored.size)  # bottle counts bytes itself
+    if stored.meta is not None:
+        headers["X-Sync-Meta"] = stored.meta
+    return answer(stored.body, 200, headers)
+
+
+def sync_put_value(ctx: Context, caller: Caller, key: str):
+    key, sent_token = read_key(key), read_store_token()
+    create_only = (header("If-None-Match") or "").strip() == "*"
+    value = read_value(ctx.settings.max_value_bytes)
+    try:
+        token = put_value(
+            ctx.connection(), key, caller.user_id, value, sent_token, ctx.now_ms(), ctx.quota(),
+            create_only,
+        )  # fmt: skip
+    finally:
+        if not isinstance(value.body, bytes):
+            value.body.close()
+    return empty_response(store_headers(token))
+
+
+def sync_delete_value(ctx: Context, caller: Caller, key: str):
+    key, sent_token = read_key(key), read_store_token()
+    delete_value(ctx.connection(), key, caller.user_id, sent_token, ctx.now_ms())
+    return empty_response()
+
+
+def sync_apply_batch(ctx: Context, caller: Caller):
+    operations = read_batch(ctx.settings.max_value_bytes)
+    for index, operation in enumerate(operations):
+        if operation["method"] == "DELETE" and not caller.allows("store.own"):
+            raise ApiError("PERM01", "Missing required permission: store.own", index=index)
+    conn = ctx.connection()
+    results = apply_batch(conn, caller.user_id, operations, ctx.now_ms(), ctx.quota())
+    return json_response({"results": results})
+
+
+# Permissions ------------------------------------------------------------------------------------
+
+
+def sync_get_permissions(ctx: Context, caller: Caller, key: str):
+    return json_response(get_permissions(ctx.connection(), read_key(key), caller.user_id))
+
+
+def sync_set_permissions(ctx: Context, caller: Caller, key: str):
+    key, grants = read_key(key), read_grants()
+    set_permissions(ctx.connection(), key, caller.user_id, grants, ctx.quota())
+    return empty_response()
+
+
+def sync_remove_permissions(ctx: Context, caller: Caller, key: str):
+    key = read_key(key)
+    users = query_text("users")
+    if users is None:
+        raise ApiError("REQ01", "The users query parameter is required.")
+    names = set()
+    for raw in users.split(","):
+        with contextlib.suppress(ApiError):  # Ids that cannot exist are ignored.
+            names.add(normalize_id(raw))
+    remove_permissions(ctx.connection(), key, caller.user_id, names, ctx.now_ms())
+    return empty_response()
+
+
+# Health and discovery ---------------------------------------------------------------------------
+
+
+def sync_get_health(ctx: Context, caller: None):
+    database, disk = ctx.database_ok(), ctx.disk_ok()
+    return json_response({"database": database, "disk": disk}, 200 if database and disk else 500)
+
+
+def sync_get_openapi_document(ctx: Context, caller: None):
+    return bottle.HTTPResponse(ctx.document, 200, {"Content-Type": "application/json"})
+
+
+def sync_get_immich_discovery(ctx: Context, caller: None):
+    return json_response({"api": {"endpoint": mount_prefix() + "/api"}})
+
+
+def sync_get_front_page(ctx: Context, caller: None):
+    if "text/html" not in (header("Accept") or ""):
+        return sync_unknown_path(ctx, caller)  # API clients keep the JSON answer
+    page = FRONT_PAGE.format(version=__version__, prefix=html.escape(mount_prefix()))
+    return answer(page.encode(), 200, {"Content-Type": "text/html; charset=utf-8"})
+
+
+def sync_unknown_path(ctx: Context, caller: None, path: str = ""):
+    raise ApiError("ERR01", "There is nothing at this path.")
+
+
+def sync_other_method(ctx: Context, caller: None, allow: str, **path: str):
+    """Answer a preflight (OPTIONS) or REQ02 for a method that the path does not take."""
+    if bottle.request.method == "OPTIONS":
+        return empty_response({"Allow": allow})
+    raise ApiError("REQ02", f"This path takes only {allow}.", headers={"Allow": allow})
 
 
 #: What GET / shows a browser.
@@ -3090,23 +3152,36 @@ FRONT_PAGE = """<!doctype html>
 </body></html>
 """
 
+KEY_PATH = "<key:re:[\\s\\S]*>"
 
-def register_unknown_routes(app: bottle.Bottle, ctx: Context) -> None:
-    """Answer JSON ERR01 on every path no other route takes (a page at / for browsers)."""
-
-    def unknown_route(path: str = ""):
-        ctx.housekeep()
-        raise ApiError("ERR01", "There is nothing at this path.")
-
-    def root_route():
-        if "text/html" not in (header("Accept") or ""):
-            return unknown_route()  # API clients keep the JSON answer
-        ctx.housekeep()
-        page = FRONT_PAGE.format(version=__version__, prefix=html.escape(mount_prefix()))
-        return answer(page.encode(), 200, {"Content-Type": "text/html; charset=utf-8"})
-
-    app.route("/", "ANY", guarded(ctx, root_route))
-    app.route("/<path:path>", "ANY", guarded(ctx, unknown_route))
+#: The Sync Node API, one row per operation: method, path, operation id, what an API key
+#: needs (PUBLIC: no credential), the handler.
+SYNC_OPERATIONS = (
+    Operation("GET", "/account", "listSessions", "session.read", sync_list_sessions),
+    Operation("POST", "/account", "register", PUBLIC, sync_register),
+    Operation("DELETE", "/account", "deleteAccount", SESSION_ONLY, sync_delete_account),
+    Operation("POST", "/auth", "logIn", PUBLIC, sync_log_in),
+    Operation("DELETE", "/auth", "logOut", SESSION_ONLY, sync_log_out),
+    Operation("POST", "/password", "setPassword", PUBLIC, sync_set_password),
+    Operation("POST", "/resetpassword", "requestPasswordReset", PUBLIC,
+              sync_request_password_reset),
+    Operation("POST", "/invite", "createInvite", SESSION_ONLY, sync_create_invite),
+    Operation("GET", "/store", "listKeys", "store.read", sync_list_keys),
+    Operation("POST", "/batch", "applyBatch", "store.write", sync_apply_batch),
+    Operation("GET", "/store/" + KEY_PATH, "getValue", "store.read", sync_get_value),
+    Operation("PUT", "/store/" + KEY_PATH, "putValue", "store.write", sync_put_value),
+    Operation("DELETE", "/store/" + KEY_PATH, "deleteValue", "store.own", sync_delete_value),
+    Operation("GET", "/permission/" + KEY_PATH, "getPermissions", "store.read",
+              sync_get_permissions),
+    Operation("PUT", "/permission/" + KEY_PATH, "setPermissions", "store.own",
+              sync_set_permissions),
+    Operation("DELETE", "/permission/" + KEY_PATH, "removePermissions", "store.own",
+              sync_remove_permissions),
+    Operation("GET", "/health", "getHealth", PUBLIC, sync_get_health),
+    Operation("GET", "/.well-known/immich", "getImmichDiscovery", PUBLIC,
+              sync_get_immich_discovery),
+    Operation("GET", "/openapi.json", "getOpenApiDocument", PUBLIC, sync_get_openapi_document),
+)  # fmt: skip
 
 
 def mount_prefix() -> str:
@@ -3167,20 +3242,6 @@ def classify_error(ctx: Context, error: Exception) -> ApiError:
     return ApiError("ERR02", "The server encountered an unexpected error.")
 
 
-def guarded(ctx: Context, callback: Callable) -> Callable:
-    """Wrap a route: an error becomes its JSON answer (see classify_error)."""
-
-    def wrapper(*args: Any, **kwargs: Any):
-        try:
-            return callback(*args, **kwargs)
-        except bottle.HTTPResponse:
-            raise
-        except Exception as error:
-            return error_response(classify_error(ctx, error))
-
-    return wrapper
-
-
 # ==================================================================================================
 # App API
 # ==================================================================================================
@@ -3191,58 +3252,65 @@ REASONS = {
     401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
     413: "Payload Too Large",
     429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
     507: "Insufficient Storage",
 }
-#: How a Sync Node error raised by shared code reads on the App API.
+#: How each code reads on the App API: Immich's status and usual sentence (an error's own
+#: app_message wins; ERR02 says "Failed to ..." the operation).
 APP_ERRORS = {
     "AUTH01": (401, "Invalid user token"),
     "AUTH02": (429, "Too many failed attempts, try again later"),
-    "DISK01": (507, "Insufficient storage"),
+    "ACCT01": (403, "Registration is disabled on this server"),
+    "ACCT02": (400, "Bad Request"),
+    "ACCT03": (400, "Email already in use by another account"),
+    "ERR01": (404, "Not Found"),
+    "ERR02": (500, None),
+    "KEY01": (409, "Conflict"),
+    "PERM01": (403, "Forbidden"),
+    "PERM02": (409, "Conflict"),
+    "REQ01": (400, "Bad Request"),
+    "REQ02": (405, "Method Not Allowed"),
     "SIZE01": (413, "Request body too large"),
+    "DISK01": (507, "Insufficient storage"),
+    "QUOTA01": (507, "Insufficient storage"),
     "BUSY01": (503, "Server busy, try again later"),
+    "SYNC01": (410, "Gone"),
 }
 MAX_APP_BODY_BYTES = 64 * 1024
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.I)
 COOKIE_NAMES = ("immich_access_token", "immich_auth_type", "immich_is_authenticated")
-PUBLIC = None  # An operation that reads no credentials.
-ANY_CREDENTIAL = ""  # An operation that any valid credentials may call.
 
 
-class AppError(Exception):
-    """An App API error answer: a status and Immich's message, a sentence or a list of them."""
-
-    def __init__(
-        self, status: int, message: str | list[str], headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = dict(headers or {})
-
-
-def app_json(data: Any, status: int = 200):
+def immich_json(data: Any, status: int = 200):
     """Return an App API JSON answer."""
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
     return bottle.HTTPResponse(body, status, {"Content-Type": "application/json; charset=utf-8"})
 
 
-def app_error_response(error: AppError, correlation_id: str):
-    """Return Immich's error body for an AppError."""
-    response = app_json(
+def immich_error(error: ApiError, correlation_id: str, failure: str):
+    """Return Immich's error body for an ApiError, in the code's App API status (APP_ERRORS).
+
+    failure is the operation's "Failed to ..." sentence, for unexpected errors. Of the
+    headers only Retry-After crosses over: Immich answers no WWW-Authenticate.
+    """
+    status, message = APP_ERRORS[error.code]
+    response = immich_json(
         {
-            "message": error.message,
-            "error": REASONS[error.status],
-            "statusCode": error.status,
+            "message": error.app_message or message or failure,
+            "error": REASONS[status],
+            "statusCode": status,
             "correlationId": correlation_id,
         },
-        error.status,
+        status,
     )
-    for name, value in error.headers.items():
-        response.set_header(name, value)
+    if "Retry-After" in error.headers:
+        response.set_header("Retry-After", error.headers["Retry-After"])
     return response
 
 
@@ -3254,56 +3322,31 @@ def correlation_id() -> str:
     return secrets.token_hex(4)
 
 
-def app_guarded(ctx: Context, callback: Callable, operation_id: str) -> Callable:
-    """Wrap an App API route: errors in Immich's layout, x-immich-cid on every answer."""
-    failure = "Failed to " + re.sub("[A-Z]+", lambda match: " " + match[0].lower(), operation_id)
-
-    def wrapper(*args: Any, **kwargs: Any):
-        cid = correlation_id()
-        try:
-            response = callback(*args, **kwargs)
-        except AppError as error:
-            response = app_error_response(error, cid)
-        except bottle.HTTPResponse:
-            raise
-        except Exception as error:
-            api_error = classify_error(ctx, error)
-            status, message = APP_ERRORS.get(api_error.code, (500, failure))
-            if status == 500 and api_error.code != "ERR02":  # ERR02 was logged already
-                log.error("Unexpected %s in %s", api_error.code, operation_id)
-            # Only Retry-After crosses over: Immich answers no WWW-Authenticate.
-            retry = {k: v for k, v in api_error.headers.items() if k == "Retry-After"}
-            response = app_error_response(AppError(status, message, retry), cid)
-        add_headers(response, {"x-immich-cid": cid})
-        return response
-
-    return wrapper
-
-
 def read_app_body() -> dict:
     """Read a JSON object body; a body without Content-Type: application/json counts as empty."""
     content_type = bottle.request.environ.get("CONTENT_TYPE", "")
     if content_type.partition(";")[0].strip().lower() != "application/json":
         return {}
+    malformed = ApiError(
+        "REQ01", "The body must be a JSON object.", app_message="Malformed JSON body"
+    )
     try:
         raw = read_body(MAX_APP_BODY_BYTES)
     except ApiError as error:
-        if error.code == "SIZE01":
-            raise AppError(413, "Request body too large") from None
-        raise AppError(400, "Malformed JSON body") from None
+        raise (error if error.code == "SIZE01" else malformed) from None
     try:
         body = parse_json(raw)
     except (ValueError, UnicodeDecodeError):
-        raise AppError(400, "Malformed JSON body") from None
+        raise malformed from None
     if not isinstance(body, dict):
-        raise AppError(400, "Malformed JSON body")
+        raise malformed
     return body
 
 
 def check_path_id(value: str) -> str:
     """Return a path id in lower case; 400 unless it is a version 4 UUID."""
     if not UUID4.fullmatch(value):
-        raise AppError(400, ["id must be a UUID"])
+        raise ApiError("REQ01", "The id must be a UUID.", app_message=["id must be a UUID"])
     return value.lower()
 
 
@@ -3317,7 +3360,7 @@ class BodyChecks:
     def done(self) -> None:
         """Raise 400 with every broken rule, if any."""
         if self.messages:
-            raise AppError(400, self.messages)
+            raise ApiError("REQ01", "The body breaks the rules.", app_message=self.messages)
 
     def email(self, field: str, required: bool) -> str | None:
         """An id in the email field: IsNotEmpty (when required), then the Sync Node id rules."""
@@ -3442,313 +3485,301 @@ def cookie_headers(values: dict[str, str], max_age: int | None, now: float = 0) 
     ]
 
 
-def register_app_routes(app: bottle.Bottle, ctx: Context) -> None:
-    """Register the App API under /api on the app, closing over its context."""
-    settings = ctx.settings
+def admin_dto(conn: sqlite3.Connection, user_id: int) -> dict:
+    """Return a user as UserAdminResponseDto."""
+    return user_answer(get_user(conn, row_id=user_id), admin=True)
 
-    def authenticate(permission: str) -> Caller:
-        """Find the caller: shared links, then session tokens, then API keys; the first decides."""
-        query = bottle.request.query
-        if header("x-immich-share-key") is not None or "key" in query:
-            raise AppError(401, "Invalid share key")
-        if header("x-immich-share-slug") is not None or "slug" in query:
-            raise AppError(401, "Invalid share slug")
-        conn, token = ctx.connection(), session_token_from_request()
-        if token is not None:
-            return session_of(ctx, token)
-        secret = header("x-api-key") or query.get("apiKey")
-        if secret is None:
-            raise AppError(401, "Authentication required")
-        caller = find_api_key(conn, secret)
-        if caller is None:
-            raise AppError(401, "Invalid API key")
-        if permission and not caller.allows(permission):
-            raise AppError(403, f"Missing required permission: {permission}")
-        return caller
 
-    def operation(method: str, rule: str, operation_id: str, permission: str | None):
-        """Register an App API route; the callback gets the caller unless it is public."""
+def check_grant(caller: Caller, permissions: list[str] | None) -> None:
+    """Refuse an API key that would grant permissions its creator's credential lacks."""
+    if permissions and not all(caller.allows(permission) for permission in permissions):
+        raise ApiError(
+            "REQ01", "An API key cannot get permissions its creator lacks.",
+            app_message="Cannot grant permissions you do not have",
+        )  # fmt: skip
 
-        def decorator(callback: Callable) -> Callable:
-            def route(**args: str):
-                ctx.housekeep()
-                if permission is None:
-                    return callback(**args)
-                response = callback(authenticate(permission), **args)
-                if method != "GET":  # a credential may have ended: wake the long-polls
-                    ctx.notify_change()
-                return response
 
-            app.route("/api" + rule, method, app_guarded(ctx, route, operation_id))
-            return callback
+# Authentication ---------------------------------------------------------------------------------
 
-        return decorator
 
-    def admin_user(user_id: int) -> dict:
-        return user_answer(get_user(ctx.connection(), row_id=user_id), admin=True)
+def app_login(ctx: Context, caller: None):
+    checks = BodyChecks(read_app_body())
+    name, password = checks.email("email", True), checks.text("password", True)
+    checks.done()
+    user_id = log_in(ctx, name, password)
+    session = start_session(ctx, user_id)
+    user = admin_dto(ctx.connection(), user_id)
+    response = immich_json(
+        {
+            "accessToken": session.token,
+            "userId": user["id"],
+            "userEmail": user["email"],
+            "name": user["name"],
+            "isAdmin": user["isAdmin"],
+            "shouldChangePassword": False,
+        },
+        201,
+    )
+    cookies = dict(zip(COOKIE_NAMES, (session.token, "password", "true"), strict=True))
+    for value in cookie_headers(cookies, ctx.settings.session_ttl, ctx.clock()):
+        response.add_header("Set-Cookie", value)
+    return response
 
-    def check_grant(caller: Caller, permissions: list[str] | None) -> None:
-        if permissions and not all(caller.allows(permission) for permission in permissions):
-            raise AppError(400, "Cannot grant permissions you do not have")
 
-    # Authentication -----------------------------------------------------------------------------
+def app_sign_up_admin(ctx: Context, caller: None):
+    body = read_app_body()
+    checks = BodyChecks(body)
+    display_name = checks.name("name", True)
+    name = checks.email("email", True)
+    password = checks.text(
+        "password", True, min_chars=MIN_PASSWORD_CHARS, max_chars=MAX_PASSWORD_CHARS
+    )
+    checks.done()
+    if ctx.settings.registration == "closed":
+        raise ApiError("ACCT01", "Registration is disabled on this server.")
+    invite = read_invite(ctx, body)
+    conn = ctx.connection()
+    if has_users(conn):
+        raise ApiError("ACCT03", "The server already has an admin.", app_message=HAS_ADMIN)
+    ctx.require_disk()
+    user_id = create_user(
+        conn, name, ctx.hash_password(password), ctx.now_ms(), first=True,
+        display_name=display_name, invite=invite,
+    )  # fmt: skip
+    return immich_json(admin_dto(conn, user_id), 201)
 
-    @operation("POST", "/auth/login", "login", PUBLIC)
-    def login():
-        checks = BodyChecks(read_app_body())
-        name, password = checks.email("email", True), checks.text("password", True)
-        checks.done()
-        try:
-            user_id = log_in(ctx, name, password)
-        except ApiError as error:
-            if error.code == "AUTH01":
-                raise AppError(401, "Incorrect email or password") from None
-            raise
-        session = start_session(ctx, user_id)
-        user = admin_user(user_id)
-        response = app_json(
-            {
-                "accessToken": session.token,
-                "userId": user["id"],
-                "userEmail": user["email"],
-                "name": user["name"],
-                "isAdmin": user["isAdmin"],
-                "shouldChangePassword": False,
-            },
-            201,
-        )
-        cookies = dict(zip(COOKIE_NAMES, (session.token, "password", "true"), strict=True))
-        for value in cookie_headers(cookies, settings.session_ttl, ctx.clock()):
-            response.add_header("Set-Cookie", value)
-        return response
 
-    @operation("POST", "/auth/admin-sign-up", "signUpAdmin", PUBLIC)
-    def sign_up_admin():
-        body = read_app_body()
-        checks = BodyChecks(body)
-        display_name = checks.name("name", True)
-        name = checks.email("email", True)
-        password = checks.text(
-            "password", True, min_chars=MIN_PASSWORD_CHARS, max_chars=MAX_PASSWORD_CHARS
-        )
-        checks.done()
-        conn = ctx.connection()
-        if settings.registration == "closed":
-            raise AppError(403, "Registration is disabled on this server")
-        try:
-            invite = read_invite(ctx, body)
-        except ApiError:
-            raise AppError(403, "Registration on this server needs a live invite code") from None
-        if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
-            raise AppError(400, "The server already has an admin")
-        ctx.require_disk()
-        try:
-            user_id = create_user(
-                conn, name, ctx.hash_password(password), ctx.now_ms(), first=True,
-                display_name=display_name, invite=invite,
-            )  # fmt: skip
-        except ApiError as error:
-            if error.code == "ACCT01":  # another sign-up spent the invite first
-                raise AppError(
-                    403, "Registration on this server needs a live invite code"
-                ) from None
-            raise AppError(400, "The server already has an admin") from None
-        return app_json(admin_user(user_id), 201)
+def app_validate_access_token(ctx: Context, caller: Caller):
+    return immich_json({"authStatus": True})
 
-    @operation("POST", "/auth/validateToken", "validateAccessToken", ANY_CREDENTIAL)
-    def validate_access_token(caller: Caller):
-        return app_json({"authStatus": True})
 
-    @operation("POST", "/auth/change-password", "changePassword", "auth.changePassword")
-    def change_password(caller: Caller):
-        checks = BodyChecks(read_app_body())
-        password = checks.text("password", True)
-        new_password = checks.new_password("newPassword")
-        checks.boolean("invalidateSessions")
-        checks.done()
-        try:
-            log_in(ctx, caller.name, password)
-        except ApiError as error:
-            if error.code == "AUTH01":
-                raise AppError(400, "Wrong password") from None
-            raise
-        password_hash = ctx.hash_password(new_password)
-        set_password(
-            ctx.connection(), caller.user_id, password_hash, caller.session_id, ctx.now_ms()
-        )
-        return app_json(admin_user(caller.user_id))
+def app_change_password(ctx: Context, caller: Caller):
+    checks = BodyChecks(read_app_body())
+    password = checks.text("password", True)
+    new_password = checks.new_password("newPassword")
+    checks.boolean("invalidateSessions")
+    checks.done()
+    if check_login(ctx, caller.name, password) is None:
+        raise ApiError("REQ01", "The current password is wrong.", app_message="Wrong password")
+    password_hash = ctx.hash_password(new_password)
+    conn = ctx.connection()
+    set_password(conn, caller.user_id, password_hash, caller.session_id, ctx.now_ms())
+    return immich_json(admin_dto(conn, caller.user_id))
 
-    @operation("POST", "/auth/logout", "logout", "all")
-    def logout(caller: Caller):
-        if caller.session_id is not None:
-            end_session(ctx.connection(), caller.session_id)
-        response = app_json({"successful": True, "redirectUri": "/auth/login?autoLaunch=0"})
-        for value in cookie_headers(dict.fromkeys(COOKIE_NAMES, ""), None):
-            response.add_header("Set-Cookie", value)
-        return response
 
-    # API keys -----------------------------------------------------------------------------------
+def app_logout(ctx: Context, caller: Caller):
+    if caller.session_id is not None:
+        end_session(ctx.connection(), caller.session_id)
+    response = immich_json({"successful": True, "redirectUri": "/auth/login?autoLaunch=0"})
+    for value in cookie_headers(dict.fromkeys(COOKIE_NAMES, ""), None):
+        response.add_header("Set-Cookie", value)
+    return response
 
-    @operation("POST", "/api-keys", "createApiKey", "apiKey.create")
-    def create_api_key_route(caller: Caller):
-        checks = BodyChecks(read_app_body())
-        name = checks.name("name", False)
-        permissions = checks.permissions("permissions", True)
-        checks.done()
-        check_grant(caller, permissions)
-        ctx.require_disk()
-        secret, answer = create_api_key(
-            ctx.connection(), caller.user_id, name or "API Key", permissions, ctx.now_ms()
-        )
-        return app_json({"secret": secret, "apiKey": answer}, 201)
 
-    @operation("GET", "/api-keys", "getApiKeys", "apiKey.read")
-    def get_api_keys(caller: Caller):
-        return app_json(list_api_keys(ctx.connection(), caller.user_id))
+# API keys ---------------------------------------------------------------------------------------
 
-    @operation("GET", "/api-keys/me", "getMyApiKey", ANY_CREDENTIAL)
-    def get_my_api_key(caller: Caller):
-        if caller.api_key_id is None:
-            raise AppError(403, "Not authenticated with an API Key")
-        return app_json(get_api_key(ctx.connection(), caller.user_id, row_id=caller.api_key_id))
 
-    @operation("GET", "/api-keys/<key_id>", "getApiKey", "apiKey.read")
-    def get_api_key_route(caller: Caller, key_id: str):
-        answer = get_api_key(ctx.connection(), caller.user_id, public_id=check_path_id(key_id))
-        if answer is None:
-            raise AppError(400, "API Key not found")
-        return app_json(answer)
+def app_create_api_key(ctx: Context, caller: Caller):
+    checks = BodyChecks(read_app_body())
+    name = checks.name("name", False)
+    permissions = checks.permissions("permissions", True)
+    checks.done()
+    check_grant(caller, permissions)
+    ctx.require_disk()
+    secret, key = create_api_key(
+        ctx.connection(), caller.user_id, name or "API Key", permissions, ctx.now_ms()
+    )
+    return immich_json({"secret": secret, "apiKey": key}, 201)
 
-    @operation("PUT", "/api-keys/<key_id>", "updateApiKey", "apiKey.update")
-    def update_api_key_route(caller: Caller, key_id: str):
-        key_id = check_path_id(key_id)
-        checks = BodyChecks(read_app_body())
-        name = checks.name("name", False)
-        permissions = checks.permissions("permissions", False)
-        checks.done()
-        check_grant(caller, permissions)
-        answer = update_api_key(
-            ctx.connection(), caller.user_id, key_id, name, permissions, ctx.now_ms()
-        )
-        if answer is None:
-            raise AppError(400, "API Key not found")
-        return app_json(answer)
 
-    @operation("DELETE", "/api-keys/<key_id>", "deleteApiKey", "apiKey.delete")
-    def delete_api_key_route(caller: Caller, key_id: str):
-        if not delete_api_key(ctx.connection(), caller.user_id, check_path_id(key_id)):
-            raise AppError(400, "API Key not found")
-        return empty_response()
+def app_get_api_keys(ctx: Context, caller: Caller):
+    return immich_json(list_api_keys(ctx.connection(), caller.user_id))
 
-    # Server -------------------------------------------------------------------------------------
 
-    @operation("GET", "/server/ping", "pingServer", PUBLIC)
-    def ping_server():
-        return app_json({"res": "pong"})
+def app_get_my_api_key(ctx: Context, caller: Caller):
+    if caller.api_key_id is None:
+        raise ApiError(
+            "PERM01", "This operation needs an API key.",
+            app_message="Not authenticated with an API Key",
+        )  # fmt: skip
+    return immich_json(get_api_key(ctx.connection(), caller.user_id, row_id=caller.api_key_id))
 
-    @operation("GET", "/server/version", "getServerVersion", PUBLIC)
-    def get_server_version():
-        major, minor, patch = map(int, re.match(r"(\d+)\.(\d+)\.(\d+)", __version__).groups())
-        return app_json({"major": major, "minor": minor, "patch": patch})
 
-    @operation("GET", "/server/about", "getAboutInfo", "server.about")
-    def get_about_info(caller: Caller):
-        return app_json({"version": f"v{__version__}", "versionUrl": ""})
+def app_get_api_key(ctx: Context, caller: Caller, key_id: str):
+    key = get_api_key(ctx.connection(), caller.user_id, public_id=check_path_id(key_id))
+    if key is None:
+        raise api_key_not_found()
+    return immich_json(key)
 
-    @operation("GET", "/server/features", "getServerFeatures", PUBLIC)
-    def get_server_features():
-        return app_json({"passwordLogin": True})
 
-    @operation("GET", "/server/config", "getServerConfig", PUBLIC)
-    def get_server_config():
-        initialized = ctx.connection().execute("SELECT 1 FROM users LIMIT 1").fetchone()
-        return app_json(
-            {"loginPageMessage": "", "userDeleteDelay": 0, "isInitialized": bool(initialized)}
-        )
+def app_update_api_key(ctx: Context, caller: Caller, key_id: str):
+    key_id = check_path_id(key_id)
+    checks = BodyChecks(read_app_body())
+    name = checks.name("name", False)
+    permissions = checks.permissions("permissions", False)
+    checks.done()
+    check_grant(caller, permissions)
+    key = update_api_key(ctx.connection(), caller.user_id, key_id, name, permissions, ctx.now_ms())
+    if key is None:
+        raise api_key_not_found()
+    return immich_json(key)
 
-    # Sessions -----------------------------------------------------------------------------------
 
-    @operation("POST", "/sessions", "createSession", "session.create")
-    def create_session_route(caller: Caller):
-        checks = BodyChecks(read_app_body())
-        duration = checks.duration("duration")
-        device_type = checks.text("deviceType", False, 0, MAX_NAME_CHARS, not_empty=False)
-        device_os = checks.text("deviceOS", False, 0, MAX_NAME_CHARS, not_empty=False)
-        checks.done()
-        if caller.session_id is None:
-            raise AppError(400, "This endpoint can only be used with a session token")
-        conn, now_ms = ctx.connection(), ctx.now_ms()
-        expires_ms = find_session_expiry(conn, caller.session_id)
-        if duration is not None:
-            expires_ms = min(expires_ms, now_ms + duration * 1000)
-        device = Device(device_type or "", device_os or "", None)
-        session = create_session(
-            conn, caller.user_id, now_ms, expires_ms, device, parent_id=caller.session_id
-        )
-        row = (session.row_id, session.public_id, now_ms, now_ms, expires_ms, *device_row(device))
-        return app_json({**app_session(row, None), "token": session.token}, 201)
+def app_delete_api_key(ctx: Context, caller: Caller, key_id: str):
+    if not delete_api_key(ctx.connection(), caller.user_id, check_path_id(key_id)):
+        raise api_key_not_found()
+    return empty_response()
 
-    @operation("GET", "/sessions", "getSessions", "session.read")
-    def get_sessions(caller: Caller):
-        return app_json(list_app_sessions(ctx.connection(), caller, ctx.now_ms()))
 
-    @operation("DELETE", "/sessions", "deleteAllSessions", "session.delete")
-    def delete_all_sessions(caller: Caller):
-        conn = ctx.connection()
-        with transaction(conn, write=True):
-            end_other_sessions(conn, caller.user_id, caller.session_id)
-        return empty_response()
+def api_key_not_found() -> ApiError:
+    """Immich's answer for an API key id the caller has none of (400, not 404)."""
+    return ApiError("REQ01", "There is no such API key.", app_message="API Key not found")
 
-    @operation("DELETE", "/sessions/<session_id>", "deleteSession", "session.delete")
-    def delete_session_route(caller: Caller, session_id: str):
-        if not end_user_session(ctx.connection(), caller.user_id, check_path_id(session_id)):
-            raise AppError(400, "Not found or no authDevice.delete access")
-        return empty_response()
 
-    # Users --------------------------------------------------------------------------------------
+# Server -----------------------------------------------------------------------------------------
 
-    @operation("GET", "/users", "searchUsers", "user.read")
-    def search_users(caller: Caller):
-        everyone = settings.public_users or admin_user(caller.user_id)["isAdmin"]
-        return app_json(list_users(ctx.connection(), caller.user_id, everyone))
 
-    @operation("GET", "/users/me", "getMyUser", "user.read")
-    def get_my_user(caller: Caller):
-        return app_json(admin_user(caller.user_id))
+def app_ping_server(ctx: Context, caller: None):
+    return immich_json({"res": "pong"})
 
-    @operation("PUT", "/users/me", "updateMyUser", "user.update")
-    def update_my_user(caller: Caller):
-        checks = BodyChecks(read_app_body())
-        name = checks.email("email", False)
-        display_name = checks.name("name", False)
-        checks.done()
-        try:
-            update_user(ctx.connection(), caller.user_id, name, display_name, ctx.now_ms())
-        except ApiError:
-            raise AppError(400, "Email already in use by another account") from None
-        return app_json(admin_user(caller.user_id))
 
-    @operation("GET", "/users/<user_id>", "getUser", "user.read")
-    def get_user_route(caller: Caller, user_id: str):
-        row = get_user(ctx.connection(), public_id=check_path_id(user_id))
-        if row is None:
-            raise AppError(400, "User not found")
-        return app_json(user_answer(row))
+def app_get_server_version(ctx: Context, caller: None):
+    major, minor, patch = map(int, re.match(r"(\d+)\.(\d+)\.(\d+)", __version__).groups())
+    return immich_json({"major": major, "minor": minor, "patch": patch})
 
-    # Everything else under /api: Immich's 404 ---------------------------------------------------
 
-    def unknown_app_route(path: str = ""):
-        ctx.housekeep()
-        request = bottle.request
-        raise AppError(404, f"Cannot {request.method} {request.path[len(merged_prefix()) :]}")
+def app_get_about_info(ctx: Context, caller: Caller):
+    return immich_json({"version": f"v{__version__}", "versionUrl": ""})
 
-    for rule in ("/api", "/api/", "/api/<path:path>"):
-        app.route(rule, "ANY", app_guarded(ctx, unknown_app_route, "unknown"))
+
+def app_get_server_features(ctx: Context, caller: None):
+    return immich_json({"passwordLogin": True})
+
+
+def app_get_server_config(ctx: Context, caller: None):
+    initialized = has_users(ctx.connection())
+    return immich_json({"loginPageMessage": "", "userDeleteDelay": 0, "isInitialized": initialized})
+
+
+# Sessions ---------------------------------------------------------------------------------------
+
+
+def app_create_session(ctx: Context, caller: Caller):
+    checks = BodyChecks(read_app_body())
+    duration = checks.duration("duration")
+    device_type = checks.text("deviceType", False, 0, MAX_NAME_CHARS, not_empty=False)
+    device_os = checks.text("deviceOS", False, 0, MAX_NAME_CHARS, not_empty=False)
+    checks.done()
+    if caller.session_id is None:
+        raise ApiError(
+            "REQ01", "This operation needs a session token.",
+            app_message="This endpoint can only be used with a session token",
+        )  # fmt: skip
+    conn, now_ms = ctx.connection(), ctx.now_ms()
+    expires_ms = find_session_expiry(conn, caller.session_id)
+    if duration is not None:
+        expires_ms = min(expires_ms, now_ms + duration * 1000)
+    device = Device(device_type or "", device_os or "", None)
+    session = create_session(
+        conn, caller.user_id, now_ms, expires_ms, device, parent_id=caller.session_id
+    )
+    row = (session.row_id, session.public_id, now_ms, now_ms, expires_ms, *device_row(device))
+    return immich_json({**session_dto(row, None), "token": session.token}, 201)
+
+
+def app_get_sessions(ctx: Context, caller: Caller):
+    return immich_json(list_app_sessions(ctx.connection(), caller, ctx.now_ms()))
+
+
+def app_delete_all_sessions(ctx: Context, caller: Caller):
+    end_other_sessions(ctx.connection(), caller.user_id, caller.session_id)
+    return empty_response()
+
+
+def app_delete_session(ctx: Context, caller: Caller, session_id: str):
+    if not end_user_session(ctx.connection(), caller.user_id, check_path_id(session_id)):
+        raise ApiError(
+            "REQ01", "There is no such session.",
+            app_message="Not found or no authDevice.delete access",
+        )  # fmt: skip
+    return empty_response()
+
+
+# Users ------------------------------------------------------------------------------------------
+
+
+def app_search_users(ctx: Context, caller: Caller):
+    conn = ctx.connection()
+    everyone = ctx.settings.public_users or admin_dto(conn, caller.user_id)["isAdmin"]
+    return immich_json(list_users(conn, caller.user_id, everyone))
+
+
+def app_get_my_user(ctx: Context, caller: Caller):
+    return immich_json(admin_dto(ctx.connection(), caller.user_id))
+
+
+def app_update_my_user(ctx: Context, caller: Caller):
+    checks = BodyChecks(read_app_body())
+    name = checks.email("email", False)
+    display_name = checks.name("name", False)
+    checks.done()
+    conn = ctx.connection()
+    update_user(conn, caller.user_id, name, display_name, ctx.now_ms())
+    return immich_json(admin_dto(conn, caller.user_id))
+
+
+def app_get_user(ctx: Context, caller: Caller, user_id: str):
+    row = get_user(ctx.connection(), public_id=check_path_id(user_id))
+    if row is None:
+        raise ApiError("REQ01", "There is no such user.", app_message="User not found")
+    return immich_json(user_answer(row))
+
+
+def app_unknown_path(ctx: Context, caller: None, path: str = ""):
+    request = bottle.request
+    raise ApiError(
+        "ERR01", "There is nothing at this path.",
+        app_message=f"Cannot {request.method} {request.path[len(merged_prefix()) :]}",
+    )  # fmt: skip
 
 
 def device_row(device: Device) -> tuple[str, str, str | None]:
     """Return a device's fields in sessions-column order."""
     return device.device_type, device.device_os, device.app_version
+
+
+#: The App API under /api, one row per operation (see SYNC_OPERATIONS).
+APP_OPERATIONS = (
+    Operation("POST", "/auth/login", "login", PUBLIC, app_login),
+    Operation("POST", "/auth/admin-sign-up", "signUpAdmin", PUBLIC, app_sign_up_admin),
+    Operation("POST", "/auth/validateToken", "validateAccessToken", ANY_CREDENTIAL,
+              app_validate_access_token),
+    Operation("POST", "/auth/change-password", "changePassword", "auth.changePassword",
+              app_change_password),
+    Operation("POST", "/auth/logout", "logout", "all", app_logout),
+    Operation("POST", "/api-keys", "createApiKey", "apiKey.create", app_create_api_key),
+    Operation("GET", "/api-keys", "getApiKeys", "apiKey.read", app_get_api_keys),
+    Operation("GET", "/api-keys/me", "getMyApiKey", ANY_CREDENTIAL, app_get_my_api_key),
+    Operation("GET", "/api-keys/<key_id>", "getApiKey", "apiKey.read", app_get_api_key),
+    Operation("PUT", "/api-keys/<key_id>", "updateApiKey", "apiKey.update", app_update_api_key),
+    Operation("DELETE", "/api-keys/<key_id>", "deleteApiKey", "apiKey.delete",
+              app_delete_api_key),
+    Operation("GET", "/server/ping", "pingServer", PUBLIC, app_ping_server),
+    Operation("GET", "/server/version", "getServerVersion", PUBLIC, app_get_server_version),
+    Operation("GET", "/server/about", "getAboutInfo", "server.about", app_get_about_info),
+    Operation("GET", "/server/features", "getServerFeatures", PUBLIC, app_get_server_features),
+    Operation("GET", "/server/config", "getServerConfig", PUBLIC, app_get_server_config),
+    Operation("POST", "/sessions", "createSession", "session.create", app_create_session),
+    Operation("GET", "/sessions", "getSessions", "session.read", app_get_sessions),
+    Operation("DELETE", "/sessions", "deleteAllSessions", "session.delete",
+              app_delete_all_sessions),
+    Operation("DELETE", "/sessions/<session_id>", "deleteSession", "session.delete",
+              app_delete_session),
+    Operation("GET", "/users", "searchUsers", "user.read", app_search_users),
+    Operation("GET", "/users/me", "getMyUser", "user.read", app_get_my_user),
+    Operation("PUT", "/users/me", "updateMyUser", "user.update", app_update_my_user),
+    Operation("GET", "/users/<user_id>", "getUser", "user.read", app_get_user),
+)  # fmt: skip
 
 
 # ==================================================================================================
@@ -4374,6 +4405,101 @@ class AccessLogged:
         )
 
 
+class OperationPlugin:
+    """A bottle plugin that runs the operation of each route of a table.
+
+    It housekeeps, resolves the caller the row asks for, calls the handler, wakes the
+    long-polls after a change, and renders any error in the layout of the row's API; Sync
+    Node answers also carry the CORS headers.
+    """
+
+    name, api = "syncnode", 2
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        operation, api = route.config.get("operation"), route.config.get("api")
+        if operation is None:
+            return callback
+        ctx, allow = self.ctx, route.config.get("allow")
+        failure = "Failed to " + re.sub(
+            "[A-Z]+", lambda match: " " + match[0].lower(), operation.operation_id
+        )
+
+        def run(**args: str) -> Any:
+            ctx.housekeep()
+            caller = None
+            if operation.permission is not None:
+                caller = resolve_caller(ctx, api, operation.permission)
+            response = operation.handler(ctx, caller, **args)
+            if bottle.request.method not in ("GET", "HEAD", "OPTIONS"):
+                ctx.notify_change()  # a change, or a credential ended: wake the long-polls
+            return response
+
+        def sync_route(**args: str) -> Any:
+            try:
+                response = run(**args)
+            except bottle.HTTPResponse:
+                raise
+            except Exception as error:
+                response = error_response(classify_error(ctx, error))
+            if allow is not None:
+                preflight = bottle.request.method == "OPTIONS"
+                add_headers(response, cors_headers(ctx.settings, allow, preflight))
+            return response
+
+        def app_route(**args: str) -> Any:
+            cid = correlation_id()
+            try:
+                response = run(**args)
+            except bottle.HTTPResponse:
+                raise
+            except Exception as error:
+                response = immich_error(classify_error(ctx, error), cid, failure)
+            add_headers(response, {"x-immich-cid": cid})
+            return response
+
+        return sync_route if api == SYNC_API else app_route
+
+
+def register_operations(app: bottle.Bottle) -> None:
+    """Register both route tables, then the answers for every other path and method.
+
+    Each Sync Node path also takes OPTIONS (a CORS preflight) and answers REQ02 with Allow
+    for the methods it does not take; every other path answers ERR01, or Immich's 404
+    under /api.
+    """
+
+    def add(rule: str, operation: Operation, api: str, allow: str | None = None) -> None:
+        app.route(rule, operation.method, operation.handler, name=operation.operation_id,
+                  operation=operation, api=api, allow=allow)  # fmt: skip
+
+    paths: dict[str, set[str]] = {}
+    for operation in SYNC_OPERATIONS:
+        paths.setdefault(operation.path, set()).add(operation.method)
+    for operation in SYNC_OPERATIONS:
+        add(operation.path, operation, SYNC_API, allowed_methods(paths[operation.path]))
+    for path, methods in paths.items():
+        allow = allowed_methods(methods)
+        other = functools.partial(sync_other_method, allow=allow)
+        add(path, Operation("ANY", path, "otherMethod", PUBLIC, other), SYNC_API, allow)
+    for operation in APP_OPERATIONS:
+        add("/api" + operation.path, operation, APP_API)
+    unknown_app = Operation("ANY", "/api/<path:path>", "unknownAppPath", PUBLIC, app_unknown_path)
+    for rule in ("/api", "/api/", "/api/<path:path>"):
+        add(rule, unknown_app, APP_API)
+    add("/", Operation("ANY", "/", "getFrontPage", PUBLIC, sync_get_front_page), SYNC_API)
+    unknown = Operation("ANY", "/<path:path>", "unknownPath", PUBLIC, sync_unknown_path)
+    add("/<path:path>", unknown, SYNC_API)
+
+
+def allowed_methods(methods: Iterable[str]) -> str:
+    """Return the Allow header of a path that takes these methods (HEAD with GET, OPTIONS)."""
+    allowed = set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())
+    return ", ".join(sorted(allowed))
+
+
 def open_context(settings: Settings, clock: Callable[[], float]) -> Context:
     """Open the database of the settings, migrated to the newest schema, as a Context.
 
@@ -4434,9 +4560,9 @@ def create_app(
     app = SyncNodeApp(ctx)
     for status in (400, 404, 405, 413, 500):
         app.error_handler[status] = functools.partial(error_body, status)
-    register_sync_routes(app, ctx)
-    register_app_routes(app, ctx)
-    register_unknown_routes(app, ctx)
+    ctx.document = json.dumps(openapi_document(), separators=(",", ":")).encode()
+    app.install(OperationPlugin(ctx))
+    register_operations(app)
     return app
 
 
