@@ -1963,61 +1963,36 @@ def check_database(conn: sqlite3.Connection, newest: bool = True) -> list[str]:
 # ==================================================================================================
 
 
-class Context:
-    """What one app owns: settings, password hasher, per-thread connections and the clock."""
+class Connections:
+    """The app's database connections (one per thread) and its in-process write lock."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.clock = clock
-        self.hasher = argon2.PasswordHasher(
-            time_cost=settings.argon2_time_cost,
-            memory_cost=settings.argon2_memory_cost,
-            parallelism=settings.argon2_parallelism,
-        )
-        self.trusted_proxies = parse_networks(settings.trusted_proxies)
-        self.data_dir = os.path.dirname(os.path.abspath(settings.database))
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        #: Held by write transactions of the app, so that its writers queue in Python.
+        self.write_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._dummy_hash: str | None = None
+        self._local = threading.local()
+        self._open: list[sqlite3.Connection] = []
         self._held: int | None = None
-        self._hash_slots = threading.BoundedSemaphore(settings.hash_slots)
-        self._hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._hash_requests = 0
-        #: Requests hashing or waiting to, at most; the rest answer BUSY01 at once, so that
-        #: at least one serving thread is always free for everything else.
-        self.max_hash_requests = max(1, settings.threads - 1)
-        self._next_housekeeping_ms = 0
-        self._changes = threading.Condition()
-        self._change_count = 0
-        self._waiting = 0
-        self._stopping = False
-        #: Long-polls held at once; the rest answer at once, so some threads stay free.
-        self.max_waiting = settings.threads // 2
 
-    def now_ms(self) -> int:
-        """Return the app clock's time in milliseconds since the Unix epoch."""
-        return int(self.clock() * 1000)
-
-    def open_connection(self) -> sqlite3.Connection:
+    def open(self) -> sqlite3.Connection:
         """Open a connection of the app's that its caller owns and closes."""
-        return connect(self.settings.database, self.settings, self._write_lock)
+        return connect(self.settings.database, self.settings, self.write_lock)
 
     def connection(self) -> sqlite3.Connection:
         """Return this thread's connection, opening it on first use or after it went stale."""
         conn = getattr(self._local, "conn", None)
         if conn is not None and conn.stale and not conn.in_transaction:
-            self.discard_connection()
+            self.discard()
             conn = None
         if conn is None:
-            conn = self.open_connection()
+            conn = self.open()
             with self._lock:
-                self._connections.append(conn)
+                self._open.append(conn)
             self._local.conn = conn
         return conn
 
-    def discard_connection(self) -> None:
+    def discard(self) -> None:
         """Close this thread's connection; the next use opens a new one.
 
         SQLite opens a file it cannot write read-only, and such a connection never writes
@@ -2027,12 +2002,12 @@ class Context:
         if conn is None:
             return
         with self._lock:
-            if conn in self._connections:
-                self._connections.remove(conn)
+            if conn in self._open:
+                self._open.remove(conn)
         with contextlib.suppress(sqlite3.Error):
             conn.close()
 
-    def database_ok(self) -> bool:
+    def writable(self) -> bool:
         """Whether the database file can take a write, cheaply and without raising.
 
         The file must start as SQLite's do, its -wal must be there (deleting it under a
@@ -2045,7 +2020,7 @@ class Context:
                 if file.read(16) != b"SQLite format 3\x00":
                     return False
             conn = self.connection()
-            with self._write_lock:
+            with self.write_lock:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -2056,35 +2031,53 @@ class Context:
                 return False
         except (OSError, sqlite3.Error) as error:
             if isinstance(error, sqlite3.Error) and cannot_write(error):
-                self.discard_connection()
+                self.discard()
             return False
         return True
 
-    def hold_database(self) -> None:
+    def hold(self) -> None:
         """Hold a shared lock on the database file while the app is open.
 
         syncnode restore takes it exclusively, so it never swaps a database a server uses.
         """
-        if fcntl is not None and self._held is None:
-            self._held = os.open(self.settings.database, os.O_RDONLY)
-            fcntl.flock(self._held, fcntl.LOCK_SH)
+        with self._lock:
+            if fcntl is not None and self._held is None:
+                self._held = os.open(self.settings.database, os.O_RDONLY)
+                fcntl.flock(self._held, fcntl.LOCK_SH)
 
     def close(self) -> None:
-        """Close every connection the app opened (the app opens new ones if used again)."""
+        """Close every connection (new ones open if the app is used again) and the lock."""
         with self._lock:
-            connections, self._connections = self._connections, []
+            connections, self._open = self._open, []
             self._local = threading.local()
-            pool, self._hash_pool = self._hash_pool, None
             held, self._held = self._held, None
         for conn in connections:
             conn.close()
         if held is not None:
             os.close(held)
-        if pool is not None:
-            pool.shutdown()
+
+
+class Hashing:
+    """Password hashing with Argon2id in a bounded number of slots, at a lower CPU priority."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.hasher = argon2.PasswordHasher(
+            time_cost=settings.argon2_time_cost,
+            memory_cost=settings.argon2_memory_cost,
+            parallelism=settings.argon2_parallelism,
+        )
+        #: Requests hashing or waiting to, at most; the rest answer BUSY01 at once, so that
+        #: at least one serving thread is always free for everything else.
+        self.max_requests = max(1, settings.threads - 1)
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(settings.hash_slots)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._requests = 0
+        self._dummy_hash: str | None = None
 
     @contextlib.contextmanager
-    def hashing_slot(self) -> Iterator[None]:
+    def slot(self) -> Iterator[None]:
         """Hold one of the hash_slots while hashing; BUSY01 when none frees up in time.
 
         Each Argon2 hash takes its full memory cost at once, so a burst of logins could push
@@ -2096,39 +2089,40 @@ class Context:
             headers={"Retry-After": "1"},
         )  # fmt: skip
         with self._lock:
-            if self._hash_requests >= self.max_hash_requests:
+            if self._requests >= self.max_requests:
                 raise busy
-            self._hash_requests += 1
+            self._requests += 1
         try:
-            if not self._hash_slots.acquire(timeout=self.settings.hash_wait):
+            if not self._slots.acquire(timeout=self.settings.hash_wait):
                 raise busy
             try:
                 yield
             finally:
-                self._hash_slots.release()
+                self._slots.release()
         finally:
             with self._lock:
-                self._hash_requests -= 1
+                self._requests -= 1
 
-    def run_hashing(self, function: Callable[..., Any], *args: Any) -> Any:
+    def run(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run an Argon2 call in a hashing slot, on a thread of lowered CPU priority.
 
         Hashing at a lower priority leaves the CPU to the serving threads first, so a burst
         of logins slows other requests little (bench/run, login-profiles).
         """
-        with self.hashing_slot():
+        with self.slot():
             with self._lock:
-                if self._hash_pool is None:
-                    self._hash_pool = concurrent.futures.ThreadPoolExecutor(
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(
                         self.settings.hash_slots, "syncnode-hash", lower_thread_priority
                     )
-            return self._hash_pool.submit(function, *args).result()
+                pool = self._pool
+            return pool.submit(function, *args).result()
 
-    def hash_password(self, password: str) -> str:
+    def hash(self, password: str) -> str:
         """Hash a password with Argon2id."""
-        return self.run_hashing(self.hasher.hash, password)
+        return self.run(self.hasher.hash, password)
 
-    def verify_password(self, password_hash: str | None, password: str) -> bool:
+    def verify(self, password_hash: str | None, password: str) -> bool:
         """Check a password against a hash; with no hash, spend one verification all the same.
 
         Verifying against a dummy hash for unknown ids makes a failed login take as long
@@ -2136,23 +2130,42 @@ class Context:
         """
         if password_hash is None:
             if self._dummy_hash is None:
-                self._dummy_hash = self.hash_password(secrets.token_urlsafe(16))
+                self._dummy_hash = self.hash(secrets.token_urlsafe(16))
             password_hash = self._dummy_hash
         try:
-            return self.run_hashing(self.hasher.verify, password_hash, password)
+            return self.run(self.hasher.verify, password_hash, password)
         except argon2.exceptions.VerificationError:
             return False
         except argon2.exceptions.InvalidHashError:
             log.error("A stored password hash is not a valid Argon2 hash.")
             return False
 
-    def notify_change(self) -> None:
+    def close(self) -> None:
+        """Stop the hashing threads (new ones start if the app is used again)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+
+
+class Waiters:
+    """The change feed's long-polls: how many wait, and the wake-up after each change."""
+
+    def __init__(self, settings: Settings) -> None:
+        #: Long-polls held at once; the rest answer at once, so some threads stay free.
+        self.max_waiting = settings.threads // 2
+        self.waiting = 0
+        self._changes = threading.Condition()
+        self._change_count = 0
+        self._stopping = False
+
+    def notify(self) -> None:
         """Wake the long-polling readers of this process after a committed change."""
         with self._changes:
             self._change_count += 1
             self._changes.notify_all()
 
-    def stop_waiting(self) -> None:
+    def stop(self) -> None:
         """Answer every long-poll now and hold no new ones: the server is shutting down."""
         with self._changes:
             self._stopping = True
@@ -2166,10 +2179,10 @@ class Context:
         answers at once, as with wait=0.
         """
         with self._changes:
-            if not wait_seconds or self._waiting >= self.max_waiting or self._stopping:
+            if not wait_seconds or self.waiting >= self.max_waiting or self._stopping:
                 wait_seconds = 0
             else:
-                self._waiting += 1
+                self.waiting += 1
         if not wait_seconds:
             return query()
         try:
@@ -2187,41 +2200,84 @@ class Context:
                     )
         finally:
             with self._changes:
-                self._waiting -= 1
+                self.waiting -= 1
 
-    def quota(self) -> Quota:
-        """Return the per-user storage limits, and whether the disk is at its floor."""
-        return Quota(self.settings.quota_bytes, self.settings.quota_keys, not self.disk_ok())
 
-    def housekeep(self) -> None:
-        """Purge what has expired and checkpoint the WAL, at most every HOUSEKEEPING_MS.
+class Housekeeping:
+    """Purging what has expired, cutting tombstones, vacuum and checkpoint, now and then.
 
-        Runs inside whichever request comes first after the interval, so that no separate
-        process or thread is needed; one request pays a few indexed deletes.
-        """
-        now_ms = self.now_ms()
-        next_ms = self._next_housekeeping_ms
-        if now_ms < next_ms and now_ms > next_ms - 2 * HOUSEKEEPING_MS:
-            return  # the common case, decided without the lock (a clock set back runs it)
+    Runs inside whichever request comes first after HOUSEKEEPING_MS, so that no separate
+    process or thread is needed; one request pays a few indexed deletes.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._next_ms = 0
+
+    def due(self, now_ms: int) -> bool:
+        """Take the next run if it is due (or the clock was set back past the last one)."""
         with self._lock:
-            next_ms = self._next_housekeeping_ms
-            if now_ms < next_ms and now_ms > next_ms - 2 * HOUSEKEEPING_MS:
-                return
-            self._next_housekeeping_ms = now_ms + HOUSEKEEPING_MS
+            if self._next_ms - 2 * HOUSEKEEPING_MS < now_ms < self._next_ms:
+                return False
+            self._next_ms = now_ms + HOUSEKEEPING_MS
+            return True
+
+    def run(self, connections: Connections, now_ms: int) -> None:
+        """Run once; a failure is logged and tried again next time."""
         settings = self.settings
         longest_window = max(
             settings.login_window, settings.reset_window, settings.registration_window
         )
         try:
-            conn = self.connection()
+            conn = connections.connection()
             purge_expired(conn, now_ms, now_ms - longest_window * 1000)
             purge_tombstones(conn, now_ms - settings.tombstone_ttl * 1000)
             trim_tombstones(conn, settings.tombstones_per_user)
-            with self._write_lock:  # give freed pages back (one execute frees only one)
+            with connections.write_lock:  # give freed pages back (one execute frees only one)
                 conn.executescript("PRAGMA incremental_vacuum;")
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as error:
             log.warning("Housekeeping failed and will be tried again: %s", error.sqlite_errorname)
+
+
+class Context:
+    """What one app owns: its settings and clock, and its parts, each with one job."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.db = Connections(settings)
+        self.hashing = Hashing(settings)
+        self.waiters = Waiters(settings)
+        self.housekeeping = Housekeeping(settings)
+        self.trusted_proxies = parse_networks(settings.trusted_proxies)
+        self.data_dir = os.path.dirname(os.path.abspath(settings.database))
+        #: The served OpenAPI document, as JSON bytes.
+        self.document = b""
+
+    def now_ms(self) -> int:
+        """Return the app clock's time in milliseconds since the Unix epoch."""
+        return int(self.clock() * 1000)
+
+    def connection(self) -> sqlite3.Connection:
+        """Return this thread's database connection (see Connections)."""
+        return self.db.connection()
+
+    def housekeep(self) -> None:
+        """Run housekeeping if it is due, with this request's connection."""
+        now_ms = self.now_ms()
+        if self.housekeeping.due(now_ms):
+            self.housekeeping.run(self.db, now_ms)
+
+    def close(self) -> None:
+        """Close the app's connections and stop its hashing threads."""
+        self.db.close()
+        self.hashing.close()
+
+    def quota(self) -> Quota:
+        """Return the per-user storage limits, and whether the disk is at its floor."""
+        return Quota(self.settings.quota_bytes, self.settings.quota_keys, not self.disk_ok())
 
     def client_address(self, environ: Mapping[str, Any]) -> str:
         """Return the client address: the socket's, or X-Forwarded-For's behind trusted proxies."""
@@ -2730,7 +2786,7 @@ def check_login(ctx: Context, name: str, password: str) -> int | None:
     conn = ctx.connection()
     try:
         user = find_user(conn, name)
-        verified = ctx.verify_password(user[1] if user else None, password)
+        verified = ctx.hashing.verify(user[1] if user else None, password)
     except BaseException:
         release_attempts(conn, counted)
         raise
@@ -2738,8 +2794,8 @@ def check_login(ctx: Context, name: str, password: str) -> int | None:
         return None
     release_attempts(conn, counted)
     user_id, password_hash = user
-    if ctx.hasher.check_needs_rehash(password_hash):
-        update_password_hash(conn, user_id, ctx.hash_password(password))
+    if ctx.hashing.hasher.check_needs_rehash(password_hash):
+        update_password_hash(conn, user_id, ctx.hashing.hash(password))
     return user_id
 
 
@@ -2767,7 +2823,7 @@ def register_user(ctx: Context, name: str, password: str, invite: str | None = N
         if find_user(conn, name) is not None:
             raise ApiError("ACCT03", "This user id is already in use.")
         ctx.require_disk()
-        return create_user(conn, name, ctx.hash_password(password), ctx.now_ms(), invite=invite)
+        return create_user(conn, name, ctx.hashing.hash(password), ctx.now_ms(), invite=invite)
     except BaseException:
         release_attempts(conn, counted)
         raise
@@ -2982,7 +3038,7 @@ def sync_set_password(ctx: Context, caller: None):
     if not isinstance(body, dict) or not isinstance(body.get("password"), str):
         raise ApiError("REQ01", "The body must be a JSON object with a string password.")
     check_password(body["password"])
-    password_hash = ctx.hash_password(body["password"])
+    password_hash = ctx.hashing.hash(body["password"])
     if caller is None:
         reset_password(conn, token, password_hash, ctx.now_ms())
     else:
@@ -3027,7 +3083,7 @@ def sync_list_keys(ctx: Context, caller: Caller):
                 raise ApiError("AUTH01", "The credential of this long-poll was revoked.")
             return list_changes(conn, caller.user_id, query.since, query.prefix, query.limit)
 
-        listing = ctx.long_poll(changes, query.wait)
+        listing = ctx.waiters.long_poll(changes, query.wait)
     headers = {"X-Sync-Seq": str(listing.seq)}
     if listing.more:
         headers["Link"] = next_page_link(query, listing)
@@ -3041,7 +3097,7 @@ def sync_get_value(ctx: Context, caller: Caller, key: str):
     if if_none_match is not None and matches_none(if_none_match, stored.token):
         return bottle.HTTPResponse(b"", 304, store_headers(stored.token))
     if stored.body is None:  # a large value: read from a snapshot of its own
-        stored = stream_value(ctx.open_connection(), key, caller.user_id)
+        stored = stream_value(ctx.db.open(), key, caller.user_id)
     headers = {"Content-Type": "application/octet-stream", **store_headers(stored.token)}
     if isinstance(stored.body, BlobReader):
         headers["Content-Length"] = str(stored.size)  # bottle counts bytes itself
@@ -3111,7 +3167,7 @@ def sync_remove_permissions(ctx: Context, caller: Caller, key: str):
 
 
 def sync_get_health(ctx: Context, caller: None):
-    database, disk = ctx.database_ok(), ctx.disk_ok()
+    database, disk = ctx.db.writable(), ctx.disk_ok()
     return json_response({"database": database, "disk": disk}, 200 if database and disk else 500)
 
 
@@ -3236,7 +3292,7 @@ def classify_error(ctx: Context, error: Exception) -> ApiError:
         return error
     if isinstance(error, sqlite3.OperationalError) and cannot_write(error):
         log.error("The database could not be written: %s", error.sqlite_errorname)
-        ctx.discard_connection()
+        ctx.db.discard()
         return out_of_space()
     log.error("Unexpected error in %s", bottle.request.method, exc_info=error)
     return ApiError("ERR02", "The server encountered an unexpected error.")
@@ -3543,7 +3599,7 @@ def app_sign_up_admin(ctx: Context, caller: None):
         raise ApiError("ACCT03", "The server already has an admin.", app_message=HAS_ADMIN)
     ctx.require_disk()
     user_id = create_user(
-        conn, name, ctx.hash_password(password), ctx.now_ms(), first=True,
+        conn, name, ctx.hashing.hash(password), ctx.now_ms(), first=True,
         display_name=display_name, invite=invite,
     )  # fmt: skip
     return immich_json(admin_dto(conn, user_id), 201)
@@ -3561,7 +3617,7 @@ def app_change_password(ctx: Context, caller: Caller):
     checks.done()
     if check_login(ctx, caller.name, password) is None:
         raise ApiError("REQ01", "The current password is wrong.", app_message="Wrong password")
-    password_hash = ctx.hash_password(new_password)
+    password_hash = ctx.hashing.hash(new_password)
     conn = ctx.connection()
     set_password(conn, caller.user_id, password_hash, caller.session_id, ctx.now_ms())
     return immich_json(admin_dto(conn, caller.user_id))
@@ -4434,7 +4490,7 @@ class OperationPlugin:
                 caller = resolve_caller(ctx, api, operation.permission)
             response = operation.handler(ctx, caller, **args)
             if bottle.request.method not in ("GET", "HEAD", "OPTIONS"):
-                ctx.notify_change()  # a change, or a credential ended: wake the long-polls
+                ctx.waiters.notify()  # a change, or a credential ended: wake the long-polls
             return response
 
         def sync_route(**args: str) -> Any:
@@ -4515,7 +4571,7 @@ def open_context(settings: Settings, clock: Callable[[], float]) -> Context:
         migrate(conn)
         if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
             make_vacuum_incremental(conn)
-        ctx.hold_database()
+        ctx.db.hold()
     except BaseException:
         ctx.close()
         raise
@@ -4969,7 +5025,7 @@ def serve(app: SyncNodeApp, settings: Settings, server: Any = None) -> None:
             server.asyncore.loop(timeout=STOP_CHECK_SECONDS, map=server._map, count=1)
         log.info("Stopping: finishing the requests under way.")
         waitress.wasyncore.dispatcher.close(server)  # no new connections
-        app.context.stop_waiting()
+        app.context.waiters.stop()
         deadline = time.monotonic() + settings.shutdown_timeout
         while time.monotonic() < deadline:
             busy = False
@@ -5123,7 +5179,7 @@ def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout
             return 0
         name = normalize_id(args.id)
         if args.command == "user" and args.user_command == "add":
-            password_hash = ctx.hash_password(read_new_password(stdin))
+            password_hash = ctx.hashing.hash(read_new_password(stdin))
             create_user(conn, name, password_hash, now_ms)
             print(f"Added {name}.", file=stdout)
             return 0
@@ -5139,7 +5195,7 @@ def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout
             delete_account(conn, user[0], now_ms)
             print(f"Deleted {name}.", file=stdout)
         else:
-            password_hash = ctx.hash_password(read_new_password(stdin))
+            password_hash = ctx.hashing.hash(read_new_password(stdin))
             set_password(conn, user[0], password_hash, None, now_ms)
             print(f"Set the password of {name}; its sessions have ended.", file=stdout)
         return 0

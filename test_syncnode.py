@@ -7086,7 +7086,7 @@ def test_busy_hashing_is_busy01_while_every_slot_is_held(
     alice = register(client, "alice")
     headers = alice.headers if signed_in else {}
     before, counts = snapshot(db), table_counts(db)
-    with app.context.hashing_slot():
+    with app.context.hashing.slot():
         response = client.post_json(path, body, headers=headers, status=503)
     assert_error(response, 503, "BUSY01")
     assert int(response.headers["Retry-After"]) >= 1
@@ -7099,7 +7099,7 @@ def test_busy_app_login_is_503_in_the_immich_layout(make_app, db):
     client = webtest.TestApp(app)
     register(client, "alice")
     counts = table_counts(db)
-    with app.context.hashing_slot():
+    with app.context.hashing.slot():
         body = {"email": "alice", "password": PASSWORD}
         response = client.post_json("/api/auth/login", body, status=503)
     assert set(response.json) == {"message", "error", "statusCode", "correlationId"}
@@ -7117,7 +7117,7 @@ def test_busy_login_waits_for_a_slot_freed_in_time(make_app):
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with app.context.hashing_slot():
+        with app.context.hashing.slot():
             held.set()
             release.wait(5)
 
@@ -8373,7 +8373,7 @@ class Waiter:
 def wait_for_waiters(server: LiveServer, count: int) -> None:
     """Block until the app holds `count` long-polls (a synchronisation aid, not a check)."""
     deadline = time.monotonic() + 5
-    while server.app.context._waiting != count:
+    while server.app.context.waiters.waiting != count:
         assert time.monotonic() < deadline, "the long-poll never started waiting"
         time.sleep(0.005)
 
@@ -9941,7 +9941,7 @@ def poll_server(serve_sync):
     """A live server; at teardown its polls answer at once, so that a failing test ends fast."""
     server = serve_sync(threads=4)
     yield server
-    server.app.context.stop_waiting()
+    server.app.context.waiters.stop()
 
 
 def live_json(server, method: str, path: str, body, headers: dict) -> Reply:
