@@ -1020,7 +1020,7 @@ def apply_put(
     found = find_item(conn, key, user_id)
     if found is None:
         if sent_token is not None:
-            raise ApiError("KEY01", "The key does not exist; create it without X-Sync-Token.")
+            raise ApiError("KEY01", "The key does not exist; create it without a token.")
         check_growth(quota, grew=True)
         item_id = conn.execute(
             """
@@ -1047,7 +1047,7 @@ def apply_put(
     if level < LEVELS["WRITE"]:
         raise ApiError("PERM01", "Writing this key needs the WRITE or OWN permission.")
     if sent_token is None:
-        raise ApiError("KEY01", "X-Sync-Token is missing; send the token of the stored value.")
+        raise ApiError("KEY01", "The token is missing; send the token of the stored value.")
     check_growth(quota, grew=new_bytes > old_bytes)
     updated = conn.execute(
         f"""
@@ -1058,7 +1058,7 @@ def apply_put(
         (token, value.meta, now_ms, value.size, inline, value.size, item_id, *sent_token),
     ).rowcount
     if updated != 1:
-        raise ApiError("KEY01", "X-Sync-Token does not match the stored token.")
+        raise ApiError("KEY01", "The token sent does not match the stored token.")
     bump_seq(conn)
     conn.execute(
         "UPDATE permissions SET seq = (SELECT seq FROM sync_state) WHERE item_id = ?", (item_id,)
@@ -1126,7 +1126,7 @@ def apply_delete(
     if level < LEVELS["OWN"]:
         raise ApiError("PERM01", "Deleting this key needs the OWN permission.")
     if sent_token is None or token not in sent_token:
-        raise ApiError("KEY01", "X-Sync-Token is missing or does not match the stored token.")
+        raise ApiError("KEY01", "The token is missing or does not match the stored token.")
     holders = conn.execute("SELECT user_id FROM permissions WHERE item_id = ?", (item_id,))
     bury(conn, [row[0] for row in holders.fetchall()], key, next_seq(conn), now_ms)
     conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
@@ -1462,55 +1462,31 @@ def find_session_expiry(conn: sqlite3.Connection, session_id: int) -> int:
     return conn.execute("SELECT expires_ms FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
 
 
-def list_sessions(conn: sqlite3.Connection, caller: Caller, now_ms: int) -> list[dict]:
-    """Return the caller's live sessions, newest first, by public id."""
-    rows = conn.execute(
-        """
-        SELECT id, public_id, expires_ms, created_ms FROM sessions
-        WHERE user_id = ? AND expires_ms > ?
-        ORDER BY created_ms DESC, id DESC
-        """,
-        (caller.user_id, now_ms),
-    )
-    return [
-        {
-            "id": public_id,
-            "expiration": expires_ms,
-            "current": row_id == caller.session_id,
-            "createdAt": created_ms,
-        }
-        for row_id, public_id, expires_ms, created_ms in rows
-    ]
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A live session, as its owner may list it."""
+
+    row_id: int
+    public_id: str
+    created_ms: int
+    updated_ms: int
+    expires_ms: int
+    device: Device
 
 
-def list_app_sessions(conn: sqlite3.Connection, caller: Caller, now_ms: int) -> list[dict]:
-    """Return the caller's live sessions as App API SessionResponseDto objects."""
+def list_sessions(conn: sqlite3.Connection, user_id: int, now_ms: int, by_use: bool = False):
+    """Return the user's live sessions, newest first (by_use: most recently used first)."""
+    order = "updated_ms DESC, created_ms DESC, id DESC" if by_use else "created_ms DESC, id DESC"
     rows = conn.execute(
-        """
+        f"""
         SELECT id, public_id, created_ms, updated_ms, expires_ms, device_type, device_os,
                app_version
         FROM sessions WHERE user_id = ? AND expires_ms > ?
-        ORDER BY updated_ms DESC, created_ms DESC, id DESC
+        ORDER BY {order}
         """,
-        (caller.user_id, now_ms),
+        (user_id, now_ms),
     )
-    return [session_dto(row, caller.session_id) for row in rows]
-
-
-def session_dto(row: tuple, current_id: int | None) -> dict:
-    """Shape a sessions row as an App API SessionResponseDto."""
-    row_id, public_id, created_ms, updated_ms, expires_ms, device_type, device_os, version = row
-    return {
-        "id": public_id,
-        "createdAt": iso_time(created_ms),
-        "updatedAt": iso_time(updated_ms),
-        "expiresAt": iso_time(expires_ms),
-        "current": row_id == current_id,
-        "deviceType": device_type,
-        "deviceOS": device_os,
-        "appVersion": version,
-        "isPendingSyncReset": False,
-    }
+    return [Session(*row[:5], Device(*row[5:])) for row in rows]
 
 
 def iso_time(ms: int) -> str:
@@ -1684,25 +1660,30 @@ def spend_invite(conn: sqlite3.Connection, code: str, now_ms: int) -> bool:
 # API keys and users of the App API.
 
 
-def api_key_answer(row: tuple) -> dict:
-    """Shape an api_keys row (API_KEY_COLUMNS) as an APIKeyResponseDto."""
-    public_id, name, permissions, created_ms, updated_ms = row
-    return {
-        "id": public_id,
-        "name": name,
-        "createdAt": iso_time(created_ms),
-        "updatedAt": iso_time(updated_ms),
-        "permissions": json.loads(permissions),
-    }
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as its owner may see it (never its secret)."""
+
+    public_id: str
+    name: str
+    permissions: tuple[str, ...]
+    created_ms: int
+    updated_ms: int
 
 
 API_KEY_COLUMNS = "public_id, name, permissions, created_ms, updated_ms"
 
 
+def api_key_of(row: tuple) -> ApiKey:
+    """Return an ApiKey from an api_keys row (API_KEY_COLUMNS)."""
+    public_id, name, permissions, created_ms, updated_ms = row
+    return ApiKey(public_id, name, tuple(json.loads(permissions)), created_ms, updated_ms)
+
+
 def create_api_key(
     conn: sqlite3.Connection, user_id: int, name: str, permissions: list[str], now_ms: int
-) -> tuple[str, dict]:
-    """Create an API key; return its secret (shown once) and its APIKeyResponseDto."""
+) -> tuple[str, ApiKey]:
+    """Create an API key; return its secret (shown once) and the key."""
     secret, public_id = secrets.token_urlsafe(32), str(uuid.uuid4())
     row = (public_id, name, json.dumps(permissions), now_ms, now_ms)
     with transaction(conn, write=True):
@@ -1711,7 +1692,7 @@ def create_api_key(
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (take_id(conn, "api_keys"), user_id, digest_token(secret), *row),
         )
-    return secret, api_key_answer(row)
+    return secret, api_key_of(row)
 
 
 def find_api_key(conn: sqlite3.Connection, secret: str) -> Caller | None:
@@ -1730,23 +1711,25 @@ def find_api_key(conn: sqlite3.Connection, secret: str) -> Caller | None:
     return Caller(user_id, name, api_key_id=key_id, permissions=frozenset(json.loads(permissions)))
 
 
-def list_api_keys(conn: sqlite3.Connection, user_id: int) -> list[dict]:
+def list_api_keys(conn: sqlite3.Connection, user_id: int) -> list[ApiKey]:
     """Return the user's API keys, newest first."""
     rows = conn.execute(
         f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = ? "
         "ORDER BY created_ms DESC, id DESC",
         (user_id,),
     )
-    return [api_key_answer(row) for row in rows]
+    return [api_key_of(row) for row in rows]
 
 
-def get_api_key(conn: sqlite3.Connection, user_id: int, *, public_id: str = "", row_id: int = 0):
+def get_api_key(
+    conn: sqlite3.Connection, user_id: int, *, public_id: str = "", row_id: int = 0
+) -> ApiKey | None:
     """Return one of the user's API keys by public or row id, or None."""
     row = conn.execute(
         f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = ? AND (public_id = ? OR id = ?)",
         (user_id, public_id, row_id),
     ).fetchone()
-    return api_key_answer(row) if row else None
+    return api_key_of(row) if row else None
 
 
 def update_api_key(
@@ -1756,7 +1739,7 @@ def update_api_key(
     name: str | None,
     permissions: list[str] | None,
     now_ms: int,
-) -> dict | None:
+) -> ApiKey | None:
     """Change the fields given of one of the user's API keys; None when there is none such."""
     with transaction(conn, write=True):
         updated = conn.execute(
@@ -1787,46 +1770,43 @@ def delete_api_key(conn: sqlite3.Connection, user_id: int, public_id: str) -> bo
         )
 
 
+@dataclass(frozen=True, slots=True)
+class User:
+    """An account as the App API shows it."""
+
+    row_id: int
+    public_id: str
+    display_name: str
+    name: str
+    created_ms: int
+    updated_ms: int
+    #: The oldest account is the admin (README, Accounts and sessions), so deleting the admin
+    #: makes the next oldest one admin, and an admin exists whenever a user does.
+    is_admin: bool
+
+
 USER_COLUMNS = """
-    uuid, display_name, name, created_ms, updated_ms,
+    id, uuid, display_name, name, created_ms, updated_ms,
     id = (SELECT min(id) FROM users) AS is_admin
 """
 
 
-def user_answer(row: tuple, admin: bool = False) -> dict:
-    """Shape a users row as UserResponseDto, or UserAdminResponseDto with admin=True."""
-    public_id, display_name, name, created_ms, updated_ms, is_admin = row
-    answer = {"id": public_id, "name": display_name, "email": name}
-    if admin:
-        answer |= {
-            "shouldChangePassword": False,
-            "isAdmin": bool(is_admin),
-            "createdAt": iso_time(created_ms),
-            "deletedAt": None,
-            "updatedAt": iso_time(updated_ms),
-            "status": "active",
-        }
-    return answer
-
-
-def get_user(conn: sqlite3.Connection, *, row_id: int = 0, public_id: str = "") -> tuple | None:
-    """Return a users row (for user_answer) by row id or UUID, or None.
-
-    The oldest account is the admin (README, Accounts and sessions), so deleting the admin makes the
-    next oldest one admin in that same transaction, and an admin exists whenever a user does.
-    """
-    return conn.execute(
+def get_user(conn: sqlite3.Connection, *, row_id: int = 0, public_id: str = "") -> User | None:
+    """Return a user by row id or UUID, or None."""
+    row = conn.execute(
         f"SELECT {USER_COLUMNS} FROM users WHERE id = ? OR uuid = ?", (row_id, public_id)
     ).fetchone()
+    return User(*row[:6], bool(row[6])) if row else None
 
 
-def list_users(conn: sqlite3.Connection, user_id: int, everyone: bool) -> list[dict]:
-    """Return every account (or only the caller's), newest first, as UserResponseDto."""
+def list_users(conn: sqlite3.Connection, user_id: int | None = None) -> list[User]:
+    """Return every account (or only the one with user_id), newest first."""
     rows = conn.execute(
-        f"SELECT {USER_COLUMNS} FROM users WHERE ? OR id = ? ORDER BY created_ms DESC, id DESC",
-        (everyone, user_id),
+        f"SELECT {USER_COLUMNS} FROM users WHERE ? IS NULL OR id = ? "
+        "ORDER BY created_ms DESC, id DESC",
+        (user_id, user_id),
     )
-    return [user_answer(row) for row in rows]
+    return [User(*row[:6], bool(row[6])) for row in rows]
 
 
 def update_user(
@@ -2253,12 +2233,19 @@ class Context:
         self.housekeeping = Housekeeping(settings)
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
         self.data_dir = os.path.dirname(os.path.abspath(settings.database))
-        #: The served OpenAPI document, as JSON bytes.
-        self.document = b""
+        self._documents: dict[str, bytes] = {}
 
     def now_ms(self) -> int:
         """Return the app clock's time in milliseconds since the Unix epoch."""
         return int(self.clock() * 1000)
+
+    def document(self, prefix: str) -> bytes:
+        """Return the served OpenAPI document as JSON, for the path the app is mounted under."""
+        document = self._documents.get(prefix)
+        if document is None:  # a prefix or two per app: built once each
+            document = json.dumps(openapi_document(prefix), separators=(",", ":")).encode()
+            self._documents[prefix] = document
+        return document
 
     def connection(self) -> sqlite3.Connection:
         """Return this thread's database connection (see Connections)."""
@@ -2942,6 +2929,16 @@ class Operation:
     permission: str | None
     #: handler(ctx, caller, **path_arguments) -> answer; caller is None when PUBLIC.
     handler: Callable[..., Any]
+    #: What the document says: a summary, the request body (a schema or REQUESTS name), the
+    #: answers (status: a schema or ANSWERS name), PARAMETERS names and error statuses.
+    summary: str = ""
+    request: str | None = None
+    request_required: bool = True
+    answers: Mapping[str, str] = field(default_factory=dict)
+    parameters: tuple[str, ...] = ()
+    errors: tuple[int, ...] = ()
+    #: Who the document says may call, where the handler resolves the caller itself.
+    security: str | None = None
 
 
 def resolve_caller(ctx: Context, api: str, permission: str) -> Caller:
@@ -3008,7 +3005,12 @@ def sync_list_sessions(ctx: Context, caller: Caller):
         usage["X-Sync-Quota-Keys"] = str(settings.quota_keys)
     if settings.quota_bytes:
         usage["X-Sync-Quota-Bytes"] = str(settings.quota_bytes)
-    return json_response(list_sessions(conn, caller, ctx.now_ms()), headers=usage)
+    sessions = [
+        {"id": session.public_id, "expiration": session.expires_ms,
+         "current": session.row_id == caller.session_id, "createdAt": session.created_ms}
+        for session in list_sessions(conn, caller.user_id, ctx.now_ms())
+    ]  # fmt: skip
+    return json_response(sessions, headers=usage)
 
 
 def sync_delete_account(ctx: Context, caller: Caller):
@@ -3063,7 +3065,7 @@ def sync_request_password_reset(ctx: Context, caller: None):
 
 def sync_create_invite(ctx: Context, caller: Caller):
     conn = ctx.connection()
-    if not get_user(conn, row_id=caller.user_id)[5]:
+    if not get_user(conn, row_id=caller.user_id).is_admin:
         raise ApiError("PERM01", "Only the admin (the oldest account) may mint invites.")
     code, expires_ms = create_invite(conn, ctx.now_ms(), ctx.settings.invite_ttl * 1000)
     return json_response({"invite": code, "expiration": expires_ms})
@@ -3172,7 +3174,9 @@ def sync_get_health(ctx: Context, caller: None):
 
 
 def sync_get_openapi_document(ctx: Context, caller: None):
-    return bottle.HTTPResponse(ctx.document, 200, {"Content-Type": "application/json"})
+    return bottle.HTTPResponse(
+        ctx.document(mount_prefix()), 200, {"Content-Type": "application/json"}
+    )
 
 
 def sync_get_immich_discovery(ctx: Context, caller: None):
@@ -3209,34 +3213,73 @@ FRONT_PAGE = """<!doctype html>
 """
 
 KEY_PATH = "<key:re:[\\s\\S]*>"
+#: Error statuses of the operations: a request with a body, one that writes, one on a key.
+BODY_ERRORS = (400, 413)
+KEY_ERRORS = (400, 401, 403, 404)
 
 #: The Sync Node API, one row per operation: method, path, operation id, what an API key
-#: needs (PUBLIC: no credential), the handler.
+#: needs (PUBLIC: no credential), the handler, and what the document says of it.
 SYNC_OPERATIONS = (
-    Operation("GET", "/account", "listSessions", "session.read", sync_list_sessions),
-    Operation("POST", "/account", "register", PUBLIC, sync_register),
-    Operation("DELETE", "/account", "deleteAccount", SESSION_ONLY, sync_delete_account),
-    Operation("POST", "/auth", "logIn", PUBLIC, sync_log_in),
-    Operation("DELETE", "/auth", "logOut", SESSION_ONLY, sync_log_out),
-    Operation("POST", "/password", "setPassword", PUBLIC, sync_set_password),
+    Operation("GET", "/account", "listSessions", "session.read", sync_list_sessions,
+              "List the caller's live sessions (usage and quotas in the headers)",
+              answers={"200": "SessionList"}, errors=(401, 403)),
+    Operation("POST", "/account", "register", PUBLIC, sync_register,
+              "Create an account and its first session", request="Credentials",
+              answers={"200": "Session"}, errors=(*BODY_ERRORS, 403, 409, 429, 503, 507)),
+    Operation("DELETE", "/account", "deleteAccount", SESSION_ONLY, sync_delete_account,
+              "Delete the account, its sessions and the keys only it owns",
+              answers={"204": "Empty"}, errors=(401, 403)),
+    Operation("POST", "/auth", "logIn", PUBLIC, sync_log_in,
+              "Log in: start a session", request="Credentials",
+              answers={"200": "Session"}, errors=(*BODY_ERRORS, 401, 429, 503)),
+    Operation("DELETE", "/auth", "logOut", SESSION_ONLY, sync_log_out,
+              "Log out: end this session", answers={"204": "Empty"}, errors=(401, 403)),
+    Operation("POST", "/password", "setPassword", PUBLIC, sync_set_password,
+              "Set the password with a session or a reset token (as the bearer token)",
+              request="UpdatePasswordRequest", answers={"204": "Empty"},
+              errors=(*BODY_ERRORS, 401, 403, 503, 507), security=SESSION_ONLY),
     Operation("POST", "/resetpassword", "requestPasswordReset", PUBLIC,
-              sync_request_password_reset),
-    Operation("POST", "/invite", "createInvite", SESSION_ONLY, sync_create_invite),
-    Operation("GET", "/store", "listKeys", "store.read", sync_list_keys),
-    Operation("POST", "/batch", "applyBatch", "store.write", sync_apply_batch),
-    Operation("GET", "/store/" + KEY_PATH, "getValue", "store.read", sync_get_value),
-    Operation("PUT", "/store/" + KEY_PATH, "putValue", "store.write", sync_put_value),
-    Operation("DELETE", "/store/" + KEY_PATH, "deleteValue", "store.own", sync_delete_value),
+              sync_request_password_reset, "Ask for a password reset token",
+              request="ResetPasswordTokenRequest", answers={"204": "Empty"},
+              errors=(*BODY_ERRORS, 429)),
+    Operation("POST", "/invite", "createInvite", SESSION_ONLY, sync_create_invite,
+              "Mint an invite code (the admin)", answers={"200": "Invite"},
+              errors=(401, 403, 507)),
+    Operation("GET", "/store", "listKeys", "store.read", sync_list_keys,
+              "List the keys the caller holds, or with since what changed after a cursor",
+              parameters=("since", "wait", "limit", "prefix", "after"),
+              answers={"200": "Listing"}, errors=(400, 401, 403, 410)),
+    Operation("POST", "/batch", "applyBatch", "store.write", sync_apply_batch,
+              "Apply PUTs and DELETEs all or nothing", request="BatchRequest",
+              answers={"200": "BatchResponse"}, errors=(*KEY_ERRORS, 409, 413, 507)),
+    Operation("GET", "/store/" + KEY_PATH, "getValue", "store.read", sync_get_value,
+              "Read a value", parameters=("If-None-Match",),
+              answers={"200": "Value", "304": "NotModified"}, errors=KEY_ERRORS),
+    Operation("PUT", "/store/" + KEY_PATH, "putValue", "store.write", sync_put_value,
+              "Create a value, or replace it by compare-and-swap on its token",
+              parameters=("X-Sync-Token", "If-Match", "X-Sync-Meta", "If-None-Match: *"),
+              request="Value", answers={"204": "Stored"},
+              errors=(400, 401, 403, 409, 413, 507)),
+    Operation("DELETE", "/store/" + KEY_PATH, "deleteValue", "store.own", sync_delete_value,
+              "Delete a value (OWN and its token)", parameters=("X-Sync-Token", "If-Match"),
+              answers={"204": "Empty"}, errors=(*KEY_ERRORS, 409)),
     Operation("GET", "/permission/" + KEY_PATH, "getPermissions", "store.read",
-              sync_get_permissions),
+              sync_get_permissions, "List a key's holders",
+              answers={"200": "UserPermissions"}, errors=KEY_ERRORS),
     Operation("PUT", "/permission/" + KEY_PATH, "setPermissions", "store.own",
-              sync_set_permissions),
+              sync_set_permissions, "Grant or change permissions, all or nothing",
+              request="UserPermissions", answers={"204": "Empty"},
+              errors=(*KEY_ERRORS, 409, 413, 507)),
     Operation("DELETE", "/permission/" + KEY_PATH, "removePermissions", "store.own",
-              sync_remove_permissions),
-    Operation("GET", "/health", "getHealth", PUBLIC, sync_get_health),
+              sync_remove_permissions, "Remove users' permissions", parameters=("users",),
+              answers={"204": "Empty"}, errors=(*KEY_ERRORS, 409)),
+    Operation("GET", "/health", "getHealth", PUBLIC, sync_get_health,
+              "Whether the database and the disk can take a write",
+              answers={"200": "Health", "500": "Unhealthy"}),
     Operation("GET", "/.well-known/immich", "getImmichDiscovery", PUBLIC,
-              sync_get_immich_discovery),
-    Operation("GET", "/openapi.json", "getOpenApiDocument", PUBLIC, sync_get_openapi_document),
+              sync_get_immich_discovery, "Where the App API is", answers={"200": "Discovery"}),
+    Operation("GET", "/openapi.json", "getOpenApiDocument", PUBLIC, sync_get_openapi_document,
+              "This document", answers={"200": "Document"}),
 )  # fmt: skip
 
 
@@ -3541,9 +3584,50 @@ def cookie_headers(values: dict[str, str], max_age: int | None, now: float = 0) 
     ]
 
 
+def user_dto(user: User, admin: bool = False) -> dict:
+    """Shape a user as UserResponseDto, or UserAdminResponseDto with admin=True."""
+    answer = {"id": user.public_id, "name": user.display_name, "email": user.name}
+    if admin:
+        answer |= {
+            "shouldChangePassword": False,
+            "isAdmin": user.is_admin,
+            "createdAt": iso_time(user.created_ms),
+            "deletedAt": None,
+            "updatedAt": iso_time(user.updated_ms),
+            "status": "active",
+        }
+    return answer
+
+
 def admin_dto(conn: sqlite3.Connection, user_id: int) -> dict:
     """Return a user as UserAdminResponseDto."""
-    return user_answer(get_user(conn, row_id=user_id), admin=True)
+    return user_dto(get_user(conn, row_id=user_id), admin=True)
+
+
+def api_key_dto(key: ApiKey) -> dict:
+    """Shape an API key as APIKeyResponseDto."""
+    return {
+        "id": key.public_id,
+        "name": key.name,
+        "createdAt": iso_time(key.created_ms),
+        "updatedAt": iso_time(key.updated_ms),
+        "permissions": list(key.permissions),
+    }
+
+
+def session_dto(session: Session, current_id: int | None) -> dict:
+    """Shape a session as SessionResponseDto."""
+    return {
+        "id": session.public_id,
+        "createdAt": iso_time(session.created_ms),
+        "updatedAt": iso_time(session.updated_ms),
+        "expiresAt": iso_time(session.expires_ms),
+        "current": session.row_id == current_id,
+        "deviceType": session.device.device_type,
+        "deviceOS": session.device.device_os,
+        "appVersion": session.device.app_version,
+        "isPendingSyncReset": False,
+    }
 
 
 def check_grant(caller: Caller, permissions: list[str] | None) -> None:
@@ -3645,11 +3729,13 @@ def app_create_api_key(ctx: Context, caller: Caller):
     secret, key = create_api_key(
         ctx.connection(), caller.user_id, name or "API Key", permissions, ctx.now_ms()
     )
-    return immich_json({"secret": secret, "apiKey": key}, 201)
+    return immich_json({"secret": secret, "apiKey": api_key_dto(key)}, 201)
 
 
 def app_get_api_keys(ctx: Context, caller: Caller):
-    return immich_json(list_api_keys(ctx.connection(), caller.user_id))
+    return immich_json(
+        [api_key_dto(key) for key in list_api_keys(ctx.connection(), caller.user_id)]
+    )
 
 
 def app_get_my_api_key(ctx: Context, caller: Caller):
@@ -3658,14 +3744,15 @@ def app_get_my_api_key(ctx: Context, caller: Caller):
             "PERM01", "This operation needs an API key.",
             app_message="Not authenticated with an API Key",
         )  # fmt: skip
-    return immich_json(get_api_key(ctx.connection(), caller.user_id, row_id=caller.api_key_id))
+    key = get_api_key(ctx.connection(), caller.user_id, row_id=caller.api_key_id)
+    return immich_json(api_key_dto(key))
 
 
 def app_get_api_key(ctx: Context, caller: Caller, key_id: str):
     key = get_api_key(ctx.connection(), caller.user_id, public_id=check_path_id(key_id))
     if key is None:
         raise api_key_not_found()
-    return immich_json(key)
+    return immich_json(api_key_dto(key))
 
 
 def app_update_api_key(ctx: Context, caller: Caller, key_id: str):
@@ -3678,7 +3765,7 @@ def app_update_api_key(ctx: Context, caller: Caller, key_id: str):
     key = update_api_key(ctx.connection(), caller.user_id, key_id, name, permissions, ctx.now_ms())
     if key is None:
         raise api_key_not_found()
-    return immich_json(key)
+    return immich_json(api_key_dto(key))
 
 
 def app_delete_api_key(ctx: Context, caller: Caller, key_id: str):
@@ -3739,12 +3826,13 @@ def app_create_session(ctx: Context, caller: Caller):
     session = create_session(
         conn, caller.user_id, now_ms, expires_ms, device, parent_id=caller.session_id
     )
-    row = (session.row_id, session.public_id, now_ms, now_ms, expires_ms, *device_row(device))
-    return immich_json({**session_dto(row, None), "token": session.token}, 201)
+    made = Session(session.row_id, session.public_id, now_ms, now_ms, expires_ms, device)
+    return immich_json({**session_dto(made, None), "token": session.token}, 201)
 
 
 def app_get_sessions(ctx: Context, caller: Caller):
-    return immich_json(list_app_sessions(ctx.connection(), caller, ctx.now_ms()))
+    sessions = list_sessions(ctx.connection(), caller.user_id, ctx.now_ms(), by_use=True)
+    return immich_json([session_dto(session, caller.session_id) for session in sessions])
 
 
 def app_delete_all_sessions(ctx: Context, caller: Caller):
@@ -3767,7 +3855,8 @@ def app_delete_session(ctx: Context, caller: Caller, session_id: str):
 def app_search_users(ctx: Context, caller: Caller):
     conn = ctx.connection()
     everyone = ctx.settings.public_users or admin_dto(conn, caller.user_id)["isAdmin"]
-    return immich_json(list_users(conn, caller.user_id, everyone))
+    users = list_users(conn, None if everyone else caller.user_id)
+    return immich_json([user_dto(user) for user in users])
 
 
 def app_get_my_user(ctx: Context, caller: Caller):
@@ -3785,10 +3874,10 @@ def app_update_my_user(ctx: Context, caller: Caller):
 
 
 def app_get_user(ctx: Context, caller: Caller, user_id: str):
-    row = get_user(ctx.connection(), public_id=check_path_id(user_id))
-    if row is None:
+    user = get_user(ctx.connection(), public_id=check_path_id(user_id))
+    if user is None:
         raise ApiError("REQ01", "There is no such user.", app_message="User not found")
-    return immich_json(user_answer(row))
+    return immich_json(user_dto(user))
 
 
 def app_unknown_path(ctx: Context, caller: None, path: str = ""):
@@ -3799,42 +3888,74 @@ def app_unknown_path(ctx: Context, caller: None, path: str = ""):
     )  # fmt: skip
 
 
-def device_row(device: Device) -> tuple[str, str, str | None]:
-    """Return a device's fields in sessions-column order."""
-    return device.device_type, device.device_os, device.app_version
-
-
 #: The App API under /api, one row per operation (see SYNC_OPERATIONS).
 APP_OPERATIONS = (
-    Operation("POST", "/auth/login", "login", PUBLIC, app_login),
-    Operation("POST", "/auth/admin-sign-up", "signUpAdmin", PUBLIC, app_sign_up_admin),
+    Operation("POST", "/auth/login", "login", PUBLIC, app_login, "Log in",
+              request="LoginCredentialDto", answers={"201": "LoginResponseDto"},
+              errors=(*BODY_ERRORS, 401, 429, 503)),
+    Operation("POST", "/auth/admin-sign-up", "signUpAdmin", PUBLIC, app_sign_up_admin,
+              "Create the first account, the admin", request="SignUpDto",
+              answers={"201": "UserAdminResponseDto"},
+              errors=(*BODY_ERRORS, 403, 429, 503, 507)),
     Operation("POST", "/auth/validateToken", "validateAccessToken", ANY_CREDENTIAL,
-              app_validate_access_token),
+              app_validate_access_token, "Validate the credentials",
+              answers={"200": "ValidateAccessTokenResponseDto"}, errors=(401,)),
     Operation("POST", "/auth/change-password", "changePassword", "auth.changePassword",
-              app_change_password),
-    Operation("POST", "/auth/logout", "logout", "all", app_logout),
-    Operation("POST", "/api-keys", "createApiKey", "apiKey.create", app_create_api_key),
-    Operation("GET", "/api-keys", "getApiKeys", "apiKey.read", app_get_api_keys),
-    Operation("GET", "/api-keys/me", "getMyApiKey", ANY_CREDENTIAL, app_get_my_api_key),
-    Operation("GET", "/api-keys/<key_id>", "getApiKey", "apiKey.read", app_get_api_key),
-    Operation("PUT", "/api-keys/<key_id>", "updateApiKey", "apiKey.update", app_update_api_key),
+              app_change_password, "Change the password", request="ChangePasswordDto",
+              answers={"200": "UserAdminResponseDto"},
+              errors=(*BODY_ERRORS, 401, 403, 429, 503, 507)),
+    Operation("POST", "/auth/logout", "logout", "all", app_logout, "Log out",
+              answers={"200": "LogoutResponseDto"}, errors=(401, 403)),
+    Operation("POST", "/api-keys", "createApiKey", "apiKey.create", app_create_api_key,
+              "Create an API key", request="APIKeyCreateDto",
+              answers={"201": "APIKeyCreateResponseDto"},
+              errors=(*BODY_ERRORS, 401, 403, 507)),
+    Operation("GET", "/api-keys", "getApiKeys", "apiKey.read", app_get_api_keys,
+              "List API keys", answers={"200": "APIKeyList"}, errors=(401, 403)),
+    Operation("GET", "/api-keys/me", "getMyApiKey", ANY_CREDENTIAL, app_get_my_api_key,
+              "The API key making the request", answers={"200": "APIKeyResponseDto"},
+              errors=(401, 403)),
+    Operation("GET", "/api-keys/<key_id>", "getApiKey", "apiKey.read", app_get_api_key,
+              "Retrieve an API key", answers={"200": "APIKeyResponseDto"},
+              errors=(400, 401, 403)),
+    Operation("PUT", "/api-keys/<key_id>", "updateApiKey", "apiKey.update", app_update_api_key,
+              "Update an API key", request="APIKeyUpdateDto",
+              answers={"200": "APIKeyResponseDto"}, errors=(*BODY_ERRORS, 401, 403, 507)),
     Operation("DELETE", "/api-keys/<key_id>", "deleteApiKey", "apiKey.delete",
-              app_delete_api_key),
-    Operation("GET", "/server/ping", "pingServer", PUBLIC, app_ping_server),
-    Operation("GET", "/server/version", "getServerVersion", PUBLIC, app_get_server_version),
-    Operation("GET", "/server/about", "getAboutInfo", "server.about", app_get_about_info),
-    Operation("GET", "/server/features", "getServerFeatures", PUBLIC, app_get_server_features),
-    Operation("GET", "/server/config", "getServerConfig", PUBLIC, app_get_server_config),
-    Operation("POST", "/sessions", "createSession", "session.create", app_create_session),
-    Operation("GET", "/sessions", "getSessions", "session.read", app_get_sessions),
+              app_delete_api_key, "Delete an API key", answers={"204": "Empty"},
+              errors=(400, 401, 403)),
+    Operation("GET", "/server/ping", "pingServer", PUBLIC, app_ping_server, "Ping",
+              answers={"200": "ServerPingResponse"}),
+    Operation("GET", "/server/version", "getServerVersion", PUBLIC, app_get_server_version,
+              "Version", answers={"200": "ServerVersionResponseDto"}),
+    Operation("GET", "/server/about", "getAboutInfo", "server.about", app_get_about_info,
+              "About", answers={"200": "ServerAboutResponseDto"}, errors=(401, 403)),
+    Operation("GET", "/server/features", "getServerFeatures", PUBLIC, app_get_server_features,
+              "Features", answers={"200": "ServerFeaturesDto"}),
+    Operation("GET", "/server/config", "getServerConfig", PUBLIC, app_get_server_config,
+              "Configuration", answers={"200": "ServerConfigDto"}),
+    Operation("POST", "/sessions", "createSession", "session.create", app_create_session,
+              "Create a child session", request="SessionCreateDto", request_required=False,
+              answers={"201": "SessionCreateResponseDto"},
+              errors=(*BODY_ERRORS, 401, 403, 507)),
+    Operation("GET", "/sessions", "getSessions", "session.read", app_get_sessions,
+              "List sessions", answers={"200": "SessionResponseList"}, errors=(401, 403)),
     Operation("DELETE", "/sessions", "deleteAllSessions", "session.delete",
-              app_delete_all_sessions),
+              app_delete_all_sessions, "End every other session", answers={"204": "Empty"},
+              errors=(401, 403)),
     Operation("DELETE", "/sessions/<session_id>", "deleteSession", "session.delete",
-              app_delete_session),
-    Operation("GET", "/users", "searchUsers", "user.read", app_search_users),
-    Operation("GET", "/users/me", "getMyUser", "user.read", app_get_my_user),
-    Operation("PUT", "/users/me", "updateMyUser", "user.update", app_update_my_user),
-    Operation("GET", "/users/<user_id>", "getUser", "user.read", app_get_user),
+              app_delete_session, "End a session", answers={"204": "Empty"},
+              errors=(400, 401, 403)),
+    Operation("GET", "/users", "searchUsers", "user.read", app_search_users, "List users",
+              answers={"200": "UserResponseList"}, errors=(401, 403)),
+    Operation("GET", "/users/me", "getMyUser", "user.read", app_get_my_user,
+              "The caller's account", answers={"200": "UserAdminResponseDto"},
+              errors=(401, 403)),
+    Operation("PUT", "/users/me", "updateMyUser", "user.update", app_update_my_user,
+              "Update the caller's account", request="UserUpdateMeDto",
+              answers={"200": "UserAdminResponseDto"}, errors=(*BODY_ERRORS, 401, 403, 507)),
+    Operation("GET", "/users/<user_id>", "getUser", "user.read", app_get_user,
+              "Retrieve a user", answers={"200": "UserResponseDto"}, errors=(400, 401, 403)),
 )  # fmt: skip
 
 
@@ -3874,75 +3995,93 @@ def _header(description: str, schema: dict | None = None, required: bool = True)
     return {"description": description, "required": required, "schema": schema or _STRING}
 
 
-def _body(schema: dict) -> dict:
-    """A required JSON request body."""
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
+def _parameter(name: str, where: str, schema: dict, description: str, required: bool = False):
+    """A parameter of an operation."""
+    return {"name": name, "in": where, "required": required, "schema": schema,
+            "description": description}  # fmt: skip
 
 
 _STRING = {"type": "string"}
 _INTEGER = {"type": "integer"}
 _BOOLEAN = {"type": "boolean"}
 _TIME = {"type": "string", "format": "date-time"}
-_EMPTY = {"description": "No content."}
-_SYNC_SECURITY = [{"bearer": []}, {"api_key": []}]
-_APP_SECURITY = [{"bearer": []}, {"cookie": []}, {"api_key": []}]
-_ERROR = {"default": {"$ref": "#/components/responses/Error"}}
-_KEY = {
-    "name": "key",
-    "in": "path",
-    "required": True,
-    "description": "The key; slashes and percent-encoded characters belong to it.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS},
-}
+_BINARY = {"type": "string", "format": "binary"}
+_KEY_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS}
+_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}
+_PASSWORD = {"type": "string", "minLength": MIN_PASSWORD_CHARS, "maxLength": MAX_PASSWORD_CHARS}
 _TOKEN_HEADERS = {
     "X-Sync-Token": _header("The store token of the stored version."),
     "ETag": _header("The store token as a strong entity tag."),
 }
+#: Parameters the rows of the route tables name.
+PARAMETERS = {
+    "key": _parameter("key", "path", _KEY_TEXT,
+                      "The key; slashes and percent-encoded characters belong to it.", True),
+    "id": _parameter("id", "path", {"type": "string", "format": "uuid",
+                                    "pattern": "^" + UUID4.pattern + "$"}, "The id.", True),
+    "since": _parameter("since", "query", {**_INTEGER, "minimum": 0, "maximum": 2**62},
+                        "List what changed after this cursor (X-Sync-Seq)."),
+    "wait": _parameter("wait", "query", {**_INTEGER, "minimum": 0, "maximum": MAX_WAIT_SECONDS},
+                       "With since: seconds to wait for a change."),
+    "limit": _parameter("limit", "query",
+                        {**_INTEGER, "minimum": 1, "maximum": MAX_PAGE_ENTRIES},
+                        "Entries per page."),
+    "prefix": _parameter("prefix", "query", {**_STRING, "maxLength": MAX_KEY_CHARS},
+                         "Only keys starting with it, taken literally."),
+    "after": _parameter("after", "query", {**_STRING, "maxLength": MAX_KEY_CHARS},
+                        "A listing page: keys after it."),
+    "users": _parameter("users", "query", {**_STRING, "minLength": 1},
+                        "Comma-separated user ids.", True),
+    "X-Sync-Token": _parameter("X-Sync-Token", "header", _STRING,
+                               "The token of the stored version this write replaces."),
+    "If-Match": _parameter("If-Match", "header", _STRING,
+                           "The stored version's entity tag (instead of X-Sync-Token)."),
+    "X-Sync-Meta": _parameter("X-Sync-Meta", "header",
+                              {**_STRING, "maxLength": MAX_META_BYTES},
+                              "Metadata stored with the value (printable ASCII)."),
+    "If-None-Match": _parameter("If-None-Match", "header", _STRING,
+                                "Answer 304 when the stored version is one of these tags."),
+    "If-None-Match: *": _parameter("If-None-Match", "header", {**_STRING, "enum": ["*"]},
+                                   "Only create: KEY01 if the key exists."),
+}  # fmt: skip
+#: Answers the rows name that are more than a JSON schema.
+ANSWERS = {
+    "Empty": {"description": "No content."},
+    "Stored": {"description": "Stored.", "headers": _TOKEN_HEADERS},
+    "NotModified": {"description": "Not modified.", "headers": _TOKEN_HEADERS},
+    "Value": {
+        "description": "The value.",
+        "headers": {
+            **_TOKEN_HEADERS,
+            "X-Sync-Meta": _header("The value's metadata.", required=False),
+            "Cache-Control": _header("no-cache, no-transform"),
+        },
+        "content": {"application/octet-stream": {"schema": _BINARY}},
+    },
+    "Listing": _json(
+        _ref("Listing"),
+        "The keys (or, with since, the changes); X-Sync-Seq is the cursor for since.",
+        {
+            "X-Sync-Seq": _header("The change-feed cursor of this answer.", _INTEGER),
+            "Link": _header('The next page, rel="next", when more remain.', required=False),
+        },
+    ),
+    "Unhealthy": _json(_ref("Health"), "The database or the disk cannot take a write."),
+}
+#: Request bodies the rows name that are not JSON.
+REQUESTS = {
+    "Value": {"required": True, "content": {"application/octet-stream": {"schema": _BINARY}}}
+}
 
 
-def _sync(summary: str, responses: dict, secure: bool = True, **extra: Any) -> dict:
-    """A Sync Node operation: its own answers, then the error layout for every other."""
-    operation = {"summary": summary, "responses": {**responses, **_ERROR}, **extra}
-    if secure:
-        operation["security"] = _SYNC_SECURITY
-    return operation
-
-
-def _app(operation_id: str, summary: str, status: str, answer: dict | None, **extra: Any):
-    """An App API operation with Immich's error layout for every other answer."""
-    cid = {"x-immich-cid": _header("The request's correlation id.")}
-    response = _json(answer, headers=cid) if answer is not None else {**_EMPTY, "headers": cid}
-    default = {"$ref": "#/components/responses/AppError"}
-    operation = {
-        "operationId": operation_id,
-        "summary": summary,
-        "tags": ["App API"],
-        "responses": {status: response, "default": default},
-        **extra,
-    }
-    operation.setdefault("security", _APP_SECURITY)
-    return operation
-
-
-def _uuid_id(description: str) -> list[dict]:
-    """The path parameter id of the App API."""
-    schema = {"type": "string", "format": "uuid"}
-    return [{"name": "id", "in": "path", "required": True, "schema": schema,
-             "description": description}]  # fmt: skip
-
-
-def _query(name: str, schema: dict, description: str) -> dict:
-    """An optional query parameter."""
-    return {"name": name, "in": "query", "required": False, "schema": schema,
-            "description": description}  # fmt: skip
-
-
-def openapi_document() -> dict:
-    """Return the OpenAPI 3.1 document of everything syncnode serves (GET /openapi.json)."""
+def sync_schemas() -> dict:
+    """Return the Sync Node API's schemas, answers closed to other properties."""
     level = {"type": "string", "enum": list(LEVELS)}
-    schemas = {
+    batch_base = {"key": _KEY_TEXT}
+    batch_token = {"token": {"type": ["string", "null"]}}
+    return {
         "Credentials": _object(
-            {"id": _STRING, "password": _STRING},
+            {"id": _ID, "password": _PASSWORD},
             {"invite": {**_STRING, "description": "An invite code (registration=invite)."}},
         ),
         "Session": _object(
@@ -3958,6 +4097,7 @@ def openapi_document() -> dict:
             },
             closed=True,
         ),  # fmt: skip
+        "SessionList": {"type": "array", "items": _ref("SessionInfo")},
         "Permission": level,
         "StoreKey": _object(
             {"key": _STRING, "permission": _ref("Permission"), "token": _STRING}, closed=True
@@ -3967,27 +4107,40 @@ def openapi_document() -> dict:
             closed=True,
         ),  # fmt: skip
         "StoreTombstone": _object(
-            {"key": _STRING, "deleted": {"const": True}, "seq": _INTEGER}, closed=True
+            {"key": _STRING, "deleted": {"type": "boolean", "enum": [True]}, "seq": _INTEGER},
+            closed=True,
         ),
-        "UserPermission": _object({"user": _STRING, "permission": _ref("Permission")}),
-        "UpdatePasswordRequest": _object({"password": _STRING}),
-        "ResetPasswordTokenRequest": _object({"id": _STRING}),
+        "Listing": {
+            "description": "A listing's entries are StoreKeys; a feed's (since), StoreChanges "
+            "and StoreTombstones.",
+            "type": "array",
+            "items": {"oneOf": [_ref("StoreChange"), _ref("StoreTombstone"), _ref("StoreKey")]},
+        },
+        "UserPermission": _object({"user": _ID, "permission": _ref("Permission")}),
+        "UserPermissions": {"type": "array", "items": _ref("UserPermission")},
+        "UpdatePasswordRequest": _object({"password": _PASSWORD}),
+        "ResetPasswordTokenRequest": _object({"id": {**_STRING, "minLength": 1}}),
         "Invite": _object({"invite": _STRING, "expiration": _INTEGER}, closed=True),
         "Health": _object({"database": _BOOLEAN, "disk": _BOOLEAN}, closed=True),
-        "BatchOperation": _object(
-            {"method": {"type": "string", "enum": ["PUT", "DELETE"]}, "key": _STRING},
+        "Discovery": _object({"api": _object({"endpoint": _STRING})}, closed=True),
+        "Document": {"type": "object", "description": "This document."},
+        "BatchPut": _object(
             {
-                "token": {"type": ["string", "null"]},
+                "method": {"type": "string", "enum": ["PUT"]},
+                **batch_base,
                 "value": {**_STRING, "contentEncoding": "base64"},
-                "meta": {"type": ["string", "null"]},
             },
+            {**batch_token, "meta": {"type": ["string", "null"], "maxLength": MAX_META_BYTES}},
         ),  # fmt: skip
+        "BatchDelete": _object(
+            {"method": {"type": "string", "enum": ["DELETE"]}, **batch_base}, batch_token
+        ),
         "BatchRequest": _object(
             {
                 "operations": {
                     "type": "array",
                     "maxItems": MAX_BATCH_OPERATIONS,
-                    "items": _ref("BatchOperation"),
+                    "items": {"oneOf": [_ref("BatchPut"), _ref("BatchDelete")]},
                 }
             }
         ),  # fmt: skip
@@ -4007,178 +4160,73 @@ def openapi_document() -> dict:
             {"index": {**_INTEGER, "description": "The failing operation of a batch."}},
             closed=True,
         ),
-        **app_api_schemas(),
     }
-    listing = {
-        "type": "array",
-        "items": {"oneOf": [_ref("StoreKey"), _ref("StoreChange"), _ref("StoreTombstone")]},
+
+
+def openapi_path(rule: str) -> str:
+    """Return the OpenAPI path of a bottle rule: <key:re:...> is {key}, <..._id> is {id}."""
+
+    def variable(match: re.Match) -> str:
+        return "{id}" if match[1].endswith("_id") else "{" + match[1] + "}"
+
+    return re.sub(r"<(\w+)(?::[^>]*)?>", variable, rule)
+
+
+def document_operation(api: str, operation: Operation) -> dict:
+    """Return the OpenAPI operation object of a row of a route table."""
+    app = api == APP_API
+    error = {"$ref": "#/components/responses/" + ("AppError" if app else "Error")}
+    cid = {"x-immich-cid": _header("The request's correlation id.")}
+    responses: dict[str, Any] = {}
+    for status, name in operation.answers.items():
+        answer = ANSWERS.get(name) or _json(_ref(name))
+        responses[status] = (
+            {**answer, "headers": {**answer.get("headers", {}), **cid}} if app else answer
+        )
+    for status in operation.errors:
+        responses[str(status)] = error
+    responses["default"] = error
+    entry: dict[str, Any] = {
+        "operationId": operation.operation_id,
+        "summary": operation.summary,
+        "tags": ["App API" if app else "Sync Node API"],
     }
-    listing_headers = {
-        "X-Sync-Seq": _header("The change-feed cursor of this answer.", _INTEGER),
-        "Link": _header('The next page, rel="next", when more entries remain.', required=False),
-    }
-    value_headers = {
-        **_TOKEN_HEADERS,
-        "X-Sync-Meta": _header("The value's metadata.", required=False),
-        "Cache-Control": _header("no-cache, no-transform"),
-    }
-    credentials = {"$ref": "#/components/requestBodies/Credentials"}
-    paths = {
-        "/account": {
-            "get": _sync(
-                "List current sessions",
-                {"200": _json({"type": "array", "items": _ref("SessionInfo")})},
-            ),
-            "post": _sync(
-                "Create a new account",
-                {"200": _json(_ref("Session"))},
-                secure=False,
-                requestBody=credentials,
-            ),
-            "delete": _sync("Delete an account", {"204": _EMPTY}),
-        },
-        "/auth": {
-            "post": _sync(
-                "Log in as an existing user",
-                {"200": _json(_ref("Session"))},
-                secure=False,
-                requestBody=credentials,
-            ),
-            "delete": _sync("Log out an existing user", {"204": _EMPTY}),
-        },
-        "/password": {
-            "post": _sync(
-                "Update a user's password (a session or a reset token)",
-                {"204": _EMPTY},
-                requestBody=_body(_ref("UpdatePasswordRequest")),
-            )
-        },
-        "/resetpassword": {
-            "post": _sync(
-                "Request a password reset token",
-                {"204": _EMPTY},
-                secure=False,
-                requestBody=_body(_ref("ResetPasswordTokenRequest")),
-            )
-        },
-        "/invite": {"post": _sync("Mint an invite code (admin)", {"200": _json(_ref("Invite"))})},
-        "/store": {
-            "get": _sync(
-                "List the keys the caller holds, or what changed since a cursor",
-                {"200": _json(listing, headers=listing_headers)},
-                parameters=[
-                    _query("since", {**_INTEGER, "minimum": 0}, "List changes after it."),
-                    _query(
-                        "wait",
-                        {**_INTEGER, "minimum": 0, "maximum": MAX_WAIT_SECONDS},
-                        "With since: seconds to wait for a change.",
-                    ),
-                    _query(
-                        "limit",
-                        {**_INTEGER, "minimum": 1, "maximum": MAX_PAGE_ENTRIES},
-                        "Entries per page.",
-                    ),
-                    _query(
-                        "prefix",
-                        {**_STRING, "maxLength": MAX_KEY_CHARS},
-                        "Only keys starting with it, taken literally.",
-                    ),
-                    _query(
-                        "after",
-                        {**_STRING, "maxLength": MAX_KEY_CHARS},
-                        "A listing page: keys after it.",
-                    ),
-                ],  # fmt: skip
-            )
-        },
-        "/store/{key}": {
-            "parameters": [_KEY],
-            "get": _sync(
-                "Retrieve a value",
-                {
-                    "200": {
-                        "description": "The value.",
-                        "headers": value_headers,
-                        "content": {"application/octet-stream": {"schema": {}}},
-                    },
-                    "304": {"description": "Not modified.", "headers": _TOKEN_HEADERS},
-                },
-                parameters=[{"name": "If-None-Match", "in": "header", "schema": _STRING}],
-            ),
-            "put": _sync(
-                "Create or update a value",
-                {"204": {"description": "Stored.", "headers": _TOKEN_HEADERS}},
-                parameters=[
-                    {"name": "X-Sync-Token", "in": "header", "schema": _STRING},
-                    {"name": "X-Sync-Meta", "in": "header", "schema": _STRING},
-                    {"name": "If-Match", "in": "header", "schema": _STRING},
-                    {"name": "If-None-Match", "in": "header", "schema": {"const": "*"}},
-                ],
-                requestBody={
-                    "required": True,
-                    "content": {"application/octet-stream": {"schema": {}}},
-                },
-            ),
-            "delete": _sync(
-                "Delete a value",
-                {"204": _EMPTY},
-                parameters=[
-                    {"name": "X-Sync-Token", "in": "header", "schema": _STRING},
-                    {"name": "If-Match", "in": "header", "schema": _STRING},
-                ],
-            ),
-        },
-        "/batch": {
-            "post": _sync(
-                "Apply PUTs and DELETEs all or nothing",
-                {"200": _json(_ref("BatchResponse"))},
-                requestBody=_body(_ref("BatchRequest")),
-            )
-        },
-        "/permission/{key}": {
-            "parameters": [_KEY],
-            "get": _sync(
-                "List a key's holders",
-                {"200": _json({"type": "array", "items": _ref("UserPermission")})},
-            ),
-            "put": _sync(
-                "Grant or change permissions",
-                {"204": _EMPTY},
-                requestBody=_body({"type": "array", "items": _ref("UserPermission")}),
-            ),
-            "delete": _sync(
-                "Remove permissions",
-                {"204": _EMPTY},
-                parameters=[
-                    {
-                        "name": "users",
-                        "in": "query",
-                        "required": True,
-                        "schema": _STRING,
-                        "description": "Comma-separated user ids.",
-                    }
-                ],  # fmt: skip
-            ),
-        },
-        "/health": {
-            "get": _sync(
-                "Check the server health",
-                {"200": _json(_ref("Health")), "500": _json(_ref("Health"), "Unhealthy.")},
-                secure=False,
-            )
-        },
-        "/.well-known/immich": {
-            "get": _sync(
-                "Find the App API",
-                {"200": _json(_object({"api": _object({"endpoint": _STRING})}, closed=True))},
-                secure=False,
-            )
-        },
-        "/openapi.json": {
-            "get": _sync("This document", {"200": _json({"type": "object"})}, secure=False)
-        },
-        **app_api_paths(),
-    }
+    path_names = re.findall(r"\{(\w+)\}", openapi_path(operation.path))
+    parameters = [PARAMETERS[name] for name in (*path_names, *operation.parameters)]
+    if parameters:
+        entry["parameters"] = parameters
+    if operation.request is not None:
+        entry["requestBody"] = REQUESTS.get(operation.request) or {
+            "required": operation.request_required,
+            "content": {"application/json": {"schema": _ref(operation.request)}},
+        }
+    entry["responses"] = responses
+    caller = operation.permission if operation.security is None else operation.security
+    if caller is PUBLIC:
+        entry["security"] = []
+    elif caller == SESSION_ONLY:
+        entry["security"] = [{"bearer": []}]
+    elif app:
+        entry["security"] = [{"bearer": []}, {"cookie": []}, {"api_key": []}]
+    else:
+        entry["security"] = [{"bearer": []}, {"api_key": []}]
+    return entry
+
+
+def openapi_document(prefix: str = "") -> dict:
+    """Return the OpenAPI 3.1 document of everything syncnode serves (GET /openapi.json).
+
+    The paths come from the route tables; only the schemas are written here. The server is
+    the path the app is mounted under (prefix).
+    """
+    paths: dict[str, dict] = {}
+    for api, root, operations in (
+        (SYNC_API, "", SYNC_OPERATIONS),
+        (APP_API, "/api", APP_OPERATIONS),
+    ):
+        for operation in operations:
+            path = paths.setdefault(root + openapi_path(operation.path), {})
+            path[operation.method.lower()] = document_operation(api, operation)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -4187,13 +4235,17 @@ def openapi_document() -> dict:
             "license": {"name": "AGPL-3.0-or-later", "identifier": "AGPL-3.0-or-later"},
             "version": __version__,
         },
+        "servers": [{"url": prefix or "/", "description": "This server."}],
         "paths": paths,
         "components": {
-            "schemas": schemas,
-            "requestBodies": {"Credentials": _body(_ref("Credentials"))},
+            "schemas": {**sync_schemas(), **app_api_schemas()},
             "responses": {
                 "Error": _json(_ref("Error"), "An error in the Sync Node layout."),
-                "AppError": _json(_ref("AppError"), "An error in Immich's layout."),
+                "AppError": _json(
+                    _ref("AppError"),
+                    "An error in Immich's layout.",
+                    {"x-immich-cid": _header("The request's correlation id.")},
+                ),
             },
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
@@ -4277,6 +4329,9 @@ def app_api_schemas() -> dict:
             {"secret": _STRING, "apiKey": _ref("APIKeyResponseDto")}, closed=True
         ),
         "SessionResponseDto": _object(session, closed=True),
+        "SessionResponseList": {"type": "array", "items": _ref("SessionResponseDto")},
+        "APIKeyList": {"type": "array", "items": _ref("APIKeyResponseDto")},
+        "UserResponseList": {"type": "array", "items": _ref("UserResponseDto")},
         "SessionCreateResponseDto": _object({**session, "token": _STRING}, closed=True),
         "ServerPingResponse": _object({"res": _STRING}, closed=True),
         "ServerVersionResponseDto": _object(
@@ -4289,79 +4344,6 @@ def app_api_schemas() -> dict:
             closed=True,
         ),
     }
-
-
-def app_api_paths() -> dict:
-    """Return the App API's operations under /api."""
-    public: dict[str, Any] = {"security": []}
-
-    def array(name: str) -> dict:
-        return {"type": "array", "items": _ref(name)}
-
-    return {
-        "/api/auth/login": {"post": _app(
-            "login", "Log in", "201", _ref("LoginResponseDto"),
-            requestBody=_body(_ref("LoginCredentialDto")), **public)},
-        "/api/auth/admin-sign-up": {"post": _app(
-            "signUpAdmin", "Create the first account", "201", _ref("UserAdminResponseDto"),
-            requestBody=_body(_ref("SignUpDto")), **public)},
-        "/api/auth/validateToken": {"post": _app(
-            "validateAccessToken", "Validate the credentials", "200",
-            _ref("ValidateAccessTokenResponseDto"))},
-        "/api/auth/change-password": {"post": _app(
-            "changePassword", "Change the password", "200", _ref("UserAdminResponseDto"),
-            requestBody=_body(_ref("ChangePasswordDto")))},
-        "/api/auth/logout": {"post": _app(
-            "logout", "Log out", "200", _ref("LogoutResponseDto"))},
-        "/api/api-keys": {
-            "post": _app("createApiKey", "Create an API key", "201",
-                         _ref("APIKeyCreateResponseDto"),
-                         requestBody=_body(_ref("APIKeyCreateDto"))),
-            "get": _app("getApiKeys", "List API keys", "200", array("APIKeyResponseDto")),
-        },
-        "/api/api-keys/me": {"get": _app(
-            "getMyApiKey", "The API key making the request", "200", _ref("APIKeyResponseDto"))},
-        "/api/api-keys/{id}": {
-            "parameters": _uuid_id("An API key id."),
-            "get": _app("getApiKey", "Retrieve an API key", "200", _ref("APIKeyResponseDto")),
-            "put": _app("updateApiKey", "Update an API key", "200", _ref("APIKeyResponseDto"),
-                        requestBody=_body(_ref("APIKeyUpdateDto"))),
-            "delete": _app("deleteApiKey", "Delete an API key", "204", None),
-        },
-        "/api/server/ping": {"get": _app(
-            "pingServer", "Ping", "200", _ref("ServerPingResponse"), **public)},
-        "/api/server/version": {"get": _app(
-            "getServerVersion", "Version", "200", _ref("ServerVersionResponseDto"), **public)},
-        "/api/server/about": {"get": _app(
-            "getAboutInfo", "About", "200", _ref("ServerAboutResponseDto"))},
-        "/api/server/features": {"get": _app(
-            "getServerFeatures", "Features", "200", _ref("ServerFeaturesDto"), **public)},
-        "/api/server/config": {"get": _app(
-            "getServerConfig", "Configuration", "200", _ref("ServerConfigDto"), **public)},
-        "/api/sessions": {
-            "post": _app("createSession", "Create a child session", "201",
-                         _ref("SessionCreateResponseDto"),
-                         requestBody={**_body(_ref("SessionCreateDto")), "required": False}),
-            "get": _app("getSessions", "List sessions", "200", array("SessionResponseDto")),
-            "delete": _app("deleteAllSessions", "End every other session", "204", None),
-        },
-        "/api/sessions/{id}": {
-            "parameters": _uuid_id("A session id."),
-            "delete": _app("deleteSession", "End a session", "204", None),
-        },
-        "/api/users": {"get": _app(
-            "searchUsers", "List users", "200", array("UserResponseDto"))},
-        "/api/users/me": {
-            "get": _app("getMyUser", "The caller's account", "200", _ref("UserAdminResponseDto")),
-            "put": _app("updateMyUser", "Update the caller's account", "200",
-                        _ref("UserAdminResponseDto"),
-                        requestBody=_body(_ref("UserUpdateMeDto"))),
-        },
-        "/api/users/{id}": {
-            "parameters": _uuid_id("A user id."),
-            "get": _app("getUser", "Retrieve a user", "200", _ref("UserResponseDto")),
-        },
-    }  # fmt: skip
 
 
 # ==================================================================================================
@@ -4616,7 +4598,7 @@ def create_app(
     app = SyncNodeApp(ctx)
     for status in (400, 404, 405, 413, 500):
         app.error_handler[status] = functools.partial(error_body, status)
-    ctx.document = json.dumps(openapi_document(), separators=(",", ":")).encode()
+    ctx.document("")  # built now, so that a broken table fails at start
     app.install(OperationPlugin(ctx))
     register_operations(app)
     return app
@@ -5172,10 +5154,10 @@ def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout
             print(create_invite(conn, now_ms, settings.invite_ttl * 1000)[0], file=stdout)
             return 0
         if args.command == "user" and args.user_command == "list":
-            for row in conn.execute(f"SELECT {USER_COLUMNS} FROM users ORDER BY id"):
-                user = user_answer(row, admin=True)
-                admin = "admin" if user["isAdmin"] else ""
-                print(user["email"], user["id"], user["createdAt"], admin, sep="\t", file=stdout)
+            for user in sorted(list_users(conn), key=lambda user: user.row_id):
+                admin = "admin" if user.is_admin else ""
+                created = iso_time(user.created_ms)
+                print(user.name, user.public_id, created, admin, sep="\t", file=stdout)
             return 0
         name = normalize_id(args.id)
         if args.command == "user" and args.user_command == "add":

@@ -3909,7 +3909,7 @@ def test_app_wire_unexpected_failure_is_500_and_logged(client, user, monkeypatch
         ("GET", "/api/users", "list_users", "Failed to search users"),
         ("GET", "/api/api-keys", "list_api_keys", "Failed to get api keys"),
         ("POST", "/api/api-keys", "create_api_key", "Failed to create api key"),
-        ("GET", "/api/sessions", "list_app_sessions", "Failed to get sessions"),
+        ("GET", "/api/sessions", "list_sessions", "Failed to get sessions"),
         ("DELETE", "/api/sessions", "end_other_sessions", "Failed to delete all sessions"),
         ("POST", "/api/auth/login", "start_session", "Failed to login"),
     ],
@@ -11233,6 +11233,8 @@ def valid_data(operation: Operation, world: World) -> Any:
             return value(world) if callable(value) else copy.deepcopy(value)
         if "enum" in schema:
             return schema["enum"][0]
+        if "oneOf" in schema:
+            return example(schema["oneOf"][0], name)
         kind = schema.get("type")
         kind = kind[0] if isinstance(kind, list) else kind
         if kind == "object":
