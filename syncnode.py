@@ -709,9 +709,9 @@ def get_usage(conn: sqlite3.Connection, user_id: int) -> tuple[int, int]:
         """
         SELECT count(*), coalesce(sum(items.size + coalesce(length(items.meta), 0)), 0)
         FROM permissions JOIN items ON items.id = permissions.item_id
-        WHERE permissions.user_id = ? AND permissions.level = 3
+        WHERE permissions.user_id = ? AND permissions.level = ?
         """,
-        (user_id,),
+        (user_id, LEVELS["OWN"]),
     ).fetchone()
 
 
@@ -737,7 +737,8 @@ def check_quota(
     if not (quota.max_bytes and (grew or new_owner_ids)) and not (quota.max_keys and new_owner_ids):
         return
     owners = conn.execute(
-        "SELECT user_id FROM permissions WHERE item_id = ? AND level = 3", (item_id,)
+        "SELECT user_id FROM permissions WHERE item_id = ? AND level = ?",
+        (item_id, LEVELS["OWN"]),
     )
     for (owner_id,) in owners.fetchall():
         is_new = owner_id in new_owner_ids
@@ -770,10 +771,22 @@ def find_item(conn: sqlite3.Connection, key: str, user_id: int) -> tuple[int, st
 
 
 @dataclass(frozen=True, slots=True)
+class Item:
+    """A key as a listing or the change feed shows it: its permission level and token, the
+    change that last touched it (in a feed), or level 0 for a key the user can no longer see.
+    """
+
+    key: str
+    level: int
+    token: str | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Listing:
     """One answer of GET /store: its entries, the cursor, and whether more entries remain."""
 
-    entries: list[dict]
+    entries: list[Item]
     seq: int
     more: bool
 
@@ -850,10 +863,7 @@ def list_keys(
             rows = conn.execute(query, params).fetchall()
             seq = conn.execute("SELECT seq FROM sync_state").fetchone()[0]
     more = bool(limit) and len(rows) > limit
-    entries = [
-        {"key": key, "permission": LEVEL_NAMES[level], "token": token}
-        for key, level, token, _ in rows[: limit or None]
-    ]
+    entries = [Item(key, level, token) for key, level, token, _ in rows[: limit or None]]
     return Listing(entries, seq, more)
 
 
@@ -899,10 +909,7 @@ def list_changes(
         ).fetchall()
     more = bool(limit) and len(rows) > limit
     entries = [
-        {"key": key, "permission": LEVEL_NAMES[level], "token": token, "seq": change}
-        if level is not None
-        else {"key": key, "deleted": True, "seq": change}
-        for key, level, token, change in rows[: limit or None]
+        Item(key, level or 0, token, change) for key, level, token, change in rows[: limit or None]
     ]
     return Listing(entries, seq, more)
 
@@ -1535,13 +1542,13 @@ def delete_account(conn: sqlite3.Connection, user_id: int, now_ms: int) -> None:
             """
             SELECT items.id, items.key FROM permissions AS mine
             JOIN items ON items.id = mine.item_id
-            WHERE mine.user_id = :user AND mine.level = 3 AND NOT EXISTS (
+            WHERE mine.user_id = :user AND mine.level = :own AND NOT EXISTS (
                 SELECT 1 FROM permissions AS other
-                WHERE other.item_id = mine.item_id AND other.level = 3
+                WHERE other.item_id = mine.item_id AND other.level = :own
                 AND other.user_id != :user
             )
             """,
-            {"user": user_id},
+            {"user": user_id, "own": LEVELS["OWN"]},
         ).fetchall()
         for item_id, key in doomed:
             others = conn.execute(
@@ -2552,9 +2559,9 @@ def next_page_link(query: ListingQuery, listing: Listing) -> str:
     if query.prefix:
         params["prefix"] = query.prefix
     if query.since is None:
-        params["after"] = listing.entries[-1]["key"]
+        params["after"] = listing.entries[-1].key
     else:
-        params["since"] = str(listing.entries[-1]["seq"])
+        params["since"] = str(listing.entries[-1].seq)
     url = mount_prefix() + "/store?" + urllib.parse.urlencode(params, quote_via=urllib.parse.quote)
     return f'<{url}>; rel="next"'
 
@@ -3089,7 +3096,15 @@ def sync_list_keys(ctx: Context, caller: Caller):
     headers = {"X-Sync-Seq": str(listing.seq)}
     if listing.more:
         headers["Link"] = next_page_link(query, listing)
-    return json_response(listing.entries, headers=headers)
+    return json_response([item_json(item) for item in listing.entries], headers=headers)
+
+
+def item_json(item: Item) -> dict:
+    """Shape an entry of a listing or a feed (with seq), a deleted key as a tombstone."""
+    if not item.level:
+        return {"key": item.key, "deleted": True, "seq": item.seq}
+    entry = {"key": item.key, "permission": LEVEL_NAMES[item.level], "token": item.token}
+    return entry if item.seq is None else {**entry, "seq": item.seq}
 
 
 def sync_get_value(ctx: Context, caller: Caller, key: str):
