@@ -1,15 +1,16 @@
 """Tests for syncnode, black box over WSGI unless a promise needs the database or a real server.
 
-Areas, each behind a banner, in this order: accounts, sessions, store, permissions, health,
-errors and routing, settings; passwords and reset, throttling, secrets; the App API (a real
-@immich/sdk client, cross-API credentials, concurrency); migrations; the OpenAPI document and
-schemathesis against a live server; real server, embedding, CLI; the App API's contract rows
-(wire format, credentials, auth, API keys, sessions, users, server); operations (throttling
-across restarts, quotas, reset mail, admin CLI, housekeeping, access log, shutdown and
-restarts, low-memory profile, invites); properties; streaming large values; the sync protocol
-(change feed, long-poll, listing and paging, conditional requests, CORS, browser, batch);
-hardening (faults and operations, nothing leaks between users, slow and stalled clients, type
-confusion over the served document); the README's contract and curl session.
+Areas, each behind a banner, in the order of the module: fixtures and shared helpers; settings;
+errors and routing; what the store keeps, over HTTP: accounts (invites), sessions, passwords and
+reset (reset mail), the store (streaming large values, conditional requests, batch, change feed,
+long-poll, listing and paging, quotas, faults and the disk floor), permissions, health; identity
+(throttling, secrets, hashing slots); the HTTP layer (CORS, a browser, the real server, slow and
+stalled clients, type confusion over the served document); the App API (wire format,
+credentials, auth, API keys, sessions, users, server, concurrency, a real @immich/sdk client,
+cross-API credentials); the OpenAPI document and schemathesis against a live server; the app
+factory and embedding; migrations; the CLI and operations (admin commands, backup and restore,
+housekeeping, access log, shutdown and restarts); properties; the README's contract and curl
+session.
 """
 
 from __future__ import annotations
@@ -86,15 +87,30 @@ from schemathesis.specs.openapi.checks import (
 
 import syncnode
 
+# ==================================================================================================
+# Fixtures and shared helpers
+# ==================================================================================================
+
 PASSWORD = "correct horse"
+NEW_PASSWORD = "battery staple"
 
 #: Argon2 parameters that make a hash take well under a millisecond.
 CHEAP_HASHING = {"argon2_time_cost": 1, "argon2_memory_cost": 8, "argon2_parallelism": 1}
 
+#: What a session or reset token looks like inside a log line: 256 bits of URL-safe base64.
+TOKEN_TEXT = re.compile(r"[A-Za-z0-9_-]{43,}")
+#: A lower-case version 4 UUID, the shape of every App API id.
+UUID4_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
-# ==================================================================================================
-# Fixtures
-# ==================================================================================================
+SYNCNODE_PY = os.path.abspath(syncnode.__file__)
+
+
+def repository_file(name: str) -> Path:
+    """A file of the repository, beside this one (resolved when a test asks, not at import)."""
+    return Path(__file__).resolve().parent / name
+
+
+# The app, its database and its users --------------------------------------------------------------
 
 
 class FakeClock:
@@ -153,22 +169,32 @@ def db(db_path):
     conn.close()
 
 
+def bearer_headers(token: str) -> dict[str, str]:
+    """Return the headers that carry a session (or reset) token as a bearer token."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 class User:
     """A registered user: its id, session token and the headers that carry the token."""
 
     def __init__(self, name: str, token: str) -> None:
         self.name = name
         self.token = token
-        self.headers = {"Authorization": f"Bearer {token}"}
+        self.headers = bearer_headers(token)
+
+
+def register_user(client, name: str = "alice", password: str = PASSWORD, prefix: str = "") -> User:
+    """Register a user through POST /account (under a mount prefix if given) and return it."""
+    response = client.post_json(f"{prefix}/account", {"id": name, "password": password})
+    return User(name, response.json["token"])
 
 
 @pytest.fixture
 def make_user(client):
-    """Register a user through the API and return it."""
+    """Register users on the test's app."""
 
     def make(name: str = "alice", password: str = PASSWORD) -> User:
-        response = client.post_json("/account", {"id": name, "password": password})
-        return User(name, response.json["token"])
+        return register_user(client, name, password)
 
     return make
 
@@ -183,24 +209,102 @@ def other(make_user) -> User:
     return make_user("bob")
 
 
+# Requests -----------------------------------------------------------------------------------------
+
+
 def quote(key: str) -> str:
     """Percent-encode a key for a URL path, leaving slashes and existing escapes as they are."""
     return urllib.parse.quote(key, safe="/%")
 
 
-def put(client, user: User, key: str, value: bytes = b"v", token: str | None = None, **kw):
-    """PUT a value as the user, with X-Sync-Token when given; return the response."""
+def put(
+    client,
+    user: User,
+    key: str,
+    value: bytes = b"v",
+    token: str | None = None,
+    meta: str | None = None,
+    **kw,
+):
+    """PUT a value as the user, with the X-Sync-Token and X-Sync-Meta given; return the response."""
     headers = dict(user.headers)
     if token is not None:
         headers["X-Sync-Token"] = token
+    if meta is not None:
+        headers["X-Sync-Meta"] = meta
     headers.update(kw.pop("headers", {}))
     return client.put(f"/store/{quote(key)}", value, headers=headers, **kw)
+
+
+def deleting(client, user: User, key: str, token: str, **kw):
+    """DELETE a key as the user with its current token; return the response."""
+    return client.delete(f"/store/{key}", headers={**user.headers, "X-Sync-Token": token}, **kw)
 
 
 def share(client, owner: User, key: str, grants: dict[str, str], **kw):
     """Grant permissions on a key as its owner; return the response."""
     body = [{"user": name, "permission": level} for name, level in grants.items()]
     return client.put_json(f"/permission/{quote(key)}", body, headers=owner.headers, **kw)
+
+
+def login(client, name: str, password: str, **kw):
+    """POST /auth with an id and a password; return the response."""
+    return client.post_json("/auth", {"id": name, "password": password}, **kw)
+
+
+def request_reset(client, caplog, name: str = "alice", **kw) -> str:
+    """Ask for a password reset and return the one token the server wrote to its log."""
+    seen = len(caplog.records)
+    client.post_json("/resetpassword", {"id": name}, status=204, **kw)
+    lines = [record.getMessage() for record in caplog.records[seen:]]
+    [token] = [token for line in lines for token in TOKEN_TEXT.findall(line)]
+    return token
+
+
+def api_key_headers(secret: str) -> dict[str, str]:
+    """Return the headers that carry an API key."""
+    return {"x-api-key": secret}
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key: its secret and its public id."""
+
+    secret: str
+    id: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return api_key_headers(self.secret)
+
+
+def create_api_key(client, owner: User, *permissions: str) -> ApiKey:
+    """Create an API key with the owner's session and the permissions (all if none are given).
+
+    The App API's own tests use make_key, which also checks the answer against its schema.
+    """
+    body = {"name": "test key", "permissions": list(permissions or ("all",))}
+    response = client.post_json("/api/api-keys", body, headers=owner.headers, status=201)
+    return ApiKey(response.json["secret"], response.json["apiKey"]["id"])
+
+
+def app_login_token(client: webtest.TestApp, name: str, password: str = PASSWORD) -> str:
+    """Log in on /api/auth/login and return the access token; the login cookies are dropped.
+
+    The App API's own tests use app_login, which also checks the answer against its schema.
+    """
+    response = client.post_json("/api/auth/login", {"email": name, "password": password})
+    assert response.status_int == 201
+    client.reset()  # Forget the immich_access_token cookie, so that it authenticates nothing.
+    return response.json["accessToken"]
+
+
+def explode(*args, **kwargs):
+    """Stand in for a storage function and fail the way a bug would."""
+    raise RuntimeError("boom with secret detail")
+
+
+# Answers and what the database holds --------------------------------------------------------------
 
 
 def assert_error(response, status: int, code: str) -> None:
@@ -232,6 +336,703 @@ def snapshot(db) -> dict[str, list]:
         ).fetchall(),
         "reset_tokens": db.execute("SELECT user_id, expires_ms FROM reset_tokens").fetchall(),
     }
+
+
+def feed_state(db) -> dict[str, list]:
+    """Every row the store and the change feed answer from, to show a refusal changed nothing."""
+    return {
+        **snapshot(db),
+        "sync_state": db.execute("SELECT seq, floor FROM sync_state").fetchall(),
+        "permission_seqs": db.execute(
+            "SELECT item_id, user_id, seq FROM permissions ORDER BY item_id, user_id"
+        ).fetchall(),
+        "tombstones": db.execute(
+            "SELECT user_id, key, seq, created_ms FROM tombstones ORDER BY user_id, key"
+        ).fetchall(),
+    }
+
+
+def logged_tokens(caplog) -> list[str]:
+    """Return every token-like string in the captured log lines."""
+    return [token for record in caplog.records for token in TOKEN_TEXT.findall(record.getMessage())]
+
+
+def token_digest(token: str) -> bytes:
+    """Return the SHA-256 digest under which a token or secret is stored."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def stored_hash(db, name: str = "alice") -> str:
+    """Return the stored password hash of a user."""
+    return db.execute("SELECT password_hash FROM users WHERE name = ?", (name,)).fetchone()[0]
+
+
+def reset_digests(db) -> list[bytes]:
+    """Return the digests of the stored reset tokens."""
+    return [row[0] for row in db.execute("SELECT token_digest FROM reset_tokens ORDER BY user_id")]
+
+
+def row_ids(db, table: str) -> list[int]:
+    """Return the row ids of a table, lowest first."""
+    return [row[0] for row in db.execute(f"SELECT id FROM {table} ORDER BY id")]
+
+
+def user_row_id(db, name: str) -> int:
+    """Return the users.id of a user."""
+    return db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()[0]
+
+
+def now_ms(clock) -> int:
+    """Return the fake clock's time in milliseconds, as the server reads it."""
+    return int(clock.now * 1000)
+
+
+# The sync protocol --------------------------------------------------------------------------------
+
+
+def token_of(response) -> str:
+    """Return the X-Sync-Token of an answer."""
+    return response.headers["X-Sync-Token"]
+
+
+def current_seq(client, user: User) -> int:
+    """Return the X-Sync-Seq of a plain GET /store, the cursor a client keeps."""
+    return int(client.get("/store", headers=user.headers).headers["X-Sync-Seq"])
+
+
+def changes(client, user: User, since: int, **query) -> list[dict]:
+    """Return the entries of GET /store?since=... (one page, no wait)."""
+    return client.get("/store", {"since": since, **query}, headers=user.headers).json
+
+
+def next_link(response) -> str | None:
+    """Return the URL of the answer's Link: <URL>; rel="next", or None without one."""
+    value = response.headers.get("Link")
+    if value is None:
+        return None
+    match = re.fullmatch(r'<([^<>]*)>; rel="next"', value)
+    assert match, f"malformed Link header {value!r}"
+    return match.group(1)
+
+
+def follow_pages(client, user: User, url: str) -> list[dict]:
+    """GET the URL and every page its Link headers lead to; return the entries of them all."""
+    entries: list[dict] = []
+    for _ in range(1000):
+        response = client.get(url, headers=user.headers)
+        entries += response.json
+        url = next_link(response)
+        if url is None:
+            return entries
+    raise AssertionError("the Link headers never ended")
+
+
+def escaped(key: str) -> str:
+    """Escape the percent signs of a key for put() and share(), which keep %XX as it is."""
+    return key.replace("%", "%25")
+
+
+def seed(client, user: User, keys: list[str]) -> dict[str, str]:
+    """Create the keys in one POST /batch (one commit, in this order); return their tokens."""
+    operations = [{"method": "PUT", "key": key, "token": None, "value": ""} for key in keys]
+    response = client.post_json("/batch", {"operations": operations}, headers=user.headers)
+    return {result["key"]: result["token"] for result in response.json["results"]}
+
+
+def live(key: str, permission: str, token: str, seq: int) -> dict:
+    """A live entry of the change feed."""
+    return {"key": key, "permission": permission, "token": token, "seq": seq}
+
+
+def gone(key: str, seq: int) -> dict:
+    """A tombstone entry of the change feed."""
+    return {"key": key, "deleted": True, "seq": seq}
+
+
+# Failed logins ------------------------------------------------------------------------------------
+
+#: Where the failed logins of fail_logins do not come from.
+ELSEWHERE = {"REMOTE_ADDR": "198.51.100.9"}
+
+
+def fail_logins(client, count: int, name: str = "alice", address: str = "192.0.2.1", **kw) -> None:
+    """Send failed logins (each AUTH01) for one id, or for a new unknown id each time ("{}")."""
+    for number in range(count):
+        response = login(
+            client,
+            name.format(number),
+            "wrong password",
+            extra_environ={"REMOTE_ADDR": address.format(number)},
+            status=401,
+            **kw,
+        )
+        assert_error(response, 401, "AUTH01")
+
+
+def assert_throttled(response, window: int) -> None:
+    """Assert an AUTH02 answer whose Retry-After is whole seconds within the window."""
+    assert_error(response, 429, "AUTH02")
+    retry_after = response.headers["Retry-After"]
+    assert retry_after.isdigit() and 0 < int(retry_after) <= window
+
+
+# Mounting under a prefix --------------------------------------------------------------------------
+
+
+def mount_with_bottle(prefix: str) -> Callable:
+    """Return a function that mounts an app on a new bottle app at the prefix."""
+
+    def mount(wsgi_app: Callable) -> bottle.Bottle:
+        parent = bottle.Bottle()
+        with warnings.catch_warnings():
+            # Bottle 0.13 warns that a prefix without a trailing slash falls back to a plain
+            # WSGI mount; that fallback is one of the cases under test, and the mount the README
+            # shows.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            parent.mount(prefix, wsgi_app)
+        return parent
+
+    return mount
+
+
+def mount_with_dispatcher(wsgi_app: Callable) -> Callable:
+    """A minimal WSGI router: shift /sync from PATH_INFO to SCRIPT_NAME, else answer 404."""
+
+    def dispatch(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path != "/sync" and not path.startswith("/sync/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"Nothing here."]
+        script_name = environ.get("SCRIPT_NAME", "") + "/sync"
+        inner = {**environ, "SCRIPT_NAME": script_name, "PATH_INFO": path[len("/sync") :]}
+        return wsgi_app(inner, start_response)
+
+    return dispatch
+
+
+def mounted(app, prefix: str = "/sync") -> webtest.TestApp:
+    """Return a client for the app mounted in a parent bottle app, as the README shows."""
+    return webtest.TestApp(mount_with_bottle(prefix)(app))
+
+
+# Real servers and processes -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """An answer read off a real socket, shaped like webtest's so that assert_error takes it."""
+
+    status_int: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get_content_type()
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+def call(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | Iterable[bytes] | None = None,
+    headers: dict[str, str] | None = None,
+    **kw,
+) -> Reply:
+    """Send one request on a connection and read the whole answer."""
+    conn.request(method, path, body, headers or {}, **kw)
+    response = conn.getresponse()
+    return Reply(response.status, response.headers, response.read())
+
+
+class RealServer:
+    """A server on a port of 127.0.0.1: connections to it, one-off requests, registration."""
+
+    port: int
+
+    def connect(self, timeout: float = 10) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, headers=None, **kw) -> Reply:
+        """Send one request on a fresh connection."""
+        conn = self.connect()
+        try:
+            return call(conn, method, path, body, headers, **kw)
+        finally:
+            conn.close()
+
+    def register(self, name: str) -> User:
+        """Register a user through POST /account and return it."""
+        body = json.dumps({"id": name, "password": PASSWORD}).encode()
+        reply = self.request("POST", "/account", body, {"Content-Type": "application/json"})
+        assert reply.status_int == 200, reply.body
+        return User(name, reply.json["token"])
+
+
+class LiveServer(RealServer):
+    """A WSGI app served by waitress on 127.0.0.1 (port 0) from a daemon thread."""
+
+    def __init__(self, wsgi_app: Callable, threads: int) -> None:
+        self.socket_map: dict = {}
+        context = getattr(wsgi_app, "context", None)
+        if context is not None:  # syncnode's own server, as `python syncnode.py` runs it
+            settings = dataclasses.replace(
+                context.settings, host="127.0.0.1", port=0, threads=threads
+            )
+            self.server = syncnode.make_server(settings, wsgi_app, self.socket_map)
+        else:
+            self.server = waitress.server.create_server(
+                wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
+            )
+        self.app = wsgi_app
+        self.port = self.server.effective_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, name="waitress-loop", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop thread and the worker threads, then close the server's sockets.
+
+        The loop runs while its socket map holds anything, and only the loop thread may touch
+        the map, so a thunk (the trigger runs thunks in that thread) empties it. The sockets
+        are closed once no thread of the server is left: closing the trigger's pipe from the
+        thunk would race with this thread's write that wakes the loop.
+        """
+        sockets: list = []
+
+        def empty_map() -> None:
+            sockets.extend(self.socket_map.values())
+            self.socket_map.clear()
+
+        self.server.trigger.pull_trigger(empty_map)
+        self.thread.join(timeout=5)
+        self.server.task_dispatcher.shutdown(timeout=5)
+        assert not self.thread.is_alive(), "the waitress loop did not stop"
+        assert not self.server.task_dispatcher.threads, "waitress worker threads did not stop"
+        for each in sockets:
+            each.close()
+
+
+@pytest.fixture
+def start_server(make_app):
+    """Serve a WSGI app on waitress (127.0.0.1, port 0) from a thread; stop it at teardown.
+
+    Without an app it serves a new syncnode app with the given settings. The server runs as many
+    threads as the app's threads setting, as `python syncnode.py` does, unless server_threads
+    says otherwise; the app's own bounds (hashing requests, long-polls) follow its setting.
+    """
+    servers: list[LiveServer] = []
+
+    def start(
+        wsgi_app: Callable | None = None, *, server_threads: int | None = None, **settings
+    ) -> LiveServer:
+        wsgi_app = wsgi_app or make_app(**settings)
+        if server_threads is None:
+            server_threads = wsgi_app.context.settings.threads
+        server = LiveServer(wsgi_app, server_threads)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def live_server(start_server) -> LiveServer:
+    return start_server(server_threads=8)
+
+
+def run_threads(targets: list[Callable[[], None]], timeout: float = 10) -> None:
+    """Run each target in a thread, join all within the timeout, re-raise the first error."""
+    errors: list[BaseException] = []
+
+    def guard(target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=guard, args=(target,), daemon=True) for target in targets]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a thread did not finish in time"
+    if errors:
+        raise errors[0]
+
+
+def live_put(live: RealServer, user: User, key: str, value: bytes) -> Reply:
+    """PUT a value without a token (a create) as the user."""
+    return live.request("PUT", f"/store/{key}", value, user.headers)
+
+
+def live_json(server: RealServer, method: str, path: str, body, headers: dict) -> Reply:
+    """Send a JSON body on a fresh connection."""
+    headers = {**headers, "Content-Type": "application/json"}
+    return server.request(method, path, json.dumps(body).encode(), headers)
+
+
+def live_login(server: RealServer, name: str, password: str = PASSWORD) -> User:
+    """Start another session for the user on the live server."""
+    reply = live_json(server, "POST", "/auth", {"id": name, "password": password}, {})
+    assert reply.status_int == 200, reply.body
+    return User(name, reply.json["token"])
+
+
+def free_port() -> int:
+    """Return a port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 5.0, what: str = "the condition") -> None:
+    """Poll a condition until it holds; fail the test after the timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip for a missing tool on a developer's machine; on CI (CI set) fail instead."""
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+def cheap_environ() -> dict[str, str]:
+    """SYNCNODE_* variables for cheap Argon2 hashing."""
+    return {f"SYNCNODE_{name.upper()}": str(value) for name, value in CHEAP_HASHING.items()}
+
+
+def cli_env(**variables: str) -> dict[str, str]:
+    """This environment without SYNCNODE_* variables, plus cheap Argon2 and the given ones."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SYNCNODE_")}
+    env.update(cheap_environ())
+    env["PYTHONPATH"] = os.path.dirname(SYNCNODE_PY)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return {**env, **variables}
+
+
+def run_cli(
+    cwd, *args: str, stdin: str = "", timeout: float = 30, **variables: str
+) -> subprocess.CompletedProcess:
+    """Run `python syncnode.py ARGS` to its end with the given standard input."""
+    return subprocess.run(
+        [sys.executable, SYNCNODE_PY, *args],
+        cwd=cwd,
+        env=cli_env(**variables),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# The App API --------------------------------------------------------------------------------------
+
+APP_NEW_PASSWORD = "battery staple horse"
+
+APP_JSON = "application/json; charset=utf-8"
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+#: The start of the fake clock (1.8e9 s) as the App API writes it.
+CLOCK_START = "2027-01-15T08:00:00.000Z"
+APP_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    507: "Insufficient Storage",
+}
+#: README, App API: the document's enum, then the store permissions appended when served.
+SERVED_PERMISSIONS = [
+    "all", "apiKey.create", "apiKey.read", "apiKey.update", "apiKey.delete",
+    "auth.changePassword", "authDevice.delete", "session.create", "session.read",
+    "session.update", "session.delete", "systemMetadata.read", "systemMetadata.update",
+    "user.read", "user.update", "server.about", "adminUser.create", "adminUser.read",
+    "adminUser.update", "adminUser.delete", "store.read", "store.write", "store.own",
+]  # fmt: skip
+#: Optional properties the App API always sends; every other optional one is absent.
+PRESENT_OPTIONAL = {"SessionResponseDto": {"expiresAt"}, "SessionCreateResponseDto": {"expiresAt"}}
+LOGIN_EMPTY = [
+    "email should not be empty",
+    "email must be an email",
+    "password should not be empty",
+    "password must be a string",
+]
+
+
+@cache
+def app_document() -> dict:
+    """The App API's document (Immich's) as the repository carries it, read once when first needed.
+
+    It is spec/app-api-openapi.json made Draft 2020-12: nullable as a type, store.* in the enum.
+    """
+    document = json.loads(repository_file("spec/app-api-openapi.json").read_text())
+
+    def convert(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.pop("nullable", False):
+                node["type"] = [node["type"], "null"]
+            for value in node.values():
+                convert(value)
+        elif isinstance(node, list):
+            for value in node:
+                convert(value)
+
+    convert(document)
+    document["components"]["schemas"]["Permission"]["enum"] += [
+        "store.read",
+        "store.write",
+        "store.own",
+    ]
+    return document
+
+
+def app_schemas() -> dict:
+    """The schemas of the App API's document."""
+    return app_document()["components"]["schemas"]
+
+
+def assert_exact_keys(value: dict, name: str) -> None:
+    """Assert an object has exactly its schema's keys, well-formed ids and timestamps."""
+    schemas = app_schemas()
+    schema = schemas[name]
+    assert set(value) == set(schema["required"]) | PRESENT_OPTIONAL.get(name, set()), name
+    for key, item in value.items():
+        prop = schema["properties"][key]
+        if "$ref" in prop and schemas[prop["$ref"].rpartition("/")[2]]["type"] == "object":
+            assert_exact_keys(item, prop["$ref"].rpartition("/")[2])
+        if key.endswith("At") and item is not None:
+            assert TIMESTAMP.fullmatch(item), (key, item)
+        if key in ("id", "userId"):
+            assert UUID4_TEXT.fullmatch(item), (key, item)
+
+
+def assert_schema(response, schema: str | list[str]) -> Any:
+    """Validate a JSON answer against its schema (a name, or [name] for an array); return it.
+
+    Checks the App API's JSON type and x-immich-cid, the document's schema with jsonschema
+    (Draft 2020-12) and the exact key set the App API sends.
+    """
+    assert response.headers["Content-Type"] == APP_JSON
+    assert response.headers.get("x-immich-cid")
+    body = response.json
+    is_array = isinstance(schema, list)
+    name = schema[0] if is_array else schema
+    ref = {"$ref": f"#/components/schemas/{name}"}
+    target = {"type": "array", "items": ref} if is_array else ref
+    jsonschema.Draft202012Validator(
+        {**target, "components": app_document()["components"]}
+    ).validate(body)
+    for item in body if is_array else [body]:
+        assert_exact_keys(item, name)
+    return body
+
+
+def assert_app_error(response, status: int, message: str | list[str]) -> None:
+    """Assert Immich's error body: exact keys in order, correlationId equal to x-immich-cid."""
+    assert response.status_int == status
+    assert response.headers["Content-Type"] == APP_JSON
+    cid = response.headers["x-immich-cid"]
+    assert list(response.json) == ["message", "error", "statusCode", "correlationId"]
+    assert response.json == {
+        "message": message,
+        "error": APP_REASONS[status],
+        "statusCode": status,
+        "correlationId": cid,
+    }
+
+
+def app_login(client, email: str = "alice", password: str = PASSWORD, **kw):
+    """POST /api/auth/login and return the response, leaving no cookie in the client's jar."""
+    response = client.post_json("/api/auth/login", {"email": email, "password": password}, **kw)
+    client.reset()
+    if response.status_int == 201:
+        assert_schema(response, "LoginResponseDto")
+    return response
+
+
+def make_key(client, headers: dict, permissions=("all",), **fields) -> tuple[str, dict]:
+    """Create an API key with the given credentials; return its secret and APIKeyResponseDto."""
+    body = {"permissions": list(permissions), **fields}
+    response = client.post_json("/api/api-keys", body, headers=headers, status=201)
+    created = assert_schema(response, "APIKeyCreateResponseDto")
+    return created["secret"], created["apiKey"]
+
+
+def my_user(client, headers: dict) -> dict:
+    """Return GET /api/users/me, checked against its schema."""
+    return assert_schema(client.get("/api/users/me", headers=headers), "UserAdminResponseDto")
+
+
+def make_child(client, headers: dict, **body) -> dict:
+    """POST /api/sessions and return the child session with its token, checked."""
+    response = client.post_json("/api/sessions", body, headers=headers, status=201)
+    return assert_schema(response, "SessionCreateResponseDto")
+
+
+def session_id_of(db, token: str) -> str:
+    """Return the public id of the session behind a token."""
+    query = "SELECT public_id FROM sessions WHERE token_digest = ?"
+    return db.execute(query, (token_digest(token),)).fetchone()[0]
+
+
+def app_state(db) -> dict[str, list]:
+    """Every row of every table but the login counters, to show a refused call changed nothing."""
+    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return {
+        table: sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        for table in tables
+        if table != "attempts"
+    }
+
+
+def sessions_listing(client, headers: dict) -> list[dict]:
+    """Return GET /api/sessions, checked against its schema."""
+    return assert_schema(client.get("/api/sessions", headers=headers), ["SessionResponseDto"])
+
+
+# ==================================================================================================
+# Settings
+# ==================================================================================================
+
+
+def test_settings_misspelt_setting_is_type_error(db_path):
+    with pytest.raises(TypeError):
+        syncnode.create_app(db_path, sesion_ttl=5)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"registration": "maybe"},
+        {"session_ttl": 0},
+        {"max_value_bytes": -1},
+        {"port": 70000},
+        {"threads": 0},
+        {"synchronous": "OFF"},
+        {"trusted_proxies": "not-an-address"},
+        {"argon2_memory_cost": 4},
+        {"database": ":memory:"},
+    ],
+    ids=lambda override: next(iter(override)),
+)
+def test_settings_bad_value_is_value_error(db_path, override):
+    with pytest.raises(ValueError):
+        syncnode.Settings(**{"database": db_path, **override})
+
+
+def test_settings_every_setting_is_in_the_readme():
+    readme = repository_file("README.md").read_text(encoding="utf-8")
+    for item in syncnode.dataclasses.fields(syncnode.Settings):
+        assert f"`--{item.name.replace('_', '-')}`" in readme
+        assert f"`SYNCNODE_{item.name.upper()}`" in readme
+
+
+def test_settings_flags_beat_environment_beat_defaults():
+    environ = {"SYNCNODE_PORT": "9000", "SYNCNODE_REGISTRATION": "closed"}
+    settings = syncnode.parse_args(["--port", "9100"], environ)
+    assert (settings.port, settings.registration, settings.host) == (9100, "closed", "127.0.0.1")
+
+
+# ==================================================================================================
+# Errors and routing
+# ==================================================================================================
+
+
+@pytest.mark.parametrize(
+    "method,path,allow",
+    [
+        ("POST", "/store", "GET, HEAD, OPTIONS"),
+        ("PATCH", "/store/k", "DELETE, GET, HEAD, OPTIONS, PUT"),
+        ("POST", "/permission/k", "DELETE, GET, HEAD, OPTIONS, PUT"),
+        ("GET", "/auth", "DELETE, OPTIONS, POST"),
+        ("PUT", "/account", "DELETE, GET, HEAD, OPTIONS, POST"),
+        ("GET", "/password", "OPTIONS, POST"),
+        ("DELETE", "/resetpassword", "OPTIONS, POST"),
+        ("POST", "/health", "GET, HEAD, OPTIONS"),
+    ],
+)
+def test_routing_wrong_method_is_req02_with_allow(client, method, path, allow):
+    response = client.request(path, method=method, status=405)
+    assert_error(response, 405, "REQ02")
+    assert response.headers["Allow"] == allow
+
+
+@pytest.mark.parametrize("path", ["/", "/nothing", "/store-x", "/api-x/y", "/stores/k"])
+def test_routing_unknown_path_is_json_err01(client, path):
+    assert_error(client.get(path, status=404), 404, "ERR01")
+
+
+#: What Firefox sends for a page.
+BROWSER_ACCEPT = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+)
+
+
+def test_routing_root_for_a_browser_is_a_page_linking_the_document(client):
+    response = client.get("/", headers={"Accept": BROWSER_ACCEPT})
+    assert response.status_int == 200
+    assert response.content_type == "text/html"
+    assert re.search(r'href="[^"]*openapi\.json"', response.text)
+    assert "/api" in response.text
+
+
+def test_routing_root_for_a_program_is_json_err01(client):
+    # Without an Accept header: test_routing_unknown_path_is_json_err01, path "/".
+    headers = {"Accept": "application/json"}
+    assert_error(client.get("/", headers=headers, status=404), 404, "ERR01")
+
+
+def test_errors_unexpected_failure_is_err02_and_logged(app, client, user, monkeypatch, caplog):
+    monkeypatch.setattr(syncnode, "list_keys", explode)
+    with caplog.at_level(logging.ERROR, logger="syncnode"):
+        response = client.get("/store", headers=user.headers, status=500)
+    assert_error(response, 500, "ERR02")
+    assert "boom" not in response.text and "Traceback" not in response.text
+    assert any(record.exc_info for record in caplog.records)
+
+
+def test_errors_huge_header_is_handled(client, user):
+    response = put(client, user, "k", headers={"X-Sync-Meta": "m" * 100_000}, status=413)
+    assert_error(response, 413, "SIZE01")
+    client.get("/store", headers={**user.headers, "X-Filler": "f" * 100_000}, status=200)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"\x00\x01\x02", id="binary"),
+        pytest.param(b'{"a": 1}' * 1000, id="repeated-json"),
+        pytest.param(base64.b64encode(os.urandom(300)), id="base64"),
+    ],
+)
+def test_errors_garbage_json_bodies_are_refused(client, user, raw):
+    put(client, user, "k")
+    assert_error(client.put("/permission/k", raw, headers=user.headers, status=400), 400, "REQ01")
+    assert_error(client.post("/auth", raw, status=400), 400, "ACCT02")
+    assert_error(client.post("/resetpassword", raw, status=400), 400, "REQ01")
+    assert_error(client.post("/password", raw, headers=user.headers, status=400), 400, "REQ01")
+
+
+def test_errors_oversized_json_body_is_size01(client, user):
+    put(client, user, "k")
+    body = json.dumps([{"user": "bob", "permission": "READ"}] * 40_000)
+    response = client.put("/permission/k", body, headers=user.headers, status=413)
+    assert_error(response, 413, "SIZE01")
 
 
 # ==================================================================================================
@@ -267,30 +1068,25 @@ def test_account_register_taken_id_is_acct03(client, user, db):
 @pytest.mark.parametrize(
     "body",
     [
-        {"id": "", "password": PASSWORD},
-        {"id": "   ", "password": PASSWORD},
-        {"id": "a b", "password": PASSWORD},
-        {"id": "a\u00a0b", "password": PASSWORD},
-        {"id": "a\x00b", "password": PASSWORD},
-        {"id": "a\x85b", "password": PASSWORD},
-        {"id": "x" * 255, "password": PASSWORD},
-        {"id": "alice", "password": "short"},
-        {"id": "alice", "password": "1234567"},
-        {"id": "alice", "password": "p" * 1025},
-        {"id": "alice"},
-        {"password": PASSWORD},
-        {"id": 5, "password": PASSWORD},
-        {"id": "alice", "password": None},
-        ["alice", PASSWORD],
-        "alice",
-        None,
+        pytest.param({"id": "", "password": PASSWORD}, id="empty-id"),
+        pytest.param({"id": "   ", "password": PASSWORD}, id="blank-id"),
+        pytest.param({"id": "a b", "password": PASSWORD}, id="space"),
+        pytest.param({"id": "a\u00a0b", "password": PASSWORD}, id="nbsp"),
+        pytest.param({"id": "a\x00b", "password": PASSWORD}, id="nul"),
+        pytest.param({"id": "a\x85b", "password": PASSWORD}, id="c1-control"),
+        pytest.param({"id": "x" * 255, "password": PASSWORD}, id="id-255-chars"),
+        pytest.param({"id": "alice", "password": "short"}, id="password-5"),
+        pytest.param({"id": "alice", "password": "1234567"}, id="password-7"),
+        pytest.param({"id": "alice", "password": "p" * 1025}, id="password-1025"),
+        pytest.param({"id": "alice"}, id="no-password"),
+        pytest.param({"password": PASSWORD}, id="no-id"),
+        pytest.param({"id": 5, "password": PASSWORD}, id="id-number"),
+        pytest.param({"id": "alice", "password": None}, id="password-null"),
+        pytest.param(["alice", PASSWORD], id="array"),
+        pytest.param("alice", id="string"),
+        pytest.param(None, id="null"),
     ],
-    ids=[
-        "empty-id", "blank-id", "space", "nbsp", "nul", "c1-control", "id-255-chars",
-        "password-5", "password-7", "password-1025", "no-password", "no-id", "id-number",
-        "password-null", "array", "string", "null",
-    ],
-)  # fmt: skip
+)
 def test_account_register_bad_credentials_are_acct02(client, db, body):
     response = client.post("/account", json.dumps(body), status=400)
     assert_error(response, 400, "ACCT02")
@@ -298,7 +1094,13 @@ def test_account_register_bad_credentials_are_acct02(client, db, body):
 
 
 @pytest.mark.parametrize(
-    "raw", [b"{", b"not json", b"\xff\xfe", b""], ids=["cut", "text", "bytes", "empty"]
+    "raw",
+    [
+        pytest.param(b"{", id="cut"),
+        pytest.param(b"not json", id="text"),
+        pytest.param(b"\xff\xfe", id="bytes"),
+        pytest.param(b"", id="empty"),
+    ],
 )
 def test_account_register_malformed_json_is_acct02(client, db, raw):
     response = client.post("/account", raw, status=400)
@@ -371,6 +1173,205 @@ def test_account_deleted_id_can_register_again_and_inherits_nothing(client, user
     ]
 
 
+# Invisible characters in ids ----------------------------------------------------------------------
+
+
+INVISIBLE = [
+    pytest.param("\u200b", id="zero-width-space"),
+    pytest.param("\ufeff", id="bom"),
+    pytest.param("\u202e", id="rtl-override"),
+    pytest.param("\u00ad", id="soft-hyphen"),
+    pytest.param("\u2060", id="word-joiner"),
+]
+
+
+@pytest.mark.parametrize("char", INVISIBLE)
+def test_account_register_invisible_format_character_is_acct02(client, db, char):
+    response = client.post_json(
+        "/account", {"id": f"ali{char}ce", "password": PASSWORD}, status=400
+    )
+    assert_error(response, 400, "ACCT02")
+    assert table_counts(db)["users"] == 0
+
+
+def test_account_register_ordinary_non_ascii_letters_are_accepted(client, db):
+    client.post_json("/account", {"id": "zoë", "password": PASSWORD}, status=200)
+    assert db.execute("SELECT name FROM users").fetchall() == [("zoë",)]
+
+
+# Row ids are never reused -------------------------------------------------------------------------
+
+
+def test_ids_user_id_of_a_deleted_account_is_never_reused(client, make_user, db):
+    make_user("a")
+    b = make_user("b")
+    used = row_ids(db, "users")
+    client.delete("/account", headers=b.headers, status=204)
+    make_user("c")
+    assert user_row_id(db, "c") > max(used)
+
+
+def test_ids_session_id_of_an_ended_session_is_never_reused(client, user, db):
+    newest = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    used = row_ids(db, "sessions")
+    client.delete("/auth", headers={"Authorization": f"Bearer {newest}"}, status=204)
+    token = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    query = "SELECT id FROM sessions WHERE token_digest = ?"
+    assert db.execute(query, (token_digest(token),)).fetchone()[0] > max(used)
+
+
+def test_ids_api_key_id_of_a_deleted_key_is_never_reused(client, user, db):
+    create_api_key(client, user)
+    newest = create_api_key(client, user).id
+    used = row_ids(db, "api_keys")
+    client.delete(f"/api/api-keys/{newest}", headers=user.headers, status=204)
+    made = create_api_key(client, user).id
+    query = "SELECT id FROM api_keys WHERE public_id = ?"
+    assert db.execute(query, (made,)).fetchone()[0] > max(used)
+
+
+# ==================================================================================================
+# Accounts: invites
+# ==================================================================================================
+
+
+@pytest.fixture
+def inviting(make_app, client, user, other):
+    """A server that takes invites, where alice (the oldest account) is the admin."""
+    return webtest.TestApp(make_app(registration="invite"))
+
+
+def test_invite_registration_without_a_code_is_acct01(inviting, db):
+    before = snapshot(db)
+    response = inviting.post_json("/account", {"id": "carol", "password": PASSWORD}, status=403)
+    assert_error(response, 403, "ACCT01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param("no-such-code", id="unknown"),
+        pytest.param("", id="empty"),
+        pytest.param(5, id="int"),
+        pytest.param(None, id="null"),
+    ],
+)
+def test_invite_registration_with_a_bad_code_is_acct01(inviting, db, code):
+    before = snapshot(db)
+    body = {"id": "carol", "password": PASSWORD, "invite": code}
+    assert_error(inviting.post_json("/account", body, status=403), 403, "ACCT01")
+    assert snapshot(db) == before
+
+
+def test_invite_from_the_cli_registers_once(make_app, clock, tmp_path, db_path, db):
+    clock.now = time.time()  # the code's lifetime runs on the command's real clock
+    result = run_cli(tmp_path, "--database", db_path, "invite")
+    assert result.returncode == 0
+    code = result.stdout.removesuffix("\n")
+    assert re.fullmatch(r"[A-Za-z0-9_-]{16,}", code) and code not in result.stderr
+    client = webtest.TestApp(make_app(registration="invite"))
+    body = {"id": "carol", "password": PASSWORD, "invite": code}
+    client.post_json("/account", body, status=200)
+    again = client.post_json("/account", {**body, "id": "dave"}, status=403)
+    assert_error(again, 403, "ACCT01")
+    assert db.execute("SELECT name FROM users").fetchall() == [("carol",)]
+
+
+def test_invite_minted_by_the_admin_registers_once(inviting, user, clock, db):
+    response = inviting.post("/invite", headers=user.headers, status=200)
+    assert response.content_type == "application/json"
+    assert set(response.json) == {"invite", "expiration"}
+    assert response.json["expiration"] == int(clock.now * 1000) + 7 * 86400 * 1000
+    body = {"id": "carol", "password": PASSWORD, "invite": response.json["invite"]}
+    assert set(inviting.post_json("/account", body, status=200).json) == {"token", "expiration"}
+    assert_error(inviting.post_json("/account", {**body, "id": "dave"}, status=403), 403, "ACCT01")
+    assert table_counts(db)["users"] == 3
+
+
+def test_invite_minting_by_a_non_admin_is_perm01(inviting, other, db):
+    assert_error(inviting.post("/invite", headers=other.headers, status=403), 403, "PERM01")
+    assert table_counts(db)["invites"] == 0
+
+
+def test_invite_minting_with_an_api_key_is_perm01(inviting, user, db):
+    body = {"name": "key", "permissions": ["all"]}
+    key = inviting.post_json("/api/api-keys", body, headers=user.headers, status=201).json["secret"]
+    response = inviting.post("/invite", headers={"x-api-key": key}, status=403)
+    assert_error(response, 403, "PERM01")
+    assert table_counts(db)["invites"] == 0
+
+
+def test_invite_minting_without_credentials_is_auth01(inviting, db):
+    assert_error(inviting.post("/invite", status=401), 401, "AUTH01")
+    assert table_counts(db)["invites"] == 0
+
+
+def test_invite_expired_code_is_acct01(make_app, user, clock, db):
+    inviting = webtest.TestApp(make_app(registration="invite", invite_ttl=60))
+    code = inviting.post("/invite", headers=user.headers).json["invite"]
+    clock.advance(60)
+    before = snapshot(db)
+    body = {"id": "carol", "password": PASSWORD, "invite": code}
+    assert_error(inviting.post_json("/account", body, status=403), 403, "ACCT01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "refused, status, code",
+    [
+        pytest.param({"id": "carol", "password": "short"}, 400, "ACCT02", id="bad-password"),
+        pytest.param({"id": "BOB", "password": PASSWORD}, 409, "ACCT03", id="taken-id"),
+    ],
+)
+def test_invite_refused_registration_keeps_the_code(inviting, user, db, refused, status, code):
+    invite = inviting.post("/invite", headers=user.headers).json["invite"]
+    response = inviting.post_json("/account", {**refused, "invite": invite}, status=status)
+    assert_error(response, status, code)
+    assert table_counts(db)["invites"] == 1
+    body = {"id": "carol", "password": PASSWORD, "invite": invite}
+    inviting.post_json("/account", body, status=200)
+
+
+# A stranger learns nothing of taken ids -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"invite": "wrong"}, id="wrong-invite"),
+        pytest.param({"invite": ""}, id="empty-invite"),
+        pytest.param({}, id="no-invite"),
+    ],
+)
+def test_invite_taken_id_without_a_valid_invite_is_acct01(inviting, db, fields):
+    before = snapshot(db)
+    body = {"id": "bob", "password": PASSWORD, **fields}
+    response = inviting.post_json("/account", body, status=403)
+    assert_error(response, 403, "ACCT01")
+    assert snapshot(db) == before
+
+
+def test_invite_taken_id_with_a_valid_invite_is_acct03_and_keeps_the_invite(inviting, clock, db):
+    code, _ = syncnode.create_invite(db, now_ms(clock), 3600_000)
+    body = {"id": "bob", "password": PASSWORD, "invite": code}
+    response = inviting.post_json("/account", body, status=409)
+    assert_error(response, 409, "ACCT03")
+    assert table_counts(db)["invites"] == 1
+    inviting.post_json("/account", {**body, "id": "carol"}, status=200)
+    assert user_row_id(db, "carol")
+
+
+def test_invite_new_id_with_a_valid_invite_registers_once(inviting, user, db):
+    code = inviting.post("/invite", headers=user.headers, status=200).json["invite"]
+    body = {"id": "carol", "password": PASSWORD, "invite": code}
+    assert set(inviting.post_json("/account", body, status=200).json) == {"token", "expiration"}
+    again = inviting.post_json("/account", {**body, "id": "dave"}, status=403)
+    assert_error(again, 403, "ACCT01")
+    assert table_counts(db)["invites"] == 0
+    assert db.execute("SELECT count(*) FROM users WHERE name = 'dave'").fetchone()[0] == 0
+
+
 # ==================================================================================================
 # Sessions
 # ==================================================================================================
@@ -386,9 +1387,12 @@ def test_session_login_answers_new_token(client, user, clock):
 
 
 @pytest.mark.parametrize(
-    "body", [{"id": "alice", "password": "wrong password"}, {"id": "nobody", "password": PASSWORD}],
-    ids=["wrong-password", "unknown-id"],
-)  # fmt: skip
+    "body",
+    [
+        pytest.param({"id": "alice", "password": "wrong password"}, id="wrong-password"),
+        pytest.param({"id": "nobody", "password": PASSWORD}, id="unknown-id"),
+    ],
+)
 def test_session_login_wrong_credentials_are_auth01(client, user, db, body):
     response = client.post_json("/auth", body, status=401)
     assert_error(response, 401, "AUTH01")
@@ -441,14 +1445,18 @@ def test_session_expires_after_ttl_and_is_purged(make_app, clock, db):
 @pytest.mark.parametrize(
     "value",
     [
-        None, "", "Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer not a token",
-        "Bearer " + "A" * 43, "Bearer " + "A" * 600, "Bearer tök€n", "Token abc",
+        pytest.param(None, id="missing"),
+        pytest.param("", id="empty"),
+        pytest.param("Bearer", id="scheme-only"),
+        pytest.param("Bearer ", id="scheme-space"),
+        pytest.param("Basic dXNlcjpwYXNz", id="basic"),
+        pytest.param("Bearer not a token", id="spaces"),
+        pytest.param("Bearer " + "A" * 43, id="unknown"),
+        pytest.param("Bearer " + "A" * 600, id="too-long"),
+        pytest.param("Bearer tök€n", id="non-ascii"),
+        pytest.param("Token abc", id="other-scheme"),
     ],
-    ids=[
-        "missing", "empty", "scheme-only", "scheme-space", "basic", "spaces", "unknown",
-        "too-long", "non-ascii", "other-scheme",
-    ],
-)  # fmt: skip
+)
 def test_session_bad_bearer_is_auth01(client, user, value):
     headers = {} if value is None else {"Authorization": value}
     for method, path in [("GET", "/store"), ("GET", "/account"), ("DELETE", "/auth")]:
@@ -465,6 +1473,635 @@ def test_session_token_is_stored_only_as_digest(client, user, db):
 
     digests = [row[0] for row in db.execute("SELECT token_digest FROM sessions")]
     assert digests == [hashlib.sha256(user.token.encode()).digest()]
+
+
+# ==================================================================================================
+# Passwords and reset
+# ==================================================================================================
+
+
+def test_password_change_sets_the_new_password(client, user, db):
+    old_hash = stored_hash(db)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=user.headers, status=204
+    )
+    assert response.body == b""
+    assert stored_hash(db) != old_hash
+    assert_error(login(client, "alice", PASSWORD, status=401), 401, "AUTH01")
+    login(client, "alice", NEW_PASSWORD, status=200)
+
+
+def test_password_change_revokes_other_sessions_and_keeps_the_current_one(client, user, other, db):
+    second = login(client, "alice", PASSWORD).json["token"]
+    third = login(client, "alice", PASSWORD).json["token"]
+    client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(second), status=204
+    )
+    for token in (user.token, third):
+        assert_error(client.get("/store", headers=bearer_headers(token), status=401), 401, "AUTH01")
+    client.get("/store", headers=bearer_headers(second), status=200)
+    client.get("/store", headers=other.headers, status=200)
+    digests = {row[0] for row in db.execute("SELECT token_digest FROM sessions")}
+    assert digests == {token_digest(second), token_digest(other.token)}
+
+
+def test_password_change_deletes_a_pending_reset_token(client, user, db, caplog):
+    reset = request_reset(client, caplog)
+    client.post_json("/password", {"password": NEW_PASSWORD}, headers=user.headers, status=204)
+    assert table_counts(db)["reset_tokens"] == 0
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": "third password"}, headers=bearer_headers(reset), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"not json", id="text"),
+        pytest.param(b'{"password": ', id="cut"),
+        pytest.param(b"\xff\xfe", id="bytes"),
+        pytest.param(b"[]", id="array"),
+        pytest.param(b'"correct horse"', id="string"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b"{}", id="no-password"),
+        pytest.param(b'{"pass": "correct horse"}', id="misspelt-field"),
+        pytest.param(b'{"password": 12345678}', id="password-number"),
+        pytest.param(b'{"password": null}', id="password-null"),
+        pytest.param(b'{"password": ["correct horse"]}', id="password-array"),
+    ],
+)
+def test_password_change_bad_body_is_req01(client, user, db, raw):
+    before = snapshot(db)
+    response = client.post("/password", raw, headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("p" * 7, id="7-chars"),
+        pytest.param("p" * 1025, id="1025-chars"),
+    ],
+)
+def test_password_change_bad_length_is_acct02(client, user, db, password):
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": password}, headers=user.headers, status=400
+    )
+    assert_error(response, 400, "ACCT02")
+    assert snapshot(db) == before
+    login(client, "alice", PASSWORD, status=200)
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        pytest.param("p" * 8, id="8"),
+        pytest.param("p" * 1024, id="1024"),
+        pytest.param("ü" * 8, id="non-ascii"),
+    ],
+)
+def test_password_change_edge_lengths_are_accepted(client, user, password):
+    client.post_json("/password", {"password": password}, headers=user.headers, status=204)
+    login(client, "alice", password, status=200)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="missing"),
+        pytest.param(bearer_headers("A" * 43), id="unknown"),
+        pytest.param({"Authorization": "Basic YWxpY2U6Y29ycmVjdCBob3JzZQ=="}, id="basic"),
+        pytest.param({"Authorization": "Bearer"}, id="scheme-only"),
+    ],
+)
+def test_password_change_without_a_valid_token_is_auth01(client, user, db, headers):
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=headers, status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    assert snapshot(db) == before
+
+
+def test_password_change_authentication_comes_before_the_body(client, user):
+    response = client.post("/password", b"not json", headers=bearer_headers("A" * 43), status=401)
+    assert_error(response, 401, "AUTH01")
+
+
+def test_password_change_with_expired_session_is_auth01_and_purges_it(make_app, clock, db):
+    client = webtest.TestApp(make_app(session_ttl=60))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    old_hash = stored_hash(db)
+    clock.advance(60)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(token), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    assert table_counts(db)["sessions"] == 0
+    assert stored_hash(db) == old_hash
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("nobody", id="unknown"),
+        pytest.param("nobody@example.org", id="unknown-email"),
+        pytest.param("", id="empty"),
+        pytest.param("   ", id="blank"),
+        pytest.param("a b", id="space"),
+        pytest.param("a\x00b", id="nul"),
+        pytest.param("x" * 255, id="255-chars"),
+    ],
+)
+def test_reset_request_for_unknown_or_invalid_id_is_204_and_creates_nothing(
+    client, user, db, caplog, name
+):
+    before = snapshot(db)
+    response = client.post_json("/resetpassword", {"id": name}, status=204)
+    assert response.body == b""
+    assert snapshot(db) == before
+    assert logged_tokens(caplog) == []
+
+
+def test_reset_request_answer_does_not_reveal_whether_the_id_exists(client, user):
+    known = client.post_json("/resetpassword", {"id": "alice"}, status=204)
+    unknown = client.post_json("/resetpassword", {"id": "nobody"}, status=204)
+    assert sorted(known.headers.items()) == sorted(unknown.headers.items())
+    assert known.body == unknown.body == b""
+
+
+def test_reset_request_logs_one_warning_with_the_id_and_token(client, user, db, caplog):
+    response = client.post_json("/resetpassword", {"id": "alice"}, status=204)
+    assert response.body == b""
+    lines = [record for record in caplog.records if TOKEN_TEXT.search(record.getMessage())]
+    assert len(lines) == 1
+    [record] = lines
+    assert record.name == "syncnode" and record.levelno == logging.WARNING
+    assert "alice" in record.getMessage()
+    [token] = TOKEN_TEXT.findall(record.getMessage())
+    assert db.execute("SELECT token_digest FROM reset_tokens").fetchall() == [
+        (token_digest(token),)
+    ]
+
+
+def test_reset_token_is_stored_only_as_digest(client, user, db, db_path, caplog):
+    token = request_reset(client, caplog)
+    [(stored,)] = db.execute("SELECT token_digest FROM reset_tokens").fetchall()
+    assert stored == token_digest(token)
+    for path in (db_path, db_path + "-wal"):
+        with open(path, "rb") as file:
+            assert token.encode() not in file.read()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(" ALICE ", id="spaces"),
+        pytest.param("Alice", id="case"),
+        pytest.param("\tａｌｉｃｅ\n", id="nfkc"),
+    ],
+)
+def test_reset_request_normalises_the_id(client, user, db, caplog, name):
+    token = request_reset(client, caplog, name)
+    user_id = db.execute("SELECT id FROM users WHERE name = 'alice'").fetchone()[0]
+    assert db.execute("SELECT user_id, token_digest FROM reset_tokens").fetchall() == [
+        (user_id, token_digest(token))
+    ]
+
+
+def test_reset_second_request_replaces_the_first(client, user, db, caplog):
+    first = request_reset(client, caplog)
+    second = request_reset(client, caplog)
+    assert first != second
+    assert table_counts(db)["reset_tokens"] == 1
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(first), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    assert snapshot(db) == before
+    assert reset_digests(db) == [token_digest(second)]
+
+
+def test_reset_token_sets_the_password_and_revokes_every_session(client, user, other, db, caplog):
+    second = login(client, "alice", PASSWORD).json["token"]
+    token = request_reset(client, caplog)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(token), status=204
+    )
+    assert response.body == b""
+    for session in (user.token, second):
+        assert_error(
+            client.get("/store", headers=bearer_headers(session), status=401), 401, "AUTH01"
+        )
+    client.get("/store", headers=other.headers, status=200)
+    assert [row[0] for row in db.execute("SELECT token_digest FROM sessions")] == [
+        token_digest(other.token)
+    ]
+    assert table_counts(db)["reset_tokens"] == 0
+    assert_error(login(client, "alice", PASSWORD, status=401), 401, "AUTH01")
+    login(client, "alice", NEW_PASSWORD, status=200)
+
+
+def test_reset_token_works_only_once(client, user, db, caplog):
+    token = request_reset(client, caplog)
+    client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(token), status=204
+    )
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": "third password"}, headers=bearer_headers(token), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    assert snapshot(db) == before
+    login(client, "alice", NEW_PASSWORD, status=200)
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        pytest.param("GET", "/store", id="list"),
+        pytest.param("GET", "/store/k", id="get"),
+        pytest.param("PUT", "/store/k", id="put"),
+        pytest.param("DELETE", "/store/k", id="delete"),
+        pytest.param("GET", "/permission/k", id="permissions"),
+        pytest.param("GET", "/account", id="sessions"),
+        pytest.param("DELETE", "/account", id="delete-account"),
+        pytest.param("DELETE", "/auth", id="logout"),
+    ],
+)
+def test_reset_token_is_auth01_everywhere_but_password(client, user, db, caplog, method, path):
+    put(client, user, "k")
+    token = request_reset(client, caplog)
+    before = snapshot(db)
+    response = client.request(path, method=method, headers=bearer_headers(token), status=401)
+    assert_error(response, 401, "AUTH01")
+    assert snapshot(db) == before
+    assert reset_digests(db) == [token_digest(token)]
+
+
+def test_reset_token_expires_after_reset_ttl(client, user, clock, db, caplog):
+    token = request_reset(client, caplog)
+    clock.advance(3600)
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(token), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+    after = snapshot(db)
+    assert after["reset_tokens"] == []  # expired, and purged by housekeeping
+    assert {**after, "reset_tokens": None} == {**before, "reset_tokens": None}
+    login(client, "alice", PASSWORD, status=200)
+
+
+def test_reset_token_works_until_reset_ttl(client, user, clock, caplog):
+    token = request_reset(client, caplog)
+    clock.advance(3599)
+    client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(token), status=204
+    )
+    login(client, "alice", NEW_PASSWORD, status=200)
+
+
+def test_reset_token_expiry_follows_the_setting(make_app, clock, caplog):
+    client = webtest.TestApp(make_app(reset_ttl=60))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    token = request_reset(client, caplog)
+    clock.advance(60)
+    response = client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(token), status=401
+    )
+    assert_error(response, 401, "AUTH01")
+
+
+def test_reset_token_refused_body_does_not_spend_it(client, user, db, caplog):
+    token = request_reset(client, caplog)
+    before = snapshot(db)
+    response = client.post_json(
+        "/password", {"password": "short"}, headers=bearer_headers(token), status=400
+    )
+    assert_error(response, 400, "ACCT02")
+    response = client.post("/password", b"[]", headers=bearer_headers(token), status=400)
+    assert_error(response, 400, "REQ01")
+    assert snapshot(db) == before
+    assert reset_digests(db) == [token_digest(token)]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"not json", id="text"),
+        pytest.param(b'{"id": ', id="cut"),
+        pytest.param(b"\xff\xfe", id="bytes"),
+        pytest.param(b"[]", id="array"),
+        pytest.param(b'"alice"', id="string"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b"{}", id="no-id"),
+        pytest.param(b'{"user": "alice"}', id="misspelt-field"),
+        pytest.param(b'{"id": 5}', id="id-number"),
+        pytest.param(b'{"id": null}', id="id-null"),
+        pytest.param(b'{"id": ["alice"]}', id="id-array"),
+    ],
+)
+def test_reset_request_malformed_body_is_req01(client, user, db, caplog, raw):
+    before, counts = snapshot(db), table_counts(db)
+    response = client.post("/resetpassword", raw, status=400)
+    assert_error(response, 400, "REQ01")
+    assert snapshot(db) == before
+    assert table_counts(db) == counts
+    assert logged_tokens(caplog) == []
+
+
+# The same answer, the token made off the request path ---------------------------------------------
+
+
+class Driven:
+    """One POST /resetpassword driven through the WSGI interface by hand, with the number of
+    reset tokens stored after start_response, after the body was read and after close()."""
+
+    def __init__(self, app, db, name: str) -> None:
+        environ = webob.Request.blank(
+            "/resetpassword",
+            method="POST",
+            body=json.dumps({"id": name}).encode(),
+            content_type="application/json",
+            remote_addr="192.0.2.1",
+        ).environ
+        started: list[tuple[str, list]] = []
+
+        def start_response(status, headers, exc_info=None):
+            started.append((status, list(headers)))
+            return lambda data: None
+
+        def tokens() -> int:
+            return table_counts(db)["reset_tokens"]
+
+        chunks = app(environ, start_response)
+        assert started, "start_response was not called before the body was returned"
+        self.tokens_when_started = tokens()
+        self.body = b"".join(chunks)
+        self.tokens_before_close = tokens()
+        if hasattr(chunks, "close"):
+            chunks.close()
+        self.tokens_after_close = tokens()
+        [(self.status, self.headers)] = started
+
+
+def test_reset_request_token_is_made_only_after_the_answer(app, user, db):
+    driven = Driven(app, db, "alice")
+    assert driven.status.startswith("204")
+    assert (driven.tokens_when_started, driven.tokens_before_close) == (0, 0)
+    assert driven.tokens_after_close == 1
+
+
+def test_reset_request_answer_is_identical_for_known_and_unknown_ids(app, user, db):
+    known, unknown = Driven(app, db, "alice"), Driven(app, db, "nobody")
+    assert (known.status, known.headers, known.body) == (
+        unknown.status,
+        unknown.headers,
+        unknown.body,
+    )
+
+
+def test_reset_request_token_is_logged_by_the_time_webtest_returns(client, user, db, caplog):
+    with caplog.at_level(logging.WARNING, logger="syncnode"):
+        token = request_reset(client, caplog, "alice")
+    assert reset_digests(db) == [token_digest(token)]
+    headers = {"Authorization": f"Bearer {token}"}
+    client.post_json("/password", {"password": "new password 1"}, headers=headers, status=204)
+
+
+# ==================================================================================================
+# Passwords and reset: reset mail
+# ==================================================================================================
+
+
+SMTP_FROM = "syncnode@example.org"
+
+
+class MailBox:
+    """An aiosmtpd handler that keeps every message and every login it receives."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.envelopes: list = []
+        self.logins: list[tuple[bytes, bytes]] = []
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.envelopes.append(envelope)
+        return "250 Message accepted for delivery"
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
+        self.logins.append((auth_data.login, auth_data.password))
+        success = self.logins[-1] == (b"mailer", b"mail secret")
+        return AuthResult(success=success, handled=False)  # handled=False: aiosmtpd answers 535
+
+    def wait(self) -> email.message.EmailMessage:
+        """Wait (at most 5 s) for the first message and return it parsed."""
+        wait_for(lambda: self.envelopes, what="the reset mail")
+        return email.message_from_bytes(self.envelopes[0].content, policy=email.policy.default)
+
+
+@pytest.fixture
+def mailbox():
+    """A mail server on 127.0.0.1 that accepts every message, and logins as mailer."""
+    box = MailBox()
+    box.port = free_port()
+    controller = Controller(
+        box,
+        hostname="127.0.0.1",
+        port=box.port,
+        authenticator=box.authenticate,
+        auth_require_tls=False,
+    )
+    controller.start()
+    yield box
+    controller.stop()
+
+
+@pytest.fixture
+def mail_attempts(monkeypatch):
+    """Record the (address, token) of each reset mail syncnode sends, and send it as usual."""
+    attempts = []
+    send = syncnode.send_reset_mail
+
+    def recording_send(settings, address, token):
+        attempts.append((address, token))
+        send(settings, address, token)
+
+    monkeypatch.setattr(syncnode, "send_reset_mail", recording_send)
+    return attempts
+
+
+def mail_settings(port: int, **settings) -> dict:
+    """Settings that send reset mails to 127.0.0.1:port without TLS."""
+    return {
+        "smtp_host": "127.0.0.1",
+        "smtp_port": port,
+        "smtp_security": "none",
+        "smtp_from": SMTP_FROM,
+        **settings,
+    }
+
+
+def mail_token(message: email.message.EmailMessage) -> str:
+    """Return the one reset token on a line of its own in a mail's text."""
+    lines = message.get_content().splitlines()
+    (token,) = [line for line in lines if re.fullmatch(r"[A-Za-z0-9_-]{43}", line)]
+    return token
+
+
+def join_mail_threads(timeout: float = 5.0) -> None:
+    """Wait for syncnode's mail threads to end, so that their log lines are written."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name == "syncnode-mail":
+            thread.join(max(0.0, deadline - time.monotonic()))
+            assert not thread.is_alive(), "a reset mail was still being sent"
+
+
+def syncnode_lines(caplog, level: int = logging.DEBUG) -> list[str]:
+    """Return the messages syncnode's loggers wrote at the level or above."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith("syncnode") and record.levelno >= level
+    ]
+
+
+def test_reset_mail_goes_to_the_address_with_the_token(make_app, mailbox, db):
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
+    register_user(client, "alice@example.org")
+    client.post_json("/resetpassword", {"id": " Alice@Example.ORG"}, status=204)
+    message = mailbox.wait()
+    assert mailbox.envelopes[0].mail_from == SMTP_FROM
+    assert mailbox.envelopes[0].rcpt_tos == ["alice@example.org"]
+    assert (message["From"], message["To"]) == (SMTP_FROM, "alice@example.org")
+    assert message.get_content_type() == "text/plain"
+    token = mail_token(message)
+    digest = db.execute("SELECT token_digest FROM reset_tokens").fetchone()[0]
+    assert digest == hashlib.sha256(token.encode()).digest()
+
+
+def test_reset_mail_reaches_an_address_that_is_not_ascii(make_app, mailbox):
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
+    register_user(client, "zoë@exämple.org")
+    client.post_json("/resetpassword", {"id": "ZOË@EXÄMPLE.ORG"}, status=204)
+    message = mailbox.wait()
+    assert mailbox.envelopes[0].rcpt_tos == ["zoë@exämple.org"]
+    assert message["To"] == "zoë@exämple.org"
+    assert mail_token(message)
+
+
+def test_reset_mail_token_sets_the_password_once(make_app, mailbox):
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
+    register_user(client, "alice@example.org")
+    client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+    token = mail_token(mailbox.wait())
+    client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(token), status=204
+    )
+    client.post_json("/auth", {"id": "alice@example.org", "password": NEW_PASSWORD}, status=200)
+    again = client.post_json(
+        "/password", {"password": PASSWORD}, headers=bearer_headers(token), status=401
+    )
+    assert_error(again, 401, "AUTH01")
+
+
+def test_reset_mail_token_is_in_no_log_line(make_app, mailbox, caplog):
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
+    register_user(client, "alice@example.org")
+    with caplog.at_level(logging.DEBUG, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        token = mail_token(mailbox.wait())
+        join_mail_threads()
+    lines = syncnode_lines(caplog)
+    assert any("alice@example.org" in line for line in lines)  # the line saying it was sent
+    assert not [line for line in lines if token in line]
+
+
+def test_reset_mail_request_answers_while_the_mail_server_stalls(make_app, caplog):
+    with socket.socket() as silent:  # accepts connections, never greets
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        client = webtest.TestApp(make_app(**mail_settings(silent.getsockname()[1])))
+        register_user(client, "alice@example.org")
+        started = time.monotonic()
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        assert time.monotonic() - started < 5  # smtplib would wait 30 s for the greeting
+    join_mail_threads()
+
+
+def test_reset_mail_id_that_is_no_address_gets_the_log_line(
+    make_app, mailbox, mail_attempts, caplog
+):
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
+    register_user(client, "alice")
+    with caplog.at_level(logging.WARNING, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice"}, status=204)
+    (line,) = syncnode_lines(caplog, logging.WARNING)
+    token = line.rsplit(" ", 1)[-1]
+    assert "alice" in line
+    assert mail_attempts == []
+    client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(token), status=204
+    )
+
+
+def test_reset_mail_server_down_logs_an_error_without_the_token(make_app, mail_attempts, caplog):
+    client = webtest.TestApp(make_app(**mail_settings(free_port())))  # nothing listens there
+    register_user(client, "alice@example.org")
+    with caplog.at_level(logging.DEBUG, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        join_mail_threads()
+    ((address, token),) = mail_attempts
+    (error,) = syncnode_lines(caplog, logging.ERROR)
+    assert address in error
+    assert not [line for line in syncnode_lines(caplog) if token in line]
+
+
+def test_reset_mail_logs_in_with_the_smtp_user_and_password(make_app, mailbox, caplog):
+    settings = mail_settings(mailbox.port, smtp_user="mailer", smtp_password="mail secret")
+    client = webtest.TestApp(make_app(**settings))
+    register_user(client, "alice@example.org")
+    with caplog.at_level(logging.DEBUG, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        mail_token(mailbox.wait())
+        join_mail_threads()
+    assert mailbox.logins == [(b"mailer", b"mail secret")]
+    assert not [line for line in syncnode_lines(caplog) if "mail secret" in line]
+
+
+def test_reset_mail_refused_smtp_login_logs_an_error_and_sends_nothing(make_app, mailbox, caplog):
+    settings = mail_settings(mailbox.port, smtp_user="mailer", smtp_password="wrong secret")
+    client = webtest.TestApp(make_app(**settings))
+    register_user(client, "alice@example.org")
+    with caplog.at_level(logging.DEBUG, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        join_mail_threads()
+    assert set(mailbox.logins) == {(b"mailer", b"wrong secret")}  # smtplib tries each method
+    assert mailbox.envelopes == []
+    assert len(syncnode_lines(caplog, logging.ERROR)) == 1
+    assert not [line for line in syncnode_lines(caplog) if "wrong secret" in line]
+
+
+def test_reset_mail_starttls_is_never_skipped(make_app, mailbox, caplog):
+    """A server that offers no STARTTLS gets no mail in clear text."""
+    client = webtest.TestApp(make_app(**mail_settings(mailbox.port, smtp_security="starttls")))
+    register_user(client, "alice@example.org")
+    with caplog.at_level(logging.DEBUG, logger="syncnode"):
+        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
+        join_mail_threads()
+    assert mailbox.envelopes == []
+    assert len(syncnode_lines(caplog, logging.ERROR)) == 1
 
 
 # ==================================================================================================
@@ -517,7 +2154,13 @@ def test_store_update_with_token_replaces_value_and_meta(client, user, db):
 
 
 @pytest.mark.parametrize(
-    "token", [None, "stale", "", "tök€n"], ids=["missing", "wrong", "empty", "non-ascii"]
+    "token",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param("stale", id="wrong"),
+        pytest.param("", id="empty"),
+        pytest.param("tök€n", id="non-ascii"),
+    ],
 )
 def test_store_update_without_matching_token_is_key01(client, user, db, token):
     put(client, user, "k", b"one")
@@ -593,7 +2236,13 @@ def test_store_delete_removes_value_and_permissions(client, user, other, db):
     assert put(client, other, "k", b"new", status=204)
 
 
-@pytest.mark.parametrize("token", [None, "stale"], ids=["missing", "wrong"])
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param("stale", id="wrong"),
+    ],
+)
 def test_store_delete_without_matching_token_is_key01(client, user, db, token):
     put(client, user, "k")
     headers = dict(user.headers) | ({"X-Sync-Token": token} if token else {})
@@ -629,9 +2278,17 @@ def test_store_key_of_1024_chars_is_accepted_and_1025_is_req01(client, user, db)
 
 
 @pytest.mark.parametrize(
-    "path", ["", "%00", "a%0Ab", "a%7Fb", "%C2%85", "%FF", "%C3"],
-    ids=["empty", "nul", "newline", "del", "c1", "invalid-utf8", "truncated-utf8"],
-)  # fmt: skip
+    "path",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("%00", id="nul"),
+        pytest.param("a%0Ab", id="newline"),
+        pytest.param("a%7Fb", id="del"),
+        pytest.param("%C2%85", id="c1"),
+        pytest.param("%FF", id="invalid-utf8"),
+        pytest.param("%C3", id="truncated-utf8"),
+    ],
+)
 def test_store_bad_key_is_req01_for_every_method(client, user, db, path):
     for method in ["GET", "PUT", "DELETE"]:
         response = client.request(f"/store/{path}", method=method, headers=user.headers, status=400)
@@ -665,11 +2322,10 @@ def test_store_empty_value_is_stored(client, user):
 @pytest.mark.parametrize(
     "meta,status,code",
     [
-        ("é".encode().decode("latin-1"), 400, "REQ01"),
-        ("tab\there", 400, "REQ01"),
-        ("x" * 8193, 413, "SIZE01"),
+        pytest.param("é".encode().decode("latin-1"), 400, "REQ01", id="non-ascii"),
+        pytest.param("tab\there", 400, "REQ01", id="control"),
+        pytest.param("x" * 8193, 413, "SIZE01", id="over-8192"),
     ],
-    ids=["non-ascii", "control", "over-8192"],
 )
 def test_store_bad_meta_is_refused(client, user, db, meta, status, code):
     response = put(client, user, "k", headers={"X-Sync-Meta": meta}, status=status)
@@ -696,6 +2352,1680 @@ def test_store_values_are_rows_not_files(client, user, tmp_path):
     put(client, user, "k", b"x" * 10_000)
     names = {path.name for path in tmp_path.iterdir()}
     assert names <= {"syncnode.db", "syncnode.db-wal", "syncnode.db-shm"}
+
+
+# ==================================================================================================
+# Store: streaming large values
+# ==================================================================================================
+
+
+#: A value large enough to stream in chunks rather than travel whole.
+LARGE = syncnode.STREAM_FROM_BYTES * 4 + 12345
+
+
+def test_stream_large_value_round_trips_and_is_stored_as_one_row(client, user, db):
+    value = os.urandom(LARGE)
+    token = put(client, user, "big", value, status=204).headers["X-Sync-Token"]
+    response = client.get("/store/big", headers=user.headers)
+    assert response.body == value
+    assert response.headers["Content-Length"] == str(LARGE)
+    assert response.headers["X-Sync-Token"] == token
+    assert db.execute("SELECT size, length(value) FROM items").fetchone() == (LARGE, LARGE)
+
+
+def test_stream_large_update_replaces_the_whole_value(client, user, db):
+    first = put(client, user, "big", b"a" * LARGE).headers["X-Sync-Token"]
+    shorter = os.urandom(LARGE // 2)
+    put(client, user, "big", shorter, token=first, status=204)
+    assert client.get("/store/big", headers=user.headers).body == shorter
+    assert db.execute("SELECT size, length(value) FROM items").fetchone() == (len(shorter),) * 2
+
+
+def test_stream_large_value_over_the_limit_is_size01_and_nothing_stored(make_app, db):
+    client = webtest.TestApp(make_app(max_value_bytes=LARGE))
+    owner = User(
+        "alice", client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    )
+    put(client, owner, "fits", b"x" * LARGE, status=204)
+    assert_error(put(client, owner, "big", b"x" * (LARGE + 1), status=413), 413, "SIZE01")
+    assert [row[0] for row in db.execute("SELECT key FROM items")] == ["fits"]
+
+
+def test_stream_large_value_with_stale_token_stores_nothing(client, user, db):
+    put(client, user, "big", b"a" * LARGE)
+    before = snapshot(db)
+    assert_error(put(client, user, "big", b"b" * LARGE, token="stale", status=409), 409, "KEY01")
+    assert snapshot(db) == before
+
+
+def test_stream_head_of_large_value_ends_its_read_transaction(app, client, user):
+    put(client, user, "big", b"a" * LARGE)
+    response = client.head("/store/big", headers=user.headers)
+    assert response.headers["Content-Length"] == str(LARGE) and response.body == b""
+    assert not app.context.connection().in_transaction
+    put(client, user, "next", b"b", status=204)  # the thread's connection is usable again
+
+
+def test_stream_read_is_not_torn_by_a_concurrent_update(app, user, client):
+    old, new = b"o" * LARGE, b"n" * LARGE
+    token = put(client, user, "big", old).headers["X-Sync-Token"]
+    environ = webtest.TestRequest.blank(
+        "/store/big", headers=user.headers, environ={"REQUEST_METHOD": "GET"}
+    ).environ
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    chunks = iter(body)
+    first = next(chunks)  # the answer is streaming from its snapshot
+    writer = threading.Thread(
+        target=lambda: webtest.TestApp(app).put(
+            "/store/big", new, headers={**user.headers, "X-Sync-Token": token}, status=204
+        )
+    )
+    writer.start()
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+    rest = b"".join(chunks)
+    body.close()
+    assert first + rest == old  # the old value, whole
+    assert client.get("/store/big", headers=user.headers).body == new  # then the new one, whole
+
+
+def test_stream_read_over_a_real_server_is_not_torn(live_server):
+    owner = live_server.register("alice")
+    old, new = os.urandom(LARGE), os.urandom(LARGE)
+    token = live_server.request("PUT", "/store/big", old, owner.headers).headers["X-Sync-Token"]
+    reader = live_server.connect()
+    reader.request("GET", "/store/big", headers=owner.headers)
+    response = reader.getresponse()
+    first = response.read(1000)
+    reply = live_server.request("PUT", "/store/big", new, {**owner.headers, "X-Sync-Token": token})
+    assert reply.status_int == 204
+    assert first + response.read() == old
+    reader.close()
+    assert live_server.request("GET", "/store/big", headers=owner.headers).body == new
+
+
+# ==================================================================================================
+# Store: conditional requests
+# ==================================================================================================
+
+
+#: Each way a client or a proxy may spell the entity tag of token T.
+TAG_FORMS = [
+    pytest.param('"T"', id="strong"),
+    pytest.param('W/"T"', id="weak"),
+    pytest.param('"T-gzip"', id="gzip"),
+    pytest.param('"T-br"', id="br"),
+    pytest.param('"T-zstd"', id="zstd"),
+    pytest.param('"T-deflate"', id="deflate"),
+    pytest.param('W/"T-gzip"', id="weak-gzip"),
+]
+
+
+def test_conditional_get_matching_tag_is_304(client, user):
+    token = token_of(put(client, user, "k", b"value", headers={"X-Sync-Meta": "m"}))
+    response = client.get("/store/k", headers={**user.headers, "If-None-Match": f'"{token}"'})
+    assert response.status_int == 304
+    assert response.body == b""
+    assert response.headers["ETag"] == f'"{token}"'
+    assert response.headers["X-Sync-Token"] == token
+    assert "Content-Type" not in response.headers
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        *TAG_FORMS,
+        pytest.param('"other", "T"', id="list"),
+        pytest.param("*", id="star"),
+    ],
+)
+def test_conditional_get_if_none_match_forms_are_304(client, user, form):
+    token = token_of(put(client, user, "k"))
+    tag = form.replace("T", token)
+    response = client.get("/store/k", headers={**user.headers, "If-None-Match": tag})
+    assert response.status_int == 304
+    assert response.headers["X-Sync-Token"] == token
+
+
+def test_conditional_get_stale_tag_is_200_with_the_value(client, user):
+    old = token_of(put(client, user, "k", b"one"))
+    new = token_of(put(client, user, "k", b"two", old))
+    response = client.get("/store/k", headers={**user.headers, "If-None-Match": f'"{old}"'})
+    assert response.status_int == 200
+    assert response.body == b"two"
+    assert response.headers["ETag"] == f'"{new}"'
+
+
+def test_conditional_get_on_invisible_key_is_err01(client, user, other):
+    token = token_of(put(client, other, "k"))
+    response = client.get("/store/k", headers={**user.headers, "If-None-Match": f'"{token}"'},
+                          status=404)  # fmt: skip
+    assert_error(response, 404, "ERR01")
+
+
+def test_conditional_304_and_head_of_a_streamed_value_end_their_read(client, user):
+    token = token_of(put(client, user, "big", os.urandom(300 * 1024)))
+    client.get("/store/big", headers={**user.headers, "If-None-Match": f'"{token}"'}, status=304)
+    client.head("/store/big", headers=user.headers, status=200)
+    put(client, user, "big", b"small", token, status=204)
+
+
+def test_conditional_values_carry_no_cache_no_transform(client, user):
+    written = put(client, user, "k")
+    read = client.get("/store/k", headers=user.headers)
+    assert read.headers["Cache-Control"] == "no-cache, no-transform"
+    assert written.headers["Cache-Control"] == "no-cache, no-transform"
+
+
+def test_conditional_head_answers_the_headers_of_get(client, user):
+    put(client, user, "k", b"12345", headers={"X-Sync-Meta": "text/plain"})
+    get = client.get("/store/k", headers=user.headers)
+    head = client.head("/store/k", headers=user.headers)
+    assert head.body == b""
+    assert dict(head.headers) == dict(get.headers)
+
+
+def test_conditional_head_with_matching_tag_is_304(client, user):
+    token = token_of(put(client, user, "k"))
+    response = client.head("/store/k", headers={**user.headers, "If-None-Match": f'"{token}"'})
+    assert response.status_int == 304
+    assert response.headers["ETag"] == f'"{token}"'
+
+
+@pytest.mark.parametrize("form", TAG_FORMS)
+def test_conditional_put_if_match_forms_update(client, user, db, form):
+    token = token_of(put(client, user, "k", b"old"))
+    response = put(client, user, "k", b"new", headers={"If-Match": form.replace("T", token)})
+    assert response.status_int == 204
+    assert token_of(response) != token
+    assert db.execute("SELECT value, token FROM items").fetchall() == [(b"new", token_of(response))]
+
+
+@pytest.mark.parametrize("form", TAG_FORMS)
+def test_conditional_delete_if_match_forms_delete(client, user, db, form):
+    token = token_of(put(client, user, "k"))
+    headers = {**user.headers, "If-Match": form.replace("T", token)}
+    client.delete("/store/k", headers=headers, status=204)
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_conditional_stale_if_match_is_key01(client, user, db, method):
+    old = token_of(put(client, user, "k"))
+    put(client, user, "k", b"v2", old)
+    before = feed_state(db)
+    headers = {**user.headers, "If-Match": f'"{old}"'}
+    response = client.request("/store/k", method=method, body=b"v3", headers=headers, status=409)
+    assert_error(response, 409, "KEY01")
+    assert feed_state(db) == before
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_conditional_if_match_and_different_x_sync_token_is_req01(client, user, db, method):
+    token = token_of(put(client, user, "k"))
+    before = feed_state(db)
+    headers = {**user.headers, "If-Match": f'"{token}"', "X-Sync-Token": "something-else"}
+    response = client.request("/store/k", method=method, body=b"v2", headers=headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert feed_state(db) == before
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_conditional_if_match_and_same_x_sync_token_is_accepted(client, user, method):
+    token = token_of(put(client, user, "k"))
+    headers = {**user.headers, "If-Match": f'W/"{token}-gzip"', "X-Sync-Token": token}
+    response = client.request("/store/k", method=method, body=b"v2", headers=headers)
+    assert response.status_int == 204
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_conditional_if_match_star_is_req01(client, user, db, method):
+    put(client, user, "k")
+    before = feed_state(db)
+    headers = {**user.headers, "If-Match": "*"}
+    response = client.request("/store/k", method=method, body=b"v2", headers=headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert feed_state(db) == before
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_conditional_if_match_on_a_missing_key_is_refused(client, user, db, method):
+    before = feed_state(db)
+    headers = {**user.headers, "If-Match": '"some-token"'}
+    status, code = (409, "KEY01") if method == "PUT" else (404, "ERR01")
+    response = client.request("/store/k", method=method, body=b"v", headers=headers, status=status)
+    assert_error(response, status, code)
+    assert feed_state(db) == before
+
+
+def test_conditional_put_if_none_match_star_creates(client, user, db):
+    response = put(client, user, "k", b"new", headers={"If-None-Match": "*"})
+    assert response.status_int == 204
+    assert db.execute("SELECT key, value, token FROM items").fetchall() == [
+        ("k", b"new", token_of(response))
+    ]
+
+
+@pytest.mark.parametrize("holder", ["owner", "reader", "stranger"])
+def test_conditional_put_if_none_match_star_on_existing_key_is_key01(
+    client, user, other, db, holder
+):
+    token = token_of(put(client, user, "k"))
+    if holder == "reader":
+        share(client, user, "k", {"bob": "READ"})
+    caller, sent = (user, token) if holder == "owner" else (other, None)
+    before = feed_state(db)
+    response = put(client, caller, "k", b"x", sent, headers={"If-None-Match": "*"}, status=409)
+    assert_error(response, 409, "KEY01")
+    assert feed_state(db) == before
+
+
+# ==================================================================================================
+# Store: batch
+# ==================================================================================================
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def batch(client, user: User, operations: list, **kw):
+    """POST /batch as the user; return the response."""
+    return client.post_json("/batch", {"operations": operations}, headers=user.headers, **kw)
+
+
+def put_op(key: str, value: bytes = b"v", token: str | None = None, meta: str | None = None):
+    return {"method": "PUT", "key": key, "token": token, "value": b64(value), "meta": meta}
+
+
+def delete_op(key: str, token: str | None) -> dict:
+    return {"method": "DELETE", "key": key, "token": token}
+
+
+def test_batch_applies_every_operation_and_answers_tokens_in_order(client, user, db):
+    old = token_of(put(client, user, "old"))
+    gone_token = token_of(put(client, user, "gone"))
+    operations = [
+        put_op("new", b"created", meta="text/plain"),
+        put_op("old", b"updated", old),
+        delete_op("gone", gone_token),
+    ]
+    response = batch(client, user, operations)
+    results = response.json["results"]
+    assert [result["key"] for result in results] == ["new", "old", "gone"]
+    assert results[2]["token"] is None
+    assert db.execute("SELECT key, value, meta, token FROM items ORDER BY key").fetchall() == [
+        ("new", b"created", "text/plain", results[0]["token"]),
+        ("old", b"updated", None, results[1]["token"]),
+    ]
+    assert results[1]["token"] != old
+    assert response.json == {"results": results}
+
+
+def test_batch_gives_each_changed_key_its_own_seq(client, user):
+    token = token_of(put(client, user, "b"))
+    cursor = current_seq(client, user)
+    results = batch(client, user, [put_op("a"), delete_op("b", token), put_op("c")]).json["results"]
+    assert changes(client, user, cursor) == [
+        live("a", "OWN", results[0]["token"], cursor + 1),
+        gone("b", cursor + 2),
+        live("c", "OWN", results[2]["token"], cursor + 3),
+    ]
+
+
+def test_batch_empty_list_changes_nothing(client, user, db):
+    before = feed_state(db)
+    assert batch(client, user, []).json == {"results": []}
+    assert feed_state(db) == before
+
+
+def test_batch_of_100_operations_is_accepted(client, user, db):
+    response = batch(client, user, [put_op(f"k{number:03}") for number in range(100)])
+    assert len(response.json["results"]) == 100
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (100,)
+
+
+def test_batch_of_101_operations_is_req01(client, user, db):
+    before = feed_state(db)
+    response = batch(client, user, [put_op(f"k{number:03}") for number in range(101)], status=400)
+    assert_error(response, 400, "REQ01")
+    assert feed_state(db) == before
+
+
+def test_batch_value_at_the_size_limit_is_accepted(make_app, db):
+    client = webtest.TestApp(make_app(max_value_bytes=10))
+    alice = register_user(client, "alice")
+    batch(client, alice, [put_op("ten", b"x" * 10), put_op("empty", b"")])
+    assert db.execute("SELECT key, value FROM items ORDER BY key").fetchall() == [
+        ("empty", b""),
+        ("ten", b"x" * 10),
+    ]
+
+
+def test_batch_repeated_key_is_req01_at_the_repeat(client, user, db):
+    before = feed_state(db)
+    operations = [put_op("a"), put_op("b"), delete_op("a", None)]
+    response = batch(client, user, operations, status=400)
+    assert_error(response, 400, "REQ01")
+    assert response.json["index"] == 2
+    assert feed_state(db) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"not json", id="text"),
+        pytest.param(b"[]", id="array"),
+        pytest.param(b"{}", id="no-operations"),
+        pytest.param(b'{"operations": {}}', id="object"),
+        pytest.param(b'{"operations": null}', id="null"),
+    ],
+)
+def test_batch_malformed_body_is_req01(client, user, db, body):
+    before = feed_state(db)
+    response = client.post("/batch", body, headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert feed_state(db) == before
+
+
+def test_batch_needs_authentication(client, db):
+    response = client.post_json("/batch", {"operations": [put_op("k")]}, status=401)
+    assert_error(response, 401, "AUTH01")
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
+
+
+#: name: (the failing operation, put at index 1 after a valid PUT, expected status and code).
+FAILING_OPERATIONS = {
+    "stale-token": (put_op("mine", token="stale"), 409, "KEY01"),
+    "create-over-existing": (put_op("mine"), 409, "KEY01"),
+    "create-over-invisible": (put_op("bobs"), 409, "KEY01"),
+    "create-with-token": (put_op("absent", token="t"), 409, "KEY01"),
+    "create-with-empty-token": (put_op("absent", token=""), 409, "KEY01"),
+    "read-holder-put": (put_op("shared-read", token="{read}"), 403, "PERM01"),
+    "write-holder-delete": (delete_op("shared-write", "{write}"), 403, "PERM01"),
+    "delete-missing": (delete_op("absent", "t"), 404, "ERR01"),
+    "delete-invisible": (delete_op("bobs", "{bobs}"), 404, "ERR01"),
+    "delete-stale": (delete_op("mine", "stale"), 409, "KEY01"),
+    "delete-no-token": (delete_op("mine", None), 409, "KEY01"),
+    "too-large": (put_op("big", b"x" * 11), 413, "SIZE01"),
+    "meta-too-large": (put_op("m", meta="m" * 8193), 413, "SIZE01"),
+    "bad-base64": ({"method": "PUT", "key": "x", "token": None, "value": "***"}, 400, "REQ01"),
+    "unpadded-base64": ({"method": "PUT", "key": "x", "token": None, "value": "dg"}, 400, "REQ01"),
+    "no-value": ({"method": "PUT", "key": "x", "token": None}, 400, "REQ01"),
+    "bad-meta": (put_op("x", meta="tab\there"), 400, "REQ01"),
+    "meta-number": ({**put_op("x"), "meta": 5}, 400, "REQ01"),
+    "empty-key": (put_op(""), 400, "REQ01"),
+    "control-key": (put_op("a\nb"), 400, "REQ01"),
+    "long-key": (put_op("k" * 1025), 400, "REQ01"),
+    "key-number": ({**put_op("x"), "key": 5}, 400, "REQ01"),
+    "token-number": ({**put_op("x"), "token": 5}, 400, "REQ01"),
+    "method-get": ({**put_op("x"), "method": "GET"}, 400, "REQ01"),
+    "method-lower": ({**put_op("x"), "method": "put"}, 400, "REQ01"),
+    "not-object": ("PUT x", 400, "REQ01"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(FAILING_OPERATIONS))
+def test_batch_failing_operation_applies_nothing(make_app, db, name):
+    client = webtest.TestApp(make_app(max_value_bytes=10))
+    alice, bob = register_user(client, "alice"), register_user(client, "bob")
+    tokens = {"mine": token_of(put(client, alice, "mine"))}
+    tokens["bobs"] = token_of(put(client, bob, "bobs"))
+    for key, level in [("read", "READ"), ("write", "WRITE")]:
+        tokens[key] = token_of(put(client, bob, f"shared-{key}"))
+        share(client, bob, f"shared-{key}", {"alice": level})
+    failing, status, code = FAILING_OPERATIONS[name]
+    if isinstance(failing, dict) and isinstance(failing.get("token"), str):
+        failing = {**failing, "token": failing["token"].format(**tokens)}
+    before = feed_state(db)
+    response = batch(client, alice, [put_op("first"), failing, put_op("last")], status=status)
+    assert_error(response, status, code)
+    assert response.json["index"] == 1
+    assert feed_state(db) == before
+
+
+def test_batch_shape_error_comes_before_any_store_check(client, user, db):
+    before = feed_state(db)
+    operations = [delete_op("missing", "t"), put_op("x", meta="\x01")]
+    response = batch(client, user, operations, status=400)
+    assert_error(response, 400, "REQ01")
+    assert response.json["index"] == 1
+    assert feed_state(db) == before
+
+
+def test_batch_store_write_api_key_may_put(client, user, db):
+    token = token_of(put(client, user, "k"))
+    key = create_api_key(client, user, "store.write").headers
+    response = client.post_json(
+        "/batch", {"operations": [put_op("new"), put_op("k", b"2", token)]}, headers=key
+    )
+    assert [result["key"] for result in response.json["results"]] == ["new", "k"]
+    assert db.execute("SELECT key, value FROM items ORDER BY key").fetchall() == [
+        ("k", b"2"),
+        ("new", b"v"),
+    ]
+
+
+def test_batch_store_write_api_key_delete_is_perm01_at_its_index(client, user, db):
+    token = token_of(put(client, user, "k"))
+    key = create_api_key(client, user, "store.write").headers
+    before = feed_state(db)
+    operations = [put_op("new"), put_op("other"), delete_op("k", token)]
+    response = client.post_json("/batch", {"operations": operations}, headers=key, status=403)
+    assert_error(response, 403, "PERM01")
+    assert response.json["index"] == 2
+    assert feed_state(db) == before
+
+
+def test_batch_store_read_api_key_is_perm01(client, user, db):
+    key = create_api_key(client, user, "store.read").headers
+    before = feed_state(db)
+    response = client.post_json("/batch", {"operations": [put_op("new")]}, headers=key, status=403)
+    assert_error(response, 403, "PERM01")
+    assert feed_state(db) == before
+
+
+# ==================================================================================================
+# Store: change feed
+# ==================================================================================================
+
+
+DAY = 86400
+
+
+@pytest.mark.parametrize(
+    "method, url",
+    [
+        pytest.param("GET", "/store", id="listing"),
+        pytest.param("GET", "/store?prefix=n", id="prefix"),
+        pytest.param("GET", "/store?limit=1", id="limit"),
+        pytest.param("GET", "/store?limit=1&after=a", id="after"),
+        pytest.param("GET", "/store?since=1", id="feed"),
+        pytest.param("GET", "/store?since=1&limit=1&prefix=n", id="feed-page"),
+        pytest.param("HEAD", "/store", id="head"),
+    ],
+)
+def test_feed_every_store_listing_carries_x_sync_seq(client, user, method, url):
+    put(client, user, "notes")
+    put(client, user, "other")
+    expected = current_seq(client, user)
+    response = client.request(url, method=method, headers=user.headers)
+    assert response.status_int == 200
+    assert re.fullmatch(r"[0-9]+", response.headers["X-Sync-Seq"])
+    assert int(response.headers["X-Sync-Seq"]) == expected
+
+
+def test_feed_seq_grows_with_every_kind_of_change(client, user, other):
+    seqs = [current_seq(client, user)]
+    token = token_of(put(client, user, "k"))
+    seqs.append(current_seq(client, user))
+    token = token_of(put(client, user, "k", b"v2", token))
+    seqs.append(current_seq(client, user))
+    share(client, user, "k", {"bob": "READ"})
+    seqs.append(current_seq(client, user))
+    share(client, user, "k", {"bob": "WRITE"})
+    seqs.append(current_seq(client, user))
+    client.delete("/permission/k?users=bob", headers=user.headers)
+    seqs.append(current_seq(client, user))
+    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": token})
+    seqs.append(current_seq(client, user))
+    assert seqs == sorted(set(seqs)), seqs
+
+
+def test_feed_since_answers_only_later_changes_by_seq(client, user):
+    put(client, user, "a")
+    b = put(client, user, "b")
+    cursor = current_seq(client, user)
+    b2 = put(client, user, "b", b"new", token_of(b))
+    c = put(client, user, "c")
+    response = client.get(f"/store?since={cursor}", headers=user.headers)
+    seq = int(response.headers["X-Sync-Seq"])
+    assert response.json == [
+        live("b", "OWN", token_of(b2), seq - 1),
+        live("c", "OWN", token_of(c), seq),
+    ]
+
+
+def test_feed_since_zero_lists_every_held_key(client, user):
+    put(client, user, "b")
+    put(client, user, "a")
+    entries = changes(client, user, 0)
+    assert [entry["key"] for entry in entries] == ["b", "a"]
+    assert {entry["key"]: entry["token"] for entry in entries} == {
+        entry["key"]: entry["token"] for entry in client.get("/store", headers=user.headers).json
+    }
+
+
+def test_feed_answers_one_entry_per_key_with_its_latest_state(client, user):
+    cursor = current_seq(client, user)
+    a = put(client, user, "a")
+    b = put(client, user, "b")
+    a = put(client, user, "a", b"2", token_of(a))
+    b = put(client, user, "b", b"2", token_of(b))
+    a = put(client, user, "a", b"3", token_of(a))
+    entries = changes(client, user, cursor)
+    assert [entry["key"] for entry in entries] == ["b", "a"]
+    assert [entry["token"] for entry in entries] == [token_of(b), token_of(a)]
+    assert entries[0]["seq"] < entries[1]["seq"] == current_seq(client, user)
+
+
+def test_feed_delete_answers_a_tombstone_to_every_holder(client, user, other):
+    token = token_of(put(client, user, "k"))
+    share(client, user, "k", {"bob": "READ"})
+    cursor = current_seq(client, user)
+    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": token})
+    seq = current_seq(client, user)
+    assert changes(client, user, cursor) == [gone("k", seq)]
+    assert changes(client, other, cursor) == [gone("k", seq)]
+
+
+def test_feed_grant_reaches_only_the_grantee(client, user, other):
+    token = token_of(put(client, user, "k"))
+    cursor = current_seq(client, user)
+    share(client, user, "k", {"bob": "READ"})
+    assert changes(client, other, cursor) == [live("k", "READ", token, cursor + 1)]
+    assert changes(client, user, cursor) == []
+
+
+def test_feed_permission_change_reaches_that_holder(client, user, other):
+    token = token_of(put(client, user, "k"))
+    share(client, user, "k", {"bob": "READ"})
+    cursor = current_seq(client, user)
+    share(client, user, "k", {"bob": "WRITE"})
+    assert changes(client, other, cursor) == [live("k", "WRITE", token, cursor + 1)]
+    assert changes(client, user, cursor) == []
+
+
+def test_feed_unchanged_grant_takes_no_seq(client, user, other, db):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "READ"})
+    before = feed_state(db)
+    share(client, user, "k", {"bob": "READ"})
+    assert feed_state(db) == before
+
+
+def test_feed_revoke_answers_a_tombstone_to_the_revoked_user(client, user, other):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "WRITE"})
+    cursor = current_seq(client, user)
+    client.delete("/permission/k?users=bob", headers=user.headers)
+    assert changes(client, other, cursor) == [gone("k", cursor + 1)]
+    assert changes(client, user, cursor) == []
+
+
+def test_feed_holder_leaving_a_key_gets_a_tombstone(client, user, other):
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "READ"})
+    cursor = current_seq(client, user)
+    client.delete("/permission/k?users=bob", headers=other.headers)
+    assert changes(client, other, cursor) == [gone("k", cursor + 1)]
+    assert changes(client, user, cursor) == []
+
+
+def test_feed_update_by_a_writer_reaches_every_holder(client, user, other):
+    token = token_of(put(client, user, "k"))
+    share(client, user, "k", {"bob": "WRITE"})
+    cursor = current_seq(client, user)
+    new = token_of(put(client, other, "k", b"bob's", token))
+    assert changes(client, user, cursor) == [live("k", "OWN", new, cursor + 1)]
+    assert changes(client, other, cursor) == [live("k", "WRITE", new, cursor + 1)]
+
+
+def test_feed_account_deletion_buries_the_keys_it_alone_owned(client, user, other):
+    put(client, other, "bobs")
+    share(client, other, "bobs", {"alice": "READ"})
+    shared = token_of(put(client, other, "shared"))
+    share(client, other, "shared", {"alice": "OWN"})
+    cursor = current_seq(client, user)
+    client.delete("/account", headers=other.headers, status=204)
+    assert changes(client, user, cursor) == [gone("bobs", cursor + 1)]
+    assert client.get("/store", headers=user.headers).json == [
+        {"key": "shared", "permission": "OWN", "token": shared}
+    ]
+
+
+def test_feed_regrant_leaves_one_live_entry(client, user, other):
+    token = token_of(put(client, user, "k"))
+    cursor = current_seq(client, user)
+    share(client, user, "k", {"bob": "READ"})
+    client.delete("/permission/k?users=bob", headers=user.headers)
+    share(client, user, "k", {"bob": "WRITE"})
+    assert changes(client, other, cursor) == [live("k", "WRITE", token, cursor + 3)]
+
+
+def test_feed_recreated_key_leaves_one_live_entry(client, user):
+    token = token_of(put(client, user, "k"))
+    cursor = current_seq(client, user)
+    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": token})
+    new = token_of(put(client, user, "k"))
+    assert changes(client, user, cursor) == [live("k", "OWN", new, cursor + 2)]
+
+
+def test_feed_refused_writes_take_no_seq(client, make_user, user, other, db):
+    token = token_of(put(client, user, "k"))
+    share(client, user, "k", {"bob": "READ"})
+    carol = make_user("carol")
+    before = feed_state(db)
+    put(client, user, "k", b"x", "stale", status=409)
+    put(client, other, "k", b"x", token, status=403)
+    put(client, carol, "k", b"x", status=409)
+    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": "stale"}, status=409)
+    share(client, other, "k", {"bob": "OWN"}, status=403)
+    client.delete("/permission/k?users=alice", headers=user.headers, status=409)
+    assert feed_state(db) == before
+
+
+def test_feed_since_current_seq_is_empty(client, user):
+    put(client, user, "k")
+    cursor = current_seq(client, user)
+    response = client.get(f"/store?since={cursor}", headers=user.headers)
+    assert response.json == []
+    assert response.headers["X-Sync-Seq"] == str(cursor)
+
+
+@pytest.mark.parametrize(
+    "ahead",
+    [
+        pytest.param(1, id="next"),
+        pytest.param(2**40, id="far"),
+    ],
+)
+def test_feed_since_beyond_current_seq_is_sync01(client, user, ahead):
+    cursor = current_seq(client, user)
+    response = client.get(f"/store?since={cursor + ahead}", headers=user.headers, status=410)
+    assert_error(response, 410, "SYNC01")
+
+
+def test_feed_tombstones_are_kept_for_90_days_by_default(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=365 * DAY))
+    alice = register_user(client, "alice")
+    token = token_of(put(client, alice, "k"))
+    cursor = current_seq(client, alice)
+    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
+    clock.advance(90 * DAY - 3600)
+    client.get("/health")  # housekeeping runs here
+    assert changes(client, alice, cursor) == [gone("k", cursor + 1)]
+
+
+def test_feed_cursor_older_than_purged_tombstones_is_sync01(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=365 * DAY))
+    alice = register_user(client, "alice")
+    token = token_of(put(client, alice, "k"))
+    cursor = current_seq(client, alice)
+    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
+    clock.advance(90 * DAY + 3600)
+    client.get("/health")  # housekeeping runs here
+    response = client.get(f"/store?since={cursor}", headers=alice.headers, status=410)
+    assert_error(response, 410, "SYNC01")
+
+
+def test_feed_cursor_after_purged_tombstones_still_answers(make_app, clock):
+    client = webtest.TestApp(make_app(tombstone_ttl=3600))
+    alice = register_user(client, "alice")
+    token = token_of(put(client, alice, "k"))
+    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
+    cursor = current_seq(client, alice)
+    clock.advance(7200)
+    later = put(client, alice, "later")  # housekeeping purges the tombstone first
+    assert changes(client, alice, cursor) == [live("later", "OWN", token_of(later), cursor + 1)]
+
+
+def test_feed_purge_waits_for_housekeeping_every_10_minutes(make_app, clock):
+    client = webtest.TestApp(make_app(tombstone_ttl=3600))
+    alice = register_user(client, "alice")  # housekeeping ran now
+    token = token_of(put(client, alice, "k"))
+    cursor = current_seq(client, alice)
+    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
+    clock.advance(3600 - 300)
+    client.get("/health")  # housekeeping: the tombstone is 55 minutes old and stays
+    clock.advance(360)
+    # The tombstone is past its ttl, but the next housekeeping is 4 minutes away.
+    assert changes(client, alice, cursor) == [gone("k", cursor + 1)]
+    clock.advance(300)
+    client.get("/health")
+    response = client.get(f"/store?since={cursor}", headers=alice.headers, status=410)
+    assert_error(response, 410, "SYNC01")
+
+
+# Tombstones per user ------------------------------------------------------------------------------
+
+
+class Pile:
+    """Alice created and deleted 12 keys she shared with no one; housekeeping has run since."""
+
+    def __init__(self, make_app, clock) -> None:
+        self.client = webtest.TestApp(make_app(tombstones_per_user=5))
+        self.alice, self.bob = (
+            register_user(self.client, "alice"),
+            register_user(self.client, "bob"),
+        )
+        put(self.client, self.bob, "bobs")
+        self.bob_cursor = current_seq(self.client, self.bob)
+        tokens = seed(self.client, self.alice, [f"gone/{number:02d}" for number in range(12)])
+        self.before = current_seq(self.client, self.alice)
+        for key, token in tokens.items():
+            headers = {**self.alice.headers, "X-Sync-Token": token}
+            self.client.delete(f"/store/{key}", headers=headers, status=204)
+        self.after = current_seq(self.client, self.alice)
+        clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)
+        self.client.get("/health", status=200)  # housekeeping runs here
+
+
+@pytest.fixture
+def pile(make_app, clock) -> Pile:
+    return Pile(make_app, clock)
+
+
+def test_tombstones_per_user_keeps_at_most_the_setting(pile, db):
+    query = "SELECT count(*) FROM tombstones WHERE user_id = ?"
+    assert db.execute(query, (user_row_id(db, "alice"),)).fetchone()[0] <= 5
+
+
+def test_tombstones_per_user_cursor_before_the_deletions_is_sync01(pile):
+    url = f"/store?since={pile.before}"
+    response = pile.client.get(url, headers=pile.alice.headers, status=410)
+    assert_error(response, 410, "SYNC01")
+
+
+def test_tombstones_per_user_cursor_after_the_deletions_still_answers(pile):
+    url = f"/store?since={pile.after}"
+    response = pile.client.get(url, headers=pile.alice.headers, status=200)
+    assert response.json == []
+
+
+def test_tombstones_per_user_leave_other_users_cursors_alone(pile):
+    url = f"/store?since={pile.bob_cursor}"
+    response = pile.client.get(url, headers=pile.bob.headers, status=200)
+    assert response.json == []
+
+
+# ==================================================================================================
+# Store: long-poll
+# ==================================================================================================
+
+
+class LongPoll:
+    """A GET /store long-poll run in a thread on its own connection, timed from send to answer."""
+
+    def __init__(
+        self, server: RealServer, headers: dict[str, str], url: str, socket_timeout: float = 10
+    ) -> None:
+        self.answer: Reply | None = None
+        self.error: BaseException | None = None
+        self.done_at = 0.0
+        self.started_at = time.monotonic()
+        args = (server, headers, url, socket_timeout)
+        self.thread = threading.Thread(target=self.run, args=args, daemon=True)
+        self.thread.start()
+
+    def run(
+        self, server: RealServer, headers: dict[str, str], url: str, socket_timeout: float
+    ) -> None:
+        conn = server.connect(timeout=socket_timeout)
+        try:
+            self.answer = call(conn, "GET", url, headers=headers)
+        except BaseException as error:  # re-raised by result()
+            self.error = error
+        finally:
+            conn.close()
+        self.done_at = time.monotonic()
+
+    def result(self, timeout: float = 10) -> Reply:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the long-poll did not answer within {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+def wait_for_waiters(server: LiveServer, count: int) -> None:
+    """Block until the app holds `count` long-polls (a synchronisation aid, not a check)."""
+    deadline = time.monotonic() + 5
+    while server.app.context.waiters.waiting != count:
+        assert time.monotonic() < deadline, "the long-poll never started waiting"
+        time.sleep(0.005)
+
+
+def test_longpoll_answers_at_once_when_changes_exist(client, user):
+    put(client, user, "k")
+    started = time.monotonic()
+    response = client.get("/store?since=0&wait=60", headers=user.headers)
+    assert [entry["key"] for entry in response.json] == ["k"]
+    assert time.monotonic() - started < 1
+
+
+def test_longpoll_wakes_within_a_moment_of_a_commit(start_server):
+    server = start_server()
+    alice = server.register("alice")
+    cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
+    waiter = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=5")
+    wait_for_waiters(server, 1)
+    committing = time.monotonic()
+    written = server.request("PUT", "/store/k", b"v", alice.headers)
+    committed = time.monotonic()
+    answer = waiter.result()
+    assert written.status_int == 204
+    assert answer.status_int == 200
+    assert answer.json == [live("k", "OWN", written.headers["X-Sync-Token"], cursor + 1)]
+    # Measured from before the PUT was sent, so the PUT's own time counts against the bound.
+    woke_after = waiter.done_at - committing
+    print(f"long-poll woke {woke_after * 1000:.1f} ms after the PUT was sent "
+          f"({(waiter.done_at - committed) * 1000:.1f} ms after its answer)")  # fmt: skip
+    assert woke_after < 0.5
+
+
+def test_longpoll_wakes_when_a_key_is_shared_with_the_caller(start_server):
+    server = start_server()
+    alice, bob = server.register("alice"), server.register("bob")
+    assert server.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
+    cursor = int(server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"])
+    waiter = LongPoll(server, bob.headers, f"/store?since={cursor}&wait=5")
+    wait_for_waiters(server, 1)
+    grant = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
+    assert server.request("PUT", "/permission/k", grant, alice.headers).status_int == 204
+    answer = waiter.result()
+    assert [(entry["key"], entry["permission"]) for entry in answer.json] == [("k", "READ")]
+    assert answer.json[0]["seq"] == cursor + 1
+    assert waiter.done_at - waiter.started_at < 4
+
+
+def test_longpoll_ignores_changes_the_caller_cannot_see(start_server):
+    server = start_server()
+    alice, bob = server.register("alice"), server.register("bob")
+    cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
+    waiter = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=1")
+    wait_for_waiters(server, 1)
+    assert server.request("PUT", "/store/bobs", b"v", bob.headers).status_int == 204
+    answer = waiter.result()
+    assert answer.status_int == 200
+    assert answer.json == []
+    assert waiter.done_at - waiter.started_at >= 0.95
+    assert int(answer.headers["X-Sync-Seq"]) >= cursor
+
+
+def test_longpoll_past_max_waiting_answers_at_once(start_server):
+    server = start_server(threads=2)  # max_waiting = threads // 2 = 1
+    alice = server.register("alice")
+    cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
+    first = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=5")
+    wait_for_waiters(server, 1)
+    started = time.monotonic()
+    second = server.request("GET", f"/store?since={cursor}&wait=5", headers=alice.headers)
+    assert time.monotonic() - started < 1
+    assert second.status_int == 200
+    assert second.json == []
+    assert first.thread.is_alive(), "the first long-poll should still be waiting"
+    assert server.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
+    assert [entry["key"] for entry in first.result().json] == ["k"]
+
+
+# Long-polls end when their credential dies --------------------------------------------------------
+
+
+#: How soon a long-poll must answer once its credential has died, in seconds.
+PROMPTLY = 2.0
+
+
+@pytest.fixture
+def poll_server(start_server):
+    """A live server; at teardown its polls answer at once, so that a failing test ends fast."""
+    server = start_server(threads=4)
+    yield server
+    server.app.context.waiters.stop()
+
+
+def start_poll(server, headers: dict[str, str]) -> LongPoll:
+    """Start a 20 s long-poll from the caller's current cursor; return once it waits."""
+    listing = server.request("GET", "/store", headers=headers)
+    assert listing.status_int == 200, listing.body
+    url = f"/store?since={listing.headers['X-Sync-Seq']}&wait=20"
+    poll = LongPoll(server, headers, url, socket_timeout=25)
+    wait_for_waiters(server, 1)
+    return poll
+
+
+# Each way to kill a poll's credential: given the server, the poll's user and a second session
+# of that user, return the poll's headers and the request that kills its credential.
+Kill = tuple[dict[str, str], Callable[[], Reply]]
+
+
+def account_deleted(server, alice: User, second: User) -> Kill:
+    return alice.headers, lambda: server.request("DELETE", "/account", headers=second.headers)
+
+
+def session_ended(server, alice: User, second: User) -> Kill:
+    return alice.headers, lambda: server.request("DELETE", "/auth", headers=alice.headers)
+
+
+def password_changed(server, alice: User, second: User) -> Kill:
+    body = {"password": "new password 1"}
+    return alice.headers, lambda: live_json(server, "POST", "/password", body, second.headers)
+
+
+def api_key_deleted(server, alice: User, second: User) -> Kill:
+    body = {"name": "k", "permissions": ["store.read"]}
+    created = live_json(server, "POST", "/api/api-keys", body, second.headers)
+    assert created.status_int == 201, created.body
+    path = f"/api/api-keys/{created.json['apiKey']['id']}"
+    key = {"x-api-key": created.json["secret"]}
+    return key, lambda: server.request("DELETE", path, headers=second.headers)
+
+
+@pytest.mark.parametrize(
+    "kill",
+    [
+        pytest.param(account_deleted, id="account-deleted"),
+        pytest.param(session_ended, id="session-ended-by-its-token"),
+        pytest.param(password_changed, id="password-changed"),
+        pytest.param(api_key_deleted, id="api-key-deleted"),
+    ],
+)
+def test_longpoll_dead_credential_answers_auth01_promptly(poll_server, kill):
+    alice = poll_server.register("alice")
+    second = live_login(poll_server, "alice")
+    headers, killing = kill(poll_server, alice, second)
+    poll = start_poll(poll_server, headers)
+    started = time.monotonic()
+    assert killing().status_int == 204
+    answer = poll.result(timeout=PROMPTLY + 1)
+    assert poll.done_at - started < PROMPTLY
+    assert_error(answer, 401, "AUTH01")
+
+
+def test_longpoll_deleted_account_never_answers_a_new_users_keys(poll_server):
+    xavier = poll_server.register("xavier")
+    second = live_login(poll_server, "xavier")
+    poll = start_poll(poll_server, xavier.headers)
+    assert poll_server.request("DELETE", "/account", headers=second.headers).status_int == 204
+    yvonne = poll_server.register("yvonne")  # the row id xavier had, if ids were reused
+    secrets_of_yvonne = []
+    for key in ("yvonne-diary", "yvonne-bank"):
+        written = poll_server.request("PUT", f"/store/{key}", b"private", yvonne.headers)
+        assert written.status_int == 204
+        secrets_of_yvonne += [key, written.headers["X-Sync-Token"]]
+    answer = poll.result(timeout=PROMPTLY + 1)
+    for secret in secrets_of_yvonne:
+        assert secret.encode() not in answer.body, answer.body
+    assert_error(answer, 401, "AUTH01")
+
+
+# ==================================================================================================
+# Store: listing and paging
+# ==================================================================================================
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param("since=abc", id="since-text"),
+        pytest.param("since=-1", id="since-negative"),
+        pytest.param("since=1.5", id="since-fraction"),
+        pytest.param("since=", id="since-empty"),
+        pytest.param("since=%D9%A1", id="since-arabic-digit"),
+        pytest.param("since=4611686018427387905", id="since-over-2**62"),
+        pytest.param("wait=61", id="wait-61"),
+        pytest.param("wait=-1", id="wait-negative"),
+        pytest.param("wait=abc", id="wait-text"),
+        pytest.param("wait=1.5", id="wait-fraction"),
+        pytest.param("limit=0", id="limit-0"),
+        pytest.param("limit=1001", id="limit-1001"),
+        pytest.param("limit=abc", id="limit-text"),
+        pytest.param("limit=-1", id="limit-negative"),
+        pytest.param("prefix=%01", id="prefix-control"),
+        pytest.param("prefix=a%7Fb", id="prefix-del"),
+        pytest.param("prefix=" + "x" * 1025, id="prefix-1025"),
+        pytest.param("after=%0A", id="after-control"),
+        pytest.param("after=" + "x" * 1025, id="after-1025"),
+        pytest.param("since=1&after=a", id="since-with-after"),
+    ],
+)
+def test_listing_malformed_query_is_req01(client, user, query):
+    response = client.get(f"/store?{query}", headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+
+
+@pytest.mark.parametrize(
+    "query", ["prefix=%FF", "prefix=a%ED%A0%80", "since=%FF", "limit=%FF", "wait=%FF", "after=%FF"]
+)
+def test_listing_query_that_is_not_utf8_is_req01(client, user, query):
+    put(client, user, "k")
+    response = client.get(f"/store?{query}", headers=user.headers, status=(200, 400))
+    assert_error(response, 400, "REQ01")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param("since=0&wait=60", id="wait-60"),
+        pytest.param("since=0&wait=0", id="wait-0"),
+        pytest.param("limit=1", id="limit-1"),
+        pytest.param("limit=1000", id="limit-1000"),
+        pytest.param("prefix=" + "x" * 1024, id="prefix-1024"),
+    ],
+)
+def test_listing_query_edge_values_are_accepted(client, user, query):
+    put(client, user, "k")  # so that the long-poll finds a change at once
+    response = client.get(f"/store?{query}", headers=user.headers)
+    assert response.status_int == 200
+
+
+def test_listing_malformed_query_without_token_is_auth01(client):
+    response = client.get("/store?limit=0", status=401)
+    assert_error(response, 401, "AUTH01")
+
+
+LITERAL_KEYS = ["A1", "a%b", "a*b", "a?b", "a_b", "ab", "axb", "b", "a\\b"]
+
+
+@pytest.mark.parametrize(
+    "prefix, expected",
+    [
+        pytest.param("a%", ["a%b"], id="percent"),
+        pytest.param("a_", ["a_b"], id="underscore"),
+        pytest.param("a*", ["a*b"], id="star"),
+        pytest.param("a?", ["a?b"], id="question"),
+        pytest.param("a\\", ["a\\b"], id="backslash"),
+        pytest.param("A", ["A1"], id="case"),
+        pytest.param("a", ["a%b", "a*b", "a?b", "a\\b", "a_b", "ab", "axb"], id="plain"),
+        pytest.param("%", [], id="bare-percent"),
+        pytest.param("", sorted(LITERAL_KEYS), id="empty"),
+    ],
+)
+def test_listing_prefix_matches_literally(client, user, prefix, expected):
+    seed(client, user, LITERAL_KEYS)
+    response = client.get("/store", {"prefix": prefix}, headers=user.headers)
+    assert [entry["key"] for entry in response.json] == expected
+
+
+def test_listing_prefix_applies_to_the_feed(client, user):
+    tokens = seed(client, user, ["a%1", "ab"])
+    cursor = current_seq(client, user)
+    put(client, user, "ab", b"2", tokens["ab"])
+    client.delete("/store/a%251", headers={**user.headers, "X-Sync-Token": tokens["a%1"]})
+    new = token_of(put(client, user, escaped("a%2")))
+    seq = current_seq(client, user)
+    assert changes(client, user, cursor, prefix="a%") == [
+        gone("a%1", seq - 1),
+        live("a%2", "OWN", new, seq),
+    ]
+
+
+def test_listing_feed_link_keeps_the_prefix(client, user):
+    cursor = current_seq(client, user)
+    seed(client, user, ["n/1", "o/1", "n/2", "n/3"])
+    response = client.get(f"/store?since={cursor}&prefix=n/&limit=2", headers=user.headers)
+    url = urllib.parse.urlsplit(next_link(response))
+    last = response.json[-1]["seq"]
+    assert urllib.parse.parse_qs(url.query) == {
+        "limit": ["2"],
+        "prefix": ["n/"],
+        "since": [str(last)],
+    }
+    entries = follow_pages(client, user, f"/store?since={cursor}&prefix=n/&limit=2")
+    assert [entry["key"] for entry in entries] == ["n/1", "n/2", "n/3"]
+
+
+def test_listing_limit_caps_and_links_to_the_next_page(client, user):
+    seed(client, user, ["e", "d", "c", "b", "a"])
+    response = client.get("/store?limit=2", headers=user.headers)
+    assert [entry["key"] for entry in response.json] == ["a", "b"]
+    assert response.headers["Link"] == '</store?limit=2&after=b>; rel="next"'
+    second = client.get(next_link(response), headers=user.headers)
+    assert [entry["key"] for entry in second.json] == ["c", "d"]
+    third = client.get(next_link(second), headers=user.headers)
+    assert [entry["key"] for entry in third.json] == ["e"]
+    assert "Link" not in third.headers
+
+
+def test_listing_full_last_page_has_no_link(client, user):
+    seed(client, user, ["a", "b", "c", "d"])
+    second = client.get("/store?limit=2&after=b", headers=user.headers)
+    assert [entry["key"] for entry in second.json] == ["c", "d"]
+    assert "Link" not in second.headers
+
+
+def test_listing_link_keeps_the_prefix(client, user):
+    seed(client, user, ["n/1", "n/2", "n/3", "o/1"])
+    response = client.get("/store?prefix=n/&limit=2", headers=user.headers)
+    url = urllib.parse.urlsplit(next_link(response))
+    assert url.path == "/store"
+    assert urllib.parse.parse_qs(url.query) == {"limit": ["2"], "prefix": ["n/"], "after": ["n/2"]}
+    assert follow_pages(client, user, "/store?prefix=n/&limit=2") == (
+        client.get("/store?prefix=n/", headers=user.headers).json
+    )
+
+
+def test_listing_pages_keys_with_url_characters(client, user):
+    keys = ["a b", "a+b", "a&b", "a=b", "a#b", "a%b", "a%2Fb", "a/b", "a;b", "a<b>", 'a"b', "é",
+            "日本"]  # fmt: skip
+    seed(client, user, keys)
+    entries = follow_pages(client, user, "/store?limit=1")
+    assert [entry["key"] for entry in entries] == sorted(keys)
+
+
+def test_listing_paging_survives_keys_added_and_deleted_between_pages(client, user):
+    tokens = seed(client, user, ["b", "d", "f", "h", "j", "l"])
+    first = client.get("/store?limit=2", headers=user.headers)
+    seen = [entry["key"] for entry in first.json]
+    put(client, user, "a")  # before the cursor
+    put(client, user, "e")  # ahead of it
+    client.delete("/store/b", headers={**user.headers, "X-Sync-Token": tokens["b"]})
+    client.delete("/store/h", headers={**user.headers, "X-Sync-Token": tokens["h"]})
+    seen += [entry["key"] for entry in follow_pages(client, user, next_link(first))]
+    assert len(seen) == len(set(seen))
+    assert {"d", "f", "j", "l"} <= set(seen)  # present throughout
+    assert seen == sorted(seen)
+
+
+@pytest.mark.parametrize(
+    "mount",
+    [
+        pytest.param(mount_with_bottle("/sync"), id="bottle-wsgi"),
+        pytest.param(mount_with_bottle("/sync/"), id="bottle-routes"),
+        pytest.param(mount_with_dispatcher, id="router"),
+    ],
+)
+def test_listing_link_carries_the_mount_prefix(make_app, mount):
+    client = webtest.TestApp(mount(make_app()))
+    body = {"id": "alice", "password": PASSWORD}
+    alice = User("alice", client.post_json("/sync/account", body).json["token"])
+    for key in ["a", "b"]:
+        client.put(f"/sync/store/{key}", b"v", headers=alice.headers)
+    response = client.get("/sync/store?limit=1", headers=alice.headers)
+    assert response.headers["Link"] == '</sync/store?limit=1&after=a>; rel="next"'
+    following = client.get(next_link(response), headers=alice.headers)
+    assert [entry["key"] for entry in following.json] == ["b"]
+
+
+def test_listing_feed_pages_link_by_seq(client, user):
+    cursor = current_seq(client, user)
+    seed(client, user, ["c", "a", "b"])
+    response = client.get(f"/store?since={cursor}&limit=2", headers=user.headers)
+    assert [entry["key"] for entry in response.json] == ["c", "a"]
+    last = response.json[-1]["seq"]
+    assert response.headers["Link"] == f'</store?limit=2&since={last}>; rel="next"'
+    second = client.get(next_link(response), headers=user.headers)
+    assert [entry["key"] for entry in second.json] == ["b"]
+    assert "Link" not in second.headers
+
+
+def test_listing_feed_paging_survives_changes_between_pages(client, user):
+    cursor = current_seq(client, user)
+    tokens = seed(client, user, ["a", "b", "c", "d", "e"])
+    first = client.get(f"/store?since={cursor}&limit=2", headers=user.headers)
+    seen = [entry["key"] for entry in first.json]
+    put(client, user, "a", b"2", tokens["a"])  # already paged: comes again with its new state
+    client.delete("/store/d", headers={**user.headers, "X-Sync-Token": tokens["d"]})
+    new = token_of(put(client, user, "f"))
+    rest = follow_pages(client, user, next_link(first))
+    seen += [entry["key"] for entry in rest]
+    assert seen == ["a", "b", "c", "e", "a", "d", "f"]
+    assert rest[-1] == live("f", "OWN", new, current_seq(client, user))
+
+
+# ==================================================================================================
+# Store: quotas
+# ==================================================================================================
+
+
+def usage(client: webtest.TestApp, user: User) -> tuple[int, int]:
+    """Return the (keys, bytes) GET /account reports for the user."""
+    headers = client.get("/account", headers=user.headers).headers
+    return int(headers["X-Sync-Usage-Keys"]), int(headers["X-Sync-Usage-Bytes"])
+
+
+def test_quota_account_headers_report_usage_and_limits(make_app):
+    client = webtest.TestApp(make_app(quota_bytes=1000, quota_keys=5))
+    alice, bob = register_user(client, "alice"), register_user(client, "bob")
+    put(client, alice, "a/1", b"abc")
+    put(client, alice, "a/2", b"defg")
+    put(client, bob, "b/1", b"0123456789")
+    response = client.get("/account", headers=alice.headers)
+    assert response.status_int == 200
+    assert response.headers["X-Sync-Usage-Keys"] == "2"
+    assert response.headers["X-Sync-Usage-Bytes"] == "7"
+    assert response.headers["X-Sync-Quota-Keys"] == "5"
+    assert response.headers["X-Sync-Quota-Bytes"] == "1000"
+    (session,) = response.json
+    assert set(session) == {"id", "expiration", "current", "createdAt"} and session["current"]
+
+
+def test_quota_usage_counts_only_keys_held_with_own(make_app):
+    client = webtest.TestApp(make_app())
+    alice, bob = register_user(client, "alice"), register_user(client, "bob")
+    put(client, alice, "shared", b"abc")
+    put(client, bob, "mine", b"0123456789")
+    share(client, alice, "shared", {"bob": "WRITE"})
+    assert usage(client, bob) == (1, 10)
+    share(client, alice, "shared", {"bob": "OWN"})
+    assert usage(client, bob) == (2, 13)
+    assert usage(client, alice) == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "settings, limits",
+    [
+        pytest.param({}, {"X-Sync-Quota-Keys": "100000"}, id="default"),
+        pytest.param({"quota_keys": 0}, {}, id="keys-off"),
+        pytest.param(
+            {"quota_keys": 0, "quota_bytes": 50}, {"X-Sync-Quota-Bytes": "50"}, id="bytes-only"
+        ),
+    ],
+)
+def test_quota_headers_name_only_the_limits_that_are_on(make_app, settings, limits):
+    client = webtest.TestApp(make_app(**settings))
+    alice = register_user(client, "alice")
+    headers = client.get("/account", headers=alice.headers).headers
+    sent = {name: value for name, value in headers.items() if name.startswith("X-Sync-Quota-")}
+    assert sent == limits
+    assert (headers["X-Sync-Usage-Keys"], headers["X-Sync-Usage-Bytes"]) == ("0", "0")
+
+
+def test_quota_create_past_bytes_is_quota01_and_stores_nothing(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice = register_user(client, "alice")
+    put(client, alice, "first", b"123456")
+    before = snapshot(db)
+    response = put(client, alice, "second", b"12345", status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+def test_quota_create_up_to_the_byte_limit_is_accepted(make_app):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice = register_user(client, "alice")
+    put(client, alice, "first", b"123456")
+    put(client, alice, "second", b"1234", status=204)
+    assert usage(client, alice) == (2, 10)
+
+
+def test_quota_create_of_a_streamed_value_past_bytes_is_quota01(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=300 * 1024))
+    alice = register_user(client, "alice")
+    response = put(client, alice, "big", os.urandom(400 * 1024), status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert table_counts(db)["items"] == 0
+
+
+def test_quota_batch_past_bytes_is_quota01_and_stores_nothing(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice = register_user(client, "alice")
+    operations = [
+        {"method": "PUT", "key": key, "value": base64.b64encode(value).decode()}
+        for key, value in [("a", b"123456"), ("b", b"12345")]
+    ]
+    before = snapshot(db)
+    body = {"operations": operations}
+    response = client.post_json("/batch", body, headers=alice.headers, status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert response.json["index"] == 1
+    assert snapshot(db) == before
+
+
+def test_quota_create_past_keys_is_quota01(make_app, db):
+    client = webtest.TestApp(make_app(quota_keys=2))
+    alice = register_user(client, "alice")
+    put(client, alice, "one")
+    put(client, alice, "two")
+    before = snapshot(db)
+    assert_error(put(client, alice, "three", status=507), 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+def test_quota_update_growing_past_bytes_is_quota01_and_keeps_the_value(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice = register_user(client, "alice")
+    token = put(client, alice, "k", b"12345").headers["X-Sync-Token"]
+    before = snapshot(db)
+    response = put(client, alice, "k", b"12345678901", token=token, status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+    stored = client.get("/store/k", headers=alice.headers)
+    assert (stored.body, stored.headers["X-Sync-Token"]) == (b"12345", token)
+
+
+def test_quota_write_holder_growing_an_owners_key_is_quota01(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice, bob = register_user(client, "alice"), register_user(client, "bob")
+    token = put(client, alice, "k", b"1234").headers["X-Sync-Token"]
+    share(client, alice, "k", {"bob": "WRITE"})
+    before = snapshot(db)
+    response = put(client, bob, "k", b"12345678901", token=token, status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+def test_quota_growth_is_charged_to_owners_not_to_the_writer(make_app):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice, bob = register_user(client, "alice"), register_user(client, "bob")
+    put(client, bob, "mine", b"0123456789")  # bob is at his limit
+    token = put(client, alice, "k", b"1").headers["X-Sync-Token"]
+    share(client, alice, "k", {"bob": "WRITE"})
+    put(client, bob, "k", b"123456789", token=token, status=204)
+    assert usage(client, alice) == (1, 9)
+    assert usage(client, bob) == (1, 10)
+
+
+def test_quota_growth_is_checked_for_every_owner(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=10))
+    alice, bob = register_user(client, "alice"), register_user(client, "bob")
+    put(client, bob, "mine", b"12345678")
+    token = put(client, alice, "k", b"12").headers["X-Sync-Token"]
+    share(client, alice, "k", {"bob": "OWN"})  # bob now owns exactly 10 bytes
+    before = snapshot(db)
+    response = put(client, alice, "k", b"123", token=token, status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({"quota_keys": 1}, id="keys"),
+        pytest.param({"quota_bytes": 10}, id="bytes"),
+    ],
+)
+def test_quota_granting_own_past_a_limit_is_quota01(make_app, db, settings):
+    client = webtest.TestApp(make_app(**settings))
+    alice, bob = register_user(client, "alice"), register_user(client, "bob")
+    put(client, alice, "k", b"123456")
+    put(client, bob, "mine", b"123456")
+    before = snapshot(db)
+    response = share(client, alice, "k", {"bob": "OWN"}, status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize("level", ["READ", "WRITE"])
+def test_quota_granting_read_or_write_past_a_limit_is_allowed(make_app, level):
+    client = webtest.TestApp(make_app(quota_keys=1, quota_bytes=10))
+    alice, bob = register_user(client, "alice"), register_user(client, "bob")
+    put(client, alice, "k", b"123456")
+    put(client, bob, "mine", b"123456")
+    share(client, alice, "k", {"bob": level}, status=204)
+    assert usage(client, bob) == (1, 6)
+
+
+@pytest.fixture
+def over_quota(make_app):
+    """alice owns two keys of 20 bytes; then the server restarts with 10 bytes and 1 key each."""
+    before = webtest.TestApp(make_app())
+    alice = register_user(before, "alice")
+    tokens = {key: put(before, alice, key, b"x" * 20).headers["X-Sync-Token"] for key in "ab"}
+    return webtest.TestApp(make_app(quota_bytes=10, quota_keys=1)), alice, tokens
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        pytest.param(5, id="shrink"),
+        pytest.param(20, id="same-size"),
+    ],
+)
+def test_quota_over_a_lowered_quota_may_still_rewrite_without_growing(over_quota, size):
+    client, alice, tokens = over_quota
+    put(client, alice, "a", b"y" * size, token=tokens["a"], status=204)
+    assert usage(client, alice) == (2, 20 + size)
+
+
+def test_quota_over_a_lowered_quota_may_still_delete(over_quota):
+    client, alice, tokens = over_quota
+    client.delete("/store/a", headers={**alice.headers, "X-Sync-Token": tokens["a"]}, status=204)
+    assert usage(client, alice) == (1, 20)
+
+
+def test_quota_over_a_lowered_quota_may_not_grow(over_quota, db):
+    client, alice, tokens = over_quota
+    before = snapshot(db)
+    response = put(client, alice, "a", b"y" * 21, token=tokens["a"], status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+def test_quota_over_a_lowered_quota_may_not_create(over_quota, db):
+    client, alice, _ = over_quota
+    before = snapshot(db)
+    assert_error(put(client, alice, "c", b"", status=507), 507, "QUOTA01")
+    assert snapshot(db) == before
+
+
+# Quotas count X-Sync-Meta -------------------------------------------------------------------------
+
+
+def meta(size: int) -> dict[str, str]:
+    """Return an X-Sync-Meta header of `size` printable bytes."""
+    return {"X-Sync-Meta": "m" * size}
+
+
+def test_quota_usage_counts_meta_bytes(client, user):
+    put(client, user, "k", b"0123456789", headers=meta(100), status=204)
+    assert usage(client, user) == (1, 110)
+
+
+def test_quota_create_past_bytes_by_its_meta_is_quota01_and_stores_nothing(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=50))
+    alice = register_user(client, "alice")
+    response = put(client, alice, "k", b"0123456789", headers=meta(100), status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert table_counts(db)["items"] == 0
+    assert usage(client, alice) == (0, 0)
+
+
+def test_quota_update_growing_only_the_meta_past_bytes_is_quota01(make_app, db):
+    client = webtest.TestApp(make_app(quota_bytes=50))
+    alice = register_user(client, "alice")
+    token = token_of(put(client, alice, "k", b"0123456789", headers=meta(20), status=204))
+    before = snapshot(db)
+    response = put(client, alice, "k", b"0123456789", token, headers=meta(45), status=507)
+    assert_error(response, 507, "QUOTA01")
+    assert snapshot(db) == before
+    assert client.get("/store/k", headers=alice.headers).headers["X-Sync-Meta"] == "m" * 20
+
+
+@pytest.mark.parametrize(
+    "headers, size",
+    [
+        pytest.param(meta(50), 60, id="meta-shorter"),
+        pytest.param({}, 10, id="meta-dropped"),
+    ],
+)
+def test_quota_shrinking_the_meta_over_a_lowered_quota_is_allowed(make_app, headers, size):
+    unlimited = webtest.TestApp(make_app())
+    alice = register_user(unlimited, "alice")
+    token = token_of(put(unlimited, alice, "k", b"0123456789", headers=meta(100), status=204))
+    client = webtest.TestApp(make_app(quota_bytes=50))
+    put(client, alice, "k", b"0123456789", token, headers=headers, status=204)
+    assert usage(client, alice) == (1, size)
+
+
+# ==================================================================================================
+# Store: faults and the disk floor
+# ==================================================================================================
+
+
+#: syncnode's own connect, kept before any test replaces it.
+REAL_CONNECT = syncnode.connect
+
+
+def read_only_connect(path: str, settings, write_lock=None, **_):
+    """Open a connection as syncnode does, but read-only, as on a file system mounted ro."""
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+    conn = sqlite3.connect(
+        uri, uri=True, isolation_level=None, check_same_thread=False, factory=syncnode.Connection
+    )
+    conn.write_lock = write_lock
+    conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout)}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+@pytest.fixture
+def read_only(app, client, user, monkeypatch) -> tuple[User, str]:
+    """Alice stored "k"; from now on the app's connections open the database read-only.
+
+    Returns alice and the token of "k".
+    """
+    token = token_of(put(client, user, "k", b"value"))
+    monkeypatch.setattr(syncnode, "connect", read_only_connect)
+    app.close()  # the next request opens this thread's connection again
+    return user, token
+
+
+class FullDisk(io.BytesIO):
+    """A temporary file on a file system with no space left."""
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_faults_spooling_out_of_space_is_disk01_and_stores_nothing(client, user, db, monkeypatch):
+    monkeypatch.setattr(syncnode.tempfile, "TemporaryFile", lambda *args, **kwargs: FullDisk())
+    before = snapshot(db)
+    body = b"x" * (syncnode.STREAM_FROM_BYTES + 1)  # large enough to be spooled
+    assert_error(put(client, user, "big", body, status=507), 507, "DISK01")
+    assert snapshot(db) == before
+
+
+def test_faults_read_only_connection_recovers_once_the_database_is_writable(
+    client, read_only, monkeypatch
+):
+    alice, _ = read_only
+    assert_error(put(client, alice, "new", status=507), 507, "DISK01")
+    monkeypatch.setattr(syncnode, "connect", REAL_CONNECT)
+    put(client, alice, "new", status=204)  # same thread, same app
+    assert client.get("/store/new", headers=alice.headers).body == b"v"
+
+
+def test_faults_read_only_get_answers_200_when_the_session_is_due_a_refresh(
+    client, clock, read_only
+):
+    alice, _ = read_only
+    clock.advance(2 * 3600)
+    assert client.get("/store/k", headers=alice.headers).body == b"value"
+
+
+def test_faults_read_only_listing_answers_200_when_the_session_is_due_a_refresh(
+    client, clock, read_only
+):
+    alice, _ = read_only
+    clock.advance(2 * 3600)
+    listing = client.get("/store", headers=alice.headers).json
+    assert [entry["key"] for entry in listing] == ["k"]
+
+
+def test_faults_read_only_expired_session_is_auth01(client, clock, read_only):
+    alice, _ = read_only
+    clock.advance(31 * 86400)
+    assert_error(client.get("/store/k", headers=alice.headers, status=401), 401, "AUTH01")
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(
+            lambda client, alice, token: put(client, alice, "new", status="*"), id="put-new"
+        ),
+        pytest.param(
+            lambda client, alice, token: put(client, alice, "k", b"changed", token, status="*"),
+            id="put-update",
+        ),
+        pytest.param(
+            lambda client, alice, token: deleting(client, alice, "k", token, status="*"),
+            id="delete",
+        ),
+        pytest.param(
+            lambda client, alice, token: batch(client, alice, [put_op("new")], status="*"),
+            id="batch",
+        ),
+        pytest.param(
+            lambda client, alice, token: client.post_json(
+                "/account", {"id": "bob", "password": PASSWORD}, status="*"
+            ),
+            id="register",
+        ),
+    ],
+)
+def test_faults_read_only_writes_are_disk01(client, read_only, write):
+    alice, token = read_only
+    assert_error(write(client, alice, token), 507, "DISK01")
+
+
+# Disk floor ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Floor:
+    """Two apps on one database: one with room to write, one whose floor no disk meets."""
+
+    roomy: webtest.TestApp
+    full: webtest.TestApp
+    alice: User
+
+
+@pytest.fixture
+def floor(make_app) -> Floor:
+    roomy = webtest.TestApp(make_app())
+    alice = register_user(roomy, "alice")
+    return Floor(roomy, webtest.TestApp(make_app(min_free_bytes=10**18)), alice)
+
+
+def test_disk_floor_delete_is_allowed(floor):
+    token = token_of(put(floor.roomy, floor.alice, "k"))
+    deleting(floor.full, floor.alice, "k", token, status=204)
+    floor.roomy.get("/store/k", headers=floor.alice.headers, status=404)
+
+
+def test_disk_floor_batch_of_deletes_is_allowed(floor):
+    tokens = {key: token_of(put(floor.roomy, floor.alice, key)) for key in ("a", "b")}
+    operations = [delete_op(key, token) for key, token in tokens.items()]
+    batch(floor.full, floor.alice, operations, status=200)
+    floor.roomy.get("/store/a", headers=floor.alice.headers, status=404)
+    floor.roomy.get("/store/b", headers=floor.alice.headers, status=404)
+
+
+def test_disk_floor_batch_with_a_new_key_is_disk01_and_changes_nothing(floor):
+    token = token_of(put(floor.roomy, floor.alice, "a"))
+    operations = [delete_op("a", token), put_op("new")]
+    assert_error(batch(floor.full, floor.alice, operations, status=507), 507, "DISK01")
+    floor.roomy.get("/store/a", headers=floor.alice.headers, status=200)
+
+
+def test_disk_floor_put_of_a_new_key_is_disk01(floor):
+    assert_error(put(floor.full, floor.alice, "new", status=507), 507, "DISK01")
+    floor.roomy.get("/store/new", headers=floor.alice.headers, status=404)
+
+
+#: (old value, old meta) -> (new value, new meta); the size counts the value and the meta.
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        pytest.param((b"abcd", None), (b"wxyz", None), id="same-size"),
+        pytest.param((b"abcd", "ab"), (b"wxyz", "cd"), id="same-size-with-meta"),
+        pytest.param((b"abcd", "ab"), (b"ab", "ab"), id="smaller"),
+        pytest.param((b"abcd", "abcd"), (b"abcdef", None), id="meta-dropped-value-grows-less"),
+    ],
+)
+def test_disk_floor_put_that_does_not_grow_is_allowed(floor, old, new):
+    token = token_of(put(floor.roomy, floor.alice, "k", old[0], meta=old[1]))
+    put(floor.full, floor.alice, "k", new[0], token, meta=new[1], status=204)
+    response = floor.roomy.get("/store/k", headers=floor.alice.headers)
+    assert (response.body, response.headers.get("X-Sync-Meta")) == new
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        pytest.param((b"abcd", None), (b"abcde", None), id="larger-value"),
+        pytest.param((b"abcd", None), (b"abcd", "m"), id="meta-added"),
+        pytest.param((b"abcd", None), (b"ab", "abc"), id="value-shrinks-meta-grows-more"),
+    ],
+)
+def test_disk_floor_put_that_grows_is_disk01_and_keeps_the_value(floor, old, new):
+    token = token_of(put(floor.roomy, floor.alice, "k", old[0], meta=old[1]))
+    response = put(floor.full, floor.alice, "k", new[0], token, meta=new[1], status=507)
+    assert_error(response, 507, "DISK01")
+    response = floor.roomy.get("/store/k", headers=floor.alice.headers)
+    assert (response.body, response.headers.get("X-Sync-Meta")) == old
 
 
 # ==================================================================================================
@@ -764,24 +4094,17 @@ def test_permission_grant_is_all_or_nothing_on_unknown_user(client, user, other,
 @pytest.mark.parametrize(
     "body",
     [
-        {"user": "bob", "permission": "READ"},
-        [{"user": "bob", "permission": "read"}],
-        [{"user": "bob", "permission": "ADMIN"}],
-        [{"user": "bob"}],
-        [{"permission": "READ"}],
-        [{"user": 7, "permission": "READ"}],
-        [{"user": "bob", "permission": "READ"}, "bob"],
-        [{"user": "bob", "permission": "READ"}, {"user": "BOB", "permission": "OWN"}],
-    ],
-    ids=[
-        "object",
-        "lower-case",
-        "unknown-level",
-        "no-level",
-        "no-user",
-        "user-number",
-        "mixed",
-        "duplicate",
+        pytest.param({"user": "bob", "permission": "READ"}, id="object"),
+        pytest.param([{"user": "bob", "permission": "read"}], id="lower-case"),
+        pytest.param([{"user": "bob", "permission": "ADMIN"}], id="unknown-level"),
+        pytest.param([{"user": "bob"}], id="no-level"),
+        pytest.param([{"permission": "READ"}], id="no-user"),
+        pytest.param([{"user": 7, "permission": "READ"}], id="user-number"),
+        pytest.param([{"user": "bob", "permission": "READ"}, "bob"], id="mixed"),
+        pytest.param(
+            [{"user": "bob", "permission": "READ"}, {"user": "BOB", "permission": "OWN"}],
+            id="duplicate",
+        ),
     ],
 )
 def test_permission_bad_grant_body_is_req01(client, user, other, db, body):
@@ -879,467 +4202,43 @@ def test_health_broken_database_is_500_with_database_false(app, client, db_path)
     assert response.json["database"] is False
 
 
-# ==================================================================================================
-# Errors and routing
-# ==================================================================================================
+@pytest.mark.parametrize("history", ["fresh", "after-a-write", "reopened"])
+def test_health_healthy_database_is_200_with_both_parts(app, client, user, history):
+    if history != "fresh":
+        put(client, user, "k")
+    if history == "reopened":
+        app.close()
+    response = client.get("/health")
+    assert (response.status_int, response.json) == (200, {"database": True, "disk": True})
 
 
-@pytest.mark.parametrize(
-    "method,path,allow",
-    [
-        ("POST", "/store", "GET, HEAD, OPTIONS"),
-        ("PATCH", "/store/k", "DELETE, GET, HEAD, OPTIONS, PUT"),
-        ("POST", "/permission/k", "DELETE, GET, HEAD, OPTIONS, PUT"),
-        ("GET", "/auth", "DELETE, OPTIONS, POST"),
-        ("PUT", "/account", "DELETE, GET, HEAD, OPTIONS, POST"),
-        ("GET", "/password", "OPTIONS, POST"),
-        ("DELETE", "/resetpassword", "OPTIONS, POST"),
-        ("POST", "/health", "GET, HEAD, OPTIONS"),
-    ],
-)
-def test_routing_wrong_method_is_req02_with_allow(client, method, path, allow):
-    response = client.request(path, method=method, status=405)
-    assert_error(response, 405, "REQ02")
-    assert response.headers["Allow"] == allow
+def test_health_read_only_database_is_500_with_database_false(client, read_only):
+    response = client.get("/health", status=500)
+    assert response.json["database"] is False
 
 
-@pytest.mark.parametrize("path", ["/", "/nothing", "/store-x", "/api-x/y", "/stores/k"])
-def test_routing_unknown_path_is_json_err01(client, path):
-    assert_error(client.get(path, status=404), 404, "ERR01")
-
-
-def test_errors_unexpected_failure_is_err02_and_logged(app, client, user, monkeypatch, caplog):
-    def explode(*args, **kwargs):
-        raise RuntimeError("boom with secret detail")
-
-    monkeypatch.setattr(syncnode, "list_keys", explode)
-    with caplog.at_level(logging.ERROR, logger="syncnode"):
-        response = client.get("/store", headers=user.headers, status=500)
-    assert_error(response, 500, "ERR02")
-    assert "boom" not in response.text and "Traceback" not in response.text
-    assert any(record.exc_info for record in caplog.records)
-
-
-def test_errors_huge_header_is_handled(client, user):
-    response = put(client, user, "k", headers={"X-Sync-Meta": "m" * 100_000}, status=413)
-    assert_error(response, 413, "SIZE01")
-    client.get("/store", headers={**user.headers, "X-Filler": "f" * 100_000}, status=200)
-
-
-@pytest.mark.parametrize(
-    "raw", [b"\x00\x01\x02", b'{"a": 1}' * 1000, base64.b64encode(os.urandom(300))],
-    ids=["binary", "repeated-json", "base64"],
-)  # fmt: skip
-def test_errors_garbage_json_bodies_are_refused(client, user, raw):
+def test_health_wal_removed_under_the_app_is_500_with_database_false(client, user, db_path):
     put(client, user, "k")
-    assert_error(client.put("/permission/k", raw, headers=user.headers, status=400), 400, "REQ01")
-    assert_error(client.post("/auth", raw, status=400), 400, "ACCT02")
-    assert_error(client.post("/resetpassword", raw, status=400), 400, "REQ01")
-    assert_error(client.post("/password", raw, headers=user.headers, status=400), 400, "REQ01")
+    os.remove(db_path + "-wal")
+    response = client.get("/health", status=500)
+    assert response.json["database"] is False
 
 
-def test_errors_oversized_json_body_is_size01(client, user):
+def test_health_malformed_database_is_500_with_database_false(client, user, db_path):
     put(client, user, "k")
-    body = json.dumps([{"user": "bob", "permission": "READ"}] * 40_000)
-    response = client.put("/permission/k", body, headers=user.headers, status=413)
-    assert_error(response, 413, "SIZE01")
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # page 1 lives in the file alone now
+    with open(db_path, "r+b") as file:
+        file.write(b"\xa5" * 100)
+    response = client.get("/health", status=500)
+    assert response.content_type == "application/json"
+    assert response.json["database"] is False
+    assert "Traceback" not in response.text
 
 
 # ==================================================================================================
-# Settings
+# Identity: throttling
 # ==================================================================================================
-
-
-def test_settings_misspelt_setting_is_type_error(db_path):
-    with pytest.raises(TypeError):
-        syncnode.create_app(db_path, sesion_ttl=5)
-
-
-@pytest.mark.parametrize(
-    "override",
-    [
-        {"registration": "maybe"},
-        {"session_ttl": 0},
-        {"max_value_bytes": -1},
-        {"port": 70000},
-        {"threads": 0},
-        {"synchronous": "OFF"},
-        {"trusted_proxies": "not-an-address"},
-        {"argon2_memory_cost": 4},
-        {"database": ":memory:"},
-    ],
-    ids=lambda override: next(iter(override)),
-)
-def test_settings_bad_value_is_value_error(db_path, override):
-    with pytest.raises(ValueError):
-        syncnode.Settings(**{"database": db_path, **override})
-
-
-def test_settings_every_setting_is_in_the_readme():
-    with open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8") as file:
-        readme = file.read()
-    for item in syncnode.dataclasses.fields(syncnode.Settings):
-        assert f"`--{item.name.replace('_', '-')}`" in readme
-        assert f"`SYNCNODE_{item.name.upper()}`" in readme
-
-
-def test_settings_flags_beat_environment_beat_defaults():
-    environ = {"SYNCNODE_PORT": "9000", "SYNCNODE_REGISTRATION": "closed"}
-    settings = syncnode.parse_args(["--port", "9100"], environ)
-    assert (settings.port, settings.registration, settings.host) == (9100, "closed", "127.0.0.1")
-
-
-NEW_PASSWORD = "battery staple"
-
-#: What a session or reset token looks like inside a log line: 256 bits of URL-safe base64.
-TOKEN_TEXT = re.compile(r"[A-Za-z0-9_-]{43,}")
-
-
-def bearer(token: str) -> dict[str, str]:
-    """Return the headers that carry a bearer token."""
-    return {"Authorization": f"Bearer {token}"}
-
-
-def login(client, name: str, password: str, **kw):
-    """POST /auth with an id and a password; return the response."""
-    return client.post_json("/auth", {"id": name, "password": password}, **kw)
-
-
-def request_reset(client, caplog, name: str = "alice", **kw) -> str:
-    """Ask for a password reset and return the one token the server wrote to its log."""
-    seen = len(caplog.records)
-    client.post_json("/resetpassword", {"id": name}, status=204, **kw)
-    lines = [record.getMessage() for record in caplog.records[seen:]]
-    [token] = [token for line in lines for token in TOKEN_TEXT.findall(line)]
-    return token
-
-
-def logged_tokens(caplog) -> list[str]:
-    """Return every token-like string in the captured log lines."""
-    return [token for record in caplog.records for token in TOKEN_TEXT.findall(record.getMessage())]
-
-
-def digest(token: str) -> bytes:
-    """Return the SHA-256 digest under which the contract stores a token."""
-    return hashlib.sha256(token.encode()).digest()
-
-
-def stored_hash(db, name: str = "alice") -> str:
-    """Return the stored password hash of a user."""
-    return db.execute("SELECT password_hash FROM users WHERE name = ?", (name,)).fetchone()[0]
-
-
-def reset_digests(db) -> list[bytes]:
-    """Return the digests of the stored reset tokens."""
-    return [row[0] for row in db.execute("SELECT token_digest FROM reset_tokens ORDER BY user_id")]
-
-
-def assert_throttled(response, window: int) -> None:
-    """Assert an AUTH02 answer whose Retry-After is whole seconds within the window."""
-    assert_error(response, 429, "AUTH02")
-    retry_after = response.headers["Retry-After"]
-    assert retry_after.isdigit() and 0 < int(retry_after) <= window
-
-
-# ==================================================================================================
-# Passwords and reset
-# ==================================================================================================
-
-
-def test_password_change_sets_the_new_password(client, user, db):
-    old_hash = stored_hash(db)
-    response = client.post_json(
-        "/password", {"password": NEW_PASSWORD}, headers=user.headers, status=204
-    )
-    assert response.body == b""
-    assert stored_hash(db) != old_hash
-    assert_error(login(client, "alice", PASSWORD, status=401), 401, "AUTH01")
-    login(client, "alice", NEW_PASSWORD, status=200)
-
-
-def test_password_change_revokes_other_sessions_and_keeps_the_current_one(client, user, other, db):
-    second = login(client, "alice", PASSWORD).json["token"]
-    third = login(client, "alice", PASSWORD).json["token"]
-    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(second), status=204)
-    for token in (user.token, third):
-        assert_error(client.get("/store", headers=bearer(token), status=401), 401, "AUTH01")
-    client.get("/store", headers=bearer(second), status=200)
-    client.get("/store", headers=other.headers, status=200)
-    digests = {row[0] for row in db.execute("SELECT token_digest FROM sessions")}
-    assert digests == {digest(second), digest(other.token)}
-
-
-def test_password_change_deletes_a_pending_reset_token(client, user, db, caplog):
-    reset = request_reset(client, caplog)
-    client.post_json("/password", {"password": NEW_PASSWORD}, headers=user.headers, status=204)
-    assert table_counts(db)["reset_tokens"] == 0
-    before = snapshot(db)
-    response = client.post_json(
-        "/password", {"password": "third password"}, headers=bearer(reset), status=401
-    )
-    assert_error(response, 401, "AUTH01")
-    assert snapshot(db) == before
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [b"", b"not json", b'{"password": ', b"\xff\xfe", b"[]", b'"correct horse"', b"null", b"{}",
-     b'{"pass": "correct horse"}', b'{"password": 12345678}', b'{"password": null}',
-     b'{"password": ["correct horse"]}'],
-    ids=["empty", "text", "cut", "bytes", "array", "string", "null", "no-password",
-         "misspelt-field", "password-number", "password-null", "password-array"],
-)  # fmt: skip
-def test_password_change_bad_body_is_req01(client, user, db, raw):
-    before = snapshot(db)
-    response = client.post("/password", raw, headers=user.headers, status=400)
-    assert_error(response, 400, "REQ01")
-    assert snapshot(db) == before
-
-
-@pytest.mark.parametrize(
-    "password", ["", "p" * 7, "p" * 1025], ids=["empty", "7-chars", "1025-chars"]
-)
-def test_password_change_bad_length_is_acct02(client, user, db, password):
-    before = snapshot(db)
-    response = client.post_json(
-        "/password", {"password": password}, headers=user.headers, status=400
-    )
-    assert_error(response, 400, "ACCT02")
-    assert snapshot(db) == before
-    login(client, "alice", PASSWORD, status=200)
-
-
-@pytest.mark.parametrize("password", ["p" * 8, "p" * 1024, "ü" * 8], ids=["8", "1024", "non-ascii"])
-def test_password_change_edge_lengths_are_accepted(client, user, password):
-    client.post_json("/password", {"password": password}, headers=user.headers, status=204)
-    login(client, "alice", password, status=200)
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [{}, bearer("A" * 43), {"Authorization": "Basic YWxpY2U6Y29ycmVjdCBob3JzZQ=="},
-     {"Authorization": "Bearer"}],
-    ids=["missing", "unknown", "basic", "scheme-only"],
-)  # fmt: skip
-def test_password_change_without_a_valid_token_is_auth01(client, user, db, headers):
-    before = snapshot(db)
-    response = client.post_json(
-        "/password", {"password": NEW_PASSWORD}, headers=headers, status=401
-    )
-    assert_error(response, 401, "AUTH01")
-    assert snapshot(db) == before
-
-
-def test_password_change_authentication_comes_before_the_body(client, user):
-    response = client.post("/password", b"not json", headers=bearer("A" * 43), status=401)
-    assert_error(response, 401, "AUTH01")
-
-
-def test_password_change_with_expired_session_is_auth01_and_purges_it(make_app, clock, db):
-    client = webtest.TestApp(make_app(session_ttl=60))
-    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
-    old_hash = stored_hash(db)
-    clock.advance(60)
-    response = client.post_json(
-        "/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=401
-    )
-    assert_error(response, 401, "AUTH01")
-    assert table_counts(db)["sessions"] == 0
-    assert stored_hash(db) == old_hash
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["nobody", "nobody@example.org", "", "   ", "a b", "a\x00b", "x" * 255],
-    ids=["unknown", "unknown-email", "empty", "blank", "space", "nul", "255-chars"],
-)
-def test_reset_request_for_unknown_or_invalid_id_is_204_and_creates_nothing(
-    client, user, db, caplog, name
-):
-    before = snapshot(db)
-    response = client.post_json("/resetpassword", {"id": name}, status=204)
-    assert response.body == b""
-    assert snapshot(db) == before
-    assert logged_tokens(caplog) == []
-
-
-def test_reset_request_answer_does_not_reveal_whether_the_id_exists(client, user):
-    known = client.post_json("/resetpassword", {"id": "alice"}, status=204)
-    unknown = client.post_json("/resetpassword", {"id": "nobody"}, status=204)
-    assert sorted(known.headers.items()) == sorted(unknown.headers.items())
-    assert known.body == unknown.body == b""
-
-
-def test_reset_request_logs_one_warning_with_the_id_and_token(client, user, db, caplog):
-    response = client.post_json("/resetpassword", {"id": "alice"}, status=204)
-    assert response.body == b""
-    lines = [record for record in caplog.records if TOKEN_TEXT.search(record.getMessage())]
-    assert len(lines) == 1
-    [record] = lines
-    assert record.name == "syncnode" and record.levelno == logging.WARNING
-    assert "alice" in record.getMessage()
-    [token] = TOKEN_TEXT.findall(record.getMessage())
-    assert db.execute("SELECT token_digest FROM reset_tokens").fetchall() == [(digest(token),)]
-
-
-def test_reset_token_is_stored_only_as_digest(client, user, db, db_path, caplog):
-    token = request_reset(client, caplog)
-    [(stored,)] = db.execute("SELECT token_digest FROM reset_tokens").fetchall()
-    assert stored == digest(token)
-    for path in (db_path, db_path + "-wal"):
-        with open(path, "rb") as file:
-            assert token.encode() not in file.read()
-
-
-@pytest.mark.parametrize(
-    "name", [" ALICE ", "Alice", "\tａｌｉｃｅ\n"], ids=["spaces", "case", "nfkc"]
-)
-def test_reset_request_normalises_the_id(client, user, db, caplog, name):
-    token = request_reset(client, caplog, name)
-    user_id = db.execute("SELECT id FROM users WHERE name = 'alice'").fetchone()[0]
-    assert db.execute("SELECT user_id, token_digest FROM reset_tokens").fetchall() == [
-        (user_id, digest(token))
-    ]
-
-
-def test_reset_second_request_replaces_the_first(client, user, db, caplog):
-    first = request_reset(client, caplog)
-    second = request_reset(client, caplog)
-    assert first != second
-    assert table_counts(db)["reset_tokens"] == 1
-    before = snapshot(db)
-    response = client.post_json(
-        "/password", {"password": NEW_PASSWORD}, headers=bearer(first), status=401
-    )
-    assert_error(response, 401, "AUTH01")
-    assert snapshot(db) == before
-    assert reset_digests(db) == [digest(second)]
-
-
-def test_reset_token_sets_the_password_and_revokes_every_session(client, user, other, db, caplog):
-    second = login(client, "alice", PASSWORD).json["token"]
-    token = request_reset(client, caplog)
-    response = client.post_json(
-        "/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204
-    )
-    assert response.body == b""
-    for session in (user.token, second):
-        assert_error(client.get("/store", headers=bearer(session), status=401), 401, "AUTH01")
-    client.get("/store", headers=other.headers, status=200)
-    assert [row[0] for row in db.execute("SELECT token_digest FROM sessions")] == [
-        digest(other.token)
-    ]
-    assert table_counts(db)["reset_tokens"] == 0
-    assert_error(login(client, "alice", PASSWORD, status=401), 401, "AUTH01")
-    login(client, "alice", NEW_PASSWORD, status=200)
-
-
-def test_reset_token_works_only_once(client, user, db, caplog):
-    token = request_reset(client, caplog)
-    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204)
-    before = snapshot(db)
-    response = client.post_json(
-        "/password", {"password": "third password"}, headers=bearer(token), status=401
-    )
-    assert_error(response, 401, "AUTH01")
-    assert snapshot(db) == before
-    login(client, "alice", NEW_PASSWORD, status=200)
-
-
-@pytest.mark.parametrize(
-    "method, path",
-    [("GET", "/store"), ("GET", "/store/k"), ("PUT", "/store/k"), ("DELETE", "/store/k"),
-     ("GET", "/permission/k"), ("GET", "/account"), ("DELETE", "/account"), ("DELETE", "/auth")],
-    ids=["list", "get", "put", "delete", "permissions", "sessions", "delete-account", "logout"],
-)  # fmt: skip
-def test_reset_token_is_auth01_everywhere_but_password(client, user, db, caplog, method, path):
-    put(client, user, "k")
-    token = request_reset(client, caplog)
-    before = snapshot(db)
-    response = client.request(path, method=method, headers=bearer(token), status=401)
-    assert_error(response, 401, "AUTH01")
-    assert snapshot(db) == before
-    assert reset_digests(db) == [digest(token)]
-
-
-def test_reset_token_expires_after_reset_ttl(client, user, clock, db, caplog):
-    token = request_reset(client, caplog)
-    clock.advance(3600)
-    before = snapshot(db)
-    response = client.post_json(
-        "/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=401
-    )
-    assert_error(response, 401, "AUTH01")
-    after = snapshot(db)
-    assert after["reset_tokens"] == []  # expired, and purged by housekeeping
-    assert {**after, "reset_tokens": None} == {**before, "reset_tokens": None}
-    login(client, "alice", PASSWORD, status=200)
-
-
-def test_reset_token_works_until_reset_ttl(client, user, clock, caplog):
-    token = request_reset(client, caplog)
-    clock.advance(3599)
-    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204)
-    login(client, "alice", NEW_PASSWORD, status=200)
-
-
-def test_reset_token_expiry_follows_the_setting(make_app, clock, caplog):
-    client = webtest.TestApp(make_app(reset_ttl=60))
-    client.post_json("/account", {"id": "alice", "password": PASSWORD})
-    token = request_reset(client, caplog)
-    clock.advance(60)
-    response = client.post_json(
-        "/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=401
-    )
-    assert_error(response, 401, "AUTH01")
-
-
-def test_reset_token_refused_body_does_not_spend_it(client, user, db, caplog):
-    token = request_reset(client, caplog)
-    before = snapshot(db)
-    response = client.post_json(
-        "/password", {"password": "short"}, headers=bearer(token), status=400
-    )
-    assert_error(response, 400, "ACCT02")
-    response = client.post("/password", b"[]", headers=bearer(token), status=400)
-    assert_error(response, 400, "REQ01")
-    assert snapshot(db) == before
-    assert reset_digests(db) == [digest(token)]
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [b"", b"not json", b'{"id": ', b"\xff\xfe", b"[]", b'"alice"', b"null", b"{}",
-     b'{"user": "alice"}', b'{"id": 5}', b'{"id": null}', b'{"id": ["alice"]}'],
-    ids=["empty", "text", "cut", "bytes", "array", "string", "null", "no-id", "misspelt-field",
-         "id-number", "id-null", "id-array"],
-)  # fmt: skip
-def test_reset_request_malformed_body_is_req01(client, user, db, caplog, raw):
-    before, counts = snapshot(db), table_counts(db)
-    response = client.post("/resetpassword", raw, status=400)
-    assert_error(response, 400, "REQ01")
-    assert snapshot(db) == before
-    assert table_counts(db) == counts
-    assert logged_tokens(caplog) == []
-
-
-# ==================================================================================================
-# Throttling
-# ==================================================================================================
-
-
-def fail_logins(client, count: int, name: str = "alice", address: str = "192.0.2.1", **kw) -> None:
-    """Send failed logins (each AUTH01) for one id, or for a new unknown id each time ("{}")."""
-    for number in range(count):
-        response = login(
-            client,
-            name.format(number),
-            "wrong password",
-            extra_environ={"REMOTE_ADDR": address.format(number)},
-            status=401,
-            **kw,
-        )
-        assert_error(response, 401, "AUTH01")
 
 
 def test_throttle_login_per_id_is_auth02_even_with_the_right_password(client, user, db):
@@ -1411,8 +4310,10 @@ def test_throttle_login_window_follows_the_setting(make_app, clock):
 
 @pytest.mark.parametrize(
     "setting, failures, name",
-    [("login_fails_per_id", 11, "alice"), ("login_fails_per_address", 101, "nobody{}")],
-    ids=["per-id", "per-address"],
+    [
+        pytest.param("login_fails_per_id", 11, "alice", id="per-id"),
+        pytest.param("login_fails_per_address", 101, "nobody{}", id="per-address"),
+    ],
 )
 def test_throttle_login_limit_of_zero_is_off(make_app, setting, failures, name):
     client = webtest.TestApp(make_app(**{setting: 0}))
@@ -1434,7 +4335,7 @@ def test_throttle_reset_per_id_is_auth02_and_creates_no_token(client, user, db, 
     assert_throttled(response, 3600)
     assert snapshot(db) == before
     assert [r for r in caplog.records[seen:] if TOKEN_TEXT.search(r.getMessage())] == []
-    assert reset_digests(db) == [digest(token)]
+    assert reset_digests(db) == [token_digest(token)]
 
 
 def test_throttle_reset_per_address_is_auth02(client, user, db, caplog):
@@ -1459,8 +4360,10 @@ def test_throttle_reset_works_again_after_the_window(client, user, clock, caplog
 
 @pytest.mark.parametrize(
     "setting, requests, name",
-    [("resets_per_id", 5, "alice"), ("resets_per_address", 50, "nobody{}")],
-    ids=["per-id", "per-address"],
+    [
+        pytest.param("resets_per_id", 5, "alice", id="per-id"),
+        pytest.param("resets_per_address", 50, "nobody{}", id="per-address"),
+    ],
 )
 def test_throttle_reset_limit_of_zero_is_off(make_app, db, caplog, setting, requests, name):
     client = webtest.TestApp(make_app(**{setting: 0}))
@@ -1469,7 +4372,7 @@ def test_throttle_reset_limit_of_zero_is_off(make_app, db, caplog, setting, requ
     for number in range(requests):
         client.post_json("/resetpassword", {"id": name.format(number)}, extra_environ=same)
     token = request_reset(client, caplog, extra_environ=same)
-    assert reset_digests(db) == [digest(token)]
+    assert reset_digests(db) == [token_digest(token)]
 
 
 def test_throttle_registrations_per_address(make_app, db):
@@ -1537,8 +4440,112 @@ def test_throttle_forwarded_for_from_an_untrusted_client_is_ignored(make_app):
     assert statuses == [401, 401, 429]
 
 
+# Across restarts ----------------------------------------------------------------------------------
+
+
+def test_throttle_failed_logins_survive_a_restart(make_app, app, client, user):
+    for _ in range(10):
+        client.post_json("/auth", {"id": "alice", "password": "wrong password"}, status=401)
+    app.close()
+    restarted = webtest.TestApp(make_app())
+    response = restarted.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=429)
+    assert_error(response, 429, "AUTH02")
+    assert int(response.headers["Retry-After"]) > 0
+
+
+# A clock stepped back -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stepped_back(make_app, clock) -> webtest.TestApp:
+    """Alice, locked out by 10 failed logins in a window of 900 s; then the clock steps 2 days
+    back."""
+    client = webtest.TestApp(make_app(login_fails_per_id=10, login_window=900))
+    register_user(client, "alice")
+    fail_logins(client, 10, address="192.0.2.{}")
+    clock.advance(-2 * 86400)
+    return client
+
+
+def test_throttle_clock_stepped_back_locks_for_the_window_at_most(stepped_back):
+    response = login(stepped_back, "alice", PASSWORD, extra_environ=ELSEWHERE, status="*")
+    if response.status_int != 200:
+        assert_throttled(response, 900)
+
+
+def test_throttle_clock_stepped_back_right_password_logs_in_after_the_window(stepped_back, clock):
+    login(stepped_back, "alice", PASSWORD, extra_environ=ELSEWHERE, status="*")
+    clock.advance(900)
+    login(stepped_back, "alice", PASSWORD, extra_environ=ELSEWHERE, status=200)
+
+
+# Racing failed logins -----------------------------------------------------------------------------
+
+
+def race_logins(server, name: str, password: str, count: int) -> list[Reply]:
+    """Send `count` logins released together by a barrier, each on its own connection."""
+    barrier = threading.Barrier(count)
+    replies: list[Reply | None] = [None] * count
+    body = json.dumps({"id": name, "password": password}).encode()
+
+    def attempt(number: int) -> None:
+        conn = server.connect(timeout=20)
+        try:
+            conn.connect()  # connected before the barrier, so that the requests overlap
+            barrier.wait(timeout=10)
+            headers = {"Content-Type": "application/json"}
+            replies[number] = call(conn, "POST", "/auth", body, headers)
+        finally:
+            conn.close()
+
+    run_threads([lambda number=number: attempt(number) for number in range(count)], timeout=25)
+    return replies
+
+
+@pytest.fixture
+def raced(start_server):
+    """A server limited to 10 failed logins per id, after 16 racing wrong passwords."""
+    server = start_server(
+        threads=16,
+        login_fails_per_id=10,
+        argon2_time_cost=3,
+        argon2_memory_cost=4096,
+        hash_slots=16,
+    )
+    server.register("alice")
+    return server, race_logins(server, "alice", "wrong password", 16)
+
+
+def test_throttle_racing_wrong_passwords_verify_at_most_the_limit(raced):
+    _, replies = raced
+    statuses = collections.Counter(reply.status_int for reply in replies)
+    assert set(statuses) <= {401, 429}, statuses
+    assert 1 <= statuses[401] <= 10, statuses
+    for reply in replies:
+        if reply.status_int == 401:
+            assert_error(reply, 401, "AUTH01")
+        else:
+            assert_error(reply, 429, "AUTH02")
+            assert reply.headers["Retry-After"].isdigit()
+            assert int(reply.headers["Retry-After"]) > 0
+
+
+def test_throttle_racing_wrong_passwords_then_the_right_one_is_auth02(raced):
+    server, _ = raced
+    reply = live_json(server, "POST", "/auth", {"id": "alice", "password": PASSWORD}, {})
+    assert_error(reply, 429, "AUTH02")
+    assert reply.headers["Retry-After"].isdigit()
+
+
+def test_throttle_successful_logins_are_not_counted_as_failures(make_app):
+    client = webtest.TestApp(make_app(login_fails_per_id=10))
+    register_user(client, "alice")
+    for _ in range(11):
+        client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=200)
+
+
 # ==================================================================================================
-# Secrets
+# Identity: secrets
 # ==================================================================================================
 
 
@@ -1592,7 +4599,7 @@ def test_secrets_full_flow_leaks_nothing_in_logs_or_answers(make_app, db, caplog
     def remember(response) -> dict[str, str]:
         sessions.append(response.json["token"])
         hashes.update(row[0] for row in db.execute("SELECT password_hash FROM users"))
-        return bearer(response.json["token"])
+        return bearer_headers(response.json["token"])
 
     try:
         alice = remember(client.post_json("/account", {"id": "alice", "password": passwords[0]}))
@@ -1609,9 +4616,9 @@ def test_secrets_full_flow_leaks_nothing_in_logs_or_answers(make_app, db, caplog
         alice = remember(login(client, "alice", passwords[2]))
         client.delete("/account", headers=alice, status=204)
         resets.append(request_reset(client, caplog, "bob"))
-        client.get("/store", headers=bearer(resets[0]), status=401)
+        client.get("/store", headers=bearer_headers(resets[0]), status=401)
         client.post_json(
-            "/password", {"password": passwords[3]}, headers=bearer(resets[0]), status=204
+            "/password", {"password": passwords[3]}, headers=bearer_headers(resets[0]), status=204
         )
         bob = remember(login(client, "bob", passwords[3]))
         client.delete("/account", headers=bob, status=204)
@@ -1626,7 +4633,7 @@ def test_secrets_database_holds_no_raw_token_or_password(client, user, other, db
     reset = request_reset(client, caplog, "bob")
     tokens = [user.token, other.token, second]
     digests = {row[0] for row in db.execute("SELECT token_digest FROM sessions")}
-    assert digests == {digest(token) for token in tokens}
+    assert digests == {token_digest(token) for token in tokens}
     contents = b""
     for path in (db_path, db_path + "-wal"):
         with open(path, "rb") as file:
@@ -1660,8 +4667,11 @@ def test_secrets_login_keeps_a_current_hash(client, user, db):
 
 @pytest.mark.parametrize(
     "name, password, status",
-    [("nobody", PASSWORD, 401), ("alice", "wrong password", 401), ("alice", PASSWORD, 200)],
-    ids=["unknown-id", "wrong-password", "right-password"],
+    [
+        pytest.param("nobody", PASSWORD, 401, id="unknown-id"),
+        pytest.param("alice", "wrong password", 401, id="wrong-password"),
+        pytest.param("alice", PASSWORD, 200, id="right-password"),
+    ],
 )
 def test_secrets_login_spends_one_verification(client, user, monkeypatch, name, password, status):
     calls = []
@@ -1676,48 +4686,4185 @@ def test_secrets_login_spends_one_verification(client, user, monkeypatch, name, 
     assert len(calls) == 1
 
 
-#: A lower-case version 4 UUID, the shape of every App API id.
-UUID4_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+# ==================================================================================================
+# Identity: hashing slots (the low-memory profile)
+# ==================================================================================================
 
 
-def auth_headers(token: str) -> dict[str, str]:
-    """Return the headers that carry a session token as a bearer token."""
-    return {"Authorization": f"Bearer {token}"}
+@pytest.mark.parametrize(
+    "path, body, signed_in, status",
+    [
+        pytest.param("/auth", {"id": "alice", "password": PASSWORD}, False, 200, id="login"),
+        pytest.param("/account", {"id": "carol", "password": PASSWORD}, False, 200, id="register"),
+        pytest.param("/password", {"password": NEW_PASSWORD}, True, 204, id="password"),
+    ],
+)
+def test_busy_hashing_is_busy01_while_every_slot_is_held(
+    make_app, db, path, body, signed_in, status
+):
+    app = make_app(hash_slots=1, hash_wait=1)
+    client = webtest.TestApp(app)
+    alice = register_user(client, "alice")
+    headers = alice.headers if signed_in else {}
+    before, counts = snapshot(db), table_counts(db)
+    with app.context.hashing.slot():
+        response = client.post_json(path, body, headers=headers, status=503)
+    assert_error(response, 503, "BUSY01")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert (snapshot(db), table_counts(db)) == (before, counts)
+    client.post_json(path, body, headers=headers, status=status)  # the slot is free again
 
 
-def app_login_token(client: webtest.TestApp, name: str, password: str = PASSWORD) -> str:
-    """Log in on /api/auth/login and return the access token; the login cookies are dropped."""
-    response = client.post_json("/api/auth/login", {"email": name, "password": password})
+def test_busy_app_login_is_503_in_the_immich_layout(make_app, db):
+    app = make_app(hash_slots=1, hash_wait=1)
+    client = webtest.TestApp(app)
+    register_user(client, "alice")
+    counts = table_counts(db)
+    with app.context.hashing.slot():
+        body = {"email": "alice", "password": PASSWORD}
+        response = client.post_json("/api/auth/login", body, status=503)
+    assert set(response.json) == {"message", "error", "statusCode", "correlationId"}
+    assert (response.json["error"], response.json["statusCode"]) == ("Service Unavailable", 503)
+    assert int(response.headers["Retry-After"]) >= 1
+    assert "Set-Cookie" not in response.headers
+    assert table_counts(db) == counts
+    client.post_json("/api/auth/login", body, status=201)
+
+
+def test_busy_login_waits_for_a_slot_freed_in_time(make_app):
+    app = make_app(hash_slots=1, hash_wait=5)
+    client = webtest.TestApp(app)
+    register_user(client, "alice")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with app.context.hashing.slot():
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    held.wait(5)
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=200)
+    assert time.monotonic() - started >= 0.25
+    holder.join(5)
+
+
+def test_busy_new_argon2_settings_rehash_at_the_next_login(make_app, db):
+    register_user(webtest.TestApp(make_app()), "alice")
+    low = webtest.TestApp(make_app(argon2_memory_cost=16, argon2_time_cost=2))
+    low.post_json("/api/auth/login", {"email": "alice", "password": PASSWORD}, status=201)
+    (stored,) = db.execute("SELECT password_hash FROM users").fetchone()
+    assert stored.startswith("$argon2id$v=19$m=16,t=2,p=1$")
+    assert argon2.PasswordHasher().verify(stored, PASSWORD)
+
+
+# ==================================================================================================
+# HTTP layer: CORS
+# ==================================================================================================
+
+
+SYNC_PATHS = [
+    "/account", "/auth", "/password", "/resetpassword", "/invite", "/store", "/store/a/b",
+    "/batch", "/permission/a/b", "/health", "/.well-known/immich", "/openapi.json",
+]  # fmt: skip
+PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "PUT"}
+EXPOSED = {"X-Sync-Token", "X-Sync-Meta", "X-Sync-Seq", "ETag"}
+ALLOWED_HEADERS = {
+    "authorization", "content-type", "x-sync-token", "x-sync-meta", "if-match", "if-none-match",
+    "x-api-key",
+}  # fmt: skip
+
+
+def header_names(value: str) -> set[str]:
+    """Split a comma-separated header list into its names."""
+    return {name.strip() for name in value.split(",")}
+
+
+@pytest.mark.parametrize("path", SYNC_PATHS)
+def test_cors_preflight_answers_on_every_sync_path(client, path):
+    response = client.options(path, headers=PREFLIGHT)
+    assert response.status_int == 204
+    assert response.body == b""
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert header_names(response.headers["Access-Control-Allow-Methods"]) == header_names(
+        response.headers["Allow"]
+    )
+    assert "OPTIONS" in header_names(response.headers["Allow"])
+    allowed = header_names(response.headers["Access-Control-Allow-Headers"])
+    assert ALLOWED_HEADERS <= {name.lower() for name in allowed}
+    assert int(response.headers["Access-Control-Max-Age"]) > 0
+
+
+def test_cors_preflight_lists_the_methods_of_the_path(client):
+    response = client.options("/store/k", headers=PREFLIGHT)
+    methods = header_names(response.headers["Access-Control-Allow-Methods"])
+    assert methods == {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}
+
+
+@pytest.mark.parametrize(
+    "method, path, extra, status",
+    [
+        pytest.param("GET", "/store", {}, 200, id="listing"),
+        pytest.param("GET", "/store/k", {}, 200, id="value"),
+        pytest.param("GET", "/store/k", {"If-None-Match": "*"}, 304, id="not-modified"),
+        pytest.param("PUT", "/store/new", {}, 204, id="put"),
+        pytest.param("GET", "/store/missing", {}, 404, id="err01"),
+        pytest.param("PATCH", "/store/k", {}, 405, id="req02"),
+        pytest.param("POST", "/batch", {"Content-Type": "application/json"}, 200, id="batch"),
+        pytest.param("GET", "/health", {}, 200, id="health"),
+    ],
+)
+def test_cors_answers_expose_the_sync_headers(client, user, method, path, extra, status):
+    put(client, user, "k")
+    headers = {**user.headers, "Origin": "https://app.example", **extra}
+    body = b'{"operations": []}' if path == "/batch" else b"v"
+    response = client.request(path, method=method, headers=headers, body=body, status=status)
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert EXPOSED <= header_names(response.headers["Access-Control-Expose-Headers"])
+
+
+def test_cors_auth01_answer_carries_cors_headers(client):
+    response = client.get("/store", headers={"Origin": "https://app.example"}, status=401)
+    assert_error(response, 401, "AUTH01")
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_cors_listed_origin_is_echoed_with_vary(make_app):
+    client = webtest.TestApp(make_app(cors_origins="https://a.example, https://b.example"))
+    preflight = client.options("/store", headers={**PREFLIGHT, "Origin": "https://b.example"})
+    answer = client.get("/health", headers={"Origin": "https://b.example"})
+    for response in (preflight, answer):
+        assert response.headers["Access-Control-Allow-Origin"] == "https://b.example"
+        assert "Origin" in header_names(response.headers["Vary"])
+    assert EXPOSED <= header_names(answer.headers["Access-Control-Expose-Headers"])
+
+
+def test_cors_unlisted_origin_gets_no_cors_headers(make_app):
+    client = webtest.TestApp(make_app(cors_origins="https://a.example"))
+    preflight = client.options("/store", headers={**PREFLIGHT, "Origin": "https://evil.example"})
+    answer = client.get("/health", headers={"Origin": "https://evil.example"})
+    for response in (preflight, answer):
+        assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+def test_cors_empty_setting_turns_cors_off(make_app):
+    client = webtest.TestApp(make_app(cors_origins=""))
+    preflight = client.options("/store", headers=PREFLIGHT)
+    answer = client.get("/health", headers={"Origin": "https://app.example"})
+    assert preflight.status_int == 204
+    for response in (preflight, answer):
+        assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+def test_cors_answer_without_origin_has_no_cors_headers(client, user):
+    response = client.get("/store", headers=user.headers)
+    assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        pytest.param("OPTIONS", "/api/server/ping", id="preflight-ping"),
+        pytest.param("GET", "/api/server/ping", id="ping"),
+        pytest.param("OPTIONS", "/api/users/me", id="preflight-me"),
+        pytest.param("GET", "/api/users/me", id="me"),
+    ],
+)
+def test_cors_api_paths_never_carry_cors_headers(client, user, method, path):
+    headers = {**PREFLIGHT, **user.headers}
+    response = client.request(path, method=method, headers=headers, expect_errors=True)
+    assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+# ==================================================================================================
+# HTTP layer: a browser
+# ==================================================================================================
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+BROWSER_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>syncnode browser test</title></head>
+<body><pre id="result">pending</pre>
+<script>
+(async () => {
+  const base = "SYNCNODE_URL";
+  const out = document.getElementById("result");
+  try {
+    let response = await fetch(base + "/account", {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({id: "browser", password: "correct horse"}),
+    });
+    const session = await response.json();
+    const auth = {"Authorization": "Bearer " + session.token};
+    response = await fetch(base + "/store/from/browser", {
+      method: "PUT", headers: {...auth, "X-Sync-Meta": "text/plain"}, body: "hello from chromium",
+    });
+    const written = {status: response.status, token: response.headers.get("X-Sync-Token")};
+    response = await fetch(base + "/store/from/browser", {headers: auth});
+    const read = {
+      status: response.status, value: await response.text(),
+      token: response.headers.get("X-Sync-Token"), meta: response.headers.get("X-Sync-Meta"),
+    };
+    response = await fetch(base + "/store", {headers: auth});
+    const listing = {keys: (await response.json()).map(e => e.key),
+                     seq: response.headers.get("X-Sync-Seq")};
+    out.textContent = JSON.stringify({written, read, listing});
+  } catch (error) {
+    out.textContent = JSON.stringify({error: String(error)});
+  }
+})();
+</script></body></html>
+"""
+
+
+def serve_page(page: dict[str, bytes]) -> http.server.ThreadingHTTPServer:
+    """Serve page["html"] at / on 127.0.0.1 (port 0) from a thread; 404 for anything else."""
+
+    class PageHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = page["html"] if self.path == "/" else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass  # keep the test output clean
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PageHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="page-server", daemon=True).start()
+    return server
+
+
+def test_browser_page_writes_and_reads_through_cors(start_server, tmp_path, db):
+    if not os.access(CHROMIUM, os.X_OK):
+        skip_or_fail("install Debian's chromium to run the browser test (apt-get install chromium)")
+    page: dict[str, bytes] = {"html": b""}
+    page_server = serve_page(page)
+    try:
+        page_url = f"http://127.0.0.1:{page_server.server_address[1]}"
+        sync = start_server(cors_origins=page_url)  # the page's origin only: the echo path
+        page["html"] = BROWSER_PAGE.replace("SYNCNODE_URL", sync.url).encode()
+        command = [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
+            "--virtual-time-budget=10000", "--dump-dom", page_url + "/",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, timeout=60, text=True)
+    finally:
+        page_server.shutdown()
+        page_server.server_close()
+    match = re.search(r'<pre id="result">(.*?)</pre>', done.stdout, re.S)
+    assert match, f"no result in the DOM; chromium said: {done.stderr[-2000:]}"
+    result = json.loads(html.unescape(match.group(1)))
+    stored_token = db.execute("SELECT token FROM items WHERE key = 'from/browser'").fetchone()[0]
+    assert result == {
+        "written": {"status": 204, "token": stored_token},
+        "read": {"status": 200, "value": "hello from chromium", "token": stored_token,
+                 "meta": "text/plain"},
+        "listing": {"keys": ["from/browser"], "seq": result["listing"]["seq"]},
+    }  # fmt: skip
+    assert result["listing"]["seq"].isdigit()
+
+
+# ==================================================================================================
+# HTTP layer: the real server
+# ==================================================================================================
+
+
+def race_one_token(live: LiveServer, user: User, key: str, writers: int = 24) -> list[Reply]:
+    """Create a key, then let writers released by a barrier PUT it with its one token."""
+    token = live_put(live, user, key, b"first").headers["X-Sync-Token"]
+    barrier = threading.Barrier(writers)
+    replies: list[Reply | None] = [None] * writers
+
+    def write(number: int) -> None:
+        conn = live.connect()
+        try:
+            conn.connect()  # Connected before the barrier, so that the requests race.
+            barrier.wait(timeout=5)
+            headers = {**user.headers, "X-Sync-Token": token}
+            replies[number] = call(
+                conn, "PUT", f"/store/{key}", f"writer {number}".encode(), headers
+            )
+        finally:
+            conn.close()
+
+    run_threads([lambda number=number: write(number) for number in range(writers)])
+    return replies
+
+
+def test_real_server_racing_writers_one_token_one_winner(start_server, db):
+    """Three races of 24 writers, each served in parallel, each with exactly one winner."""
+    live = start_server(server_threads=24)
+    alice = live.register("alice")
+    for round_number in range(3):
+        key = f"race/{round_number}"
+        replies = race_one_token(live, alice, key)
+        winners = [number for number, reply in enumerate(replies) if reply.status_int == 204]
+        assert len(winners) == 1, f"{len(winners)} writers won in {key}"
+        for number, reply in enumerate(replies):
+            if number != winners[0]:
+                assert_error(reply, 409, "KEY01")
+        body, token = f"writer {winners[0]}".encode(), replies[winners[0]].headers["X-Sync-Token"]
+        stored = live.request("GET", f"/store/{key}", headers=alice.headers)
+        assert (stored.body, stored.headers["X-Sync-Token"]) == (body, token)
+        row = db.execute("SELECT value, token FROM items WHERE key = ?", (key,)).fetchone()
+        assert row == (body, token)
+
+
+#: Test-only triggers: SQLite lets one writer at a time hold the lock from BEGIN IMMEDIATE to
+#: COMMIT, so the audit's sequence numbers give the order in which writes and revokes committed.
+AUDIT = """
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL, key TEXT NOT NULL, token TEXT
+);
+CREATE TRIGGER audit_write AFTER UPDATE ON items BEGIN
+    INSERT INTO audit (event, key, token) VALUES ('write', NEW.key, NEW.token);
+END;
+CREATE TRIGGER audit_revoke AFTER DELETE ON permissions BEGIN
+    INSERT INTO audit (event, key) SELECT 'revoke', key FROM items WHERE id = OLD.item_id;
+END;
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One request in a race: when it was sent, what it carried and what came back."""
+
+    method: str
+    sent: float
+    reply: Reply
+    token: str | None = None
+    body: bytes = b""
+
+
+def race_revoke(live: LiveServer, owner: User, bob: User, key: str) -> tuple[float, list[Attempt]]:
+    """Let bob's writers update a key while the owner revokes bob; return when the revoke answered.
+
+    Each writer reads the token, then PUTs with the newest token it holds (the one it read, or
+    the one its own last write got), and keeps going until it has sent three rounds after the
+    revoke answered (at most 400 rounds or 5 seconds).
+    """
+    path = f"/store/{key}"
+    created = live_put(live, owner, key, b"created")
+    grant = json.dumps([{"user": bob.name, "permission": "WRITE"}]).encode()
+    assert live.request("PUT", f"/permission/{key}", grant, owner.headers).status_int == 204
+    attempts = [Attempt("PUT", 0.0, created, None, b"created")]
+    bob_wrote, revoked = threading.Semaphore(0), threading.Event()
+    answered: list[float] = []
+    deadline = time.monotonic() + 5
+
+    def writer(number: int) -> None:
+        conn, token, late = live.connect(), None, 0
+        try:
+            for count in range(400):
+                if late == 3 or time.monotonic() > deadline:
+                    break
+                late += revoked.is_set()
+                sent = time.monotonic()
+                got = call(conn, "GET", path, headers=bob.headers)
+                attempts.append(Attempt("GET", sent, got))
+                if got.status_int == 200:
+                    token = got.headers["X-Sync-Token"]
+                body = f"bob {number}.{count}".encode()
+                sent = time.monotonic()
+                sent_token = {"X-Sync-Token": token} if token else {}  # none if never read
+                reply = call(conn, "PUT", path, body, {**bob.headers, **sent_token})
+                attempts.append(Attempt("PUT", sent, reply, token, body))
+                if reply.status_int == 204:
+                    token = reply.headers["X-Sync-Token"]
+                    bob_wrote.release()
+        finally:
+            conn.close()
+
+    def revoke() -> None:
+        for _ in range(3):  # Revoke while the writers are in full swing.
+            assert bob_wrote.acquire(timeout=2), "bob's writers did not get going"
+        reply = live.request("DELETE", f"/permission/{key}?users={bob.name}", None, owner.headers)
+        answered.append(time.monotonic())
+        revoked.set()
+        assert reply.status_int == 204, reply.body
+
+    run_threads([revoke, *(lambda number=number: writer(number) for number in range(4))])
+    return answered[0], attempts
+
+
+def test_real_server_revoke_racing_writes_refuses_later_writes(start_server):
+    live = start_server(server_threads=8)
+    owner, bob = live.register("alice"), live.register("bob")
+    revoke_answered, attempts = race_revoke(live, owner, bob, "raced")
+    late = [attempt for attempt in attempts if attempt.sent > revoke_answered]
+    assert any(attempt.method == "PUT" for attempt in late)
+    for attempt in late:
+        if attempt.method == "GET":
+            assert_error(attempt.reply, 404, "ERR01")
+        else:
+            assert_error(attempt.reply, 409, "KEY01")
+
+
+def test_real_server_revoke_racing_writes_no_write_commits_after_it(start_server, db):
+    """Five times over, no write by bob commits after the revoke that removed him commits.
+
+    Audit triggers record the commit order. A permission check made before the write
+    transaction began would let a writer that passed it just before the revoke write just
+    after it, and the audit would show that write after the revoke.
+    """
+    live = start_server(server_threads=8)
+    db.executescript(AUDIT)
+    owner, bob = live.register("alice"), live.register("bob")
+    for round_number in range(5):
+        key = f"raced/{round_number}"
+        revoke_answered, attempts = race_revoke(live, owner, bob, key)
+        events = db.execute("SELECT event, token FROM audit WHERE key = ? ORDER BY seq", (key,))
+        events = events.fetchall()
+        assert events[-1] == ("revoke", None), f"a write committed after the revoke in {key}"
+        value, token = db.execute("SELECT value, token FROM items WHERE key = ?", (key,)).fetchone()
+        assert token == events[-2][1]
+        written = {
+            attempt.reply.headers["X-Sync-Token"]: attempt.body
+            for attempt in attempts
+            if attempt.method == "PUT" and attempt.reply.status_int == 204
+        }
+        assert written[token] == value
+        late_tokens = {a.token for a in attempts if a.method == "PUT" and a.sent > revoke_answered}
+        assert token in late_tokens, "no late write held the stored token: KEY01 proved nothing"
+
+
+#: Request paths and the keys they name once percent-decoded.
+KEY_PATHS = [
+    pytest.param("/store/a/b/c", "a/b/c", id="slashes"),
+    pytest.param("/store/a%2Fb", "a/b", id="encoded-slash"),
+    pytest.param(quote("/store/ключ/日本/🎉"), "ключ/日本/🎉", id="unicode"),
+    pytest.param("/store/my%20key%20here", "my key here", id="spaces"),
+    pytest.param("/store/100%25", "100%", id="encoded-percent"),
+    pytest.param("/store//lead//double/", "/lead//double/", id="empty-segments"),
+]
+
+
+@pytest.mark.parametrize(("path", "key"), KEY_PATHS)
+def test_real_server_key_path_round_trips(live_server, path, key):
+    alice = live_server.register("alice")
+    assert live_server.request("PUT", path, key.encode(), alice.headers).status_int == 204
+    got = live_server.request("GET", path, headers=alice.headers)
+    assert (got.status_int, got.body) == (200, key.encode())
+
+
+@pytest.mark.parametrize(("path", "key"), KEY_PATHS)
+def test_real_server_key_path_lists_decoded_key(live_server, path, key):
+    alice = live_server.register("alice")
+    assert live_server.request("PUT", path, b"v", alice.headers).status_int == 204
+    listed = live_server.request("GET", "/store", headers=alice.headers).json
+    assert [entry["key"] for entry in listed] == [key]
+
+
+def test_real_server_encoded_slash_is_the_same_key(live_server):
+    alice = live_server.register("alice")
+    assert live_server.request("PUT", "/store/a%2Fb", b"encoded", alice.headers).status_int == 204
+    assert live_server.request("GET", "/store/a/b", headers=alice.headers).body == b"encoded"
+
+
+def test_real_server_value_of_max_bytes_is_stored(start_server):
+    live = start_server(max_value_bytes=1000, server_threads=8)
+    alice = live.register("alice")
+    assert live_put(live, alice, "big", b"x" * 1000).status_int == 204
+    assert live.request("GET", "/store/big", headers=alice.headers).body == b"x" * 1000
+
+
+def test_real_server_value_over_max_bytes_is_size01(start_server, db):
+    live = start_server(max_value_bytes=1000, server_threads=8)
+    alice = live.register("alice")
+    assert_error(live_put(live, alice, "big", b"x" * 1001), 413, "SIZE01")
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
+
+
+def test_real_server_chunked_value_within_max_bytes_is_stored(start_server):
+    live = start_server(max_value_bytes=1000, server_threads=8)
+    alice = live.register("alice")
+    chunks = iter([b"x" * 400, b"y" * 400, b"z" * 200])
+    headers = {**alice.headers, "Transfer-Encoding": "chunked"}
+    reply = live.request("PUT", "/store/big", chunks, headers, encode_chunked=True)
+    assert reply.status_int == 204
+    stored = live.request("GET", "/store/big", headers=alice.headers).body
+    assert stored == b"x" * 400 + b"y" * 400 + b"z" * 200
+
+
+def test_real_server_chunked_value_over_max_bytes_is_size01(start_server, db):
+    live = start_server(max_value_bytes=1000, server_threads=8)
+    alice = live.register("alice")
+    chunks = iter([b"x" * 400, b"y" * 400, b"z" * 201])
+    headers = {**alice.headers, "Transfer-Encoding": "chunked"}
+    reply = live.request("PUT", "/store/big", chunks, headers, encode_chunked=True)
+    assert_error(reply, 413, "SIZE01")
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
+
+
+def test_real_server_mounted_app_round_trips_unicode_key(start_server, make_app):
+    parent = mount_with_bottle("/sync/")(make_app())
+    live = start_server(parent, server_threads=8)
+    body = json.dumps({"id": "alice", "password": PASSWORD}).encode()
+    token = live.request("POST", "/sync/account", body).json["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    path = quote("/sync/store/ключ/🎉")
+    assert live.request("PUT", path, b"mounted", headers).status_int == 204
+    assert live.request("GET", path, headers=headers).body == b"mounted"
+    assert live.request("GET", "/sync/store", headers=headers).json[0]["key"] == "ключ/🎉"
+
+
+# ==================================================================================================
+# HTTP layer: slow and stalled clients
+# ==================================================================================================
+
+# Slow, stalled and malformed clients against a live server, over raw sockets: the server keeps
+# answering, client_timeout closes what cannot be written or never becomes a request,
+# max_connections bounds connections without a request, a declared Content-Length over the
+# endpoint's limit is refused before the body, the server's own errors are JSON in the layout of
+# the API the path belongs to, and keep-alive survives 204 and 304. Every server binds 127.0.0.1
+# port 0 through syncnode.make_server (LiveServer). Every wait has a socket timeout or a
+# deadline, so that a server that freezes fails a test in seconds instead of hanging it.
+
+
+HOST = "127.0.0.1"
+#: Receive buffer of a client that never reads: the kernel's buffers fill after a few KiB.
+SMALL_RCVBUF = 4096
+#: How often a trickling client sends one more byte of its request.
+TRICKLE_SECONDS = 0.5
+#: A request line cut in half: what every trickling client sends first.
+TRICKLE_HEAD = b"GET /heal"
+#: The bytes that follow, one at a time; then "a" forever (a header value that never ends).
+TRICKLE_TAIL = b"th HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: "
+#: Most bytes a Trickler sends on each connection (60 s of trickling).
+TRICKLE_STEPS = 120
+#: Most recv calls any read loop makes.
+MAX_READS = 100_000
+CLIENT_TIMEOUT = 2
+BIG_VALUE = random.Random(16).randbytes(16 * 1024 * 1024)
+
+
+# Helpers ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawAnswer:
+    """One HTTP answer parsed from raw bytes: status, headers (lower-case names) and body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+
+class Clients:
+    """Client sockets opened to one server; close() closes them all."""
+
+    def __init__(self, server: LiveServer) -> None:
+        self.port = int(server.port)  # waitress gives it as text
+        self.sockets: list[socket.socket] = []
+
+    def open(self, rcvbuf: int | None = None, timeout: float = 5.0) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sockets.append(sock)
+        if rcvbuf is not None:  # before connect, so that the window the server sees is small
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect((HOST, self.port))
+        return sock
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+class Trickler:
+    """Trickling clients: half a request line, then one more byte every TRICKLE_SECONDS.
+
+    One thread sends the bytes; a connection the server closed is left alone from then on.
+    """
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+        self.dead: set[socket.socket] = set()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="trickler", daemon=True)
+
+    def add(self, sock: socket.socket) -> socket.socket:
+        sock.sendall(TRICKLE_HEAD)
+        self.sockets.append(sock)
+        return sock
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        for step in range(TRICKLE_STEPS):
+            if self.stopping.wait(TRICKLE_SECONDS):
+                return
+            byte = TRICKLE_TAIL[step : step + 1] or b"a"
+            for sock in self.sockets:
+                if sock in self.dead:
+                    continue
+                try:
+                    sock.send(byte)
+                except OSError:  # closed by the server, or the send buffer is full
+                    self.dead.add(sock)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        assert not self.thread.is_alive(), "the trickling thread did not stop"
+
+
+def raw_request(method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
+    """The head of an HTTP/1.1 request; no body."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def recv_by(sock: socket.socket, deadline: float, what: str, size: int = 65536) -> bytes:
+    """One recv that gives up at the deadline, failing the test with what was awaited."""
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    try:
+        return sock.recv(size)
+    except TimeoutError:
+        raise AssertionError(f"no {what} before the deadline") from None
+
+
+def read_answer(sock: socket.socket, timeout: float) -> RawAnswer:
+    """Read one answer: status line and headers, then a body by Content-Length or chunks."""
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    for _ in range(MAX_READS):
+        if b"\r\n\r\n" in buffer:
+            break
+        chunk = recv_by(sock, deadline, "complete answer head")
+        assert chunk, f"the connection closed before the answer's head ended: {buffer[:200]!r}"
+        buffer += chunk
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    version, status, *_ = status_line.split(" ", 2)
+    assert version.startswith("HTTP/1."), status_line
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
+    if int(status) in (204, 304):
+        return RawAnswer(int(status), headers, b"")
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return RawAnswer(int(status), headers, read_chunked(sock, rest, deadline))
+    length = int(headers.get("content-length", "-1"))
+    for _ in range(MAX_READS):
+        if 0 <= length <= len(rest):
+            break
+        chunk = recv_by(sock, deadline, "complete answer body")
+        if not chunk:
+            assert length < 0, f"the connection closed after {len(rest)} of {length} body bytes"
+            break
+        rest += chunk
+    return RawAnswer(int(status), headers, rest[:length] if length >= 0 else rest)
+
+
+def read_chunked(sock: socket.socket, buffer: bytes, deadline: float) -> bytes:
+    """Decode a chunked body that starts with the bytes already received."""
+    body = b""
+    for _ in range(MAX_READS):
+        line, found, rest = buffer.partition(b"\r\n")
+        size = int(line.split(b";")[0], 16) if found else -1
+        if found and len(rest) >= size + 2:
+            if size == 0:
+                return body
+            body += rest[:size]
+            buffer = rest[size + 2 :]
+            continue
+        chunk = recv_by(sock, deadline, "complete chunked body")
+        assert chunk, "the connection closed inside a chunked body"
+        buffer += chunk
+    raise AssertionError("the chunked body did not end")
+
+
+def closed_after_drain(sock: socket.socket, quiet: float = 0.5, limit: float = 3.0) -> bool:
+    """Whether the server closed the connection: read what arrived until EOF or a reset.
+
+    False when nothing arrives for quiet seconds (the connection is open) or when data still
+    flows after limit seconds (the server is still writing to it).
+    """
+    deadline = time.monotonic() + limit
+    for _ in range(MAX_READS):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        sock.settimeout(min(quiet, remaining))
+        try:
+            if not sock.recv(1024 * 1024):
+                return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+    return False
+
+
+def health(server: LiveServer, timeout: float = 5.0) -> tuple[RawAnswer, float]:
+    """GET /health on a fresh connection; the answer and the seconds it took."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        started = time.monotonic()
+        sock.connect((HOST, int(server.port)))
+        sock.sendall(raw_request("GET", "/health"))
+        answer = read_answer(sock, timeout - (time.monotonic() - started))
+        return answer, time.monotonic() - started
+    finally:
+        sock.close()
+
+
+def send_and_read(server: LiveServer, data: bytes, timeout: float = 2.0) -> tuple[RawAnswer, bool]:
+    """Send raw bytes on a fresh connection; the answer, and whether the server then closed."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((HOST, int(server.port)))
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may answer and close before it has read everything
+        answer = read_answer(sock, timeout)
+        return answer, closed_after_drain(sock, quiet=1.0)
+    finally:
+        sock.close()
+
+
+def pipelined_openapi(count: int = 400) -> bytes:
+    return raw_request("GET", "/openapi.json") * count
+
+
+def assert_json_answer(answer: RawAnswer, status: int) -> dict:
+    """Check the status and the JSON Content-Type of an answer; return its JSON body."""
+    content_type = answer.headers.get("content-type", "")
+    seen = f"{answer.status} {content_type}: {answer.body[:200]!r}"
+    assert answer.status == status, seen
+    assert content_type.partition(";")[0].strip() == "application/json", seen
+    return answer.json
+
+
+def assert_sync_error(answer: RawAnswer, status: int, code: str) -> None:
+    body = assert_json_answer(answer, status)
+    assert set(body) == {"code", "message"}, body
+    assert body["code"] == code, body
+    assert isinstance(body["message"], str)
+
+
+def assert_raw_app_error(answer: RawAnswer, status: int, reason: str) -> None:
+    body = assert_json_answer(answer, status)
+    assert set(body) == {"message", "error", "statusCode", "correlationId"}, body
+    assert body["statusCode"] == status
+    assert body["error"] == reason
+    assert isinstance(body["message"], str | list)
+    assert isinstance(body["correlationId"], str) and body["correlationId"]
+
+
+# Stalled clients ----------------------------------------------------------------------------------
+
+
+def test_server_health_answers_while_clients_stall(start_server):
+    server = start_server()  # threads=4, the default
+    owner = server.register("alice")
+    assert live_put(server, owner, "big", BIG_VALUE).status_int == 204
+    clients, trickler = Clients(server), Trickler()
+    try:
+        for _ in range(4):
+            clients.open().sendall(pipelined_openapi())
+        big = raw_request("GET", "/store/big", owner.headers)
+        for _ in range(4):
+            clients.open(rcvbuf=SMALL_RCVBUF).sendall(big)
+        for _ in range(100):
+            trickler.add(clients.open())
+        trickler.start()
+        time.sleep(1.0)  # the serving threads take the stalled requests and fill the buffers
+        try:
+            answer, seconds = health(server, timeout=5.0)
+        except AssertionError as error:
+            raise AssertionError(f"GET /health while clients stall: {error} (5 s)") from None
+        print(f"GET /health answered in {seconds:.3f} s while 108 clients stall")
+        assert answer.status == 200, answer.body
+        assert seconds < 1.0
+    finally:
+        trickler.stop()
+        clients.close()
+
+
+def test_server_closes_stalled_and_trickling_connections(start_server):
+    server = start_server(client_timeout=CLIENT_TIMEOUT)
+    owner = server.register("alice")
+    assert live_put(server, owner, "big", BIG_VALUE).status_int == 204
+    clients, trickler = Clients(server), Trickler()
+    try:
+        watched: list[tuple[str, socket.socket]] = []
+        for number in range(2):
+            sock = clients.open()
+            sock.sendall(pipelined_openapi())
+            watched.append((f"pipelined {number}, never read", sock))
+        for number in range(2):
+            sock = clients.open(rcvbuf=SMALL_RCVBUF)
+            sock.sendall(raw_request("GET", "/store/big", owner.headers))
+            watched.append((f"16 MiB GET {number}, never read", sock))
+        watched.append(("idle, no request ever", clients.open()))
+        kept = clients.open()
+        kept.sendall(raw_request("GET", "/health"))
+        assert read_answer(kept, 2.0).status == 200
+        watched.append(("idle after one answer", kept))
+        for number in range(5):
+            watched.append((f"trickling {number}", trickler.add(clients.open())))
+        trickler.start()
+        time.sleep(CLIENT_TIMEOUT + 1.5)
+        still_open = [name for name, sock in watched if not closed_after_drain(sock)]
+        assert not still_open, f"open {CLIENT_TIMEOUT + 1.5} s later: {still_open}"
+    finally:
+        trickler.stop()
+        clients.close()
+
+
+def test_server_keeps_slow_steady_reader(start_server):
+    server = start_server(client_timeout=CLIENT_TIMEOUT)
+    owner = server.register("alice")
+    value = BIG_VALUE[: 4 * 1024 * 1024]
+    assert live_put(server, owner, "slow", value).status_int == 204
+    clients = Clients(server)
+    try:
+        sock = clients.open(rcvbuf=64 * 1024)
+        started = time.monotonic()
+        sock.sendall(raw_request("GET", "/store/slow", owner.headers))
+        deadline = started + 30
+        buffer = b""
+        for _ in range(MAX_READS):
+            if b"\r\n\r\n" in buffer:
+                break
+            chunk = recv_by(sock, deadline, "answer head")
+            assert chunk, "the connection closed before the answer's head"
+            buffer += chunk
+        head, _, body = buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head[:100]
+        for _ in range(len(value) // (64 * 1024) + 10):  # 64 KiB every 0.2 s
+            if len(body) >= len(value):
+                break
+            time.sleep(0.2)
+            goal = min(len(value), len(body) + 64 * 1024)
+            for _ in range(MAX_READS):
+                if len(body) >= goal:
+                    break
+                chunk = recv_by(sock, deadline, f"byte {len(body)}", goal - len(body))
+                assert chunk, f"cut off after {len(body)} of {len(value)} bytes"
+                body += chunk
+        seconds = time.monotonic() - started
+        print(f"read {len(body)} bytes in {seconds:.1f} s")
+        assert body == value
+        assert seconds > 2 * CLIENT_TIMEOUT  # the read was slow enough to matter
+    finally:
+        clients.close()
+
+
+def test_server_closes_oldest_connections_without_request(start_server):
+    server = start_server(max_connections=40)
+    clients, trickler = Clients(server), Trickler()
+    try:
+        socks = [trickler.add(clients.open()) for _ in range(60)]
+        trickler.start()
+        opened = time.monotonic()
+        open_ones = list(range(len(socks)))
+        for _ in range(20):  # look every 0.25 s for 2.5 s at most
+            time.sleep(0.25)
+            open_ones = [n for n in open_ones if not closed_after_drain(socks[n], 0.01)]
+            if len(open_ones) <= 20 and min(open_ones, default=40) >= 40:
+                break
+            if time.monotonic() - opened > 2.5:
+                break
+        print(f"{len(open_ones)} of 60 left open after {time.monotonic() - opened:.2f} s")
+        assert len(open_ones) <= 20, f"{len(open_ones)} trickling connections open: {open_ones}"
+        assert min(open_ones, default=40) >= 40, f"open among the oldest 40: {open_ones}"
+        answer, seconds = health(server, timeout=5.0)
+        print(f"GET /health answered in {seconds:.3f} s beside 60 trickling clients")
+        assert answer.status == 200, answer.body
+        assert seconds < 1.0
+    finally:
+        trickler.stop()
+        clients.close()
+
+
+# Request limits -----------------------------------------------------------------------------------
+
+
+MAX_VALUE_BYTES = 1024 * 1024
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "length", "layout"),
+    [
+        pytest.param("POST", "/auth", 300_000_000, "sync", id="auth-300MB"),
+        pytest.param("POST", "/auth", 2 * syncnode.MAX_JSON_BYTES, "sync", id="auth-json-2MiB"),
+        pytest.param("PUT", "/store/k", MAX_VALUE_BYTES + 1, "sync", id="store-max-value-plus-1"),
+        pytest.param("POST", "/api/auth/login", 300_000_000, "app", id="app-login-300MB"),
+    ],
+)
+def test_server_refuses_declared_oversize_body_before_reading_it(
+    start_server, method, path, length, layout
+):
+    server = start_server(max_value_bytes=MAX_VALUE_BYTES)
+    owner = server.register("alice")
+    kind = JSON if path != "/store/k" else {"Content-Type": "application/octet-stream"}
+    headers = {**kind, **owner.headers, "Content-Length": str(length)}
+    started = time.monotonic()
+    answer, closed = send_and_read(server, raw_request(method, path, headers), timeout=2.0)
+    print(f"413 after {time.monotonic() - started:.3f} s with no body sent")
+    if layout == "sync":
+        assert_sync_error(answer, 413, "SIZE01")
+    else:
+        assert_raw_app_error(answer, 413, "Payload Too Large")
+    assert closed, "the connection stayed open after the 413"
+
+
+def test_server_store_put_of_max_value_bytes_is_204(start_server):
+    server = start_server(max_value_bytes=MAX_VALUE_BYTES)
+    owner = server.register("alice")
+    value = BIG_VALUE[:MAX_VALUE_BYTES]
+    assert server.request("PUT", "/store/k", value, owner.headers).status_int == 204
+    assert server.request("GET", "/store/k", headers=owner.headers).body == value
+
+
+# The server's own errors --------------------------------------------------------------------------
+
+
+HUGE_HEADER = {"X-Huge": "a" * (300 * 1024)}
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        pytest.param(b"GARBAGE\r\n\r\n", 400, "REQ01", id="garbage-request-line"),
+        pytest.param(
+            raw_request("PUT", "/store/k", {"Content-Length": "abc"}),
+            400,
+            "REQ01",
+            id="content-length-abc",
+        ),
+        pytest.param(
+            raw_request("PUT", "/store/k", {"Content-Length": "-1"}),
+            400,
+            "REQ01",
+            id="content-length-minus-1",
+        ),
+        pytest.param(raw_request("GET", "/health", HUGE_HEADER), 413, "SIZE01", id="header-300KiB"),
+    ],
+)
+def test_server_own_errors_are_sync_node_json(start_server, data, status, code):
+    server = start_server()
+    answer, _ = send_and_read(server, data, timeout=3.0)
+    assert_sync_error(answer, status, code)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "reason"),
+    [
+        pytest.param(
+            {**JSON, "Content-Length": "abc"}, 400, "Bad Request", id="content-length-abc"
+        ),
+        pytest.param(
+            {**JSON, "Content-Length": "-1"}, 400, "Bad Request", id="content-length-minus-1"
+        ),
+        pytest.param({**JSON, **HUGE_HEADER}, 413, "Payload Too Large", id="header-300KiB"),
+    ],
+)
+def test_server_own_errors_on_app_api_are_immich_json(start_server, headers, status, reason):
+    server = start_server()
+    data = raw_request("POST", "/api/auth/login", headers)
+    answer, _ = send_and_read(server, data, timeout=3.0)
+    assert_raw_app_error(answer, status, reason)
+
+
+# Keep-alive after 204 and 304 ---------------------------------------------------------------------
+
+
+def test_server_keeps_connection_after_204(start_server):
+    server = start_server()
+    owner = server.register("alice")
+    conn = server.connect()
+    try:
+        conn.request("PUT", "/store/k", b"value", owner.headers)
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 204
+        assert "close" not in (first.getheader("Connection") or "").lower()
+        sock = conn.sock
+        assert sock is not None, "http.client closed the connection after the 204"
+        conn.request("GET", "/store/k", headers=owner.headers)
+        second = conn.getresponse()
+        assert second.status == 200
+        assert second.read() == b"value"
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_server_keeps_connection_after_304(start_server):
+    server = start_server()
+    owner = server.register("alice")
+    token = server.request("PUT", "/store/k", b"value", owner.headers).headers["X-Sync-Token"]
+    conn = server.connect()
+    try:
+        conn.request("GET", "/store/k", headers={**owner.headers, "If-None-Match": f'"{token}"'})
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 304
+        assert "close" not in (first.getheader("Connection") or "").lower()
+        sock = conn.sock
+        assert sock is not None, "http.client closed the connection after the 304"
+        conn.request("GET", "/health")
+        second = conn.getresponse()
+        assert second.status == 200
+        second.read()
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+# ==================================================================================================
+# HTTP layer: type confusion over the served document
+# ==================================================================================================
+
+# Driven by the served OpenAPI document (GET /openapi.json). For every operation of the document
+# and every field of its JSON request body, every query parameter, every header parameter and
+# every credential of its security schemes, send an otherwise valid request with that one place
+# holding a bad value: null, booleans, odd numbers, lists, objects, deep nesting, an empty, a
+# long, a NUL and a lone-surrogate string. Whole bodies get the same values and a few that are
+# not JSON at all. Every answer must be no 5xx and one the operation documents: one of its own
+# answers (its schema and required headers), or the error layout of its API. On Sync Node paths
+# that is {"code", "message"} with the code's status from syncnode.ERROR_STATUS; under /api it is
+# Immich's {"message", "error", "statusCode", "correlationId"} with statusCode the status.
+
+
+# The bad values -----------------------------------------------------------------------------------
+
+
+#: Nesting past Python's recursion limit, in the 1 MiB of a Sync Node JSON body.
+SYNC_DEPTH = 100_000
+#: Nesting past the recursion limit that still fits the App API's 64 KiB bodies.
+APP_DEPTH = 30_000
+LONG_TEXT = "x" * 100_000
+
+
+def nested(depth: int) -> str:
+    """A list nested depth deep, as JSON text."""
+    return "[" * depth + "]" * depth
+
+
+@dataclasses.dataclass(frozen=True)
+class Bad:
+    """A bad value: its name, its raw JSON text, and its text as a query or header value.
+
+    The text is a WSGI string, one character per byte: a lone surrogate there is its
+    UTF-8-style bytes, which no UTF-8 decoder accepts.
+    """
+
+    name: str
+    json: str
+    text: str
+
+
+BAD_VALUES = [
+    Bad("null", "null", "null"),
+    Bad("true", "true", "true"),
+    Bad("false", "false", "false"),
+    Bad("0", "0", "0"),
+    Bad("-1", "-1", "-1"),
+    Bad("1e400", "1e400", "1e400"),
+    Bad("1.5", "1.5", "1.5"),
+    Bad("2**63", str(2**63), str(2**63)),
+    Bad("[]", "[]", "[]"),
+    Bad("[1]", "[1]", "[1]"),
+    Bad("[[]]", "[[]]", "[[]]"),
+    Bad("{}", "{}", "{}"),
+    Bad('{"a":1}', '{"a": 1}', '{"a":1}'),
+    Bad(f"nested-{SYNC_DEPTH}", nested(SYNC_DEPTH), nested(SYNC_DEPTH)),
+    Bad(f"nested-{APP_DEPTH}", nested(APP_DEPTH), nested(APP_DEPTH)),
+    Bad("empty-string", '""', ""),
+    Bad("long-string", json.dumps(LONG_TEXT), LONG_TEXT),
+    Bad("nul-string", json.dumps("correct\x00horse"), "correct\x00horse"),
+    Bad("lone-surrogate", '"\\ud800"', "\xed\xa0\x80"),
+]
+
+#: Whole bodies beyond the bad values: text that is no JSON, or no JSON object.
+BAD_BODIES = {
+    "string": b'"alice"',
+    "invalid-utf8": b'{"id": "\xff\xfe"}',
+    "not-json": b"not json",
+    "empty-body": b"",
+}
+
+#: The text the field under test holds until the bad value's JSON replaces it.
+PLACEHOLDER = "\x01placeholder\x01"
+
+
+# The document and its operations ------------------------------------------------------------------
+
+
+@cache
+def served_document() -> dict:
+    """GET /openapi.json of a syncnode app on a throwaway database, once, when first needed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        app = syncnode.create_app(os.path.join(tmp, "document.db"), **CHEAP_HASHING)
+        try:
+            return webtest.TestApp(app).get("/openapi.json").json
+        finally:
+            app.close()
+
+
+METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
+
+
+def resolve(node: dict, document: dict | None = None) -> dict:
+    """Follow a node's $ref within the (served) document, as often as it takes."""
+    while "$ref" in node:
+        target: Any = document or served_document()
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+@cache
+def validator(schema_text: str) -> jsonschema.Draft202012Validator:
+    """A validator of one schema of the document, its references resolved in the document."""
+    schema = {**json.loads(schema_text), "components": served_document()["components"]}
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_errors(schema: dict, data: Any) -> list[str]:
+    """The schema's complaints about data."""
+    checker = validator(json.dumps(schema, sort_keys=True))
+    return [error.message[:120] for error in checker.iter_errors(data)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """One operation of the document: method, path and what the served document says of it."""
+
+    method: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}"
+
+    @property
+    def spec(self) -> dict:
+        return served_document()["paths"][self.path][self.method.lower()]
+
+    @property
+    def parameters(self) -> tuple:
+        item = served_document()["paths"][self.path]
+        parameters = item.get("parameters", []) + self.spec.get("parameters", [])
+        return tuple(resolve(parameter) for parameter in parameters)
+
+    @property
+    def app_api(self) -> bool:
+        return self.path.startswith("/api/")
+
+    @property
+    def secured(self) -> bool:
+        return bool(self.spec.get("security"))
+
+    def parameter_names(self, where: str) -> list[str]:
+        return [p["name"] for p in self.parameters if p["in"] == where]
+
+    @property
+    def body_type(self) -> str | None:
+        body = resolve(self.spec.get("requestBody", {}))
+        return next(iter(body.get("content", {})), None)
+
+    @property
+    def body_schema(self) -> dict:
+        body = resolve(self.spec["requestBody"])
+        return body["content"]["application/json"]["schema"]
+
+
+def document_operations(document: dict) -> list[Operation]:
+    return [
+        Operation(method.upper(), path)
+        for path, item in document["paths"].items()
+        for method in METHODS
+        if method in item
+    ]
+
+
+def json_body(operation: Operation, document: dict) -> bool:
+    """Whether the operation's request body is JSON, as the document says."""
+    spec = document["paths"][operation.path][operation.method.lower()]
+    body = resolve(spec.get("requestBody", {}), document)
+    return next(iter(body.get("content", {})), None) == "application/json"
+
+
+# The parametrizations read the document syncnode serves from memory; the sweeps read what each
+# operation says from the served document, which test_openapi_document_is_served_and_valid
+# shows to be the same.
+CONFUSION_OPERATIONS = document_operations(syncnode.openapi_document())
+JSON_OPERATIONS = [
+    operation
+    for operation in CONFUSION_OPERATIONS
+    if json_body(operation, syncnode.openapi_document())
+]
+
+
+def schema_fields(schema: dict, prefix: tuple = ()) -> Iterator[tuple]:
+    """Every place in a body of the schema: object properties, and one item of each array."""
+    schema = resolve(schema)
+    if schema.get("type") == "object":
+        for name, sub in schema.get("properties", {}).items():
+            yield (*prefix, name)
+            yield from schema_fields(sub, (*prefix, name))
+    elif schema.get("type") == "array":
+        yield (*prefix, 0)
+        yield from schema_fields(schema["items"], (*prefix, 0))
+
+
+def dotted(place: tuple) -> str:
+    """A place in a body as text: operations[0].token."""
+    text = ""
+    for part in place:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def with_placeholder(data: Any, place: tuple) -> Any:
+    """The data with the placeholder at the place (the data is a fresh copy)."""
+    if not place:
+        return PLACEHOLDER
+    target = data
+    for part in place[:-1]:
+        target = target[part]
+    target[place[-1]] = PLACEHOLDER
+    return data
+
+
+def json_with(data: Any, place: tuple, raw: str) -> bytes:
+    """The data as JSON text, with raw JSON text at the place."""
+    text = json.dumps(with_placeholder(data, place))
+    return text.replace(json.dumps(PLACEHOLDER), raw).encode()
+
+
+def query_string(values: dict[str, str]) -> str:
+    """Percent-encode a query, each value's characters taken as bytes (WSGI's latin-1)."""
+    return "&".join(
+        f"{name}={urllib.parse.quote(value.encode('latin-1'), safe='')}"
+        for name, value in values.items()
+    )
+
+
+# The world a sweep runs in ------------------------------------------------------------------------
+
+
+class World:
+    """An app with alice (the admin: a stored key, an API key, two sessions) and bob.
+
+    It fills path parameters with real ids, sends alice's credentials and keeps up with what
+    the requests change, so that each request is a valid one but for the place under test.
+    """
+
+    def __init__(self, http: webtest.TestApp) -> None:
+        self.client = http
+        #: Whether the app (self.client may change to another on the database) takes invites.
+        self.invite_mode = False
+        self.counter = itertools.count()
+        self.password = PASSWORD
+        http.post_json(
+            "/api/auth/admin-sign-up", {"email": "alice", "password": PASSWORD, "name": "Alice"}
+        )
+        self.session = self.log_in()
+        self.headers = bearer_headers(self.session)
+        self.log_in()  # a second session, for DELETE /api/sessions/{id}
+        http.post_json("/account", {"id": "bob", "password": PASSWORD, "invite": self.invite()})
+        self.store_token = self.put_key()
+        created = http.post_json(
+            "/api/api-keys", {"permissions": ["all"], "name": "sweep"}, headers=self.headers
+        ).json
+        self.api_key = created["secret"]
+        me = http.get("/api/users/me", headers=self.headers).json
+        sessions = http.get("/api/sessions", headers=self.headers).json
+        (other_id,) = [s["id"] for s in sessions if not s["current"]]
+        self.path_ids = {
+            "/api/api-keys/{id}": created["apiKey"]["id"],
+            "/api/sessions/{id}": other_id,
+            "/api/users/{id}": me["id"],
+        }
+
+    def log_in(self) -> str:
+        body = {"id": "alice", "password": PASSWORD}
+        return self.client.post_json("/auth", body).json["token"]
+
+    def put_key(self) -> str:
+        response = self.client.put("/store/k", b"v", headers=self.headers)
+        return response.headers["X-Sync-Token"]
+
+    def fresh(self, stem: str) -> str:
+        return f"{stem}{next(self.counter)}"
+
+    def invite(self) -> str:
+        """An unspent invite code (minted by alice) with registration=invite; else any text."""
+        if not self.invite_mode:
+            return "unused"
+        return self.client.post("/invite", headers=self.headers).json["invite"]
+
+    def url(self, operation: Operation) -> str:
+        path = operation.path.replace("{key}", "k")
+        if "{id}" in path:
+            path = path.replace("{id}", self.path_ids[operation.path])
+        assert "{" not in path, f"no value for the path parameters of {operation}"
+        return path
+
+    def credentials(self, operation: Operation) -> dict[str, str]:
+        if not operation.secured:
+            return {}
+        if str(operation) == "GET /api/api-keys/me":
+            return {"x-api-key": self.api_key}
+        return dict(self.headers)
+
+    def send(
+        self,
+        operation: Operation,
+        body: bytes | None = None,
+        query: str = "",
+        headers: dict[str, str] | None = None,
+        credentials: bool = True,
+    ) -> webtest.TestResponse:
+        """Send the request and keep the world up with what it changed."""
+        sent = {**(self.credentials(operation) if credentials else {}), **(headers or {})}
+        kwargs: dict[str, Any] = {"method": operation.method, "headers": sent}
+        if body is not None:
+            kwargs["body"] = body
+            kwargs["content_type"] = operation.body_type
+        url = self.url(operation) + (f"?{query}" if query else "")
+        response = self.client.request(url, expect_errors=True, **kwargs)
+        self.follow(operation, body, response)
+        return response
+
+    def follow(self, operation: Operation, body: bytes | None, response) -> None:
+        if response.status_int >= 300:
+            return
+        if str(operation) == "PUT /store/{key}":
+            self.store_token = response.headers["X-Sync-Token"]
+        elif str(operation) == "DELETE /store/{key}":
+            self.store_token = self.put_key()
+        elif str(operation) == "POST /api/auth/change-password":
+            self.password = json.loads(body)["newPassword"]
+
+
+#: Valid values of body fields, by field name; a callable takes the world.
+FIELD_VALUES: dict[str, Any] = {
+    "password": lambda world: world.password,
+    "newPassword": PASSWORD,
+    "invalidateSessions": False,
+    "email": "alice",
+    "name": "Alice",
+    "permissions": ["all"],
+    "user": "bob",
+    "permission": "READ",
+    "method": "PUT",
+    "key": lambda world: world.fresh("batch/"),
+    "token": None,
+    "value": "dg==",
+    "meta": "m",
+    "duration": 60,
+    "deviceType": "phone",
+    "deviceOS": "os",
+    "invite": World.invite,
+}
+#: Valid values of body fields where an operation needs its own.
+OPERATION_FIELD_VALUES: dict[str, dict[str, Any]] = {
+    "POST /account": {"id": lambda world: world.fresh("user")},
+    "POST /auth": {"id": "alice"},
+    "POST /resetpassword": {"id": "alice"},
+    "POST /api/auth/admin-sign-up": {"email": "carol", "name": "Carol"},
+}
+#: Valid query parameters; optional ones are left out.
+QUERY_VALUES: dict[str, dict[str, str]] = {"DELETE /permission/{key}": {"users": "bob"}}
+#: Valid header parameters; optional ones are left out.
+HEADER_VALUES: dict[str, Callable[[World], dict[str, str]]] = {
+    "PUT /store/{key}": lambda world: {"X-Sync-Token": world.store_token, "X-Sync-Meta": "m"},
+    "DELETE /store/{key}": lambda world: {"X-Sync-Token": world.store_token},
+}
+#: Headers that say the same as the one under test, left out while it holds the bad value.
+ALTERNATIVES = {"If-Match": ("X-Sync-Token",)}
+#: Octet-stream bodies are any bytes.
+OCTET_BODY = b"v"
+#: Operations whose valid request the world refuses, with the documented reason.
+REFUSED_BASELINES = {"POST /api/auth/admin-sign-up": "the server already has an admin"}
+
+
+def valid_data(operation: Operation, world: World) -> Any:
+    """A valid JSON body for the operation, built from its schema and the value tables."""
+    values = {**FIELD_VALUES, **OPERATION_FIELD_VALUES.get(str(operation), {})}
+
+    def example(schema: dict, name: str | None) -> Any:
+        schema = resolve(schema)
+        if name in values:
+            value = values[name]
+            return value(world) if callable(value) else copy.deepcopy(value)
+        if "enum" in schema:
+            return schema["enum"][0]
+        if "oneOf" in schema:
+            return example(schema["oneOf"][0], name)
+        kind = schema.get("type")
+        kind = kind[0] if isinstance(kind, list) else kind
+        if kind == "object":
+            return {key: example(sub, key) for key, sub in schema.get("properties", {}).items()}
+        if kind == "array":
+            return [example(schema["items"], None)]
+        raise AssertionError(f"no valid value for {name!r} of {operation}")
+
+    return example(operation.body_schema, None)
+
+
+@dataclasses.dataclass
+class Request:
+    """What a sweep sends: a label for reports, the body, the query and the headers."""
+
+    label: str
+    body: bytes | None = None
+    query: str = ""
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Whether to send alice's credentials; False when the request carries bad ones.
+    credentials: bool = True
+
+
+def valid_request(operation: Operation, world: World, label: str = "valid request") -> Request:
+    required = [p["name"] for p in operation.parameters if p["in"] == "query" and p["required"]]
+    query = QUERY_VALUES.get(str(operation), {})
+    assert set(required) <= set(query), f"no valid query for {operation}"
+    headers = HEADER_VALUES.get(str(operation), lambda world: {})(world)
+    body = None
+    if operation.body_type == "application/json":
+        body = json.dumps(valid_data(operation, world)).encode()
+    elif operation.body_type is not None:
+        body = OCTET_BODY
+    return Request(label, body, query_string(query), headers)
+
+
+def sweep(operation: Operation, world: World) -> Iterator[Request]:
+    """The bad requests, each built when its turn comes (the world moves on meanwhile)."""
+    if operation.body_type == "application/json":
+        for place in schema_fields(operation.body_schema):
+            for bad in BAD_VALUES:
+                request = valid_request(operation, world, f"body {dotted(place)}={bad.name}")
+                request.body = json_with(valid_data(operation, world), place, bad.json)
+                yield request
+    if operation.body_type is not None:
+        for bad in BAD_VALUES:
+            request = valid_request(operation, world, f"whole body={bad.name}")
+            request.body = bad.json.encode()
+            yield request
+        for name, raw in BAD_BODIES.items():
+            request = valid_request(operation, world, f"whole body={name}")
+            request.body = raw
+            yield request
+        request = valid_request(operation, world, "whole body=truncated")
+        request.body = request.body[: len(request.body) // 2]
+        yield request
+    for name in operation.parameter_names("query"):
+        valid = QUERY_VALUES.get(str(operation), {})
+        for bad in BAD_VALUES:
+            request = valid_request(operation, world, f"query {name}={bad.name}")
+            request.query = query_string({**valid, name: bad.text})
+            yield request
+        request = valid_request(operation, world, f"query {name}=repeated")
+        request.query = "&".join(filter(None, [query_string(valid), f"{name}=1&{name}=2"]))
+        yield request
+    for name in operation.parameter_names("header"):
+        for bad in BAD_VALUES:
+            request = valid_request(operation, world, f"header {name}={bad.name}")
+            for alternative in ALTERNATIVES.get(name, ()):
+                request.headers.pop(alternative, None)
+            request.headers[name] = bad.text
+            yield request
+    for scheme in operation.spec.get("security", []):
+        for bad in BAD_VALUES:
+            request = valid_request(operation, world, f"credential {', '.join(scheme)}={bad.name}")
+            request.credentials = False
+            request.headers.update(credential_headers(next(iter(scheme)), bad.text))
+            yield request
+
+
+def credential_headers(scheme_name: str, text: str) -> dict[str, str]:
+    """The headers that carry text as a credential of the security scheme."""
+    scheme = served_document()["components"]["securitySchemes"][scheme_name]
+    if scheme["type"] == "http":
+        return {"Authorization": f"{scheme['scheme'].title()} {text}"}
+    if scheme["in"] == "cookie":
+        return {"Cookie": f"{scheme['name']}={text}"}
+    return {scheme["name"]: text}
+
+
+# The sweep ----------------------------------------------------------------------------------------
+
+
+def answer_problem(operation: Operation, response) -> str | None:
+    """What is wrong with an answer, if anything: undocumented status, layout or headers."""
+    status = response.status_int
+    if status >= 500:
+        return "a server error"
+    documented = operation.spec["responses"].get(str(status))
+    if documented is not None:
+        return documented_problem(resolve(documented), response)
+    if status < 400:
+        return "an undocumented status"
+    if response.content_type != "application/json":
+        return f"an error of type {response.content_type!r}"
+    try:
+        body = json.loads(response.body)
+    except ValueError:
+        return "an error that is not JSON"
+    if operation.app_api:
+        errors = schema_errors(served_document()["components"]["schemas"]["AppError"], body)
+        if errors:
+            return f"not Immich's error layout ({errors[0]})"
+        if body["statusCode"] != status or body["error"] != syncnode.REASONS.get(status):
+            return "an error whose statusCode or error is not the status"
+        return None
+    errors = schema_errors(served_document()["components"]["schemas"]["Error"], body)
+    if errors:
+        return f"not the Sync Node error layout ({errors[0]})"
+    if syncnode.ERROR_STATUS.get(body["code"]) != status:
+        return f"{body['code']} with another status than its own"
+    return None
+
+
+def documented_problem(documented: dict, response) -> str | None:
+    """What is wrong with an answer of a status the operation documents."""
+    for name, header in documented.get("headers", {}).items():
+        if header.get("required") and name not in response.headers:
+            return f"no {name} header"
+    content = documented.get("content")
+    if content is None:
+        return "a body where none is documented" if response.body else None
+    if "application/json" not in content:
+        return None
+    if response.content_type != "application/json":
+        return f"a body of type {response.content_type!r}"
+    errors = schema_errors(content["application/json"]["schema"], response.json)
+    return f"a body off its schema ({errors[0]})" if errors else None
+
+
+def report(label: str, response, problem: str) -> str:
+    return f"{label}: {response.status} {problem}: {response.body[:160]!r}"
+
+
+SWEEPS = [pytest.param(operation, {}, id=str(operation)) for operation in CONFUSION_OPERATIONS] + [
+    pytest.param(
+        next(op for op in CONFUSION_OPERATIONS if str(op) == "POST /account"),
+        {"registration": "invite"},
+        id="POST /account [registration=invite]",
+    )
+]
+
+
+@pytest.mark.parametrize(("operation", "settings"), SWEEPS)
+def test_sweep_bad_values_get_documented_answers(make_app, clock, operation, settings):
+    world = World(webtest.TestApp(make_app()))
+    if settings:  # the same database, served with other settings
+        world.client = webtest.TestApp(make_app(**settings))
+        world.invite_mode = settings.get("registration") == "invite"
+    if operation.body_type == "application/json":
+        data = valid_data(operation, world)
+        assert not schema_errors(operation.body_schema, data), "the valid body is off its schema"
+    failures = []
+    if operation.secured:
+        request = valid_request(operation, world, "no credentials")
+        response = world.send(operation, request.body, request.query, request.headers, False)
+        problem = answer_problem(operation, response)
+        if problem is None and response.status_int != 401:
+            problem = "an answer other than 401"
+        if problem:
+            failures.append(report(request.label, response, problem))
+    for request in sweep(operation, world):
+        response = world.send(
+            operation, request.body, request.query, request.headers, request.credentials
+        )
+        problem = answer_problem(operation, response)
+        if problem:
+            failures.append(report(request.label, response, problem))
+    # Last, as it may end the session or the key: the valid request, once throttles have reset.
+    clock.advance(86400)
+    request = valid_request(operation, world)
+    response = world.send(operation, request.body, request.query, request.headers)
+    problem = answer_problem(operation, response)
+    if str(operation) in REFUSED_BASELINES:
+        problem = problem or (None if response.status_int == 400 else "not the documented 400")
+    elif problem is None and response.status_int >= 400:
+        problem = "the valid request failed, so the sweep may not reach the checks"
+    if problem:
+        failures.append(report(request.label, response, problem))
+    assert not failures, f"{len(failures)} answers of {operation}:\n" + "\n".join(failures)
+
+
+# Regressions --------------------------------------------------------------------------------------
+
+
+#: The code of a malformed body on Sync Node paths where it is not REQ01.
+MALFORMED_CODES = {"POST /account": "ACCT02", "POST /auth": "ACCT02"}
+
+
+@pytest.mark.parametrize("shape", ["whole-body", "first-field"])
+@pytest.mark.parametrize("operation", JSON_OPERATIONS, ids=str)
+def test_regression_deep_nesting_is_the_malformed_body_error(make_app, operation, shape):
+    world = World(webtest.TestApp(make_app()))
+    raw = nested(APP_DEPTH if operation.app_api else SYNC_DEPTH)
+    request = valid_request(operation, world)
+    if shape == "whole-body":
+        request.body = raw.encode()
+    else:
+        first = next(schema_fields(operation.body_schema))
+        request.body = json_with(valid_data(operation, world), first, raw)
+    response = world.send(operation, request.body, request.query, request.headers)
+    if operation.app_api:
+        assert response.status_int == 400
+        assert response.json["statusCode"] == 400
+        schemas = served_document()["components"]["schemas"]
+        assert not schema_errors(schemas["AppError"], response.json)
+    else:
+        assert_error(response, 400, MALFORMED_CODES.get(str(operation), "REQ01"))
+
+
+@pytest.mark.parametrize(
+    "permission",
+    [
+        pytest.param({}, id="{}"),
+        pytest.param([], id="[]"),
+        pytest.param([1], id="[1]"),
+        pytest.param({"a": 1}, id='{"a":1}'),
+        pytest.param([[]], id="[[]]"),
+    ],
+)
+def test_regression_permission_put_unhashable_permission_is_req01(client, user, other, permission):
+    client.put("/store/k", b"v", headers=user.headers)
+    body = [{"user": other.name, "permission": permission}]
+    response = client.put_json("/permission/k", body, headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+    holders = client.get("/permission/k", headers=user.headers).json
+    assert holders == [{"user": user.name, "permission": "OWN"}]
+
+
+# ==================================================================================================
+# App API: wire format
+# ==================================================================================================
+
+
+def test_app_wire_document_enum_plus_store_is_the_served_list():
+    assert app_schemas()["Permission"]["enum"] == SERVED_PERMISSIONS
+    assert syncnode.API_KEY_PERMISSIONS == tuple(SERVED_PERMISSIONS)
+
+
+def test_app_wire_every_answer_carries_a_generated_cid(client, user):
+    for method, path, headers, status in [
+        ("GET", "/api/server/ping", {}, 200),
+        ("GET", "/api/users/me", user.headers, 200),
+        ("GET", "/api/users/me", {}, 401),
+        ("GET", "/api/nothing-here", {}, 404),
+        ("POST", "/api/auth/login", {}, 400),
+        ("DELETE", "/api/sessions", user.headers, 204),
+    ]:
+        response = client.request(path, method=method, headers=headers, status=status)
+        assert re.fullmatch(r"[0-9a-f]{8}", response.headers["x-immich-cid"])
+        if status >= 400:
+            assert response.json["correlationId"] == response.headers["x-immich-cid"]
+
+
+def test_app_wire_generated_cids_differ(client):
+    cids = {client.get("/api/server/ping").headers["x-immich-cid"] for _ in range(5)}
+    assert len(cids) == 5
+
+
+def test_app_wire_sent_cid_is_echoed(client):
+    for sent in ["a", "x" * 64, "with space ~!@#$%^&*()"]:
+        response = client.get("/api/server/ping", headers={"x-immich-cid": sent})
+        assert response.headers["x-immich-cid"] == sent
+        response = client.get("/api/nope", headers={"x-immich-cid": sent}, status=404)
+        assert response.headers["x-immich-cid"] == sent
+        assert response.json["correlationId"] == sent
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("x" * 65, id="65"),
+        pytest.param("caf\xe9", id="latin-1"),
+        pytest.param("a\tb", id="tab"),
+        pytest.param("a\x7fb", id="del"),
+    ],
+)
+def test_app_wire_bad_sent_cid_is_replaced(client, sent):
+    response = client.get("/api/nope", headers={"x-immich-cid": sent}, status=404)
+    assert re.fullmatch(r"[0-9a-f]{8}", response.headers["x-immich-cid"])
+    assert response.json["correlationId"] == response.headers["x-immich-cid"]
+
+
+def test_app_wire_sync_node_paths_keep_their_own_layout(client, user):
+    response = client.get("/store", status=401)
+    assert_error(response, 401, "AUTH01")
+    assert set(response.json) == {"code", "message"}
+    assert "x-immich-cid" not in response.headers
+    assert "x-immich-cid" not in client.get("/store", headers=user.headers).headers
+    response = client.get("/api/users/me", status=401)
+    assert "code" not in response.json
+
+
+def test_app_wire_delete_answers_204_empty(client, user):
+    response = client.delete("/api/sessions", headers=user.headers, status=204)
+    assert response.body == b""
+    assert "Content-Type" not in response.headers
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        pytest.param("GET", "/api/nope", id="unknown"),
+        pytest.param("POST", "/api/server/ping", id="wrong-method"),
+        pytest.param("DELETE", "/api/users/me", id="wrong-method-users"),
+        pytest.param("OPTIONS", "/api/server/ping", id="options"),
+        pytest.param("GET", "/api/auth/status", id="auth-status"),
+        pytest.param("GET", "/api/assets", id="assets"),
+        pytest.param("GET", "/api/server/media-types", id="media-types"),
+        pytest.param("POST", "/api/auth/pin-code", id="pin-code"),
+        pytest.param("POST", "/api/oauth/authorize", id="oauth"),
+        pytest.param("GET", "/api/shared-links", id="shared-links"),
+        pytest.param(
+            "PUT", "/api/sessions/7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60/lock", id="session-lock"
+        ),
+        pytest.param("GET", "/api", id="bare-api"),
+    ],
+)
+def test_app_wire_unknown_route_is_json_404_naming_method_and_path(client, method, path):
+    headers = {"Authorization": "Bearer any", "x-api-key": "any"}
+    response = client.request(path, method=method, headers=headers, status=404)
+    assert_app_error(response, 404, f"Cannot {method} {path}")
+
+
+def test_app_wire_404_message_leaves_out_the_query_string(client):
+    response = client.get("/api/nope?apiKey=SECRETKEY&sessionKey=SECRETTOKEN", status=404)
+    assert_app_error(response, 404, "Cannot GET /api/nope")
+    assert "SECRET" not in response.text
+
+
+def test_app_wire_api_with_trailing_slash_is_immich_404(client):
+    assert_app_error(client.get("/api/", status=404), 404, "Cannot GET /api/")
+
+
+def test_app_wire_no_cors_headers(client):
+    origin = {"Origin": "https://evil.example"}
+    responses = [
+        client.get("/api/server/ping", headers=origin),
+        client.options("/api/server/ping", headers=origin, status=404),
+        client.post_json("/api/auth/login", {}, headers=origin, status=400),
+    ]
+    for response in responses:
+        assert not [name for name in response.headers if name.lower().startswith("access-control")]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/jsonx"])
+def test_app_wire_body_without_json_type_counts_as_empty(client, user, db, content_type):
+    body = json.dumps({"email": "alice", "password": PASSWORD}).encode()
+    kw = {"content_type": content_type} if content_type else {}
+    response = client.post("/api/auth/login", body, status=400, **kw)
+    assert_app_error(response, 400, LOGIN_EMPTY)
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_app_wire_json_type_with_parameters_is_parsed(client, user):
+    body = json.dumps({"email": "alice", "password": PASSWORD}).encode()
+    for content_type in ("application/json; charset=utf-8", "Application/JSON ; charset=UTF-8"):
+        client.post("/api/auth/login", body, content_type=content_type, status=201)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"{", id="cut"),
+        pytest.param(b"not json", id="text"),
+        pytest.param(b"[]", id="array"),
+        pytest.param(b'[{"email": "alice"}]', id="array-of-object"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b'"text"', id="string"),
+        pytest.param(b"5", id="number"),
+        pytest.param(b"\xff\xfe", id="bytes"),
+        pytest.param(b"", id="empty"),
+    ],
+)
+def test_app_wire_malformed_json_is_400(client, user, db, raw):
+    before = app_state(db)
+    for path, headers in [
+        ("/api/auth/login", {}),
+        ("/api/api-keys", user.headers),
+        ("/api/auth/change-password", user.headers),
+    ]:
+        response = client.post(
+            path, raw, headers=headers, content_type="application/json", status=400
+        )
+        assert_app_error(response, 400, "Malformed JSON body")
+    assert app_state(db) == before
+
+
+def test_app_wire_body_over_64_kib_is_413(client, user, db):
+    before = app_state(db)
+    body = json.dumps({"permissions": ["all"], "pad": "x" * (64 * 1024)})
+    response = client.post(
+        "/api/api-keys", body, headers=user.headers, content_type="application/json", status=413
+    )
+    assert_app_error(response, 413, "Request body too large")
+    assert app_state(db) == before
+
+
+def test_app_wire_body_of_exactly_64_kib_is_read(client, user):
+    start = json.dumps({"email": "alice", "password": PASSWORD, "pad": ""})
+    body = start[:-2] + "x" * (64 * 1024 - len(start)) + start[-2:]
+    assert len(body) == 64 * 1024
+    client.post("/api/auth/login", body, content_type="application/json", status=201)
+
+
+def test_app_wire_unknown_properties_are_ignored(client, user, db):
+    body = {"email": "alice", "password": PASSWORD, "isAdmin": False, "role": "x", "nested": {}}
+    client.post_json("/api/auth/login", body, status=201)
+    client.reset()
+    secret, _ = make_key(client, user.headers, ["user.read"], owner="bob", secret="mine")
+    assert secret != "mine"
+    assert db.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 1
+
+
+def test_app_wire_timestamps_have_milliseconds_and_ids_are_uuid4(client, clock, make_user):
+    clock.advance(0.125)
+    alice = make_user("alice")
+    me = assert_schema(client.get("/api/users/me", headers=alice.headers), "UserAdminResponseDto")
+    assert me["createdAt"] == me["updatedAt"] == "2027-01-15T08:00:00.125Z"
+    assert UUID4_TEXT.fullmatch(me["id"])
+    clock.advance(1.25)
+    _, key = make_key(client, alice.headers)
+    assert key["createdAt"] == "2027-01-15T08:00:01.375Z"
+    assert UUID4_TEXT.fullmatch(key["id"])
+    [session] = sessions_listing(client, alice.headers)
+    assert session["createdAt"] == "2027-01-15T08:00:00.125Z"
+    assert session["expiresAt"] == "2027-02-14T08:00:00.125Z"
+    assert UUID4_TEXT.fullmatch(session["id"])
+
+
+def test_app_wire_credentials_come_before_permission_and_body(client, user):
+    response = client.put_json("/api/api-keys/123", {"name": 5}, status=401)
+    assert_app_error(response, 401, "Authentication required")
+    response = client.put_json(
+        "/api/api-keys/123", {"name": 5}, headers=api_key_headers("unknown"), status=401
+    )
+    assert_app_error(response, 401, "Invalid API key")
+
+
+def test_app_wire_permission_comes_before_path_id_and_body(client, user):
+    secret, _ = make_key(client, user.headers, ["server.about"])
+    response = client.put_json(
+        "/api/api-keys/123", {"name": 5}, headers=api_key_headers(secret), status=403
+    )
+    assert_app_error(response, 403, "Missing required permission: apiKey.update")
+
+
+def test_app_wire_path_id_comes_before_body(client, user):
+    response = client.put_json("/api/api-keys/123", {"name": 5}, headers=user.headers, status=400)
+    assert_app_error(response, 400, ["id must be a UUID"])
+
+
+def test_app_wire_body_comes_before_the_operations_rules(client, user, other, db):
+    _, bobs = make_key(client, other.headers)
+    response = client.put_json(
+        f"/api/api-keys/{bobs['id']}", {"name": 5}, headers=user.headers, status=400
+    )
+    assert_app_error(response, 400, ["name must be a string"])
+    body = {"password": "wrong password", "newPassword": "short"}
+    response = client.post_json("/api/auth/change-password", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, ["newPassword must be longer than or equal to 8 characters"])
+    response = client.post_json("/api/auth/admin-sign-up", {"name": ""}, status=400)
+    assert_app_error(response, 400, ["name should not be empty", *LOGIN_EMPTY])
+
+
+def test_app_wire_session_create_body_comes_before_the_session_only_rule(client, user):
+    secret, _ = make_key(client, user.headers)
+    response = client.post_json(
+        "/api/sessions", {"duration": 0}, headers=api_key_headers(secret), status=400
+    )
+    assert_app_error(response, 400, ["duration must be a positive number"])
+
+
+def assert_failed_to(response) -> None:
+    """Assert a 500 in Immich's layout whose message is a 'Failed to ...' sentence."""
+    assert response.status_int == 500
+    assert response.headers["Content-Type"] == APP_JSON
+    assert list(response.json) == ["message", "error", "statusCode", "correlationId"]
+    assert response.json["message"].startswith("Failed to")
+    assert response.json["error"] == "Internal Server Error"
+    assert response.json["statusCode"] == 500
+    assert response.json["correlationId"] == response.headers["x-immich-cid"]
+
+
+def test_app_wire_unexpected_failure_is_500_and_logged(client, user, monkeypatch, caplog):
+    monkeypatch.setattr(syncnode, "get_user", explode)
+    with caplog.at_level(logging.ERROR, logger="syncnode"):
+        response = client.get("/api/users/me", headers=user.headers, status=500)
+    assert_failed_to(response)
+    assert "boom" not in response.text and "Traceback" not in response.text
+    assert any(record.exc_info for record in caplog.records if record.name == "syncnode")
+
+
+@pytest.mark.parametrize(
+    "method, path, target, message",
+    [
+        pytest.param("GET", "/api/users/me", "get_user", "Failed to get my user", id="getMyUser"),
+        pytest.param("GET", "/api/users", "list_users", "Failed to search users", id="searchUsers"),
+        pytest.param(
+            "GET", "/api/api-keys", "list_api_keys", "Failed to get api keys", id="getApiKeys"
+        ),
+        pytest.param(
+            "POST", "/api/api-keys", "create_api_key", "Failed to create api key", id="createApiKey"
+        ),
+        pytest.param(
+            "GET", "/api/sessions", "list_sessions", "Failed to get sessions", id="getSessions"
+        ),
+        pytest.param(
+            "DELETE",
+            "/api/sessions",
+            "end_other_sessions",
+            "Failed to delete all sessions",
+            id="deleteAllSessions",
+        ),
+        pytest.param("POST", "/api/auth/login", "start_session", "Failed to login", id="login"),
+    ],
+)
+def test_app_wire_500_message_names_the_operation(
+    client, user, monkeypatch, caplog, method, path, target, message
+):
+    monkeypatch.setattr(syncnode, target, explode)
+    body = {"email": "alice", "password": PASSWORD, "permissions": ["all"]}
+    with caplog.at_level(logging.ERROR, logger="syncnode"):
+        response = client.request(
+            path,
+            method=method,
+            headers={**user.headers, "Content-Type": "application/json"},
+            body=json.dumps(body).encode(),
+            status=500,
+        )
+    assert_app_error(response, 500, message)
+
+
+def test_app_wire_busy_database_is_500_failed_to(make_app, db, caplog):
+    client = webtest.TestApp(make_app(busy_timeout=0))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        with caplog.at_level(logging.ERROR, logger="syncnode"):
+            response = client.post_json(
+                "/api/api-keys", {"permissions": ["all"]}, headers=bearer_headers(token),
+                expect_errors=True,
+            )  # fmt: skip
+    finally:
+        db.execute("ROLLBACK")
+    assert_failed_to(response)
+    assert not response.errors
+    assert any(record.exc_info for record in caplog.records if record.name == "syncnode")
+
+
+def test_app_wire_low_disk_is_507_and_nothing_written(client, user, make_app, db):
+    low = webtest.TestApp(make_app(min_free_bytes=2**62))
+    before = app_state(db)
+    response = low.post_json(
+        "/api/api-keys", {"permissions": ["all"]}, headers=user.headers, status=507
+    )
+    assert_app_error(response, 507, "Insufficient storage")
+    assert app_state(db) == before
+
+
+# ==================================================================================================
+# App API: credentials
+# ==================================================================================================
+
+
+def session_sources(token: str) -> dict[str, tuple[str, dict]]:
+    """Each place a session token is read from: (query string, headers)."""
+    return {
+        "x-immich-user-token": ("", {"x-immich-user-token": token}),
+        "x-immich-session-token": ("", {"x-immich-session-token": token}),
+        "sessionKey": (f"?sessionKey={token}", {}),
+        "bearer": ("", {"Authorization": f"Bearer {token}"}),
+        "bearer-lower": ("", {"Authorization": f"bearer {token}"}),
+        "bearer-upper": ("", {"Authorization": f"BEARER {token}"}),
+        "bearer-mixed": ("", {"Authorization": f"bEaReR {token}"}),
+        "cookie": ("", {"Cookie": f"immich_access_token={token}"}),
+    }
+
+
+def test_app_credentials_session_token_is_read_from_each_source(client, user):
+    for source, (query, headers) in session_sources(user.token).items():
+        response = client.get("/api/users/me" + query, headers=headers)
+        assert assert_schema(response, "UserAdminResponseDto")["email"] == "alice", source
+
+
+def test_app_credentials_bad_session_token_in_any_source_is_401(client, user):
+    for query, headers in session_sources("unknown-token").values():
+        response = client.get("/api/users/me" + query, headers=headers, status=401)
+        assert_app_error(response, 401, "Invalid user token")
+
+
+def test_app_credentials_first_session_source_found_decides(client, user):
+    order = ["x-immich-user-token", "x-immich-session-token", "sessionKey", "bearer", "cookie"]
+    for number, earlier in enumerate(order):
+        for later in order[number + 1 :]:
+            bad_query, bad_headers = session_sources("unknown-token")[earlier]
+            good_query, good_headers = session_sources(user.token)[later]
+            response = client.get(
+                "/api/users/me" + (bad_query or good_query),
+                headers={**good_headers, **bad_headers},
+                status=401,
+            )
+            assert_app_error(response, 401, "Invalid user token")
+
+
+def test_app_credentials_api_key_from_header_or_query(client, user):
+    secret, _ = make_key(client, user.headers, ["user.read"])
+    for query, headers in [("", api_key_headers(secret)), (f"?apiKey={secret}", {})]:
+        me = client.get("/api/users/me" + query, headers=headers).json
+        assert me["email"] == "alice"
+
+
+def test_app_credentials_api_key_header_comes_before_query(client, user):
+    secret, _ = make_key(client, user.headers, ["user.read"])
+    response = client.get(
+        f"/api/users/me?apiKey={secret}", headers=api_key_headers("unknown"), status=401
+    )
+    assert_app_error(response, 401, "Invalid API key")
+
+
+def test_app_credentials_bad_session_token_beside_good_api_key_is_401(client, user):
+    secret, _ = make_key(client, user.headers)
+    for query, headers in session_sources("unknown-token").values():
+        response = client.get(
+            "/api/users/me" + query, headers={**headers, **api_key_headers(secret)}, status=401
+        )
+        assert_app_error(response, 401, "Invalid user token")
+
+
+def test_app_credentials_good_session_beside_bad_api_key_passes(client, user):
+    headers = {**user.headers, **api_key_headers("unknown")}
+    assert client.get("/api/users/me", headers=headers).json["email"] == "alice"
+
+
+def test_app_credentials_shared_link_is_always_401_first(client, user):
+    secret, _ = make_key(client, user.headers)
+    for query, headers, message in [
+        ("", {"x-immich-share-key": "k"}, "Invalid share key"),
+        ("?key=k", {}, "Invalid share key"),
+        ("", {"x-immich-share-slug": "s"}, "Invalid share slug"),
+        ("?slug=s", {}, "Invalid share slug"),
+        ("?slug=s", {"x-immich-share-key": "k"}, "Invalid share key"),
+    ]:
+        for credentials in [user.headers, api_key_headers(secret), {}]:
+            response = client.get(
+                "/api/users/me" + query, headers={**credentials, **headers}, status=401
+            )
+            assert_app_error(response, 401, message)
+
+
+def test_app_credentials_none_is_authentication_required(client, user):
+    for headers in [{}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer "}]:
+        response = client.get("/api/users/me", headers=headers, status=401)
+        assert_app_error(response, 401, "Authentication required")
+
+
+def test_app_credentials_unknown_or_deleted_api_key_is_401(client, user):
+    secret, key = make_key(client, user.headers)
+    client.delete(f"/api/api-keys/{key['id']}", headers=user.headers, status=204)
+    for value in [secret, "unknown", "x" * 43]:
+        response = client.get("/api/users/me", headers=api_key_headers(value), status=401)
+        assert_app_error(response, 401, "Invalid API key")
+
+
+def test_app_credentials_expired_or_revoked_session_is_invalid_user_token(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=60))
+    first = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    second = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    client.delete("/auth", headers=bearer_headers(second), status=204)
+    assert_app_error(
+        client.get("/api/users/me", headers=bearer_headers(second), status=401),
+        401,
+        "Invalid user token",
+    )
+    clock.advance(60)
+    assert_app_error(
+        client.get("/api/users/me", headers=bearer_headers(first), status=401),
+        401,
+        "Invalid user token",
+    )
+
+
+def test_app_credentials_reset_token_is_invalid_user_token(client, user, caplog, db):
+    token = request_reset(client, caplog)
+    for query, headers in session_sources(token).values():
+        response = client.get("/api/users/me" + query, headers=headers, status=401)
+        assert_app_error(response, 401, "Invalid user token")
+    assert table_counts(db)["reset_tokens"] == 1
+
+
+def test_app_credentials_session_tokens_work_on_both_apis(client, user):
+    app_token = app_login(client).json["accessToken"]
+    client.get("/store", headers=bearer_headers(app_token), status=200)
+    assert my_user(client, user.headers)["email"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="none"),
+        pytest.param({"x-api-key": "unknown"}, id="bad-api-key"),
+        pytest.param({"Authorization": "Bearer unknown"}, id="bad-session"),
+    ],
+)
+def test_app_credentials_401_has_no_www_authenticate(client, headers):
+    response = client.get("/api/users/me", headers=headers, status=401)
+    assert "WWW-Authenticate" not in response.headers
+    response = app_login(client, "nobody", PASSWORD, status=401)
+    assert "WWW-Authenticate" not in response.headers
+
+
+def test_app_credentials_access_log_leaves_out_query_secrets(make_app, caplog):
+    client = webtest.TestApp(make_app(access_log=True))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    secret, _ = make_key(client, bearer_headers(token))
+    with caplog.at_level(logging.INFO, logger="syncnode.access"):
+        client.get(f"/api/users/me?apiKey={secret}")
+        client.get(f"/api/users/me?sessionKey={token}")
+    lines = [r.getMessage() for r in caplog.records if r.name == "syncnode.access"]
+    assert len(lines) == 2
+    assert all("/api/users/me" in line for line in lines)
+    assert not [line for line in lines if secret in line or token in line]
+
+
+# Operations and the permission each needs from an API key (README, App API); the last
+# columns are what a key holding exactly that permission gets: status, error message or schema.
+OPERATIONS = [
+    ("POST", "/api/auth/change-password", "auth.changePassword",
+     {"password": PASSWORD, "newPassword": APP_NEW_PASSWORD}, 200, "UserAdminResponseDto"),
+    ("POST", "/api/auth/logout", "all", None, 200, "LogoutResponseDto"),
+    ("POST", "/api/api-keys", "apiKey.create", {"permissions": ["apiKey.create"]}, 201,
+     "APIKeyCreateResponseDto"),
+    ("GET", "/api/api-keys", "apiKey.read", None, 200, ["APIKeyResponseDto"]),
+    ("GET", "/api/api-keys/{key}", "apiKey.read", None, 200, "APIKeyResponseDto"),
+    ("PUT", "/api/api-keys/{key}", "apiKey.update", {"name": "renamed"}, 200,
+     "APIKeyResponseDto"),
+    ("DELETE", "/api/api-keys/{key}", "apiKey.delete", None, 204, None),
+    ("GET", "/api/server/about", "server.about", None, 200, "ServerAboutResponseDto"),
+    ("POST", "/api/sessions", "session.create", {}, 400,
+     "This endpoint can only be used with a session token"),
+    ("GET", "/api/sessions", "session.read", None, 200, ["SessionResponseDto"]),
+    ("DELETE", "/api/sessions", "session.delete", None, 204, None),
+    ("DELETE", "/api/sessions/{session}", "session.delete", None, 204, None),
+    ("GET", "/api/users", "user.read", None, 200, ["UserResponseDto"]),
+    ("GET", "/api/users/me", "user.read", None, 200, "UserAdminResponseDto"),
+    ("PUT", "/api/users/me", "user.update", {"name": "Alice"}, 200, "UserAdminResponseDto"),
+    ("GET", "/api/users/{user}", "user.read", None, 200, "UserResponseDto"),
+]  # fmt: skip
+OPERATION_CASES = [pytest.param(*row, id=f"{row[0]}-{row[1][5:]}") for row in OPERATIONS]
+
+
+def call_operation(client, db, owner: User, headers: dict, key: dict, method, path, body):
+    """Call one operation of the table, filling the path ids from the owner's data."""
+    user_id = my_user(client, owner.headers)["id"]
+    path = path.format(key=key["id"], session=session_id_of(db, owner.token), user=user_id)
+    if body is None:
+        return client.request(path, method=method, headers=headers, expect_errors=True)
+    return client.request(
+        path,
+        method=method,
+        headers={**headers, "Content-Type": "application/json"},
+        body=json.dumps(body).encode(),
+        expect_errors=True,
+    )
+
+
+@pytest.mark.parametrize("method, path, permission, body, status, answer", OPERATION_CASES)
+def test_app_credentials_api_key_without_the_permission_is_403(
+    client, user, db, method, path, permission, body, status, answer
+):
+    unrelated = "user.read" if permission == "server.about" else "server.about"
+    secret, key = make_key(client, user.headers, [unrelated, "store.own", "authDevice.delete"])
+    before = app_state(db)
+    response = call_operation(client, db, user, api_key_headers(secret), key, method, path, body)
+    assert_app_error(response, 403, f"Missing required permission: {permission}")
+    assert app_state(db) == before
+
+
+@pytest.mark.parametrize("method, path, permission, body, status, answer", OPERATION_CASES)
+def test_app_credentials_api_key_with_the_permission_passes(
+    client, user, db, method, path, permission, body, status, answer
+):
+    secret, key = make_key(client, user.headers, [permission])
+    response = call_operation(client, db, user, api_key_headers(secret), key, method, path, body)
+    assert response.status_int == status
+    if status == 400:
+        assert_app_error(response, status, answer)
+    elif status == 204:
+        assert response.body == b"" and response.headers["x-immich-cid"]
+    else:
+        assert_schema(response, answer)
+
+
+def test_app_credentials_api_key_with_all_passes_every_operation(client, user, db):
+    user_id = my_user(client, user.headers)["id"]
+    session_id = session_id_of(db, user.token)
+    keys = [make_key(client, user.headers, ["all"]) for _ in OPERATIONS]
+    for (method, path, _, body, status, _), (secret, key) in zip(OPERATIONS, keys, strict=True):
+        path = path.format(key=key["id"], session=session_id, user=user_id)
+        response = client.request(
+            path,
+            method=method,
+            headers={**api_key_headers(secret), "Content-Type": "application/json"},
+            body=b"" if body is None else json.dumps(body).encode(),
+            expect_errors=True,
+        )
+        if path == f"/api/sessions/{session_id}":
+            status = 400  # The change of password with the key ended every session.
+        assert response.status_int == status, (method, path, response.json)
+
+
+@pytest.mark.parametrize(
+    "method, path", [("POST", "/api/auth/validateToken"), ("GET", "/api/api-keys/me")]
+)
+def test_app_credentials_any_permission_passes_any_credential_operations(
+    client, user, method, path
+):
+    secret, _ = make_key(client, user.headers, ["authDevice.delete"])
+    client.request(path, method=method, headers=api_key_headers(secret), status=200)
+
+
+def test_app_credentials_inert_permissions_are_stored_but_grant_nothing(client, user, db):
+    inert = [
+        "authDevice.delete", "session.update", "systemMetadata.read", "systemMetadata.update",
+        "adminUser.create", "adminUser.read", "adminUser.update", "adminUser.delete",
+    ]  # fmt: skip
+    secret, key = make_key(client, user.headers, inert)
+    assert key["permissions"] == inert
+    before = app_state(db)
+    for method, path, needed, body, *_ in OPERATIONS:
+        response = call_operation(
+            client, db, user, api_key_headers(secret), key, method, path, body
+        )
+        assert_app_error(response, 403, f"Missing required permission: {needed}")
+    assert app_state(db) == before
+
+
+# ==================================================================================================
+# App API: auth
+# ==================================================================================================
+
+
+def test_app_auth_login_answers_login_response_and_session(client, user, other, db):
+    response = client.post_json("/api/auth/login", {"email": " ALICE ", "password": PASSWORD})
     assert response.status_int == 201
-    client.reset()  # Forget the immich_access_token cookie, so that it authenticates nothing.
-    return response.json["accessToken"]
+    body = assert_schema(response, "LoginResponseDto")
+    me = my_user(client, user.headers)
+    assert body == {
+        "accessToken": body["accessToken"],
+        "userId": me["id"],
+        "userEmail": "alice",
+        "name": "alice",
+        "isAdmin": True,
+        "shouldChangePassword": False,
+    }
+    assert len(body["accessToken"]) >= 43
+    stored = db.execute(
+        "SELECT users.name, sessions.expires_ms, sessions.created_ms FROM sessions "
+        "JOIN users ON users.id = sessions.user_id WHERE token_digest = ?",
+        (token_digest(body["accessToken"]),),
+    ).fetchone()
+    assert stored == ("alice", 1_800_000_000_000 + 30 * 86400 * 1000, 1_800_000_000_000)
+    client.reset()
+    bob = app_login(client, "bob").json
+    assert (bob["isAdmin"], bob["userEmail"], bob["name"]) == (False, "bob", "bob")
 
 
-def new_api_key(client: webtest.TestApp, owner: User, *permissions: str) -> str:
-    """Create an API key for the user with the given permissions and return its secret."""
-    body = {"name": "test key", "permissions": list(permissions)}
-    response = client.post_json("/api/api-keys", body, headers=owner.headers, status=201)
-    return response.json["secret"]
+def test_app_auth_login_sets_three_cookies_in_order(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=3600))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    response = app_login(client, status=201)
+    token = response.json["accessToken"]
+    attributes = "Max-Age=3600; Path=/; Expires=Fri, 15 Jan 2027 09:00:00 GMT"
+    assert response.headers.getall("Set-Cookie") == [
+        f"immich_access_token={token}; {attributes}; HttpOnly; SameSite=Lax",
+        f"immich_auth_type=password; {attributes}; HttpOnly; SameSite=Lax",
+        f"immich_is_authenticated=true; {attributes}; SameSite=Lax",
+    ]
+
+
+def test_app_auth_login_cookies_are_secure_over_https(client, user):
+    response = client.post_json(
+        "/api/auth/login",
+        {"email": "alice", "password": PASSWORD},
+        extra_environ={"wsgi.url_scheme": "https"},
+    )
+    cookies = response.headers.getall("Set-Cookie")
+    assert len(cookies) == 3
+    assert all(cookie.endswith("; SameSite=Lax; Secure") for cookie in cookies)
+    assert all("Max-Age=2592000; Path=/; " in cookie for cookie in cookies)
+
+
+def test_app_auth_login_cookie_path_is_the_mount_prefix(app, client, user):
+    sync = mounted(app)
+    response = sync.post_json("/sync/api/auth/login", {"email": "alice", "password": PASSWORD})
+    cookies = response.headers.getall("Set-Cookie")
+    assert [cookie.split("; ")[2] for cookie in cookies] == ["Path=/sync"] * 3
+    sync.reset()
+    response = sync.post("/sync/api/auth/logout", headers=user.headers)
+    assert response.headers.getall("Set-Cookie") == [
+        f"{name}=; Path=/sync; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+        for name in ("immich_access_token", "immich_auth_type", "immich_is_authenticated")
+    ]
+
+
+def test_app_auth_login_cookie_authenticates_later_requests(client, user):
+    token = app_login(client).json["accessToken"]
+    headers = {"Cookie": f"immich_access_token={token}; immich_is_authenticated=true"}
+    assert client.post("/api/auth/validateToken", headers=headers).json == {"authStatus": True}
+
+
+def test_app_auth_login_reads_no_credentials(client, user):
+    headers = {"Authorization": "Bearer unknown", "x-immich-share-key": "k"}
+    client.post_json(
+        "/api/auth/login", {"email": "alice", "password": PASSWORD}, headers=headers, status=201
+    )
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        pytest.param({}, LOGIN_EMPTY, id="empty"),
+        pytest.param({"email": None, "password": None}, LOGIN_EMPTY, id="nulls"),
+        pytest.param(
+            {"email": "", "password": PASSWORD},
+            ["email should not be empty", "email must be an email"],
+            id="email-empty",
+        ),
+        pytest.param(
+            {"email": 5, "password": PASSWORD}, ["email must be an email"], id="email-number"
+        ),
+        pytest.param(
+            {"email": [], "password": PASSWORD}, ["email must be an email"], id="email-array"
+        ),
+        pytest.param(
+            {"email": {}, "password": PASSWORD}, ["email must be an email"], id="email-object"
+        ),
+        pytest.param(
+            {"email": "a b", "password": PASSWORD}, ["email must be an email"], id="email-space"
+        ),
+        pytest.param(
+            {"email": "x" * 255, "password": PASSWORD}, ["email must be an email"], id="email-255"
+        ),
+        pytest.param(
+            {"email": "alice", "password": ""},
+            ["password should not be empty"],
+            id="password-empty",
+        ),
+        pytest.param(
+            {"email": "alice", "password": 5}, ["password must be a string"], id="password-number"
+        ),
+        pytest.param(
+            {"email": "alice", "password": False}, ["password must be a string"], id="password-bool"
+        ),
+        pytest.param(
+            {"email": "alice"},
+            ["password should not be empty", "password must be a string"],
+            id="no-password",
+        ),
+        pytest.param(
+            {"email": 5, "password": 5},
+            ["email must be an email", "password must be a string"],
+            id="both-wrong-types",
+        ),
+    ],
+)
+def test_app_auth_login_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    before = app_state(db)
+    response = client.post_json("/api/auth/login", body, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+    assert "Set-Cookie" not in response.headers
+
+
+def test_app_auth_login_wrong_credentials_are_401(client, user, db):
+    before = app_state(db)
+    for login_id, password in [
+        ("alice", "wrong password"), ("alice", "x"), ("alice", "p" * 5000), ("nobody", PASSWORD),
+    ]:  # fmt: skip
+        response = app_login(client, login_id, password, status=401)
+        assert_app_error(response, 401, "Incorrect email or password")
+        assert "Set-Cookie" not in response.headers
+    assert app_state(db) == before
+
+
+def test_app_auth_login_failures_count_for_the_sync_node_api(make_app, db):
+    client = webtest.TestApp(make_app(login_fails_per_id=2, login_window=900))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    for _ in range(2):
+        app_login(client, "alice", "wrong password", status=401)
+    response = client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=429)
+    assert_error(response, 429, "AUTH02")
+    response = app_login(client, "alice", PASSWORD, status=429)
+    assert_app_error(response, 429, "Too many failed attempts, try again later")
+    assert response.headers["Retry-After"].isdigit()
+    assert 0 < int(response.headers["Retry-After"]) <= 900
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_app_auth_sync_node_failures_count_for_login(make_app, clock):
+    client = webtest.TestApp(make_app(login_fails_per_id=2, login_window=900))
+    client.post_json("/account", {"id": "alice", "password": PASSWORD})
+    for _ in range(2):
+        client.post_json("/auth", {"id": "alice", "password": "wrong password"}, status=401)
+    clock.advance(100)
+    response = app_login(client, "alice", PASSWORD, status=429)
+    assert_app_error(response, 429, "Too many failed attempts, try again later")
+    assert response.headers["Retry-After"] == "800"
+    assert "Set-Cookie" not in response.headers
+    assert_app_error(
+        app_login(client, "alice", "", status=400), 400, ["password should not be empty"]
+    )
+    clock.advance(800)
+    app_login(client, "alice", PASSWORD, status=201)
+
+
+def test_app_auth_admin_sign_up_makes_the_first_account_admin(client, db):
+    body = {"email": " Admin@Example.org ", "password": PASSWORD, "name": "The Admin"}
+    response = client.post_json("/api/auth/admin-sign-up", body)
+    assert response.status_int == 201
+    admin = assert_schema(response, "UserAdminResponseDto")
+    assert admin == {
+        "id": admin["id"],
+        "name": "The Admin",
+        "email": "admin@example.org",
+        "shouldChangePassword": False,
+        "isAdmin": True,
+        "createdAt": CLOCK_START,
+        "deletedAt": None,
+        "updatedAt": CLOCK_START,
+        "status": "active",
+    }
+    assert "Set-Cookie" not in response.headers
+    assert table_counts(db)["sessions"] == 0
+    client.post_json("/auth", {"id": "admin@example.org", "password": PASSWORD}, status=200)
+    assert app_login(client, "ADMIN@example.org").json["userId"] == admin["id"]
+
+
+def test_app_auth_admin_sign_up_second_time_is_400(client, db):
+    client.post_json("/api/auth/admin-sign-up", {"email": "a", "password": PASSWORD, "name": "A"})
+    before = app_state(db)
+    body = {"email": "b", "password": PASSWORD, "name": "B"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
+    assert_app_error(response, 400, "The server already has an admin")
+    assert app_state(db) == before
+
+
+def test_app_auth_admin_sign_up_after_sync_node_registration_is_400(client, user, db):
+    before = app_state(db)
+    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
+    assert_app_error(response, 400, "The server already has an admin")
+    assert app_state(db) == before
+    assert my_user(client, user.headers)["isAdmin"] is True
+
+
+def test_app_auth_admin_sign_up_low_disk_is_507(make_app, db):
+    client = webtest.TestApp(make_app(min_free_bytes=2**62))
+    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=507)
+    assert_app_error(response, 507, "Insufficient storage")
+    assert table_counts(db)["users"] == 0
+
+
+SIGN_UP_EMPTY = ["name should not be empty", "name must be a string", *LOGIN_EMPTY]
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        pytest.param({}, SIGN_UP_EMPTY, id="empty"),
+        pytest.param({"email": None, "password": None, "name": None}, SIGN_UP_EMPTY, id="nulls"),
+        pytest.param(
+            {"email": "a", "password": PASSWORD, "name": ""},
+            ["name should not be empty"],
+            id="name-empty",
+        ),
+        pytest.param(
+            {"email": "a", "password": PASSWORD, "name": 5},
+            ["name must be a string"],
+            id="name-number",
+        ),
+        pytest.param(
+            {"email": "a", "password": PASSWORD, "name": "n" * 256},
+            ["name must be shorter than or equal to 255 characters"],
+            id="name-256",
+        ),
+        pytest.param(
+            {"email": "a", "password": PASSWORD, "name": "a\x00b"},
+            ["name must not contain control characters"],
+            id="name-nul",
+        ),
+        pytest.param(
+            {"email": "a b", "password": PASSWORD, "name": "A"},
+            ["email must be an email"],
+            id="email-space",
+        ),
+        pytest.param(
+            {"email": "", "password": PASSWORD, "name": "A"},
+            ["email should not be empty", "email must be an email"],
+            id="email-empty",
+        ),
+        pytest.param(
+            {"email": "a", "password": "short", "name": "A"},
+            ["password must be longer than or equal to 8 characters"],
+            id="password-5",
+        ),
+        pytest.param(
+            {"email": "a", "password": "p" * 1025, "name": "A"},
+            ["password must be shorter than or equal to 1024 characters"],
+            id="password-1025",
+        ),
+        pytest.param(
+            {"email": "a", "password": "", "name": "A"},
+            ["password should not be empty"],
+            id="password-empty",
+        ),
+        pytest.param(
+            {"email": "a", "password": 12345678, "name": "A"},
+            ["password must be a string"],
+            id="password-number",
+        ),
+        pytest.param(
+            {"email": 5, "password": 5, "name": 5},
+            ["name must be a string", "email must be an email", "password must be a string"],
+            id="all-numbers",
+        ),
+    ],
+)
+def test_app_auth_admin_sign_up_bad_body_is_400_with_sentences(client, db, body, messages):
+    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
+    assert_app_error(response, 400, messages)
+    assert table_counts(db)["users"] == 0
+
+
+def test_app_auth_admin_sign_up_edge_lengths_are_accepted(client, db):
+    body = {"email": "x" * 254, "password": "p" * 8, "name": "n" * 255}
+    admin = client.post_json("/api/auth/admin-sign-up", body, status=201).json
+    assert (admin["email"], admin["name"]) == ("x" * 254, "n" * 255)
+
+
+def test_app_auth_validate_token_answers_true(client, user):
+    secret, _ = make_key(client, user.headers, ["server.about"])
+    for headers in (
+        user.headers,
+        api_key_headers(secret),
+        {"Cookie": f"immich_access_token={user.token}"},
+    ):
+        response = client.post("/api/auth/validateToken", headers=headers)
+        assert response.status_int == 200
+        assert assert_schema(response, "ValidateAccessTokenResponseDto") == {"authStatus": True}
+
+
+def test_app_auth_validate_token_bad_credentials_are_401(client, user):
+    for headers, message in [
+        ({}, "Authentication required"),
+        ({"Authorization": "Bearer unknown"}, "Invalid user token"),
+        ({"x-api-key": "unknown"}, "Invalid API key"),
+    ]:
+        response = client.post("/api/auth/validateToken", headers=headers, status=401)
+        assert_app_error(response, 401, message)
+
+
+def change_password(client, headers: dict, password: str = PASSWORD, **kw):
+    """POST /api/auth/change-password to APP_NEW_PASSWORD; return the response."""
+    body = {"password": password, "newPassword": APP_NEW_PASSWORD, **kw.pop("body", {})}
+    return client.post_json("/api/auth/change-password", body, headers=headers, **kw)
+
+
+def test_app_auth_change_password_sets_it_and_answers_the_user(client, user, clock, db):
+    old_hash = db.execute("SELECT password_hash FROM users").fetchone()[0]
+    clock.advance(61.5)
+    response = change_password(client, user.headers)
+    assert response.status_int == 200
+    me = assert_schema(response, "UserAdminResponseDto")
+    assert me["updatedAt"] == "2027-01-15T08:01:01.500Z"
+    assert me["createdAt"] == CLOCK_START
+    assert db.execute("SELECT password_hash FROM users").fetchone()[0] != old_hash
+    assert_app_error(
+        app_login(client, "alice", PASSWORD, status=401), 401, "Incorrect email or password"
+    )
+    app_login(client, "alice", APP_NEW_PASSWORD, status=201)
+    client.post_json("/auth", {"id": "alice", "password": APP_NEW_PASSWORD}, status=200)
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        pytest.param(False, id="false"),
+        pytest.param(True, id="true"),
+    ],
+)
+def test_app_auth_change_password_revokes_other_sessions_and_children(
+    client, user, other, db, flag
+):
+    current = app_login(client).json["accessToken"]
+    own_child = make_child(client, bearer_headers(current))["token"]
+    other_child = make_child(client, user.headers)["token"]
+    grandchild = make_child(client, bearer_headers(other_child))["token"]
+    secret, _ = make_key(client, user.headers, ["user.read"])
+    body = {"invalidateSessions": flag}
+    change_password(client, bearer_headers(current), body=body, status=200)
+    for token in (user.token, own_child, other_child, grandchild):
+        response = client.get("/api/users/me", headers=bearer_headers(token), status=401)
+        assert_app_error(response, 401, "Invalid user token")
+    client.get("/api/users/me", headers=bearer_headers(current), status=200)
+    client.get("/api/users/me", headers=api_key_headers(secret), status=200)
+    client.get("/api/users/me", headers=other.headers, status=200)
+    digests = {row[0] for row in db.execute("SELECT token_digest FROM sessions")}
+    assert digests == {token_digest(current), token_digest(other.token)}
+
+
+def test_app_auth_change_password_from_a_child_keeps_only_that_child(client, user, db):
+    child = make_child(client, user.headers)["token"]
+    change_password(client, bearer_headers(child), status=200)
+    assert_app_error(
+        client.get("/api/users/me", headers=user.headers, status=401), 401, "Invalid user token"
+    )
+    client.get("/api/users/me", headers=bearer_headers(child), status=200)
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_app_auth_change_password_with_api_key_revokes_every_session(client, user, db):
+    secret, _ = make_key(client, user.headers, ["auth.changePassword", "user.read"])
+    make_child(client, user.headers)
+    change_password(client, api_key_headers(secret), status=200)
+    assert table_counts(db)["sessions"] == 0
+    client.get("/api/users/me", headers=api_key_headers(secret), status=200)
+    app_login(client, "alice", APP_NEW_PASSWORD, status=201)
+
+
+def test_app_auth_change_password_deletes_a_pending_reset_token(client, user, db, caplog):
+    request_reset(client, caplog)
+    assert table_counts(db)["reset_tokens"] == 1
+    change_password(client, user.headers, status=200)
+    assert table_counts(db)["reset_tokens"] == 0
+
+
+def test_app_auth_change_password_wrong_password_is_400(client, user, db):
+    make_child(client, user.headers)
+    before = app_state(db)
+    response = change_password(client, user.headers, "wrong password", status=400)
+    assert_app_error(response, 400, "Wrong password")
+    assert app_state(db) == before
+
+
+def test_app_auth_change_password_wrong_password_counts_toward_the_limit(make_app, db):
+    client = webtest.TestApp(make_app(login_fails_per_id=2))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    for _ in range(2):
+        change_password(client, bearer_headers(token), "wrong password", status=400)
+    before = app_state(db)
+    response = change_password(client, bearer_headers(token), status=429)
+    assert_app_error(response, 429, "Too many failed attempts, try again later")
+    assert response.headers["Retry-After"].isdigit()
+    assert app_state(db) == before
+    assert_app_error(
+        app_login(client, status=429), 429, "Too many failed attempts, try again later"
+    )
+    assert_error(
+        client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=429), 429, "AUTH02"
+    )
+
+
+CHANGE_EMPTY = [
+    "password should not be empty",
+    "password must be a string",
+    "newPassword must be longer than or equal to 8 characters",
+    "newPassword should not be empty",
+    "newPassword must be a string",
+]
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        pytest.param({}, CHANGE_EMPTY, id="empty"),
+        pytest.param(
+            {"password": None, "newPassword": None, "invalidateSessions": None},
+            CHANGE_EMPTY,
+            id="nulls",
+        ),
+        pytest.param(
+            {"password": "", "newPassword": ""},
+            [
+                "password should not be empty",
+                "newPassword must be longer than or equal to 8 characters",
+                "newPassword should not be empty",
+            ],
+            id="empty-strings",
+        ),
+        pytest.param(
+            {"password": 1, "newPassword": 1, "invalidateSessions": 1},
+            [
+                "password must be a string",
+                "newPassword must be longer than or equal to 8 characters",
+                "newPassword must be a string",
+                "invalidateSessions must be a boolean value",
+            ],
+            id="numbers",
+        ),
+        pytest.param(
+            {"password": PASSWORD, "newPassword": "short"},
+            ["newPassword must be longer than or equal to 8 characters"],
+            id="new-5",
+        ),
+        pytest.param(
+            {"password": PASSWORD, "newPassword": list(range(1, 9))},
+            [
+                "newPassword must be longer than or equal to 8 characters",
+                "newPassword must be a string",
+            ],
+            id="new-array",
+        ),
+        pytest.param(
+            {"password": PASSWORD, "newPassword": "p" * 1025},
+            ["newPassword must be shorter than or equal to 1024 characters"],
+            id="new-1025",
+        ),
+        pytest.param(
+            {"password": PASSWORD, "newPassword": APP_NEW_PASSWORD, "invalidateSessions": "yes"},
+            ["invalidateSessions must be a boolean value"],
+            id="flag-yes",
+        ),
+        pytest.param(
+            {"password": PASSWORD, "newPassword": APP_NEW_PASSWORD, "invalidateSessions": "true"},
+            ["invalidateSessions must be a boolean value"],
+            id="flag-string-true",
+        ),
+        pytest.param(
+            {"newPassword": APP_NEW_PASSWORD},
+            ["password should not be empty", "password must be a string"],
+            id="no-password",
+        ),
+    ],
+)
+def test_app_auth_change_password_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    before = app_state(db)
+    response = client.post_json("/api/auth/change-password", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+
+
+@pytest.mark.parametrize(
+    "new_password",
+    [
+        pytest.param("p" * 8, id="8"),
+        pytest.param("p" * 1024, id="1024"),
+    ],
+)
+def test_app_auth_change_password_edge_lengths_are_accepted(client, user, new_password):
+    body = {"password": PASSWORD, "newPassword": new_password}
+    client.post_json("/api/auth/change-password", body, headers=user.headers, status=200)
+    app_login(client, "alice", new_password, status=201)
+
+
+def test_app_auth_logout_ends_the_session_and_its_children(client, user, db):
+    current = app_login(client).json["accessToken"]
+    child = make_child(client, bearer_headers(current))["token"]
+    grandchild = make_child(client, bearer_headers(child))["token"]
+    response = client.post("/api/auth/logout", headers=bearer_headers(current))
+    assert response.status_int == 200
+    body = assert_schema(response, "LogoutResponseDto")
+    assert body == {"successful": True, "redirectUri": "/auth/login?autoLaunch=0"}
+    assert response.headers.getall("Set-Cookie") == [
+        f"{name}=; Path=/; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
+        for name in ("immich_access_token", "immich_auth_type", "immich_is_authenticated")
+    ]
+    for token in (current, child, grandchild):
+        response = client.get("/api/users/me", headers=bearer_headers(token), status=401)
+        assert_app_error(response, 401, "Invalid user token")
+    client.get("/store", headers=user.headers, status=200)
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_app_auth_logout_by_cookie(client, user, db):
+    client.post("/api/auth/logout", headers={"Cookie": f"immich_access_token={user.token}"})
+    assert table_counts(db)["sessions"] == 0
+
+
+def test_app_auth_logout_with_api_key_ends_nothing(client, user, db):
+    secret, _ = make_key(client, user.headers)
+    before = app_state(db)
+    response = client.post("/api/auth/logout", headers=api_key_headers(secret))
+    assert assert_schema(response, "LogoutResponseDto") == {
+        "successful": True,
+        "redirectUri": "/auth/login?autoLaunch=0",
+    }
+    assert len(response.headers.getall("Set-Cookie")) == 3
+    assert app_state(db) == before
+    client.get("/api/users/me", headers=api_key_headers(secret), status=200)
+
+
+def test_app_auth_logout_without_credentials_is_401(client, user):
+    response = client.post("/api/auth/logout", status=401)
+    assert_app_error(response, 401, "Authentication required")
+    assert "Set-Cookie" not in response.headers
+
+
+def assert_app_refusal(response, status: int) -> None:
+    """Assert Immich's error layout without its wording: keys in order, reason, status, cid."""
+    assert response.status_int == status
+    assert response.headers["Content-Type"] == APP_JSON
+    body = response.json
+    assert list(body) == ["message", "error", "statusCode", "correlationId"]
+    assert body["error"] == {400: "Bad Request", 403: "Forbidden"}[status]
+    assert body["statusCode"] == status
+    assert body["correlationId"] == response.headers["x-immich-cid"]
+    assert body["message"]
+
+
+# Invisible characters in ids ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("char", INVISIBLE)
+def test_app_auth_admin_sign_up_invisible_format_character_is_400(client, db, char):
+    body = {"email": f"ali{char}ce@example.org", "password": PASSWORD, "name": "Alice"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
+    assert_app_refusal(response, 400)
+    assert "email must be an email" in response.json["message"]
+    assert table_counts(db)["users"] == 0
+
+
+def test_app_auth_admin_sign_up_ordinary_non_ascii_letters_are_accepted(client, db):
+    body = {"email": "zoë@example.org", "password": PASSWORD, "name": "Zoë"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=201)
+    assert response.json["email"] == "zoë@example.org"
+
+
+# Admin sign-up follows the registration setting ---------------------------------------------------
+
+
+ADMIN = {"email": "admin", "password": PASSWORD, "name": "Admin"}
+
+
+def test_app_auth_admin_sign_up_closed_registration_is_403(make_app, db):
+    client = webtest.TestApp(make_app(registration="closed"))
+    response = client.post_json("/api/auth/admin-sign-up", ADMIN, status=403)
+    assert_app_refusal(response, 403)
+    assert table_counts(db)["users"] == 0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({}, id="no-invite"),
+        pytest.param({"invite": "wrong"}, id="wrong"),
+        pytest.param({"invite": ""}, id="empty"),
+    ],
+)
+def test_app_auth_admin_sign_up_without_a_valid_invite_is_403(make_app, clock, db, fields):
+    client = webtest.TestApp(make_app(registration="invite"))
+    syncnode.create_invite(db, now_ms(clock), 3600_000)
+    response = client.post_json("/api/auth/admin-sign-up", {**ADMIN, **fields}, status=403)
+    assert_app_refusal(response, 403)
+    assert table_counts(db)["users"] == 0
+    assert table_counts(db)["invites"] == 1
+
+
+def test_app_auth_admin_sign_up_with_a_valid_invite_spends_it(make_app, clock, db):
+    client = webtest.TestApp(make_app(registration="invite"))
+    code, _ = syncnode.create_invite(db, now_ms(clock), 3600_000)
+    response = client.post_json("/api/auth/admin-sign-up", {**ADMIN, "invite": code}, status=201)
+    assert response.json["isAdmin"] is True
+    assert table_counts(db)["invites"] == 0
+    again = client.post_json("/account", {"id": "bob", "password": PASSWORD, "invite": code},
+                             status=403)  # fmt: skip
+    assert_error(again, 403, "ACCT01")
+
+
+def test_app_auth_admin_sign_up_open_registration_works_once(client, db):
+    client.post_json("/api/auth/admin-sign-up", ADMIN, status=201)
+    body = {**ADMIN, "email": "second"}
+    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
+    assert_app_refusal(response, 400)
+    assert table_counts(db)["users"] == 1
+
+
+# ==================================================================================================
+# App API: API keys
+# ==================================================================================================
+
+
+def test_app_keys_create_shows_the_secret_once_and_stores_its_digest(client, user, db):
+    response = client.post_json(
+        "/api/api-keys", {"name": "CLI", "permissions": ["user.read"]}, headers=user.headers
+    )
+    assert response.status_int == 201
+    body = assert_schema(response, "APIKeyCreateResponseDto")
+    secret, key = body["secret"], body["apiKey"]
+    assert key == {
+        "id": key["id"],
+        "name": "CLI",
+        "createdAt": CLOCK_START,
+        "updatedAt": CLOCK_START,
+        "permissions": ["user.read"],
+    }
+    assert len(secret) >= 43 and re.fullmatch(r"[A-Za-z0-9_-]+", secret)
+    rows = db.execute("SELECT * FROM api_keys").fetchall()
+    assert len(rows) == 1 and secret not in repr(rows)
+    stored = db.execute("SELECT public_id, secret_digest FROM api_keys").fetchone()
+    assert stored == (key["id"], token_digest(secret))
+    listed = client.get("/api/api-keys", headers=user.headers).json
+    assert secret not in json.dumps(listed)
+    assert client.get("/api/users/me", headers=api_key_headers(secret)).json["email"] == "alice"
+
+
+def test_app_keys_create_secrets_differ(client, user):
+    secrets = {make_key(client, user.headers)[0] for _ in range(3)}
+    assert len(secrets) == 3
+
+
+def test_app_keys_create_defaults_and_deduplicates(client, user):
+    for fields, name, permissions in [
+        ({"permissions": ["all"]}, "API Key", ["all"]),
+        ({"name": None, "permissions": ["all"]}, "API Key", ["all"]),
+        ({"name": "n" * 255, "permissions": ["all"]}, "n" * 255, ["all"]),
+        ({"permissions": ["user.read", "all", "user.read", "all"]}, "API Key",
+         ["user.read", "all"]),
+        ({"permissions": SERVED_PERMISSIONS[::-1]}, "API Key", SERVED_PERMISSIONS[::-1]),
+    ]:  # fmt: skip
+        response = client.post_json("/api/api-keys", fields, headers=user.headers, status=201)
+        key = assert_schema(response, "APIKeyCreateResponseDto")["apiKey"]
+        assert (key["name"], key["permissions"]) == (name, permissions)
+        assert client.get(f"/api/api-keys/{key['id']}", headers=user.headers).json == key
+
+
+ENUM_SENTENCE = "each value in permissions must be one of the following values: " + ", ".join(
+    SERVED_PERMISSIONS
+)
+
+KEY_CREATE_EMPTY = [
+    "permissions must contain at least 1 elements",
+    "permissions should not be empty",
+    ENUM_SENTENCE,
+]
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        pytest.param({}, KEY_CREATE_EMPTY, id="empty"),
+        pytest.param({"permissions": None}, KEY_CREATE_EMPTY, id="null-permissions"),
+        pytest.param(
+            {"name": "", "permissions": []},
+            ["name should not be empty", "permissions must contain at least 1 elements"],
+            id="empty-name-and-list",
+        ),
+        pytest.param(
+            {"name": 5, "permissions": "all"},
+            ["name must be a string", "permissions must contain at least 1 elements"],
+            id="number-name-string-permission",
+        ),
+        pytest.param(
+            {"permissions": {}},
+            ["permissions must contain at least 1 elements", ENUM_SENTENCE],
+            id="object",
+        ),
+        pytest.param(
+            {"permissions": "bogus"},
+            ["permissions must contain at least 1 elements", ENUM_SENTENCE],
+            id="bogus-string",
+        ),
+        pytest.param({"permissions": ["all", "bogus"]}, [ENUM_SENTENCE], id="one-bogus"),
+        pytest.param({"permissions": [5]}, [ENUM_SENTENCE], id="number"),
+        pytest.param({"permissions": ["asset.read"]}, [ENUM_SENTENCE], id="immich-only-value"),
+        pytest.param(
+            {"name": "n" * 256, "permissions": ["all"]},
+            ["name must be shorter than or equal to 255 characters"],
+            id="name-256",
+        ),
+        pytest.param(
+            {"name": "a\nb", "permissions": ["all"]},
+            ["name must not contain control characters"],
+            id="name-newline",
+        ),
+    ],
+)
+def test_app_keys_create_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    before = app_state(db)
+    response = client.post_json("/api/api-keys", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+
+
+@pytest.mark.parametrize(
+    "holds, asks",
+    [
+        pytest.param(["apiKey.create", "user.read"], ["server.about"], id="other"),
+        pytest.param(["apiKey.create", "user.read"], ["all"], id="all"),
+        pytest.param(["apiKey.create", "store.read"], ["store.write"], id="read-to-write"),
+        pytest.param(["apiKey.create", "store.write"], ["store.own"], id="write-to-own"),
+    ],
+)
+def test_app_keys_create_narrower_key_cannot_grant_more(client, user, db, holds, asks):
+    secret, _ = make_key(client, user.headers, holds)
+    before = app_state(db)
+    response = client.post_json(
+        "/api/api-keys", {"permissions": asks}, headers=api_key_headers(secret), status=400
+    )
+    assert_app_error(response, 400, "Cannot grant permissions you do not have")
+    assert app_state(db) == before
+
+
+def test_app_keys_create_key_may_grant_what_it_holds(client, user):
+    for holds, asks in [
+        (["apiKey.create", "user.read"], ["apiKey.create", "user.read", "user.read"]),
+        (["apiKey.create", "store.own"], ["store.read", "store.write", "store.own"]),
+        (["apiKey.create", "store.write"], ["store.read"]),
+        (["all"], ["all", "adminUser.delete", "store.own"]),
+    ]:
+        secret, _ = make_key(client, user.headers, holds)
+        response = client.post_json(
+            "/api/api-keys", {"permissions": asks}, headers=api_key_headers(secret), status=201
+        )
+        key = assert_schema(response, "APIKeyCreateResponseDto")["apiKey"]
+        assert key["permissions"] == list(dict.fromkeys(asks))
+
+
+def test_app_keys_list_is_newest_first_and_only_own(client, user, other, clock):
+    created = []
+    for name in ("first", "second", "third"):
+        created.append(make_key(client, user.headers, name=name)[1])
+        clock.advance(1)
+    make_key(client, other.headers, name="bobs")
+    response = client.get("/api/api-keys", headers=user.headers)
+    listing = assert_schema(response, ["APIKeyResponseDto"])
+    assert listing == created[::-1]
+    assert [key["name"] for key in client.get("/api/api-keys", headers=other.headers).json] == [
+        "bobs"
+    ]
+
+
+def test_app_keys_list_is_empty_without_keys(client, user):
+    assert (
+        assert_schema(client.get("/api/api-keys", headers=user.headers), ["APIKeyResponseDto"])
+        == []
+    )
+
+
+def test_app_keys_me_answers_the_key_in_use(client, user):
+    secret, key = make_key(client, user.headers, ["server.about"], name="mine")
+    make_key(client, user.headers, name="another")
+    for query, headers in [("", api_key_headers(secret)), (f"?apiKey={secret}", {})]:
+        response = client.get("/api/api-keys/me" + query, headers=headers)
+        assert assert_schema(response, "APIKeyResponseDto") == key
+
+
+def test_app_keys_me_with_a_session_is_403(client, user):
+    response = client.get("/api/api-keys/me", headers=user.headers, status=403)
+    assert_app_error(response, 403, "Not authenticated with an API Key")
+
+
+def test_app_keys_me_without_credentials_is_401(client, user):
+    assert_app_error(client.get("/api/api-keys/me", status=401), 401, "Authentication required")
+
+
+def test_app_keys_get_answers_own_key_by_any_case_of_its_id(client, user):
+    _, key = make_key(client, user.headers, ["user.read"])
+    for key_id in (key["id"], key["id"].upper()):
+        response = client.get(f"/api/api-keys/{key_id}", headers=user.headers)
+        assert assert_schema(response, "APIKeyResponseDto") == key
+
+
+def test_app_keys_another_users_or_unknown_key_is_400(client, user, other, db):
+    _, bobs = make_key(client, other.headers)
+    before = app_state(db)
+    for method in ("GET", "PUT", "DELETE"):
+        for key_id in (bobs["id"], "7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60"):
+            response = client.request(
+                f"/api/api-keys/{key_id}",
+                method=method,
+                headers={**user.headers, "Content-Type": "application/json"},
+                body=b'{"name": "stolen"}' if method == "PUT" else b"",
+                status=400,
+            )
+            assert_app_error(response, 400, "API Key not found")
+    assert app_state(db) == before
+
+
+@pytest.mark.parametrize(
+    "key_id",
+    [
+        pytest.param("123", id="digits"),
+        pytest.param("7f1a3e4c-9d2b-1c5e-8f6a-1b2c3d4e5f60", id="uuid-v1"),
+        pytest.param("7f1a3e4c-9d2b-4c5e-cf6a-1b2c3d4e5f60", id="bad-variant"),
+        pytest.param("7f1a3e4c9d2b4c5e8f6a1b2c3d4e5f60", id="no-dashes"),
+    ],
+)
+def test_app_keys_bad_id_is_400(client, user, db, key_id):
+    before = app_state(db)
+    for method in ("GET", "PUT", "DELETE"):
+        response = client.request(
+            f"/api/api-keys/{key_id}",
+            method=method,
+            headers={**user.headers, "Content-Type": "application/json"},
+            body=b'{"name": "x"}' if method == "PUT" else b"",
+            status=400,
+        )
+        assert_app_error(response, 400, ["id must be a UUID"])
+    assert app_state(db) == before
+
+
+def test_app_keys_update_changes_only_the_fields_sent(client, user, clock):
+    _, key = make_key(client, user.headers, ["user.read", "server.about"], name="old")
+    clock.advance(5)
+    response = client.put_json(f"/api/api-keys/{key['id']}", {"name": "new"}, headers=user.headers)
+    renamed = assert_schema(response, "APIKeyResponseDto")
+    assert renamed == {**key, "name": "new", "updatedAt": "2027-01-15T08:00:05.000Z"}
+    clock.advance(5)
+    body = {"permissions": ["user.update", "user.update"], "name": None}
+    response = client.put_json(f"/api/api-keys/{key['id']}", body, headers=user.headers)
+    assert response.json == {
+        **renamed,
+        "permissions": ["user.update"],
+        "updatedAt": "2027-01-15T08:00:10.000Z",
+    }
+    assert client.get("/api/api-keys", headers=user.headers).json == [response.json]
+
+
+def test_app_keys_update_empty_body_changes_no_field(client, user):
+    _, key = make_key(client, user.headers, ["user.read"], name="same")
+    response = client.put_json(f"/api/api-keys/{key['id']}", {}, headers=user.headers)
+    body = assert_schema(response, "APIKeyResponseDto")
+    assert (body["name"], body["permissions"], body["createdAt"]) == (
+        "same", ["user.read"], key["createdAt"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        pytest.param({"name": ""}, ["name should not be empty"], id="name-empty"),
+        pytest.param({"name": 5}, ["name must be a string"], id="name-number"),
+        pytest.param(
+            {"name": "n" * 256},
+            ["name must be shorter than or equal to 255 characters"],
+            id="name-256",
+        ),
+        pytest.param(
+            {"name": "a\x1bb"}, ["name must not contain control characters"], id="name-escape"
+        ),
+        pytest.param(
+            {"permissions": []},
+            ["permissions must contain at least 1 elements"],
+            id="permissions-empty",
+        ),
+        pytest.param({"permissions": ["x"]}, [ENUM_SENTENCE], id="permissions-bogus"),
+        pytest.param(
+            {"permissions": "all"},
+            ["permissions must contain at least 1 elements"],
+            id="permissions-string",
+        ),
+        pytest.param(
+            {"permissions": {}},
+            ["permissions must contain at least 1 elements", ENUM_SENTENCE],
+            id="permissions-object",
+        ),
+        pytest.param(
+            {"name": "", "permissions": []},
+            ["name should not be empty", "permissions must contain at least 1 elements"],
+            id="both",
+        ),
+    ],
+)
+def test_app_keys_update_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    _, key = make_key(client, user.headers)
+    before = app_state(db)
+    response = client.put_json(f"/api/api-keys/{key['id']}", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+
+
+def test_app_keys_update_narrower_key_cannot_widen_any_key(client, user, db):
+    secret, narrow = make_key(client, user.headers, ["apiKey.update", "user.read"])
+    _, wide = make_key(client, user.headers, ["all"])
+    before = app_state(db)
+    for key_id, asks in [(narrow["id"], ["all"]), (narrow["id"], ["server.about"]),
+                         (wide["id"], ["all"]), (wide["id"], ["server.about"])]:  # fmt: skip
+        response = client.put_json(
+            f"/api/api-keys/{key_id}",
+            {"permissions": asks},
+            headers=api_key_headers(secret),
+            status=400,
+        )
+        assert_app_error(response, 400, "Cannot grant permissions you do not have")
+    assert app_state(db) == before
+
+
+def test_app_keys_update_narrower_key_may_rename_a_wider_one_and_narrow_itself(client, user):
+    secret, narrow = make_key(client, user.headers, ["apiKey.update", "user.read"])
+    _, wide = make_key(client, user.headers, ["all"])
+    response = client.put_json(
+        f"/api/api-keys/{wide['id']}", {"name": "renamed"}, headers=api_key_headers(secret)
+    )
+    assert (response.json["name"], response.json["permissions"]) == ("renamed", ["all"])
+    response = client.put_json(
+        f"/api/api-keys/{narrow['id']}", {"name": "me", "permissions": ["apiKey.update"]},
+        headers=api_key_headers(secret),
+    )  # fmt: skip
+    assert (response.json["name"], response.json["permissions"]) == ("me", ["apiKey.update"])
+    response = client.get("/api/users/me", headers=api_key_headers(secret), status=403)
+    assert_app_error(response, 403, "Missing required permission: user.read")
+
+
+def test_app_keys_delete_removes_the_key(client, user, db):
+    secret, key = make_key(client, user.headers)
+    _, kept = make_key(client, user.headers)
+    response = client.delete(f"/api/api-keys/{key['id']}", headers=user.headers, status=204)
+    assert response.body == b""
+    assert [row[0] for row in db.execute("SELECT public_id FROM api_keys")] == [kept["id"]]
+    assert_app_error(
+        client.get("/api/users/me", headers=api_key_headers(secret), status=401),
+        401,
+        "Invalid API key",
+    )
+    response = client.delete(f"/api/api-keys/{key['id']}", headers=user.headers, status=400)
+    assert_app_error(response, 400, "API Key not found")
+
+
+def test_app_keys_key_may_delete_itself(client, user, db):
+    secret, key = make_key(client, user.headers, ["apiKey.delete"])
+    client.delete(f"/api/api-keys/{key['id']}", headers=api_key_headers(secret), status=204)
+    assert table_counts(db)["api_keys"] == 0
+    assert_app_error(
+        client.get("/api/api-keys/me", headers=api_key_headers(secret), status=401),
+        401,
+        "Invalid API key",
+    )
+
+
+def test_app_keys_survive_password_changes_and_reset(client, user, caplog):
+    secret, key = make_key(client, user.headers, ["user.read"])
+    client.post_json("/password", {"password": "second password"}, headers=user.headers, status=204)
+    body = {"password": "second password", "newPassword": "third password"}
+    client.post_json("/api/auth/change-password", body, headers=user.headers, status=200)
+    token = request_reset(client, caplog)
+    client.post_json("/password", {"password": "fourth password"}, headers=bearer_headers(token),
+                     status=204)  # fmt: skip
+    assert client.get("/api/users/me", headers=api_key_headers(secret)).json["email"] == "alice"
+    token = app_login(client, "alice", "fourth password").json["accessToken"]
+    assert client.get("/api/api-keys", headers=bearer_headers(token)).json == [key]
+
+
+def test_app_keys_never_expire(client, user, clock):
+    secret, _ = make_key(client, user.headers, ["user.read"])
+    clock.advance(10 * 365 * 86400)
+    assert client.get("/api/users/me", headers=api_key_headers(secret)).json["email"] == "alice"
+    assert_app_error(
+        client.get("/api/users/me", headers=user.headers, status=401), 401, "Invalid user token"
+    )
+
+
+# API keys on Sync Node paths (README, App API): a request, the permission it needs and the status
+# a key holding it gets. The fixture `stored` makes alice own "k" and "bob" exist.
+SYNC_OPERATIONS = [
+    ("GET", "/store", "store.read", 200),
+    ("HEAD", "/store/k", "store.read", 200),
+    ("GET", "/store/k", "store.read", 200),
+    ("GET", "/permission/k", "store.read", 200),
+    ("PUT", "/store/k", "store.write", 204),
+    ("DELETE", "/store/k", "store.own", 204),
+    ("PUT", "/permission/k", "store.own", 204),
+    ("DELETE", "/permission/k?users=bob", "store.own", 204),
+    ("GET", "/account", "session.read", 200),
+]
+SYNC_OPERATION_CASES = [pytest.param(*row, id=f"{row[0]}-{row[1][1:]}") for row in SYNC_OPERATIONS]
+
+
+def call_sync_operation(client, headers: dict, method: str, path: str, token: str):
+    """Call a Sync Node operation with the body and X-Sync-Token it needs."""
+    headers = {**headers, "X-Sync-Token": token}
+    if path == "/permission/k" and method == "PUT":
+        body = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
+    else:
+        body = b"new value" if method == "PUT" else b""
+    return client.request(path, method=method, headers=headers, body=body, expect_errors=True)
 
 
 @pytest.fixture
-def serve(make_app):
-    """Start a syncnode app with the given settings on waitress; stop it at teardown."""
-    servers: list[LiveServer] = []
+def stored(client, user, other) -> str:
+    """Alice owns "k" (READ for bob); return its store token."""
+    token = put(client, user, "k", b"value").headers["X-Sync-Token"]
+    share(client, user, "k", {"bob": "READ"})
+    return token
 
-    def start(threads: int = 4, **settings) -> LiveServer:
-        server = LiveServer(make_app(**settings), threads)
-        servers.append(server)
-        return server
 
-    yield start
-    for server in servers:
-        server.stop()
+@pytest.mark.parametrize("method, path, permission, status", SYNC_OPERATION_CASES)
+def test_app_keys_sync_node_operation_with_the_permission_passes(
+    client, user, stored, method, path, permission, status
+):
+    secret, _ = make_key(client, user.headers, [permission])
+    response = call_sync_operation(client, api_key_headers(secret), method, path, stored)
+    assert response.status_int == status
+    if path == "/account":
+        assert [session["current"] for session in response.json] == [False]
+
+
+@pytest.mark.parametrize("method, path, permission, status", SYNC_OPERATION_CASES)
+def test_app_keys_sync_node_operation_without_the_permission_is_perm01(
+    client, user, db, stored, method, path, permission, status
+):
+    unrelated = {"store.read": "session.read", "session.read": "store.own"}.get(
+        permission, "store.read"
+    )
+    secret, _ = make_key(client, user.headers, [unrelated, "user.read", "apiKey.create"])
+    before = app_state(db)
+    response = call_sync_operation(client, api_key_headers(secret), method, path, stored)
+    assert response.status_int == 403
+    if method != "HEAD":
+        assert_error(response, 403, "PERM01")
+        assert response.json["message"] == f"Missing required permission: {permission}"
+    assert app_state(db) == before
+
+
+@pytest.mark.parametrize("permission", ["store.own", "store.write"])
+def test_app_keys_wider_store_permission_covers_narrower(client, user, stored, permission):
+    secret, _ = make_key(client, user.headers, [permission])
+    client.get("/store/k", headers=api_key_headers(secret), status=200)
+    client.get("/store", headers=api_key_headers(secret), status=200)
+    client.put("/store/k", b"v2", headers={**api_key_headers(secret), "X-Sync-Token": stored},
+               status=204)  # fmt: skip
 
 
 # ==================================================================================================
-# App API: real client
+# App API: sessions
 # ==================================================================================================
+
+
+def test_app_sessions_list_fields_order_and_current(client, user, other, clock, db):
+    clock.advance(10)
+    second = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
+    clock.advance(10)
+    third = app_login(client).json["accessToken"]
+    listing = sessions_listing(client, bearer_headers(second))
+    ids = [session_id_of(db, token) for token in (third, second, user.token)]
+    assert [session["id"] for session in listing] == ids
+    assert [session["current"] for session in listing] == [False, True, False]
+    assert listing[1] == {
+        "id": ids[1],
+        "createdAt": "2027-01-15T08:00:10.000Z",
+        "updatedAt": "2027-01-15T08:00:10.000Z",
+        "expiresAt": "2027-02-14T08:00:10.000Z",
+        "current": True,
+        "deviceType": "",
+        "deviceOS": "",
+        "appVersion": None,
+        "isPendingSyncReset": False,
+    }
+    assert user.token not in json.dumps(listing) and second not in json.dumps(listing)
+    assert len(sessions_listing(client, other.headers)) == 1
+
+
+def test_app_sessions_list_orders_by_updated_then_created(client, user, clock, db):
+    clock.advance(10)
+    second = app_login(client).json["accessToken"]
+    clock.advance(10)
+    third = app_login(client).json["accessToken"]
+    clock.advance(3601)
+    client.get("/store", headers=user.headers)  # Refreshes the first session.
+    listing = sessions_listing(client, bearer_headers(second))  # And this the second.
+    ids = [session_id_of(db, token) for token in (second, user.token, third)]
+    assert [session["id"] for session in listing] == ids
+    assert [session["updatedAt"] for session in listing] == [
+        "2027-01-15T09:00:21.000Z", "2027-01-15T09:00:21.000Z", "2027-01-15T08:00:20.000Z",
+    ]  # fmt: skip
+
+
+def test_app_sessions_list_leaves_out_expired_sessions(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=100))
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    clock.advance(50)
+    newer = app_login(client).json["accessToken"]
+    clock.advance(50)
+    listing = sessions_listing(client, bearer_headers(newer))
+    assert [session["current"] for session in listing] == [True]
+    assert token not in json.dumps(listing)
+
+
+def test_app_sessions_list_with_api_key_has_no_current(client, user):
+    secret, _ = make_key(client, user.headers, ["session.read"])
+    app_login(client)
+    listing = sessions_listing(client, api_key_headers(secret))
+    assert [session["current"] for session in listing] == [False, False]
+
+
+def test_app_sessions_create_child_answers_it_with_token(client, user, clock, db):
+    clock.advance(30)
+    body = {"deviceType": "Television", "deviceOS": "webOS"}
+    response = client.post_json("/api/sessions", body, headers=user.headers)
+    assert response.status_int == 201
+    child = assert_schema(response, "SessionCreateResponseDto")
+    assert child == {
+        "id": child["id"],
+        "createdAt": "2027-01-15T08:00:30.000Z",
+        "updatedAt": "2027-01-15T08:00:30.000Z",
+        "expiresAt": "2027-02-14T08:00:00.000Z",
+        "current": False,
+        "deviceType": "Television",
+        "deviceOS": "webOS",
+        "appVersion": None,
+        "isPendingSyncReset": False,
+        "token": child["token"],
+    }
+    assert len(child["token"]) >= 43
+    row = db.execute(
+        "SELECT public_id, parent_id, token_digest FROM sessions WHERE public_id = ?",
+        (child["id"],),
+    ).fetchone()
+    parent = db.execute(
+        "SELECT id FROM sessions WHERE token_digest = ?", (token_digest(user.token),)
+    ).fetchone()
+    assert row == (child["id"], parent[0], token_digest(child["token"]))
+    assert child["token"] not in repr(db.execute("SELECT * FROM sessions").fetchall())
+    listing = sessions_listing(client, user.headers)
+    assert {key: value for key, value in child.items() if key != "token"} in listing
+
+
+def test_app_sessions_child_token_works_on_both_apis(client, user):
+    child = make_child(client, user.headers)["token"]
+    assert my_user(client, bearer_headers(child))["email"] == "alice"
+    client.get("/store", headers=bearer_headers(child), status=200)
+    put(client, User("alice", child), "from-child")
+    grandchild = make_child(client, bearer_headers(child))["token"]
+    client.get("/store/from-child", headers=bearer_headers(grandchild), status=200)
+
+
+def test_app_sessions_child_expiry_is_never_past_the_parent(client, user):
+    parents = "2027-02-14T08:00:00.000Z"
+    for body, expires in [
+        ({}, parents),
+        ({"duration": None}, parents),
+        ({"duration": 1}, "2027-01-15T08:00:01.000Z"),
+        ({"duration": 2.0}, "2027-01-15T08:00:02.000Z"),
+        ({"duration": 30 * 86400}, parents),
+        ({"duration": 30 * 86400 + 1}, parents),
+        ({"duration": 10**12}, parents),
+    ]:
+        assert make_child(client, user.headers, **body)["expiresAt"] == expires, body
+
+
+def test_app_sessions_grandchild_expiry_is_capped_by_its_parent(client, user, clock):
+    child = make_child(client, user.headers, duration=60)
+    clock.advance(10)
+    grandchild = make_child(client, bearer_headers(child["token"]), duration=3600)
+    assert grandchild["expiresAt"] == "2027-01-15T08:01:00.000Z"
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        pytest.param({"duration": 0}, ["duration must be a positive number"], id="zero"),
+        pytest.param({"duration": 1.5}, ["duration must be an integer number"], id="fraction"),
+        pytest.param(
+            {"duration": -1.5},
+            ["duration must be a positive number", "duration must be an integer number"],
+            id="negative-fraction",
+        ),
+        pytest.param(
+            {"duration": "10"},
+            ["duration must be a positive number", "duration must be an integer number"],
+            id="string",
+        ),
+        pytest.param(
+            {"duration": True},
+            ["duration must be a positive number", "duration must be an integer number"],
+            id="bool",
+        ),
+        pytest.param({"deviceType": 5}, ["deviceType must be a string"], id="type-number"),
+        pytest.param({"deviceOS": []}, ["deviceOS must be a string"], id="os-array"),
+        pytest.param(
+            {"deviceType": "t" * 256},
+            ["deviceType must be shorter than or equal to 255 characters"],
+            id="type-256",
+        ),
+        pytest.param(
+            {"duration": 0.5, "deviceType": 5, "deviceOS": False},
+            [
+                "duration must be an integer number",
+                "deviceType must be a string",
+                "deviceOS must be a string",
+            ],
+            id="all-three",
+        ),
+    ],
+)
+def test_app_sessions_create_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    before = app_state(db)
+    response = client.post_json("/api/sessions", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+
+
+def test_app_sessions_create_accepts_nulls_and_edge_lengths(client, user):
+    child = make_child(client, user.headers, duration=None, deviceType=None, deviceOS=None)
+    assert (child["deviceType"], child["deviceOS"]) == ("", "")
+    child = make_child(client, user.headers, deviceType="t" * 255, deviceOS="o" * 255)
+    assert (child["deviceType"], child["deviceOS"]) == ("t" * 255, "o" * 255)
+
+
+def test_app_sessions_create_accepts_empty_device_fields(client, user):
+    child = make_child(client, user.headers, deviceType="", deviceOS="")
+    assert (child["deviceType"], child["deviceOS"]) == ("", "")
+
+
+def test_app_sessions_create_with_api_key_is_400(client, user, db):
+    secret, _ = make_key(client, user.headers)
+    before = app_state(db)
+    response = client.post_json("/api/sessions", {}, headers=api_key_headers(secret), status=400)
+    assert_app_error(response, 400, "This endpoint can only be used with a session token")
+    assert app_state(db) == before
+
+
+def parent_with_family(client) -> tuple[str, str, str]:
+    """Log alice in and make a child and a grandchild; return the three tokens."""
+    parent = app_login(client).json["accessToken"]
+    child = make_child(client, bearer_headers(parent))["token"]
+    grandchild = make_child(client, bearer_headers(child))["token"]
+    return parent, child, grandchild
+
+
+def assert_ended(client, *tokens: str) -> None:
+    """Assert each session token is refused on both APIs."""
+    for token in tokens:
+        response = client.get("/api/users/me", headers=bearer_headers(token), status=401)
+        assert_app_error(response, 401, "Invalid user token")
+        assert_error(client.get("/store", headers=bearer_headers(token), status=401), 401, "AUTH01")
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "app-logout",
+        "app-delete-session",
+        "sync-node-logout",
+        "sync-node-password",
+        "app-delete-all",
+    ],
+)
+def test_app_sessions_children_end_with_the_parent(client, user, db, how):
+    parent, child, grandchild = parent_with_family(client)
+    if how == "app-logout":
+        client.post("/api/auth/logout", headers=bearer_headers(parent))
+    elif how == "app-delete-session":
+        session_id = session_id_of(db, parent)
+        client.delete(f"/api/sessions/{session_id}", headers=user.headers, status=204)
+    elif how == "sync-node-logout":
+        client.delete("/auth", headers=bearer_headers(parent), status=204)
+    elif how == "sync-node-password":
+        body = {"password": "another password"}
+        client.post_json("/password", body, headers=user.headers, status=204)
+    else:
+        client.delete("/api/sessions", headers=user.headers, status=204)
+    assert_ended(client, parent, child, grandchild)
+    client.get("/api/users/me", headers=user.headers, status=200)
+    assert table_counts(db)["sessions"] == 1
+
+
+def test_app_sessions_children_end_with_the_parents_expiry(make_app, clock):
+    client = webtest.TestApp(make_app(session_ttl=100))
+    parent = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    child = make_child(client, bearer_headers(parent))["token"]
+    clock.advance(99)
+    grandchild = make_child(client, bearer_headers(child))["token"]
+    client.get("/api/users/me", headers=bearer_headers(grandchild), status=200)
+    clock.advance(1)
+    assert_ended(client, parent, child, grandchild)
+
+
+def test_app_sessions_delete_all_keeps_only_the_current_one(client, user, other, db):
+    current = app_login(client).json["accessToken"]
+    own_child = make_child(client, bearer_headers(current))["token"]
+    other_child = make_child(client, user.headers)["token"]
+    response = client.delete("/api/sessions", headers=bearer_headers(current), status=204)
+    assert response.body == b""
+    assert_ended(client, user.token, own_child, other_child)
+    [session] = sessions_listing(client, bearer_headers(current))
+    assert session["current"] is True
+    client.get("/store", headers=other.headers, status=200)
+
+
+def test_app_sessions_delete_all_from_a_child_keeps_only_it(client, user, db):
+    child = make_child(client, user.headers)["token"]
+    client.delete("/api/sessions", headers=bearer_headers(child), status=204)
+    assert_ended(client, user.token)
+    assert [s["current"] for s in sessions_listing(client, bearer_headers(child))] == [True]
+
+
+def test_app_sessions_delete_all_with_api_key_ends_every_session(client, user, other, db):
+    secret, _ = make_key(client, user.headers, ["session.delete", "user.read"])
+    make_child(client, user.headers)
+    app_login(client)
+    client.delete("/api/sessions", headers=api_key_headers(secret), status=204)
+    assert table_counts(db)["sessions"] == 1  # Bob's.
+    client.get("/api/users/me", headers=api_key_headers(secret), status=200)
+    client.get("/store", headers=other.headers, status=200)
+
+
+def test_app_sessions_delete_one_ends_it(client, user, db):
+    second = app_login(client).json["accessToken"]
+    response = client.delete(
+        f"/api/sessions/{session_id_of(db, second)}", headers=user.headers, status=204
+    )
+    assert response.body == b""
+    assert_ended(client, second)
+    client.get("/api/users/me", headers=user.headers, status=200)
+
+
+def test_app_sessions_delete_one_may_end_the_current_session(client, user, db):
+    session_id = session_id_of(db, user.token)
+    client.delete(f"/api/sessions/{session_id.upper()}", headers=user.headers, status=204)
+    assert_ended(client, user.token)
+    assert table_counts(db)["sessions"] == 0
+
+
+def test_app_sessions_delete_unknown_or_another_users_session_is_400(client, user, other, db):
+    before = app_state(db)
+    for session_id in (session_id_of(db, other.token), "7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60"):
+        response = client.delete(f"/api/sessions/{session_id}", headers=user.headers, status=400)
+        assert_app_error(response, 400, "Not found or no authDevice.delete access")
+    assert app_state(db) == before
+    client.get("/store", headers=other.headers, status=200)
+
+
+def test_app_sessions_delete_bad_id_is_400(client, user, db):
+    before = app_state(db)
+    for session_id in ("123", "7f1a3e4c-9d2b-1c5e-8f6a-1b2c3d4e5f60"):
+        response = client.delete(f"/api/sessions/{session_id}", headers=user.headers, status=400)
+        assert_app_error(response, 400, ["id must be a UUID"])
+    assert app_state(db) == before
+
+
+FIREFOX_LINUX = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0"
+CHROME_WINDOWS = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36"
+)
+
+# User-Agent and headers, and the device fields a session records (README, App API).
+DEVICES = [
+    ({"User-Agent": CHROME_WINDOWS[:-14] + "Safari/537.36 Edg/120.0.0.0"}, "Edge", "Windows", None),
+    ({"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36 OPR/106.0"},
+     "Opera", "Linux", None),
+    ({"User-Agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10.15; rv:121.0) Firefox/121.0"},
+     "Firefox", "macOS", None),
+    ({"User-Agent": CHROME_WINDOWS}, "Chrome", "Windows", None),
+    ({"User-Agent": "Mozilla/5.0 (Linux; Android 14; Pixel 8) Chrome/120.0 Mobile Safari/537.36"},
+     "Chrome", "Android", None),
+    ({"User-Agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) CriOS/120.0 "
+                    "Mobile/15E148 Safari/604.1"}, "Chrome", "iOS", None),
+    ({"User-Agent": "Mozilla/5.0 (iPad; CPU OS 17_0 like Mac OS X) Version/17.0 Safari/604.1"},
+     "Safari", "iOS", None),
+    ({"User-Agent": "Mozilla/5.0 (X11; CrOS x86_64 14541.0.0) Chrome/120.0 Safari/537.36"},
+     "Chrome", "Chrome OS", None),
+    ({"User-Agent": "Mozilla/5.0 (compatible; Unknown)", "deviceModel": "Pixel 8",
+      "deviceType": "Android"}, "Pixel 8", "Android", None),
+    ({"User-Agent": "Mozilla/5.0 (Plan9) Firefox/1.0", "deviceType": "Plan 9"},
+     "Firefox", "Plan 9", None),
+    ({"User-Agent": "immich-android/1.2.3", "deviceModel": "Pixel 8", "deviceType": "Android"},
+     "Pixel 8", "Android", "1.2.3"),
+    ({"User-Agent": "immich-ios/1.120.0", "deviceModel": "iPhone15,2", "deviceType": "iOS"},
+     "iPhone15,2", "iOS", "1.120.0"),
+    ({"User-Agent": "Immich_Android_1.99.0"}, "", "", "1.99.0"),
+    ({"User-Agent": "Immich_iOS_2.0.0-beta"}, "", "", "2.0.0-beta"),
+    ({"User-Agent": "curl/8.5.0"}, "", "", None),
+    ({}, "", "", None),
+    ({"User-Agent": "immich-android/" + "9" * 100, "deviceModel": "m" * 100,
+      "deviceType": "t" * 100}, "m" * 64, "t" * 64, "9" * 64),
+]  # fmt: skip
+DEVICE_IDS = [
+    "edge-windows", "opera-linux", "firefox-macos", "chrome-windows", "chrome-android",
+    "crios-iphone", "safari-ipad", "chrome-os", "mozilla-no-match", "browser-without-os",
+    "immich-android", "immich-ios", "old-android", "old-ios", "curl", "nothing", "cut-to-64",
+]  # fmt: skip
+
+
+def test_app_sessions_device_fields_come_from_the_request(client, user):
+    for case, (headers, *expected) in zip(DEVICE_IDS, DEVICES, strict=True):
+        token = app_login(client, headers=headers).json["accessToken"]
+        listing = sessions_listing(client, {**headers, **bearer_headers(token)})
+        [session] = [session for session in listing if session["current"]]
+        fields = [session["deviceType"], session["deviceOS"], session["appVersion"]]
+        assert fields == expected, case
+
+
+@pytest.mark.parametrize("path", ["/account", "/auth"])
+def test_app_sessions_sync_node_sessions_record_the_device_too(client, user, path):
+    headers = {"User-Agent": "immich-ios/1.5.0", "deviceModel": "iPhone", "deviceType": "iOS"}
+    body = {"id": "carol" if path == "/account" else "alice", "password": PASSWORD}
+    token = client.post_json(path, body, headers=headers).json["token"]
+    [session] = [
+        s for s in sessions_listing(client, {**headers, **bearer_headers(token)}) if s["current"]
+    ]
+    assert (session["deviceType"], session["deviceOS"], session["appVersion"]) == (
+        "iPhone", "iOS", "1.5.0",
+    )  # fmt: skip
+
+
+def device_of(client, db, token: str, secret: str) -> tuple:
+    """Return (deviceType, deviceOS, appVersion, updatedAt, expiresAt) of a session.
+
+    The listing is read with an API key, which refreshes no session.
+    """
+    session_id = session_id_of(db, token)
+    [session] = [
+        s for s in sessions_listing(client, api_key_headers(secret)) if s["id"] == session_id
+    ]
+    keys = ("deviceType", "deviceOS", "appVersion", "updatedAt", "expiresAt")
+    return tuple(session[key] for key in keys)
+
+
+def test_app_sessions_device_is_refreshed_after_an_hour_on_either_api(client, user, clock, db):
+    firefox, chrome = {"User-Agent": FIREFOX_LINUX}, {"User-Agent": CHROME_WINDOWS}
+    secret, _ = make_key(client, user.headers, ["session.read"])
+    token = app_login(client, headers=firefox).json["accessToken"]
+    expires = "2027-02-14T08:00:00.000Z"
+    clock.advance(3600)
+    client.get("/api/users/me", headers={**chrome, **bearer_headers(token)})
+    assert device_of(client, db, token, secret) == ("Firefox", "Linux", None, CLOCK_START, expires)
+    clock.advance(1)
+    client.get("/api/users/me", headers={**chrome, **bearer_headers(token)})
+    refreshed = ("Chrome", "Windows", None, "2027-01-15T09:00:01.000Z", expires)
+    assert device_of(client, db, token, secret) == refreshed
+    clock.advance(3601)
+    client.get("/store", headers={**firefox, **bearer_headers(token)})
+    assert device_of(client, db, token, secret) == (
+        "Firefox", "Linux", None, "2027-01-15T10:00:02.000Z", expires,
+    )  # fmt: skip
+
+
+def test_app_sessions_device_is_refreshed_when_the_app_version_changes(client, user, clock, db):
+    old = {"User-Agent": "immich-android/1.0.0", "deviceModel": "Pixel 7", "deviceType": "Android"}
+    new = {"User-Agent": "immich-android/1.1.0", "deviceModel": "Pixel 8", "deviceType": "Android"}
+    secret, _ = make_key(client, user.headers, ["session.read"])
+    token = app_login(client, headers=old).json["accessToken"]
+    clock.advance(60)
+    client.get("/api/users/me", headers={**old, "deviceModel": "ignored", **bearer_headers(token)})
+    assert device_of(client, db, token, secret)[:4] == ("Pixel 7", "Android", "1.0.0", CLOCK_START)
+    client.get("/api/users/me", headers={**new, **bearer_headers(token)})
+    assert device_of(client, db, token, secret)[:4] == (
+        "Pixel 8", "Android", "1.1.0", "2027-01-15T08:01:00.000Z",
+    )  # fmt: skip
+
+
+# ==================================================================================================
+# App API: users
+# ==================================================================================================
+
+
+def test_app_users_list_admin_sees_everyone_newest_first(client, make_user, clock):
+    alice = make_user("alice")
+    clock.advance(1)
+    make_user("bob@example.org")
+    clock.advance(1)
+    make_user("carol")
+    response = client.get("/api/users", headers=alice.headers)
+    listing = assert_schema(response, ["UserResponseDto"])
+    assert [(u["email"], u["name"]) for u in listing] == [
+        ("carol", "carol"), ("bob@example.org", "bob"), ("alice", "alice"),
+    ]  # fmt: skip
+
+
+def test_app_users_list_non_admin_sees_only_itself(client, user, other):
+    secret, _ = make_key(client, other.headers, ["user.read"])
+    for headers in (other.headers, api_key_headers(secret)):
+        listing = assert_schema(client.get("/api/users", headers=headers), ["UserResponseDto"])
+        assert listing == [{key: value for key, value in my_user(client, other.headers).items()
+                            if key in ("id", "name", "email")}]  # fmt: skip
+
+
+def test_app_users_list_public_users_shows_everyone(make_app):
+    client = webtest.TestApp(make_app(public_users=True))
+    for name in ("alice", "bob"):
+        token = client.post_json("/account", {"id": name, "password": PASSWORD}).json["token"]
+    listing = assert_schema(
+        client.get("/api/users", headers=bearer_headers(token)), ["UserResponseDto"]
+    )
+    assert [user["email"] for user in listing] == ["bob", "alice"]
+
+
+def test_app_users_me_answers_the_admin_dto(client, user, other, clock):
+    response = client.get("/api/users/me", headers=other.headers)
+    me = assert_schema(response, "UserAdminResponseDto")
+    assert me == {
+        "id": me["id"],
+        "name": "bob",
+        "email": "bob",
+        "shouldChangePassword": False,
+        "isAdmin": False,
+        "createdAt": CLOCK_START,
+        "deletedAt": None,
+        "updatedAt": CLOCK_START,
+        "status": "active",
+    }
+    assert my_user(client, user.headers)["isAdmin"] is True
+
+
+def test_app_users_default_name_is_the_part_before_the_last_at(client, make_user):
+    for name, display in [
+        ("alice@example.org", "alice"), ("a@b@example.org", "a@b"), ("carol", "carol"),
+        ("@handle", "@handle"), ("dave@", "dave"), ("@", "@"),
+    ]:  # fmt: skip
+        created = make_user(name)
+        assert my_user(client, created.headers)["name"] == display, name
+
+
+def test_app_users_update_me_with_empty_body_changes_nothing(client, user, clock, db):
+    before = my_user(client, user.headers)
+    state = app_state(db)
+    clock.advance(60)
+    for body in ({}, {"email": None, "name": None}, {"unknown": "x"}):
+        response = client.put_json("/api/users/me", body, headers=user.headers)
+        assert assert_schema(response, "UserAdminResponseDto") == before
+    assert app_state(db) == state
+
+
+def test_app_users_update_me_renames_the_display_name(client, user, clock):
+    clock.advance(61)
+    response = client.put_json("/api/users/me", {"name": "Alice Liddell"}, headers=user.headers)
+    me = assert_schema(response, "UserAdminResponseDto")
+    assert (me["name"], me["email"]) == ("Alice Liddell", "alice")
+    assert me["updatedAt"] == "2027-01-15T08:01:01.000Z" and me["createdAt"] == CLOCK_START
+    assert my_user(client, user.headers) == me
+    assert app_login(client).json["name"] == "Alice Liddell"
+
+
+def test_app_users_updated_at_moves_with_a_sync_node_password_change(client, user, clock):
+    clock.advance(2)
+    client.post_json("/password", {"password": "another password"}, headers=user.headers)
+    me = my_user(client, user.headers)
+    assert (me["createdAt"], me["updatedAt"]) == (CLOCK_START, "2027-01-15T08:00:02.000Z")
+
+
+def test_app_users_update_me_ignores_password_and_avatar_color(client, user, db):
+    before = app_state(db)
+    body = {"password": "another password", "avatarColor": "red", "isAdmin": False}
+    client.put_json("/api/users/me", body, headers=user.headers, status=200)
+    assert app_state(db) == before
+    app_login(client, "alice", PASSWORD, status=201)
+
+
+def test_app_users_update_me_email_renames_the_sync_node_id(client, user, other, clock, db):
+    secret, _ = make_key(client, user.headers, ["user.read", "store.read"])
+    put(client, user, "k")
+    share(client, user, "k", {"bob": "READ"})
+    clock.advance(5)
+    body = {"email": " Alice@Example.ORG "}
+    response = client.put_json("/api/users/me", body, headers=user.headers)
+    me = assert_schema(response, "UserAdminResponseDto")
+    assert (me["email"], me["name"]) == ("alice@example.org", "alice")
+    assert me["updatedAt"] == "2027-01-15T08:00:05.000Z"
+    client.post_json("/auth", {"id": "alice@example.org", "password": PASSWORD}, status=200)
+    assert_error(
+        client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=401), 401, "AUTH01"
+    )
+    app_login(client, "alice@example.org", PASSWORD, status=201)
+    assert my_user(client, user.headers)["email"] == "alice@example.org"
+    assert my_user(client, api_key_headers(secret))["email"] == "alice@example.org"
+    assert client.get("/permission/k", headers=other.headers).json == [
+        {"user": "alice@example.org", "permission": "OWN"},
+        {"user": "bob", "permission": "READ"},
+    ]
+    assert client.get("/permission/k", headers=api_key_headers(secret)).status_int == 200
+    client.post_json("/account", {"id": "alice", "password": PASSWORD}, status=200)
+
+
+def test_app_users_update_me_with_a_taken_email_is_400(client, user, other, db):
+    before = app_state(db)
+    for taken in ("bob", " BOB "):
+        response = client.put_json(
+            "/api/users/me", {"email": taken}, headers=user.headers, status=400
+        )
+        assert_app_error(response, 400, "Email already in use by another account")
+    assert app_state(db) == before
+
+
+def test_app_users_update_me_with_own_email_is_accepted(client, user):
+    me = client.put_json("/api/users/me", {"email": "ALICE"}, headers=user.headers).json
+    assert me["email"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "body, messages",
+    [
+        pytest.param({"email": ""}, ["email must be an email"], id="email-empty"),
+        pytest.param({"email": "a b"}, ["email must be an email"], id="email-space"),
+        pytest.param({"name": ""}, ["name should not be empty"], id="name-empty"),
+        pytest.param({"name": 5}, ["name must be a string"], id="name-number"),
+        pytest.param(
+            {"name": "n" * 256},
+            ["name must be shorter than or equal to 255 characters"],
+            id="name-256",
+        ),
+        pytest.param(
+            {"name": "line\nbreak"}, ["name must not contain control characters"], id="name-newline"
+        ),
+        pytest.param(
+            {"name": "c1\x85"}, ["name must not contain control characters"], id="name-c1"
+        ),
+        pytest.param(
+            {"email": 5, "name": 5}, ["email must be an email", "name must be a string"], id="both"
+        ),
+    ],
+)
+def test_app_users_update_me_bad_body_is_400_with_sentences(client, user, db, body, messages):
+    before = app_state(db)
+    response = client.put_json("/api/users/me", body, headers=user.headers, status=400)
+    assert_app_error(response, 400, messages)
+    assert app_state(db) == before
+
+
+def test_app_users_get_answers_any_account(client, user, other):
+    bob = my_user(client, other.headers)
+    for user_id in (bob["id"], bob["id"].upper()):
+        response = client.get(f"/api/users/{user_id}", headers=user.headers)
+        assert assert_schema(response, "UserResponseDto") == {
+            "id": bob["id"], "name": "bob", "email": "bob",
+        }  # fmt: skip
+
+
+def test_app_users_get_unknown_is_400(client, user, other, db):
+    bob = my_user(client, other.headers)
+    client.delete("/account", headers=other.headers, status=204)
+    for user_id in (bob["id"], "7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60"):
+        response = client.get(f"/api/users/{user_id}", headers=user.headers, status=400)
+        assert_app_error(response, 400, "User not found")
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    [
+        pytest.param("123", id="digits"),
+        pytest.param("7f1a3e4c-9d2b-1c5e-8f6a-1b2c3d4e5f60", id="v1"),
+    ],
+)
+def test_app_users_get_bad_id_is_400(client, user, user_id):
+    response = client.get(f"/api/users/{user_id}", headers=user.headers, status=400)
+    assert_app_error(response, 400, ["id must be a UUID"])
+
+
+def test_app_users_deleting_the_admin_makes_the_next_oldest_admin(client, make_user, clock):
+    alice = make_user("alice")
+    clock.advance(1)
+    bob = make_user("bob")
+    clock.advance(1)
+    carol = make_user("carol")
+    client.delete("/account", headers=alice.headers, status=204)
+    assert my_user(client, bob.headers)["isAdmin"] is True
+    assert my_user(client, carol.headers)["isAdmin"] is False
+    assert app_login(client, "bob").json["isAdmin"] is True
+    assert [u["email"] for u in client.get("/api/users", headers=bob.headers).json] == [
+        "carol", "bob",
+    ]  # fmt: skip
+    assert client.get("/api/users", headers=carol.headers).json[0]["email"] == "carol"
+
+
+def test_app_users_admin_stays_the_oldest_account(client, make_user, clock):
+    alice = make_user("alice")
+    clock.advance(1)
+    bob = make_user("bob")
+    client.delete("/account", headers=bob.headers, status=204)
+    clock.advance(1)
+    bob = make_user("bob")
+    assert my_user(client, alice.headers)["isAdmin"] is True
+    assert my_user(client, bob.headers)["isAdmin"] is False
+
+
+# ==================================================================================================
+# App API: server
+# ==================================================================================================
+
+
+@pytest.mark.parametrize(
+    "path, schema, answer",
+    [
+        pytest.param("/api/server/ping", "ServerPingResponse", {"res": "pong"}, id="ping"),
+        pytest.param(
+            "/api/server/features", "ServerFeaturesDto", {"passwordLogin": True}, id="features"
+        ),
+    ],
+)
+def test_app_server_public_answers(client, path, schema, answer):
+    for headers in ({}, {"Authorization": "Bearer unknown", "x-immich-share-key": "k"}):
+        response = client.get(path, headers=headers)
+        assert response.status_int == 200
+        assert assert_schema(response, schema) == answer
+
+
+def test_app_server_version_is_syncnodes_own(client, monkeypatch):
+    major, minor, patch = (int(part) for part in syncnode.__version__.split("."))
+    response = client.get("/api/server/version")
+    assert assert_schema(response, "ServerVersionResponseDto") == {
+        "major": major, "minor": minor, "patch": patch,
+    }  # fmt: skip
+    monkeypatch.setattr(syncnode, "__version__", "12.34.5rc1")
+    assert client.get("/api/server/version").json == {"major": 12, "minor": 34, "patch": 5}
+
+
+@pytest.mark.parametrize(
+    "version",
+    [
+        pytest.param("12.34.5.dev1", id="pep440-dev"),
+        pytest.param("12.34.5-rc.1", id="semver"),
+    ],
+)
+def test_app_server_version_drops_a_dotted_pre_release_part(client, monkeypatch, version):
+    monkeypatch.setattr(syncnode, "__version__", version)
+    response = client.get("/api/server/version")
+    assert response.json == {"major": 12, "minor": 34, "patch": 5}
+
+
+def test_app_server_about_answers_the_version(client, user):
+    secret, _ = make_key(client, user.headers, ["server.about"])
+    for headers in (user.headers, api_key_headers(secret)):
+        response = client.get("/api/server/about", headers=headers)
+        assert assert_schema(response, "ServerAboutResponseDto") == {
+            "version": f"v{syncnode.__version__}",
+            "versionUrl": "",
+        }
+
+
+def test_app_server_about_needs_credentials_and_server_about(client, user):
+    assert_app_error(client.get("/api/server/about", status=401), 401, "Authentication required")
+    secret, _ = make_key(client, user.headers, ["user.read"])
+    response = client.get("/api/server/about", headers=api_key_headers(secret), status=403)
+    assert_app_error(response, 403, "Missing required permission: server.about")
+
+
+def test_app_server_config_is_initialized_once_an_admin_exists(client, db):
+    def config() -> dict:
+        return assert_schema(client.get("/api/server/config"), "ServerConfigDto")
+
+    assert config() == {"loginPageMessage": "", "userDeleteDelay": 0, "isInitialized": False}
+    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
+    assert config()["isInitialized"] is True
+    client.delete("/account", headers=bearer_headers(token), status=204)
+    assert config()["isInitialized"] is False
+    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
+    client.post_json("/api/auth/admin-sign-up", body, status=201)
+    assert config() == {"loginPageMessage": "", "userDeleteDelay": 0, "isInitialized": True}
+
+
+def test_app_server_well_known_immich_at_the_root(client):
+    response = client.get("/.well-known/immich")
+    assert response.status_int == 200
+    assert response.content_type == "application/json"
+    assert response.json == {"api": {"endpoint": "/api"}}
+
+
+def test_app_server_well_known_immich_under_a_mount_prefix(app, client, user):
+    sync = mounted(app)
+    assert sync.get("/sync/.well-known/immich").json == {"api": {"endpoint": "/sync/api"}}
+    assert sync.get("/sync/api/server/ping").json == {"res": "pong"}
+    response = sync.get("/sync/api/nope", status=404)
+    assert_app_error(response, 404, "Cannot GET /api/nope")
+    me = sync.get("/sync/api/users/me", headers={"x-immich-user-token": user.token}).json
+    assert me["email"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        pytest.param("/sync", id="wsgi-mount"),
+        pytest.param("/sync/", id="bottle-mount-slash"),
+    ],
+)
+def test_app_server_mount_prefix_reaches_discovery_cookies_and_404(make_app, prefix):
+    sync = mounted(make_app(), prefix)
+    sync.post_json("/sync/account", {"id": "alice", "password": PASSWORD})
+    assert sync.get("/sync/.well-known/immich").json == {"api": {"endpoint": "/sync/api"}}
+    response = sync.post_json("/sync/api/auth/login", {"email": "alice", "password": PASSWORD})
+    assert [cookie.split("; ")[2] for cookie in response.headers.getall("Set-Cookie")] == [
+        "Path=/sync"
+    ] * 3
+    assert_app_error(sync.get("/sync/api/x", status=404), 404, "Cannot GET /api/x")
+
+
+# ==================================================================================================
+# App API: concurrency
+# ==================================================================================================
+
+
+def test_app_concurrency_admin_sign_up_race_has_one_winner(start_server, db):
+    live = start_server(server_threads=8)
+    callers = 8
+    barrier = threading.Barrier(callers)
+    answers: list[tuple[int, dict] | None] = [None] * callers
+    errors: list[BaseException] = []
+
+    def sign_up(number: int) -> None:
+        conn = live.connect()
+        try:
+            conn.connect()  # Connected before the barrier, so that the requests race.
+            body = {"email": f"admin{number}@example.org", "password": PASSWORD, "name": "Admin"}
+            barrier.wait(timeout=10)
+            conn.request(
+                "POST", "/api/auth/admin-sign-up", json.dumps(body).encode(),
+                {"Content-Type": "application/json"},
+            )  # fmt: skip
+            response = conn.getresponse()
+            answers[number] = (response.status, json.loads(response.read()))
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=sign_up, args=(n,), daemon=True) for n in range(callers)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a caller did not finish in time"
+    assert not errors, errors
+
+    winners = [number for number, (status, _) in enumerate(answers) if status == 201]
+    assert len(winners) == 1
+    [winner] = winners
+    assert answers[winner][1]["email"] == f"admin{winner}@example.org"
+    assert answers[winner][1]["isAdmin"] is True
+    for number, (status, body) in enumerate(answers):
+        if number != winner:
+            assert status == 400
+            assert body["message"] == "The server already has an admin"
+    assert db.execute("SELECT name FROM users").fetchall() == [(f"admin{winner}@example.org",)]
+
+
+# ==================================================================================================
+# App API: a real @immich/sdk client
+# ==================================================================================================
+
 
 #: Runs @immich/sdk against a live server: node SCRIPT CONFIG_JSON, prints one JSON document of
 #: {step: {"ok": answer} | {"error": {...}}}. A failing step is recorded, and the script goes on.
@@ -1809,13 +8956,6 @@ NPM_INSTALL_TIMEOUT = 180
 NODE_RUN_TIMEOUT = 60
 
 
-def skip_or_fail(reason: str) -> NoReturn:
-    """Skip for a missing tool on a developer's machine; on CI (CI set) fail instead."""
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def immich_sdk_dir(tmp_path_factory) -> str:
     """A folder with @immich/sdk 3.x installed from npm, once per test session."""
@@ -1863,8 +9003,8 @@ def run_sdk_script(sdk_dir: str, config: dict) -> dict:
     return json.loads(done.stdout)
 
 
-def test_app_client_immich_sdk_works_against_a_live_server(immich_sdk_dir, serve, db):
-    live = serve()
+def test_app_client_immich_sdk_works_against_a_live_server(immich_sdk_dir, start_server, db):
+    live = start_server()
     config = {
         "baseUrl": f"{live.url}/api",
         "syncUrl": live.url,
@@ -1963,13 +9103,13 @@ def test_app_client_immich_sdk_works_against_a_live_server(immich_sdk_dir, serve
 
 
 # ==================================================================================================
-# App API: cross-API
+# App API: cross-API credentials
 # ==================================================================================================
 
 
 def test_cross_api_sync_node_login_token_works_on_app_api(client, user):
     token = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
-    me = client.get("/api/users/me", headers=auth_headers(token), status=200).json
+    me = client.get("/api/users/me", headers=bearer_headers(token), status=200).json
     assert me["email"] == "alice" and me["name"] == "alice"
     assert UUID4_TEXT.fullmatch(me["id"])
 
@@ -1977,28 +9117,28 @@ def test_cross_api_sync_node_login_token_works_on_app_api(client, user):
 def test_cross_api_app_login_token_works_on_sync_node(client, user):
     token = app_login_token(client, "alice")
     put(client, User("alice", token), "from-app", b"app value", status=204)
-    listing = client.get("/store", headers=auth_headers(token), status=200).json
+    listing = client.get("/store", headers=bearer_headers(token), status=200).json
     assert [entry["key"] for entry in listing] == ["from-app"]
     assert client.get("/store/from-app", headers=user.headers).body == b"app value"
 
 
 def test_cross_api_app_revokes_sync_node_session(client, user):
     sync_token = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
-    listing = client.get("/account", headers=auth_headers(sync_token)).json
+    listing = client.get("/account", headers=bearer_headers(sync_token)).json
     [session_id] = [entry["id"] for entry in listing if entry["current"]]
     app_token = app_login_token(client, "alice")
-    client.delete(f"/api/sessions/{session_id}", headers=auth_headers(app_token), status=204)
-    response = client.get("/store", headers=auth_headers(sync_token), status=401)
+    client.delete(f"/api/sessions/{session_id}", headers=bearer_headers(app_token), status=204)
+    response = client.get("/store", headers=bearer_headers(sync_token), status=401)
     assert_error(response, 401, "AUTH01")
     client.get("/store", headers=user.headers, status=200)
-    client.get("/store", headers=auth_headers(app_token), status=200)
+    client.get("/store", headers=bearer_headers(app_token), status=200)
 
 
 def test_cross_api_app_logout_ends_the_token_on_sync_node(client, user):
     token = app_login_token(client, "alice")
-    client.post("/api/auth/logout", headers=auth_headers(token), status=200)
-    assert_error(client.get("/store", headers=auth_headers(token), status=401), 401, "AUTH01")
-    assert_error(client.get("/account", headers=auth_headers(token), status=401), 401, "AUTH01")
+    client.post("/api/auth/logout", headers=bearer_headers(token), status=200)
+    assert_error(client.get("/store", headers=bearer_headers(token), status=401), 401, "AUTH01")
+    assert_error(client.get("/account", headers=bearer_headers(token), status=401), 401, "AUTH01")
     client.get("/store", headers=user.headers, status=200)
 
 
@@ -2006,9 +9146,9 @@ def test_cross_api_account_lists_app_login_and_child_sessions(client, user, cloc
     clock.advance(10)
     token = app_login_token(client, "alice")
     clock.advance(10)
-    child = client.post_json("/api/sessions", {}, headers=auth_headers(token), status=201).json
-    listing = client.get("/account", headers=auth_headers(token), status=200).json
-    app_sessions = client.get("/api/sessions", headers=auth_headers(token)).json
+    child = client.post_json("/api/sessions", {}, headers=bearer_headers(token), status=201).json
+    listing = client.get("/account", headers=bearer_headers(token), status=200).json
+    app_sessions = client.get("/api/sessions", headers=bearer_headers(token)).json
     assert [set(entry) for entry in listing] == [{"id", "expiration", "current", "createdAt"}] * 3
     assert {entry["id"] for entry in listing} == {entry["id"] for entry in app_sessions}
     # Newest first: the child, the App API login, the registration's session.
@@ -2018,28 +9158,24 @@ def test_cross_api_account_lists_app_login_and_child_sessions(client, user, cloc
         (entry["createdAt"] for entry in listing), reverse=True
     )
     assert listing[0]["expiration"] == listing[1]["expiration"]  # A child outlives no parent.
-    from_child = client.get("/account", headers=auth_headers(child["token"]), status=200).json
+    from_child = client.get("/account", headers=bearer_headers(child["token"]), status=200).json
     assert [entry["current"] for entry in from_child] == [True, False, False]
 
 
 def test_cross_api_sync_node_logout_ends_app_child_sessions(client, user):
     child = client.post_json("/api/sessions", {}, headers=user.headers, status=201).json
-    client.get("/store", headers=auth_headers(child["token"]), status=200)
+    client.get("/store", headers=bearer_headers(child["token"]), status=200)
     client.delete("/auth", headers=user.headers, status=204)
-    response = client.get("/store", headers=auth_headers(child["token"]), status=401)
+    response = client.get("/store", headers=bearer_headers(child["token"]), status=401)
     assert_error(response, 401, "AUTH01")
 
 
-# API keys on Sync Node paths.
-
-
-def api_key_headers(secret: str) -> dict[str, str]:
-    return {"x-api-key": secret}
+# API keys on Sync Node paths ----------------------------------------------------------------------
 
 
 def test_cross_api_store_read_key_reads_but_cannot_write(client, user, db):
     token = put(client, user, "notes", b"secret notes").headers["X-Sync-Token"]
-    headers = api_key_headers(new_api_key(client, user, "store.read"))
+    headers = api_key_headers(create_api_key(client, user, "store.read").secret)
     response = client.get("/store/notes", headers=headers, status=200)
     assert response.body == b"secret notes" and response.headers["X-Sync-Token"] == token
     assert client.get("/store", headers=headers).json == [
@@ -2059,7 +9195,7 @@ def test_cross_api_store_read_key_reads_but_cannot_write(client, user, db):
 
 def test_cross_api_store_write_key_may_put_but_not_delete(client, user, db):
     token = put(client, user, "notes", b"first").headers["X-Sync-Token"]
-    headers = api_key_headers(new_api_key(client, user, "store.write"))
+    headers = api_key_headers(create_api_key(client, user, "store.write").secret)
     response = client.put(
         "/store/notes", b"second", headers={**headers, "X-Sync-Token": token}, status=204
     )
@@ -2080,7 +9216,7 @@ def test_cross_api_store_write_key_may_put_but_not_delete(client, user, db):
 def test_cross_api_store_own_key_is_capped_by_the_users_read_permission(client, user, other, db):
     token = put(client, other, "bobs", b"bob's value").headers["X-Sync-Token"]
     share(client, other, "bobs", {"alice": "READ"}, status=204)
-    headers = api_key_headers(new_api_key(client, user, "store.own"))
+    headers = api_key_headers(create_api_key(client, user, "store.own").secret)
     assert client.get("/store/bobs", headers=headers, status=200).body == b"bob's value"
     before = snapshot(db)
     response = client.delete("/store/bobs", headers={**headers, "X-Sync-Token": token}, status=403)
@@ -2094,14 +9230,14 @@ def test_cross_api_store_own_key_is_capped_by_the_users_read_permission(client, 
 
 def test_cross_api_store_own_key_deletes_the_users_own_key(client, user, db):
     token = put(client, user, "mine", b"v").headers["X-Sync-Token"]
-    headers = api_key_headers(new_api_key(client, user, "store.own"))
+    headers = api_key_headers(create_api_key(client, user, "store.own").secret)
     client.delete("/store/mine", headers={**headers, "X-Sync-Token": token}, status=204)
     assert table_counts(db)["items"] == 0
 
 
 def test_cross_api_session_read_key_lists_sessions_with_none_current(client, user):
     client.post_json("/auth", {"id": "alice", "password": PASSWORD})
-    headers = api_key_headers(new_api_key(client, user, "session.read"))
+    headers = api_key_headers(create_api_key(client, user, "session.read").secret)
     listing = client.get("/account", headers=headers, status=200).json
     assert len(listing) == 2
     assert [entry["current"] for entry in listing] == [False, False]
@@ -2110,7 +9246,7 @@ def test_cross_api_session_read_key_lists_sessions_with_none_current(client, use
 
 
 def test_cross_api_key_without_session_read_cannot_list_sessions(client, user):
-    headers = api_key_headers(new_api_key(client, user, "store.own"))
+    headers = api_key_headers(create_api_key(client, user, "store.own").secret)
     response = client.get("/account", headers=headers, status=403)
     assert_error(response, 403, "PERM01")
     assert response.json["message"] == "Missing required permission: session.read"
@@ -2119,14 +9255,18 @@ def test_cross_api_key_without_session_read_cannot_list_sessions(client, user):
 @pytest.mark.parametrize(
     "method, path, body",
     [
-        ("DELETE", "/auth", None),
-        ("DELETE", "/account", None),
-        ("POST", "/password", json.dumps({"password": "a new password"}).encode()),
+        pytest.param("DELETE", "/auth", None, id="logout"),
+        pytest.param("DELETE", "/account", None, id="delete-account"),
+        pytest.param(
+            "POST",
+            "/password",
+            json.dumps({"password": "a new password"}).encode(),
+            id="change-password",
+        ),
     ],
-    ids=["logout", "delete-account", "change-password"],
 )
 def test_cross_api_session_only_operations_refuse_api_keys(client, user, db, method, path, body):
-    headers = api_key_headers(new_api_key(client, user, "all"))
+    headers = api_key_headers(create_api_key(client, user, "all").secret)
     if body is not None:
         headers["Content-Type"] = "application/json"
     before, counts = snapshot(db), table_counts(db)
@@ -2149,7 +9289,7 @@ def test_cross_api_unknown_api_key_is_auth01(client, user, db, method, path):
 
 def test_cross_api_bad_bearer_beside_good_api_key_is_auth01(client, user):
     headers = {
-        **api_key_headers(new_api_key(client, user, "all")),
+        **api_key_headers(create_api_key(client, user, "all").secret),
         "Authorization": "Bearer " + secrets.token_urlsafe(32),
     }
     assert_error(client.get("/store", headers=headers, status=401), 401, "AUTH01")
@@ -2165,7 +9305,7 @@ def test_cross_api_good_bearer_beside_unknown_api_key_decides(client, user):
     ["cookie", "session-key-query", "api-key-query", "user-token-header"],
 )
 def test_cross_api_app_only_credentials_never_reach_sync_node_paths(client, user, credential):
-    secret = new_api_key(client, user, "all")
+    secret = create_api_key(client, user, "all").secret
     put(client, user, "k", b"v", status=204)
     headers, query = {}, ""
     if credential == "cookie":
@@ -2184,7 +9324,7 @@ def test_cross_api_app_only_credentials_never_reach_sync_node_paths(client, user
 
 
 def test_cross_api_deleting_the_account_removes_its_api_keys(client, user, db):
-    secret = new_api_key(client, user, "all")
+    secret = create_api_key(client, user, "all").secret
     client.get("/store", headers=api_key_headers(secret), status=200)
     client.delete("/account", headers=user.headers, status=204)
     assert table_counts(db)["api_keys"] == 0
@@ -2193,58 +9333,269 @@ def test_cross_api_deleting_the_account_removes_its_api_keys(client, user, db):
 
 
 # ==================================================================================================
-# App API: concurrency
+# OpenAPI document
 # ==================================================================================================
 
 
-def test_app_concurrency_admin_sign_up_race_has_one_winner(serve, db):
-    live = serve(threads=8)
-    callers = 8
-    barrier = threading.Barrier(callers)
-    answers: list[tuple[int, dict] | None] = [None] * callers
-    errors: list[BaseException] = []
+def test_openapi_document_is_served_and_valid(client):
+    response = client.get("/openapi.json")
+    assert response.content_type == "application/json"
+    validate(response.json)
+    assert response.json["openapi"] == "3.1.0"
+    assert response.json == syncnode.openapi_document()
 
-    def sign_up(number: int) -> None:
-        conn = live.connect()
-        try:
-            conn.connect()  # Connected before the barrier, so that the requests race.
-            body = {"email": f"admin{number}@example.org", "password": PASSWORD, "name": "Admin"}
-            barrier.wait(timeout=10)
-            conn.request(
-                "POST", "/api/auth/admin-sign-up", json.dumps(body).encode(),
-                {"Content-Type": "application/json"},
-            )  # fmt: skip
-            response = conn.getresponse()
-            answers[number] = (response.status, json.loads(response.read()))
-        except BaseException as error:
-            errors.append(error)
-        finally:
-            conn.close()
 
-    threads = [threading.Thread(target=sign_up, args=(n,), daemon=True) for n in range(callers)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 30
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(thread.is_alive() for thread in threads), "a caller did not finish in time"
-    assert not errors, errors
+def test_openapi_document_lists_every_error_code_and_store_permissions(client):
+    document = client.get("/openapi.json").json
+    schemas = document["components"]["schemas"]
+    assert schemas["Error"]["properties"]["code"]["enum"] == list(syncnode.ERROR_STATUS)
+    assert {"store.read", "store.write", "store.own"} <= set(schemas["AppPermission"]["enum"])
 
-    winners = [number for number, (status, _) in enumerate(answers) if status == 201]
-    assert len(winners) == 1
-    [winner] = winners
-    assert answers[winner][1]["email"] == f"admin{winner}@example.org"
-    assert answers[winner][1]["isAdmin"] is True
-    for number, (status, body) in enumerate(answers):
-        if number != winner:
-            assert status == 400
-            assert body["message"] == "The server already has an admin"
-    assert db.execute("SELECT name FROM users").fetchall() == [(f"admin{winner}@example.org",)]
+
+def test_openapi_document_describes_every_route(app):
+    paths = syncnode.openapi_document()["paths"]
+    for route in app.routes:
+        path = route.rule.replace("<key:re:[\\s\\S]*>", "{key}")
+        path = re.sub(r"<(key_id|session_id|user_id)>", "{id}", path)
+        if "<path:path>" in path or path in ("/", "/api", "/api/"):
+            continue  # the JSON 404 of unknown paths
+        assert path in paths, path
+        if route.method != "ANY":  # App API routes; Sync Node paths take every method
+            assert route.method.lower() in paths[path], (route.method, path)
+
+
+# ==================================================================================================
+# OpenAPI document: schemathesis against a live server
+# ==================================================================================================
+
+
+@pytest.fixture(scope="module")
+def live_api(tmp_path_factory):
+    """A real server with one user and an all-permissions API key; yields (schema, headers)."""
+    database = str(tmp_path_factory.mktemp("schemathesis") / "syncnode.db")
+    app = syncnode.create_app(database, **CHEAP_HASHING)
+    setup = webtest.TestApp(app)
+    token = setup.post_json("/account", {"id": "fuzz", "password": "fuzz password"}).json["token"]
+    secret = setup.post_json(
+        "/api/api-keys", {"permissions": ["all"]}, headers=bearer_headers(token)
+    ).json["secret"]
+    server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{server.effective_port}"
+    schema = schemathesis.openapi.from_dict(syncnode.openapi_document())
+    yield schema, base_url, {"x-api-key": secret}
+    server.close()
+    thread.join(timeout=5)
+    app.close()
+
+
+#: (method, path) of every operation of the document, read in memory: loading a schemathesis
+#: schema at import would look for its configuration file. live_api's schema has the operations.
+FUZZ_OPERATIONS = [
+    (method.upper(), path)
+    for path, item in syncnode.openapi_document()["paths"].items()
+    for method in item
+    if method in ("get", "put", "post", "delete", "patch", "head", "options", "trace")
+]
+FUZZ_CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+#: These end the fuzzing credentials' reach, so they run last in their own test.
+DESTRUCTIVE = {("DELETE", "/account"), ("DELETE", "/auth")}
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        pytest.param(method, path, id=f"{method} {path}")
+        for method, path in FUZZ_OPERATIONS
+        if (method, path) not in DESTRUCTIVE
+    ],
+)
+def test_openapi_schemathesis_finds_no_mismatch_and_no_500(method, path, live_api):
+    schema, base_url, headers = live_api
+    operation = schema[path][method]
+
+    @given(case=operation.as_strategy())
+    @settings(
+        max_examples=10, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    def call(case):
+        case.call_and_validate(base_url=base_url, headers=headers, timeout=10, checks=FUZZ_CHECKS)
+
+    call()
+
+
+# ==================================================================================================
+# App factory and embedding
+# ==================================================================================================
+
+
+@pytest.fixture
+def two_apps(make_app, tmp_path):
+    """Two apps in this process, each on its own database."""
+    return make_app(str(tmp_path / "first.db")), make_app(str(tmp_path / "second.db"))
+
+
+def test_embedding_two_apps_do_not_share_users(two_apps):
+    first, second = (webtest.TestApp(each) for each in two_apps)
+    alice = register_user(first)
+    login = {"id": "alice", "password": PASSWORD}
+    assert_error(second.post_json("/auth", login, status=401), 401, "AUTH01")
+    assert_error(second.get("/store", headers=alice.headers, status=401), 401, "AUTH01")
+    second.post_json("/account", login, status=200)
+
+
+def test_embedding_two_apps_do_not_share_keys(two_apps):
+    first, second = (webtest.TestApp(each) for each in two_apps)
+    alice_first, alice_second = register_user(first), register_user(second)
+    first.put("/store/notes/1", b"first", headers=alice_first.headers, status=204)
+    assert_error(
+        second.get("/store/notes/1", headers=alice_second.headers, status=404), 404, "ERR01"
+    )
+    assert second.get("/store", headers=alice_second.headers).json == []
+    second.put("/store/notes/1", b"second", headers=alice_second.headers, status=204)
+    assert first.get("/store/notes/1", headers=alice_first.headers).body == b"first"
+
+
+def test_embedding_two_apps_keep_their_own_settings(make_app, tmp_path):
+    closed = webtest.TestApp(make_app(str(tmp_path / "first.db"), registration="closed"))
+    open_ = webtest.TestApp(make_app(str(tmp_path / "second.db")))
+    login = {"id": "alice", "password": PASSWORD}
+    assert_error(closed.post_json("/account", login, status=403), 403, "ACCT01")
+    open_.post_json("/account", login, status=200)
+
+
+def test_embedding_closing_one_app_leaves_the_other_serving(two_apps):
+    first, second = (webtest.TestApp(each) for each in two_apps)
+    register_user(first)
+    alice = register_user(second)
+    second.put("/store/kept", b"before", headers=alice.headers, status=204)
+    two_apps[0].close()
+    assert second.get("/store/kept", headers=alice.headers).body == b"before"
+    second.put("/store/new", b"after", headers=alice.headers, status=204)
+    assert second.get("/health").json == {"database": True, "disk": True}
+
+
+MOUNTS = [
+    pytest.param(mount_with_bottle("/sync"), id="bottle-mount-sync"),
+    pytest.param(mount_with_bottle("/sync/"), id="bottle-mount-sync-slash"),
+    pytest.param(mount_with_dispatcher, id="prefix-dispatcher"),
+]
+
+
+@pytest.fixture(params=MOUNTS)
+def mounted_client(request, app) -> webtest.TestApp:
+    """The app mounted under /sync in a bigger WSGI application."""
+    return webtest.TestApp(request.param(app))
+
+
+def test_embedding_mounted_app_stores_unicode_key_under_prefix(mounted_client):
+    alice = register_user(mounted_client, prefix="/sync")
+    path = quote("/sync/store/ключ/日本 🎉")
+    written = mounted_client.put(path, b"mounted", headers=alice.headers, status=204)
+    got = mounted_client.get(path, headers=alice.headers, status=200)
+    assert got.body == b"mounted"
+    assert got.headers["X-Sync-Token"] == written.headers["X-Sync-Token"]
+    listed = mounted_client.get("/sync/store", headers=alice.headers).json
+    assert [entry["key"] for entry in listed] == ["ключ/日本 🎉"]
+
+
+def test_embedding_mounted_app_unknown_path_is_err01(mounted_client):
+    assert_error(mounted_client.get("/sync/no/such/path", status=404), 404, "ERR01")
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+def test_embedding_mounted_app_non_utf8_key_is_req01(app, db, mount):
+    client = webtest.TestApp(mount(app))
+    alice = register_user(client, prefix="/sync")
+    reply = client.put("/sync/store/a%FFb", b"v", headers=alice.headers, status="*")
+    assert_error(reply, 400, "REQ01")
+    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
+
+
+#: Run in a fresh interpreter: import syncnode and report what the import changed.
+IMPORT_PROBE = """
+import json, logging, sqlite3, sys, threading
+adapters = dict(sqlite3.adapters)
+import syncnode
+print(json.dumps({
+    "root_handlers": [repr(handler) for handler in logging.getLogger().handlers],
+    "threads": [thread.name for thread in threading.enumerate()],
+    "waitress": sorted(name for name in sys.modules if name.split(".")[0] == "waitress"),
+    "new_adapters": len(sqlite3.adapters) - len(adapters),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def import_report(tmp_path_factory) -> dict:
+    """Import syncnode in a fresh interpreter whose cwd, HOME and TMPDIR are an empty directory."""
+    home = tmp_path_factory.mktemp("import")
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "TMPDIR": str(home),
+        "PYTHONPATH": os.path.dirname(os.path.abspath(syncnode.__file__)),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return {
+        **json.loads(result.stdout),
+        "stderr": result.stderr,
+        "files": sorted(str(path.relative_to(home)) for path in home.rglob("*")),
+    }
+
+
+def test_embedding_import_adds_no_root_log_handler(import_report):
+    assert import_report["root_handlers"] == []
+
+
+def test_embedding_import_creates_no_file(import_report):
+    assert import_report["files"] == []
+
+
+def test_embedding_import_starts_no_thread(import_report):
+    assert import_report["threads"] == ["MainThread"]
+
+
+def test_embedding_import_writes_nothing_to_stderr(import_report):
+    assert import_report["stderr"] == ""
+
+
+def test_embedding_import_does_not_load_waitress(import_report):
+    assert import_report["waitress"] == []
+
+
+def test_embedding_import_registers_no_sqlite_adapter(import_report):
+    assert import_report["new_adapters"] == 0
+
+
+def test_embedding_database_in_a_missing_folder_raises_database_unusable(tmp_path):
+    folder = tmp_path / "no-such-folder"
+    with pytest.raises(syncnode.DatabaseUnusable) as raised:
+        syncnode.create_app(str(folder / "x.db"), **CHEAP_HASHING)
+    assert str(folder) in str(raised.value) and "not exist" in str(raised.value)
+    assert not folder.exists()
 
 
 # ==================================================================================================
 # Migrations
 # ==================================================================================================
+
 
 #: A store value with every byte value, so that nothing may be decoded or re-encoded.
 EVERY_BYTE = bytes(range(256)) * 3
@@ -2405,8 +9756,8 @@ def test_migration_v1_sessions_get_device_fields_and_update_times(v1_data, app, 
 
 def test_migration_v1_sessions_authenticate_on_both_apis(v1_data, client, db, clock):
     for token, (public_id, name, created_ms, expires_ms) in v1_data.sessions.items():
-        client.get("/store", headers=auth_headers(token), status=200)
-        me = client.get("/api/users/me", headers=auth_headers(token), status=200).json
+        client.get("/store", headers=bearer_headers(token), status=200)
+        me = client.get("/api/users/me", headers=bearer_headers(token), status=200).json
         public_user_id, display_name = db.execute(
             "SELECT uuid, display_name FROM users WHERE name = ?", (name,)
         ).fetchone()
@@ -2422,7 +9773,7 @@ def test_migration_v1_sessions_authenticate_on_both_apis(v1_data, client, db, cl
             "updatedAt": iso_ms(created_user_ms),
             "status": "active",
         }
-        app_sessions = client.get("/api/sessions", headers=auth_headers(token)).json
+        app_sessions = client.get("/api/sessions", headers=bearer_headers(token)).json
         [app_current] = [entry for entry in app_sessions if entry["current"]]
         assert app_current["id"] == public_id
         assert app_current["createdAt"] == iso_ms(created_ms)
@@ -2434,7 +9785,7 @@ def test_migration_v1_sessions_authenticate_on_both_apis(v1_data, client, db, cl
 
 def test_migration_v1_sessions_are_listed_on_the_sync_node_api(v1_data, client):
     for token, (public_id, _, created_ms, expires_ms) in v1_data.sessions.items():
-        listing = client.get("/account", headers=auth_headers(token), status=200).json
+        listing = client.get("/account", headers=bearer_headers(token), status=200).json
         [current] = [entry for entry in listing if entry["current"]]
         assert current["id"] == public_id
         assert current["expiration"] == expires_ms and current["createdAt"] == created_ms
@@ -2446,7 +9797,7 @@ def test_migration_v1_values_read_back_with_tokens_and_permissions(v1_data, clie
             {"user": name, "permission": level} for name, level in sorted(holders.items())
         ]
         for name, level in holders.items():
-            headers = auth_headers(v1_data.token_of(name))
+            headers = bearer_headers(v1_data.token_of(name))
             response = client.get(f"/store/{key}", headers=headers, status=200)
             assert response.body == value
             assert response.headers["X-Sync-Token"] == token
@@ -2469,7 +9820,7 @@ def test_migration_v1_passwords_and_reset_token_still_work(v1_data, client):
         client.post_json("/auth", {"id": name, "password": PASSWORD}, status=200)
         client.post_json("/api/auth/login", {"email": name, "password": PASSWORD}, status=201)
         client.reset()
-    reset = {**auth_headers(v1_data.reset_token), "Content-Type": "application/json"}
+    reset = {**bearer_headers(v1_data.reset_token), "Content-Type": "application/json"}
     client.post("/password", json.dumps({"password": "a new password"}), headers=reset, status=204)
     client.post_json("/auth", {"id": "bob", "password": "a new password"}, status=200)
 
@@ -2505,7 +9856,13 @@ def test_migration_too_new_database_raises_and_changes_nothing(make_app, db_path
     assert dump_database(db_path) == before
 
 
-@pytest.mark.parametrize("start", [0, 1], ids=["from-empty", "from-v1"])
+@pytest.mark.parametrize(
+    "start",
+    [
+        pytest.param(0, id="from-empty"),
+        pytest.param(1, id="from-v1"),
+    ],
+)
 def test_migration_failing_step_rolls_back_whole(db_path, clock, start):
     if start:
         build_v1_database(db_path, int(clock.now * 1000))
@@ -2552,7 +9909,7 @@ def test_migration_too_new_database_file_is_left_byte_for_byte(db_path):
         assert file.read() == before
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.skipif('not os.path.isdir("/proc/self/fd")', reason="needs /proc/self/fd")
 def test_migration_refused_database_leaves_no_connection_open(db_path):
     make_too_new_database(db_path)
     with pytest.raises(syncnode.DatabaseTooNew):
@@ -2561,685 +9918,8 @@ def test_migration_refused_database_leaves_no_connection_open(db_path):
 
 
 # ==================================================================================================
-# OpenAPI document
-# ==================================================================================================
-
-
-def test_openapi_document_is_served_and_valid(client):
-    response = client.get("/openapi.json")
-    assert response.content_type == "application/json"
-    validate(response.json)
-    assert response.json["openapi"] == "3.1.0"
-    assert response.json == syncnode.openapi_document()
-
-
-def test_openapi_document_lists_every_error_code_and_store_permissions(client):
-    document = client.get("/openapi.json").json
-    schemas = document["components"]["schemas"]
-    assert schemas["Error"]["properties"]["code"]["enum"] == list(syncnode.ERROR_STATUS)
-    assert {"store.read", "store.write", "store.own"} <= set(schemas["AppPermission"]["enum"])
-
-
-def test_openapi_document_describes_every_route(app):
-    paths = syncnode.openapi_document()["paths"]
-    for route in app.routes:
-        path = route.rule.replace("<key:re:[\\s\\S]*>", "{key}")
-        path = re.sub(r"<(key_id|session_id|user_id)>", "{id}", path)
-        if "<path:path>" in path or path in ("/", "/api", "/api/"):
-            continue  # the JSON 404 of unknown paths
-        assert path in paths, path
-        if route.method != "ANY":  # App API routes; Sync Node paths take every method
-            assert route.method.lower() in paths[path], (route.method, path)
-
-
-# ==================================================================================================
-# Schemathesis against a live server
-# ==================================================================================================
-
-
-@pytest.fixture(scope="module")
-def live_api(tmp_path_factory):
-    """A real server with one user and an all-permissions API key; yields (schema, headers)."""
-    import waitress.server
-    import webtest
-
-    database = str(tmp_path_factory.mktemp("schemathesis") / "syncnode.db")
-    app = syncnode.create_app(database, **CHEAP_HASHING)
-    setup = webtest.TestApp(app)
-    token = setup.post_json("/account", {"id": "fuzz", "password": "fuzz password"}).json["token"]
-    secret = setup.post_json(
-        "/api/api-keys", {"permissions": ["all"]}, headers={"Authorization": f"Bearer {token}"}
-    ).json["secret"]
-    server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=4)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{server.effective_port}"
-    schema = schemathesis.openapi.from_dict(syncnode.openapi_document())
-    yield schema, base_url, {"x-api-key": secret}
-    server.close()
-    thread.join(timeout=5)
-    app.close()
-
-
-FUZZ_SCHEMA = schemathesis.openapi.from_dict(syncnode.openapi_document())
-FUZZ_OPERATIONS = [result.ok() for result in FUZZ_SCHEMA.get_all_operations()]
-FUZZ_CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-]
-#: These end the fuzzing credentials' reach, so they run last in their own test.
-DESTRUCTIVE = {("DELETE", "/account"), ("DELETE", "/auth")}
-
-
-@pytest.mark.parametrize(
-    "operation",
-    [op for op in FUZZ_OPERATIONS if (op.method.upper(), op.path) not in DESTRUCTIVE],
-    ids=lambda op: f"{op.method.upper()} {op.path}",
-)
-def test_openapi_schemathesis_finds_no_mismatch_and_no_500(operation, live_api):
-    _, base_url, headers = live_api
-
-    @given(case=operation.as_strategy())
-    @settings(
-        max_examples=10, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-    )
-    def call(case):
-        case.call_and_validate(base_url=base_url, headers=headers, timeout=10, checks=FUZZ_CHECKS)
-
-    call()
-
-
-# ==================================================================================================
-# Real server
-# ==================================================================================================
-@dataclasses.dataclass(frozen=True)
-class Reply:
-    """An answer read off a real socket, shaped like webtest's so that assert_error takes it."""
-
-    status_int: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-    @property
-    def content_type(self) -> str:
-        return self.headers.get_content_type()
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-
-def call(
-    conn: http.client.HTTPConnection,
-    method: str,
-    path: str,
-    body: bytes | Iterable[bytes] | None = None,
-    headers: dict[str, str] | None = None,
-    **kw,
-) -> Reply:
-    """Send one request on a connection and read the whole answer."""
-    conn.request(method, path, body, headers or {}, **kw)
-    response = conn.getresponse()
-    return Reply(response.status, response.headers, response.read())
-
-
-class LiveServer:
-    """A WSGI app served by waitress on 127.0.0.1 (port 0) from a daemon thread."""
-
-    def __init__(self, wsgi_app: Callable, threads: int) -> None:
-        self.socket_map: dict = {}
-        context = getattr(wsgi_app, "context", None)
-        if context is not None:  # syncnode's own server, as serve() runs it
-            settings = dataclasses.replace(
-                context.settings, host="127.0.0.1", port=0, threads=threads
-            )
-            self.server = syncnode.make_server(settings, wsgi_app, self.socket_map)
-        else:
-            self.server = waitress.server.create_server(
-                wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
-            )
-        self.app = wsgi_app
-        self.port = self.server.effective_port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.run, name="waitress-loop", daemon=True)
-        self.thread.start()
-
-    def connect(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-
-    def request(self, method: str, path: str, body=None, headers=None, **kw) -> Reply:
-        """Send one request on a fresh connection."""
-        conn = self.connect()
-        try:
-            return call(conn, method, path, body, headers, **kw)
-        finally:
-            conn.close()
-
-    def register(self, name: str) -> User:
-        body = json.dumps({"id": name, "password": PASSWORD}).encode()
-        reply = self.request("POST", "/account", body, {"Content-Type": "application/json"})
-        assert reply.status_int == 200, reply.body
-        return User(name, reply.json["token"])
-
-    def stop(self) -> None:
-        """Stop the loop thread and the worker threads, then close the server's sockets.
-
-        The loop runs while its socket map holds anything, and only the loop thread may touch
-        the map, so a thunk (the trigger runs thunks in that thread) empties it. The sockets
-        are closed once no thread of the server is left: closing the trigger's pipe from the
-        thunk would race with this thread's write that wakes the loop.
-        """
-        sockets: list = []
-
-        def empty_map() -> None:
-            sockets.extend(self.socket_map.values())
-            self.socket_map.clear()
-
-        self.server.trigger.pull_trigger(empty_map)
-        self.thread.join(timeout=5)
-        self.server.task_dispatcher.shutdown(timeout=5)
-        assert not self.thread.is_alive(), "the waitress loop did not stop"
-        assert not self.server.task_dispatcher.threads, "waitress worker threads did not stop"
-        for each in sockets:
-            each.close()
-
-
-@pytest.fixture
-def start_server(make_app):
-    """Serve a WSGI app (by default a new syncnode app with the given settings) on waitress."""
-    servers = []
-
-    def start(wsgi_app: Callable | None = None, threads: int = 8, **settings) -> LiveServer:
-        server = LiveServer(wsgi_app or make_app(**settings), threads)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def live_server(start_server) -> LiveServer:
-    return start_server()
-
-
-def run_threads(targets: list[Callable[[], None]], timeout: float = 10) -> None:
-    """Run each target in a thread, join all within the timeout, re-raise the first error."""
-    errors: list[BaseException] = []
-
-    def guard(target: Callable[[], None]) -> None:
-        try:
-            target()
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=guard, args=(target,), daemon=True) for target in targets]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(thread.is_alive() for thread in threads), "a thread did not finish in time"
-    if errors:
-        raise errors[0]
-
-
-def live_put(live: LiveServer, user: User, key: str, value: bytes) -> Reply:
-    """PUT a value without a token (a create) as the user."""
-    return live.request("PUT", f"/store/{key}", value, user.headers)
-
-
-def race_one_token(live: LiveServer, user: User, key: str, writers: int = 24) -> list[Reply]:
-    """Create a key, then let writers released by a barrier PUT it with its one token."""
-    token = live_put(live, user, key, b"first").headers["X-Sync-Token"]
-    barrier = threading.Barrier(writers)
-    replies: list[Reply | None] = [None] * writers
-
-    def write(number: int) -> None:
-        conn = live.connect()
-        try:
-            conn.connect()  # Connected before the barrier, so that the requests race.
-            barrier.wait(timeout=5)
-            headers = {**user.headers, "X-Sync-Token": token}
-            replies[number] = call(
-                conn, "PUT", f"/store/{key}", f"writer {number}".encode(), headers
-            )
-        finally:
-            conn.close()
-
-    run_threads([lambda number=number: write(number) for number in range(writers)])
-    return replies
-
-
-def test_real_server_racing_writers_one_token_one_winner(start_server, db):
-    """Three races of 24 writers, each served in parallel, each with exactly one winner."""
-    live = start_server(threads=24)
-    alice = live.register("alice")
-    for round_number in range(3):
-        key = f"race/{round_number}"
-        replies = race_one_token(live, alice, key)
-        winners = [number for number, reply in enumerate(replies) if reply.status_int == 204]
-        assert len(winners) == 1, f"{len(winners)} writers won in {key}"
-        for number, reply in enumerate(replies):
-            if number != winners[0]:
-                assert_error(reply, 409, "KEY01")
-        body, token = f"writer {winners[0]}".encode(), replies[winners[0]].headers["X-Sync-Token"]
-        stored = live.request("GET", f"/store/{key}", headers=alice.headers)
-        assert (stored.body, stored.headers["X-Sync-Token"]) == (body, token)
-        row = db.execute("SELECT value, token FROM items WHERE key = ?", (key,)).fetchone()
-        assert row == (body, token)
-
-
-#: Test-only triggers: SQLite lets one writer at a time hold the lock from BEGIN IMMEDIATE to
-#: COMMIT, so the audit's sequence numbers give the order in which writes and revokes committed.
-AUDIT = """
-CREATE TABLE audit (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL, key TEXT NOT NULL, token TEXT
-);
-CREATE TRIGGER audit_write AFTER UPDATE ON items BEGIN
-    INSERT INTO audit (event, key, token) VALUES ('write', NEW.key, NEW.token);
-END;
-CREATE TRIGGER audit_revoke AFTER DELETE ON permissions BEGIN
-    INSERT INTO audit (event, key) SELECT 'revoke', key FROM items WHERE id = OLD.item_id;
-END;
-"""
-
-
-@dataclasses.dataclass(frozen=True)
-class Attempt:
-    """One request in a race: when it was sent, what it carried and what came back."""
-
-    method: str
-    sent: float
-    reply: Reply
-    token: str | None = None
-    body: bytes = b""
-
-
-def race_revoke(live: LiveServer, owner: User, bob: User, key: str) -> tuple[float, list[Attempt]]:
-    """Let bob's writers update a key while the owner revokes bob; return when the revoke answered.
-
-    Each writer reads the token, then PUTs with the newest token it holds (the one it read, or
-    the one its own last write got), and keeps going until it has sent three rounds after the
-    revoke answered (at most 400 rounds or 5 seconds).
-    """
-    path = f"/store/{key}"
-    created = live_put(live, owner, key, b"created")
-    grant = json.dumps([{"user": bob.name, "permission": "WRITE"}]).encode()
-    assert live.request("PUT", f"/permission/{key}", grant, owner.headers).status_int == 204
-    attempts = [Attempt("PUT", 0.0, created, None, b"created")]
-    bob_wrote, revoked = threading.Semaphore(0), threading.Event()
-    answered: list[float] = []
-    deadline = time.monotonic() + 5
-
-    def writer(number: int) -> None:
-        conn, token, late = live.connect(), None, 0
-        try:
-            for count in range(400):
-                if late == 3 or time.monotonic() > deadline:
-                    break
-                late += revoked.is_set()
-                sent = time.monotonic()
-                got = call(conn, "GET", path, headers=bob.headers)
-                attempts.append(Attempt("GET", sent, got))
-                if got.status_int == 200:
-                    token = got.headers["X-Sync-Token"]
-                body = f"bob {number}.{count}".encode()
-                sent = time.monotonic()
-                sent_token = {"X-Sync-Token": token} if token else {}  # none if never read
-                reply = call(conn, "PUT", path, body, {**bob.headers, **sent_token})
-                attempts.append(Attempt("PUT", sent, reply, token, body))
-                if reply.status_int == 204:
-                    token = reply.headers["X-Sync-Token"]
-                    bob_wrote.release()
-        finally:
-            conn.close()
-
-    def revoke() -> None:
-        for _ in range(3):  # Revoke while the writers are in full swing.
-            assert bob_wrote.acquire(timeout=2), "bob's writers did not get going"
-        reply = live.request("DELETE", f"/permission/{key}?users={bob.name}", None, owner.headers)
-        answered.append(time.monotonic())
-        revoked.set()
-        assert reply.status_int == 204, reply.body
-
-    run_threads([revoke, *(lambda number=number: writer(number) for number in range(4))])
-    return answered[0], attempts
-
-
-def test_real_server_revoke_racing_writes_refuses_later_writes(start_server):
-    live = start_server(threads=8)
-    owner, bob = live.register("alice"), live.register("bob")
-    revoke_answered, attempts = race_revoke(live, owner, bob, "raced")
-    late = [attempt for attempt in attempts if attempt.sent > revoke_answered]
-    assert any(attempt.method == "PUT" for attempt in late)
-    for attempt in late:
-        if attempt.method == "GET":
-            assert_error(attempt.reply, 404, "ERR01")
-        else:
-            assert_error(attempt.reply, 409, "KEY01")
-
-
-def test_real_server_revoke_racing_writes_no_write_commits_after_it(start_server, db):
-    """Five times over, no write by bob commits after the revoke that removed him commits.
-
-    Audit triggers record the commit order. A permission check made before the write
-    transaction began would let a writer that passed it just before the revoke write just
-    after it, and the audit would show that write after the revoke.
-    """
-    live = start_server(threads=8)
-    db.executescript(AUDIT)
-    owner, bob = live.register("alice"), live.register("bob")
-    for round_number in range(5):
-        key = f"raced/{round_number}"
-        revoke_answered, attempts = race_revoke(live, owner, bob, key)
-        events = db.execute("SELECT event, token FROM audit WHERE key = ? ORDER BY seq", (key,))
-        events = events.fetchall()
-        assert events[-1] == ("revoke", None), f"a write committed after the revoke in {key}"
-        value, token = db.execute("SELECT value, token FROM items WHERE key = ?", (key,)).fetchone()
-        assert token == events[-2][1]
-        written = {
-            attempt.reply.headers["X-Sync-Token"]: attempt.body
-            for attempt in attempts
-            if attempt.method == "PUT" and attempt.reply.status_int == 204
-        }
-        assert written[token] == value
-        late_tokens = {a.token for a in attempts if a.method == "PUT" and a.sent > revoke_answered}
-        assert token in late_tokens, "no late write held the stored token: KEY01 proved nothing"
-
-
-#: Request paths and the keys they name once percent-decoded.
-KEY_PATHS = [
-    pytest.param("/store/a/b/c", "a/b/c", id="slashes"),
-    pytest.param("/store/a%2Fb", "a/b", id="encoded-slash"),
-    pytest.param(quote("/store/ключ/日本/🎉"), "ключ/日本/🎉", id="unicode"),
-    pytest.param("/store/my%20key%20here", "my key here", id="spaces"),
-    pytest.param("/store/100%25", "100%", id="encoded-percent"),
-    pytest.param("/store//lead//double/", "/lead//double/", id="empty-segments"),
-]
-
-
-@pytest.mark.parametrize(("path", "key"), KEY_PATHS)
-def test_real_server_key_path_round_trips(live_server, path, key):
-    alice = live_server.register("alice")
-    assert live_server.request("PUT", path, key.encode(), alice.headers).status_int == 204
-    got = live_server.request("GET", path, headers=alice.headers)
-    assert (got.status_int, got.body) == (200, key.encode())
-
-
-@pytest.mark.parametrize(("path", "key"), KEY_PATHS)
-def test_real_server_key_path_lists_decoded_key(live_server, path, key):
-    alice = live_server.register("alice")
-    assert live_server.request("PUT", path, b"v", alice.headers).status_int == 204
-    listed = live_server.request("GET", "/store", headers=alice.headers).json
-    assert [entry["key"] for entry in listed] == [key]
-
-
-def test_real_server_encoded_slash_is_the_same_key(live_server):
-    alice = live_server.register("alice")
-    assert live_server.request("PUT", "/store/a%2Fb", b"encoded", alice.headers).status_int == 204
-    assert live_server.request("GET", "/store/a/b", headers=alice.headers).body == b"encoded"
-
-
-def test_real_server_value_of_max_bytes_is_stored(start_server):
-    live = start_server(max_value_bytes=1000)
-    alice = live.register("alice")
-    assert live_put(live, alice, "big", b"x" * 1000).status_int == 204
-    assert live.request("GET", "/store/big", headers=alice.headers).body == b"x" * 1000
-
-
-def test_real_server_value_over_max_bytes_is_size01(start_server, db):
-    live = start_server(max_value_bytes=1000)
-    alice = live.register("alice")
-    assert_error(live_put(live, alice, "big", b"x" * 1001), 413, "SIZE01")
-    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
-
-
-def test_real_server_chunked_value_within_max_bytes_is_stored(start_server):
-    live = start_server(max_value_bytes=1000)
-    alice = live.register("alice")
-    chunks = iter([b"x" * 400, b"y" * 400, b"z" * 200])
-    headers = {**alice.headers, "Transfer-Encoding": "chunked"}
-    reply = live.request("PUT", "/store/big", chunks, headers, encode_chunked=True)
-    assert reply.status_int == 204
-    stored = live.request("GET", "/store/big", headers=alice.headers).body
-    assert stored == b"x" * 400 + b"y" * 400 + b"z" * 200
-
-
-def test_real_server_chunked_value_over_max_bytes_is_size01(start_server, db):
-    live = start_server(max_value_bytes=1000)
-    alice = live.register("alice")
-    chunks = iter([b"x" * 400, b"y" * 400, b"z" * 201])
-    headers = {**alice.headers, "Transfer-Encoding": "chunked"}
-    reply = live.request("PUT", "/store/big", chunks, headers, encode_chunked=True)
-    assert_error(reply, 413, "SIZE01")
-    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
-
-
-def test_real_server_mounted_app_round_trips_unicode_key(start_server, make_app):
-    parent = bottle.Bottle()
-    parent.mount("/sync/", make_app())
-    live = start_server(parent)
-    body = json.dumps({"id": "alice", "password": PASSWORD}).encode()
-    token = live.request("POST", "/sync/account", body).json["token"]
-    headers = {"Authorization": f"Bearer {token}"}
-    path = quote("/sync/store/ключ/🎉")
-    assert live.request("PUT", path, b"mounted", headers).status_int == 204
-    assert live.request("GET", path, headers=headers).body == b"mounted"
-    assert live.request("GET", "/sync/store", headers=headers).json[0]["key"] == "ключ/🎉"
-
-
-# ==================================================================================================
-# Embedding
-# ==================================================================================================
-
-
-def register_user(client: webtest.TestApp, name: str = "alice", prefix: str = "") -> User:
-    response = client.post_json(f"{prefix}/account", {"id": name, "password": PASSWORD})
-    return User(name, response.json["token"])
-
-
-@pytest.fixture
-def two_apps(make_app, tmp_path):
-    """Two apps in this process, each on its own database."""
-    return make_app(str(tmp_path / "first.db")), make_app(str(tmp_path / "second.db"))
-
-
-def test_embedding_two_apps_do_not_share_users(two_apps):
-    first, second = (webtest.TestApp(each) for each in two_apps)
-    alice = register_user(first)
-    login = {"id": "alice", "password": PASSWORD}
-    assert_error(second.post_json("/auth", login, status=401), 401, "AUTH01")
-    assert_error(second.get("/store", headers=alice.headers, status=401), 401, "AUTH01")
-    second.post_json("/account", login, status=200)
-
-
-def test_embedding_two_apps_do_not_share_keys(two_apps):
-    first, second = (webtest.TestApp(each) for each in two_apps)
-    alice_first, alice_second = register_user(first), register_user(second)
-    first.put("/store/notes/1", b"first", headers=alice_first.headers, status=204)
-    assert_error(
-        second.get("/store/notes/1", headers=alice_second.headers, status=404), 404, "ERR01"
-    )
-    assert second.get("/store", headers=alice_second.headers).json == []
-    second.put("/store/notes/1", b"second", headers=alice_second.headers, status=204)
-    assert first.get("/store/notes/1", headers=alice_first.headers).body == b"first"
-
-
-def test_embedding_two_apps_keep_their_own_settings(make_app, tmp_path):
-    closed = webtest.TestApp(make_app(str(tmp_path / "first.db"), registration="closed"))
-    open_ = webtest.TestApp(make_app(str(tmp_path / "second.db")))
-    login = {"id": "alice", "password": PASSWORD}
-    assert_error(closed.post_json("/account", login, status=403), 403, "ACCT01")
-    open_.post_json("/account", login, status=200)
-
-
-def test_embedding_closing_one_app_leaves_the_other_serving(two_apps):
-    first, second = (webtest.TestApp(each) for each in two_apps)
-    register_user(first)
-    alice = register_user(second)
-    second.put("/store/kept", b"before", headers=alice.headers, status=204)
-    two_apps[0].close()
-    assert second.get("/store/kept", headers=alice.headers).body == b"before"
-    second.put("/store/new", b"after", headers=alice.headers, status=204)
-    assert second.get("/health").json == {"database": True, "disk": True}
-
-
-def mount_with_bottle(prefix: str) -> Callable:
-    """Return a function that mounts an app on a new bottle app at the prefix."""
-
-    def mount(wsgi_app: Callable) -> bottle.Bottle:
-        parent = bottle.Bottle()
-        with warnings.catch_warnings():
-            # Bottle 0.13 warns that a prefix without a trailing slash falls back to a plain
-            # WSGI mount; that fallback is one of the cases under test.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            parent.mount(prefix, wsgi_app)
-        return parent
-
-    return mount
-
-
-def mount_with_dispatcher(wsgi_app: Callable) -> Callable:
-    """A minimal WSGI router: shift /sync from PATH_INFO to SCRIPT_NAME, else answer 404."""
-
-    def dispatch(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path != "/sync" and not path.startswith("/sync/"):
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"Nothing here."]
-        script_name = environ.get("SCRIPT_NAME", "") + "/sync"
-        inner = {**environ, "SCRIPT_NAME": script_name, "PATH_INFO": path[len("/sync") :]}
-        return wsgi_app(inner, start_response)
-
-    return dispatch
-
-
-MOUNTS = [
-    pytest.param(mount_with_bottle("/sync"), id="bottle-mount-sync"),
-    pytest.param(mount_with_bottle("/sync/"), id="bottle-mount-sync-slash"),
-    pytest.param(mount_with_dispatcher, id="prefix-dispatcher"),
-]
-
-
-@pytest.fixture(params=MOUNTS)
-def mounted_client(request, app) -> webtest.TestApp:
-    """The app mounted under /sync in a bigger WSGI application."""
-    return webtest.TestApp(request.param(app))
-
-
-def test_embedding_mounted_app_stores_unicode_key_under_prefix(mounted_client):
-    alice = register_user(mounted_client, prefix="/sync")
-    path = quote("/sync/store/ключ/日本 🎉")
-    written = mounted_client.put(path, b"mounted", headers=alice.headers, status=204)
-    got = mounted_client.get(path, headers=alice.headers, status=200)
-    assert got.body == b"mounted"
-    assert got.headers["X-Sync-Token"] == written.headers["X-Sync-Token"]
-    listed = mounted_client.get("/sync/store", headers=alice.headers).json
-    assert [entry["key"] for entry in listed] == ["ключ/日本 🎉"]
-
-
-def test_embedding_mounted_app_unknown_path_is_err01(mounted_client):
-    assert_error(mounted_client.get("/sync/no/such/path", status=404), 404, "ERR01")
-
-
-@pytest.mark.parametrize(
-    "mount",
-    [
-        pytest.param(mount_with_bottle("/sync"), id="bottle-mount-sync"),
-        pytest.param(mount_with_bottle("/sync/"), id="bottle-mount-sync-slash"),
-        pytest.param(mount_with_dispatcher, id="prefix-dispatcher"),
-    ],
-)
-def test_embedding_mounted_app_non_utf8_key_is_req01(app, db, mount):
-    client = webtest.TestApp(mount(app))
-    alice = register_user(client, prefix="/sync")
-    reply = client.put("/sync/store/a%FFb", b"v", headers=alice.headers, status="*")
-    assert_error(reply, 400, "REQ01")
-    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
-
-
-#: Run in a fresh interpreter: import syncnode and report what the import changed.
-IMPORT_PROBE = """
-import json, logging, sqlite3, sys, threading
-adapters = dict(sqlite3.adapters)
-import syncnode
-print(json.dumps({
-    "root_handlers": [repr(handler) for handler in logging.getLogger().handlers],
-    "threads": [thread.name for thread in threading.enumerate()],
-    "waitress": sorted(name for name in sys.modules if name.split(".")[0] == "waitress"),
-    "new_adapters": len(sqlite3.adapters) - len(adapters),
-}))
-"""
-
-
-@pytest.fixture(scope="module")
-def import_report(tmp_path_factory) -> dict:
-    """Import syncnode in a fresh interpreter whose cwd, HOME and TMPDIR are an empty directory."""
-    home = tmp_path_factory.mktemp("import")
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "TMPDIR": str(home),
-        "PYTHONPATH": os.path.dirname(os.path.abspath(syncnode.__file__)),
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", IMPORT_PROBE],
-        cwd=home,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr
-    return {
-        **json.loads(result.stdout),
-        "stderr": result.stderr,
-        "files": sorted(str(path.relative_to(home)) for path in home.rglob("*")),
-    }
-
-
-def test_embedding_import_adds_no_root_log_handler(import_report):
-    assert import_report["root_handlers"] == []
-
-
-def test_embedding_import_creates_no_file(import_report):
-    assert import_report["files"] == []
-
-
-def test_embedding_import_starts_no_thread(import_report):
-    assert import_report["threads"] == ["MainThread"]
-
-
-def test_embedding_import_writes_nothing_to_stderr(import_report):
-    assert import_report["stderr"] == ""
-
-
-def test_embedding_import_does_not_load_waitress(import_report):
-    assert import_report["waitress"] == []
-
-
-def test_embedding_import_registers_no_sqlite_adapter(import_report):
-    assert import_report["new_adapters"] == 0
-
-
-# ==================================================================================================
 # CLI
 # ==================================================================================================
-
-SYNCNODE_PY = os.path.abspath(syncnode.__file__)
-
-
-def free_port() -> int:
-    """Return a port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -3249,27 +9929,6 @@ def taken_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield sock.getsockname()[1]
-
-
-def cli_env(**variables: str) -> dict[str, str]:
-    """This environment without SYNCNODE_* variables, plus cheap Argon2 and the given ones."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SYNCNODE_")}
-    env.update({f"SYNCNODE_{name.upper()}": str(value) for name, value in CHEAP_HASHING.items()})
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return {**env, **variables}
-
-
-def run_cli(cwd, *args: str, **variables: str) -> subprocess.CompletedProcess:
-    """Run `python syncnode.py` to its end and return its exit status and output."""
-    return subprocess.run(
-        [sys.executable, SYNCNODE_PY, *args],
-        cwd=cwd,
-        env=cli_env(**variables),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
 
 
 @pytest.fixture
@@ -3362,7 +10021,7 @@ def test_cli_interrupt_exits_zero(start_cli):
 
 def test_cli_taken_port_exits_with_one_line(tmp_path, taken_port):
     # At WARNING the start-up lines (such as the migration) stay out of stderr.
-    result = run_cli(tmp_path, "--port", str(taken_port), "--log-level", "WARNING")
+    result = run_cli(tmp_path, "--port", str(taken_port), "--log-level", "WARNING", timeout=20)
     assert str(taken_port) in assert_one_error_line(result)
 
 
@@ -3389,18 +10048,20 @@ def newer_schema(tmp_path) -> str:
 def test_cli_unusable_database_exits_with_one_line(tmp_path, make_path):
     # On a free port a database that wrongly opens would serve until run_cli's timeout.
     database = make_path(tmp_path)
-    result = run_cli(tmp_path, "--database", database, "--port", "0")
+    result = run_cli(tmp_path, "--database", database, "--port", "0", timeout=20)
     assert "database" in assert_one_error_line(result)
 
 
 def test_cli_unusable_host_exits_with_one_line(tmp_path):
-    result = run_cli(tmp_path, "--host", "bad..host", "--port", "0", "--log-level", "WARNING")
+    result = run_cli(
+        tmp_path, "--host", "bad..host", "--port", "0", "--log-level", "WARNING", timeout=20
+    )
     assert "bad..host" in assert_one_error_line(result)
 
 
 @pytest.fixture(scope="module")
 def help_run(tmp_path_factory) -> subprocess.CompletedProcess:
-    return run_cli(tmp_path_factory.mktemp("help"), "--help")
+    return run_cli(tmp_path_factory.mktemp("help"), "--help", timeout=20)
 
 
 def test_cli_help_exits_zero(help_run):
@@ -3428,2883 +10089,72 @@ def test_cli_help_names_every_variable(help_run):
     ],
 )
 def test_cli_bad_value_exits_2_naming_the_setting(tmp_path, args, variables, named):
-    result = run_cli(tmp_path, *args, **variables)
+    result = run_cli(tmp_path, *args, **variables, timeout=20)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last_line = result.stderr.splitlines()[-1]
     assert last_line.startswith("syncnode: error:") and named in last_line
 
 
-APP_NEW_PASSWORD = "battery staple horse"
-
-#: The App API's document (Immich's), as the repository carries it.
-APP_DOCUMENT_PATH = Path(__file__).resolve().parent / "spec" / "app-api-openapi.json"
-APP_JSON = "application/json; charset=utf-8"
-TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-UUID_V4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-#: The start of the fake clock (1.8e9 s) as the App API writes it.
-CLOCK_START = "2027-01-15T08:00:00.000Z"
-APP_REASONS = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    413: "Payload Too Large",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    507: "Insufficient Storage",
-}
-#: README, App API: the document's enum, then the store permissions appended when served.
-SERVED_PERMISSIONS = [
-    "all", "apiKey.create", "apiKey.read", "apiKey.update", "apiKey.delete",
-    "auth.changePassword", "authDevice.delete", "session.create", "session.read",
-    "session.update", "session.delete", "systemMetadata.read", "systemMetadata.update",
-    "user.read", "user.update", "server.about", "adminUser.create", "adminUser.read",
-    "adminUser.update", "adminUser.delete", "store.read", "store.write", "store.own",
-]  # fmt: skip
-ENUM_SENTENCE = "each value in permissions must be one of the following values: " + ", ".join(
-    SERVED_PERMISSIONS
-)
-#: Optional properties the App API always sends; every other optional one is absent.
-PRESENT_OPTIONAL = {"SessionResponseDto": {"expiresAt"}, "SessionCreateResponseDto": {"expiresAt"}}
-LOGIN_EMPTY = [
-    "email should not be empty",
-    "email must be an email",
-    "password should not be empty",
-    "password must be a string",
-]
-FIREFOX_LINUX = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0"
-CHROME_WINDOWS = (
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
-    "Chrome/120.0.0.0 Safari/537.36"
-)
-
-
-def load_app_document() -> dict:
-    """Return app-api-openapi.json made Draft 2020-12: nullable as a type, store.* in the enum."""
-    document = json.loads(APP_DOCUMENT_PATH.read_text())
-
-    def convert(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.pop("nullable", False):
-                node["type"] = [node["type"], "null"]
-            for value in node.values():
-                convert(value)
-        elif isinstance(node, list):
-            for value in node:
-                convert(value)
-
-    convert(document)
-    document["components"]["schemas"]["Permission"]["enum"] += [
-        "store.read",
-        "store.write",
-        "store.own",
-    ]
-    return document
-
-
-APP_DOCUMENT = load_app_document()
-APP_SCHEMAS = APP_DOCUMENT["components"]["schemas"]
-
-
-def assert_exact_keys(value: dict, name: str) -> None:
-    """Assert an object has exactly its schema's keys, well-formed ids and timestamps."""
-    schema = APP_SCHEMAS[name]
-    assert set(value) == set(schema["required"]) | PRESENT_OPTIONAL.get(name, set()), name
-    for key, item in value.items():
-        prop = schema["properties"][key]
-        if "$ref" in prop and APP_SCHEMAS[prop["$ref"].rpartition("/")[2]]["type"] == "object":
-            assert_exact_keys(item, prop["$ref"].rpartition("/")[2])
-        if key.endswith("At") and item is not None:
-            assert TIMESTAMP.fullmatch(item), (key, item)
-        if key in ("id", "userId"):
-            assert UUID_V4.fullmatch(item), (key, item)
-
-
-def assert_schema(response, schema: str | list[str]) -> Any:
-    """Validate a JSON answer against its schema (a name, or [name] for an array); return it.
-
-    Checks the App API's JSON type and x-immich-cid, the document's schema with jsonschema
-    (Draft 2020-12) and the exact key set the App API sends.
-    """
-    assert response.headers["Content-Type"] == APP_JSON
-    assert response.headers.get("x-immich-cid")
-    body = response.json
-    is_array = isinstance(schema, list)
-    name = schema[0] if is_array else schema
-    ref = {"$ref": f"#/components/schemas/{name}"}
-    target = {"type": "array", "items": ref} if is_array else ref
-    jsonschema.Draft202012Validator({**target, "components": APP_DOCUMENT["components"]}).validate(
-        body
+def test_cli_taken_port_creates_no_database(tmp_path, taken_port):
+    database = tmp_path / "new.db"
+    result = run_cli(
+        tmp_path,
+        "--port",
+        str(taken_port),
+        "--database",
+        str(database),
+        "--log-level",
+        "WARNING",
+        timeout=20,
     )
-    for item in body if is_array else [body]:
-        assert_exact_keys(item, name)
-    return body
+    line = assert_one_error_line(result)
+    assert result.returncode == 1
+    assert "listen" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
-def assert_app_error(response, status: int, message: str | list[str]) -> None:
-    """Assert Immich's error body: exact keys in order, correlationId equal to x-immich-cid."""
-    assert response.status_int == status
-    assert response.headers["Content-Type"] == APP_JSON
-    cid = response.headers["x-immich-cid"]
-    assert list(response.json) == ["message", "error", "statusCode", "correlationId"]
-    assert response.json == {
-        "message": message,
-        "error": APP_REASONS[status],
-        "statusCode": status,
-        "correlationId": cid,
-    }
-
-
-def app_headers(token: str) -> dict[str, str]:
-    """Return the headers that carry a session token."""
-    return {"Authorization": f"Bearer {token}"}
-
-
-def app_login(client, email: str = "alice", password: str = PASSWORD, **kw):
-    """POST /api/auth/login and return the response, leaving no cookie in the client's jar."""
-    response = client.post_json("/api/auth/login", {"email": email, "password": password}, **kw)
-    client.reset()
-    if response.status_int == 201:
-        assert_schema(response, "LoginResponseDto")
-    return response
-
-
-def make_key(client, headers: dict, permissions=("all",), **fields) -> tuple[str, dict]:
-    """Create an API key with the given credentials; return its secret and APIKeyResponseDto."""
-    body = {"permissions": list(permissions), **fields}
-    response = client.post_json("/api/api-keys", body, headers=headers, status=201)
-    created = assert_schema(response, "APIKeyCreateResponseDto")
-    return created["secret"], created["apiKey"]
-
-
-def key_headers(secret: str) -> dict[str, str]:
-    """Return the headers that carry an API key."""
-    return {"x-api-key": secret}
-
-
-def my_user(client, headers: dict) -> dict:
-    """Return GET /api/users/me, checked against its schema."""
-    return assert_schema(client.get("/api/users/me", headers=headers), "UserAdminResponseDto")
-
-
-def make_child(client, headers: dict, **body) -> dict:
-    """POST /api/sessions and return the child session with its token, checked."""
-    response = client.post_json("/api/sessions", body, headers=headers, status=201)
-    return assert_schema(response, "SessionCreateResponseDto")
-
-
-def token_digest(token: str) -> bytes:
-    """Return the SHA-256 digest under which a token or secret is stored."""
-    return hashlib.sha256(token.encode()).digest()
-
-
-def session_id_of(db, token: str) -> str:
-    """Return the public id of the session behind a token."""
-    query = "SELECT public_id FROM sessions WHERE token_digest = ?"
-    return db.execute(query, (token_digest(token),)).fetchone()[0]
-
-
-def app_state(db) -> dict[str, list]:
-    """Every row of every table but the login counters, to show a refused call changed nothing."""
-    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    return {
-        table: sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
-        for table in tables
-        if table != "attempts"
-    }
-
-
-def app_reset_token(client, caplog, name: str = "alice") -> str:
-    """Ask the Sync Node API for a reset token and return it from the log line."""
-    with caplog.at_level(logging.WARNING, logger="syncnode"):
-        seen = len(caplog.records)
-        client.post_json("/resetpassword", {"id": name}, status=204)
-    [token] = [
-        match
-        for record in caplog.records[seen:]
-        for match in re.findall(r"[A-Za-z0-9_-]{43,}", record.getMessage())
-    ]
-    return token
-
-
-def mounted(app, prefix: str = "/sync") -> webtest.TestApp:
-    """Return a client for the app mounted in a parent bottle app, as the README shows."""
-    parent = bottle.Bottle()
-    with warnings.catch_warnings():
-        # Bottle 0.13 warns that a prefix without a trailing slash falls back to a WSGI mount,
-        # which is the mount the README shows.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        parent.mount(prefix, app)
-    return webtest.TestApp(parent)
-
-
-def sessions_listing(client, headers: dict) -> list[dict]:
-    """Return GET /api/sessions, checked against its schema."""
-    return assert_schema(client.get("/api/sessions", headers=headers), ["SessionResponseDto"])
-
-
-# ==================================================================================================
-# App API: wire format
-# ==================================================================================================
-
-
-def test_app_wire_document_enum_plus_store_is_the_served_list():
-    assert APP_SCHEMAS["Permission"]["enum"] == SERVED_PERMISSIONS
-    assert syncnode.API_KEY_PERMISSIONS == tuple(SERVED_PERMISSIONS)
-
-
-def test_app_wire_every_answer_carries_a_generated_cid(client, user):
-    for method, path, headers, status in [
-        ("GET", "/api/server/ping", {}, 200),
-        ("GET", "/api/users/me", user.headers, 200),
-        ("GET", "/api/users/me", {}, 401),
-        ("GET", "/api/nothing-here", {}, 404),
-        ("POST", "/api/auth/login", {}, 400),
-        ("DELETE", "/api/sessions", user.headers, 204),
-    ]:
-        response = client.request(path, method=method, headers=headers, status=status)
-        assert re.fullmatch(r"[0-9a-f]{8}", response.headers["x-immich-cid"])
-        if status >= 400:
-            assert response.json["correlationId"] == response.headers["x-immich-cid"]
-
-
-def test_app_wire_generated_cids_differ(client):
-    cids = {client.get("/api/server/ping").headers["x-immich-cid"] for _ in range(5)}
-    assert len(cids) == 5
-
-
-def test_app_wire_sent_cid_is_echoed(client):
-    for sent in ["a", "x" * 64, "with space ~!@#$%^&*()"]:
-        response = client.get("/api/server/ping", headers={"x-immich-cid": sent})
-        assert response.headers["x-immich-cid"] == sent
-        response = client.get("/api/nope", headers={"x-immich-cid": sent}, status=404)
-        assert response.headers["x-immich-cid"] == sent
-        assert response.json["correlationId"] == sent
+def test_cli_database_in_a_missing_folder_says_the_folder_does_not_exist(tmp_path):
+    folder = tmp_path / "no-such-folder"
+    # Port 0: should the database wrongly open, the server would start (and time out).
+    result = run_cli(
+        tmp_path,
+        "--database",
+        str(folder / "x.db"),
+        "--port",
+        "0",
+        "--log-level",
+        "WARNING",
+        timeout=20,
+    )
+    line = assert_one_error_line(result)
+    assert result.returncode == 1
+    assert str(folder) in line and "not exist" in line
+    assert "unable to open" not in line
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize(
-    "sent",
-    ["", "x" * 65, "caf\xe9", "a\tb", "a\x7fb"],
-    ids=["empty", "65", "latin-1", "tab", "del"],
-)
-def test_app_wire_bad_sent_cid_is_replaced(client, sent):
-    response = client.get("/api/nope", headers={"x-immich-cid": sent}, status=404)
-    assert re.fullmatch(r"[0-9a-f]{8}", response.headers["x-immich-cid"])
-    assert response.json["correlationId"] == response.headers["x-immich-cid"]
-
-
-def test_app_wire_sync_node_paths_keep_their_own_layout(client, user):
-    response = client.get("/store", status=401)
-    assert_error(response, 401, "AUTH01")
-    assert set(response.json) == {"code", "message"}
-    assert "x-immich-cid" not in response.headers
-    assert "x-immich-cid" not in client.get("/store", headers=user.headers).headers
-    response = client.get("/api/users/me", status=401)
-    assert "code" not in response.json
-
-
-def test_app_wire_delete_answers_204_empty(client, user):
-    response = client.delete("/api/sessions", headers=user.headers, status=204)
-    assert response.body == b""
-    assert "Content-Type" not in response.headers
-
-
-@pytest.mark.parametrize(
-    "method, path",
+    ("args", "variables", "named"),
     [
-        ("GET", "/api/nope"),
-        ("POST", "/api/server/ping"),
-        ("DELETE", "/api/users/me"),
-        ("OPTIONS", "/api/server/ping"),
-        ("GET", "/api/auth/status"),
-        ("GET", "/api/assets"),
-        ("GET", "/api/server/media-types"),
-        ("POST", "/api/auth/pin-code"),
-        ("POST", "/api/oauth/authorize"),
-        ("GET", "/api/shared-links"),
-        ("PUT", "/api/sessions/7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60/lock"),
-        ("GET", "/api"),
-    ],
-    ids=[
-        "unknown", "wrong-method", "wrong-method-users", "options", "auth-status", "assets",
-        "media-types", "pin-code", "oauth", "shared-links", "session-lock", "bare-api",
-    ],
-)  # fmt: skip
-def test_app_wire_unknown_route_is_json_404_naming_method_and_path(client, method, path):
-    headers = {"Authorization": "Bearer any", "x-api-key": "any"}
-    response = client.request(path, method=method, headers=headers, status=404)
-    assert_app_error(response, 404, f"Cannot {method} {path}")
-
-
-def test_app_wire_404_message_leaves_out_the_query_string(client):
-    response = client.get("/api/nope?apiKey=SECRETKEY&sessionKey=SECRETTOKEN", status=404)
-    assert_app_error(response, 404, "Cannot GET /api/nope")
-    assert "SECRET" not in response.text
-
-
-def test_app_wire_api_with_trailing_slash_is_immich_404(client):
-    assert_app_error(client.get("/api/", status=404), 404, "Cannot GET /api/")
-
-
-def test_app_wire_no_cors_headers(client):
-    origin = {"Origin": "https://evil.example"}
-    responses = [
-        client.get("/api/server/ping", headers=origin),
-        client.options("/api/server/ping", headers=origin, status=404),
-        client.post_json("/api/auth/login", {}, headers=origin, status=400),
-    ]
-    for response in responses:
-        assert not [name for name in response.headers if name.lower().startswith("access-control")]
-
-
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/jsonx"])
-def test_app_wire_body_without_json_type_counts_as_empty(client, user, db, content_type):
-    body = json.dumps({"email": "alice", "password": PASSWORD}).encode()
-    kw = {"content_type": content_type} if content_type else {}
-    response = client.post("/api/auth/login", body, status=400, **kw)
-    assert_app_error(response, 400, LOGIN_EMPTY)
-    assert table_counts(db)["sessions"] == 1
-
-
-def test_app_wire_json_type_with_parameters_is_parsed(client, user):
-    body = json.dumps({"email": "alice", "password": PASSWORD}).encode()
-    for content_type in ("application/json; charset=utf-8", "Application/JSON ; charset=UTF-8"):
-        client.post("/api/auth/login", body, content_type=content_type, status=201)
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [b"{", b"not json", b"[]", b'[{"email": "alice"}]', b"null", b'"text"', b"5", b"\xff\xfe", b""],
-    ids=["cut", "text", "array", "array-of-object", "null", "string", "number", "bytes", "empty"],
-)
-def test_app_wire_malformed_json_is_400(client, user, db, raw):
-    before = app_state(db)
-    for path, headers in [
-        ("/api/auth/login", {}),
-        ("/api/api-keys", user.headers),
-        ("/api/auth/change-password", user.headers),
-    ]:
-        response = client.post(
-            path, raw, headers=headers, content_type="application/json", status=400
-        )
-        assert_app_error(response, 400, "Malformed JSON body")
-    assert app_state(db) == before
-
-
-def test_app_wire_body_over_64_kib_is_413(client, user, db):
-    before = app_state(db)
-    body = json.dumps({"permissions": ["all"], "pad": "x" * (64 * 1024)})
-    response = client.post(
-        "/api/api-keys", body, headers=user.headers, content_type="application/json", status=413
-    )
-    assert_app_error(response, 413, "Request body too large")
-    assert app_state(db) == before
-
-
-def test_app_wire_body_of_exactly_64_kib_is_read(client, user):
-    start = json.dumps({"email": "alice", "password": PASSWORD, "pad": ""})
-    body = start[:-2] + "x" * (64 * 1024 - len(start)) + start[-2:]
-    assert len(body) == 64 * 1024
-    client.post("/api/auth/login", body, content_type="application/json", status=201)
-
-
-def test_app_wire_unknown_properties_are_ignored(client, user, db):
-    body = {"email": "alice", "password": PASSWORD, "isAdmin": False, "role": "x", "nested": {}}
-    client.post_json("/api/auth/login", body, status=201)
-    client.reset()
-    secret, _ = make_key(client, user.headers, ["user.read"], owner="bob", secret="mine")
-    assert secret != "mine"
-    assert db.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 1
-
-
-def test_app_wire_timestamps_have_milliseconds_and_ids_are_uuid4(client, clock, make_user):
-    clock.advance(0.125)
-    alice = make_user("alice")
-    me = assert_schema(client.get("/api/users/me", headers=alice.headers), "UserAdminResponseDto")
-    assert me["createdAt"] == me["updatedAt"] == "2027-01-15T08:00:00.125Z"
-    assert UUID_V4.fullmatch(me["id"])
-    clock.advance(1.25)
-    _, key = make_key(client, alice.headers)
-    assert key["createdAt"] == "2027-01-15T08:00:01.375Z"
-    assert UUID_V4.fullmatch(key["id"])
-    [session] = sessions_listing(client, alice.headers)
-    assert session["createdAt"] == "2027-01-15T08:00:00.125Z"
-    assert session["expiresAt"] == "2027-02-14T08:00:00.125Z"
-    assert UUID_V4.fullmatch(session["id"])
-
-
-def test_app_wire_credentials_come_before_permission_and_body(client, user):
-    response = client.put_json("/api/api-keys/123", {"name": 5}, status=401)
-    assert_app_error(response, 401, "Authentication required")
-    response = client.put_json(
-        "/api/api-keys/123", {"name": 5}, headers=key_headers("unknown"), status=401
-    )
-    assert_app_error(response, 401, "Invalid API key")
-
-
-def test_app_wire_permission_comes_before_path_id_and_body(client, user):
-    secret, _ = make_key(client, user.headers, ["server.about"])
-    response = client.put_json(
-        "/api/api-keys/123", {"name": 5}, headers=key_headers(secret), status=403
-    )
-    assert_app_error(response, 403, "Missing required permission: apiKey.update")
-
-
-def test_app_wire_path_id_comes_before_body(client, user):
-    response = client.put_json("/api/api-keys/123", {"name": 5}, headers=user.headers, status=400)
-    assert_app_error(response, 400, ["id must be a UUID"])
-
-
-def test_app_wire_body_comes_before_the_operations_rules(client, user, other, db):
-    _, bobs = make_key(client, other.headers)
-    response = client.put_json(
-        f"/api/api-keys/{bobs['id']}", {"name": 5}, headers=user.headers, status=400
-    )
-    assert_app_error(response, 400, ["name must be a string"])
-    body = {"password": "wrong password", "newPassword": "short"}
-    response = client.post_json("/api/auth/change-password", body, headers=user.headers, status=400)
-    assert_app_error(response, 400, ["newPassword must be longer than or equal to 8 characters"])
-    response = client.post_json("/api/auth/admin-sign-up", {"name": ""}, status=400)
-    assert_app_error(response, 400, ["name should not be empty", *LOGIN_EMPTY])
-
-
-def test_app_wire_session_create_body_comes_before_the_session_only_rule(client, user):
-    secret, _ = make_key(client, user.headers)
-    response = client.post_json(
-        "/api/sessions", {"duration": 0}, headers=key_headers(secret), status=400
-    )
-    assert_app_error(response, 400, ["duration must be a positive number"])
-
-
-def explode(*args, **kwargs):
-    """Stand in for a storage function and fail the way a bug would."""
-    raise RuntimeError("boom with secret detail")
-
-
-def assert_failed_to(response) -> None:
-    """Assert a 500 in Immich's layout whose message is a 'Failed to ...' sentence."""
-    assert response.status_int == 500
-    assert response.headers["Content-Type"] == APP_JSON
-    assert list(response.json) == ["message", "error", "statusCode", "correlationId"]
-    assert response.json["message"].startswith("Failed to")
-    assert response.json["error"] == "Internal Server Error"
-    assert response.json["statusCode"] == 500
-    assert response.json["correlationId"] == response.headers["x-immich-cid"]
-
-
-def test_app_wire_unexpected_failure_is_500_and_logged(client, user, monkeypatch, caplog):
-    monkeypatch.setattr(syncnode, "get_user", explode)
-    with caplog.at_level(logging.ERROR, logger="syncnode"):
-        response = client.get("/api/users/me", headers=user.headers, status=500)
-    assert_failed_to(response)
-    assert "boom" not in response.text and "Traceback" not in response.text
-    assert any(record.exc_info for record in caplog.records if record.name == "syncnode")
-
-
-@pytest.mark.parametrize(
-    "method, path, target, message",
-    [
-        ("GET", "/api/users/me", "get_user", "Failed to get my user"),
-        ("GET", "/api/users", "list_users", "Failed to search users"),
-        ("GET", "/api/api-keys", "list_api_keys", "Failed to get api keys"),
-        ("POST", "/api/api-keys", "create_api_key", "Failed to create api key"),
-        ("GET", "/api/sessions", "list_sessions", "Failed to get sessions"),
-        ("DELETE", "/api/sessions", "end_other_sessions", "Failed to delete all sessions"),
-        ("POST", "/api/auth/login", "start_session", "Failed to login"),
-    ],
-    ids=["getMyUser", "searchUsers", "getApiKeys", "createApiKey", "getSessions",
-         "deleteAllSessions", "login"],
-)  # fmt: skip
-def test_app_wire_500_message_names_the_operation(
-    client, user, monkeypatch, caplog, method, path, target, message
-):
-    monkeypatch.setattr(syncnode, target, explode)
-    body = {"email": "alice", "password": PASSWORD, "permissions": ["all"]}
-    with caplog.at_level(logging.ERROR, logger="syncnode"):
-        response = client.request(
-            path,
-            method=method,
-            headers={**user.headers, "Content-Type": "application/json"},
-            body=json.dumps(body).encode(),
-            status=500,
-        )
-    assert_app_error(response, 500, message)
-
-
-def test_app_wire_busy_database_is_500_failed_to(make_app, db, caplog):
-    client = webtest.TestApp(make_app(busy_timeout=0))
-    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        with caplog.at_level(logging.ERROR, logger="syncnode"):
-            response = client.post_json(
-                "/api/api-keys", {"permissions": ["all"]}, headers=app_headers(token),
-                expect_errors=True,
-            )  # fmt: skip
-    finally:
-        db.execute("ROLLBACK")
-    assert_failed_to(response)
-    assert not response.errors
-    assert any(record.exc_info for record in caplog.records if record.name == "syncnode")
-
-
-def test_app_wire_low_disk_is_507_and_nothing_written(client, user, make_app, db):
-    low = webtest.TestApp(make_app(min_free_bytes=2**62))
-    before = app_state(db)
-    response = low.post_json(
-        "/api/api-keys", {"permissions": ["all"]}, headers=user.headers, status=507
-    )
-    assert_app_error(response, 507, "Insufficient storage")
-    assert app_state(db) == before
-
-
-# ==================================================================================================
-# App API: credentials
-# ==================================================================================================
-
-
-def session_sources(token: str) -> dict[str, tuple[str, dict]]:
-    """Each place a session token is read from: (query string, headers)."""
-    return {
-        "x-immich-user-token": ("", {"x-immich-user-token": token}),
-        "x-immich-session-token": ("", {"x-immich-session-token": token}),
-        "sessionKey": (f"?sessionKey={token}", {}),
-        "bearer": ("", {"Authorization": f"Bearer {token}"}),
-        "bearer-lower": ("", {"Authorization": f"bearer {token}"}),
-        "bearer-upper": ("", {"Authorization": f"BEARER {token}"}),
-        "bearer-mixed": ("", {"Authorization": f"bEaReR {token}"}),
-        "cookie": ("", {"Cookie": f"immich_access_token={token}"}),
-    }
-
-
-def test_app_credentials_session_token_is_read_from_each_source(client, user):
-    for source, (query, headers) in session_sources(user.token).items():
-        response = client.get("/api/users/me" + query, headers=headers)
-        assert assert_schema(response, "UserAdminResponseDto")["email"] == "alice", source
-
-
-def test_app_credentials_bad_session_token_in_any_source_is_401(client, user):
-    for query, headers in session_sources("unknown-token").values():
-        response = client.get("/api/users/me" + query, headers=headers, status=401)
-        assert_app_error(response, 401, "Invalid user token")
-
-
-def test_app_credentials_first_session_source_found_decides(client, user):
-    order = ["x-immich-user-token", "x-immich-session-token", "sessionKey", "bearer", "cookie"]
-    for number, earlier in enumerate(order):
-        for later in order[number + 1 :]:
-            bad_query, bad_headers = session_sources("unknown-token")[earlier]
-            good_query, good_headers = session_sources(user.token)[later]
-            response = client.get(
-                "/api/users/me" + (bad_query or good_query),
-                headers={**good_headers, **bad_headers},
-                status=401,
-            )
-            assert_app_error(response, 401, "Invalid user token")
-
-
-def test_app_credentials_api_key_from_header_or_query(client, user):
-    secret, _ = make_key(client, user.headers, ["user.read"])
-    for query, headers in [("", key_headers(secret)), (f"?apiKey={secret}", {})]:
-        me = client.get("/api/users/me" + query, headers=headers).json
-        assert me["email"] == "alice"
-
-
-def test_app_credentials_api_key_header_comes_before_query(client, user):
-    secret, _ = make_key(client, user.headers, ["user.read"])
-    response = client.get(
-        f"/api/users/me?apiKey={secret}", headers=key_headers("unknown"), status=401
-    )
-    assert_app_error(response, 401, "Invalid API key")
-
-
-def test_app_credentials_bad_session_token_beside_good_api_key_is_401(client, user):
-    secret, _ = make_key(client, user.headers)
-    for query, headers in session_sources("unknown-token").values():
-        response = client.get(
-            "/api/users/me" + query, headers={**headers, **key_headers(secret)}, status=401
-        )
-        assert_app_error(response, 401, "Invalid user token")
-
-
-def test_app_credentials_good_session_beside_bad_api_key_passes(client, user):
-    headers = {**user.headers, **key_headers("unknown")}
-    assert client.get("/api/users/me", headers=headers).json["email"] == "alice"
-
-
-def test_app_credentials_shared_link_is_always_401_first(client, user):
-    secret, _ = make_key(client, user.headers)
-    for query, headers, message in [
-        ("", {"x-immich-share-key": "k"}, "Invalid share key"),
-        ("?key=k", {}, "Invalid share key"),
-        ("", {"x-immich-share-slug": "s"}, "Invalid share slug"),
-        ("?slug=s", {}, "Invalid share slug"),
-        ("?slug=s", {"x-immich-share-key": "k"}, "Invalid share key"),
-    ]:
-        for credentials in [user.headers, key_headers(secret), {}]:
-            response = client.get(
-                "/api/users/me" + query, headers={**credentials, **headers}, status=401
-            )
-            assert_app_error(response, 401, message)
-
-
-def test_app_credentials_none_is_authentication_required(client, user):
-    for headers in [{}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer "}]:
-        response = client.get("/api/users/me", headers=headers, status=401)
-        assert_app_error(response, 401, "Authentication required")
-
-
-def test_app_credentials_unknown_or_deleted_api_key_is_401(client, user):
-    secret, key = make_key(client, user.headers)
-    client.delete(f"/api/api-keys/{key['id']}", headers=user.headers, status=204)
-    for value in [secret, "unknown", "x" * 43]:
-        response = client.get("/api/users/me", headers=key_headers(value), status=401)
-        assert_app_error(response, 401, "Invalid API key")
-
-
-def test_app_credentials_expired_or_revoked_session_is_invalid_user_token(make_app, clock):
-    client = webtest.TestApp(make_app(session_ttl=60))
-    first = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
-    second = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
-    client.delete("/auth", headers=app_headers(second), status=204)
-    assert_app_error(
-        client.get("/api/users/me", headers=app_headers(second), status=401),
-        401,
-        "Invalid user token",
-    )
-    clock.advance(60)
-    assert_app_error(
-        client.get("/api/users/me", headers=app_headers(first), status=401),
-        401,
-        "Invalid user token",
-    )
-
-
-def test_app_credentials_reset_token_is_invalid_user_token(client, user, caplog, db):
-    token = app_reset_token(client, caplog)
-    for query, headers in session_sources(token).values():
-        response = client.get("/api/users/me" + query, headers=headers, status=401)
-        assert_app_error(response, 401, "Invalid user token")
-    assert table_counts(db)["reset_tokens"] == 1
-
-
-def test_app_credentials_session_tokens_work_on_both_apis(client, user):
-    app_token = app_login(client).json["accessToken"]
-    client.get("/store", headers=app_headers(app_token), status=200)
-    assert my_user(client, user.headers)["email"] == "alice"
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [{}, {"x-api-key": "unknown"}, {"Authorization": "Bearer unknown"}],
-    ids=["none", "bad-api-key", "bad-session"],
-)
-def test_app_credentials_401_has_no_www_authenticate(client, headers):
-    response = client.get("/api/users/me", headers=headers, status=401)
-    assert "WWW-Authenticate" not in response.headers
-    response = app_login(client, "nobody", PASSWORD, status=401)
-    assert "WWW-Authenticate" not in response.headers
-
-
-def test_app_credentials_access_log_leaves_out_query_secrets(make_app, caplog):
-    client = webtest.TestApp(make_app(access_log=True))
-    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
-    secret, _ = make_key(client, app_headers(token))
-    with caplog.at_level(logging.INFO, logger="syncnode.access"):
-        client.get(f"/api/users/me?apiKey={secret}")
-        client.get(f"/api/users/me?sessionKey={token}")
-    lines = [r.getMessage() for r in caplog.records if r.name == "syncnode.access"]
-    assert len(lines) == 2
-    assert all("/api/users/me" in line for line in lines)
-    assert not [line for line in lines if secret in line or token in line]
-
-
-# Operations and the permission each needs from an API key (README, App API); the last
-# columns are what a key holding exactly that permission gets: status, error message or schema.
-OPERATIONS = [
-    ("POST", "/api/auth/change-password", "auth.changePassword",
-     {"password": PASSWORD, "newPassword": APP_NEW_PASSWORD}, 200, "UserAdminResponseDto"),
-    ("POST", "/api/auth/logout", "all", None, 200, "LogoutResponseDto"),
-    ("POST", "/api/api-keys", "apiKey.create", {"permissions": ["apiKey.create"]}, 201,
-     "APIKeyCreateResponseDto"),
-    ("GET", "/api/api-keys", "apiKey.read", None, 200, ["APIKeyResponseDto"]),
-    ("GET", "/api/api-keys/{key}", "apiKey.read", None, 200, "APIKeyResponseDto"),
-    ("PUT", "/api/api-keys/{key}", "apiKey.update", {"name": "renamed"}, 200,
-     "APIKeyResponseDto"),
-    ("DELETE", "/api/api-keys/{key}", "apiKey.delete", None, 204, None),
-    ("GET", "/api/server/about", "server.about", None, 200, "ServerAboutResponseDto"),
-    ("POST", "/api/sessions", "session.create", {}, 400,
-     "This endpoint can only be used with a session token"),
-    ("GET", "/api/sessions", "session.read", None, 200, ["SessionResponseDto"]),
-    ("DELETE", "/api/sessions", "session.delete", None, 204, None),
-    ("DELETE", "/api/sessions/{session}", "session.delete", None, 204, None),
-    ("GET", "/api/users", "user.read", None, 200, ["UserResponseDto"]),
-    ("GET", "/api/users/me", "user.read", None, 200, "UserAdminResponseDto"),
-    ("PUT", "/api/users/me", "user.update", {"name": "Alice"}, 200, "UserAdminResponseDto"),
-    ("GET", "/api/users/{user}", "user.read", None, 200, "UserResponseDto"),
-]  # fmt: skip
-OPERATION_IDS = [f"{method}-{path[5:]}" for method, path, *_ in OPERATIONS]
-
-
-def call_operation(client, db, owner: User, headers: dict, key: dict, method, path, body):
-    """Call one operation of the table, filling the path ids from the owner's data."""
-    user_id = my_user(client, owner.headers)["id"]
-    path = path.format(key=key["id"], session=session_id_of(db, owner.token), user=user_id)
-    if body is None:
-        return client.request(path, method=method, headers=headers, expect_errors=True)
-    return client.request(
-        path,
-        method=method,
-        headers={**headers, "Content-Type": "application/json"},
-        body=json.dumps(body).encode(),
-        expect_errors=True,
-    )
-
-
-@pytest.mark.parametrize(
-    "method, path, permission, body, status, answer", OPERATIONS, ids=OPERATION_IDS
-)
-def test_app_credentials_api_key_without_the_permission_is_403(
-    client, user, db, method, path, permission, body, status, answer
-):
-    unrelated = "user.read" if permission == "server.about" else "server.about"
-    secret, key = make_key(client, user.headers, [unrelated, "store.own", "authDevice.delete"])
-    before = app_state(db)
-    response = call_operation(client, db, user, key_headers(secret), key, method, path, body)
-    assert_app_error(response, 403, f"Missing required permission: {permission}")
-    assert app_state(db) == before
-
-
-@pytest.mark.parametrize(
-    "method, path, permission, body, status, answer", OPERATIONS, ids=OPERATION_IDS
-)
-def test_app_credentials_api_key_with_the_permission_passes(
-    client, user, db, method, path, permission, body, status, answer
-):
-    secret, key = make_key(client, user.headers, [permission])
-    response = call_operation(client, db, user, key_headers(secret), key, method, path, body)
-    assert response.status_int == status
-    if status == 400:
-        assert_app_error(response, status, answer)
-    elif status == 204:
-        assert response.body == b"" and response.headers["x-immich-cid"]
-    else:
-        assert_schema(response, answer)
-
-
-def test_app_credentials_api_key_with_all_passes_every_operation(client, user, db):
-    user_id = my_user(client, user.headers)["id"]
-    session_id = session_id_of(db, user.token)
-    keys = [make_key(client, user.headers, ["all"]) for _ in OPERATIONS]
-    for (method, path, _, body, status, _), (secret, key) in zip(OPERATIONS, keys, strict=True):
-        path = path.format(key=key["id"], session=session_id, user=user_id)
-        response = client.request(
-            path,
-            method=method,
-            headers={**key_headers(secret), "Content-Type": "application/json"},
-            body=b"" if body is None else json.dumps(body).encode(),
-            expect_errors=True,
-        )
-        if path == f"/api/sessions/{session_id}":
-            status = 400  # The change of password with the key ended every session.
-        assert response.status_int == status, (method, path, response.json)
-
-
-@pytest.mark.parametrize(
-    "method, path", [("POST", "/api/auth/validateToken"), ("GET", "/api/api-keys/me")]
-)
-def test_app_credentials_any_permission_passes_any_credential_operations(
-    client, user, method, path
-):
-    secret, _ = make_key(client, user.headers, ["authDevice.delete"])
-    client.request(path, method=method, headers=key_headers(secret), status=200)
-
-
-def test_app_credentials_inert_permissions_are_stored_but_grant_nothing(client, user, db):
-    inert = [
-        "authDevice.delete", "session.update", "systemMetadata.read", "systemMetadata.update",
-        "adminUser.create", "adminUser.read", "adminUser.update", "adminUser.delete",
-    ]  # fmt: skip
-    secret, key = make_key(client, user.headers, inert)
-    assert key["permissions"] == inert
-    before = app_state(db)
-    for method, path, needed, body, *_ in OPERATIONS:
-        response = call_operation(client, db, user, key_headers(secret), key, method, path, body)
-        assert_app_error(response, 403, f"Missing required permission: {needed}")
-    assert app_state(db) == before
-
-
-# ==================================================================================================
-# App API: auth
-# ==================================================================================================
-
-
-def test_app_auth_login_answers_login_response_and_session(client, user, other, db):
-    response = client.post_json("/api/auth/login", {"email": " ALICE ", "password": PASSWORD})
-    assert response.status_int == 201
-    body = assert_schema(response, "LoginResponseDto")
-    me = my_user(client, user.headers)
-    assert body == {
-        "accessToken": body["accessToken"],
-        "userId": me["id"],
-        "userEmail": "alice",
-        "name": "alice",
-        "isAdmin": True,
-        "shouldChangePassword": False,
-    }
-    assert len(body["accessToken"]) >= 43
-    stored = db.execute(
-        "SELECT users.name, sessions.expires_ms, sessions.created_ms FROM sessions "
-        "JOIN users ON users.id = sessions.user_id WHERE token_digest = ?",
-        (token_digest(body["accessToken"]),),
-    ).fetchone()
-    assert stored == ("alice", 1_800_000_000_000 + 30 * 86400 * 1000, 1_800_000_000_000)
-    client.reset()
-    bob = app_login(client, "bob").json
-    assert (bob["isAdmin"], bob["userEmail"], bob["name"]) == (False, "bob", "bob")
-
-
-def test_app_auth_login_sets_three_cookies_in_order(make_app, clock):
-    client = webtest.TestApp(make_app(session_ttl=3600))
-    client.post_json("/account", {"id": "alice", "password": PASSWORD})
-    response = app_login(client, status=201)
-    token = response.json["accessToken"]
-    attributes = "Max-Age=3600; Path=/; Expires=Fri, 15 Jan 2027 09:00:00 GMT"
-    assert response.headers.getall("Set-Cookie") == [
-        f"immich_access_token={token}; {attributes}; HttpOnly; SameSite=Lax",
-        f"immich_auth_type=password; {attributes}; HttpOnly; SameSite=Lax",
-        f"immich_is_authenticated=true; {attributes}; SameSite=Lax",
-    ]
-
-
-def test_app_auth_login_cookies_are_secure_over_https(client, user):
-    response = client.post_json(
-        "/api/auth/login",
-        {"email": "alice", "password": PASSWORD},
-        extra_environ={"wsgi.url_scheme": "https"},
-    )
-    cookies = response.headers.getall("Set-Cookie")
-    assert len(cookies) == 3
-    assert all(cookie.endswith("; SameSite=Lax; Secure") for cookie in cookies)
-    assert all("Max-Age=2592000; Path=/; " in cookie for cookie in cookies)
-
-
-def test_app_auth_login_cookie_path_is_the_mount_prefix(app, client, user):
-    sync = mounted(app)
-    response = sync.post_json("/sync/api/auth/login", {"email": "alice", "password": PASSWORD})
-    cookies = response.headers.getall("Set-Cookie")
-    assert [cookie.split("; ")[2] for cookie in cookies] == ["Path=/sync"] * 3
-    sync.reset()
-    response = sync.post("/sync/api/auth/logout", headers=user.headers)
-    assert response.headers.getall("Set-Cookie") == [
-        f"{name}=; Path=/sync; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
-        for name in ("immich_access_token", "immich_auth_type", "immich_is_authenticated")
-    ]
-
-
-def test_app_auth_login_cookie_authenticates_later_requests(client, user):
-    token = app_login(client).json["accessToken"]
-    headers = {"Cookie": f"immich_access_token={token}; immich_is_authenticated=true"}
-    assert client.post("/api/auth/validateToken", headers=headers).json == {"authStatus": True}
-
-
-def test_app_auth_login_reads_no_credentials(client, user):
-    headers = {"Authorization": "Bearer unknown", "x-immich-share-key": "k"}
-    client.post_json(
-        "/api/auth/login", {"email": "alice", "password": PASSWORD}, headers=headers, status=201
-    )
-
-
-@pytest.mark.parametrize(
-    "body, messages",
-    [
-        ({}, LOGIN_EMPTY),
-        ({"email": None, "password": None}, LOGIN_EMPTY),
-        ({"email": "", "password": PASSWORD},
-         ["email should not be empty", "email must be an email"]),
-        ({"email": 5, "password": PASSWORD}, ["email must be an email"]),
-        ({"email": [], "password": PASSWORD}, ["email must be an email"]),
-        ({"email": {}, "password": PASSWORD}, ["email must be an email"]),
-        ({"email": "a b", "password": PASSWORD}, ["email must be an email"]),
-        ({"email": "x" * 255, "password": PASSWORD}, ["email must be an email"]),
-        ({"email": "alice", "password": ""}, ["password should not be empty"]),
-        ({"email": "alice", "password": 5}, ["password must be a string"]),
-        ({"email": "alice", "password": False}, ["password must be a string"]),
-        ({"email": "alice"}, ["password should not be empty", "password must be a string"]),
-        ({"email": 5, "password": 5}, ["email must be an email", "password must be a string"]),
-    ],
-    ids=[
-        "empty", "nulls", "email-empty", "email-number", "email-array", "email-object",
-        "email-space", "email-255", "password-empty", "password-number", "password-bool",
-        "no-password", "both-wrong-types",
-    ],
-)  # fmt: skip
-def test_app_auth_login_bad_body_is_400_with_sentences(client, user, db, body, messages):
-    before = app_state(db)
-    response = client.post_json("/api/auth/login", body, status=400)
-    assert_app_error(response, 400, messages)
-    assert app_state(db) == before
-    assert "Set-Cookie" not in response.headers
-
-
-def test_app_auth_login_wrong_credentials_are_401(client, user, db):
-    before = app_state(db)
-    for login_id, password in [
-        ("alice", "wrong password"), ("alice", "x"), ("alice", "p" * 5000), ("nobody", PASSWORD),
-    ]:  # fmt: skip
-        response = app_login(client, login_id, password, status=401)
-        assert_app_error(response, 401, "Incorrect email or password")
-        assert "Set-Cookie" not in response.headers
-    assert app_state(db) == before
-
-
-def test_app_auth_login_failures_count_for_the_sync_node_api(make_app, db):
-    client = webtest.TestApp(make_app(login_fails_per_id=2, login_window=900))
-    client.post_json("/account", {"id": "alice", "password": PASSWORD})
-    for _ in range(2):
-        app_login(client, "alice", "wrong password", status=401)
-    response = client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=429)
-    assert_error(response, 429, "AUTH02")
-    response = app_login(client, "alice", PASSWORD, status=429)
-    assert_app_error(response, 429, "Too many failed attempts, try again later")
-    assert response.headers["Retry-After"].isdigit()
-    assert 0 < int(response.headers["Retry-After"]) <= 900
-    assert table_counts(db)["sessions"] == 1
-
-
-def test_app_auth_sync_node_failures_count_for_login(make_app, clock):
-    client = webtest.TestApp(make_app(login_fails_per_id=2, login_window=900))
-    client.post_json("/account", {"id": "alice", "password": PASSWORD})
-    for _ in range(2):
-        client.post_json("/auth", {"id": "alice", "password": "wrong password"}, status=401)
-    clock.advance(100)
-    response = app_login(client, "alice", PASSWORD, status=429)
-    assert_app_error(response, 429, "Too many failed attempts, try again later")
-    assert response.headers["Retry-After"] == "800"
-    assert "Set-Cookie" not in response.headers
-    assert_app_error(
-        app_login(client, "alice", "", status=400), 400, ["password should not be empty"]
-    )
-    clock.advance(800)
-    app_login(client, "alice", PASSWORD, status=201)
-
-
-def test_app_auth_admin_sign_up_makes_the_first_account_admin(client, db):
-    body = {"email": " Admin@Example.org ", "password": PASSWORD, "name": "The Admin"}
-    response = client.post_json("/api/auth/admin-sign-up", body)
-    assert response.status_int == 201
-    admin = assert_schema(response, "UserAdminResponseDto")
-    assert admin == {
-        "id": admin["id"],
-        "name": "The Admin",
-        "email": "admin@example.org",
-        "shouldChangePassword": False,
-        "isAdmin": True,
-        "createdAt": CLOCK_START,
-        "deletedAt": None,
-        "updatedAt": CLOCK_START,
-        "status": "active",
-    }
-    assert "Set-Cookie" not in response.headers
-    assert table_counts(db)["sessions"] == 0
-    client.post_json("/auth", {"id": "admin@example.org", "password": PASSWORD}, status=200)
-    assert app_login(client, "ADMIN@example.org").json["userId"] == admin["id"]
-
-
-def test_app_auth_admin_sign_up_second_time_is_400(client, db):
-    client.post_json("/api/auth/admin-sign-up", {"email": "a", "password": PASSWORD, "name": "A"})
-    before = app_state(db)
-    body = {"email": "b", "password": PASSWORD, "name": "B"}
-    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
-    assert_app_error(response, 400, "The server already has an admin")
-    assert app_state(db) == before
-
-
-def test_app_auth_admin_sign_up_after_sync_node_registration_is_400(client, user, db):
-    before = app_state(db)
-    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
-    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
-    assert_app_error(response, 400, "The server already has an admin")
-    assert app_state(db) == before
-    assert my_user(client, user.headers)["isAdmin"] is True
-
-
-def test_app_auth_admin_sign_up_low_disk_is_507(make_app, db):
-    client = webtest.TestApp(make_app(min_free_bytes=2**62))
-    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
-    response = client.post_json("/api/auth/admin-sign-up", body, status=507)
-    assert_app_error(response, 507, "Insufficient storage")
-    assert table_counts(db)["users"] == 0
-
-
-SIGN_UP_EMPTY = ["name should not be empty", "name must be a string", *LOGIN_EMPTY]
-
-
-@pytest.mark.parametrize(
-    "body, messages",
-    [
-        ({}, SIGN_UP_EMPTY),
-        ({"email": None, "password": None, "name": None}, SIGN_UP_EMPTY),
-        ({"email": "a", "password": PASSWORD, "name": ""}, ["name should not be empty"]),
-        ({"email": "a", "password": PASSWORD, "name": 5}, ["name must be a string"]),
-        ({"email": "a", "password": PASSWORD, "name": "n" * 256},
-         ["name must be shorter than or equal to 255 characters"]),
-        ({"email": "a", "password": PASSWORD, "name": "a\x00b"},
-         ["name must not contain control characters"]),
-        ({"email": "a b", "password": PASSWORD, "name": "A"}, ["email must be an email"]),
-        ({"email": "", "password": PASSWORD, "name": "A"},
-         ["email should not be empty", "email must be an email"]),
-        ({"email": "a", "password": "short", "name": "A"},
-         ["password must be longer than or equal to 8 characters"]),
-        ({"email": "a", "password": "p" * 1025, "name": "A"},
-         ["password must be shorter than or equal to 1024 characters"]),
-        ({"email": "a", "password": "", "name": "A"}, ["password should not be empty"]),
-        ({"email": "a", "password": 12345678, "name": "A"}, ["password must be a string"]),
-        ({"email": 5, "password": 5, "name": 5},
-         ["name must be a string", "email must be an email", "password must be a string"]),
-    ],
-    ids=[
-        "empty", "nulls", "name-empty", "name-number", "name-256", "name-nul",
-        "email-space", "email-empty", "password-5", "password-1025",
-        "password-empty", "password-number", "all-numbers",
-    ],
-)  # fmt: skip
-def test_app_auth_admin_sign_up_bad_body_is_400_with_sentences(client, db, body, messages):
-    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
-    assert_app_error(response, 400, messages)
-    assert table_counts(db)["users"] == 0
-
-
-def test_app_auth_admin_sign_up_edge_lengths_are_accepted(client, db):
-    body = {"email": "x" * 254, "password": "p" * 8, "name": "n" * 255}
-    admin = client.post_json("/api/auth/admin-sign-up", body, status=201).json
-    assert (admin["email"], admin["name"]) == ("x" * 254, "n" * 255)
-
-
-def test_app_auth_validate_token_answers_true(client, user):
-    secret, _ = make_key(client, user.headers, ["server.about"])
-    for headers in (
-        user.headers,
-        key_headers(secret),
-        {"Cookie": f"immich_access_token={user.token}"},
-    ):
-        response = client.post("/api/auth/validateToken", headers=headers)
-        assert response.status_int == 200
-        assert assert_schema(response, "ValidateAccessTokenResponseDto") == {"authStatus": True}
-
-
-def test_app_auth_validate_token_bad_credentials_are_401(client, user):
-    for headers, message in [
-        ({}, "Authentication required"),
-        ({"Authorization": "Bearer unknown"}, "Invalid user token"),
-        ({"x-api-key": "unknown"}, "Invalid API key"),
-    ]:
-        response = client.post("/api/auth/validateToken", headers=headers, status=401)
-        assert_app_error(response, 401, message)
-
-
-def change_password(client, headers: dict, password: str = PASSWORD, **kw):
-    """POST /api/auth/change-password to APP_NEW_PASSWORD; return the response."""
-    body = {"password": password, "newPassword": APP_NEW_PASSWORD, **kw.pop("body", {})}
-    return client.post_json("/api/auth/change-password", body, headers=headers, **kw)
-
-
-def test_app_auth_change_password_sets_it_and_answers_the_user(client, user, clock, db):
-    old_hash = db.execute("SELECT password_hash FROM users").fetchone()[0]
-    clock.advance(61.5)
-    response = change_password(client, user.headers)
-    assert response.status_int == 200
-    me = assert_schema(response, "UserAdminResponseDto")
-    assert me["updatedAt"] == "2027-01-15T08:01:01.500Z"
-    assert me["createdAt"] == CLOCK_START
-    assert db.execute("SELECT password_hash FROM users").fetchone()[0] != old_hash
-    assert_app_error(
-        app_login(client, "alice", PASSWORD, status=401), 401, "Incorrect email or password"
-    )
-    app_login(client, "alice", APP_NEW_PASSWORD, status=201)
-    client.post_json("/auth", {"id": "alice", "password": APP_NEW_PASSWORD}, status=200)
-
-
-@pytest.mark.parametrize("flag", [False, True], ids=["false", "true"])
-def test_app_auth_change_password_revokes_other_sessions_and_children(
-    client, user, other, db, flag
-):
-    current = app_login(client).json["accessToken"]
-    own_child = make_child(client, app_headers(current))["token"]
-    other_child = make_child(client, user.headers)["token"]
-    grandchild = make_child(client, app_headers(other_child))["token"]
-    secret, _ = make_key(client, user.headers, ["user.read"])
-    body = {"invalidateSessions": flag}
-    change_password(client, app_headers(current), body=body, status=200)
-    for token in (user.token, own_child, other_child, grandchild):
-        response = client.get("/api/users/me", headers=app_headers(token), status=401)
-        assert_app_error(response, 401, "Invalid user token")
-    client.get("/api/users/me", headers=app_headers(current), status=200)
-    client.get("/api/users/me", headers=key_headers(secret), status=200)
-    client.get("/api/users/me", headers=other.headers, status=200)
-    digests = {row[0] for row in db.execute("SELECT token_digest FROM sessions")}
-    assert digests == {token_digest(current), token_digest(other.token)}
-
-
-def test_app_auth_change_password_from_a_child_keeps_only_that_child(client, user, db):
-    child = make_child(client, user.headers)["token"]
-    change_password(client, app_headers(child), status=200)
-    assert_app_error(
-        client.get("/api/users/me", headers=user.headers, status=401), 401, "Invalid user token"
-    )
-    client.get("/api/users/me", headers=app_headers(child), status=200)
-    assert table_counts(db)["sessions"] == 1
-
-
-def test_app_auth_change_password_with_api_key_revokes_every_session(client, user, db):
-    secret, _ = make_key(client, user.headers, ["auth.changePassword", "user.read"])
-    make_child(client, user.headers)
-    change_password(client, key_headers(secret), status=200)
-    assert table_counts(db)["sessions"] == 0
-    client.get("/api/users/me", headers=key_headers(secret), status=200)
-    app_login(client, "alice", APP_NEW_PASSWORD, status=201)
-
-
-def test_app_auth_change_password_deletes_a_pending_reset_token(client, user, db, caplog):
-    app_reset_token(client, caplog)
-    assert table_counts(db)["reset_tokens"] == 1
-    change_password(client, user.headers, status=200)
-    assert table_counts(db)["reset_tokens"] == 0
-
-
-def test_app_auth_change_password_wrong_password_is_400(client, user, db):
-    make_child(client, user.headers)
-    before = app_state(db)
-    response = change_password(client, user.headers, "wrong password", status=400)
-    assert_app_error(response, 400, "Wrong password")
-    assert app_state(db) == before
-
-
-def test_app_auth_change_password_wrong_password_counts_toward_the_limit(make_app, db):
-    client = webtest.TestApp(make_app(login_fails_per_id=2))
-    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
-    for _ in range(2):
-        change_password(client, app_headers(token), "wrong password", status=400)
-    before = app_state(db)
-    response = change_password(client, app_headers(token), status=429)
-    assert_app_error(response, 429, "Too many failed attempts, try again later")
-    assert response.headers["Retry-After"].isdigit()
-    assert app_state(db) == before
-    assert_app_error(
-        app_login(client, status=429), 429, "Too many failed attempts, try again later"
-    )
-    assert_error(
-        client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=429), 429, "AUTH02"
-    )
-
-
-CHANGE_EMPTY = [
-    "password should not be empty",
-    "password must be a string",
-    "newPassword must be longer than or equal to 8 characters",
-    "newPassword should not be empty",
-    "newPassword must be a string",
-]
-
-
-@pytest.mark.parametrize(
-    "body, messages",
-    [
-        ({}, CHANGE_EMPTY),
-        ({"password": None, "newPassword": None, "invalidateSessions": None}, CHANGE_EMPTY),
-        ({"password": "", "newPassword": ""},
-         ["password should not be empty",
-          "newPassword must be longer than or equal to 8 characters",
-          "newPassword should not be empty"]),
-        ({"password": 1, "newPassword": 1, "invalidateSessions": 1},
-         ["password must be a string",
-          "newPassword must be longer than or equal to 8 characters",
-          "newPassword must be a string", "invalidateSessions must be a boolean value"]),
-        ({"password": PASSWORD, "newPassword": "short"},
-         ["newPassword must be longer than or equal to 8 characters"]),
-        ({"password": PASSWORD, "newPassword": list(range(1, 9))},
-         ["newPassword must be longer than or equal to 8 characters",
-          "newPassword must be a string"]),
-        ({"password": PASSWORD, "newPassword": "p" * 1025},
-         ["newPassword must be shorter than or equal to 1024 characters"]),
-        ({"password": PASSWORD, "newPassword": APP_NEW_PASSWORD, "invalidateSessions": "yes"},
-         ["invalidateSessions must be a boolean value"]),
-        ({"password": PASSWORD, "newPassword": APP_NEW_PASSWORD, "invalidateSessions": "true"},
-         ["invalidateSessions must be a boolean value"]),
-        ({"newPassword": APP_NEW_PASSWORD},
-         ["password should not be empty", "password must be a string"]),
-    ],
-    ids=[
-        "empty", "nulls", "empty-strings", "numbers", "new-5", "new-array", "new-1025",
-        "flag-yes", "flag-string-true", "no-password",
-    ],
-)  # fmt: skip
-def test_app_auth_change_password_bad_body_is_400_with_sentences(client, user, db, body, messages):
-    before = app_state(db)
-    response = client.post_json("/api/auth/change-password", body, headers=user.headers, status=400)
-    assert_app_error(response, 400, messages)
-    assert app_state(db) == before
-
-
-@pytest.mark.parametrize("new_password", ["p" * 8, "p" * 1024], ids=["8", "1024"])
-def test_app_auth_change_password_edge_lengths_are_accepted(client, user, new_password):
-    body = {"password": PASSWORD, "newPassword": new_password}
-    client.post_json("/api/auth/change-password", body, headers=user.headers, status=200)
-    app_login(client, "alice", new_password, status=201)
-
-
-def test_app_auth_logout_ends_the_session_and_its_children(client, user, db):
-    current = app_login(client).json["accessToken"]
-    child = make_child(client, app_headers(current))["token"]
-    grandchild = make_child(client, app_headers(child))["token"]
-    response = client.post("/api/auth/logout", headers=app_headers(current))
-    assert response.status_int == 200
-    body = assert_schema(response, "LogoutResponseDto")
-    assert body == {"successful": True, "redirectUri": "/auth/login?autoLaunch=0"}
-    assert response.headers.getall("Set-Cookie") == [
-        f"{name}=; Path=/; Expires=Thu, 01 Jan 1970 00:00:00 GMT"
-        for name in ("immich_access_token", "immich_auth_type", "immich_is_authenticated")
-    ]
-    for token in (current, child, grandchild):
-        response = client.get("/api/users/me", headers=app_headers(token), status=401)
-        assert_app_error(response, 401, "Invalid user token")
-    client.get("/store", headers=user.headers, status=200)
-    assert table_counts(db)["sessions"] == 1
-
-
-def test_app_auth_logout_by_cookie(client, user, db):
-    client.post("/api/auth/logout", headers={"Cookie": f"immich_access_token={user.token}"})
-    assert table_counts(db)["sessions"] == 0
-
-
-def test_app_auth_logout_with_api_key_ends_nothing(client, user, db):
-    secret, _ = make_key(client, user.headers)
-    before = app_state(db)
-    response = client.post("/api/auth/logout", headers=key_headers(secret))
-    assert assert_schema(response, "LogoutResponseDto") == {
-        "successful": True,
-        "redirectUri": "/auth/login?autoLaunch=0",
-    }
-    assert len(response.headers.getall("Set-Cookie")) == 3
-    assert app_state(db) == before
-    client.get("/api/users/me", headers=key_headers(secret), status=200)
-
-
-def test_app_auth_logout_without_credentials_is_401(client, user):
-    response = client.post("/api/auth/logout", status=401)
-    assert_app_error(response, 401, "Authentication required")
-    assert "Set-Cookie" not in response.headers
-
-
-# ==================================================================================================
-# App API: API keys
-# ==================================================================================================
-
-
-def test_app_keys_create_shows_the_secret_once_and_stores_its_digest(client, user, db):
-    response = client.post_json(
-        "/api/api-keys", {"name": "CLI", "permissions": ["user.read"]}, headers=user.headers
-    )
-    assert response.status_int == 201
-    body = assert_schema(response, "APIKeyCreateResponseDto")
-    secret, key = body["secret"], body["apiKey"]
-    assert key == {
-        "id": key["id"],
-        "name": "CLI",
-        "createdAt": CLOCK_START,
-        "updatedAt": CLOCK_START,
-        "permissions": ["user.read"],
-    }
-    assert len(secret) >= 43 and re.fullmatch(r"[A-Za-z0-9_-]+", secret)
-    rows = db.execute("SELECT * FROM api_keys").fetchall()
-    assert len(rows) == 1 and secret not in repr(rows)
-    stored = db.execute("SELECT public_id, secret_digest FROM api_keys").fetchone()
-    assert stored == (key["id"], token_digest(secret))
-    listed = client.get("/api/api-keys", headers=user.headers).json
-    assert secret not in json.dumps(listed)
-    assert client.get("/api/users/me", headers=key_headers(secret)).json["email"] == "alice"
-
-
-def test_app_keys_create_secrets_differ(client, user):
-    secrets = {make_key(client, user.headers)[0] for _ in range(3)}
-    assert len(secrets) == 3
-
-
-def test_app_keys_create_defaults_and_deduplicates(client, user):
-    for fields, name, permissions in [
-        ({"permissions": ["all"]}, "API Key", ["all"]),
-        ({"name": None, "permissions": ["all"]}, "API Key", ["all"]),
-        ({"name": "n" * 255, "permissions": ["all"]}, "n" * 255, ["all"]),
-        ({"permissions": ["user.read", "all", "user.read", "all"]}, "API Key",
-         ["user.read", "all"]),
-        ({"permissions": SERVED_PERMISSIONS[::-1]}, "API Key", SERVED_PERMISSIONS[::-1]),
-    ]:  # fmt: skip
-        response = client.post_json("/api/api-keys", fields, headers=user.headers, status=201)
-        key = assert_schema(response, "APIKeyCreateResponseDto")["apiKey"]
-        assert (key["name"], key["permissions"]) == (name, permissions)
-        assert client.get(f"/api/api-keys/{key['id']}", headers=user.headers).json == key
-
-
-KEY_CREATE_EMPTY = [
-    "permissions must contain at least 1 elements",
-    "permissions should not be empty",
-    ENUM_SENTENCE,
-]
-
-
-@pytest.mark.parametrize(
-    "body, messages",
-    [
-        ({}, KEY_CREATE_EMPTY),
-        ({"permissions": None}, KEY_CREATE_EMPTY),
-        ({"name": "", "permissions": []},
-         ["name should not be empty", "permissions must contain at least 1 elements"]),
-        ({"name": 5, "permissions": "all"},
-         ["name must be a string", "permissions must contain at least 1 elements"]),
-        ({"permissions": {}}, ["permissions must contain at least 1 elements", ENUM_SENTENCE]),
-        ({"permissions": "bogus"}, ["permissions must contain at least 1 elements", ENUM_SENTENCE]),
-        ({"permissions": ["all", "bogus"]}, [ENUM_SENTENCE]),
-        ({"permissions": [5]}, [ENUM_SENTENCE]),
-        ({"permissions": ["asset.read"]}, [ENUM_SENTENCE]),
-        ({"name": "n" * 256, "permissions": ["all"]},
-         ["name must be shorter than or equal to 255 characters"]),
-        ({"name": "a\nb", "permissions": ["all"]}, ["name must not contain control characters"]),
-    ],
-    ids=[
-        "empty", "null-permissions", "empty-name-and-list", "number-name-string-permission",
-        "object", "bogus-string", "one-bogus", "number", "immich-only-value", "name-256",
-        "name-newline",
-    ],
-)  # fmt: skip
-def test_app_keys_create_bad_body_is_400_with_sentences(client, user, db, body, messages):
-    before = app_state(db)
-    response = client.post_json("/api/api-keys", body, headers=user.headers, status=400)
-    assert_app_error(response, 400, messages)
-    assert app_state(db) == before
-
-
-@pytest.mark.parametrize(
-    "holds, asks",
-    [
-        (["apiKey.create", "user.read"], ["server.about"]),
-        (["apiKey.create", "user.read"], ["all"]),
-        (["apiKey.create", "store.read"], ["store.write"]),
-        (["apiKey.create", "store.write"], ["store.own"]),
-    ],
-    ids=["other", "all", "read-to-write", "write-to-own"],
-)
-def test_app_keys_create_narrower_key_cannot_grant_more(client, user, db, holds, asks):
-    secret, _ = make_key(client, user.headers, holds)
-    before = app_state(db)
-    response = client.post_json(
-        "/api/api-keys", {"permissions": asks}, headers=key_headers(secret), status=400
-    )
-    assert_app_error(response, 400, "Cannot grant permissions you do not have")
-    assert app_state(db) == before
-
-
-def test_app_keys_create_key_may_grant_what_it_holds(client, user):
-    for holds, asks in [
-        (["apiKey.create", "user.read"], ["apiKey.create", "user.read", "user.read"]),
-        (["apiKey.create", "store.own"], ["store.read", "store.write", "store.own"]),
-        (["apiKey.create", "store.write"], ["store.read"]),
-        (["all"], ["all", "adminUser.delete", "store.own"]),
-    ]:
-        secret, _ = make_key(client, user.headers, holds)
-        response = client.post_json(
-            "/api/api-keys", {"permissions": asks}, headers=key_headers(secret), status=201
-        )
-        key = assert_schema(response, "APIKeyCreateResponseDto")["apiKey"]
-        assert key["permissions"] == list(dict.fromkeys(asks))
-
-
-def test_app_keys_list_is_newest_first_and_only_own(client, user, other, clock):
-    created = []
-    for name in ("first", "second", "third"):
-        created.append(make_key(client, user.headers, name=name)[1])
-        clock.advance(1)
-    make_key(client, other.headers, name="bobs")
-    response = client.get("/api/api-keys", headers=user.headers)
-    listing = assert_schema(response, ["APIKeyResponseDto"])
-    assert listing == created[::-1]
-    assert [key["name"] for key in client.get("/api/api-keys", headers=other.headers).json] == [
-        "bobs"
-    ]
-
-
-def test_app_keys_list_is_empty_without_keys(client, user):
-    assert (
-        assert_schema(client.get("/api/api-keys", headers=user.headers), ["APIKeyResponseDto"])
-        == []
-    )
-
-
-def test_app_keys_me_answers_the_key_in_use(client, user):
-    secret, key = make_key(client, user.headers, ["server.about"], name="mine")
-    make_key(client, user.headers, name="another")
-    for query, headers in [("", key_headers(secret)), (f"?apiKey={secret}", {})]:
-        response = client.get("/api/api-keys/me" + query, headers=headers)
-        assert assert_schema(response, "APIKeyResponseDto") == key
-
-
-def test_app_keys_me_with_a_session_is_403(client, user):
-    response = client.get("/api/api-keys/me", headers=user.headers, status=403)
-    assert_app_error(response, 403, "Not authenticated with an API Key")
-
-
-def test_app_keys_me_without_credentials_is_401(client, user):
-    assert_app_error(client.get("/api/api-keys/me", status=401), 401, "Authentication required")
-
-
-def test_app_keys_get_answers_own_key_by_any_case_of_its_id(client, user):
-    _, key = make_key(client, user.headers, ["user.read"])
-    for key_id in (key["id"], key["id"].upper()):
-        response = client.get(f"/api/api-keys/{key_id}", headers=user.headers)
-        assert assert_schema(response, "APIKeyResponseDto") == key
-
-
-def test_app_keys_another_users_or_unknown_key_is_400(client, user, other, db):
-    _, bobs = make_key(client, other.headers)
-    before = app_state(db)
-    for method in ("GET", "PUT", "DELETE"):
-        for key_id in (bobs["id"], "7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60"):
-            response = client.request(
-                f"/api/api-keys/{key_id}",
-                method=method,
-                headers={**user.headers, "Content-Type": "application/json"},
-                body=b'{"name": "stolen"}' if method == "PUT" else b"",
-                status=400,
-            )
-            assert_app_error(response, 400, "API Key not found")
-    assert app_state(db) == before
-
-
-@pytest.mark.parametrize(
-    "key_id",
-    ["123", "7f1a3e4c-9d2b-1c5e-8f6a-1b2c3d4e5f60", "7f1a3e4c-9d2b-4c5e-cf6a-1b2c3d4e5f60",
-     "7f1a3e4c9d2b4c5e8f6a1b2c3d4e5f60"],
-    ids=["digits", "uuid-v1", "bad-variant", "no-dashes"],
-)  # fmt: skip
-def test_app_keys_bad_id_is_400(client, user, db, key_id):
-    before = app_state(db)
-    for method in ("GET", "PUT", "DELETE"):
-        response = client.request(
-            f"/api/api-keys/{key_id}",
-            method=method,
-            headers={**user.headers, "Content-Type": "application/json"},
-            body=b'{"name": "x"}' if method == "PUT" else b"",
-            status=400,
-        )
-        assert_app_error(response, 400, ["id must be a UUID"])
-    assert app_state(db) == before
-
-
-def test_app_keys_update_changes_only_the_fields_sent(client, user, clock):
-    _, key = make_key(client, user.headers, ["user.read", "server.about"], name="old")
-    clock.advance(5)
-    response = client.put_json(f"/api/api-keys/{key['id']}", {"name": "new"}, headers=user.headers)
-    renamed = assert_schema(response, "APIKeyResponseDto")
-    assert renamed == {**key, "name": "new", "updatedAt": "2027-01-15T08:00:05.000Z"}
-    clock.advance(5)
-    body = {"permissions": ["user.update", "user.update"], "name": None}
-    response = client.put_json(f"/api/api-keys/{key['id']}", body, headers=user.headers)
-    assert response.json == {
-        **renamed,
-        "permissions": ["user.update"],
-        "updatedAt": "2027-01-15T08:00:10.000Z",
-    }
-    assert client.get("/api/api-keys", headers=user.headers).json == [response.json]
-
-
-def test_app_keys_update_empty_body_changes_no_field(client, user):
-    _, key = make_key(client, user.headers, ["user.read"], name="same")
-    response = client.put_json(f"/api/api-keys/{key['id']}", {}, headers=user.headers)
-    body = assert_schema(response, "APIKeyResponseDto")
-    assert (body["name"], body["permissions"], body["createdAt"]) == (
-        "same", ["user.read"], key["createdAt"],
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "body, messages",
-    [
-        ({"name": ""}, ["name should not be empty"]),
-        ({"name": 5}, ["name must be a string"]),
-        ({"name": "n" * 256}, ["name must be shorter than or equal to 255 characters"]),
-        ({"name": "a\x1bb"}, ["name must not contain control characters"]),
-        ({"permissions": []}, ["permissions must contain at least 1 elements"]),
-        ({"permissions": ["x"]}, [ENUM_SENTENCE]),
-        ({"permissions": "all"}, ["permissions must contain at least 1 elements"]),
-        ({"permissions": {}}, ["permissions must contain at least 1 elements", ENUM_SENTENCE]),
-        ({"name": "", "permissions": []},
-         ["name should not be empty", "permissions must contain at least 1 elements"]),
-    ],
-    ids=["name-empty", "name-number", "name-256", "name-escape", "permissions-empty",
-         "permissions-bogus", "permissions-string", "permissions-object", "both"],
-)  # fmt: skip
-def test_app_keys_update_bad_body_is_400_with_sentences(client, user, db, body, messages):
-    _, key = make_key(client, user.headers)
-    before = app_state(db)
-    response = client.put_json(f"/api/api-keys/{key['id']}", body, headers=user.headers, status=400)
-    assert_app_error(response, 400, messages)
-    assert app_state(db) == before
-
-
-def test_app_keys_update_narrower_key_cannot_widen_any_key(client, user, db):
-    secret, narrow = make_key(client, user.headers, ["apiKey.update", "user.read"])
-    _, wide = make_key(client, user.headers, ["all"])
-    before = app_state(db)
-    for key_id, asks in [(narrow["id"], ["all"]), (narrow["id"], ["server.about"]),
-                         (wide["id"], ["all"]), (wide["id"], ["server.about"])]:  # fmt: skip
-        response = client.put_json(
-            f"/api/api-keys/{key_id}",
-            {"permissions": asks},
-            headers=key_headers(secret),
-            status=400,
-        )
-        assert_app_error(response, 400, "Cannot grant permissions you do not have")
-    assert app_state(db) == before
-
-
-def test_app_keys_update_narrower_key_may_rename_a_wider_one_and_narrow_itself(client, user):
-    secret, narrow = make_key(client, user.headers, ["apiKey.update", "user.read"])
-    _, wide = make_key(client, user.headers, ["all"])
-    response = client.put_json(
-        f"/api/api-keys/{wide['id']}", {"name": "renamed"}, headers=key_headers(secret)
-    )
-    assert (response.json["name"], response.json["permissions"]) == ("renamed", ["all"])
-    response = client.put_json(
-        f"/api/api-keys/{narrow['id']}", {"name": "me", "permissions": ["apiKey.update"]},
-        headers=key_headers(secret),
-    )  # fmt: skip
-    assert (response.json["name"], response.json["permissions"]) == ("me", ["apiKey.update"])
-    response = client.get("/api/users/me", headers=key_headers(secret), status=403)
-    assert_app_error(response, 403, "Missing required permission: user.read")
-
-
-def test_app_keys_delete_removes_the_key(client, user, db):
-    secret, key = make_key(client, user.headers)
-    _, kept = make_key(client, user.headers)
-    response = client.delete(f"/api/api-keys/{key['id']}", headers=user.headers, status=204)
-    assert response.body == b""
-    assert [row[0] for row in db.execute("SELECT public_id FROM api_keys")] == [kept["id"]]
-    assert_app_error(
-        client.get("/api/users/me", headers=key_headers(secret), status=401), 401, "Invalid API key"
-    )
-    response = client.delete(f"/api/api-keys/{key['id']}", headers=user.headers, status=400)
-    assert_app_error(response, 400, "API Key not found")
-
-
-def test_app_keys_key_may_delete_itself(client, user, db):
-    secret, key = make_key(client, user.headers, ["apiKey.delete"])
-    client.delete(f"/api/api-keys/{key['id']}", headers=key_headers(secret), status=204)
-    assert table_counts(db)["api_keys"] == 0
-    assert_app_error(
-        client.get("/api/api-keys/me", headers=key_headers(secret), status=401),
-        401,
-        "Invalid API key",
-    )
-
-
-def test_app_keys_survive_password_changes_and_reset(client, user, caplog):
-    secret, key = make_key(client, user.headers, ["user.read"])
-    client.post_json("/password", {"password": "second password"}, headers=user.headers, status=204)
-    body = {"password": "second password", "newPassword": "third password"}
-    client.post_json("/api/auth/change-password", body, headers=user.headers, status=200)
-    token = app_reset_token(client, caplog)
-    client.post_json("/password", {"password": "fourth password"}, headers=app_headers(token),
-                     status=204)  # fmt: skip
-    assert client.get("/api/users/me", headers=key_headers(secret)).json["email"] == "alice"
-    token = app_login(client, "alice", "fourth password").json["accessToken"]
-    assert client.get("/api/api-keys", headers=app_headers(token)).json == [key]
-
-
-def test_app_keys_never_expire(client, user, clock):
-    secret, _ = make_key(client, user.headers, ["user.read"])
-    clock.advance(10 * 365 * 86400)
-    assert client.get("/api/users/me", headers=key_headers(secret)).json["email"] == "alice"
-    assert_app_error(
-        client.get("/api/users/me", headers=user.headers, status=401), 401, "Invalid user token"
-    )
-
-
-# API keys on Sync Node paths (README, App API): a request, the permission it needs and the status
-# a key holding it gets. The fixture `stored` makes alice own "k" and "bob" exist.
-SYNC_OPERATIONS = [
-    ("GET", "/store", "store.read", 200),
-    ("HEAD", "/store/k", "store.read", 200),
-    ("GET", "/store/k", "store.read", 200),
-    ("GET", "/permission/k", "store.read", 200),
-    ("PUT", "/store/k", "store.write", 204),
-    ("DELETE", "/store/k", "store.own", 204),
-    ("PUT", "/permission/k", "store.own", 204),
-    ("DELETE", "/permission/k?users=bob", "store.own", 204),
-    ("GET", "/account", "session.read", 200),
-]
-SYNC_OPERATION_IDS = [f"{method}-{path[1:]}" for method, path, *_ in SYNC_OPERATIONS]
-
-
-def call_sync_operation(client, headers: dict, method: str, path: str, token: str):
-    """Call a Sync Node operation with the body and X-Sync-Token it needs."""
-    headers = {**headers, "X-Sync-Token": token}
-    if path == "/permission/k" and method == "PUT":
-        body = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
-    else:
-        body = b"new value" if method == "PUT" else b""
-    return client.request(path, method=method, headers=headers, body=body, expect_errors=True)
-
-
-@pytest.fixture
-def stored(client, user, other) -> str:
-    """Alice owns "k" (READ for bob); return its store token."""
-    token = put(client, user, "k", b"value").headers["X-Sync-Token"]
-    share(client, user, "k", {"bob": "READ"})
-    return token
-
-
-@pytest.mark.parametrize(
-    "method, path, permission, status", SYNC_OPERATIONS, ids=SYNC_OPERATION_IDS
-)
-def test_app_keys_sync_node_operation_with_the_permission_passes(
-    client, user, stored, method, path, permission, status
-):
-    secret, _ = make_key(client, user.headers, [permission])
-    response = call_sync_operation(client, key_headers(secret), method, path, stored)
-    assert response.status_int == status
-    if path == "/account":
-        assert [session["current"] for session in response.json] == [False]
-
-
-@pytest.mark.parametrize(
-    "method, path, permission, status", SYNC_OPERATIONS, ids=SYNC_OPERATION_IDS
-)
-def test_app_keys_sync_node_operation_without_the_permission_is_perm01(
-    client, user, db, stored, method, path, permission, status
-):
-    unrelated = {"store.read": "session.read", "session.read": "store.own"}.get(
-        permission, "store.read"
-    )
-    secret, _ = make_key(client, user.headers, [unrelated, "user.read", "apiKey.create"])
-    before = app_state(db)
-    response = call_sync_operation(client, key_headers(secret), method, path, stored)
-    assert response.status_int == 403
-    if method != "HEAD":
-        assert_error(response, 403, "PERM01")
-        assert response.json["message"] == f"Missing required permission: {permission}"
-    assert app_state(db) == before
-
-
-@pytest.mark.parametrize("permission", ["store.own", "store.write"])
-def test_app_keys_wider_store_permission_covers_narrower(client, user, stored, permission):
-    secret, _ = make_key(client, user.headers, [permission])
-    client.get("/store/k", headers=key_headers(secret), status=200)
-    client.get("/store", headers=key_headers(secret), status=200)
-    client.put("/store/k", b"v2", headers={**key_headers(secret), "X-Sync-Token": stored},
-               status=204)  # fmt: skip
-
-
-# ==================================================================================================
-# App API: sessions
-# ==================================================================================================
-
-
-def test_app_sessions_list_fields_order_and_current(client, user, other, clock, db):
-    clock.advance(10)
-    second = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
-    clock.advance(10)
-    third = app_login(client).json["accessToken"]
-    listing = sessions_listing(client, app_headers(second))
-    ids = [session_id_of(db, token) for token in (third, second, user.token)]
-    assert [session["id"] for session in listing] == ids
-    assert [session["current"] for session in listing] == [False, True, False]
-    assert listing[1] == {
-        "id": ids[1],
-        "createdAt": "2027-01-15T08:00:10.000Z",
-        "updatedAt": "2027-01-15T08:00:10.000Z",
-        "expiresAt": "2027-02-14T08:00:10.000Z",
-        "current": True,
-        "deviceType": "",
-        "deviceOS": "",
-        "appVersion": None,
-        "isPendingSyncReset": False,
-    }
-    assert user.token not in json.dumps(listing) and second not in json.dumps(listing)
-    assert len(sessions_listing(client, other.headers)) == 1
-
-
-def test_app_sessions_list_orders_by_updated_then_created(client, user, clock, db):
-    clock.advance(10)
-    second = app_login(client).json["accessToken"]
-    clock.advance(10)
-    third = app_login(client).json["accessToken"]
-    clock.advance(3601)
-    client.get("/store", headers=user.headers)  # Refreshes the first session.
-    listing = sessions_listing(client, app_headers(second))  # And this the second.
-    ids = [session_id_of(db, token) for token in (second, user.token, third)]
-    assert [session["id"] for session in listing] == ids
-    assert [session["updatedAt"] for session in listing] == [
-        "2027-01-15T09:00:21.000Z", "2027-01-15T09:00:21.000Z", "2027-01-15T08:00:20.000Z",
-    ]  # fmt: skip
-
-
-def test_app_sessions_list_leaves_out_expired_sessions(make_app, clock):
-    client = webtest.TestApp(make_app(session_ttl=100))
-    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
-    clock.advance(50)
-    newer = app_login(client).json["accessToken"]
-    clock.advance(50)
-    listing = sessions_listing(client, app_headers(newer))
-    assert [session["current"] for session in listing] == [True]
-    assert token not in json.dumps(listing)
-
-
-def test_app_sessions_list_with_api_key_has_no_current(client, user):
-    secret, _ = make_key(client, user.headers, ["session.read"])
-    app_login(client)
-    listing = sessions_listing(client, key_headers(secret))
-    assert [session["current"] for session in listing] == [False, False]
-
-
-def test_app_sessions_create_child_answers_it_with_token(client, user, clock, db):
-    clock.advance(30)
-    body = {"deviceType": "Television", "deviceOS": "webOS"}
-    response = client.post_json("/api/sessions", body, headers=user.headers)
-    assert response.status_int == 201
-    child = assert_schema(response, "SessionCreateResponseDto")
-    assert child == {
-        "id": child["id"],
-        "createdAt": "2027-01-15T08:00:30.000Z",
-        "updatedAt": "2027-01-15T08:00:30.000Z",
-        "expiresAt": "2027-02-14T08:00:00.000Z",
-        "current": False,
-        "deviceType": "Television",
-        "deviceOS": "webOS",
-        "appVersion": None,
-        "isPendingSyncReset": False,
-        "token": child["token"],
-    }
-    assert len(child["token"]) >= 43
-    row = db.execute(
-        "SELECT public_id, parent_id, token_digest FROM sessions WHERE public_id = ?",
-        (child["id"],),
-    ).fetchone()
-    parent = db.execute(
-        "SELECT id FROM sessions WHERE token_digest = ?", (token_digest(user.token),)
-    ).fetchone()
-    assert row == (child["id"], parent[0], token_digest(child["token"]))
-    assert child["token"] not in repr(db.execute("SELECT * FROM sessions").fetchall())
-    listing = sessions_listing(client, user.headers)
-    assert {key: value for key, value in child.items() if key != "token"} in listing
-
-
-def test_app_sessions_child_token_works_on_both_apis(client, user):
-    child = make_child(client, user.headers)["token"]
-    assert my_user(client, app_headers(child))["email"] == "alice"
-    client.get("/store", headers=app_headers(child), status=200)
-    put(client, User("alice", child), "from-child")
-    grandchild = make_child(client, app_headers(child))["token"]
-    client.get("/store/from-child", headers=app_headers(grandchild), status=200)
-
-
-def test_app_sessions_child_expiry_is_never_past_the_parent(client, user):
-    parents = "2027-02-14T08:00:00.000Z"
-    for body, expires in [
-        ({}, parents),
-        ({"duration": None}, parents),
-        ({"duration": 1}, "2027-01-15T08:00:01.000Z"),
-        ({"duration": 2.0}, "2027-01-15T08:00:02.000Z"),
-        ({"duration": 30 * 86400}, parents),
-        ({"duration": 30 * 86400 + 1}, parents),
-        ({"duration": 10**12}, parents),
-    ]:
-        assert make_child(client, user.headers, **body)["expiresAt"] == expires, body
-
-
-def test_app_sessions_grandchild_expiry_is_capped_by_its_parent(client, user, clock):
-    child = make_child(client, user.headers, duration=60)
-    clock.advance(10)
-    grandchild = make_child(client, app_headers(child["token"]), duration=3600)
-    assert grandchild["expiresAt"] == "2027-01-15T08:01:00.000Z"
-
-
-@pytest.mark.parametrize(
-    "body, messages",
-    [
-        ({"duration": 0}, ["duration must be a positive number"]),
-        ({"duration": 1.5}, ["duration must be an integer number"]),
-        ({"duration": -1.5},
-         ["duration must be a positive number", "duration must be an integer number"]),
-        ({"duration": "10"},
-         ["duration must be a positive number", "duration must be an integer number"]),
-        ({"duration": True},
-         ["duration must be a positive number", "duration must be an integer number"]),
-        ({"deviceType": 5}, ["deviceType must be a string"]),
-        ({"deviceOS": []}, ["deviceOS must be a string"]),
-        ({"deviceType": "t" * 256},
-         ["deviceType must be shorter than or equal to 255 characters"]),
-        ({"duration": 0.5, "deviceType": 5, "deviceOS": False},
-         ["duration must be an integer number", "deviceType must be a string",
-          "deviceOS must be a string"]),
-    ],
-    ids=["zero", "fraction", "negative-fraction", "string", "bool", "type-number", "os-array",
-         "type-256", "all-three"],
-)  # fmt: skip
-def test_app_sessions_create_bad_body_is_400_with_sentences(client, user, db, body, messages):
-    before = app_state(db)
-    response = client.post_json("/api/sessions", body, headers=user.headers, status=400)
-    assert_app_error(response, 400, messages)
-    assert app_state(db) == before
-
-
-def test_app_sessions_create_accepts_nulls_and_edge_lengths(client, user):
-    child = make_child(client, user.headers, duration=None, deviceType=None, deviceOS=None)
-    assert (child["deviceType"], child["deviceOS"]) == ("", "")
-    child = make_child(client, user.headers, deviceType="t" * 255, deviceOS="o" * 255)
-    assert (child["deviceType"], child["deviceOS"]) == ("t" * 255, "o" * 255)
-
-
-def test_app_sessions_create_accepts_empty_device_fields(client, user):
-    child = make_child(client, user.headers, deviceType="", deviceOS="")
-    assert (child["deviceType"], child["deviceOS"]) == ("", "")
-
-
-def test_app_sessions_create_with_api_key_is_400(client, user, db):
-    secret, _ = make_key(client, user.headers)
-    before = app_state(db)
-    response = client.post_json("/api/sessions", {}, headers=key_headers(secret), status=400)
-    assert_app_error(response, 400, "This endpoint can only be used with a session token")
-    assert app_state(db) == before
-
-
-def parent_with_family(client) -> tuple[str, str, str]:
-    """Log alice in and make a child and a grandchild; return the three tokens."""
-    parent = app_login(client).json["accessToken"]
-    child = make_child(client, app_headers(parent))["token"]
-    grandchild = make_child(client, app_headers(child))["token"]
-    return parent, child, grandchild
-
-
-def assert_ended(client, *tokens: str) -> None:
-    """Assert each session token is refused on both APIs."""
-    for token in tokens:
-        response = client.get("/api/users/me", headers=app_headers(token), status=401)
-        assert_app_error(response, 401, "Invalid user token")
-        assert_error(client.get("/store", headers=app_headers(token), status=401), 401, "AUTH01")
-
-
-@pytest.mark.parametrize(
-    "how",
-    [
-        "app-logout",
-        "app-delete-session",
-        "sync-node-logout",
-        "sync-node-password",
-        "app-delete-all",
+        pytest.param(["--access-log", "maybe"], {}, "--access-log", id="flag"),
+        pytest.param([], {"SYNCNODE_ACCESS_LOG": "maybe"}, "SYNCNODE_ACCESS_LOG", id="variable"),
     ],
 )
-def test_app_sessions_children_end_with_the_parent(client, user, db, how):
-    parent, child, grandchild = parent_with_family(client)
-    if how == "app-logout":
-        client.post("/api/auth/logout", headers=app_headers(parent))
-    elif how == "app-delete-session":
-        session_id = session_id_of(db, parent)
-        client.delete(f"/api/sessions/{session_id}", headers=user.headers, status=204)
-    elif how == "sync-node-logout":
-        client.delete("/auth", headers=app_headers(parent), status=204)
-    elif how == "sync-node-password":
-        body = {"password": "another password"}
-        client.post_json("/password", body, headers=user.headers, status=204)
-    else:
-        client.delete("/api/sessions", headers=user.headers, status=204)
-    assert_ended(client, parent, child, grandchild)
-    client.get("/api/users/me", headers=user.headers, status=200)
-    assert table_counts(db)["sessions"] == 1
-
-
-def test_app_sessions_children_end_with_the_parents_expiry(make_app, clock):
-    client = webtest.TestApp(make_app(session_ttl=100))
-    parent = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
-    child = make_child(client, app_headers(parent))["token"]
-    clock.advance(99)
-    grandchild = make_child(client, app_headers(child))["token"]
-    client.get("/api/users/me", headers=app_headers(grandchild), status=200)
-    clock.advance(1)
-    assert_ended(client, parent, child, grandchild)
-
-
-def test_app_sessions_delete_all_keeps_only_the_current_one(client, user, other, db):
-    current = app_login(client).json["accessToken"]
-    own_child = make_child(client, app_headers(current))["token"]
-    other_child = make_child(client, user.headers)["token"]
-    response = client.delete("/api/sessions", headers=app_headers(current), status=204)
-    assert response.body == b""
-    assert_ended(client, user.token, own_child, other_child)
-    [session] = sessions_listing(client, app_headers(current))
-    assert session["current"] is True
-    client.get("/store", headers=other.headers, status=200)
-
-
-def test_app_sessions_delete_all_from_a_child_keeps_only_it(client, user, db):
-    child = make_child(client, user.headers)["token"]
-    client.delete("/api/sessions", headers=app_headers(child), status=204)
-    assert_ended(client, user.token)
-    assert [s["current"] for s in sessions_listing(client, app_headers(child))] == [True]
-
-
-def test_app_sessions_delete_all_with_api_key_ends_every_session(client, user, other, db):
-    secret, _ = make_key(client, user.headers, ["session.delete", "user.read"])
-    make_child(client, user.headers)
-    app_login(client)
-    client.delete("/api/sessions", headers=key_headers(secret), status=204)
-    assert table_counts(db)["sessions"] == 1  # Bob's.
-    client.get("/api/users/me", headers=key_headers(secret), status=200)
-    client.get("/store", headers=other.headers, status=200)
-
-
-def test_app_sessions_delete_one_ends_it(client, user, db):
-    second = app_login(client).json["accessToken"]
-    response = client.delete(
-        f"/api/sessions/{session_id_of(db, second)}", headers=user.headers, status=204
-    )
-    assert response.body == b""
-    assert_ended(client, second)
-    client.get("/api/users/me", headers=user.headers, status=200)
-
-
-def test_app_sessions_delete_one_may_end_the_current_session(client, user, db):
-    session_id = session_id_of(db, user.token)
-    client.delete(f"/api/sessions/{session_id.upper()}", headers=user.headers, status=204)
-    assert_ended(client, user.token)
-    assert table_counts(db)["sessions"] == 0
-
-
-def test_app_sessions_delete_unknown_or_another_users_session_is_400(client, user, other, db):
-    before = app_state(db)
-    for session_id in (session_id_of(db, other.token), "7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60"):
-        response = client.delete(f"/api/sessions/{session_id}", headers=user.headers, status=400)
-        assert_app_error(response, 400, "Not found or no authDevice.delete access")
-    assert app_state(db) == before
-    client.get("/store", headers=other.headers, status=200)
-
-
-def test_app_sessions_delete_bad_id_is_400(client, user, db):
-    before = app_state(db)
-    for session_id in ("123", "7f1a3e4c-9d2b-1c5e-8f6a-1b2c3d4e5f60"):
-        response = client.delete(f"/api/sessions/{session_id}", headers=user.headers, status=400)
-        assert_app_error(response, 400, ["id must be a UUID"])
-    assert app_state(db) == before
-
-
-# User-Agent and headers, and the device fields a session records (README, App API).
-DEVICES = [
-    ({"User-Agent": CHROME_WINDOWS[:-14] + "Safari/537.36 Edg/120.0.0.0"}, "Edge", "Windows", None),
-    ({"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36 OPR/106.0"},
-     "Opera", "Linux", None),
-    ({"User-Agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10.15; rv:121.0) Firefox/121.0"},
-     "Firefox", "macOS", None),
-    ({"User-Agent": CHROME_WINDOWS}, "Chrome", "Windows", None),
-    ({"User-Agent": "Mozilla/5.0 (Linux; Android 14; Pixel 8) Chrome/120.0 Mobile Safari/537.36"},
-     "Chrome", "Android", None),
-    ({"User-Agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) CriOS/120.0 "
-                    "Mobile/15E148 Safari/604.1"}, "Chrome", "iOS", None),
-    ({"User-Agent": "Mozilla/5.0 (iPad; CPU OS 17_0 like Mac OS X) Version/17.0 Safari/604.1"},
-     "Safari", "iOS", None),
-    ({"User-Agent": "Mozilla/5.0 (X11; CrOS x86_64 14541.0.0) Chrome/120.0 Safari/537.36"},
-     "Chrome", "Chrome OS", None),
-    ({"User-Agent": "Mozilla/5.0 (compatible; Unknown)", "deviceModel": "Pixel 8",
-      "deviceType": "Android"}, "Pixel 8", "Android", None),
-    ({"User-Agent": "Mozilla/5.0 (Plan9) Firefox/1.0", "deviceType": "Plan 9"},
-     "Firefox", "Plan 9", None),
-    ({"User-Agent": "immich-android/1.2.3", "deviceModel": "Pixel 8", "deviceType": "Android"},
-     "Pixel 8", "Android", "1.2.3"),
-    ({"User-Agent": "immich-ios/1.120.0", "deviceModel": "iPhone15,2", "deviceType": "iOS"},
-     "iPhone15,2", "iOS", "1.120.0"),
-    ({"User-Agent": "Immich_Android_1.99.0"}, "", "", "1.99.0"),
-    ({"User-Agent": "Immich_iOS_2.0.0-beta"}, "", "", "2.0.0-beta"),
-    ({"User-Agent": "curl/8.5.0"}, "", "", None),
-    ({}, "", "", None),
-    ({"User-Agent": "immich-android/" + "9" * 100, "deviceModel": "m" * 100,
-      "deviceType": "t" * 100}, "m" * 64, "t" * 64, "9" * 64),
-]  # fmt: skip
-DEVICE_IDS = [
-    "edge-windows", "opera-linux", "firefox-macos", "chrome-windows", "chrome-android",
-    "crios-iphone", "safari-ipad", "chrome-os", "mozilla-no-match", "browser-without-os",
-    "immich-android", "immich-ios", "old-android", "old-ios", "curl", "nothing", "cut-to-64",
-]  # fmt: skip
-
-
-def test_app_sessions_device_fields_come_from_the_request(client, user):
-    for case, (headers, *expected) in zip(DEVICE_IDS, DEVICES, strict=True):
-        token = app_login(client, headers=headers).json["accessToken"]
-        listing = sessions_listing(client, {**headers, **app_headers(token)})
-        [session] = [session for session in listing if session["current"]]
-        fields = [session["deviceType"], session["deviceOS"], session["appVersion"]]
-        assert fields == expected, case
-
-
-@pytest.mark.parametrize("path", ["/account", "/auth"])
-def test_app_sessions_sync_node_sessions_record_the_device_too(client, user, path):
-    headers = {"User-Agent": "immich-ios/1.5.0", "deviceModel": "iPhone", "deviceType": "iOS"}
-    body = {"id": "carol" if path == "/account" else "alice", "password": PASSWORD}
-    token = client.post_json(path, body, headers=headers).json["token"]
-    [session] = [
-        s for s in sessions_listing(client, {**headers, **app_headers(token)}) if s["current"]
-    ]
-    assert (session["deviceType"], session["deviceOS"], session["appVersion"]) == (
-        "iPhone", "iOS", "1.5.0",
-    )  # fmt: skip
-
-
-def device_of(client, db, token: str, secret: str) -> tuple:
-    """Return (deviceType, deviceOS, appVersion, updatedAt, expiresAt) of a session.
-
-    The listing is read with an API key, which refreshes no session.
-    """
-    session_id = session_id_of(db, token)
-    [session] = [s for s in sessions_listing(client, key_headers(secret)) if s["id"] == session_id]
-    keys = ("deviceType", "deviceOS", "appVersion", "updatedAt", "expiresAt")
-    return tuple(session[key] for key in keys)
-
-
-def test_app_sessions_device_is_refreshed_after_an_hour_on_either_api(client, user, clock, db):
-    firefox, chrome = {"User-Agent": FIREFOX_LINUX}, {"User-Agent": CHROME_WINDOWS}
-    secret, _ = make_key(client, user.headers, ["session.read"])
-    token = app_login(client, headers=firefox).json["accessToken"]
-    expires = "2027-02-14T08:00:00.000Z"
-    clock.advance(3600)
-    client.get("/api/users/me", headers={**chrome, **app_headers(token)})
-    assert device_of(client, db, token, secret) == ("Firefox", "Linux", None, CLOCK_START, expires)
-    clock.advance(1)
-    client.get("/api/users/me", headers={**chrome, **app_headers(token)})
-    refreshed = ("Chrome", "Windows", None, "2027-01-15T09:00:01.000Z", expires)
-    assert device_of(client, db, token, secret) == refreshed
-    clock.advance(3601)
-    client.get("/store", headers={**firefox, **app_headers(token)})
-    assert device_of(client, db, token, secret) == (
-        "Firefox", "Linux", None, "2027-01-15T10:00:02.000Z", expires,
-    )  # fmt: skip
-
-
-def test_app_sessions_device_is_refreshed_when_the_app_version_changes(client, user, clock, db):
-    old = {"User-Agent": "immich-android/1.0.0", "deviceModel": "Pixel 7", "deviceType": "Android"}
-    new = {"User-Agent": "immich-android/1.1.0", "deviceModel": "Pixel 8", "deviceType": "Android"}
-    secret, _ = make_key(client, user.headers, ["session.read"])
-    token = app_login(client, headers=old).json["accessToken"]
-    clock.advance(60)
-    client.get("/api/users/me", headers={**old, "deviceModel": "ignored", **app_headers(token)})
-    assert device_of(client, db, token, secret)[:4] == ("Pixel 7", "Android", "1.0.0", CLOCK_START)
-    client.get("/api/users/me", headers={**new, **app_headers(token)})
-    assert device_of(client, db, token, secret)[:4] == (
-        "Pixel 8", "Android", "1.1.0", "2027-01-15T08:01:00.000Z",
-    )  # fmt: skip
+def test_cli_bad_boolean_lists_the_accepted_words(tmp_path, taken_port, args, variables, named):
+    # The port is taken, so that a value wrongly accepted fails fast instead of serving.
+    result = run_cli(tmp_path, *args, "--port", str(taken_port), **variables, timeout=20)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.splitlines()[-1]
+    assert last_line.startswith("syncnode: error:") and named in last_line
+    for word in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        assert re.search(rf"\b{word}\b", last_line), word
 
 
 # ==================================================================================================
-# App API: users
+# CLI: admin commands
 # ==================================================================================================
-
-
-def test_app_users_list_admin_sees_everyone_newest_first(client, make_user, clock):
-    alice = make_user("alice")
-    clock.advance(1)
-    make_user("bob@example.org")
-    clock.advance(1)
-    make_user("carol")
-    response = client.get("/api/users", headers=alice.headers)
-    listing = assert_schema(response, ["UserResponseDto"])
-    assert [(u["email"], u["name"]) for u in listing] == [
-        ("carol", "carol"), ("bob@example.org", "bob"), ("alice", "alice"),
-    ]  # fmt: skip
-
-
-def test_app_users_list_non_admin_sees_only_itself(client, user, other):
-    secret, _ = make_key(client, other.headers, ["user.read"])
-    for headers in (other.headers, key_headers(secret)):
-        listing = assert_schema(client.get("/api/users", headers=headers), ["UserResponseDto"])
-        assert listing == [{key: value for key, value in my_user(client, other.headers).items()
-                            if key in ("id", "name", "email")}]  # fmt: skip
-
-
-def test_app_users_list_public_users_shows_everyone(make_app):
-    client = webtest.TestApp(make_app(public_users=True))
-    for name in ("alice", "bob"):
-        token = client.post_json("/account", {"id": name, "password": PASSWORD}).json["token"]
-    listing = assert_schema(
-        client.get("/api/users", headers=app_headers(token)), ["UserResponseDto"]
-    )
-    assert [user["email"] for user in listing] == ["bob", "alice"]
-
-
-def test_app_users_me_answers_the_admin_dto(client, user, other, clock):
-    response = client.get("/api/users/me", headers=other.headers)
-    me = assert_schema(response, "UserAdminResponseDto")
-    assert me == {
-        "id": me["id"],
-        "name": "bob",
-        "email": "bob",
-        "shouldChangePassword": False,
-        "isAdmin": False,
-        "createdAt": CLOCK_START,
-        "deletedAt": None,
-        "updatedAt": CLOCK_START,
-        "status": "active",
-    }
-    assert my_user(client, user.headers)["isAdmin"] is True
-
-
-def test_app_users_default_name_is_the_part_before_the_last_at(client, make_user):
-    for name, display in [
-        ("alice@example.org", "alice"), ("a@b@example.org", "a@b"), ("carol", "carol"),
-        ("@handle", "@handle"), ("dave@", "dave"), ("@", "@"),
-    ]:  # fmt: skip
-        created = make_user(name)
-        assert my_user(client, created.headers)["name"] == display, name
-
-
-def test_app_users_update_me_with_empty_body_changes_nothing(client, user, clock, db):
-    before = my_user(client, user.headers)
-    state = app_state(db)
-    clock.advance(60)
-    for body in ({}, {"email": None, "name": None}, {"unknown": "x"}):
-        response = client.put_json("/api/users/me", body, headers=user.headers)
-        assert assert_schema(response, "UserAdminResponseDto") == before
-    assert app_state(db) == state
-
-
-def test_app_users_update_me_renames_the_display_name(client, user, clock):
-    clock.advance(61)
-    response = client.put_json("/api/users/me", {"name": "Alice Liddell"}, headers=user.headers)
-    me = assert_schema(response, "UserAdminResponseDto")
-    assert (me["name"], me["email"]) == ("Alice Liddell", "alice")
-    assert me["updatedAt"] == "2027-01-15T08:01:01.000Z" and me["createdAt"] == CLOCK_START
-    assert my_user(client, user.headers) == me
-    assert app_login(client).json["name"] == "Alice Liddell"
-
-
-def test_app_users_updated_at_moves_with_a_sync_node_password_change(client, user, clock):
-    clock.advance(2)
-    client.post_json("/password", {"password": "another password"}, headers=user.headers)
-    me = my_user(client, user.headers)
-    assert (me["createdAt"], me["updatedAt"]) == (CLOCK_START, "2027-01-15T08:00:02.000Z")
-
-
-def test_app_users_update_me_ignores_password_and_avatar_color(client, user, db):
-    before = app_state(db)
-    body = {"password": "another password", "avatarColor": "red", "isAdmin": False}
-    client.put_json("/api/users/me", body, headers=user.headers, status=200)
-    assert app_state(db) == before
-    app_login(client, "alice", PASSWORD, status=201)
-
-
-def test_app_users_update_me_email_renames_the_sync_node_id(client, user, other, clock, db):
-    secret, _ = make_key(client, user.headers, ["user.read", "store.read"])
-    put(client, user, "k")
-    share(client, user, "k", {"bob": "READ"})
-    clock.advance(5)
-    body = {"email": " Alice@Example.ORG "}
-    response = client.put_json("/api/users/me", body, headers=user.headers)
-    me = assert_schema(response, "UserAdminResponseDto")
-    assert (me["email"], me["name"]) == ("alice@example.org", "alice")
-    assert me["updatedAt"] == "2027-01-15T08:00:05.000Z"
-    client.post_json("/auth", {"id": "alice@example.org", "password": PASSWORD}, status=200)
-    assert_error(
-        client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=401), 401, "AUTH01"
-    )
-    app_login(client, "alice@example.org", PASSWORD, status=201)
-    assert my_user(client, user.headers)["email"] == "alice@example.org"
-    assert my_user(client, key_headers(secret))["email"] == "alice@example.org"
-    assert client.get("/permission/k", headers=other.headers).json == [
-        {"user": "alice@example.org", "permission": "OWN"},
-        {"user": "bob", "permission": "READ"},
-    ]
-    assert client.get("/permission/k", headers=key_headers(secret)).status_int == 200
-    client.post_json("/account", {"id": "alice", "password": PASSWORD}, status=200)
-
-
-def test_app_users_update_me_with_a_taken_email_is_400(client, user, other, db):
-    before = app_state(db)
-    for taken in ("bob", " BOB "):
-        response = client.put_json(
-            "/api/users/me", {"email": taken}, headers=user.headers, status=400
-        )
-        assert_app_error(response, 400, "Email already in use by another account")
-    assert app_state(db) == before
-
-
-def test_app_users_update_me_with_own_email_is_accepted(client, user):
-    me = client.put_json("/api/users/me", {"email": "ALICE"}, headers=user.headers).json
-    assert me["email"] == "alice"
-
-
-@pytest.mark.parametrize(
-    "body, messages",
-    [
-        ({"email": ""}, ["email must be an email"]),
-        ({"email": "a b"}, ["email must be an email"]),
-        ({"name": ""}, ["name should not be empty"]),
-        ({"name": 5}, ["name must be a string"]),
-        ({"name": "n" * 256}, ["name must be shorter than or equal to 255 characters"]),
-        ({"name": "line\nbreak"}, ["name must not contain control characters"]),
-        ({"name": "c1\x85"}, ["name must not contain control characters"]),
-        ({"email": 5, "name": 5}, ["email must be an email", "name must be a string"]),
-    ],
-    ids=["email-empty", "email-space", "name-empty", "name-number",
-         "name-256", "name-newline", "name-c1", "both"],
-)  # fmt: skip
-def test_app_users_update_me_bad_body_is_400_with_sentences(client, user, db, body, messages):
-    before = app_state(db)
-    response = client.put_json("/api/users/me", body, headers=user.headers, status=400)
-    assert_app_error(response, 400, messages)
-    assert app_state(db) == before
-
-
-def test_app_users_get_answers_any_account(client, user, other):
-    bob = my_user(client, other.headers)
-    for user_id in (bob["id"], bob["id"].upper()):
-        response = client.get(f"/api/users/{user_id}", headers=user.headers)
-        assert assert_schema(response, "UserResponseDto") == {
-            "id": bob["id"], "name": "bob", "email": "bob",
-        }  # fmt: skip
-
-
-def test_app_users_get_unknown_is_400(client, user, other, db):
-    bob = my_user(client, other.headers)
-    client.delete("/account", headers=other.headers, status=204)
-    for user_id in (bob["id"], "7f1a3e4c-9d2b-4c5e-8f6a-1b2c3d4e5f60"):
-        response = client.get(f"/api/users/{user_id}", headers=user.headers, status=400)
-        assert_app_error(response, 400, "User not found")
-
-
-@pytest.mark.parametrize(
-    "user_id", ["123", "7f1a3e4c-9d2b-1c5e-8f6a-1b2c3d4e5f60"], ids=["digits", "v1"]
-)
-def test_app_users_get_bad_id_is_400(client, user, user_id):
-    response = client.get(f"/api/users/{user_id}", headers=user.headers, status=400)
-    assert_app_error(response, 400, ["id must be a UUID"])
-
-
-def test_app_users_deleting_the_admin_makes_the_next_oldest_admin(client, make_user, clock):
-    alice = make_user("alice")
-    clock.advance(1)
-    bob = make_user("bob")
-    clock.advance(1)
-    carol = make_user("carol")
-    client.delete("/account", headers=alice.headers, status=204)
-    assert my_user(client, bob.headers)["isAdmin"] is True
-    assert my_user(client, carol.headers)["isAdmin"] is False
-    assert app_login(client, "bob").json["isAdmin"] is True
-    assert [u["email"] for u in client.get("/api/users", headers=bob.headers).json] == [
-        "carol", "bob",
-    ]  # fmt: skip
-    assert client.get("/api/users", headers=carol.headers).json[0]["email"] == "carol"
-
-
-def test_app_users_admin_stays_the_oldest_account(client, make_user, clock):
-    alice = make_user("alice")
-    clock.advance(1)
-    bob = make_user("bob")
-    client.delete("/account", headers=bob.headers, status=204)
-    clock.advance(1)
-    bob = make_user("bob")
-    assert my_user(client, alice.headers)["isAdmin"] is True
-    assert my_user(client, bob.headers)["isAdmin"] is False
-
-
-# ==================================================================================================
-# App API: server
-# ==================================================================================================
-
-
-@pytest.mark.parametrize(
-    "path, schema, answer",
-    [
-        ("/api/server/ping", "ServerPingResponse", {"res": "pong"}),
-        ("/api/server/features", "ServerFeaturesDto", {"passwordLogin": True}),
-    ],
-    ids=["ping", "features"],
-)
-def test_app_server_public_answers(client, path, schema, answer):
-    for headers in ({}, {"Authorization": "Bearer unknown", "x-immich-share-key": "k"}):
-        response = client.get(path, headers=headers)
-        assert response.status_int == 200
-        assert assert_schema(response, schema) == answer
-
-
-def test_app_server_version_is_syncnodes_own(client, monkeypatch):
-    major, minor, patch = (int(part) for part in syncnode.__version__.split("."))
-    response = client.get("/api/server/version")
-    assert assert_schema(response, "ServerVersionResponseDto") == {
-        "major": major, "minor": minor, "patch": patch,
-    }  # fmt: skip
-    monkeypatch.setattr(syncnode, "__version__", "12.34.5rc1")
-    assert client.get("/api/server/version").json == {"major": 12, "minor": 34, "patch": 5}
-
-
-@pytest.mark.parametrize("version", ["12.34.5.dev1", "12.34.5-rc.1"], ids=["pep440-dev", "semver"])
-def test_app_server_version_drops_a_dotted_pre_release_part(client, monkeypatch, version):
-    monkeypatch.setattr(syncnode, "__version__", version)
-    response = client.get("/api/server/version")
-    assert response.json == {"major": 12, "minor": 34, "patch": 5}
-
-
-def test_app_server_about_answers_the_version(client, user):
-    secret, _ = make_key(client, user.headers, ["server.about"])
-    for headers in (user.headers, key_headers(secret)):
-        response = client.get("/api/server/about", headers=headers)
-        assert assert_schema(response, "ServerAboutResponseDto") == {
-            "version": f"v{syncnode.__version__}",
-            "versionUrl": "",
-        }
-
-
-def test_app_server_about_needs_credentials_and_server_about(client, user):
-    assert_app_error(client.get("/api/server/about", status=401), 401, "Authentication required")
-    secret, _ = make_key(client, user.headers, ["user.read"])
-    response = client.get("/api/server/about", headers=key_headers(secret), status=403)
-    assert_app_error(response, 403, "Missing required permission: server.about")
-
-
-def test_app_server_config_is_initialized_once_an_admin_exists(client, db):
-    def config() -> dict:
-        return assert_schema(client.get("/api/server/config"), "ServerConfigDto")
-
-    assert config() == {"loginPageMessage": "", "userDeleteDelay": 0, "isInitialized": False}
-    token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
-    assert config()["isInitialized"] is True
-    client.delete("/account", headers=app_headers(token), status=204)
-    assert config()["isInitialized"] is False
-    body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
-    client.post_json("/api/auth/admin-sign-up", body, status=201)
-    assert config() == {"loginPageMessage": "", "userDeleteDelay": 0, "isInitialized": True}
-
-
-def test_app_server_well_known_immich_at_the_root(client):
-    response = client.get("/.well-known/immich")
-    assert response.status_int == 200
-    assert response.content_type == "application/json"
-    assert response.json == {"api": {"endpoint": "/api"}}
-
-
-def test_app_server_well_known_immich_under_a_mount_prefix(app, client, user):
-    sync = mounted(app)
-    assert sync.get("/sync/.well-known/immich").json == {"api": {"endpoint": "/sync/api"}}
-    assert sync.get("/sync/api/server/ping").json == {"res": "pong"}
-    response = sync.get("/sync/api/nope", status=404)
-    assert_app_error(response, 404, "Cannot GET /api/nope")
-    me = sync.get("/sync/api/users/me", headers={"x-immich-user-token": user.token}).json
-    assert me["email"] == "alice"
-
-
-@pytest.mark.parametrize(
-    "prefix",
-    [
-        "/sync",
-        pytest.param(
-            "/sync/",
-        ),
-    ],
-    ids=["wsgi-mount", "bottle-mount-slash"],
-)
-def test_app_server_mount_prefix_reaches_discovery_cookies_and_404(make_app, prefix):
-    sync = mounted(make_app(), prefix)
-    sync.post_json("/sync/account", {"id": "alice", "password": PASSWORD})
-    assert sync.get("/sync/.well-known/immich").json == {"api": {"endpoint": "/sync/api"}}
-    response = sync.post_json("/sync/api/auth/login", {"email": "alice", "password": PASSWORD})
-    assert [cookie.split("; ")[2] for cookie in response.headers.getall("Set-Cookie")] == [
-        "Path=/sync"
-    ] * 3
-    assert_app_error(sync.get("/sync/api/x", status=404), 404, "Cannot GET /api/x")
-
-
-def register(client: webtest.TestApp, name: str = "alice", prefix: str = "") -> User:
-    """Register a user through POST /account (under a mount prefix if given)."""
-    response = client.post_json(f"{prefix}/account", {"id": name, "password": PASSWORD})
-    return User(name, response.json["token"])
-
-
-def wait_for(condition, timeout: float = 5.0, what: str = "the condition") -> None:
-    """Poll a condition until it holds; fail the test after the timeout."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-# ==================================================================================================
-# Throttling across restarts
-# ==================================================================================================
-
-
-def test_throttle_failed_logins_survive_a_restart(make_app, app, client, user):
-    for _ in range(10):
-        client.post_json("/auth", {"id": "alice", "password": "wrong password"}, status=401)
-    app.close()
-    restarted = webtest.TestApp(make_app())
-    response = restarted.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=429)
-    assert_error(response, 429, "AUTH02")
-    assert int(response.headers["Retry-After"]) > 0
-
-
-# ==================================================================================================
-# Quotas
-# ==================================================================================================
-
-
-def usage(client: webtest.TestApp, user: User) -> tuple[int, int]:
-    """Return the (keys, bytes) GET /account reports for the user."""
-    headers = client.get("/account", headers=user.headers).headers
-    return int(headers["X-Sync-Usage-Keys"]), int(headers["X-Sync-Usage-Bytes"])
-
-
-def test_quota_account_headers_report_usage_and_limits(make_app):
-    client = webtest.TestApp(make_app(quota_bytes=1000, quota_keys=5))
-    alice, bob = register(client, "alice"), register(client, "bob")
-    put(client, alice, "a/1", b"abc")
-    put(client, alice, "a/2", b"defg")
-    put(client, bob, "b/1", b"0123456789")
-    response = client.get("/account", headers=alice.headers)
-    assert response.status_int == 200
-    assert response.headers["X-Sync-Usage-Keys"] == "2"
-    assert response.headers["X-Sync-Usage-Bytes"] == "7"
-    assert response.headers["X-Sync-Quota-Keys"] == "5"
-    assert response.headers["X-Sync-Quota-Bytes"] == "1000"
-    (session,) = response.json
-    assert set(session) == {"id", "expiration", "current", "createdAt"} and session["current"]
-
-
-def test_quota_usage_counts_only_keys_held_with_own(make_app):
-    client = webtest.TestApp(make_app())
-    alice, bob = register(client, "alice"), register(client, "bob")
-    put(client, alice, "shared", b"abc")
-    put(client, bob, "mine", b"0123456789")
-    share(client, alice, "shared", {"bob": "WRITE"})
-    assert usage(client, bob) == (1, 10)
-    share(client, alice, "shared", {"bob": "OWN"})
-    assert usage(client, bob) == (2, 13)
-    assert usage(client, alice) == (1, 3)
-
-
-@pytest.mark.parametrize(
-    "settings, limits",
-    [
-        ({}, {"X-Sync-Quota-Keys": "100000"}),
-        ({"quota_keys": 0}, {}),
-        ({"quota_keys": 0, "quota_bytes": 50}, {"X-Sync-Quota-Bytes": "50"}),
-    ],
-    ids=["default", "keys-off", "bytes-only"],
-)
-def test_quota_headers_name_only_the_limits_that_are_on(make_app, settings, limits):
-    client = webtest.TestApp(make_app(**settings))
-    alice = register(client, "alice")
-    headers = client.get("/account", headers=alice.headers).headers
-    sent = {name: value for name, value in headers.items() if name.startswith("X-Sync-Quota-")}
-    assert sent == limits
-    assert (headers["X-Sync-Usage-Keys"], headers["X-Sync-Usage-Bytes"]) == ("0", "0")
-
-
-def test_quota_create_past_bytes_is_quota01_and_stores_nothing(make_app, db):
-    client = webtest.TestApp(make_app(quota_bytes=10))
-    alice = register(client, "alice")
-    put(client, alice, "first", b"123456")
-    before = snapshot(db)
-    response = put(client, alice, "second", b"12345", status=507)
-    assert_error(response, 507, "QUOTA01")
-    assert snapshot(db) == before
-
-
-def test_quota_create_up_to_the_byte_limit_is_accepted(make_app):
-    client = webtest.TestApp(make_app(quota_bytes=10))
-    alice = register(client, "alice")
-    put(client, alice, "first", b"123456")
-    put(client, alice, "second", b"1234", status=204)
-    assert usage(client, alice) == (2, 10)
-
-
-def test_quota_create_of_a_streamed_value_past_bytes_is_quota01(make_app, db):
-    client = webtest.TestApp(make_app(quota_bytes=300 * 1024))
-    alice = register(client, "alice")
-    response = put(client, alice, "big", os.urandom(400 * 1024), status=507)
-    assert_error(response, 507, "QUOTA01")
-    assert table_counts(db)["items"] == 0
-
-
-def test_quota_batch_past_bytes_is_quota01_and_stores_nothing(make_app, db):
-    client = webtest.TestApp(make_app(quota_bytes=10))
-    alice = register(client, "alice")
-    operations = [
-        {"method": "PUT", "key": key, "value": base64.b64encode(value).decode()}
-        for key, value in [("a", b"123456"), ("b", b"12345")]
-    ]
-    before = snapshot(db)
-    body = {"operations": operations}
-    response = client.post_json("/batch", body, headers=alice.headers, status=507)
-    assert_error(response, 507, "QUOTA01")
-    assert response.json["index"] == 1
-    assert snapshot(db) == before
-
-
-def test_quota_create_past_keys_is_quota01(make_app, db):
-    client = webtest.TestApp(make_app(quota_keys=2))
-    alice = register(client, "alice")
-    put(client, alice, "one")
-    put(client, alice, "two")
-    before = snapshot(db)
-    assert_error(put(client, alice, "three", status=507), 507, "QUOTA01")
-    assert snapshot(db) == before
-
-
-def test_quota_update_growing_past_bytes_is_quota01_and_keeps_the_value(make_app, db):
-    client = webtest.TestApp(make_app(quota_bytes=10))
-    alice = register(client, "alice")
-    token = put(client, alice, "k", b"12345").headers["X-Sync-Token"]
-    before = snapshot(db)
-    response = put(client, alice, "k", b"12345678901", token=token, status=507)
-    assert_error(response, 507, "QUOTA01")
-    assert snapshot(db) == before
-    stored = client.get("/store/k", headers=alice.headers)
-    assert (stored.body, stored.headers["X-Sync-Token"]) == (b"12345", token)
-
-
-def test_quota_write_holder_growing_an_owners_key_is_quota01(make_app, db):
-    client = webtest.TestApp(make_app(quota_bytes=10))
-    alice, bob = register(client, "alice"), register(client, "bob")
-    token = put(client, alice, "k", b"1234").headers["X-Sync-Token"]
-    share(client, alice, "k", {"bob": "WRITE"})
-    before = snapshot(db)
-    response = put(client, bob, "k", b"12345678901", token=token, status=507)
-    assert_error(response, 507, "QUOTA01")
-    assert snapshot(db) == before
-
-
-def test_quota_growth_is_charged_to_owners_not_to_the_writer(make_app):
-    client = webtest.TestApp(make_app(quota_bytes=10))
-    alice, bob = register(client, "alice"), register(client, "bob")
-    put(client, bob, "mine", b"0123456789")  # bob is at his limit
-    token = put(client, alice, "k", b"1").headers["X-Sync-Token"]
-    share(client, alice, "k", {"bob": "WRITE"})
-    put(client, bob, "k", b"123456789", token=token, status=204)
-    assert usage(client, alice) == (1, 9)
-    assert usage(client, bob) == (1, 10)
-
-
-def test_quota_growth_is_checked_for_every_owner(make_app, db):
-    client = webtest.TestApp(make_app(quota_bytes=10))
-    alice, bob = register(client, "alice"), register(client, "bob")
-    put(client, bob, "mine", b"12345678")
-    token = put(client, alice, "k", b"12").headers["X-Sync-Token"]
-    share(client, alice, "k", {"bob": "OWN"})  # bob now owns exactly 10 bytes
-    before = snapshot(db)
-    response = put(client, alice, "k", b"123", token=token, status=507)
-    assert_error(response, 507, "QUOTA01")
-    assert snapshot(db) == before
-
-
-@pytest.mark.parametrize(
-    "settings", [{"quota_keys": 1}, {"quota_bytes": 10}], ids=["keys", "bytes"]
-)
-def test_quota_granting_own_past_a_limit_is_quota01(make_app, db, settings):
-    client = webtest.TestApp(make_app(**settings))
-    alice, bob = register(client, "alice"), register(client, "bob")
-    put(client, alice, "k", b"123456")
-    put(client, bob, "mine", b"123456")
-    before = snapshot(db)
-    response = share(client, alice, "k", {"bob": "OWN"}, status=507)
-    assert_error(response, 507, "QUOTA01")
-    assert snapshot(db) == before
-
-
-@pytest.mark.parametrize("level", ["READ", "WRITE"])
-def test_quota_granting_read_or_write_past_a_limit_is_allowed(make_app, level):
-    client = webtest.TestApp(make_app(quota_keys=1, quota_bytes=10))
-    alice, bob = register(client, "alice"), register(client, "bob")
-    put(client, alice, "k", b"123456")
-    put(client, bob, "mine", b"123456")
-    share(client, alice, "k", {"bob": level}, status=204)
-    assert usage(client, bob) == (1, 6)
-
-
-@pytest.fixture
-def over_quota(make_app):
-    """alice owns two keys of 20 bytes; then the server restarts with 10 bytes and 1 key each."""
-    before = webtest.TestApp(make_app())
-    alice = register(before, "alice")
-    tokens = {key: put(before, alice, key, b"x" * 20).headers["X-Sync-Token"] for key in "ab"}
-    return webtest.TestApp(make_app(quota_bytes=10, quota_keys=1)), alice, tokens
-
-
-@pytest.mark.parametrize("size", [5, 20], ids=["shrink", "same-size"])
-def test_quota_over_a_lowered_quota_may_still_rewrite_without_growing(over_quota, size):
-    client, alice, tokens = over_quota
-    put(client, alice, "a", b"y" * size, token=tokens["a"], status=204)
-    assert usage(client, alice) == (2, 20 + size)
-
-
-def test_quota_over_a_lowered_quota_may_still_delete(over_quota):
-    client, alice, tokens = over_quota
-    client.delete("/store/a", headers={**alice.headers, "X-Sync-Token": tokens["a"]}, status=204)
-    assert usage(client, alice) == (1, 20)
-
-
-def test_quota_over_a_lowered_quota_may_not_grow(over_quota, db):
-    client, alice, tokens = over_quota
-    before = snapshot(db)
-    response = put(client, alice, "a", b"y" * 21, token=tokens["a"], status=507)
-    assert_error(response, 507, "QUOTA01")
-    assert snapshot(db) == before
-
-
-def test_quota_over_a_lowered_quota_may_not_create(over_quota, db):
-    client, alice, _ = over_quota
-    before = snapshot(db)
-    assert_error(put(client, alice, "c", b"", status=507), 507, "QUOTA01")
-    assert snapshot(db) == before
-
-
-# ==================================================================================================
-# Reset mail
-# ==================================================================================================
-
-SMTP_FROM = "syncnode@example.org"
-
-
-class MailBox:
-    """An aiosmtpd handler that keeps every message and every login it receives."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.envelopes: list = []
-        self.logins: list[tuple[bytes, bytes]] = []
-
-    async def handle_DATA(self, server, session, envelope) -> str:
-        self.envelopes.append(envelope)
-        return "250 Message accepted for delivery"
-
-    def authenticate(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
-        self.logins.append((auth_data.login, auth_data.password))
-        success = self.logins[-1] == (b"mailer", b"mail secret")
-        return AuthResult(success=success, handled=False)  # handled=False: aiosmtpd answers 535
-
-    def wait(self) -> email.message.EmailMessage:
-        """Wait (at most 5 s) for the first message and return it parsed."""
-        wait_for(lambda: self.envelopes, what="the reset mail")
-        return email.message_from_bytes(self.envelopes[0].content, policy=email.policy.default)
-
-
-@pytest.fixture
-def mailbox():
-    """A mail server on 127.0.0.1 that accepts every message, and logins as mailer."""
-    box = MailBox()
-    box.port = free_port()
-    controller = Controller(
-        box,
-        hostname="127.0.0.1",
-        port=box.port,
-        authenticator=box.authenticate,
-        auth_require_tls=False,
-    )
-    controller.start()
-    yield box
-    controller.stop()
-
-
-@pytest.fixture
-def mail_attempts(monkeypatch):
-    """Record the (address, token) of each reset mail syncnode sends, and send it as usual."""
-    attempts = []
-    send = syncnode.send_reset_mail
-
-    def recording_send(settings, address, token):
-        attempts.append((address, token))
-        send(settings, address, token)
-
-    monkeypatch.setattr(syncnode, "send_reset_mail", recording_send)
-    return attempts
-
-
-def mail_settings(port: int, **settings) -> dict:
-    """Settings that send reset mails to 127.0.0.1:port without TLS."""
-    return {
-        "smtp_host": "127.0.0.1",
-        "smtp_port": port,
-        "smtp_security": "none",
-        "smtp_from": SMTP_FROM,
-        **settings,
-    }
-
-
-def mail_token(message: email.message.EmailMessage) -> str:
-    """Return the one reset token on a line of its own in a mail's text."""
-    lines = message.get_content().splitlines()
-    (token,) = [line for line in lines if re.fullmatch(r"[A-Za-z0-9_-]{43}", line)]
-    return token
-
-
-def join_mail_threads(timeout: float = 5.0) -> None:
-    """Wait for syncnode's mail threads to end, so that their log lines are written."""
-    deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread.name == "syncnode-mail":
-            thread.join(max(0.0, deadline - time.monotonic()))
-            assert not thread.is_alive(), "a reset mail was still being sent"
-
-
-def syncnode_lines(caplog, level: int = logging.DEBUG) -> list[str]:
-    """Return the messages syncnode's loggers wrote at the level or above."""
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.name.startswith("syncnode") and record.levelno >= level
-    ]
-
-
-def test_reset_mail_goes_to_the_address_with_the_token(make_app, mailbox, db):
-    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
-    register(client, "alice@example.org")
-    client.post_json("/resetpassword", {"id": " Alice@Example.ORG"}, status=204)
-    message = mailbox.wait()
-    assert mailbox.envelopes[0].mail_from == SMTP_FROM
-    assert mailbox.envelopes[0].rcpt_tos == ["alice@example.org"]
-    assert (message["From"], message["To"]) == (SMTP_FROM, "alice@example.org")
-    assert message.get_content_type() == "text/plain"
-    token = mail_token(message)
-    digest = db.execute("SELECT token_digest FROM reset_tokens").fetchone()[0]
-    assert digest == hashlib.sha256(token.encode()).digest()
-
-
-def test_reset_mail_reaches_an_address_that_is_not_ascii(make_app, mailbox):
-    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
-    register(client, "zoë@exämple.org")
-    client.post_json("/resetpassword", {"id": "ZOË@EXÄMPLE.ORG"}, status=204)
-    message = mailbox.wait()
-    assert mailbox.envelopes[0].rcpt_tos == ["zoë@exämple.org"]
-    assert message["To"] == "zoë@exämple.org"
-    assert mail_token(message)
-
-
-def test_reset_mail_token_sets_the_password_once(make_app, mailbox):
-    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
-    register(client, "alice@example.org")
-    client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
-    token = mail_token(mailbox.wait())
-    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204)
-    client.post_json("/auth", {"id": "alice@example.org", "password": NEW_PASSWORD}, status=200)
-    again = client.post_json("/password", {"password": PASSWORD}, headers=bearer(token), status=401)
-    assert_error(again, 401, "AUTH01")
-
-
-def test_reset_mail_token_is_in_no_log_line(make_app, mailbox, caplog):
-    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
-    register(client, "alice@example.org")
-    with caplog.at_level(logging.DEBUG, logger="syncnode"):
-        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
-        token = mail_token(mailbox.wait())
-        join_mail_threads()
-    lines = syncnode_lines(caplog)
-    assert any("alice@example.org" in line for line in lines)  # the line saying it was sent
-    assert not [line for line in lines if token in line]
-
-
-def test_reset_mail_request_answers_while_the_mail_server_stalls(make_app, caplog):
-    with socket.socket() as silent:  # accepts connections, never greets
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()
-        client = webtest.TestApp(make_app(**mail_settings(silent.getsockname()[1])))
-        register(client, "alice@example.org")
-        started = time.monotonic()
-        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
-        assert time.monotonic() - started < 5  # smtplib would wait 30 s for the greeting
-    join_mail_threads()
-
-
-def test_reset_mail_id_that_is_no_address_gets_the_log_line(
-    make_app, mailbox, mail_attempts, caplog
-):
-    client = webtest.TestApp(make_app(**mail_settings(mailbox.port)))
-    register(client, "alice")
-    with caplog.at_level(logging.WARNING, logger="syncnode"):
-        client.post_json("/resetpassword", {"id": "alice"}, status=204)
-    (line,) = syncnode_lines(caplog, logging.WARNING)
-    token = line.rsplit(" ", 1)[-1]
-    assert "alice" in line
-    assert mail_attempts == []
-    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204)
-
-
-def test_reset_mail_server_down_logs_an_error_without_the_token(make_app, mail_attempts, caplog):
-    client = webtest.TestApp(make_app(**mail_settings(free_port())))  # nothing listens there
-    register(client, "alice@example.org")
-    with caplog.at_level(logging.DEBUG, logger="syncnode"):
-        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
-        join_mail_threads()
-    ((address, token),) = mail_attempts
-    (error,) = syncnode_lines(caplog, logging.ERROR)
-    assert address in error
-    assert not [line for line in syncnode_lines(caplog) if token in line]
-
-
-def test_reset_mail_logs_in_with_the_smtp_user_and_password(make_app, mailbox, caplog):
-    settings = mail_settings(mailbox.port, smtp_user="mailer", smtp_password="mail secret")
-    client = webtest.TestApp(make_app(**settings))
-    register(client, "alice@example.org")
-    with caplog.at_level(logging.DEBUG, logger="syncnode"):
-        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
-        mail_token(mailbox.wait())
-        join_mail_threads()
-    assert mailbox.logins == [(b"mailer", b"mail secret")]
-    assert not [line for line in syncnode_lines(caplog) if "mail secret" in line]
-
-
-def test_reset_mail_refused_smtp_login_logs_an_error_and_sends_nothing(make_app, mailbox, caplog):
-    settings = mail_settings(mailbox.port, smtp_user="mailer", smtp_password="wrong secret")
-    client = webtest.TestApp(make_app(**settings))
-    register(client, "alice@example.org")
-    with caplog.at_level(logging.DEBUG, logger="syncnode"):
-        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
-        join_mail_threads()
-    assert set(mailbox.logins) == {(b"mailer", b"wrong secret")}  # smtplib tries each method
-    assert mailbox.envelopes == []
-    assert len(syncnode_lines(caplog, logging.ERROR)) == 1
-    assert not [line for line in syncnode_lines(caplog) if "wrong secret" in line]
-
-
-def test_reset_mail_starttls_is_never_skipped(make_app, mailbox, caplog):
-    """A server that offers no STARTTLS gets no mail in clear text."""
-    client = webtest.TestApp(make_app(**mail_settings(mailbox.port, smtp_security="starttls")))
-    register(client, "alice@example.org")
-    with caplog.at_level(logging.DEBUG, logger="syncnode"):
-        client.post_json("/resetpassword", {"id": "alice@example.org"}, status=204)
-        join_mail_threads()
-    assert mailbox.envelopes == []
-    assert len(syncnode_lines(caplog, logging.ERROR)) == 1
-
-
-# ==================================================================================================
-# Admin CLI
-# ==================================================================================================
-
-
-def admin_env(**variables: str) -> dict[str, str]:
-    """This environment without SYNCNODE_* variables, plus cheap Argon2 and the given ones."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SYNCNODE_")}
-    env.update({f"SYNCNODE_{name.upper()}": str(value) for name, value in CHEAP_HASHING.items()})
-    env["PYTHONPATH"] = os.path.dirname(SYNCNODE_PY)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return {**env, **variables}
-
-
-def run_admin(cwd, *args: str, stdin: str = "", **variables: str) -> subprocess.CompletedProcess:
-    """Run `python syncnode.py ARGS` to its end with the given standard input."""
-    return subprocess.run(
-        [sys.executable, SYNCNODE_PY, *args],
-        cwd=cwd,
-        env=admin_env(**variables),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 @pytest.fixture
@@ -6312,7 +10162,7 @@ def admin(tmp_path, db_path):
     """Run an admin command on the test's database."""
 
     def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-        return run_admin(tmp_path, "--database", db_path, *args, stdin=stdin)
+        return run_cli(tmp_path, "--database", db_path, *args, stdin=stdin)
 
     return run
 
@@ -6339,7 +10189,11 @@ def test_cli_user_add_taken_id_exits_1(admin, user, db):
 
 
 @pytest.mark.parametrize(
-    "command", [["user", "add", "carol"], ["user", "passwd", "alice"]], ids=["add", "passwd"]
+    "command",
+    [
+        pytest.param(["user", "add", "carol"], id="add"),
+        pytest.param(["user", "passwd", "alice"], id="passwd"),
+    ],
 )
 def test_cli_password_of_7_characters_exits_1(admin, user, db, command):
     before = snapshot(db)
@@ -6384,8 +10238,12 @@ def test_cli_reset_token_prints_only_a_token_usable_once(admin, client, user, cl
     token = result.stdout.removesuffix("\n")
     assert re.fullmatch(r"[A-Za-z0-9_-]{43,}", token)
     assert token not in result.stderr
-    client.post_json("/password", {"password": NEW_PASSWORD}, headers=bearer(token), status=204)
-    again = client.post_json("/password", {"password": PASSWORD}, headers=bearer(token), status=401)
+    client.post_json(
+        "/password", {"password": NEW_PASSWORD}, headers=bearer_headers(token), status=204
+    )
+    again = client.post_json(
+        "/password", {"password": PASSWORD}, headers=bearer_headers(token), status=401
+    )
     assert_error(again, 401, "AUTH01")
     client.post_json("/auth", {"id": "alice", "password": NEW_PASSWORD}, status=200)
 
@@ -6393,12 +10251,11 @@ def test_cli_reset_token_prints_only_a_token_usable_once(admin, client, user, cl
 @pytest.mark.parametrize(
     "command",
     [
-        ["user", "delete", "nobody"],
-        ["user", "passwd", "nobody"],
-        ["reset-token", "nobody"],
-        ["user", "add", "no body"],
+        pytest.param(["user", "delete", "nobody"], id="delete"),
+        pytest.param(["user", "passwd", "nobody"], id="passwd"),
+        pytest.param(["reset-token", "nobody"], id="reset-token"),
+        pytest.param(["user", "add", "no body"], id="add-bad-id"),
     ],
-    ids=["delete", "passwd", "reset-token", "add-bad-id"],
 )
 def test_cli_unknown_user_exits_1_with_one_line(admin, user, db, command):
     before = snapshot(db)
@@ -6411,7 +10268,7 @@ def stats_data(make_app, clock, db):
     """Two users, two live sessions and one expired (on the real clock), keys of 5 and 7 bytes."""
     clock.now = time.time()
     client = webtest.TestApp(make_app())
-    alice, bob = register(client, "alice"), register(client, "bob")
+    alice, bob = register_user(client, "alice"), register_user(client, "bob")
     put(client, alice, "k1", b"12345")
     put(client, bob, "k2", b"1234567")
     clock.now = time.time() - 31 * 86400
@@ -6434,15 +10291,20 @@ def test_cli_stats_json_prints_one_object(admin, stats_data):
 @pytest.mark.parametrize(
     "args, variables",
     [
-        (["stats", "--json", "--database", "named.db"], {}),
-        (["stats", "--json"], {"SYNCNODE_DATABASE": "named.db"}),
-        (["stats", "--json", "--database", "named.db"], {"SYNCNODE_DATABASE": "other.db"}),
+        pytest.param(
+            ["stats", "--json", "--database", "named.db"], {}, id="flag-after-the-command"
+        ),
+        pytest.param(["stats", "--json"], {"SYNCNODE_DATABASE": "named.db"}, id="variable"),
+        pytest.param(
+            ["stats", "--json", "--database", "named.db"],
+            {"SYNCNODE_DATABASE": "other.db"},
+            id="flag-beats-variable",
+        ),
     ],
-    ids=["flag-after-the-command", "variable", "flag-beats-variable"],
 )
 def test_cli_database_comes_from_either_flag_or_the_variable(make_app, tmp_path, args, variables):
-    register(webtest.TestApp(make_app(str(tmp_path / "named.db"))), "alice")
-    result = run_admin(tmp_path, *args, **variables)
+    register_user(webtest.TestApp(make_app(str(tmp_path / "named.db"))), "alice")
+    result = run_cli(tmp_path, *args, **variables)
     assert result.returncode == 0
     assert json.loads(result.stdout)["users"] == 1
     assert sorted(path.name for path in tmp_path.glob("*.db")) == ["named.db"]
@@ -6496,11 +10358,6 @@ def typed(monkeypatch):
         return prompts
 
     return type_in
-
-
-def cheap_environ() -> dict[str, str]:
-    """SYNCNODE_* variables for cheap Argon2 hashing."""
-    return {f"SYNCNODE_{name.upper()}": str(value) for name, value in CHEAP_HASHING.items()}
 
 
 def test_cli_terminal_asks_for_the_password_twice(typed):
@@ -6581,15 +10438,9 @@ def test_cli_check_broken_foreign_key_in_permissions_names_the_row(admin, client
 
 
 def test_cli_check_missing_database_creates_no_file(tmp_path):
-    result = run_admin(tmp_path, "check", "--database", "missing.db")
+    result = run_cli(tmp_path, "check", "--database", "missing.db")
     assert result.returncode == 1
     assert not (tmp_path / "missing.db").exists()
-
-
-def test_cli_backup_of_a_missing_database_exits_1(tmp_path):
-    result = run_admin(tmp_path, "--database", "missing.db", "backup", "copy.db")
-    assert_exit_1_with_one_line(result)
-    assert not (tmp_path / "copy.db").exists()
 
 
 def test_admin_cli_interrupted_prompt_is_one_line(monkeypatch, db_path, capsys):
@@ -6604,9 +10455,262 @@ def test_admin_cli_interrupted_prompt_is_one_line(monkeypatch, db_path, capsys):
     assert capsys.readouterr().err.startswith("syncnode: ")
 
 
+# Unlock -------------------------------------------------------------------------------------------
+
+
+def test_cli_unlock_lets_a_locked_out_user_log_in_at_once(admin, client, user):
+    fail_logins(client, 10, address="192.0.2.{}")
+    assert_throttled(login(client, "alice", PASSWORD, extra_environ=ELSEWHERE, status=429), 900)
+    assert admin("unlock", "alice").returncode == 0
+    login(client, "alice", PASSWORD, extra_environ=ELSEWHERE, status=200)
+
+
+def test_cli_unlock_unknown_id_exits_1(admin, user, db):
+    before = snapshot(db)
+    assert_exit_1_with_one_line(admin("unlock", "nobody"))
+    assert snapshot(db) == before
+
+
 # ==================================================================================================
-# Housekeeping
+# Operations: backup and restore
 # ==================================================================================================
+
+
+def test_cli_backup_of_a_missing_database_exits_1(tmp_path):
+    result = run_cli(tmp_path, "--database", "missing.db", "backup", "copy.db")
+    assert_exit_1_with_one_line(result)
+    assert not (tmp_path / "copy.db").exists()
+
+
+def data_of(path) -> dict[str, list]:
+    """Every row of the data tables of a database file, read by a connection of its own."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return snapshot(conn)
+
+
+def check_ok(tmp_path, database) -> bool:
+    """Whether `syncnode check` passes on the database."""
+    result = run_cli(tmp_path, "--database", str(database), "check")
+    return (result.returncode, result.stdout) == (0, "ok\n")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param(lambda tmp_path: str(tmp_path / "syncnode.db"), id="same-path"),
+        pytest.param(lambda tmp_path: "./syncnode.db", id="relative-path"),
+    ],
+)
+def test_cli_backup_onto_the_live_database_is_refused(
+    admin, client, user, db_path, tmp_path, target
+):
+    put(client, user, "k", b"value")
+    before, inode = data_of(db_path), os.stat(db_path).st_ino
+    line = assert_exit_1_with_one_line(admin("backup", target(tmp_path)))
+    assert "syncnode.db" in line
+    assert (data_of(db_path), os.stat(db_path).st_ino) == (before, inode)
+    assert check_ok(tmp_path, db_path)
+
+
+def test_cli_backup_into_a_missing_folder_names_the_folder(admin, user, tmp_path):
+    folder = tmp_path / "missing"
+    line = assert_exit_1_with_one_line(admin("backup", str(folder / "copy.db")))
+    assert str(folder) in line
+    assert "cannot use the database" not in line
+    assert not folder.exists()
+
+
+def test_cli_backup_onto_an_existing_file_is_refused_without_force(admin, user, tmp_path):
+    target = tmp_path / "copy.db"
+    target.write_bytes(b"an older backup")
+    line = assert_exit_1_with_one_line(admin("backup", str(target)))
+    assert "copy.db" in line
+    assert target.read_bytes() == b"an older backup"
+
+
+def test_cli_backup_force_replaces_an_existing_file_with_a_good_copy(
+    admin, client, user, db_path, tmp_path
+):
+    put(client, user, "k", b"value")
+    target = tmp_path / "copy.db"
+    target.write_bytes(b"an older backup")
+    assert admin("backup", str(target), "--force").returncode == 0
+    assert check_ok(tmp_path, target)
+    assert data_of(target) == data_of(db_path)
+
+
+def test_cli_backup_while_serving_holds_every_acknowledged_key(start_syncnode, tmp_path, db_path):
+    server = start_syncnode(db_path)
+    alice = server.register("alice")
+    acknowledged: list[str] = []
+    stop, errors = threading.Event(), []
+
+    def write() -> None:
+        conn = server.connect()
+        try:
+            for number in itertools.count():
+                if stop.is_set():
+                    return
+                key = f"key{number}"
+                answer = call(conn, "PUT", f"/store/{key}", key.encode() * 100, alice.headers)
+                assert answer.status_int == 204, answer.body
+                acknowledged.append(key)
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            conn.close()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    wait_for(lambda: len(acknowledged) >= 50, timeout=20, what="50 acknowledged writes")
+    before = set(acknowledged)
+    result = run_cli(tmp_path, "--database", db_path, "backup", "copy.db")
+    after = len(acknowledged)
+    stop.set()
+    writer.join(10)
+    assert errors == []
+    assert result.returncode == 0
+    assert after > len(before)  # the server kept taking writes
+    check = run_cli(tmp_path, "--database", "copy.db", "check")
+    assert (check.returncode, check.stdout) == (0, "ok\n")
+    with contextlib.closing(sqlite3.connect(tmp_path / "copy.db")) as copy:
+        stored = dict(copy.execute("SELECT key, value FROM items"))
+    assert before <= set(stored)
+    assert all(stored[key] == key.encode() * 100 for key in before)
+    assert sorted(path.name for path in tmp_path.glob("copy.db*")) == ["copy.db"]
+
+
+# Restore ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Restorable:
+    """A backup of alice with key "old", a live database that since gained bob and key "new",
+    and the -wal and -shm files a killed server would have left beside the live database."""
+
+    backup: str
+    alice: User
+    wal: bytes
+    shm: bytes
+
+
+@pytest.fixture
+def restorable(make_app, db_path, tmp_path) -> Restorable:
+    app = make_app()
+    client = webtest.TestApp(app)
+    alice = register_user(client, "alice")
+    put(client, alice, "old", b"old value")
+    backup = str(tmp_path / "backup.db")
+    with contextlib.closing(sqlite3.connect(db_path)) as live:
+        with contextlib.closing(sqlite3.connect(backup)) as copy:
+            live.backup(copy)
+    register_user(client, "bob")
+    put(client, alice, "new", b"new value")
+    wal, shm = Path(db_path + "-wal").read_bytes(), Path(db_path + "-shm").read_bytes()
+    app.close()  # no server has the database open any more
+    return Restorable(backup, alice, wal, shm)
+
+
+def leave_crash_files(restorable: Restorable, db_path: str) -> None:
+    """Put back the -wal and -shm of the live database, as a killed server leaves them."""
+    Path(db_path + "-wal").write_bytes(restorable.wal)
+    Path(db_path + "-shm").write_bytes(restorable.shm)
+
+
+def restore(tmp_path, db_path: str, backup: str):
+    return run_cli(tmp_path, "--database", db_path, "restore", backup)
+
+
+def not_sqlite(backup: str) -> None:
+    Path(backup).write_bytes(b"this is not a database" * 100)
+
+
+def empty_file(backup: str) -> None:
+    Path(backup).write_bytes(b"")
+
+
+def truncated(backup: str) -> None:
+    os.truncate(backup, os.path.getsize(backup) // 2)
+
+
+def newer_schema_version(backup: str) -> None:
+    with contextlib.closing(sqlite3.connect(backup)) as conn:
+        conn.execute(f"PRAGMA user_version = {len(syncnode.SCHEMA) + 1}")
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(not_sqlite, id="not-sqlite"),
+        pytest.param(empty_file, id="empty-file"),
+        pytest.param(truncated, id="truncated"),
+        pytest.param(newer_schema_version, id="newer-schema"),
+    ],
+)
+def test_cli_restore_bad_backup_is_refused_and_the_database_untouched(
+    restorable, db_path, tmp_path, spoil
+):
+    spoil(restorable.backup)
+    before = Path(db_path).read_bytes()
+    assert_exit_1_with_one_line(restore(tmp_path, db_path, restorable.backup))
+    assert Path(db_path).read_bytes() == before
+    assert not os.path.exists(db_path + ".before-restore")
+
+
+def test_cli_restore_while_a_server_has_the_database_open_is_refused(
+    restorable, make_app, db_path, tmp_path
+):
+    webtest.TestApp(make_app()).get("/health")  # the app stays open until teardown
+    before = data_of(db_path)
+    line = assert_exit_1_with_one_line(restore(tmp_path, db_path, restorable.backup))
+    assert "server" in line
+    assert data_of(db_path) == before
+    assert not os.path.exists(db_path + ".before-restore")
+
+
+def test_cli_restore_swaps_in_exactly_the_backup_data(restorable, db_path, tmp_path):
+    leave_crash_files(restorable, db_path)
+    expected = data_of(restorable.backup)
+    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
+    assert data_of(db_path) == expected
+    assert check_ok(tmp_path, db_path)
+
+
+def test_cli_restore_leaves_no_wal_of_the_old_database(restorable, db_path, tmp_path):
+    leave_crash_files(restorable, db_path)
+    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
+    for suffix, stale in (("-wal", restorable.wal), ("-shm", restorable.shm)):
+        path = Path(db_path + suffix)
+        assert not path.exists() or path.read_bytes() != stale, suffix
+
+
+def test_cli_restore_keeps_the_previous_database_as_before_restore(restorable, db_path, tmp_path):
+    before = data_of(db_path)
+    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
+    assert data_of(db_path + ".before-restore") == before
+
+
+def test_cli_restore_prints_what_it_did(restorable, db_path, tmp_path):
+    result = restore(tmp_path, db_path, restorable.backup)
+    assert result.returncode == 0
+    assert ".before-restore" in result.stdout
+
+
+def test_cli_restore_then_a_server_serves_the_restored_data(
+    restorable, make_app, db_path, tmp_path
+):
+    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
+    client = webtest.TestApp(make_app())
+    alice = restorable.alice
+    assert client.get("/store/old", headers=alice.headers).body == b"old value"
+    client.get("/store/new", headers=alice.headers, status=404)
+    login(client, "bob", PASSWORD, status=401)
+
+
+# ==================================================================================================
+# Operations: housekeeping
+# ==================================================================================================
+
 
 PURGED_TABLES = ("sessions", "reset_tokens", "invites", "attempts")
 
@@ -6622,7 +10726,7 @@ def expiring(make_app, db):
     """A server whose sessions, reset tokens and invites last a minute, one row each, and
     four attempts (a reset request and a failed login, each per id and per address)."""
     client = webtest.TestApp(make_app(session_ttl=60, reset_ttl=60, invite_ttl=60))
-    alice = register(client, "alice")
+    alice = register_user(client, "alice")
     client.post("/invite", headers=alice.headers, status=200)
     client.post_json("/resetpassword", {"id": "alice"}, status=204)
     client.post_json("/auth", {"id": "alice", "password": "wrong password"}, status=401)
@@ -6663,7 +10767,7 @@ def test_housekeeping_keeps_live_rows(client, user, clock, db):
 
 def test_housekeeping_keeps_attempts_for_the_longest_window(make_app, clock, db):
     client = webtest.TestApp(make_app(login_window=60, reset_window=120, registration_window=7200))
-    register(client, "alice")
+    register_user(client, "alice")
     client.post_json("/auth", {"id": "alice", "password": "wrong password"}, status=401)
     clock.advance(3600)
     client.get("/health")
@@ -6676,7 +10780,7 @@ def test_housekeeping_keeps_attempts_for_the_longest_window(make_app, clock, db)
 def test_housekeeping_wal_stays_bounded_under_steady_writes(make_app, clock, db_path):
     # NORMAL spares an fsync per write; the WAL grows the same way under FULL.
     client = webtest.TestApp(make_app(synchronous="NORMAL"))
-    alice = register(client, "alice")
+    alice = register_user(client, "alice")
     big, largest = os.urandom(100 * 1024), 0
     for number in range(1000):
         put(client, alice, f"small/{number}", b"%d" % number)
@@ -6688,9 +10792,63 @@ def test_housekeeping_wal_stays_bounded_under_steady_writes(make_app, clock, db_
     assert 0 < largest <= syncnode.WAL_LIMIT_BYTES
 
 
+def test_housekeeping_runs_after_the_clock_stepped_back(make_app, clock, db):
+    client = webtest.TestApp(make_app(reset_ttl=60))
+    register_user(client, "alice")  # the first request housekeeps; the next run is due later
+    clock.advance(-2 * 86400)
+    client.post_json("/resetpassword", {"id": "alice"}, status=204)
+    assert table_counts(db)["reset_tokens"] == 1
+    clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)  # the token has expired
+    client.get("/health")
+    assert table_counts(db)["reset_tokens"] == 0
+
+
+# Vacuum -------------------------------------------------------------------------------------------
+
+
+def auto_vacuum(path: str) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute("PRAGMA auto_vacuum").fetchone()[0]
+
+
+def test_vacuum_new_database_is_incremental(app, db_path):
+    assert auto_vacuum(db_path) == 2
+
+
+def test_vacuum_housekeeping_gives_freed_pages_back(client, user, clock, db, db_path):
+    keys = [f"big/{number}" for number in range(8)]  # 2 MiB in all
+    tokens = [token_of(put(client, user, key, os.urandom(256 * 1024))) for key in keys]
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    stored_size = os.path.getsize(db_path)
+    for key, token in zip(keys, tokens, strict=True):
+        deleting(client, user, key, token, status=204)
+    clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)
+    client.get("/health")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    free_pages = db.execute("PRAGMA freelist_count").fetchone()[0]
+    assert free_pages == 0 or os.path.getsize(db_path) <= stored_size - 2**20
+
+
+def test_vacuum_existing_database_is_switched_to_incremental(make_app, db_path):
+    # As an older syncnode left it: the whole schema, in WAL mode, without auto-vacuum.
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        conn.execute("PRAGMA auto_vacuum = NONE")
+        conn.execute("PRAGMA journal_mode = WAL")
+        for number, script in enumerate(syncnode.SCHEMA, start=1):
+            for statement in syncnode.split_statements(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+    assert auto_vacuum(db_path) == 0
+    make_app()
+    assert auto_vacuum(db_path) == 2
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
 # ==================================================================================================
-# Access log
+# Operations: access log
 # ==================================================================================================
+
 
 ACCESS_LINE = re.compile(
     r"(?P<method>[A-Z]+) (?P<path>\S+) (?P<status>\d{3}) (?P<bytes>\d+) (?P<ms>\d+\.\d)ms "
@@ -6705,7 +10863,7 @@ def access_lines(caplog) -> list[str]:
 
 def test_access_log_writes_one_line_per_request(make_app, caplog):
     client = webtest.TestApp(make_app(access_log=True), extra_environ=CLIENT_ADDRESS)
-    alice = register(client, "alice")
+    alice = register_user(client, "alice")
     with caplog.at_level(logging.INFO, logger="syncnode.access"):
         responses = [
             client.get("/health"),
@@ -6751,7 +10909,7 @@ def test_access_log_is_off_by_default(client, user, caplog):
 def test_access_log_and_server_log_carry_no_secret(make_app, caplog):
     caplog.set_level(logging.DEBUG)
     client = webtest.TestApp(make_app(access_log=True), extra_environ=CLIENT_ADDRESS)
-    alice = register(client, "alice")
+    alice = register_user(client, "alice")
     login = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
     meta = "meta-secret-4711"
     put(client, alice, "k", b"value", headers={"X-Sync-Meta": meta})
@@ -6766,7 +10924,9 @@ def test_access_log_and_server_log_carry_no_secret(make_app, caplog):
     access = client.post_json("/api/auth/login", app_login, status=201).json["accessToken"]
     client.reset()
     change = {"password": NEW_PASSWORD, "newPassword": "third password"}
-    client.post_json("/api/auth/change-password", change, headers=bearer(access), status=200)
+    client.post_json(
+        "/api/auth/change-password", change, headers=bearer_headers(access), status=200
+    )
     secrets = [PASSWORD, NEW_PASSWORD, "wrong password 1", "third password", meta]
     secrets += [alice.token, login, key, access]
     assert len(access_lines(caplog)) == 11
@@ -6775,50 +10935,17 @@ def test_access_log_and_server_log_carry_no_secret(make_app, caplog):
 
 
 # ==================================================================================================
-# Shutdown and restarts
+# Operations: shutdown and restarts
 # ==================================================================================================
 
 
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """An answer read off a real socket."""
-
-    status: int
-    headers: http.client.HTTPMessage
-    body: bytes
-
-
-def send_request(conn: http.client.HTTPConnection, method: str, path: str, body=None, headers=None):
-    """Send one request on a connection and read the whole answer."""
-    conn.request(method, path, body, headers or {})
-    response = conn.getresponse()
-    return Answer(response.status, response.headers, response.read())
-
-
 @dataclasses.dataclass
-class ServerProcess:
+class ServerProcess(RealServer):
     """`python syncnode.py` serving a database on 127.0.0.1, its stderr going to a file."""
 
     process: subprocess.Popen
     port: int
     log_path: str
-
-    def connect(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-
-    def request(self, method: str, path: str, body=None, headers=None) -> Answer:
-        """Send one request on a fresh connection."""
-        conn = self.connect()
-        try:
-            return send_request(conn, method, path, body, headers)
-        finally:
-            conn.close()
-
-    def register(self, name: str) -> User:
-        body = json.dumps({"id": name, "password": PASSWORD})
-        answer = self.request("POST", "/account", body, {"Content-Type": "application/json"})
-        assert answer.status == 200, answer.body
-        return User(name, json.loads(answer.body)["token"])
 
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8") as file:
@@ -6831,7 +10958,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 pytest.fail(f"syncnode exited with {self.process.returncode}: {self.log()}")
             try:
-                if self.request("GET", "/health").status == 200:
+                if self.request("GET", "/health").status_int == 200:
                     return
             except OSError:
                 if time.monotonic() > deadline:
@@ -6850,7 +10977,7 @@ def start_syncnode(tmp_path):
             process = subprocess.Popen(
                 [sys.executable, SYNCNODE_PY, "--port", str(port), "--database", database, *args],
                 cwd=tmp_path,
-                env=admin_env(),
+                env=cli_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
@@ -6878,7 +11005,7 @@ def test_shutdown_sigterm_finishes_a_put_under_way(start_syncnode, db_path):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(head + value[:4096])
         # One more request through the same event loop: by its answer the headers are read.
-        assert server.request("GET", "/health").status == 200
+        assert server.request("GET", "/health").status_int == 200
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         wait_for(lambda: "Stopping" in server.log(), what="the server to start stopping")
@@ -6901,8 +11028,8 @@ def test_shutdown_sigint_with_an_idle_connection_exits_0_at_once_without_a_wal(
     server = start_syncnode(db_path, "--shutdown-timeout", "30")
     alice = server.register("alice")
     idle = server.connect()
-    answer = send_request(idle, "PUT", "/store/k", b"value", alice.headers)
-    assert answer.status == 204  # the connection stays open, idle
+    answer = call(idle, "PUT", "/store/k", b"value", alice.headers)
+    assert answer.status_int == 204  # the connection stays open, idle
     assert os.path.exists(db_path + "-wal")
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGINT)
@@ -6923,21 +11050,21 @@ def test_shutdown_answers_a_long_poll_at_once(start_syncnode, db_path):
     def read_answer() -> None:
         try:
             response = poller.getresponse()
-            answers.append(Answer(response.status, response.headers, response.read()))
+            answers.append(Reply(response.status, response.headers, response.read()))
         except (OSError, http.client.HTTPException) as error:
             answers.append(error)
 
     thread = threading.Thread(target=read_answer, daemon=True)
     thread.start()
-    assert server.request("GET", "/health").status == 200  # by now the poll is under way
+    assert server.request("GET", "/health").status_int == 200  # by now the poll is under way
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=15) == 0
     thread.join(10)
     poller.close()
     (answer,) = answers
-    assert isinstance(answer, Answer), answer
-    assert (answer.status, answer.body) == (200, b"[]")
+    assert isinstance(answer, Reply), answer
+    assert (answer.status_int, answer.body) == (200, b"[]")
     assert time.monotonic() - signalled < 1
 
 
@@ -6967,10 +11094,10 @@ class Writer(threading.Thread):
                     headers["X-Sync-Token"] = self.known[key][1]
                 self.pending[key] = value
                 try:
-                    answer = send_request(conn, "PUT", f"/store/{key}", value, headers)
+                    answer = call(conn, "PUT", f"/store/{key}", value, headers)
                 except (OSError, http.client.HTTPException):
                     return  # The server is gone; this write's fate is unknown.
-                assert answer.status == 204, answer.body
+                assert answer.status_int == 204, answer.body
                 del self.pending[key]
                 self.known[key] = (value, answer.headers["X-Sync-Token"])
                 self.acknowledged += 1
@@ -6985,9 +11112,9 @@ def check_survivors(server: ServerProcess, users: list[User], writers: list[Writ
     for owner, writer in zip(users, writers, strict=True):
         for key in sorted(set(writer.known) | set(writer.pending)):
             answer = server.request("GET", f"/store/{key}", headers=owner.headers)
-            if key not in writer.known and answer.status == 404:
+            if key not in writer.known and answer.status_int == 404:
                 continue  # Its creation was never answered, and did not happen.
-            assert answer.status == 200
+            assert answer.status_int == 200
             stored = (answer.body, answer.headers["X-Sync-Token"])
             if stored != writer.known.get(key):
                 assert answer.body == writer.pending.get(key), f"{key} lost an acknowledged write"
@@ -7015,227 +11142,10 @@ def test_restart_after_sigkill_keeps_every_acknowledged_write(start_syncnode, tm
         for writer in writers:
             writer.join(timeout=10)
             assert not writer.is_alive() and writer.error is None, writer.error
-        result = run_admin(tmp_path, "--database", db_path, "check")
+        result = run_cli(tmp_path, "--database", db_path, "check")
         assert (result.returncode, result.stdout) == (0, "ok\n")
         server = start_syncnode(db_path)
         check_survivors(server, users, writers)
-
-
-def test_cli_backup_while_serving_holds_every_acknowledged_key(start_syncnode, tmp_path, db_path):
-    server = start_syncnode(db_path)
-    alice = server.register("alice")
-    acknowledged: list[str] = []
-    stop, errors = threading.Event(), []
-
-    def write() -> None:
-        conn = server.connect()
-        try:
-            for number in itertools.count():
-                if stop.is_set():
-                    return
-                key = f"key{number}"
-                answer = send_request(
-                    conn, "PUT", f"/store/{key}", key.encode() * 100, alice.headers
-                )
-                assert answer.status == 204, answer.body
-                acknowledged.append(key)
-        except BaseException as error:
-            errors.append(error)
-        finally:
-            conn.close()
-
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
-    wait_for(lambda: len(acknowledged) >= 50, timeout=20, what="50 acknowledged writes")
-    before = set(acknowledged)
-    result = run_admin(tmp_path, "--database", db_path, "backup", "copy.db")
-    after = len(acknowledged)
-    stop.set()
-    writer.join(10)
-    assert errors == []
-    assert result.returncode == 0
-    assert after > len(before)  # the server kept taking writes
-    check = run_admin(tmp_path, "--database", "copy.db", "check")
-    assert (check.returncode, check.stdout) == (0, "ok\n")
-    with contextlib.closing(sqlite3.connect(tmp_path / "copy.db")) as copy:
-        stored = dict(copy.execute("SELECT key, value FROM items"))
-    assert before <= set(stored)
-    assert all(stored[key] == key.encode() * 100 for key in before)
-    assert sorted(path.name for path in tmp_path.glob("copy.db*")) == ["copy.db"]
-
-
-# ==================================================================================================
-# Low-memory profile
-# ==================================================================================================
-
-
-@pytest.mark.parametrize(
-    "path, body, signed_in, status",
-    [
-        ("/auth", {"id": "alice", "password": PASSWORD}, False, 200),
-        ("/account", {"id": "carol", "password": PASSWORD}, False, 200),
-        ("/password", {"password": NEW_PASSWORD}, True, 204),
-    ],
-    ids=["login", "register", "password"],
-)
-def test_busy_hashing_is_busy01_while_every_slot_is_held(
-    make_app, db, path, body, signed_in, status
-):
-    app = make_app(hash_slots=1, hash_wait=1)
-    client = webtest.TestApp(app)
-    alice = register(client, "alice")
-    headers = alice.headers if signed_in else {}
-    before, counts = snapshot(db), table_counts(db)
-    with app.context.hashing.slot():
-        response = client.post_json(path, body, headers=headers, status=503)
-    assert_error(response, 503, "BUSY01")
-    assert int(response.headers["Retry-After"]) >= 1
-    assert (snapshot(db), table_counts(db)) == (before, counts)
-    client.post_json(path, body, headers=headers, status=status)  # the slot is free again
-
-
-def test_busy_app_login_is_503_in_the_immich_layout(make_app, db):
-    app = make_app(hash_slots=1, hash_wait=1)
-    client = webtest.TestApp(app)
-    register(client, "alice")
-    counts = table_counts(db)
-    with app.context.hashing.slot():
-        body = {"email": "alice", "password": PASSWORD}
-        response = client.post_json("/api/auth/login", body, status=503)
-    assert set(response.json) == {"message", "error", "statusCode", "correlationId"}
-    assert (response.json["error"], response.json["statusCode"]) == ("Service Unavailable", 503)
-    assert int(response.headers["Retry-After"]) >= 1
-    assert "Set-Cookie" not in response.headers
-    assert table_counts(db) == counts
-    client.post_json("/api/auth/login", body, status=201)
-
-
-def test_busy_login_waits_for_a_slot_freed_in_time(make_app):
-    app = make_app(hash_slots=1, hash_wait=5)
-    client = webtest.TestApp(app)
-    register(client, "alice")
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with app.context.hashing.slot():
-            held.set()
-            release.wait(5)
-
-    holder = threading.Thread(target=hold, daemon=True)
-    holder.start()
-    held.wait(5)
-    threading.Timer(0.3, release.set).start()
-    started = time.monotonic()
-    client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=200)
-    assert time.monotonic() - started >= 0.25
-    holder.join(5)
-
-
-def test_busy_new_argon2_settings_rehash_at_the_next_login(make_app, db):
-    register(webtest.TestApp(make_app()), "alice")
-    low = webtest.TestApp(make_app(argon2_memory_cost=16, argon2_time_cost=2))
-    low.post_json("/api/auth/login", {"email": "alice", "password": PASSWORD}, status=201)
-    (stored,) = db.execute("SELECT password_hash FROM users").fetchone()
-    assert stored.startswith("$argon2id$v=19$m=16,t=2,p=1$")
-    assert argon2.PasswordHasher().verify(stored, PASSWORD)
-
-
-# ==================================================================================================
-# Invites
-# ==================================================================================================
-
-
-@pytest.fixture
-def inviting(make_app, client, user, other):
-    """A server that takes invites, where alice (the oldest account) is the admin."""
-    return webtest.TestApp(make_app(registration="invite"))
-
-
-def test_invite_registration_without_a_code_is_acct01(inviting, db):
-    before = snapshot(db)
-    response = inviting.post_json("/account", {"id": "carol", "password": PASSWORD}, status=403)
-    assert_error(response, 403, "ACCT01")
-    assert snapshot(db) == before
-
-
-@pytest.mark.parametrize(
-    "code", ["no-such-code", "", 5, None], ids=["unknown", "empty", "int", "null"]
-)
-def test_invite_registration_with_a_bad_code_is_acct01(inviting, db, code):
-    before = snapshot(db)
-    body = {"id": "carol", "password": PASSWORD, "invite": code}
-    assert_error(inviting.post_json("/account", body, status=403), 403, "ACCT01")
-    assert snapshot(db) == before
-
-
-def test_invite_from_the_cli_registers_once(make_app, clock, tmp_path, db_path, db):
-    clock.now = time.time()  # the code's lifetime runs on the command's real clock
-    result = run_admin(tmp_path, "--database", db_path, "invite")
-    assert result.returncode == 0
-    code = result.stdout.removesuffix("\n")
-    assert re.fullmatch(r"[A-Za-z0-9_-]{16,}", code) and code not in result.stderr
-    client = webtest.TestApp(make_app(registration="invite"))
-    body = {"id": "carol", "password": PASSWORD, "invite": code}
-    client.post_json("/account", body, status=200)
-    again = client.post_json("/account", {**body, "id": "dave"}, status=403)
-    assert_error(again, 403, "ACCT01")
-    assert db.execute("SELECT name FROM users").fetchall() == [("carol",)]
-
-
-def test_invite_minted_by_the_admin_registers_once(inviting, user, clock, db):
-    response = inviting.post("/invite", headers=user.headers, status=200)
-    assert response.content_type == "application/json"
-    assert set(response.json) == {"invite", "expiration"}
-    assert response.json["expiration"] == int(clock.now * 1000) + 7 * 86400 * 1000
-    body = {"id": "carol", "password": PASSWORD, "invite": response.json["invite"]}
-    assert set(inviting.post_json("/account", body, status=200).json) == {"token", "expiration"}
-    assert_error(inviting.post_json("/account", {**body, "id": "dave"}, status=403), 403, "ACCT01")
-    assert table_counts(db)["users"] == 3
-
-
-def test_invite_minting_by_a_non_admin_is_perm01(inviting, other, db):
-    assert_error(inviting.post("/invite", headers=other.headers, status=403), 403, "PERM01")
-    assert table_counts(db)["invites"] == 0
-
-
-def test_invite_minting_with_an_api_key_is_perm01(inviting, user, db):
-    body = {"name": "key", "permissions": ["all"]}
-    key = inviting.post_json("/api/api-keys", body, headers=user.headers, status=201).json["secret"]
-    response = inviting.post("/invite", headers={"x-api-key": key}, status=403)
-    assert_error(response, 403, "PERM01")
-    assert table_counts(db)["invites"] == 0
-
-
-def test_invite_minting_without_credentials_is_auth01(inviting, db):
-    assert_error(inviting.post("/invite", status=401), 401, "AUTH01")
-    assert table_counts(db)["invites"] == 0
-
-
-def test_invite_expired_code_is_acct01(make_app, user, clock, db):
-    inviting = webtest.TestApp(make_app(registration="invite", invite_ttl=60))
-    code = inviting.post("/invite", headers=user.headers).json["invite"]
-    clock.advance(60)
-    before = snapshot(db)
-    body = {"id": "carol", "password": PASSWORD, "invite": code}
-    assert_error(inviting.post_json("/account", body, status=403), 403, "ACCT01")
-    assert snapshot(db) == before
-
-
-@pytest.mark.parametrize(
-    "refused, status, code",
-    [
-        ({"id": "carol", "password": "short"}, 400, "ACCT02"),
-        ({"id": "BOB", "password": PASSWORD}, 409, "ACCT03"),
-    ],
-    ids=["bad-password", "taken-id"],
-)
-def test_invite_refused_registration_keeps_the_code(inviting, user, db, refused, status, code):
-    invite = inviting.post("/invite", headers=user.headers).json["invite"]
-    response = inviting.post_json("/account", {**refused, "invite": invite}, status=status)
-    assert_error(response, status, code)
-    assert table_counts(db)["invites"] == 1
-    body = {"id": "carol", "password": PASSWORD, "invite": invite}
-    inviting.post_json("/account", body, status=200)
 
 
 # ==================================================================================================
@@ -7250,16 +11160,17 @@ class FreshServer:
     share one database between them; each example builds its own server instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, **settings) -> None:
         self.directory = tempfile.mkdtemp(prefix="syncnode-props-")
         self.database = os.path.join(self.directory, "syncnode.db")
-        self.app = syncnode.create_app(self.database, clock=FakeClock(), **CHEAP_HASHING)
+        self.app = syncnode.create_app(
+            self.database, clock=FakeClock(), **{**CHEAP_HASHING, **settings}
+        )
         self.client = webtest.TestApp(self.app)
 
     def register(self, name: str) -> User:
         """Register a user through the API and return it."""
-        response = self.client.post_json("/account", {"id": name, "password": PASSWORD})
-        return User(name, response.json["token"])
+        return register_user(self.client, name)
 
     def close(self) -> None:
         self.app.close()
@@ -7774,433 +11685,7 @@ def test_account_register_any_credentials_is_200_or_acct02(name, password):
         server.close()
 
 
-# ==================================================================================================
-# Streaming large values
-# ==================================================================================================
-
-#: A value large enough to stream in chunks rather than travel whole.
-LARGE = syncnode.STREAM_FROM_BYTES * 4 + 12345
-
-
-def test_stream_large_value_round_trips_and_is_stored_as_one_row(client, user, db):
-    value = os.urandom(LARGE)
-    token = put(client, user, "big", value, status=204).headers["X-Sync-Token"]
-    response = client.get("/store/big", headers=user.headers)
-    assert response.body == value
-    assert response.headers["Content-Length"] == str(LARGE)
-    assert response.headers["X-Sync-Token"] == token
-    assert db.execute("SELECT size, length(value) FROM items").fetchone() == (LARGE, LARGE)
-
-
-def test_stream_large_update_replaces_the_whole_value(client, user, db):
-    first = put(client, user, "big", b"a" * LARGE).headers["X-Sync-Token"]
-    shorter = os.urandom(LARGE // 2)
-    put(client, user, "big", shorter, token=first, status=204)
-    assert client.get("/store/big", headers=user.headers).body == shorter
-    assert db.execute("SELECT size, length(value) FROM items").fetchone() == (len(shorter),) * 2
-
-
-def test_stream_large_value_over_the_limit_is_size01_and_nothing_stored(make_app, db):
-    client = webtest.TestApp(make_app(max_value_bytes=LARGE))
-    owner = User(
-        "alice", client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
-    )
-    put(client, owner, "fits", b"x" * LARGE, status=204)
-    assert_error(put(client, owner, "big", b"x" * (LARGE + 1), status=413), 413, "SIZE01")
-    assert [row[0] for row in db.execute("SELECT key FROM items")] == ["fits"]
-
-
-def test_stream_large_value_with_stale_token_stores_nothing(client, user, db):
-    put(client, user, "big", b"a" * LARGE)
-    before = snapshot(db)
-    assert_error(put(client, user, "big", b"b" * LARGE, token="stale", status=409), 409, "KEY01")
-    assert snapshot(db) == before
-
-
-def test_stream_head_of_large_value_ends_its_read_transaction(app, client, user):
-    put(client, user, "big", b"a" * LARGE)
-    response = client.head("/store/big", headers=user.headers)
-    assert response.headers["Content-Length"] == str(LARGE) and response.body == b""
-    assert not app.context.connection().in_transaction
-    put(client, user, "next", b"b", status=204)  # the thread's connection is usable again
-
-
-def test_stream_read_is_not_torn_by_a_concurrent_update(app, user, client):
-    old, new = b"o" * LARGE, b"n" * LARGE
-    token = put(client, user, "big", old).headers["X-Sync-Token"]
-    environ = webtest.TestRequest.blank(
-        "/store/big", headers=user.headers, environ={"REQUEST_METHOD": "GET"}
-    ).environ
-    body = app(environ, lambda status, headers, exc_info=None: None)
-    chunks = iter(body)
-    first = next(chunks)  # the answer is streaming from its snapshot
-    writer = threading.Thread(
-        target=lambda: webtest.TestApp(app).put(
-            "/store/big", new, headers={**user.headers, "X-Sync-Token": token}, status=204
-        )
-    )
-    writer.start()
-    writer.join(timeout=10)
-    assert not writer.is_alive()
-    rest = b"".join(chunks)
-    body.close()
-    assert first + rest == old  # the old value, whole
-    assert client.get("/store/big", headers=user.headers).body == new  # then the new one, whole
-
-
-def test_stream_read_over_a_real_server_is_not_torn(live_server):
-    owner = live_server.register("alice")
-    old, new = os.urandom(LARGE), os.urandom(LARGE)
-    token = live_server.request("PUT", "/store/big", old, owner.headers).headers["X-Sync-Token"]
-    reader = live_server.connect()
-    reader.request("GET", "/store/big", headers=owner.headers)
-    response = reader.getresponse()
-    first = response.read(1000)
-    reply = live_server.request("PUT", "/store/big", new, {**owner.headers, "X-Sync-Token": token})
-    assert reply.status_int == 204
-    assert first + response.read() == old
-    reader.close()
-    assert live_server.request("GET", "/store/big", headers=owner.headers).body == new
-
-
-DAY = 86400
-
-# ==================================================================================================
-# Sync protocol helpers
-# ==================================================================================================
-
-
-def sign_up(client, name: str) -> User:
-    """Register a user on the given client (for apps built with other settings than `app`)."""
-    response = client.post_json("/account", {"id": name, "password": PASSWORD})
-    return User(name, response.json["token"])
-
-
-def token_of(response) -> str:
-    """Return the X-Sync-Token of an answer."""
-    return response.headers["X-Sync-Token"]
-
-
-def current_seq(client, user: User) -> int:
-    """Return the X-Sync-Seq of a plain GET /store, the cursor a client keeps."""
-    return int(client.get("/store", headers=user.headers).headers["X-Sync-Seq"])
-
-
-def changes(client, user: User, since: int, **query) -> list[dict]:
-    """Return the entries of GET /store?since=... (one page, no wait)."""
-    return client.get("/store", {"since": since, **query}, headers=user.headers).json
-
-
-def next_link(response) -> str | None:
-    """Return the URL of the answer's Link: <URL>; rel="next", or None without one."""
-    value = response.headers.get("Link")
-    if value is None:
-        return None
-    match = re.fullmatch(r'<([^<>]*)>; rel="next"', value)
-    assert match, f"malformed Link header {value!r}"
-    return match.group(1)
-
-
-def follow_pages(client, user: User, url: str) -> list[dict]:
-    """GET the URL and every page its Link headers lead to; return the entries of them all."""
-    entries: list[dict] = []
-    for _ in range(1000):
-        response = client.get(url, headers=user.headers)
-        entries += response.json
-        url = next_link(response)
-        if url is None:
-            return entries
-    raise AssertionError("the Link headers never ended")
-
-
-def feed_state(db) -> dict[str, list]:
-    """Every row the store and the change feed answer from, to show a refusal changed nothing."""
-    return {
-        **snapshot(db),
-        "sync_state": db.execute("SELECT seq, floor FROM sync_state").fetchall(),
-        "permission_seqs": db.execute(
-            "SELECT item_id, user_id, seq FROM permissions ORDER BY item_id, user_id"
-        ).fetchall(),
-        "tombstones": db.execute(
-            "SELECT user_id, key, seq, created_ms FROM tombstones ORDER BY user_id, key"
-        ).fetchall(),
-    }
-
-
-def escaped(key: str) -> str:
-    """Escape the percent signs of a key for put() and share(), which keep %XX as it is."""
-    return key.replace("%", "%25")
-
-
-def seed(client, user: User, keys: list[str]) -> dict[str, str]:
-    """Create the keys in one POST /batch (one commit, in this order); return their tokens."""
-    operations = [{"method": "PUT", "key": key, "token": None, "value": ""} for key in keys]
-    response = client.post_json("/batch", {"operations": operations}, headers=user.headers)
-    return {result["key"]: result["token"] for result in response.json["results"]}
-
-
-def live(key: str, permission: str, token: str, seq: int) -> dict:
-    """A live entry of the change feed."""
-    return {"key": key, "permission": permission, "token": token, "seq": seq}
-
-
-def gone(key: str, seq: int) -> dict:
-    """A tombstone entry of the change feed."""
-    return {"key": key, "deleted": True, "seq": seq}
-
-
-# ==================================================================================================
-# Change feed
-# ==================================================================================================
-
-
-@pytest.mark.parametrize(
-    "method, url",
-    [
-        ("GET", "/store"),
-        ("GET", "/store?prefix=n"),
-        ("GET", "/store?limit=1"),
-        ("GET", "/store?limit=1&after=a"),
-        ("GET", "/store?since=1"),
-        ("GET", "/store?since=1&limit=1&prefix=n"),
-        ("HEAD", "/store"),
-    ],
-    ids=["listing", "prefix", "limit", "after", "feed", "feed-page", "head"],
-)
-def test_feed_every_store_listing_carries_x_sync_seq(client, user, method, url):
-    put(client, user, "notes")
-    put(client, user, "other")
-    expected = current_seq(client, user)
-    response = client.request(url, method=method, headers=user.headers)
-    assert response.status_int == 200
-    assert re.fullmatch(r"[0-9]+", response.headers["X-Sync-Seq"])
-    assert int(response.headers["X-Sync-Seq"]) == expected
-
-
-def test_feed_seq_grows_with_every_kind_of_change(client, user, other):
-    seqs = [current_seq(client, user)]
-    token = token_of(put(client, user, "k"))
-    seqs.append(current_seq(client, user))
-    token = token_of(put(client, user, "k", b"v2", token))
-    seqs.append(current_seq(client, user))
-    share(client, user, "k", {"bob": "READ"})
-    seqs.append(current_seq(client, user))
-    share(client, user, "k", {"bob": "WRITE"})
-    seqs.append(current_seq(client, user))
-    client.delete("/permission/k?users=bob", headers=user.headers)
-    seqs.append(current_seq(client, user))
-    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": token})
-    seqs.append(current_seq(client, user))
-    assert seqs == sorted(set(seqs)), seqs
-
-
-def test_feed_since_answers_only_later_changes_by_seq(client, user):
-    put(client, user, "a")
-    b = put(client, user, "b")
-    cursor = current_seq(client, user)
-    b2 = put(client, user, "b", b"new", token_of(b))
-    c = put(client, user, "c")
-    response = client.get(f"/store?since={cursor}", headers=user.headers)
-    seq = int(response.headers["X-Sync-Seq"])
-    assert response.json == [
-        live("b", "OWN", token_of(b2), seq - 1),
-        live("c", "OWN", token_of(c), seq),
-    ]
-
-
-def test_feed_since_zero_lists_every_held_key(client, user):
-    put(client, user, "b")
-    put(client, user, "a")
-    entries = changes(client, user, 0)
-    assert [entry["key"] for entry in entries] == ["b", "a"]
-    assert {entry["key"]: entry["token"] for entry in entries} == {
-        entry["key"]: entry["token"] for entry in client.get("/store", headers=user.headers).json
-    }
-
-
-def test_feed_answers_one_entry_per_key_with_its_latest_state(client, user):
-    cursor = current_seq(client, user)
-    a = put(client, user, "a")
-    b = put(client, user, "b")
-    a = put(client, user, "a", b"2", token_of(a))
-    b = put(client, user, "b", b"2", token_of(b))
-    a = put(client, user, "a", b"3", token_of(a))
-    entries = changes(client, user, cursor)
-    assert [entry["key"] for entry in entries] == ["b", "a"]
-    assert [entry["token"] for entry in entries] == [token_of(b), token_of(a)]
-    assert entries[0]["seq"] < entries[1]["seq"] == current_seq(client, user)
-
-
-def test_feed_delete_answers_a_tombstone_to_every_holder(client, user, other):
-    token = token_of(put(client, user, "k"))
-    share(client, user, "k", {"bob": "READ"})
-    cursor = current_seq(client, user)
-    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": token})
-    seq = current_seq(client, user)
-    assert changes(client, user, cursor) == [gone("k", seq)]
-    assert changes(client, other, cursor) == [gone("k", seq)]
-
-
-def test_feed_grant_reaches_only_the_grantee(client, user, other):
-    token = token_of(put(client, user, "k"))
-    cursor = current_seq(client, user)
-    share(client, user, "k", {"bob": "READ"})
-    assert changes(client, other, cursor) == [live("k", "READ", token, cursor + 1)]
-    assert changes(client, user, cursor) == []
-
-
-def test_feed_permission_change_reaches_that_holder(client, user, other):
-    token = token_of(put(client, user, "k"))
-    share(client, user, "k", {"bob": "READ"})
-    cursor = current_seq(client, user)
-    share(client, user, "k", {"bob": "WRITE"})
-    assert changes(client, other, cursor) == [live("k", "WRITE", token, cursor + 1)]
-    assert changes(client, user, cursor) == []
-
-
-def test_feed_unchanged_grant_takes_no_seq(client, user, other, db):
-    put(client, user, "k")
-    share(client, user, "k", {"bob": "READ"})
-    before = feed_state(db)
-    share(client, user, "k", {"bob": "READ"})
-    assert feed_state(db) == before
-
-
-def test_feed_revoke_answers_a_tombstone_to_the_revoked_user(client, user, other):
-    put(client, user, "k")
-    share(client, user, "k", {"bob": "WRITE"})
-    cursor = current_seq(client, user)
-    client.delete("/permission/k?users=bob", headers=user.headers)
-    assert changes(client, other, cursor) == [gone("k", cursor + 1)]
-    assert changes(client, user, cursor) == []
-
-
-def test_feed_holder_leaving_a_key_gets_a_tombstone(client, user, other):
-    put(client, user, "k")
-    share(client, user, "k", {"bob": "READ"})
-    cursor = current_seq(client, user)
-    client.delete("/permission/k?users=bob", headers=other.headers)
-    assert changes(client, other, cursor) == [gone("k", cursor + 1)]
-    assert changes(client, user, cursor) == []
-
-
-def test_feed_update_by_a_writer_reaches_every_holder(client, user, other):
-    token = token_of(put(client, user, "k"))
-    share(client, user, "k", {"bob": "WRITE"})
-    cursor = current_seq(client, user)
-    new = token_of(put(client, other, "k", b"bob's", token))
-    assert changes(client, user, cursor) == [live("k", "OWN", new, cursor + 1)]
-    assert changes(client, other, cursor) == [live("k", "WRITE", new, cursor + 1)]
-
-
-def test_feed_account_deletion_buries_the_keys_it_alone_owned(client, user, other):
-    put(client, other, "bobs")
-    share(client, other, "bobs", {"alice": "READ"})
-    shared = token_of(put(client, other, "shared"))
-    share(client, other, "shared", {"alice": "OWN"})
-    cursor = current_seq(client, user)
-    client.delete("/account", headers=other.headers, status=204)
-    assert changes(client, user, cursor) == [gone("bobs", cursor + 1)]
-    assert client.get("/store", headers=user.headers).json == [
-        {"key": "shared", "permission": "OWN", "token": shared}
-    ]
-
-
-def test_feed_regrant_leaves_one_live_entry(client, user, other):
-    token = token_of(put(client, user, "k"))
-    cursor = current_seq(client, user)
-    share(client, user, "k", {"bob": "READ"})
-    client.delete("/permission/k?users=bob", headers=user.headers)
-    share(client, user, "k", {"bob": "WRITE"})
-    assert changes(client, other, cursor) == [live("k", "WRITE", token, cursor + 3)]
-
-
-def test_feed_recreated_key_leaves_one_live_entry(client, user):
-    token = token_of(put(client, user, "k"))
-    cursor = current_seq(client, user)
-    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": token})
-    new = token_of(put(client, user, "k"))
-    assert changes(client, user, cursor) == [live("k", "OWN", new, cursor + 2)]
-
-
-def test_feed_refused_writes_take_no_seq(client, make_user, user, other, db):
-    token = token_of(put(client, user, "k"))
-    share(client, user, "k", {"bob": "READ"})
-    carol = make_user("carol")
-    before = feed_state(db)
-    put(client, user, "k", b"x", "stale", status=409)
-    put(client, other, "k", b"x", token, status=403)
-    put(client, carol, "k", b"x", status=409)
-    client.delete("/store/k", headers={**user.headers, "X-Sync-Token": "stale"}, status=409)
-    share(client, other, "k", {"bob": "OWN"}, status=403)
-    client.delete("/permission/k?users=alice", headers=user.headers, status=409)
-    assert feed_state(db) == before
-
-
-def test_feed_since_current_seq_is_empty(client, user):
-    put(client, user, "k")
-    cursor = current_seq(client, user)
-    response = client.get(f"/store?since={cursor}", headers=user.headers)
-    assert response.json == []
-    assert response.headers["X-Sync-Seq"] == str(cursor)
-
-
-@pytest.mark.parametrize("ahead", [1, 2**40], ids=["next", "far"])
-def test_feed_since_beyond_current_seq_is_sync01(client, user, ahead):
-    cursor = current_seq(client, user)
-    response = client.get(f"/store?since={cursor + ahead}", headers=user.headers, status=410)
-    assert_error(response, 410, "SYNC01")
-
-
-def test_feed_tombstones_are_kept_for_90_days_by_default(make_app, clock):
-    client = webtest.TestApp(make_app(session_ttl=365 * DAY))
-    alice = sign_up(client, "alice")
-    token = token_of(put(client, alice, "k"))
-    cursor = current_seq(client, alice)
-    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
-    clock.advance(90 * DAY - 3600)
-    client.get("/health")  # housekeeping runs here
-    assert changes(client, alice, cursor) == [gone("k", cursor + 1)]
-
-
-def test_feed_cursor_older_than_purged_tombstones_is_sync01(make_app, clock):
-    client = webtest.TestApp(make_app(session_ttl=365 * DAY))
-    alice = sign_up(client, "alice")
-    token = token_of(put(client, alice, "k"))
-    cursor = current_seq(client, alice)
-    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
-    clock.advance(90 * DAY + 3600)
-    client.get("/health")  # housekeeping runs here
-    response = client.get(f"/store?since={cursor}", headers=alice.headers, status=410)
-    assert_error(response, 410, "SYNC01")
-
-
-def test_feed_cursor_after_purged_tombstones_still_answers(make_app, clock):
-    client = webtest.TestApp(make_app(tombstone_ttl=3600))
-    alice = sign_up(client, "alice")
-    token = token_of(put(client, alice, "k"))
-    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
-    cursor = current_seq(client, alice)
-    clock.advance(7200)
-    later = put(client, alice, "later")  # housekeeping purges the tombstone first
-    assert changes(client, alice, cursor) == [live("later", "OWN", token_of(later), cursor + 1)]
-
-
-def test_feed_purge_waits_for_housekeeping_every_10_minutes(make_app, clock):
-    client = webtest.TestApp(make_app(tombstone_ttl=3600))
-    alice = sign_up(client, "alice")  # housekeeping ran now
-    token = token_of(put(client, alice, "k"))
-    cursor = current_seq(client, alice)
-    client.delete("/store/k", headers={**alice.headers, "X-Sync-Token": token})
-    clock.advance(3600 - 300)
-    client.get("/health")  # housekeeping: the tombstone is 55 minutes old and stays
-    clock.advance(360)
-    # The tombstone is past its ttl, but the next housekeeping is 4 minutes away.
-    assert changes(client, alice, cursor) == [gone("k", cursor + 1)]
-    clock.advance(300)
-    client.get("/health")
-    response = client.get(f"/store?since={cursor}", headers=alice.headers, status=410)
-    assert_error(response, 410, "SYNC01")
+# The change feed replayed on a listing ------------------------------------------------------------
 
 
 # A small world: three users and three keys, two with characters that wildcards would match.
@@ -8299,3170 +11784,31 @@ def replay(mirror: dict[str, dict], entries: list[dict]) -> None:
 def test_feed_replayed_on_a_listing_reproduces_the_final_listing(before, during, after, limit):
     # Refusals are allowed answers, so an example whose steps are mostly refused still checks
     # the feed; `during` runs between the pages of the listings, `after` once they are done.
-    with tempfile.TemporaryDirectory() as tmp:
-        app = syncnode.create_app(
-            os.path.join(tmp, "feed.db"), clock=FakeClock(), synchronous="NORMAL", **CHEAP_HASHING
-        )
-        try:
-            client = webtest.TestApp(app)
-            users = [sign_up(client, name) for name in FEED_USERS]
-            for number, key in enumerate(FEED_KEYS):  # each key shared, so that steps matter
-                put(client, users[number], escaped(key))
-                share(client, users[number], escaped(key), {FEED_USERS[number - 1]: "WRITE"})
-            for step in before:
-                feed_step(client, users, step)
-            between = [lambda step=step: feed_step(client, users, step) for step in during]
-            copies = {each.name: listing_at_cursor(client, each, limit, between) for each in users}
-            for step in after:
-                feed_step(client, users, step)
-            for each in users:
-                cursor, mirror = copies[each.name]
-                entries = follow_pages(client, each, f"/store?since={cursor}&limit={limit}")
-                seqs = [entry["seq"] for entry in entries]
-                assert seqs == sorted(set(seqs)), "entries not in strictly increasing seq order"
-                assert len({entry["key"] for entry in entries}) == len(entries)
-                replay(mirror, entries)
-                final = client.get("/store", headers=each.headers)
-                assert [mirror[key] for key in sorted(mirror)] == final.json, each.name
-                assert all(seq <= int(final.headers["X-Sync-Seq"]) for seq in seqs)
-        finally:
-            app.close()
-
-
-# ==================================================================================================
-# Long-poll
-# ==================================================================================================
-
-
-@pytest.fixture
-def serve_sync(make_app, start_server):
-    """Serve a syncnode app on waitress with as many threads as its threads setting."""
-
-    def start(threads: int = 4, **settings) -> LiveServer:
-        return start_server(make_app(threads=threads, **settings), threads)
-
-    return start
-
-
-class Waiter:
-    """A GET /store long-poll running in a thread, timed from send to answer."""
-
-    def __init__(self, server: LiveServer, user: User, url: str) -> None:
-        self.answer: Reply | None = None
-        self.error: BaseException | None = None
-        self.done_at = 0.0
-        self.started_at = time.monotonic()
-        self.thread = threading.Thread(target=self.run, args=(server, user, url), daemon=True)
-        self.thread.start()
-
-    def run(self, server: LiveServer, user: User, url: str) -> None:
-        try:
-            self.answer = server.request("GET", url, headers=user.headers)
-        except BaseException as error:  # re-raised by result()
-            self.error = error
-        self.done_at = time.monotonic()
-
-    def result(self, timeout: float = 10) -> Reply:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the long-poll did not answer"
-        if self.error is not None:
-            raise self.error
-        return self.answer
-
-
-def wait_for_waiters(server: LiveServer, count: int) -> None:
-    """Block until the app holds `count` long-polls (a synchronisation aid, not a check)."""
-    deadline = time.monotonic() + 5
-    while server.app.context.waiters.waiting != count:
-        assert time.monotonic() < deadline, "the long-poll never started waiting"
-        time.sleep(0.005)
-
-
-def test_longpoll_answers_at_once_when_changes_exist(client, user):
-    put(client, user, "k")
-    started = time.monotonic()
-    response = client.get("/store?since=0&wait=60", headers=user.headers)
-    assert [entry["key"] for entry in response.json] == ["k"]
-    assert time.monotonic() - started < 1
-
-
-def test_longpoll_wakes_within_a_moment_of_a_commit(serve_sync):
-    server = serve_sync()
-    alice = server.register("alice")
-    cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
-    waiter = Waiter(server, alice, f"/store?since={cursor}&wait=5")
-    wait_for_waiters(server, 1)
-    committing = time.monotonic()
-    written = server.request("PUT", "/store/k", b"v", alice.headers)
-    committed = time.monotonic()
-    answer = waiter.result()
-    assert written.status_int == 204
-    assert answer.status_int == 200
-    assert answer.json == [live("k", "OWN", written.headers["X-Sync-Token"], cursor + 1)]
-    # Measured from before the PUT was sent, so the PUT's own time counts against the bound.
-    woke_after = waiter.done_at - committing
-    print(f"long-poll woke {woke_after * 1000:.1f} ms after the PUT was sent "
-          f"({(waiter.done_at - committed) * 1000:.1f} ms after its answer)")  # fmt: skip
-    assert woke_after < 0.5
-
-
-def test_longpoll_wakes_when_a_key_is_shared_with_the_caller(serve_sync):
-    server = serve_sync()
-    alice, bob = server.register("alice"), server.register("bob")
-    assert server.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
-    cursor = int(server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"])
-    waiter = Waiter(server, bob, f"/store?since={cursor}&wait=5")
-    wait_for_waiters(server, 1)
-    grant = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
-    assert server.request("PUT", "/permission/k", grant, alice.headers).status_int == 204
-    answer = waiter.result()
-    assert [(entry["key"], entry["permission"]) for entry in answer.json] == [("k", "READ")]
-    assert answer.json[0]["seq"] == cursor + 1
-    assert waiter.done_at - waiter.started_at < 4
-
-
-def test_longpoll_ignores_changes_the_caller_cannot_see(serve_sync):
-    server = serve_sync()
-    alice, bob = server.register("alice"), server.register("bob")
-    cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
-    waiter = Waiter(server, alice, f"/store?since={cursor}&wait=1")
-    wait_for_waiters(server, 1)
-    assert server.request("PUT", "/store/bobs", b"v", bob.headers).status_int == 204
-    answer = waiter.result()
-    assert answer.status_int == 200
-    assert answer.json == []
-    assert waiter.done_at - waiter.started_at >= 0.95
-    assert int(answer.headers["X-Sync-Seq"]) >= cursor
-
-
-def test_longpoll_past_max_waiting_answers_at_once(serve_sync):
-    server = serve_sync(threads=2)  # max_waiting = threads // 2 = 1
-    alice = server.register("alice")
-    cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
-    first = Waiter(server, alice, f"/store?since={cursor}&wait=5")
-    wait_for_waiters(server, 1)
-    started = time.monotonic()
-    second = server.request("GET", f"/store?since={cursor}&wait=5", headers=alice.headers)
-    assert time.monotonic() - started < 1
-    assert second.status_int == 200
-    assert second.json == []
-    assert first.thread.is_alive(), "the first long-poll should still be waiting"
-    assert server.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
-    assert [entry["key"] for entry in first.result().json] == ["k"]
-
-
-# ==================================================================================================
-# Listing and paging
-# ==================================================================================================
-
-
-@pytest.mark.parametrize(
-    "query",
-    [
-        "since=abc", "since=-1", "since=1.5", "since=", "since=%D9%A1", "since=4611686018427387905",
-        "wait=61", "wait=-1", "wait=abc", "wait=1.5", "limit=0", "limit=1001", "limit=abc",
-        "limit=-1", "prefix=%01", "prefix=a%7Fb", "prefix=" + "x" * 1025, "after=%0A",
-        "after=" + "x" * 1025, "since=1&after=a",
-    ],
-    ids=[
-        "since-text", "since-negative", "since-fraction", "since-empty", "since-arabic-digit",
-        "since-over-2**62", "wait-61", "wait-negative", "wait-text", "wait-fraction", "limit-0",
-        "limit-1001", "limit-text", "limit-negative", "prefix-control", "prefix-del",
-        "prefix-1025", "after-control", "after-1025", "since-with-after",
-    ],
-)  # fmt: skip
-def test_listing_malformed_query_is_req01(client, user, query):
-    response = client.get(f"/store?{query}", headers=user.headers, status=400)
-    assert_error(response, 400, "REQ01")
-
-
-@pytest.mark.parametrize(
-    "query", ["prefix=%FF", "prefix=a%ED%A0%80", "since=%FF", "limit=%FF", "wait=%FF", "after=%FF"]
-)
-def test_listing_query_that_is_not_utf8_is_req01(client, user, query):
-    put(client, user, "k")
-    response = client.get(f"/store?{query}", headers=user.headers, status=(200, 400))
-    assert_error(response, 400, "REQ01")
-
-
-@pytest.mark.parametrize(
-    "query",
-    ["since=0&wait=60", "since=0&wait=0", "limit=1", "limit=1000", "prefix=" + "x" * 1024],
-    ids=["wait-60", "wait-0", "limit-1", "limit-1000", "prefix-1024"],
-)
-def test_listing_query_edge_values_are_accepted(client, user, query):
-    put(client, user, "k")  # so that the long-poll finds a change at once
-    response = client.get(f"/store?{query}", headers=user.headers)
-    assert response.status_int == 200
-
-
-def test_listing_malformed_query_without_token_is_auth01(client):
-    response = client.get("/store?limit=0", status=401)
-    assert_error(response, 401, "AUTH01")
-
-
-LITERAL_KEYS = ["A1", "a%b", "a*b", "a?b", "a_b", "ab", "axb", "b", "a\\b"]
-
-
-@pytest.mark.parametrize(
-    "prefix, expected",
-    [
-        ("a%", ["a%b"]),
-        ("a_", ["a_b"]),
-        ("a*", ["a*b"]),
-        ("a?", ["a?b"]),
-        ("a\\", ["a\\b"]),
-        ("A", ["A1"]),
-        ("a", ["a%b", "a*b", "a?b", "a\\b", "a_b", "ab", "axb"]),
-        ("%", []),
-        ("", sorted(LITERAL_KEYS)),
-    ],
-    ids=["percent", "underscore", "star", "question", "backslash", "case", "plain", "bare-percent",
-         "empty"],
-)  # fmt: skip
-def test_listing_prefix_matches_literally(client, user, prefix, expected):
-    seed(client, user, LITERAL_KEYS)
-    response = client.get("/store", {"prefix": prefix}, headers=user.headers)
-    assert [entry["key"] for entry in response.json] == expected
-
-
-def test_listing_prefix_applies_to_the_feed(client, user):
-    tokens = seed(client, user, ["a%1", "ab"])
-    cursor = current_seq(client, user)
-    put(client, user, "ab", b"2", tokens["ab"])
-    client.delete("/store/a%251", headers={**user.headers, "X-Sync-Token": tokens["a%1"]})
-    new = token_of(put(client, user, escaped("a%2")))
-    seq = current_seq(client, user)
-    assert changes(client, user, cursor, prefix="a%") == [
-        gone("a%1", seq - 1),
-        live("a%2", "OWN", new, seq),
-    ]
-
-
-def test_listing_feed_link_keeps_the_prefix(client, user):
-    cursor = current_seq(client, user)
-    seed(client, user, ["n/1", "o/1", "n/2", "n/3"])
-    response = client.get(f"/store?since={cursor}&prefix=n/&limit=2", headers=user.headers)
-    url = urllib.parse.urlsplit(next_link(response))
-    last = response.json[-1]["seq"]
-    assert urllib.parse.parse_qs(url.query) == {
-        "limit": ["2"],
-        "prefix": ["n/"],
-        "since": [str(last)],
-    }
-    entries = follow_pages(client, user, f"/store?since={cursor}&prefix=n/&limit=2")
-    assert [entry["key"] for entry in entries] == ["n/1", "n/2", "n/3"]
-
-
-def test_listing_limit_caps_and_links_to_the_next_page(client, user):
-    seed(client, user, ["e", "d", "c", "b", "a"])
-    response = client.get("/store?limit=2", headers=user.headers)
-    assert [entry["key"] for entry in response.json] == ["a", "b"]
-    assert response.headers["Link"] == '</store?limit=2&after=b>; rel="next"'
-    second = client.get(next_link(response), headers=user.headers)
-    assert [entry["key"] for entry in second.json] == ["c", "d"]
-    third = client.get(next_link(second), headers=user.headers)
-    assert [entry["key"] for entry in third.json] == ["e"]
-    assert "Link" not in third.headers
-
-
-def test_listing_full_last_page_has_no_link(client, user):
-    seed(client, user, ["a", "b", "c", "d"])
-    second = client.get("/store?limit=2&after=b", headers=user.headers)
-    assert [entry["key"] for entry in second.json] == ["c", "d"]
-    assert "Link" not in second.headers
-
-
-def test_listing_link_keeps_the_prefix(client, user):
-    seed(client, user, ["n/1", "n/2", "n/3", "o/1"])
-    response = client.get("/store?prefix=n/&limit=2", headers=user.headers)
-    url = urllib.parse.urlsplit(next_link(response))
-    assert url.path == "/store"
-    assert urllib.parse.parse_qs(url.query) == {"limit": ["2"], "prefix": ["n/"], "after": ["n/2"]}
-    assert follow_pages(client, user, "/store?prefix=n/&limit=2") == (
-        client.get("/store?prefix=n/", headers=user.headers).json
-    )
-
-
-def test_listing_pages_keys_with_url_characters(client, user):
-    keys = ["a b", "a+b", "a&b", "a=b", "a#b", "a%b", "a%2Fb", "a/b", "a;b", "a<b>", 'a"b', "é",
-            "日本"]  # fmt: skip
-    seed(client, user, keys)
-    entries = follow_pages(client, user, "/store?limit=1")
-    assert [entry["key"] for entry in entries] == sorted(keys)
-
-
-def test_listing_paging_survives_keys_added_and_deleted_between_pages(client, user):
-    tokens = seed(client, user, ["b", "d", "f", "h", "j", "l"])
-    first = client.get("/store?limit=2", headers=user.headers)
-    seen = [entry["key"] for entry in first.json]
-    put(client, user, "a")  # before the cursor
-    put(client, user, "e")  # ahead of it
-    client.delete("/store/b", headers={**user.headers, "X-Sync-Token": tokens["b"]})
-    client.delete("/store/h", headers={**user.headers, "X-Sync-Token": tokens["h"]})
-    seen += [entry["key"] for entry in follow_pages(client, user, next_link(first))]
-    assert len(seen) == len(set(seen))
-    assert {"d", "f", "j", "l"} <= set(seen)  # present throughout
-    assert seen == sorted(seen)
-
-
-def mount_under_sync(wsgi_app: Callable, how: str) -> Callable:
-    """Mount the app under /sync: bottle's WSGI mount, bottle's route merge, or a bare router."""
-    if how == "router":
-
-        def router(environ: dict, start_response: Callable):
-            path = environ["PATH_INFO"]
-            assert path.startswith("/sync/")
-            inner = {**environ, "SCRIPT_NAME": "/sync", "PATH_INFO": path[len("/sync") :]}
-            return wsgi_app(inner, start_response)
-
-        return router
-    site = bottle.Bottle()
-    with warnings.catch_warnings():
-        # Bottle warns that a prefix without a slash falls back to a WSGI mount: a case here.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        site.mount("/sync" if how == "bottle-wsgi" else "/sync/", wsgi_app)
-    return site
-
-
-@pytest.mark.parametrize("how", ["bottle-wsgi", "bottle-routes", "router"])
-def test_listing_link_carries_the_mount_prefix(make_app, how):
-    client = webtest.TestApp(mount_under_sync(make_app(), how))
-    body = {"id": "alice", "password": PASSWORD}
-    alice = User("alice", client.post_json("/sync/account", body).json["token"])
-    for key in ["a", "b"]:
-        client.put(f"/sync/store/{key}", b"v", headers=alice.headers)
-    response = client.get("/sync/store?limit=1", headers=alice.headers)
-    assert response.headers["Link"] == '</sync/store?limit=1&after=a>; rel="next"'
-    following = client.get(next_link(response), headers=alice.headers)
-    assert [entry["key"] for entry in following.json] == ["b"]
-
-
-def test_listing_feed_pages_link_by_seq(client, user):
-    cursor = current_seq(client, user)
-    seed(client, user, ["c", "a", "b"])
-    response = client.get(f"/store?since={cursor}&limit=2", headers=user.headers)
-    assert [entry["key"] for entry in response.json] == ["c", "a"]
-    last = response.json[-1]["seq"]
-    assert response.headers["Link"] == f'</store?limit=2&since={last}>; rel="next"'
-    second = client.get(next_link(response), headers=user.headers)
-    assert [entry["key"] for entry in second.json] == ["b"]
-    assert "Link" not in second.headers
-
-
-def test_listing_feed_paging_survives_changes_between_pages(client, user):
-    cursor = current_seq(client, user)
-    tokens = seed(client, user, ["a", "b", "c", "d", "e"])
-    first = client.get(f"/store?since={cursor}&limit=2", headers=user.headers)
-    seen = [entry["key"] for entry in first.json]
-    put(client, user, "a", b"2", tokens["a"])  # already paged: comes again with its new state
-    client.delete("/store/d", headers={**user.headers, "X-Sync-Token": tokens["d"]})
-    new = token_of(put(client, user, "f"))
-    rest = follow_pages(client, user, next_link(first))
-    seen += [entry["key"] for entry in rest]
-    assert seen == ["a", "b", "c", "e", "a", "d", "f"]
-    assert rest[-1] == live("f", "OWN", new, current_seq(client, user))
-
-
-# ==================================================================================================
-# Conditional requests
-# ==================================================================================================
-
-#: Each way a client or a proxy may spell the entity tag of token T.
-TAG_FORMS = ['"T"', 'W/"T"', '"T-gzip"', '"T-br"', '"T-zstd"', '"T-deflate"', 'W/"T-gzip"']
-TAG_IDS = ["strong", "weak", "gzip", "br", "zstd", "deflate", "weak-gzip"]
-
-
-def test_conditional_get_matching_tag_is_304(client, user):
-    token = token_of(put(client, user, "k", b"value", headers={"X-Sync-Meta": "m"}))
-    response = client.get("/store/k", headers={**user.headers, "If-None-Match": f'"{token}"'})
-    assert response.status_int == 304
-    assert response.body == b""
-    assert response.headers["ETag"] == f'"{token}"'
-    assert response.headers["X-Sync-Token"] == token
-    assert "Content-Type" not in response.headers
-
-
-@pytest.mark.parametrize("form", [*TAG_FORMS, '"other", "T"', "*"], ids=[*TAG_IDS, "list", "star"])
-def test_conditional_get_if_none_match_forms_are_304(client, user, form):
-    token = token_of(put(client, user, "k"))
-    tag = form.replace("T", token)
-    response = client.get("/store/k", headers={**user.headers, "If-None-Match": tag})
-    assert response.status_int == 304
-    assert response.headers["X-Sync-Token"] == token
-
-
-def test_conditional_get_stale_tag_is_200_with_the_value(client, user):
-    old = token_of(put(client, user, "k", b"one"))
-    new = token_of(put(client, user, "k", b"two", old))
-    response = client.get("/store/k", headers={**user.headers, "If-None-Match": f'"{old}"'})
-    assert response.status_int == 200
-    assert response.body == b"two"
-    assert response.headers["ETag"] == f'"{new}"'
-
-
-def test_conditional_get_on_invisible_key_is_err01(client, user, other):
-    token = token_of(put(client, other, "k"))
-    response = client.get("/store/k", headers={**user.headers, "If-None-Match": f'"{token}"'},
-                          status=404)  # fmt: skip
-    assert_error(response, 404, "ERR01")
-
-
-def test_conditional_304_and_head_of_a_streamed_value_end_their_read(client, user):
-    token = token_of(put(client, user, "big", os.urandom(300 * 1024)))
-    client.get("/store/big", headers={**user.headers, "If-None-Match": f'"{token}"'}, status=304)
-    client.head("/store/big", headers=user.headers, status=200)
-    put(client, user, "big", b"small", token, status=204)
-
-
-def test_conditional_values_carry_no_cache_no_transform(client, user):
-    written = put(client, user, "k")
-    read = client.get("/store/k", headers=user.headers)
-    assert read.headers["Cache-Control"] == "no-cache, no-transform"
-    assert written.headers["Cache-Control"] == "no-cache, no-transform"
-
-
-def test_conditional_head_answers_the_headers_of_get(client, user):
-    put(client, user, "k", b"12345", headers={"X-Sync-Meta": "text/plain"})
-    get = client.get("/store/k", headers=user.headers)
-    head = client.head("/store/k", headers=user.headers)
-    assert head.body == b""
-    assert dict(head.headers) == dict(get.headers)
-
-
-def test_conditional_head_with_matching_tag_is_304(client, user):
-    token = token_of(put(client, user, "k"))
-    response = client.head("/store/k", headers={**user.headers, "If-None-Match": f'"{token}"'})
-    assert response.status_int == 304
-    assert response.headers["ETag"] == f'"{token}"'
-
-
-@pytest.mark.parametrize("form", TAG_FORMS, ids=TAG_IDS)
-def test_conditional_put_if_match_forms_update(client, user, db, form):
-    token = token_of(put(client, user, "k", b"old"))
-    response = put(client, user, "k", b"new", headers={"If-Match": form.replace("T", token)})
-    assert response.status_int == 204
-    assert token_of(response) != token
-    assert db.execute("SELECT value, token FROM items").fetchall() == [(b"new", token_of(response))]
-
-
-@pytest.mark.parametrize("form", TAG_FORMS, ids=TAG_IDS)
-def test_conditional_delete_if_match_forms_delete(client, user, db, form):
-    token = token_of(put(client, user, "k"))
-    headers = {**user.headers, "If-Match": form.replace("T", token)}
-    client.delete("/store/k", headers=headers, status=204)
-    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
-
-
-@pytest.mark.parametrize("method", ["PUT", "DELETE"])
-def test_conditional_stale_if_match_is_key01(client, user, db, method):
-    old = token_of(put(client, user, "k"))
-    put(client, user, "k", b"v2", old)
-    before = feed_state(db)
-    headers = {**user.headers, "If-Match": f'"{old}"'}
-    response = client.request("/store/k", method=method, body=b"v3", headers=headers, status=409)
-    assert_error(response, 409, "KEY01")
-    assert feed_state(db) == before
-
-
-@pytest.mark.parametrize("method", ["PUT", "DELETE"])
-def test_conditional_if_match_and_different_x_sync_token_is_req01(client, user, db, method):
-    token = token_of(put(client, user, "k"))
-    before = feed_state(db)
-    headers = {**user.headers, "If-Match": f'"{token}"', "X-Sync-Token": "something-else"}
-    response = client.request("/store/k", method=method, body=b"v2", headers=headers, status=400)
-    assert_error(response, 400, "REQ01")
-    assert feed_state(db) == before
-
-
-@pytest.mark.parametrize("method", ["PUT", "DELETE"])
-def test_conditional_if_match_and_same_x_sync_token_is_accepted(client, user, method):
-    token = token_of(put(client, user, "k"))
-    headers = {**user.headers, "If-Match": f'W/"{token}-gzip"', "X-Sync-Token": token}
-    response = client.request("/store/k", method=method, body=b"v2", headers=headers)
-    assert response.status_int == 204
-
-
-@pytest.mark.parametrize("method", ["PUT", "DELETE"])
-def test_conditional_if_match_star_is_req01(client, user, db, method):
-    put(client, user, "k")
-    before = feed_state(db)
-    headers = {**user.headers, "If-Match": "*"}
-    response = client.request("/store/k", method=method, body=b"v2", headers=headers, status=400)
-    assert_error(response, 400, "REQ01")
-    assert feed_state(db) == before
-
-
-@pytest.mark.parametrize("method", ["PUT", "DELETE"])
-def test_conditional_if_match_on_a_missing_key_is_refused(client, user, db, method):
-    before = feed_state(db)
-    headers = {**user.headers, "If-Match": '"some-token"'}
-    status, code = (409, "KEY01") if method == "PUT" else (404, "ERR01")
-    response = client.request("/store/k", method=method, body=b"v", headers=headers, status=status)
-    assert_error(response, status, code)
-    assert feed_state(db) == before
-
-
-def test_conditional_put_if_none_match_star_creates(client, user, db):
-    response = put(client, user, "k", b"new", headers={"If-None-Match": "*"})
-    assert response.status_int == 204
-    assert db.execute("SELECT key, value, token FROM items").fetchall() == [
-        ("k", b"new", token_of(response))
-    ]
-
-
-@pytest.mark.parametrize("holder", ["owner", "reader", "stranger"])
-def test_conditional_put_if_none_match_star_on_existing_key_is_key01(
-    client, user, other, db, holder
-):
-    token = token_of(put(client, user, "k"))
-    if holder == "reader":
-        share(client, user, "k", {"bob": "READ"})
-    caller, sent = (user, token) if holder == "owner" else (other, None)
-    before = feed_state(db)
-    response = put(client, caller, "k", b"x", sent, headers={"If-None-Match": "*"}, status=409)
-    assert_error(response, 409, "KEY01")
-    assert feed_state(db) == before
-
-
-# ==================================================================================================
-# CORS
-# ==================================================================================================
-
-SYNC_PATHS = [
-    "/account", "/auth", "/password", "/resetpassword", "/invite", "/store", "/store/a/b",
-    "/batch", "/permission/a/b", "/health", "/.well-known/immich", "/openapi.json",
-]  # fmt: skip
-PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "PUT"}
-EXPOSED = {"X-Sync-Token", "X-Sync-Meta", "X-Sync-Seq", "ETag"}
-ALLOWED_HEADERS = {
-    "authorization", "content-type", "x-sync-token", "x-sync-meta", "if-match", "if-none-match",
-    "x-api-key",
-}  # fmt: skip
-
-
-def header_names(value: str) -> set[str]:
-    """Split a comma-separated header list into its names."""
-    return {name.strip() for name in value.split(",")}
-
-
-@pytest.mark.parametrize("path", SYNC_PATHS)
-def test_cors_preflight_answers_on_every_sync_path(client, path):
-    response = client.options(path, headers=PREFLIGHT)
-    assert response.status_int == 204
-    assert response.body == b""
-    assert response.headers["Access-Control-Allow-Origin"] == "*"
-    assert header_names(response.headers["Access-Control-Allow-Methods"]) == header_names(
-        response.headers["Allow"]
-    )
-    assert "OPTIONS" in header_names(response.headers["Allow"])
-    allowed = header_names(response.headers["Access-Control-Allow-Headers"])
-    assert ALLOWED_HEADERS <= {name.lower() for name in allowed}
-    assert int(response.headers["Access-Control-Max-Age"]) > 0
-
-
-def test_cors_preflight_lists_the_methods_of_the_path(client):
-    response = client.options("/store/k", headers=PREFLIGHT)
-    methods = header_names(response.headers["Access-Control-Allow-Methods"])
-    assert methods == {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}
-
-
-@pytest.mark.parametrize(
-    "method, path, extra, status",
-    [
-        ("GET", "/store", {}, 200),
-        ("GET", "/store/k", {}, 200),
-        ("GET", "/store/k", {"If-None-Match": "*"}, 304),
-        ("PUT", "/store/new", {}, 204),
-        ("GET", "/store/missing", {}, 404),
-        ("PATCH", "/store/k", {}, 405),
-        ("POST", "/batch", {"Content-Type": "application/json"}, 200),
-        ("GET", "/health", {}, 200),
-    ],
-    ids=["listing", "value", "not-modified", "put", "err01", "req02", "batch", "health"],
-)
-def test_cors_answers_expose_the_sync_headers(client, user, method, path, extra, status):
-    put(client, user, "k")
-    headers = {**user.headers, "Origin": "https://app.example", **extra}
-    body = b'{"operations": []}' if path == "/batch" else b"v"
-    response = client.request(path, method=method, headers=headers, body=body, status=status)
-    assert response.headers["Access-Control-Allow-Origin"] == "*"
-    assert EXPOSED <= header_names(response.headers["Access-Control-Expose-Headers"])
-
-
-def test_cors_auth01_answer_carries_cors_headers(client):
-    response = client.get("/store", headers={"Origin": "https://app.example"}, status=401)
-    assert_error(response, 401, "AUTH01")
-    assert response.headers["Access-Control-Allow-Origin"] == "*"
-
-
-def test_cors_listed_origin_is_echoed_with_vary(make_app):
-    client = webtest.TestApp(make_app(cors_origins="https://a.example, https://b.example"))
-    preflight = client.options("/store", headers={**PREFLIGHT, "Origin": "https://b.example"})
-    answer = client.get("/health", headers={"Origin": "https://b.example"})
-    for response in (preflight, answer):
-        assert response.headers["Access-Control-Allow-Origin"] == "https://b.example"
-        assert "Origin" in header_names(response.headers["Vary"])
-    assert EXPOSED <= header_names(answer.headers["Access-Control-Expose-Headers"])
-
-
-def test_cors_unlisted_origin_gets_no_cors_headers(make_app):
-    client = webtest.TestApp(make_app(cors_origins="https://a.example"))
-    preflight = client.options("/store", headers={**PREFLIGHT, "Origin": "https://evil.example"})
-    answer = client.get("/health", headers={"Origin": "https://evil.example"})
-    for response in (preflight, answer):
-        assert not [name for name in response.headers if name.lower().startswith("access-control")]
-
-
-def test_cors_empty_setting_turns_cors_off(make_app):
-    client = webtest.TestApp(make_app(cors_origins=""))
-    preflight = client.options("/store", headers=PREFLIGHT)
-    answer = client.get("/health", headers={"Origin": "https://app.example"})
-    assert preflight.status_int == 204
-    for response in (preflight, answer):
-        assert not [name for name in response.headers if name.lower().startswith("access-control")]
-
-
-def test_cors_answer_without_origin_has_no_cors_headers(client, user):
-    response = client.get("/store", headers=user.headers)
-    assert not [name for name in response.headers if name.lower().startswith("access-control")]
-
-
-@pytest.mark.parametrize(
-    "method, path",
-    [("OPTIONS", "/api/server/ping"), ("GET", "/api/server/ping"), ("OPTIONS", "/api/users/me"),
-     ("GET", "/api/users/me")],
-    ids=["preflight-ping", "ping", "preflight-me", "me"],
-)  # fmt: skip
-def test_cors_api_paths_never_carry_cors_headers(client, user, method, path):
-    headers = {**PREFLIGHT, **user.headers}
-    response = client.request(path, method=method, headers=headers, expect_errors=True)
-    assert not [name for name in response.headers if name.lower().startswith("access-control")]
-
-
-# ==================================================================================================
-# Browser
-# ==================================================================================================
-
-CHROMIUM = "/usr/bin/chromium"
-
-BROWSER_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>syncnode browser test</title></head>
-<body><pre id="result">pending</pre>
-<script>
-(async () => {
-  const base = "SYNCNODE_URL";
-  const out = document.getElementById("result");
-  try {
-    let response = await fetch(base + "/account", {
-      method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({id: "browser", password: "correct horse"}),
-    });
-    const session = await response.json();
-    const auth = {"Authorization": "Bearer " + session.token};
-    response = await fetch(base + "/store/from/browser", {
-      method: "PUT", headers: {...auth, "X-Sync-Meta": "text/plain"}, body: "hello from chromium",
-    });
-    const written = {status: response.status, token: response.headers.get("X-Sync-Token")};
-    response = await fetch(base + "/store/from/browser", {headers: auth});
-    const read = {
-      status: response.status, value: await response.text(),
-      token: response.headers.get("X-Sync-Token"), meta: response.headers.get("X-Sync-Meta"),
-    };
-    response = await fetch(base + "/store", {headers: auth});
-    const listing = {keys: (await response.json()).map(e => e.key),
-                     seq: response.headers.get("X-Sync-Seq")};
-    out.textContent = JSON.stringify({written, read, listing});
-  } catch (error) {
-    out.textContent = JSON.stringify({error: String(error)});
-  }
-})();
-</script></body></html>
-"""
-
-
-def serve_page(page: dict[str, bytes]) -> http.server.ThreadingHTTPServer:
-    """Serve page["html"] at / on 127.0.0.1 (port 0) from a thread; 404 for anything else."""
-
-    class PageHandler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = page["html"] if self.path == "/" else b""
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass  # keep the test output clean
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PageHandler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="page-server", daemon=True).start()
-    return server
-
-
-def test_browser_page_writes_and_reads_through_cors(serve_sync, tmp_path, db):
-    if not os.access(CHROMIUM, os.X_OK):
-        skip_or_fail("install Debian's chromium to run the browser test (apt-get install chromium)")
-    page: dict[str, bytes] = {"html": b""}
-    page_server = serve_page(page)
+    server = FreshServer(synchronous="NORMAL")
     try:
-        page_url = f"http://127.0.0.1:{page_server.server_address[1]}"
-        sync = serve_sync(cors_origins=page_url)  # the page's origin only: the echo path
-        page["html"] = BROWSER_PAGE.replace("SYNCNODE_URL", sync.url).encode()
-        command = [
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
-            "--virtual-time-budget=10000", "--dump-dom", page_url + "/",
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, timeout=60, text=True)
+        client = server.client
+        users = [register_user(client, name) for name in FEED_USERS]
+        for number, key in enumerate(FEED_KEYS):  # each key shared, so that steps matter
+            put(client, users[number], escaped(key))
+            share(client, users[number], escaped(key), {FEED_USERS[number - 1]: "WRITE"})
+        for step in before:
+            feed_step(client, users, step)
+        between = [lambda step=step: feed_step(client, users, step) for step in during]
+        copies = {each.name: listing_at_cursor(client, each, limit, between) for each in users}
+        for step in after:
+            feed_step(client, users, step)
+        for each in users:
+            cursor, mirror = copies[each.name]
+            entries = follow_pages(client, each, f"/store?since={cursor}&limit={limit}")
+            seqs = [entry["seq"] for entry in entries]
+            assert seqs == sorted(set(seqs)), "entries not in strictly increasing seq order"
+            assert len({entry["key"] for entry in entries}) == len(entries)
+            replay(mirror, entries)
+            final = client.get("/store", headers=each.headers)
+            assert [mirror[key] for key in sorted(mirror)] == final.json, each.name
+            assert all(seq <= int(final.headers["X-Sync-Seq"]) for seq in seqs)
     finally:
-        page_server.shutdown()
-        page_server.server_close()
-    match = re.search(r'<pre id="result">(.*?)</pre>', done.stdout, re.S)
-    assert match, f"no result in the DOM; chromium said: {done.stderr[-2000:]}"
-    result = json.loads(html.unescape(match.group(1)))
-    stored_token = db.execute("SELECT token FROM items WHERE key = 'from/browser'").fetchone()[0]
-    assert result == {
-        "written": {"status": 204, "token": stored_token},
-        "read": {"status": 200, "value": "hello from chromium", "token": stored_token,
-                 "meta": "text/plain"},
-        "listing": {"keys": ["from/browser"], "seq": result["listing"]["seq"]},
-    }  # fmt: skip
-    assert result["listing"]["seq"].isdigit()
-
-
-# ==================================================================================================
-# Batch
-# ==================================================================================================
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def batch(client, user: User, operations: list, **kw):
-    """POST /batch as the user; return the response."""
-    return client.post_json("/batch", {"operations": operations}, headers=user.headers, **kw)
-
-
-def put_op(key: str, value: bytes = b"v", token: str | None = None, meta: str | None = None):
-    return {"method": "PUT", "key": key, "token": token, "value": b64(value), "meta": meta}
-
-
-def delete_op(key: str, token: str | None) -> dict:
-    return {"method": "DELETE", "key": key, "token": token}
-
-
-def test_batch_applies_every_operation_and_answers_tokens_in_order(client, user, db):
-    old = token_of(put(client, user, "old"))
-    gone_token = token_of(put(client, user, "gone"))
-    operations = [
-        put_op("new", b"created", meta="text/plain"),
-        put_op("old", b"updated", old),
-        delete_op("gone", gone_token),
-    ]
-    response = batch(client, user, operations)
-    results = response.json["results"]
-    assert [result["key"] for result in results] == ["new", "old", "gone"]
-    assert results[2]["token"] is None
-    assert db.execute("SELECT key, value, meta, token FROM items ORDER BY key").fetchall() == [
-        ("new", b"created", "text/plain", results[0]["token"]),
-        ("old", b"updated", None, results[1]["token"]),
-    ]
-    assert results[1]["token"] != old
-    assert response.json == {"results": results}
-
-
-def test_batch_gives_each_changed_key_its_own_seq(client, user):
-    token = token_of(put(client, user, "b"))
-    cursor = current_seq(client, user)
-    results = batch(client, user, [put_op("a"), delete_op("b", token), put_op("c")]).json["results"]
-    assert changes(client, user, cursor) == [
-        live("a", "OWN", results[0]["token"], cursor + 1),
-        gone("b", cursor + 2),
-        live("c", "OWN", results[2]["token"], cursor + 3),
-    ]
-
-
-def test_batch_empty_list_changes_nothing(client, user, db):
-    before = feed_state(db)
-    assert batch(client, user, []).json == {"results": []}
-    assert feed_state(db) == before
-
-
-def test_batch_of_100_operations_is_accepted(client, user, db):
-    response = batch(client, user, [put_op(f"k{number:03}") for number in range(100)])
-    assert len(response.json["results"]) == 100
-    assert db.execute("SELECT count(*) FROM items").fetchone() == (100,)
-
-
-def test_batch_of_101_operations_is_req01(client, user, db):
-    before = feed_state(db)
-    response = batch(client, user, [put_op(f"k{number:03}") for number in range(101)], status=400)
-    assert_error(response, 400, "REQ01")
-    assert feed_state(db) == before
-
-
-def test_batch_value_at_the_size_limit_is_accepted(make_app, db):
-    client = webtest.TestApp(make_app(max_value_bytes=10))
-    alice = sign_up(client, "alice")
-    batch(client, alice, [put_op("ten", b"x" * 10), put_op("empty", b"")])
-    assert db.execute("SELECT key, value FROM items ORDER BY key").fetchall() == [
-        ("empty", b""),
-        ("ten", b"x" * 10),
-    ]
-
-
-def test_batch_repeated_key_is_req01_at_the_repeat(client, user, db):
-    before = feed_state(db)
-    operations = [put_op("a"), put_op("b"), delete_op("a", None)]
-    response = batch(client, user, operations, status=400)
-    assert_error(response, 400, "REQ01")
-    assert response.json["index"] == 2
-    assert feed_state(db) == before
-
-
-@pytest.mark.parametrize(
-    "body",
-    [b"not json", b"[]", b"{}", b'{"operations": {}}', b'{"operations": null}'],
-    ids=["text", "array", "no-operations", "object", "null"],
-)
-def test_batch_malformed_body_is_req01(client, user, db, body):
-    before = feed_state(db)
-    response = client.post("/batch", body, headers=user.headers, status=400)
-    assert_error(response, 400, "REQ01")
-    assert feed_state(db) == before
-
-
-def test_batch_needs_authentication(client, db):
-    response = client.post_json("/batch", {"operations": [put_op("k")]}, status=401)
-    assert_error(response, 401, "AUTH01")
-    assert db.execute("SELECT count(*) FROM items").fetchone() == (0,)
-
-
-#: name: (the failing operation, put at index 1 after a valid PUT, expected status and code).
-FAILING_OPERATIONS = {
-    "stale-token": (put_op("mine", token="stale"), 409, "KEY01"),
-    "create-over-existing": (put_op("mine"), 409, "KEY01"),
-    "create-over-invisible": (put_op("bobs"), 409, "KEY01"),
-    "create-with-token": (put_op("absent", token="t"), 409, "KEY01"),
-    "create-with-empty-token": (put_op("absent", token=""), 409, "KEY01"),
-    "read-holder-put": (put_op("shared-read", token="{read}"), 403, "PERM01"),
-    "write-holder-delete": (delete_op("shared-write", "{write}"), 403, "PERM01"),
-    "delete-missing": (delete_op("absent", "t"), 404, "ERR01"),
-    "delete-invisible": (delete_op("bobs", "{bobs}"), 404, "ERR01"),
-    "delete-stale": (delete_op("mine", "stale"), 409, "KEY01"),
-    "delete-no-token": (delete_op("mine", None), 409, "KEY01"),
-    "too-large": (put_op("big", b"x" * 11), 413, "SIZE01"),
-    "meta-too-large": (put_op("m", meta="m" * 8193), 413, "SIZE01"),
-    "bad-base64": ({"method": "PUT", "key": "x", "token": None, "value": "***"}, 400, "REQ01"),
-    "unpadded-base64": ({"method": "PUT", "key": "x", "token": None, "value": "dg"}, 400, "REQ01"),
-    "no-value": ({"method": "PUT", "key": "x", "token": None}, 400, "REQ01"),
-    "bad-meta": (put_op("x", meta="tab\there"), 400, "REQ01"),
-    "meta-number": ({**put_op("x"), "meta": 5}, 400, "REQ01"),
-    "empty-key": (put_op(""), 400, "REQ01"),
-    "control-key": (put_op("a\nb"), 400, "REQ01"),
-    "long-key": (put_op("k" * 1025), 400, "REQ01"),
-    "key-number": ({**put_op("x"), "key": 5}, 400, "REQ01"),
-    "token-number": ({**put_op("x"), "token": 5}, 400, "REQ01"),
-    "method-get": ({**put_op("x"), "method": "GET"}, 400, "REQ01"),
-    "method-lower": ({**put_op("x"), "method": "put"}, 400, "REQ01"),
-    "not-object": ("PUT x", 400, "REQ01"),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("name", list(FAILING_OPERATIONS))
-def test_batch_failing_operation_applies_nothing(make_app, db, name):
-    client = webtest.TestApp(make_app(max_value_bytes=10))
-    alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
-    tokens = {"mine": token_of(put(client, alice, "mine"))}
-    tokens["bobs"] = token_of(put(client, bob, "bobs"))
-    for key, level in [("read", "READ"), ("write", "WRITE")]:
-        tokens[key] = token_of(put(client, bob, f"shared-{key}"))
-        share(client, bob, f"shared-{key}", {"alice": level})
-    failing, status, code = FAILING_OPERATIONS[name]
-    if isinstance(failing, dict) and isinstance(failing.get("token"), str):
-        failing = {**failing, "token": failing["token"].format(**tokens)}
-    before = feed_state(db)
-    response = batch(client, alice, [put_op("first"), failing, put_op("last")], status=status)
-    assert_error(response, status, code)
-    assert response.json["index"] == 1
-    assert feed_state(db) == before
-
-
-def test_batch_shape_error_comes_before_any_store_check(client, user, db):
-    before = feed_state(db)
-    operations = [delete_op("missing", "t"), put_op("x", meta="\x01")]
-    response = batch(client, user, operations, status=400)
-    assert_error(response, 400, "REQ01")
-    assert response.json["index"] == 1
-    assert feed_state(db) == before
-
-
-def make_api_key(client, owner: User, permissions: list[str]) -> dict[str, str]:
-    """Create an API key through the App API; return the headers that carry it."""
-    body = {"name": "sync", "permissions": permissions}
-    response = client.post_json("/api/api-keys", body, headers=owner.headers, status=201)
-    return {"x-api-key": response.json["secret"]}
-
-
-def test_batch_store_write_api_key_may_put(client, user, db):
-    token = token_of(put(client, user, "k"))
-    key = make_api_key(client, user, ["store.write"])
-    response = client.post_json(
-        "/batch", {"operations": [put_op("new"), put_op("k", b"2", token)]}, headers=key
-    )
-    assert [result["key"] for result in response.json["results"]] == ["new", "k"]
-    assert db.execute("SELECT key, value FROM items ORDER BY key").fetchall() == [
-        ("k", b"2"),
-        ("new", b"v"),
-    ]
-
-
-def test_batch_store_write_api_key_delete_is_perm01_at_its_index(client, user, db):
-    token = token_of(put(client, user, "k"))
-    key = make_api_key(client, user, ["store.write"])
-    before = feed_state(db)
-    operations = [put_op("new"), put_op("other"), delete_op("k", token)]
-    response = client.post_json("/batch", {"operations": operations}, headers=key, status=403)
-    assert_error(response, 403, "PERM01")
-    assert response.json["index"] == 2
-    assert feed_state(db) == before
-
-
-def test_batch_store_read_api_key_is_perm01(client, user, db):
-    key = make_api_key(client, user, ["store.read"])
-    before = feed_state(db)
-    response = client.post_json("/batch", {"operations": [put_op("new")]}, headers=key, status=403)
-    assert_error(response, 403, "PERM01")
-    assert feed_state(db) == before
-
-
-# ==================================================================================================
-# Hardening: faults and operations
-# ==================================================================================================
-
-# A full disk, a database that cannot be written or is damaged, the free-space floor and
-# vacuuming, a clock that steps back; the backup, restore and unlock commands, start-up errors,
-# the browser's front page and boolean settings.
-
-#: syncnode's own connect, kept before any test replaces it.
-REAL_CONNECT = syncnode.connect
-
-#: Where the failed logins of fail_logins do not come from.
-ELSEWHERE = {"REMOTE_ADDR": "198.51.100.9"}
-
-
-def read_only_connect(path: str, settings, write_lock=None, **_):
-    """Open a connection as syncnode does, but read-only, as on a file system mounted ro."""
-    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
-    conn = sqlite3.connect(
-        uri, uri=True, isolation_level=None, check_same_thread=False, factory=syncnode.Connection
-    )
-    conn.write_lock = write_lock
-    conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout)}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    return conn
-
-
-@pytest.fixture
-def read_only(app, client, user, monkeypatch) -> tuple[User, str]:
-    """Alice stored "k"; from now on the app's connections open the database read-only.
-
-    Returns alice and the token of "k".
-    """
-    token = token_of(put(client, user, "k", b"value"))
-    monkeypatch.setattr(syncnode, "connect", read_only_connect)
-    app.close()  # the next request opens this thread's connection again
-    return user, token
-
-
-def deleting(client, user: User, key: str, token: str, **kw):
-    """DELETE a key as the user with its current token; return the response."""
-    return client.delete(f"/store/{key}", headers={**user.headers, "X-Sync-Token": token}, **kw)
-
-
-# Faults -------------------------------------------------------------------------------------------
-
-
-class FullDisk(io.BytesIO):
-    """A temporary file on a file system with no space left."""
-
-    def write(self, data) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def test_faults_spooling_out_of_space_is_disk01_and_stores_nothing(client, user, db, monkeypatch):
-    monkeypatch.setattr(syncnode.tempfile, "TemporaryFile", lambda *args, **kwargs: FullDisk())
-    before = snapshot(db)
-    body = b"x" * (syncnode.STREAM_FROM_BYTES + 1)  # large enough to be spooled
-    assert_error(put(client, user, "big", body, status=507), 507, "DISK01")
-    assert snapshot(db) == before
-
-
-def test_faults_read_only_connection_recovers_once_the_database_is_writable(
-    client, read_only, monkeypatch
-):
-    alice, _ = read_only
-    assert_error(put(client, alice, "new", status=507), 507, "DISK01")
-    monkeypatch.setattr(syncnode, "connect", REAL_CONNECT)
-    put(client, alice, "new", status=204)  # same thread, same app
-    assert client.get("/store/new", headers=alice.headers).body == b"v"
-
-
-def test_faults_read_only_get_answers_200_when_the_session_is_due_a_refresh(
-    client, clock, read_only
-):
-    alice, _ = read_only
-    clock.advance(2 * 3600)
-    assert client.get("/store/k", headers=alice.headers).body == b"value"
-
-
-def test_faults_read_only_listing_answers_200_when_the_session_is_due_a_refresh(
-    client, clock, read_only
-):
-    alice, _ = read_only
-    clock.advance(2 * 3600)
-    listing = client.get("/store", headers=alice.headers).json
-    assert [entry["key"] for entry in listing] == ["k"]
-
-
-def test_faults_read_only_expired_session_is_auth01(client, clock, read_only):
-    alice, _ = read_only
-    clock.advance(31 * 86400)
-    assert_error(client.get("/store/k", headers=alice.headers, status=401), 401, "AUTH01")
-
-
-@pytest.mark.parametrize(
-    "write",
-    [
-        lambda client, alice, token: put(client, alice, "new", status="*"),
-        lambda client, alice, token: put(client, alice, "k", b"changed", token, status="*"),
-        lambda client, alice, token: deleting(client, alice, "k", token, status="*"),
-        lambda client, alice, token: batch(client, alice, [put_op("new")], status="*"),
-        lambda client, alice, token: client.post_json(
-            "/account", {"id": "bob", "password": PASSWORD}, status="*"
-        ),
-    ],
-    ids=["put-new", "put-update", "delete", "batch", "register"],
-)
-def test_faults_read_only_writes_are_disk01(client, read_only, write):
-    alice, token = read_only
-    assert_error(write(client, alice, token), 507, "DISK01")
-
-
-# Health -------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("history", ["fresh", "after-a-write", "reopened"])
-def test_health_healthy_database_is_200_with_both_parts(app, client, user, history):
-    if history != "fresh":
-        put(client, user, "k")
-    if history == "reopened":
-        app.close()
-    response = client.get("/health")
-    assert (response.status_int, response.json) == (200, {"database": True, "disk": True})
-
-
-def test_health_read_only_database_is_500_with_database_false(client, read_only):
-    response = client.get("/health", status=500)
-    assert response.json["database"] is False
-
-
-def test_health_wal_removed_under_the_app_is_500_with_database_false(client, user, db_path):
-    put(client, user, "k")
-    os.remove(db_path + "-wal")
-    response = client.get("/health", status=500)
-    assert response.json["database"] is False
-
-
-def test_health_malformed_database_is_500_with_database_false(client, user, db_path):
-    put(client, user, "k")
-    with contextlib.closing(sqlite3.connect(db_path)) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # page 1 lives in the file alone now
-    with open(db_path, "r+b") as file:
-        file.write(b"\xa5" * 100)
-    response = client.get("/health", status=500)
-    assert response.content_type == "application/json"
-    assert response.json["database"] is False
-    assert "Traceback" not in response.text
-
-
-# Disk floor ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Floor:
-    """Two apps on one database: one with room to write, one whose floor no disk meets."""
-
-    roomy: webtest.TestApp
-    full: webtest.TestApp
-    alice: User
-
-
-@pytest.fixture
-def floor(make_app) -> Floor:
-    roomy = webtest.TestApp(make_app())
-    alice = register(roomy, "alice")
-    return Floor(roomy, webtest.TestApp(make_app(min_free_bytes=10**18)), alice)
-
-
-def store(client, user: User, key: str, value: bytes, meta: str | None, **kw):
-    """PUT a value with an X-Sync-Meta (none for None); return the response."""
-    headers = {} if meta is None else {"X-Sync-Meta": meta}
-    return put(client, user, key, value, headers=headers, **kw)
-
-
-def test_disk_floor_delete_is_allowed(floor):
-    token = token_of(put(floor.roomy, floor.alice, "k"))
-    deleting(floor.full, floor.alice, "k", token, status=204)
-    floor.roomy.get("/store/k", headers=floor.alice.headers, status=404)
-
-
-def test_disk_floor_batch_of_deletes_is_allowed(floor):
-    tokens = {key: token_of(put(floor.roomy, floor.alice, key)) for key in ("a", "b")}
-    operations = [delete_op(key, token) for key, token in tokens.items()]
-    batch(floor.full, floor.alice, operations, status=200)
-    floor.roomy.get("/store/a", headers=floor.alice.headers, status=404)
-    floor.roomy.get("/store/b", headers=floor.alice.headers, status=404)
-
-
-def test_disk_floor_batch_with_a_new_key_is_disk01_and_changes_nothing(floor):
-    token = token_of(put(floor.roomy, floor.alice, "a"))
-    operations = [delete_op("a", token), put_op("new")]
-    assert_error(batch(floor.full, floor.alice, operations, status=507), 507, "DISK01")
-    floor.roomy.get("/store/a", headers=floor.alice.headers, status=200)
-
-
-def test_disk_floor_put_of_a_new_key_is_disk01(floor):
-    assert_error(put(floor.full, floor.alice, "new", status=507), 507, "DISK01")
-    floor.roomy.get("/store/new", headers=floor.alice.headers, status=404)
-
-
-#: (old value, old meta) -> (new value, new meta); the size counts the value and the meta.
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [
-        ((b"abcd", None), (b"wxyz", None)),
-        ((b"abcd", "ab"), (b"wxyz", "cd")),
-        ((b"abcd", "ab"), (b"ab", "ab")),
-        ((b"abcd", "abcd"), (b"abcdef", None)),
-    ],
-    ids=["same-size", "same-size-with-meta", "smaller", "meta-dropped-value-grows-less"],
-)
-def test_disk_floor_put_that_does_not_grow_is_allowed(floor, old, new):
-    token = token_of(store(floor.roomy, floor.alice, "k", *old))
-    store(floor.full, floor.alice, "k", *new, token=token, status=204)
-    response = floor.roomy.get("/store/k", headers=floor.alice.headers)
-    assert (response.body, response.headers.get("X-Sync-Meta")) == new
-
-
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [
-        ((b"abcd", None), (b"abcde", None)),
-        ((b"abcd", None), (b"abcd", "m")),
-        ((b"abcd", None), (b"ab", "abc")),
-    ],
-    ids=["larger-value", "meta-added", "value-shrinks-meta-grows-more"],
-)
-def test_disk_floor_put_that_grows_is_disk01_and_keeps_the_value(floor, old, new):
-    token = token_of(store(floor.roomy, floor.alice, "k", *old))
-    response = store(floor.full, floor.alice, "k", *new, token=token, status=507)
-    assert_error(response, 507, "DISK01")
-    response = floor.roomy.get("/store/k", headers=floor.alice.headers)
-    assert (response.body, response.headers.get("X-Sync-Meta")) == old
-
-
-# Vacuum -------------------------------------------------------------------------------------------
-
-
-def auto_vacuum(path: str) -> int:
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        return conn.execute("PRAGMA auto_vacuum").fetchone()[0]
-
-
-def test_vacuum_new_database_is_incremental(app, db_path):
-    assert auto_vacuum(db_path) == 2
-
-
-def test_vacuum_housekeeping_gives_freed_pages_back(client, user, clock, db, db_path):
-    keys = [f"big/{number}" for number in range(8)]  # 2 MiB in all
-    tokens = [token_of(put(client, user, key, os.urandom(256 * 1024))) for key in keys]
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    stored_size = os.path.getsize(db_path)
-    for key, token in zip(keys, tokens, strict=True):
-        deleting(client, user, key, token, status=204)
-    clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)
-    client.get("/health")
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    free_pages = db.execute("PRAGMA freelist_count").fetchone()[0]
-    assert free_pages == 0 or os.path.getsize(db_path) <= stored_size - 2**20
-
-
-def test_vacuum_existing_database_is_switched_to_incremental(make_app, db_path):
-    # As an older syncnode left it: the whole schema, in WAL mode, without auto-vacuum.
-    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
-        conn.execute("PRAGMA auto_vacuum = NONE")
-        conn.execute("PRAGMA journal_mode = WAL")
-        for number, script in enumerate(syncnode.SCHEMA, start=1):
-            for statement in syncnode.split_statements(script):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-    assert auto_vacuum(db_path) == 0
-    make_app()
-    assert auto_vacuum(db_path) == 2
-    with contextlib.closing(sqlite3.connect(db_path)) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-
-
-# Clock steps --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def stepped_back(make_app, clock) -> webtest.TestApp:
-    """Alice, locked out by 10 failed logins in a window of 900 s; then the clock steps 2 days
-    back."""
-    client = webtest.TestApp(make_app(login_fails_per_id=10, login_window=900))
-    register(client, "alice")
-    fail_logins(client, 10, address="192.0.2.{}")
-    clock.advance(-2 * 86400)
-    return client
-
-
-def test_throttle_clock_stepped_back_locks_for_the_window_at_most(stepped_back):
-    response = login(stepped_back, "alice", PASSWORD, extra_environ=ELSEWHERE, status="*")
-    if response.status_int != 200:
-        assert_throttled(response, 900)
-
-
-def test_throttle_clock_stepped_back_right_password_logs_in_after_the_window(stepped_back, clock):
-    login(stepped_back, "alice", PASSWORD, extra_environ=ELSEWHERE, status="*")
-    clock.advance(900)
-    login(stepped_back, "alice", PASSWORD, extra_environ=ELSEWHERE, status=200)
-
-
-def test_housekeeping_runs_after_the_clock_stepped_back(make_app, clock, db):
-    client = webtest.TestApp(make_app(reset_ttl=60))
-    register(client, "alice")  # the first request housekeeps; the next run is due later
-    clock.advance(-2 * 86400)
-    client.post_json("/resetpassword", {"id": "alice"}, status=204)
-    assert table_counts(db)["reset_tokens"] == 1
-    clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)  # the token has expired
-    client.get("/health")
-    assert table_counts(db)["reset_tokens"] == 0
-
-
-# CLI backup ---------------------------------------------------------------------------------------
-
-
-def data_of(path) -> dict[str, list]:
-    """Every row of the data tables of a database file, read by a connection of its own."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        return snapshot(conn)
-
-
-def check_ok(tmp_path, database) -> bool:
-    """Whether `syncnode check` passes on the database."""
-    result = run_admin(tmp_path, "--database", str(database), "check")
-    return (result.returncode, result.stdout) == (0, "ok\n")
-
-
-@pytest.mark.parametrize(
-    "target",
-    [lambda tmp_path: str(tmp_path / "syncnode.db"), lambda tmp_path: "./syncnode.db"],
-    ids=["same-path", "relative-path"],
-)
-def test_cli_backup_onto_the_live_database_is_refused(
-    admin, client, user, db_path, tmp_path, target
-):
-    put(client, user, "k", b"value")
-    before, inode = data_of(db_path), os.stat(db_path).st_ino
-    line = assert_exit_1_with_one_line(admin("backup", target(tmp_path)))
-    assert "syncnode.db" in line
-    assert (data_of(db_path), os.stat(db_path).st_ino) == (before, inode)
-    assert check_ok(tmp_path, db_path)
-
-
-def test_cli_backup_into_a_missing_folder_names_the_folder(admin, user, tmp_path):
-    folder = tmp_path / "missing"
-    line = assert_exit_1_with_one_line(admin("backup", str(folder / "copy.db")))
-    assert str(folder) in line
-    assert "cannot use the database" not in line
-    assert not folder.exists()
-
-
-def test_cli_backup_onto_an_existing_file_is_refused_without_force(admin, user, tmp_path):
-    target = tmp_path / "copy.db"
-    target.write_bytes(b"an older backup")
-    line = assert_exit_1_with_one_line(admin("backup", str(target)))
-    assert "copy.db" in line
-    assert target.read_bytes() == b"an older backup"
-
-
-def test_cli_backup_force_replaces_an_existing_file_with_a_good_copy(
-    admin, client, user, db_path, tmp_path
-):
-    put(client, user, "k", b"value")
-    target = tmp_path / "copy.db"
-    target.write_bytes(b"an older backup")
-    assert admin("backup", str(target), "--force").returncode == 0
-    assert check_ok(tmp_path, target)
-    assert data_of(target) == data_of(db_path)
-
-
-# CLI restore --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Restorable:
-    """A backup of alice with key "old", a live database that since gained bob and key "new",
-    and the -wal and -shm files a killed server would have left beside the live database."""
-
-    backup: str
-    alice: User
-    wal: bytes
-    shm: bytes
-
-
-@pytest.fixture
-def restorable(make_app, db_path, tmp_path) -> Restorable:
-    app = make_app()
-    client = webtest.TestApp(app)
-    alice = register(client, "alice")
-    put(client, alice, "old", b"old value")
-    backup = str(tmp_path / "backup.db")
-    with contextlib.closing(sqlite3.connect(db_path)) as live:
-        with contextlib.closing(sqlite3.connect(backup)) as copy:
-            live.backup(copy)
-    register(client, "bob")
-    put(client, alice, "new", b"new value")
-    wal, shm = Path(db_path + "-wal").read_bytes(), Path(db_path + "-shm").read_bytes()
-    app.close()  # no server has the database open any more
-    return Restorable(backup, alice, wal, shm)
-
-
-def leave_crash_files(restorable: Restorable, db_path: str) -> None:
-    """Put back the -wal and -shm of the live database, as a killed server leaves them."""
-    Path(db_path + "-wal").write_bytes(restorable.wal)
-    Path(db_path + "-shm").write_bytes(restorable.shm)
-
-
-def restore(tmp_path, db_path: str, backup: str):
-    return run_admin(tmp_path, "--database", db_path, "restore", backup)
-
-
-def not_sqlite(backup: str) -> None:
-    Path(backup).write_bytes(b"this is not a database" * 100)
-
-
-def empty_file(backup: str) -> None:
-    Path(backup).write_bytes(b"")
-
-
-def truncated(backup: str) -> None:
-    os.truncate(backup, os.path.getsize(backup) // 2)
-
-
-def newer_schema_version(backup: str) -> None:
-    with contextlib.closing(sqlite3.connect(backup)) as conn:
-        conn.execute(f"PRAGMA user_version = {len(syncnode.SCHEMA) + 1}")
-
-
-@pytest.mark.parametrize(
-    "spoil",
-    [not_sqlite, empty_file, truncated, newer_schema_version],
-    ids=["not-sqlite", "empty-file", "truncated", "newer-schema"],
-)
-def test_cli_restore_bad_backup_is_refused_and_the_database_untouched(
-    restorable, db_path, tmp_path, spoil
-):
-    spoil(restorable.backup)
-    before = Path(db_path).read_bytes()
-    assert_exit_1_with_one_line(restore(tmp_path, db_path, restorable.backup))
-    assert Path(db_path).read_bytes() == before
-    assert not os.path.exists(db_path + ".before-restore")
-
-
-def test_cli_restore_while_a_server_has_the_database_open_is_refused(
-    restorable, make_app, db_path, tmp_path
-):
-    webtest.TestApp(make_app()).get("/health")  # the app stays open until teardown
-    before = data_of(db_path)
-    line = assert_exit_1_with_one_line(restore(tmp_path, db_path, restorable.backup))
-    assert "server" in line
-    assert data_of(db_path) == before
-    assert not os.path.exists(db_path + ".before-restore")
-
-
-def test_cli_restore_swaps_in_exactly_the_backup_data(restorable, db_path, tmp_path):
-    leave_crash_files(restorable, db_path)
-    expected = data_of(restorable.backup)
-    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
-    assert data_of(db_path) == expected
-    assert check_ok(tmp_path, db_path)
-
-
-def test_cli_restore_leaves_no_wal_of_the_old_database(restorable, db_path, tmp_path):
-    leave_crash_files(restorable, db_path)
-    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
-    for suffix, stale in (("-wal", restorable.wal), ("-shm", restorable.shm)):
-        path = Path(db_path + suffix)
-        assert not path.exists() or path.read_bytes() != stale, suffix
-
-
-def test_cli_restore_keeps_the_previous_database_as_before_restore(restorable, db_path, tmp_path):
-    before = data_of(db_path)
-    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
-    assert data_of(db_path + ".before-restore") == before
-
-
-def test_cli_restore_prints_what_it_did(restorable, db_path, tmp_path):
-    result = restore(tmp_path, db_path, restorable.backup)
-    assert result.returncode == 0
-    assert ".before-restore" in result.stdout
-
-
-def test_cli_restore_then_a_server_serves_the_restored_data(
-    restorable, make_app, db_path, tmp_path
-):
-    assert restore(tmp_path, db_path, restorable.backup).returncode == 0
-    client = webtest.TestApp(make_app())
-    alice = restorable.alice
-    assert client.get("/store/old", headers=alice.headers).body == b"old value"
-    client.get("/store/new", headers=alice.headers, status=404)
-    login(client, "bob", PASSWORD, status=401)
-
-
-# CLI unlock ---------------------------------------------------------------------------------------
-
-
-def test_cli_unlock_lets_a_locked_out_user_log_in_at_once(admin, client, user):
-    fail_logins(client, 10, address="192.0.2.{}")
-    assert_throttled(login(client, "alice", PASSWORD, extra_environ=ELSEWHERE, status=429), 900)
-    assert admin("unlock", "alice").returncode == 0
-    login(client, "alice", PASSWORD, extra_environ=ELSEWHERE, status=200)
-
-
-def test_cli_unlock_unknown_id_exits_1(admin, user, db):
-    before = snapshot(db)
-    assert_exit_1_with_one_line(admin("unlock", "nobody"))
-    assert snapshot(db) == before
-
-
-# CLI start-up -------------------------------------------------------------------------------------
-
-
-def test_cli_taken_port_creates_no_database(tmp_path, taken_port):
-    database = tmp_path / "new.db"
-    result = run_cli(
-        tmp_path, "--port", str(taken_port), "--database", str(database), "--log-level", "WARNING"
-    )
-    line = assert_one_error_line(result)
-    assert result.returncode == 1
-    assert "listen" in line
-    assert sorted(path.name for path in tmp_path.iterdir()) == []
-
-
-def test_cli_database_in_a_missing_folder_says_the_folder_does_not_exist(tmp_path):
-    folder = tmp_path / "no-such-folder"
-    # Port 0: should the database wrongly open, the server would start (and time out).
-    result = run_cli(
-        tmp_path, "--database", str(folder / "x.db"), "--port", "0", "--log-level", "WARNING"
-    )
-    line = assert_one_error_line(result)
-    assert result.returncode == 1
-    assert str(folder) in line and "not exist" in line
-    assert "unable to open" not in line
-    assert not folder.exists()
-
-
-def test_embedding_database_in_a_missing_folder_raises_database_unusable(tmp_path):
-    folder = tmp_path / "no-such-folder"
-    with pytest.raises(syncnode.DatabaseUnusable) as raised:
-        syncnode.create_app(str(folder / "x.db"), **CHEAP_HASHING)
-    assert str(folder) in str(raised.value) and "not exist" in str(raised.value)
-    assert not folder.exists()
-
-
-@pytest.mark.parametrize(
-    ("args", "variables", "named"),
-    [
-        pytest.param(["--access-log", "maybe"], {}, "--access-log", id="flag"),
-        pytest.param([], {"SYNCNODE_ACCESS_LOG": "maybe"}, "SYNCNODE_ACCESS_LOG", id="variable"),
-    ],
-)
-def test_cli_bad_boolean_lists_the_accepted_words(tmp_path, taken_port, args, variables, named):
-    # The port is taken, so that a value wrongly accepted fails fast instead of serving.
-    result = run_cli(tmp_path, *args, "--port", str(taken_port), **variables)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    last_line = result.stderr.splitlines()[-1]
-    assert last_line.startswith("syncnode: error:") and named in last_line
-    for word in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        assert re.search(rf"\b{word}\b", last_line), word
-
-
-# Routing ------------------------------------------------------------------------------------------
-
-#: What Firefox sends for a page.
-BROWSER_ACCEPT = (
-    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
-)
-
-
-def test_routing_root_for_a_browser_is_a_page_linking_the_document(client):
-    response = client.get("/", headers={"Accept": BROWSER_ACCEPT})
-    assert response.status_int == 200
-    assert response.content_type == "text/html"
-    assert re.search(r'href="[^"]*openapi\.json"', response.text)
-    assert "/api" in response.text
-
-
-def test_routing_root_for_a_program_is_json_err01(client):
-    # Without an Accept header: test_routing_unknown_path_is_json_err01, path "/".
-    headers = {"Accept": "application/json"}
-    assert_error(client.get("/", headers=headers, status=404), 404, "ERR01")
-
-
-# ==================================================================================================
-# Hardening: nothing leaks between users
-# ==================================================================================================
-
-# Reused row ids, long-polls outliving their credential, what registration and reset reveal,
-# racing failed logins, quotas that forget X-Sync-Meta, tombstones without bound, invisible
-# characters in ids, admin sign-up past closed or invite-only registration.
-
-#: How soon a long-poll must answer once its credential has died, in seconds.
-PROMPTLY = 2.0
-
-
-def row_ids(db, table: str) -> list[int]:
-    """Return the row ids of a table, lowest first."""
-    return [row[0] for row in db.execute(f"SELECT id FROM {table} ORDER BY id")]
-
-
-def user_row_id(db, name: str) -> int:
-    """Return the users.id of a user."""
-    return db.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()[0]
-
-
-def create_key(client, owner: User, permissions=("all",)) -> tuple[str, str]:
-    """Create an API key with the owner's session; return its secret and public id."""
-    body = {"name": "k", "permissions": list(permissions)}
-    response = client.post_json("/api/api-keys", body, headers=owner.headers, status=201)
-    return response.json["secret"], response.json["apiKey"]["id"]
-
-
-def now_ms(clock) -> int:
-    """Return the fake clock's time in milliseconds, as the server reads it."""
-    return int(clock.now * 1000)
-
-
-def assert_app_refusal(response, status: int) -> None:
-    """Assert Immich's error layout without its wording: keys in order, reason, status, cid."""
-    assert response.status_int == status
-    assert response.headers["Content-Type"] == APP_JSON
-    body = response.json
-    assert list(body) == ["message", "error", "statusCode", "correlationId"]
-    assert body["error"] == {400: "Bad Request", 403: "Forbidden"}[status]
-    assert body["statusCode"] == status
-    assert body["correlationId"] == response.headers["x-immich-cid"]
-    assert body["message"]
-
-
-# Row ids are never reused -------------------------------------------------------------------------
-
-
-def test_ids_user_id_of_a_deleted_account_is_never_reused(client, make_user, db):
-    make_user("a")
-    b = make_user("b")
-    used = row_ids(db, "users")
-    client.delete("/account", headers=b.headers, status=204)
-    make_user("c")
-    assert user_row_id(db, "c") > max(used)
-
-
-def test_ids_session_id_of_an_ended_session_is_never_reused(client, user, db):
-    newest = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
-    used = row_ids(db, "sessions")
-    client.delete("/auth", headers={"Authorization": f"Bearer {newest}"}, status=204)
-    token = client.post_json("/auth", {"id": "alice", "password": PASSWORD}).json["token"]
-    query = "SELECT id FROM sessions WHERE token_digest = ?"
-    assert db.execute(query, (digest(token),)).fetchone()[0] > max(used)
-
-
-def test_ids_api_key_id_of_a_deleted_key_is_never_reused(client, user, db):
-    create_key(client, user)
-    _, newest = create_key(client, user)
-    used = row_ids(db, "api_keys")
-    client.delete(f"/api/api-keys/{newest}", headers=user.headers, status=204)
-    _, made = create_key(client, user)
-    query = "SELECT id FROM api_keys WHERE public_id = ?"
-    assert db.execute(query, (made,)).fetchone()[0] > max(used)
-
-
-# Long-polls end when their credential dies --------------------------------------------------------
-
-
-class Poll:
-    """A GET /store long-poll run in a thread on its own connection (socket timeout 25 s)."""
-
-    def __init__(self, server, headers: dict[str, str], url: str) -> None:
-        self.answer: Reply | None = None
-        self.error: BaseException | None = None
-        self.done_at = 0.0
-        self.thread = threading.Thread(target=self.run, args=(server, headers, url), daemon=True)
-        self.thread.start()
-
-    def run(self, server, headers: dict[str, str], url: str) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=25)
-        try:
-            self.answer = call(conn, "GET", url, headers=headers)
-        except BaseException as error:  # re-raised by result()
-            self.error = error
-        finally:
-            conn.close()
-        self.done_at = time.monotonic()
-
-    def result(self, timeout: float) -> Reply:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"the long-poll did not answer within {timeout} s"
-        if self.error is not None:
-            raise self.error
-        return self.answer
-
-
-@pytest.fixture
-def poll_server(serve_sync):
-    """A live server; at teardown its polls answer at once, so that a failing test ends fast."""
-    server = serve_sync(threads=4)
-    yield server
-    server.app.context.waiters.stop()
-
-
-def live_json(server, method: str, path: str, body, headers: dict) -> Reply:
-    """Send a JSON body on a fresh connection."""
-    headers = {**headers, "Content-Type": "application/json"}
-    return server.request(method, path, json.dumps(body).encode(), headers)
-
-
-def live_login(server, name: str, password: str = PASSWORD) -> User:
-    """Start another session for the user on the live server."""
-    reply = live_json(server, "POST", "/auth", {"id": name, "password": password}, {})
-    assert reply.status_int == 200, reply.body
-    return User(name, reply.json["token"])
-
-
-def start_poll(server, headers: dict[str, str]) -> Poll:
-    """Start a 20 s long-poll from the caller's current cursor; return once it waits."""
-    listing = server.request("GET", "/store", headers=headers)
-    assert listing.status_int == 200, listing.body
-    poll = Poll(server, headers, f"/store?since={listing.headers['X-Sync-Seq']}&wait=20")
-    wait_for_waiters(server, 1)
-    return poll
-
-
-# Each way to kill a poll's credential: given the server, the poll's user and a second session
-# of that user, return the poll's headers and the request that kills its credential.
-Kill = tuple[dict[str, str], Callable[[], Reply]]
-
-
-def account_deleted(server, alice: User, second: User) -> Kill:
-    return alice.headers, lambda: server.request("DELETE", "/account", headers=second.headers)
-
-
-def session_ended(server, alice: User, second: User) -> Kill:
-    return alice.headers, lambda: server.request("DELETE", "/auth", headers=alice.headers)
-
-
-def password_changed(server, alice: User, second: User) -> Kill:
-    body = {"password": "new password 1"}
-    return alice.headers, lambda: live_json(server, "POST", "/password", body, second.headers)
-
-
-def api_key_deleted(server, alice: User, second: User) -> Kill:
-    body = {"name": "k", "permissions": ["store.read"]}
-    created = live_json(server, "POST", "/api/api-keys", body, second.headers)
-    assert created.status_int == 201, created.body
-    path = f"/api/api-keys/{created.json['apiKey']['id']}"
-    key = {"x-api-key": created.json["secret"]}
-    return key, lambda: server.request("DELETE", path, headers=second.headers)
-
-
-@pytest.mark.parametrize(
-    "kill",
-    [account_deleted, session_ended, password_changed, api_key_deleted],
-    ids=["account-deleted", "session-ended-by-its-token", "password-changed", "api-key-deleted"],
-)
-def test_longpoll_dead_credential_answers_auth01_promptly(poll_server, kill):
-    alice = poll_server.register("alice")
-    second = live_login(poll_server, "alice")
-    headers, killing = kill(poll_server, alice, second)
-    poll = start_poll(poll_server, headers)
-    started = time.monotonic()
-    assert killing().status_int == 204
-    answer = poll.result(timeout=PROMPTLY + 1)
-    assert poll.done_at - started < PROMPTLY
-    assert_error(answer, 401, "AUTH01")
-
-
-def test_longpoll_deleted_account_never_answers_a_new_users_keys(poll_server):
-    xavier = poll_server.register("xavier")
-    second = live_login(poll_server, "xavier")
-    poll = start_poll(poll_server, xavier.headers)
-    assert poll_server.request("DELETE", "/account", headers=second.headers).status_int == 204
-    yvonne = poll_server.register("yvonne")  # the row id xavier had, if ids were reused
-    secrets_of_yvonne = []
-    for key in ("yvonne-diary", "yvonne-bank"):
-        written = poll_server.request("PUT", f"/store/{key}", b"private", yvonne.headers)
-        assert written.status_int == 204
-        secrets_of_yvonne += [key, written.headers["X-Sync-Token"]]
-    answer = poll.result(timeout=PROMPTLY + 1)
-    for secret in secrets_of_yvonne:
-        assert secret.encode() not in answer.body, answer.body
-    assert_error(answer, 401, "AUTH01")
-
-
-# Invites: a stranger learns nothing of taken ids --------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "fields",
-    [{"invite": "wrong"}, {"invite": ""}, {}],
-    ids=["wrong-invite", "empty-invite", "no-invite"],
-)
-def test_invite_taken_id_without_a_valid_invite_is_acct01(inviting, db, fields):
-    before = snapshot(db)
-    body = {"id": "bob", "password": PASSWORD, **fields}
-    response = inviting.post_json("/account", body, status=403)
-    assert_error(response, 403, "ACCT01")
-    assert snapshot(db) == before
-
-
-def test_invite_taken_id_with_a_valid_invite_is_acct03_and_keeps_the_invite(inviting, clock, db):
-    code, _ = syncnode.create_invite(db, now_ms(clock), 3600_000)
-    body = {"id": "bob", "password": PASSWORD, "invite": code}
-    response = inviting.post_json("/account", body, status=409)
-    assert_error(response, 409, "ACCT03")
-    assert table_counts(db)["invites"] == 1
-    inviting.post_json("/account", {**body, "id": "carol"}, status=200)
-    assert user_row_id(db, "carol")
-
-
-def test_invite_new_id_with_a_valid_invite_registers_once(inviting, user, db):
-    code = inviting.post("/invite", headers=user.headers, status=200).json["invite"]
-    body = {"id": "carol", "password": PASSWORD, "invite": code}
-    assert set(inviting.post_json("/account", body, status=200).json) == {"token", "expiration"}
-    again = inviting.post_json("/account", {**body, "id": "dave"}, status=403)
-    assert_error(again, 403, "ACCT01")
-    assert table_counts(db)["invites"] == 0
-    assert db.execute("SELECT count(*) FROM users WHERE name = 'dave'").fetchone()[0] == 0
-
-
-# Reset requests: the same answer, the token made off the request path -----------------------------
-
-
-class Driven:
-    """One POST /resetpassword driven through the WSGI interface by hand, with the number of
-    reset tokens stored after start_response, after the body was read and after close()."""
-
-    def __init__(self, app, db, name: str) -> None:
-        environ = webob.Request.blank(
-            "/resetpassword",
-            method="POST",
-            body=json.dumps({"id": name}).encode(),
-            content_type="application/json",
-            remote_addr="192.0.2.1",
-        ).environ
-        started: list[tuple[str, list]] = []
-
-        def start_response(status, headers, exc_info=None):
-            started.append((status, list(headers)))
-            return lambda data: None
-
-        def tokens() -> int:
-            return table_counts(db)["reset_tokens"]
-
-        chunks = app(environ, start_response)
-        assert started, "start_response was not called before the body was returned"
-        self.tokens_when_started = tokens()
-        self.body = b"".join(chunks)
-        self.tokens_before_close = tokens()
-        if hasattr(chunks, "close"):
-            chunks.close()
-        self.tokens_after_close = tokens()
-        [(self.status, self.headers)] = started
-
-
-def test_reset_request_token_is_made_only_after_the_answer(app, user, db):
-    driven = Driven(app, db, "alice")
-    assert driven.status.startswith("204")
-    assert (driven.tokens_when_started, driven.tokens_before_close) == (0, 0)
-    assert driven.tokens_after_close == 1
-
-
-def test_reset_request_answer_is_identical_for_known_and_unknown_ids(app, user, db):
-    known, unknown = Driven(app, db, "alice"), Driven(app, db, "nobody")
-    assert (known.status, known.headers, known.body) == (
-        unknown.status,
-        unknown.headers,
-        unknown.body,
-    )
-
-
-def test_reset_request_token_is_logged_by_the_time_webtest_returns(client, user, db, caplog):
-    with caplog.at_level(logging.WARNING, logger="syncnode"):
-        token = request_reset(client, caplog, "alice")
-    assert reset_digests(db) == [digest(token)]
-    headers = {"Authorization": f"Bearer {token}"}
-    client.post_json("/password", {"password": "new password 1"}, headers=headers, status=204)
-
-
-# Throttling: racing failed logins -----------------------------------------------------------------
-
-
-def race_logins(server, name: str, password: str, count: int) -> list[Reply]:
-    """Send `count` logins released together by a barrier, each on its own connection."""
-    barrier = threading.Barrier(count)
-    replies: list[Reply | None] = [None] * count
-    body = json.dumps({"id": name, "password": password}).encode()
-
-    def attempt(number: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
-        try:
-            conn.connect()  # connected before the barrier, so that the requests overlap
-            barrier.wait(timeout=10)
-            headers = {"Content-Type": "application/json"}
-            replies[number] = call(conn, "POST", "/auth", body, headers)
-        finally:
-            conn.close()
-
-    run_threads([lambda number=number: attempt(number) for number in range(count)], timeout=25)
-    return replies
-
-
-@pytest.fixture
-def raced(serve_sync):
-    """A server limited to 10 failed logins per id, after 16 racing wrong passwords."""
-    server = serve_sync(
-        threads=16,
-        login_fails_per_id=10,
-        argon2_time_cost=3,
-        argon2_memory_cost=4096,
-        hash_slots=16,
-    )
-    server.register("alice")
-    return server, race_logins(server, "alice", "wrong password", 16)
-
-
-def test_throttle_racing_wrong_passwords_verify_at_most_the_limit(raced):
-    _, replies = raced
-    statuses = collections.Counter(reply.status_int for reply in replies)
-    assert set(statuses) <= {401, 429}, statuses
-    assert 1 <= statuses[401] <= 10, statuses
-    for reply in replies:
-        if reply.status_int == 401:
-            assert_error(reply, 401, "AUTH01")
-        else:
-            assert_error(reply, 429, "AUTH02")
-            assert reply.headers["Retry-After"].isdigit()
-            assert int(reply.headers["Retry-After"]) > 0
-
-
-def test_throttle_racing_wrong_passwords_then_the_right_one_is_auth02(raced):
-    server, _ = raced
-    reply = live_json(server, "POST", "/auth", {"id": "alice", "password": PASSWORD}, {})
-    assert_error(reply, 429, "AUTH02")
-    assert reply.headers["Retry-After"].isdigit()
-
-
-def test_throttle_successful_logins_are_not_counted_as_failures(make_app):
-    client = webtest.TestApp(make_app(login_fails_per_id=10))
-    sign_up(client, "alice")
-    for _ in range(11):
-        client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=200)
-
-
-# Quotas count X-Sync-Meta -------------------------------------------------------------------------
-
-
-def meta(size: int) -> dict[str, str]:
-    """Return an X-Sync-Meta header of `size` printable bytes."""
-    return {"X-Sync-Meta": "m" * size}
-
-
-def test_quota_usage_counts_meta_bytes(client, user):
-    put(client, user, "k", b"0123456789", headers=meta(100), status=204)
-    assert usage(client, user) == (1, 110)
-
-
-def test_quota_create_past_bytes_by_its_meta_is_quota01_and_stores_nothing(make_app, db):
-    client = webtest.TestApp(make_app(quota_bytes=50))
-    alice = sign_up(client, "alice")
-    response = put(client, alice, "k", b"0123456789", headers=meta(100), status=507)
-    assert_error(response, 507, "QUOTA01")
-    assert table_counts(db)["items"] == 0
-    assert usage(client, alice) == (0, 0)
-
-
-def test_quota_update_growing_only_the_meta_past_bytes_is_quota01(make_app, db):
-    client = webtest.TestApp(make_app(quota_bytes=50))
-    alice = sign_up(client, "alice")
-    token = token_of(put(client, alice, "k", b"0123456789", headers=meta(20), status=204))
-    before = snapshot(db)
-    response = put(client, alice, "k", b"0123456789", token, headers=meta(45), status=507)
-    assert_error(response, 507, "QUOTA01")
-    assert snapshot(db) == before
-    assert client.get("/store/k", headers=alice.headers).headers["X-Sync-Meta"] == "m" * 20
-
-
-@pytest.mark.parametrize(
-    "headers, size", [(meta(50), 60), ({}, 10)], ids=["meta-shorter", "meta-dropped"]
-)
-def test_quota_shrinking_the_meta_over_a_lowered_quota_is_allowed(make_app, headers, size):
-    unlimited = webtest.TestApp(make_app())
-    alice = sign_up(unlimited, "alice")
-    token = token_of(put(unlimited, alice, "k", b"0123456789", headers=meta(100), status=204))
-    client = webtest.TestApp(make_app(quota_bytes=50))
-    put(client, alice, "k", b"0123456789", token, headers=headers, status=204)
-    assert usage(client, alice) == (1, size)
-
-
-# Tombstones per user ------------------------------------------------------------------------------
-
-
-class Pile:
-    """Alice created and deleted 12 keys she shared with no one; housekeeping has run since."""
-
-    def __init__(self, make_app, clock) -> None:
-        self.client = webtest.TestApp(make_app(tombstones_per_user=5))
-        self.alice, self.bob = sign_up(self.client, "alice"), sign_up(self.client, "bob")
-        put(self.client, self.bob, "bobs")
-        self.bob_cursor = current_seq(self.client, self.bob)
-        tokens = seed(self.client, self.alice, [f"gone/{number:02d}" for number in range(12)])
-        self.before = current_seq(self.client, self.alice)
-        for key, token in tokens.items():
-            headers = {**self.alice.headers, "X-Sync-Token": token}
-            self.client.delete(f"/store/{key}", headers=headers, status=204)
-        self.after = current_seq(self.client, self.alice)
-        clock.advance(syncnode.HOUSEKEEPING_MS / 1000 + 1)
-        self.client.get("/health", status=200)  # housekeeping runs here
-
-
-@pytest.fixture
-def pile(make_app, clock) -> Pile:
-    return Pile(make_app, clock)
-
-
-def test_tombstones_per_user_keeps_at_most_the_setting(pile, db):
-    query = "SELECT count(*) FROM tombstones WHERE user_id = ?"
-    assert db.execute(query, (user_row_id(db, "alice"),)).fetchone()[0] <= 5
-
-
-def test_tombstones_per_user_cursor_before_the_deletions_is_sync01(pile):
-    url = f"/store?since={pile.before}"
-    response = pile.client.get(url, headers=pile.alice.headers, status=410)
-    assert_error(response, 410, "SYNC01")
-
-
-def test_tombstones_per_user_cursor_after_the_deletions_still_answers(pile):
-    url = f"/store?since={pile.after}"
-    response = pile.client.get(url, headers=pile.alice.headers, status=200)
-    assert response.json == []
-
-
-def test_tombstones_per_user_leave_other_users_cursors_alone(pile):
-    url = f"/store?since={pile.bob_cursor}"
-    response = pile.client.get(url, headers=pile.bob.headers, status=200)
-    assert response.json == []
-
-
-# Invisible characters in ids ----------------------------------------------------------------------
-
-INVISIBLE = ["\u200b", "\ufeff", "\u202e", "\u00ad", "\u2060"]
-INVISIBLE_IDS = ["zero-width-space", "bom", "rtl-override", "soft-hyphen", "word-joiner"]
-
-
-@pytest.mark.parametrize("char", INVISIBLE, ids=INVISIBLE_IDS)
-def test_account_register_invisible_format_character_is_acct02(client, db, char):
-    response = client.post_json(
-        "/account", {"id": f"ali{char}ce", "password": PASSWORD}, status=400
-    )
-    assert_error(response, 400, "ACCT02")
-    assert table_counts(db)["users"] == 0
-
-
-@pytest.mark.parametrize("char", INVISIBLE, ids=INVISIBLE_IDS)
-def test_app_auth_admin_sign_up_invisible_format_character_is_400(client, db, char):
-    body = {"email": f"ali{char}ce@example.org", "password": PASSWORD, "name": "Alice"}
-    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
-    assert_app_refusal(response, 400)
-    assert "email must be an email" in response.json["message"]
-    assert table_counts(db)["users"] == 0
-
-
-def test_account_register_ordinary_non_ascii_letters_are_accepted(client, db):
-    client.post_json("/account", {"id": "zoë", "password": PASSWORD}, status=200)
-    assert db.execute("SELECT name FROM users").fetchall() == [("zoë",)]
-
-
-def test_app_auth_admin_sign_up_ordinary_non_ascii_letters_are_accepted(client, db):
-    body = {"email": "zoë@example.org", "password": PASSWORD, "name": "Zoë"}
-    response = client.post_json("/api/auth/admin-sign-up", body, status=201)
-    assert response.json["email"] == "zoë@example.org"
-
-
-# Admin sign-up follows the registration setting ---------------------------------------------------
-
-ADMIN = {"email": "admin", "password": PASSWORD, "name": "Admin"}
-
-
-def test_app_auth_admin_sign_up_closed_registration_is_403(make_app, db):
-    client = webtest.TestApp(make_app(registration="closed"))
-    response = client.post_json("/api/auth/admin-sign-up", ADMIN, status=403)
-    assert_app_refusal(response, 403)
-    assert table_counts(db)["users"] == 0
-
-
-@pytest.mark.parametrize(
-    "fields", [{}, {"invite": "wrong"}, {"invite": ""}], ids=["no-invite", "wrong", "empty"]
-)
-def test_app_auth_admin_sign_up_without_a_valid_invite_is_403(make_app, clock, db, fields):
-    client = webtest.TestApp(make_app(registration="invite"))
-    syncnode.create_invite(db, now_ms(clock), 3600_000)
-    response = client.post_json("/api/auth/admin-sign-up", {**ADMIN, **fields}, status=403)
-    assert_app_refusal(response, 403)
-    assert table_counts(db)["users"] == 0
-    assert table_counts(db)["invites"] == 1
-
-
-def test_app_auth_admin_sign_up_with_a_valid_invite_spends_it(make_app, clock, db):
-    client = webtest.TestApp(make_app(registration="invite"))
-    code, _ = syncnode.create_invite(db, now_ms(clock), 3600_000)
-    response = client.post_json("/api/auth/admin-sign-up", {**ADMIN, "invite": code}, status=201)
-    assert response.json["isAdmin"] is True
-    assert table_counts(db)["invites"] == 0
-    again = client.post_json("/account", {"id": "bob", "password": PASSWORD, "invite": code},
-                             status=403)  # fmt: skip
-    assert_error(again, 403, "ACCT01")
-
-
-def test_app_auth_admin_sign_up_open_registration_works_once(client, db):
-    client.post_json("/api/auth/admin-sign-up", ADMIN, status=201)
-    body = {**ADMIN, "email": "second"}
-    response = client.post_json("/api/auth/admin-sign-up", body, status=400)
-    assert_app_refusal(response, 400)
-    assert table_counts(db)["users"] == 1
-
-
-# ==================================================================================================
-# Hardening: slow and stalled clients
-# ==================================================================================================
-
-# Slow, stalled and malformed clients against a live server, over raw sockets: the server keeps
-# answering, client_timeout closes what cannot be written or never becomes a request,
-# max_connections bounds connections without a request, a declared Content-Length over the
-# endpoint's limit is refused before the body, the server's own errors are JSON in the layout of
-# the API the path belongs to, and keep-alive survives 204 and 304. Every server binds 127.0.0.1
-# port 0 through syncnode.make_server (LiveServer). Every wait has a socket timeout or a
-# deadline, so that a server that freezes fails a test in seconds instead of hanging it.
-
-HOST = "127.0.0.1"
-#: Receive buffer of a client that never reads: the kernel's buffers fill after a few KiB.
-SMALL_RCVBUF = 4096
-#: How often a trickling client sends one more byte of its request.
-TRICKLE_SECONDS = 0.5
-#: A request line cut in half: what every trickling client sends first.
-TRICKLE_HEAD = b"GET /heal"
-#: The bytes that follow, one at a time; then "a" forever (a header value that never ends).
-TRICKLE_TAIL = b"th HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: "
-#: Most bytes a Trickler sends on each connection (60 s of trickling).
-TRICKLE_STEPS = 120
-#: Most recv calls any read loop makes.
-MAX_READS = 100_000
-CLIENT_TIMEOUT = 2
-BIG_VALUE = random.Random(16).randbytes(16 * 1024 * 1024)
-
-
-# Helpers ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RawAnswer:
-    """One HTTP answer parsed from raw bytes: status, headers (lower-case names) and body."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self):
-        return json.loads(self.body)
-
-
-class Clients:
-    """Client sockets opened to one server; close() closes them all."""
-
-    def __init__(self, server: LiveServer) -> None:
-        self.port = int(server.port)  # waitress gives it as text
-        self.sockets: list[socket.socket] = []
-
-    def open(self, rcvbuf: int | None = None, timeout: float = 5.0) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sockets.append(sock)
-        if rcvbuf is not None:  # before connect, so that the window the server sees is small
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.settimeout(timeout)
-        sock.connect((HOST, self.port))
-        return sock
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            sock.close()
-
-
-class Trickler:
-    """Trickling clients: half a request line, then one more byte every TRICKLE_SECONDS.
-
-    One thread sends the bytes; a connection the server closed is left alone from then on.
-    """
-
-    def __init__(self) -> None:
-        self.sockets: list[socket.socket] = []
-        self.dead: set[socket.socket] = set()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="trickler", daemon=True)
-
-    def add(self, sock: socket.socket) -> socket.socket:
-        sock.sendall(TRICKLE_HEAD)
-        self.sockets.append(sock)
-        return sock
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def run(self) -> None:
-        for step in range(TRICKLE_STEPS):
-            if self.stopping.wait(TRICKLE_SECONDS):
-                return
-            byte = TRICKLE_TAIL[step : step + 1] or b"a"
-            for sock in self.sockets:
-                if sock in self.dead:
-                    continue
-                try:
-                    sock.send(byte)
-                except OSError:  # closed by the server, or the send buffer is full
-                    self.dead.add(sock)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.thread.is_alive():
-            self.thread.join(timeout=5)
-        assert not self.thread.is_alive(), "the trickling thread did not stop"
-
-
-def raw_request(method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
-    """The head of an HTTP/1.1 request; no body."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def recv_by(sock: socket.socket, deadline: float, what: str, size: int = 65536) -> bytes:
-    """One recv that gives up at the deadline, failing the test with what was awaited."""
-    sock.settimeout(max(0.001, deadline - time.monotonic()))
-    try:
-        return sock.recv(size)
-    except TimeoutError:
-        raise AssertionError(f"no {what} before the deadline") from None
-
-
-def read_answer(sock: socket.socket, timeout: float) -> RawAnswer:
-    """Read one answer: status line and headers, then a body by Content-Length or chunks."""
-    deadline = time.monotonic() + timeout
-    buffer = b""
-    for _ in range(MAX_READS):
-        if b"\r\n\r\n" in buffer:
-            break
-        chunk = recv_by(sock, deadline, "complete answer head")
-        assert chunk, f"the connection closed before the answer's head ended: {buffer[:200]!r}"
-        buffer += chunk
-    head, _, rest = buffer.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    version, status, *_ = status_line.split(" ", 2)
-    assert version.startswith("HTTP/1."), status_line
-    headers: dict[str, str] = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
-    if int(status) in (204, 304):
-        return RawAnswer(int(status), headers, b"")
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return RawAnswer(int(status), headers, read_chunked(sock, rest, deadline))
-    length = int(headers.get("content-length", "-1"))
-    for _ in range(MAX_READS):
-        if 0 <= length <= len(rest):
-            break
-        chunk = recv_by(sock, deadline, "complete answer body")
-        if not chunk:
-            assert length < 0, f"the connection closed after {len(rest)} of {length} body bytes"
-            break
-        rest += chunk
-    return RawAnswer(int(status), headers, rest[:length] if length >= 0 else rest)
-
-
-def read_chunked(sock: socket.socket, buffer: bytes, deadline: float) -> bytes:
-    """Decode a chunked body that starts with the bytes already received."""
-    body = b""
-    for _ in range(MAX_READS):
-        line, found, rest = buffer.partition(b"\r\n")
-        size = int(line.split(b";")[0], 16) if found else -1
-        if found and len(rest) >= size + 2:
-            if size == 0:
-                return body
-            body += rest[:size]
-            buffer = rest[size + 2 :]
-            continue
-        chunk = recv_by(sock, deadline, "complete chunked body")
-        assert chunk, "the connection closed inside a chunked body"
-        buffer += chunk
-    raise AssertionError("the chunked body did not end")
-
-
-def closed_after_drain(sock: socket.socket, quiet: float = 0.5, limit: float = 3.0) -> bool:
-    """Whether the server closed the connection: read what arrived until EOF or a reset.
-
-    False when nothing arrives for quiet seconds (the connection is open) or when data still
-    flows after limit seconds (the server is still writing to it).
-    """
-    deadline = time.monotonic() + limit
-    for _ in range(MAX_READS):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        sock.settimeout(min(quiet, remaining))
-        try:
-            if not sock.recv(1024 * 1024):
-                return True
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
-    return False
-
-
-def health(server: LiveServer, timeout: float = 5.0) -> tuple[RawAnswer, float]:
-    """GET /health on a fresh connection; the answer and the seconds it took."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        started = time.monotonic()
-        sock.connect((HOST, int(server.port)))
-        sock.sendall(raw_request("GET", "/health"))
-        answer = read_answer(sock, timeout - (time.monotonic() - started))
-        return answer, time.monotonic() - started
-    finally:
-        sock.close()
-
-
-def send_and_read(server: LiveServer, data: bytes, timeout: float = 2.0) -> tuple[RawAnswer, bool]:
-    """Send raw bytes on a fresh connection; the answer, and whether the server then closed."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect((HOST, int(server.port)))
-        try:
-            sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may answer and close before it has read everything
-        answer = read_answer(sock, timeout)
-        return answer, closed_after_drain(sock, quiet=1.0)
-    finally:
-        sock.close()
-
-
-def store_big(server: LiveServer, owner: User, key: str, value: bytes) -> None:
-    reply = server.request("PUT", f"/store/{key}", value, owner.headers)
-    assert reply.status_int == 204, reply.body
-
-
-def pipelined_openapi(count: int = 400) -> bytes:
-    return raw_request("GET", "/openapi.json") * count
-
-
-def assert_json_answer(answer: RawAnswer, status: int) -> dict:
-    """Check the status and the JSON Content-Type of an answer; return its JSON body."""
-    content_type = answer.headers.get("content-type", "")
-    seen = f"{answer.status} {content_type}: {answer.body[:200]!r}"
-    assert answer.status == status, seen
-    assert content_type.partition(";")[0].strip() == "application/json", seen
-    return answer.json
-
-
-def assert_sync_error(answer: RawAnswer, status: int, code: str) -> None:
-    body = assert_json_answer(answer, status)
-    assert set(body) == {"code", "message"}, body
-    assert body["code"] == code, body
-    assert isinstance(body["message"], str)
-
-
-def assert_raw_app_error(answer: RawAnswer, status: int, reason: str) -> None:
-    body = assert_json_answer(answer, status)
-    assert set(body) == {"message", "error", "statusCode", "correlationId"}, body
-    assert body["statusCode"] == status
-    assert body["error"] == reason
-    assert isinstance(body["message"], str | list)
-    assert isinstance(body["correlationId"], str) and body["correlationId"]
-
-
-# Stalled clients ----------------------------------------------------------------------------------
-
-
-def test_server_health_answers_while_clients_stall(serve_sync):
-    server = serve_sync()  # threads=4, the default
-    owner = server.register("alice")
-    store_big(server, owner, "big", BIG_VALUE)
-    clients, trickler = Clients(server), Trickler()
-    try:
-        for _ in range(4):
-            clients.open().sendall(pipelined_openapi())
-        big = raw_request("GET", "/store/big", owner.headers)
-        for _ in range(4):
-            clients.open(rcvbuf=SMALL_RCVBUF).sendall(big)
-        for _ in range(100):
-            trickler.add(clients.open())
-        trickler.start()
-        time.sleep(1.0)  # the serving threads take the stalled requests and fill the buffers
-        try:
-            answer, seconds = health(server, timeout=5.0)
-        except AssertionError as error:
-            raise AssertionError(f"GET /health while clients stall: {error} (5 s)") from None
-        print(f"GET /health answered in {seconds:.3f} s while 108 clients stall")
-        assert answer.status == 200, answer.body
-        assert seconds < 1.0
-    finally:
-        trickler.stop()
-        clients.close()
-
-
-def test_server_closes_stalled_and_trickling_connections(serve_sync):
-    server = serve_sync(client_timeout=CLIENT_TIMEOUT)
-    owner = server.register("alice")
-    store_big(server, owner, "big", BIG_VALUE)
-    clients, trickler = Clients(server), Trickler()
-    try:
-        watched: list[tuple[str, socket.socket]] = []
-        for number in range(2):
-            sock = clients.open()
-            sock.sendall(pipelined_openapi())
-            watched.append((f"pipelined {number}, never read", sock))
-        for number in range(2):
-            sock = clients.open(rcvbuf=SMALL_RCVBUF)
-            sock.sendall(raw_request("GET", "/store/big", owner.headers))
-            watched.append((f"16 MiB GET {number}, never read", sock))
-        watched.append(("idle, no request ever", clients.open()))
-        kept = clients.open()
-        kept.sendall(raw_request("GET", "/health"))
-        assert read_answer(kept, 2.0).status == 200
-        watched.append(("idle after one answer", kept))
-        for number in range(5):
-            watched.append((f"trickling {number}", trickler.add(clients.open())))
-        trickler.start()
-        time.sleep(CLIENT_TIMEOUT + 1.5)
-        still_open = [name for name, sock in watched if not closed_after_drain(sock)]
-        assert not still_open, f"open {CLIENT_TIMEOUT + 1.5} s later: {still_open}"
-    finally:
-        trickler.stop()
-        clients.close()
-
-
-def test_server_keeps_slow_steady_reader(serve_sync):
-    server = serve_sync(client_timeout=CLIENT_TIMEOUT)
-    owner = server.register("alice")
-    value = BIG_VALUE[: 4 * 1024 * 1024]
-    store_big(server, owner, "slow", value)
-    clients = Clients(server)
-    try:
-        sock = clients.open(rcvbuf=64 * 1024)
-        started = time.monotonic()
-        sock.sendall(raw_request("GET", "/store/slow", owner.headers))
-        deadline = started + 30
-        buffer = b""
-        for _ in range(MAX_READS):
-            if b"\r\n\r\n" in buffer:
-                break
-            chunk = recv_by(sock, deadline, "answer head")
-            assert chunk, "the connection closed before the answer's head"
-            buffer += chunk
-        head, _, body = buffer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 "), head[:100]
-        for _ in range(len(value) // (64 * 1024) + 10):  # 64 KiB every 0.2 s
-            if len(body) >= len(value):
-                break
-            time.sleep(0.2)
-            goal = min(len(value), len(body) + 64 * 1024)
-            for _ in range(MAX_READS):
-                if len(body) >= goal:
-                    break
-                chunk = recv_by(sock, deadline, f"byte {len(body)}", goal - len(body))
-                assert chunk, f"cut off after {len(body)} of {len(value)} bytes"
-                body += chunk
-        seconds = time.monotonic() - started
-        print(f"read {len(body)} bytes in {seconds:.1f} s")
-        assert body == value
-        assert seconds > 2 * CLIENT_TIMEOUT  # the read was slow enough to matter
-    finally:
-        clients.close()
-
-
-def test_server_closes_oldest_connections_without_request(serve_sync):
-    server = serve_sync(max_connections=40)
-    clients, trickler = Clients(server), Trickler()
-    try:
-        socks = [trickler.add(clients.open()) for _ in range(60)]
-        trickler.start()
-        opened = time.monotonic()
-        open_ones = list(range(len(socks)))
-        for _ in range(20):  # look every 0.25 s for 2.5 s at most
-            time.sleep(0.25)
-            open_ones = [n for n in open_ones if not closed_after_drain(socks[n], 0.01)]
-            if len(open_ones) <= 20 and min(open_ones, default=40) >= 40:
-                break
-            if time.monotonic() - opened > 2.5:
-                break
-        print(f"{len(open_ones)} of 60 left open after {time.monotonic() - opened:.2f} s")
-        assert len(open_ones) <= 20, f"{len(open_ones)} trickling connections open: {open_ones}"
-        assert min(open_ones, default=40) >= 40, f"open among the oldest 40: {open_ones}"
-        answer, seconds = health(server, timeout=5.0)
-        print(f"GET /health answered in {seconds:.3f} s beside 60 trickling clients")
-        assert answer.status == 200, answer.body
-        assert seconds < 1.0
-    finally:
-        trickler.stop()
-        clients.close()
-
-
-# Request limits -----------------------------------------------------------------------------------
-
-MAX_VALUE_BYTES = 1024 * 1024
-JSON = {"Content-Type": "application/json"}
-
-
-@pytest.mark.parametrize(
-    ("method", "path", "length", "layout"),
-    [
-        ("POST", "/auth", 300_000_000, "sync"),
-        ("POST", "/auth", 2 * syncnode.MAX_JSON_BYTES, "sync"),
-        ("PUT", "/store/k", MAX_VALUE_BYTES + 1, "sync"),
-        ("POST", "/api/auth/login", 300_000_000, "app"),
-    ],
-    ids=["auth-300MB", "auth-json-2MiB", "store-max-value-plus-1", "app-login-300MB"],
-)
-def test_server_refuses_declared_oversize_body_before_reading_it(
-    serve_sync, method, path, length, layout
-):
-    server = serve_sync(max_value_bytes=MAX_VALUE_BYTES)
-    owner = server.register("alice")
-    kind = JSON if path != "/store/k" else {"Content-Type": "application/octet-stream"}
-    headers = {**kind, **owner.headers, "Content-Length": str(length)}
-    started = time.monotonic()
-    answer, closed = send_and_read(server, raw_request(method, path, headers), timeout=2.0)
-    print(f"413 after {time.monotonic() - started:.3f} s with no body sent")
-    if layout == "sync":
-        assert_sync_error(answer, 413, "SIZE01")
-    else:
-        assert_raw_app_error(answer, 413, "Payload Too Large")
-    assert closed, "the connection stayed open after the 413"
-
-
-def test_server_store_put_of_max_value_bytes_is_204(serve_sync):
-    server = serve_sync(max_value_bytes=MAX_VALUE_BYTES)
-    owner = server.register("alice")
-    value = BIG_VALUE[:MAX_VALUE_BYTES]
-    assert server.request("PUT", "/store/k", value, owner.headers).status_int == 204
-    assert server.request("GET", "/store/k", headers=owner.headers).body == value
-
-
-# The server's own errors --------------------------------------------------------------------------
-
-HUGE_HEADER = {"X-Huge": "a" * (300 * 1024)}
-
-
-@pytest.mark.parametrize(
-    ("data", "status", "code"),
-    [
-        (b"GARBAGE\r\n\r\n", 400, "REQ01"),
-        (raw_request("PUT", "/store/k", {"Content-Length": "abc"}), 400, "REQ01"),
-        (raw_request("PUT", "/store/k", {"Content-Length": "-1"}), 400, "REQ01"),
-        (raw_request("GET", "/health", HUGE_HEADER), 413, "SIZE01"),
-    ],
-    ids=["garbage-request-line", "content-length-abc", "content-length-minus-1", "header-300KiB"],
-)
-def test_server_own_errors_are_sync_node_json(serve_sync, data, status, code):
-    server = serve_sync()
-    answer, _ = send_and_read(server, data, timeout=3.0)
-    assert_sync_error(answer, status, code)
-
-
-@pytest.mark.parametrize(
-    ("headers", "status", "reason"),
-    [
-        ({**JSON, "Content-Length": "abc"}, 400, "Bad Request"),
-        ({**JSON, "Content-Length": "-1"}, 400, "Bad Request"),
-        ({**JSON, **HUGE_HEADER}, 413, "Payload Too Large"),
-    ],
-    ids=["content-length-abc", "content-length-minus-1", "header-300KiB"],
-)
-def test_server_own_errors_on_app_api_are_immich_json(serve_sync, headers, status, reason):
-    server = serve_sync()
-    data = raw_request("POST", "/api/auth/login", headers)
-    answer, _ = send_and_read(server, data, timeout=3.0)
-    assert_raw_app_error(answer, status, reason)
-
-
-# Keep-alive after 204 and 304 ---------------------------------------------------------------------
-
-
-def test_server_keeps_connection_after_204(serve_sync):
-    server = serve_sync()
-    owner = server.register("alice")
-    conn = server.connect()
-    try:
-        conn.request("PUT", "/store/k", b"value", owner.headers)
-        first = conn.getresponse()
-        first.read()
-        assert first.status == 204
-        assert "close" not in (first.getheader("Connection") or "").lower()
-        sock = conn.sock
-        assert sock is not None, "http.client closed the connection after the 204"
-        conn.request("GET", "/store/k", headers=owner.headers)
-        second = conn.getresponse()
-        assert second.status == 200
-        assert second.read() == b"value"
-        assert conn.sock is sock
-    finally:
-        conn.close()
-
-
-def test_server_keeps_connection_after_304(serve_sync):
-    server = serve_sync()
-    owner = server.register("alice")
-    token = server.request("PUT", "/store/k", b"value", owner.headers).headers["X-Sync-Token"]
-    conn = server.connect()
-    try:
-        conn.request("GET", "/store/k", headers={**owner.headers, "If-None-Match": f'"{token}"'})
-        first = conn.getresponse()
-        first.read()
-        assert first.status == 304
-        assert "close" not in (first.getheader("Connection") or "").lower()
-        sock = conn.sock
-        assert sock is not None, "http.client closed the connection after the 304"
-        conn.request("GET", "/health")
-        second = conn.getresponse()
-        assert second.status == 200
-        second.read()
-        assert conn.sock is sock
-    finally:
-        conn.close()
-
-
-# ==================================================================================================
-# Hardening: type confusion over the served document
-# ==================================================================================================
-
-# Driven by the served OpenAPI document (GET /openapi.json). For every operation of the document
-# and every field of its JSON request body, every query parameter, every header parameter and
-# every credential of its security schemes, send an otherwise valid request with that one place
-# holding a bad value: null, booleans, odd numbers, lists, objects, deep nesting, an empty, a
-# long, a NUL and a lone-surrogate string. Whole bodies get the same values and a few that are
-# not JSON at all. Every answer must be no 5xx and one the operation documents: one of its own
-# answers (its schema and required headers), or the error layout of its API. On Sync Node paths
-# that is {"code", "message"} with the code's status from syncnode.ERROR_STATUS; under /api it is
-# Immich's {"message", "error", "statusCode", "correlationId"} with statusCode the status.
-
-# The bad values -----------------------------------------------------------------------------------
-
-#: Nesting past Python's recursion limit, in the 1 MiB of a Sync Node JSON body.
-SYNC_DEPTH = 100_000
-#: Nesting past the recursion limit that still fits the App API's 64 KiB bodies.
-APP_DEPTH = 30_000
-LONG_TEXT = "x" * 100_000
-
-
-def nested(depth: int) -> str:
-    """A list nested depth deep, as JSON text."""
-    return "[" * depth + "]" * depth
-
-
-@dataclasses.dataclass(frozen=True)
-class Bad:
-    """A bad value: its name, its raw JSON text, and its text as a query or header value.
-
-    The text is a WSGI string, one character per byte: a lone surrogate there is its
-    UTF-8-style bytes, which no UTF-8 decoder accepts.
-    """
-
-    name: str
-    json: str
-    text: str
-
-
-BAD_VALUES = [
-    Bad("null", "null", "null"),
-    Bad("true", "true", "true"),
-    Bad("false", "false", "false"),
-    Bad("0", "0", "0"),
-    Bad("-1", "-1", "-1"),
-    Bad("1e400", "1e400", "1e400"),
-    Bad("1.5", "1.5", "1.5"),
-    Bad("2**63", str(2**63), str(2**63)),
-    Bad("[]", "[]", "[]"),
-    Bad("[1]", "[1]", "[1]"),
-    Bad("[[]]", "[[]]", "[[]]"),
-    Bad("{}", "{}", "{}"),
-    Bad('{"a":1}', '{"a": 1}', '{"a":1}'),
-    Bad(f"nested-{SYNC_DEPTH}", nested(SYNC_DEPTH), nested(SYNC_DEPTH)),
-    Bad(f"nested-{APP_DEPTH}", nested(APP_DEPTH), nested(APP_DEPTH)),
-    Bad("empty-string", '""', ""),
-    Bad("long-string", json.dumps(LONG_TEXT), LONG_TEXT),
-    Bad("nul-string", json.dumps("correct\x00horse"), "correct\x00horse"),
-    Bad("lone-surrogate", '"\\ud800"', "\xed\xa0\x80"),
-]
-
-#: Whole bodies beyond the bad values: text that is no JSON, or no JSON object.
-BAD_BODIES = {
-    "string": b'"alice"',
-    "invalid-utf8": b'{"id": "\xff\xfe"}',
-    "not-json": b"not json",
-    "empty-body": b"",
-}
-
-#: The text the field under test holds until the bad value's JSON replaces it.
-PLACEHOLDER = "\x01placeholder\x01"
-
-
-# The document and its operations ------------------------------------------------------------------
-
-
-def served_document() -> dict:
-    """GET /openapi.json of a syncnode app on a throwaway database."""
-    with tempfile.TemporaryDirectory() as tmp:
-        app = syncnode.create_app(os.path.join(tmp, "document.db"), **CHEAP_HASHING)
-        try:
-            return webtest.TestApp(app).get("/openapi.json").json
-        finally:
-            app.close()
-
-
-DOCUMENT = served_document()
-METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
-
-
-def resolve(node: dict) -> dict:
-    """Follow a node's $ref within the document, as often as it takes."""
-    while "$ref" in node:
-        target: Any = DOCUMENT
-        for part in node["$ref"].removeprefix("#/").split("/"):
-            target = target[part]
-        node = target
-    return node
-
-
-@cache
-def validator(schema_text: str) -> jsonschema.Draft202012Validator:
-    """A validator of one schema of the document, its references resolved in the document."""
-    schema = {**json.loads(schema_text), "components": DOCUMENT["components"]}
-    return jsonschema.Draft202012Validator(schema)
-
-
-def schema_errors(schema: dict, data: Any) -> list[str]:
-    """The schema's complaints about data."""
-    checker = validator(json.dumps(schema, sort_keys=True))
-    return [error.message[:120] for error in checker.iter_errors(data)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Operation:
-    """One operation of the document: method, path and what the document says of it."""
-
-    method: str
-    path: str
-    spec: dict = dataclasses.field(repr=False, compare=False)
-    parameters: tuple = dataclasses.field(repr=False, compare=False)
-
-    def __str__(self) -> str:
-        return f"{self.method} {self.path}"
-
-    @property
-    def app_api(self) -> bool:
-        return self.path.startswith("/api/")
-
-    @property
-    def secured(self) -> bool:
-        return bool(self.spec.get("security"))
-
-    def parameter_names(self, where: str) -> list[str]:
-        return [p["name"] for p in self.parameters if p["in"] == where]
-
-    @property
-    def body_type(self) -> str | None:
-        body = resolve(self.spec.get("requestBody", {}))
-        return next(iter(body.get("content", {})), None)
-
-    @property
-    def body_schema(self) -> dict:
-        body = resolve(self.spec["requestBody"])
-        return body["content"]["application/json"]["schema"]
-
-
-def document_operations() -> list[Operation]:
-    operations = []
-    for path, item in DOCUMENT["paths"].items():
-        for method in METHODS:
-            if method in item:
-                parameters = item.get("parameters", []) + item[method].get("parameters", [])
-                parameters = tuple(resolve(parameter) for parameter in parameters)
-                operations.append(Operation(method.upper(), path, item[method], parameters))
-    return operations
-
-
-CONFUSION_OPERATIONS = document_operations()
-JSON_OPERATIONS = [
-    operation for operation in CONFUSION_OPERATIONS if operation.body_type == "application/json"
-]
-
-
-def schema_fields(schema: dict, prefix: tuple = ()) -> Iterator[tuple]:
-    """Every place in a body of the schema: object properties, and one item of each array."""
-    schema = resolve(schema)
-    if schema.get("type") == "object":
-        for name, sub in schema.get("properties", {}).items():
-            yield (*prefix, name)
-            yield from schema_fields(sub, (*prefix, name))
-    elif schema.get("type") == "array":
-        yield (*prefix, 0)
-        yield from schema_fields(schema["items"], (*prefix, 0))
-
-
-def dotted(place: tuple) -> str:
-    """A place in a body as text: operations[0].token."""
-    text = ""
-    for part in place:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text
-
-
-def with_placeholder(data: Any, place: tuple) -> Any:
-    """The data with the placeholder at the place (the data is a fresh copy)."""
-    if not place:
-        return PLACEHOLDER
-    target = data
-    for part in place[:-1]:
-        target = target[part]
-    target[place[-1]] = PLACEHOLDER
-    return data
-
-
-def json_with(data: Any, place: tuple, raw: str) -> bytes:
-    """The data as JSON text, with raw JSON text at the place."""
-    text = json.dumps(with_placeholder(data, place))
-    return text.replace(json.dumps(PLACEHOLDER), raw).encode()
-
-
-def query_string(values: dict[str, str]) -> str:
-    """Percent-encode a query, each value's characters taken as bytes (WSGI's latin-1)."""
-    return "&".join(
-        f"{name}={urllib.parse.quote(value.encode('latin-1'), safe='')}"
-        for name, value in values.items()
-    )
-
-
-# The world a sweep runs in ------------------------------------------------------------------------
-
-
-class World:
-    """An app with alice (the admin: a stored key, an API key, two sessions) and bob.
-
-    It fills path parameters with real ids, sends alice's credentials and keeps up with what
-    the requests change, so that each request is a valid one but for the place under test.
-    """
-
-    def __init__(self, http: webtest.TestApp) -> None:
-        self.client = http
-        #: Whether the app (self.client may change to another on the database) takes invites.
-        self.invite_mode = False
-        self.counter = itertools.count()
-        self.password = PASSWORD
-        http.post_json(
-            "/api/auth/admin-sign-up", {"email": "alice", "password": PASSWORD, "name": "Alice"}
-        )
-        self.session = self.log_in()
-        self.headers = {"Authorization": f"Bearer {self.session}"}
-        self.log_in()  # a second session, for DELETE /api/sessions/{id}
-        http.post_json("/account", {"id": "bob", "password": PASSWORD, "invite": self.invite()})
-        self.store_token = self.put_key()
-        created = http.post_json(
-            "/api/api-keys", {"permissions": ["all"], "name": "sweep"}, headers=self.headers
-        ).json
-        self.api_key = created["secret"]
-        me = http.get("/api/users/me", headers=self.headers).json
-        sessions = http.get("/api/sessions", headers=self.headers).json
-        (other_id,) = [s["id"] for s in sessions if not s["current"]]
-        self.path_ids = {
-            "/api/api-keys/{id}": created["apiKey"]["id"],
-            "/api/sessions/{id}": other_id,
-            "/api/users/{id}": me["id"],
-        }
-
-    def log_in(self) -> str:
-        body = {"id": "alice", "password": PASSWORD}
-        return self.client.post_json("/auth", body).json["token"]
-
-    def put_key(self) -> str:
-        response = self.client.put("/store/k", b"v", headers=self.headers)
-        return response.headers["X-Sync-Token"]
-
-    def fresh(self, stem: str) -> str:
-        return f"{stem}{next(self.counter)}"
-
-    def invite(self) -> str:
-        """An unspent invite code (minted by alice) with registration=invite; else any text."""
-        if not self.invite_mode:
-            return "unused"
-        return self.client.post("/invite", headers=self.headers).json["invite"]
-
-    def url(self, operation: Operation) -> str:
-        path = operation.path.replace("{key}", "k")
-        if "{id}" in path:
-            path = path.replace("{id}", self.path_ids[operation.path])
-        assert "{" not in path, f"no value for the path parameters of {operation}"
-        return path
-
-    def credentials(self, operation: Operation) -> dict[str, str]:
-        if not operation.secured:
-            return {}
-        if str(operation) == "GET /api/api-keys/me":
-            return {"x-api-key": self.api_key}
-        return dict(self.headers)
-
-    def send(
-        self,
-        operation: Operation,
-        body: bytes | None = None,
-        query: str = "",
-        headers: dict[str, str] | None = None,
-        credentials: bool = True,
-    ) -> webtest.TestResponse:
-        """Send the request and keep the world up with what it changed."""
-        sent = {**(self.credentials(operation) if credentials else {}), **(headers or {})}
-        kwargs: dict[str, Any] = {"method": operation.method, "headers": sent}
-        if body is not None:
-            kwargs["body"] = body
-            kwargs["content_type"] = operation.body_type
-        url = self.url(operation) + (f"?{query}" if query else "")
-        response = self.client.request(url, expect_errors=True, **kwargs)
-        self.follow(operation, body, response)
-        return response
-
-    def follow(self, operation: Operation, body: bytes | None, response) -> None:
-        if response.status_int >= 300:
-            return
-        if str(operation) == "PUT /store/{key}":
-            self.store_token = response.headers["X-Sync-Token"]
-        elif str(operation) == "DELETE /store/{key}":
-            self.store_token = self.put_key()
-        elif str(operation) == "POST /api/auth/change-password":
-            self.password = json.loads(body)["newPassword"]
-
-
-#: Valid values of body fields, by field name; a callable takes the world.
-FIELD_VALUES: dict[str, Any] = {
-    "password": lambda world: world.password,
-    "newPassword": PASSWORD,
-    "invalidateSessions": False,
-    "email": "alice",
-    "name": "Alice",
-    "permissions": ["all"],
-    "user": "bob",
-    "permission": "READ",
-    "method": "PUT",
-    "key": lambda world: world.fresh("batch/"),
-    "token": None,
-    "value": "dg==",
-    "meta": "m",
-    "duration": 60,
-    "deviceType": "phone",
-    "deviceOS": "os",
-    "invite": World.invite,
-}
-#: Valid values of body fields where an operation needs its own.
-OPERATION_FIELD_VALUES: dict[str, dict[str, Any]] = {
-    "POST /account": {"id": lambda world: world.fresh("user")},
-    "POST /auth": {"id": "alice"},
-    "POST /resetpassword": {"id": "alice"},
-    "POST /api/auth/admin-sign-up": {"email": "carol", "name": "Carol"},
-}
-#: Valid query parameters; optional ones are left out.
-QUERY_VALUES: dict[str, dict[str, str]] = {"DELETE /permission/{key}": {"users": "bob"}}
-#: Valid header parameters; optional ones are left out.
-HEADER_VALUES: dict[str, Callable[[World], dict[str, str]]] = {
-    "PUT /store/{key}": lambda world: {"X-Sync-Token": world.store_token, "X-Sync-Meta": "m"},
-    "DELETE /store/{key}": lambda world: {"X-Sync-Token": world.store_token},
-}
-#: Headers that say the same as the one under test, left out while it holds the bad value.
-ALTERNATIVES = {"If-Match": ("X-Sync-Token",)}
-#: Octet-stream bodies are any bytes.
-OCTET_BODY = b"v"
-#: Operations whose valid request the world refuses, with the documented reason.
-REFUSED_BASELINES = {"POST /api/auth/admin-sign-up": "the server already has an admin"}
-
-
-def valid_data(operation: Operation, world: World) -> Any:
-    """A valid JSON body for the operation, built from its schema and the value tables."""
-    values = {**FIELD_VALUES, **OPERATION_FIELD_VALUES.get(str(operation), {})}
-
-    def example(schema: dict, name: str | None) -> Any:
-        schema = resolve(schema)
-        if name in values:
-            value = values[name]
-            return value(world) if callable(value) else copy.deepcopy(value)
-        if "enum" in schema:
-            return schema["enum"][0]
-        if "oneOf" in schema:
-            return example(schema["oneOf"][0], name)
-        kind = schema.get("type")
-        kind = kind[0] if isinstance(kind, list) else kind
-        if kind == "object":
-            return {key: example(sub, key) for key, sub in schema.get("properties", {}).items()}
-        if kind == "array":
-            return [example(schema["items"], None)]
-        raise AssertionError(f"no valid value for {name!r} of {operation}")
-
-    return example(operation.body_schema, None)
-
-
-@dataclasses.dataclass
-class Request:
-    """What a sweep sends: a label for reports, the body, the query and the headers."""
-
-    label: str
-    body: bytes | None = None
-    query: str = ""
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
-    #: Whether to send alice's credentials; False when the request carries bad ones.
-    credentials: bool = True
-
-
-def valid_request(operation: Operation, world: World, label: str = "valid request") -> Request:
-    required = [p["name"] for p in operation.parameters if p["in"] == "query" and p["required"]]
-    query = QUERY_VALUES.get(str(operation), {})
-    assert set(required) <= set(query), f"no valid query for {operation}"
-    headers = HEADER_VALUES.get(str(operation), lambda world: {})(world)
-    body = None
-    if operation.body_type == "application/json":
-        body = json.dumps(valid_data(operation, world)).encode()
-    elif operation.body_type is not None:
-        body = OCTET_BODY
-    return Request(label, body, query_string(query), headers)
-
-
-def sweep(operation: Operation, world: World) -> Iterator[Request]:
-    """The bad requests, each built when its turn comes (the world moves on meanwhile)."""
-    if operation.body_type == "application/json":
-        for place in schema_fields(operation.body_schema):
-            for bad in BAD_VALUES:
-                request = valid_request(operation, world, f"body {dotted(place)}={bad.name}")
-                request.body = json_with(valid_data(operation, world), place, bad.json)
-                yield request
-    if operation.body_type is not None:
-        for bad in BAD_VALUES:
-            request = valid_request(operation, world, f"whole body={bad.name}")
-            request.body = bad.json.encode()
-            yield request
-        for name, raw in BAD_BODIES.items():
-            request = valid_request(operation, world, f"whole body={name}")
-            request.body = raw
-            yield request
-        request = valid_request(operation, world, "whole body=truncated")
-        request.body = request.body[: len(request.body) // 2]
-        yield request
-    for name in operation.parameter_names("query"):
-        valid = QUERY_VALUES.get(str(operation), {})
-        for bad in BAD_VALUES:
-            request = valid_request(operation, world, f"query {name}={bad.name}")
-            request.query = query_string({**valid, name: bad.text})
-            yield request
-        request = valid_request(operation, world, f"query {name}=repeated")
-        request.query = "&".join(filter(None, [query_string(valid), f"{name}=1&{name}=2"]))
-        yield request
-    for name in operation.parameter_names("header"):
-        for bad in BAD_VALUES:
-            request = valid_request(operation, world, f"header {name}={bad.name}")
-            for alternative in ALTERNATIVES.get(name, ()):
-                request.headers.pop(alternative, None)
-            request.headers[name] = bad.text
-            yield request
-    for scheme in operation.spec.get("security", []):
-        for bad in BAD_VALUES:
-            request = valid_request(operation, world, f"credential {', '.join(scheme)}={bad.name}")
-            request.credentials = False
-            request.headers.update(credential_headers(next(iter(scheme)), bad.text))
-            yield request
-
-
-def credential_headers(scheme_name: str, text: str) -> dict[str, str]:
-    """The headers that carry text as a credential of the security scheme."""
-    scheme = DOCUMENT["components"]["securitySchemes"][scheme_name]
-    if scheme["type"] == "http":
-        return {"Authorization": f"{scheme['scheme'].title()} {text}"}
-    if scheme["in"] == "cookie":
-        return {"Cookie": f"{scheme['name']}={text}"}
-    return {scheme["name"]: text}
-
-
-# The sweep ----------------------------------------------------------------------------------------
-
-
-def answer_problem(operation: Operation, response) -> str | None:
-    """What is wrong with an answer, if anything: undocumented status, layout or headers."""
-    status = response.status_int
-    if status >= 500:
-        return "a server error"
-    documented = operation.spec["responses"].get(str(status))
-    if documented is not None:
-        return documented_problem(resolve(documented), response)
-    if status < 400:
-        return "an undocumented status"
-    if response.content_type != "application/json":
-        return f"an error of type {response.content_type!r}"
-    try:
-        body = json.loads(response.body)
-    except ValueError:
-        return "an error that is not JSON"
-    if operation.app_api:
-        errors = schema_errors(DOCUMENT["components"]["schemas"]["AppError"], body)
-        if errors:
-            return f"not Immich's error layout ({errors[0]})"
-        if body["statusCode"] != status or body["error"] != syncnode.REASONS.get(status):
-            return "an error whose statusCode or error is not the status"
-        return None
-    errors = schema_errors(DOCUMENT["components"]["schemas"]["Error"], body)
-    if errors:
-        return f"not the Sync Node error layout ({errors[0]})"
-    if syncnode.ERROR_STATUS.get(body["code"]) != status:
-        return f"{body['code']} with another status than its own"
-    return None
-
-
-def documented_problem(documented: dict, response) -> str | None:
-    """What is wrong with an answer of a status the operation documents."""
-    for name, header in documented.get("headers", {}).items():
-        if header.get("required") and name not in response.headers:
-            return f"no {name} header"
-    content = documented.get("content")
-    if content is None:
-        return "a body where none is documented" if response.body else None
-    if "application/json" not in content:
-        return None
-    if response.content_type != "application/json":
-        return f"a body of type {response.content_type!r}"
-    errors = schema_errors(content["application/json"]["schema"], response.json)
-    return f"a body off its schema ({errors[0]})" if errors else None
-
-
-def report(label: str, response, problem: str) -> str:
-    return f"{label}: {response.status} {problem}: {response.body[:160]!r}"
-
-
-SWEEPS = [pytest.param(operation, {}, id=str(operation)) for operation in CONFUSION_OPERATIONS] + [
-    pytest.param(
-        next(op for op in CONFUSION_OPERATIONS if str(op) == "POST /account"),
-        {"registration": "invite"},
-        id="POST /account [registration=invite]",
-    )
-]
-
-
-@pytest.mark.parametrize(("operation", "settings"), SWEEPS)
-def test_sweep_bad_values_get_documented_answers(make_app, clock, operation, settings):
-    world = World(webtest.TestApp(make_app()))
-    if settings:  # the same database, served with other settings
-        world.client = webtest.TestApp(make_app(**settings))
-        world.invite_mode = settings.get("registration") == "invite"
-    if operation.body_type == "application/json":
-        data = valid_data(operation, world)
-        assert not schema_errors(operation.body_schema, data), "the valid body is off its schema"
-    failures = []
-    if operation.secured:
-        request = valid_request(operation, world, "no credentials")
-        response = world.send(operation, request.body, request.query, request.headers, False)
-        problem = answer_problem(operation, response)
-        if problem is None and response.status_int != 401:
-            problem = "an answer other than 401"
-        if problem:
-            failures.append(report(request.label, response, problem))
-    for request in sweep(operation, world):
-        response = world.send(
-            operation, request.body, request.query, request.headers, request.credentials
-        )
-        problem = answer_problem(operation, response)
-        if problem:
-            failures.append(report(request.label, response, problem))
-    # Last, as it may end the session or the key: the valid request, once throttles have reset.
-    clock.advance(86400)
-    request = valid_request(operation, world)
-    response = world.send(operation, request.body, request.query, request.headers)
-    problem = answer_problem(operation, response)
-    if str(operation) in REFUSED_BASELINES:
-        problem = problem or (None if response.status_int == 400 else "not the documented 400")
-    elif problem is None and response.status_int >= 400:
-        problem = "the valid request failed, so the sweep may not reach the checks"
-    if problem:
-        failures.append(report(request.label, response, problem))
-    assert not failures, f"{len(failures)} answers of {operation}:\n" + "\n".join(failures)
-
-
-# Regressions --------------------------------------------------------------------------------------
-
-#: The code of a malformed body on Sync Node paths where it is not REQ01.
-MALFORMED_CODES = {"POST /account": "ACCT02", "POST /auth": "ACCT02"}
-
-
-@pytest.mark.parametrize("shape", ["whole-body", "first-field"])
-@pytest.mark.parametrize("operation", JSON_OPERATIONS, ids=str)
-def test_regression_deep_nesting_is_the_malformed_body_error(make_app, operation, shape):
-    world = World(webtest.TestApp(make_app()))
-    raw = nested(APP_DEPTH if operation.app_api else SYNC_DEPTH)
-    request = valid_request(operation, world)
-    if shape == "whole-body":
-        request.body = raw.encode()
-    else:
-        first = next(schema_fields(operation.body_schema))
-        request.body = json_with(valid_data(operation, world), first, raw)
-    response = world.send(operation, request.body, request.query, request.headers)
-    if operation.app_api:
-        assert response.status_int == 400
-        assert response.json["statusCode"] == 400
-        assert not schema_errors(DOCUMENT["components"]["schemas"]["AppError"], response.json)
-    else:
-        assert_error(response, 400, MALFORMED_CODES.get(str(operation), "REQ01"))
-
-
-@pytest.mark.parametrize(
-    "permission", [{}, [], [1], {"a": 1}, [[]]], ids=["{}", "[]", "[1]", '{"a":1}', "[[]]"]
-)
-def test_regression_permission_put_unhashable_permission_is_req01(client, user, other, permission):
-    client.put("/store/k", b"v", headers=user.headers)
-    body = [{"user": other.name, "permission": permission}]
-    response = client.put_json("/permission/k", body, headers=user.headers, status=400)
-    assert_error(response, 400, "REQ01")
-    holders = client.get("/permission/k", headers=user.headers).json
-    assert holders == [{"user": user.name, "permission": "OWN"}]
+        server.close()
 
 
 # ==================================================================================================
@@ -11474,8 +11820,7 @@ def test_regression_permission_put_unhashable_permission_is_req01(client, user, 
 # - Session: the README's curl session, the ```sh blocks each preceded by `<!-- session -->`,
 #   runs with bash against a live server and gets the answers the README promises.
 
-REPO = Path(__file__).resolve().parent
-README = REPO / "README.md"
+
 #: The session's first line, which the test points at its own server.
 README_SERVER = "S=http://127.0.0.1:8080"
 #: The long-poll of the session, and the short one the test runs instead.
@@ -11494,7 +11839,7 @@ STATUS_LINE = re.compile(r"^HTTP/[0-9.]+ (\d{3})\b.*$", re.M)
 
 def readme_section(title: str) -> str:
     """Return the text of the README's `## title` section, without its heading."""
-    text = README.read_text(encoding="utf-8")
+    text = repository_file("README.md").read_text(encoding="utf-8")
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
     assert match, f"README.md has no section '## {title}'"
     return match[1]
@@ -11523,11 +11868,11 @@ def test_readme_error_section_shows_the_json_layout():
 
 
 def test_readme_names_no_contract_outside_the_repository():
-    text = README.read_text(encoding="utf-8")
+    text = repository_file("README.md").read_text(encoding="utf-8")
     assert "SYNCNODE.md" not in text and "APP-API.md" not in text
     named = set(re.findall(r"`(spec/[^`]+)`", text))
     assert named >= {"spec/syncnode-openapi.json", "spec/app-api-openapi.json"}
-    assert all((REPO / path).is_file() for path in named), named
+    assert all(repository_file(path).is_file() for path in named), named
 
 
 # Session ------------------------------------------------------------------------------------------
@@ -11569,7 +11914,7 @@ EXPECTED = [
 
 def session_script() -> str:
     """Return the README's session blocks as one script, waiting briefly instead of 30 s."""
-    blocks = SESSION_BLOCK.findall(README.read_text(encoding="utf-8"))
+    blocks = SESSION_BLOCK.findall(repository_file("README.md").read_text(encoding="utf-8"))
     assert blocks, "README.md marks no ```sh block with <!-- session -->"
     script = "".join(blocks)
     assert script.splitlines()[0] == README_SERVER, "the session opens by setting S"
