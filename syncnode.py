@@ -92,8 +92,8 @@ CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, X-Sync-Token, X-Sync-Meta, If-Match, If-None-Match, x-api-key"
 )
 CORS_EXPOSE_HEADERS = (
-    "X-Sync-Token, X-Sync-Meta, X-Sync-Seq, ETag, Link, Retry-After, X-Sync-Usage-Keys, "
-    "X-Sync-Usage-Bytes, X-Sync-Quota-Keys, X-Sync-Quota-Bytes"
+    "X-Sync-Token, X-Sync-Meta, X-Sync-Seq, ETag, Link, Retry-After, X-Sync-Wait-Declined, "
+    "X-Sync-Usage-Keys, X-Sync-Usage-Bytes, X-Sync-Quota-Keys, X-Sync-Quota-Bytes"
 )
 CORS_MAX_AGE_SECONDS = 86400
 #: Bytes of an answer waitress buffers before the serving thread waits for the client.
@@ -2158,28 +2158,38 @@ class Waiters:
             self._stopping = True
             self._changes.notify_all()
 
-    def long_poll(self, query: Callable[[], Listing], wait_seconds: int) -> Listing:
+    def long_poll(
+        self,
+        query: Callable[[], Listing],
+        wait_seconds: int,
+        gone: Callable[[], bool] = lambda: False,
+    ) -> tuple[Listing, str | None]:
         """Run the query, and while it finds nothing, again after each change, for a while.
 
         Changes committed by this process wake the wait at once; changes by another process
-        (an admin command) are seen within a second. Past max_waiting waiters the query
-        answers at once, as with wait=0.
+        (an admin command) are seen within a second, and so is a client that went away (gone)
+        and frees its place. Past max_waiting waiters, or while the server stops, the query
+        answers at once with the reason the wait was declined ("busy", "stopping").
         """
+        declined = None
         with self._changes:
-            if not wait_seconds or self.waiting >= self.max_waiting or self._stopping:
-                wait_seconds = 0
-            else:
+            if wait_seconds and self._stopping:
+                declined = "stopping"
+            elif wait_seconds and self.waiting >= self.max_waiting:
+                declined = "busy"
+            elif wait_seconds:
                 self.waiting += 1
-        if not wait_seconds:
-            return query()
+        if not wait_seconds or declined:
+            listing = query()
+            return listing, None if listing.entries else declined
         try:
             deadline = time.monotonic() + wait_seconds
             while True:
                 seen = self._change_count
                 listing = query()
                 remaining = deadline - time.monotonic()
-                if listing.entries or remaining <= 0 or self._stopping:
-                    return listing
+                if listing.entries or remaining <= 0 or self._stopping or gone():
+                    return listing, None
                 with self._changes:
                     self._changes.wait_for(
                         lambda seen=seen: self._change_count != seen or self._stopping,
@@ -3082,7 +3092,7 @@ def sync_create_invite(ctx: Context, caller: Caller):
 
 
 def sync_list_keys(ctx: Context, caller: Caller):
-    query, conn = read_listing_query(), ctx.connection()
+    query, conn, headers = read_listing_query(), ctx.connection(), {}
     if query.since is None:
         listing = list_keys(conn, caller.user_id, query.prefix, query.after, query.limit)
     else:
@@ -3092,8 +3102,11 @@ def sync_list_keys(ctx: Context, caller: Caller):
                 raise ApiError("AUTH01", "The credential of this long-poll was revoked.")
             return list_changes(conn, caller.user_id, query.since, query.prefix, query.limit)
 
-        listing = ctx.waiters.long_poll(changes, query.wait)
-    headers = {"X-Sync-Seq": str(listing.seq)}
+        gone = bottle.request.environ.get("waitress.client_disconnected", lambda: False)
+        listing, declined = ctx.waiters.long_poll(changes, query.wait, gone)
+        if declined:  # so that a client backs off instead of polling again at once
+            headers = {"Retry-After": "1", "X-Sync-Wait-Declined": declined}
+    headers = {"X-Sync-Seq": str(listing.seq), **headers}
     if listing.more:
         headers["Link"] = next_page_link(query, listing)
     return json_response([item_json(item) for item in listing.entries], headers=headers)
@@ -4079,6 +4092,12 @@ ANSWERS = {
         {
             "X-Sync-Seq": _header("The change-feed cursor of this answer.", _INTEGER),
             "Link": _header('The next page, rel="next", when more remain.', required=False),
+            "X-Sync-Wait-Declined": _header(
+                "Why a wait was declined (busy, stopping); Retry-After says when to poll again.",
+                {**_STRING, "enum": ["busy", "stopping"]},
+                required=False,
+            ),
+            "Retry-After": _header("Seconds to wait before polling again.", required=False),
         },
     ),
     "Unhealthy": _json(_ref("Health"), "The database or the disk cannot take a write."),
@@ -4874,6 +4893,9 @@ def make_server(settings: Settings, app: Callable | None = None, map: dict | Non
         outbuf_high_watermark=OUTBUF_HIGH_WATERMARK_BYTES,
         connection_limit=settings.max_connections,
         cleanup_interval=SWEEP_SECONDS,
+        # Reading on while a request is served is how waitress sees a client leave, which
+        # frees a long-poll's place (waitress.client_disconnected).
+        channel_request_lookahead=1,
         channel_timeout=settings.client_timeout,
         max_request_body_size=max(settings.max_value_bytes, MAX_BATCH_BYTES) + 1,
     )
