@@ -92,7 +92,8 @@ CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, X-Sync-Token, X-Sync-Meta, If-Match, If-None-Match, x-api-key"
 )
 CORS_EXPOSE_HEADERS = (
-    "X-Sync-Token, X-Sync-Meta, X-Sync-Seq, ETag, Link, Retry-After, X-Sync-Wait-Declined, "
+    "X-Sync-Token, X-Sync-Meta, X-Sync-Seq, X-Sync-Cursor, ETag, Link, Retry-After, "
+    "X-Sync-Wait-Declined, "
     "X-Sync-Usage-Keys, X-Sync-Usage-Bytes, X-Sync-Quota-Keys, X-Sync-Quota-Bytes"
 )
 CORS_MAX_AGE_SECONDS = 86400
@@ -126,6 +127,8 @@ HOUSEKEEPING_MS = 10 * 60 * 1000
 HASH_NICENESS = 10
 #: How often the serving loop looks for a stop signal.
 STOP_CHECK_SECONDS = 0.25
+#: How long GET /health trusts a database it found writable before trying a write again.
+HEALTHY_FOR_SECONDS = 1
 #: The WAL file is cut back to this size after each checkpoint.
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 LEVEL_NAMES = {number: name for name, number in LEVELS.items()}
@@ -133,6 +136,7 @@ LEVEL_NAMES = {number: name for name, number in LEVELS.items()}
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
+HOST_NAME = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
 def _setting(default: Any, help: str, **options: Any) -> Any:
@@ -306,7 +310,7 @@ ERROR_STATUS = {
 
 
 class ApiError(Exception):
-    """A deliberate error answer: a code from the contract's table, a sentence, extra headers.
+    """A deliberate error answer: a code of the error table, a sentence, extra headers.
 
     Both APIs render it in their own layout; app_message is the App API's wording (Immich's),
     where it differs from the code's usual one (APP_ERRORS).
@@ -496,6 +500,12 @@ class Connection(sqlite3.Connection):
     write_lock: threading.Lock | None = None
     #: Set when the file could not take a write: the app replaces the connection.
     stale = False
+    #: Whether the open transaction of transaction() is a write transaction.
+    writing = False
+    #: Users whose feed or credentials the open transaction changes, and those of committed
+    #: ones not yet told to their long-polls (see touch).
+    pending: set[int]
+    changed: set[int]
 
 
 def connect(
@@ -504,6 +514,7 @@ def connect(
     """Open a connection in autocommit mode with WAL, foreign keys and the busy timeout set."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
     conn.write_lock = write_lock
+    conn.pending, conn.changed = set(), set()
     conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout)}")
     # Takes effect in a new database (open_context converts an older one once).
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -526,6 +537,8 @@ def transaction(conn: sqlite3.Connection, write: bool = False) -> Iterator[sqlit
     function may call another.
     """
     if conn.in_transaction:  # inside another: a savepoint, so either may be called alone
+        if write and not getattr(conn, "writing", True):
+            raise RuntimeError("A write transaction cannot nest inside a read transaction.")
         conn.execute("SAVEPOINT nested")
         try:
             yield conn
@@ -540,16 +553,32 @@ def transaction(conn: sqlite3.Connection, write: bool = False) -> Iterator[sqlit
         lock.acquire()
     try:
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        if isinstance(conn, Connection):
+            conn.writing = write
         try:
             yield conn
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if getattr(conn, "pending", None):
+                conn.pending.clear()
             raise
+        if getattr(conn, "pending", None):
+            conn.changed |= conn.pending
+            conn.pending.clear()
     finally:
         if lock is not None:
             lock.release()
+
+
+def touch(conn: sqlite3.Connection, user_ids: Iterable[int]) -> None:
+    """Note inside a write transaction the users whose feed or credentials it changes.
+
+    Once it commits, their long-polls alone wake (Waiters.notify); a rollback forgets them.
+    """
+    if hasattr(conn, "pending"):
+        conn.pending.update(user_ids)
 
 
 def cannot_write(error: sqlite3.Error) -> bool:
@@ -807,6 +836,8 @@ def next_seq(conn: sqlite3.Connection) -> int:
 
 def bury(conn: sqlite3.Connection, user_ids: Iterable[int], key: str, seq: int, now_ms: int):
     """Record that these users can no longer see the key, as change seq."""
+    user_ids = list(user_ids)
+    touch(conn, user_ids)
     conn.executemany(
         """
         INSERT INTO tombstones (user_id, key, seq, created_ms) VALUES (?, ?, ?, ?)
@@ -1045,6 +1076,7 @@ def apply_put(
             (item_id, user_id, LEVELS["OWN"]),
         )
         unbury(conn, [user_id], key)
+        touch(conn, [user_id])
         write_value(conn, item_id, value)
         check_quota(conn, item_id, quota, grew=True, new_owner_ids=[user_id])
         return token
@@ -1067,9 +1099,12 @@ def apply_put(
     if updated != 1:
         raise ApiError("KEY01", "The token sent does not match the stored token.")
     bump_seq(conn)
-    conn.execute(
-        "UPDATE permissions SET seq = (SELECT seq FROM sync_state) WHERE item_id = ?", (item_id,)
-    )
+    holders = conn.execute(
+        "UPDATE permissions SET seq = (SELECT seq FROM sync_state) WHERE item_id = ? "
+        "RETURNING user_id",
+        (item_id,),
+    ).fetchall()
+    touch(conn, (row[0] for row in holders))
     write_value(conn, item_id, value)
     check_quota(conn, item_id, quota, grew=new_bytes > old_bytes)
     return token
@@ -1217,6 +1252,7 @@ def set_permissions(
                 (item_id, row[0], grant, seq),
             )
             unbury(conn, [row[0]], key)
+            touch(conn, [row[0]])
         check_owner_remains(conn, item_id)
         check_quota(conn, item_id, quota, grew=False, new_owner_ids=new_owner_ids)
 
@@ -1465,8 +1501,11 @@ def credential_is_live(conn: sqlite3.Connection, caller: Caller, permission: str
 
 
 def find_session_expiry(conn: sqlite3.Connection, session_id: int) -> int:
-    """Return when a session expires."""
-    return conn.execute("SELECT expires_ms FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
+    """Return when a session expires; AUTH01 if it ended since it was read."""
+    row = conn.execute("SELECT expires_ms FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    if row is None:
+        raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
+    return row[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -1505,6 +1544,7 @@ def iso_time(ms: int) -> str:
 def end_user_session(conn: sqlite3.Connection, user_id: int, public_id: str) -> bool:
     """End one of the user's sessions with its children; False when there is none such."""
     with transaction(conn, write=True):
+        touch(conn, [user_id])
         return (
             conn.execute(
                 "DELETE FROM sessions WHERE user_id = ? AND public_id = ?", (user_id, public_id)
@@ -1520,6 +1560,7 @@ def end_other_sessions(conn: sqlite3.Connection, user_id: int, keep_session_id: 
     end the kept session with it.
     """
     with transaction(conn, write=True):
+        touch(conn, [user_id])
         conn.execute("UPDATE sessions SET parent_id = NULL WHERE id = ?", (keep_session_id,))
         conn.execute(
             "DELETE FROM sessions WHERE user_id = ? AND id IS NOT ?", (user_id, keep_session_id)
@@ -1529,7 +1570,8 @@ def end_other_sessions(conn: sqlite3.Connection, user_id: int, keep_session_id: 
 def end_session(conn: sqlite3.Connection, session_id: int) -> None:
     """Delete one session."""
     with transaction(conn, write=True):
-        conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        ended = conn.execute("DELETE FROM sessions WHERE id = ? RETURNING user_id", (session_id,))
+        touch(conn, [row[0] for row in ended.fetchall()])
 
 
 def delete_account(conn: sqlite3.Connection, user_id: int, now_ms: int) -> None:
@@ -1558,6 +1600,7 @@ def delete_account(conn: sqlite3.Connection, user_id: int, now_ms: int) -> None:
             if others:
                 bury(conn, [row[0] for row in others], key, next_seq(conn), now_ms)
             conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
+        touch(conn, [user_id])
         conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
 
 
@@ -1749,6 +1792,7 @@ def update_api_key(
 ) -> ApiKey | None:
     """Change the fields given of one of the user's API keys; None when there is none such."""
     with transaction(conn, write=True):
+        touch(conn, [user_id])
         updated = conn.execute(
             """
             UPDATE api_keys SET name = coalesce(?, name),
@@ -1769,6 +1813,7 @@ def update_api_key(
 def delete_api_key(conn: sqlite3.Connection, user_id: int, public_id: str) -> bool:
     """Delete one of the user's API keys; False when there is none such."""
     with transaction(conn, write=True):
+        touch(conn, [user_id])
         return (
             conn.execute(
                 "DELETE FROM api_keys WHERE user_id = ? AND public_id = ?", (user_id, public_id)
@@ -1961,6 +2006,7 @@ class Connections:
         self._local = threading.local()
         self._open: list[sqlite3.Connection] = []
         self._held: int | None = None
+        self._healthy_until = 0.0
 
     def open(self) -> sqlite3.Connection:
         """Open a connection of the app's that its caller owns and closes."""
@@ -1994,6 +2040,14 @@ class Connections:
         with contextlib.suppress(sqlite3.Error):
             conn.close()
 
+    def take_changed(self) -> set[int]:
+        """Return and forget the users this thread's committed writes touched (see touch)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or not getattr(conn, "changed", None):
+            return set()
+        changed, conn.changed = conn.changed, set()
+        return changed
+
     def writable(self) -> bool:
         """Whether the database file can take a write, cheaply and without raising.
 
@@ -2001,6 +2055,8 @@ class Connections:
         running server loses writes), and a write must be possible: one is tried and
         rolled back.
         """
+        if time.monotonic() < self._healthy_until:
+            return True  # a flood of health checks does not queue behind the writers
         path = self.settings.database
         try:
             with open(path, "rb") as file:
@@ -2020,6 +2076,7 @@ class Connections:
             if isinstance(error, sqlite3.Error) and cannot_write(error):
                 self.discard()
             return False
+        self._healthy_until = time.monotonic() + HEALTHY_FOR_SECONDS
         return True
 
     def hold(self) -> None:
@@ -2047,15 +2104,17 @@ class Connections:
 class Hashing:
     """Password hashing with Argon2id in a bounded number of slots, at a lower CPU priority."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, waiting: Callable[[], int] = lambda: 0) -> None:
         self.settings = settings
+        #: How many serving threads long-polls hold, which hashing may not take as well.
+        self.waiting = waiting
         self.hasher = argon2.PasswordHasher(
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_cost,
             parallelism=settings.argon2_parallelism,
         )
-        #: Requests hashing or waiting to, at most; the rest answer BUSY01 at once, so that
-        #: at least one serving thread is always free for everything else.
+        #: Requests hashing or waiting to, at most (less the long-polls); the rest answer
+        #: BUSY01 at once, so that at least one serving thread is always free for the rest.
         self.max_requests = max(1, settings.threads - 1)
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.hash_slots)
@@ -2076,7 +2135,7 @@ class Hashing:
             headers={"Retry-After": "1"},
         )  # fmt: skip
         with self._lock:
-            if self._requests >= self.max_requests:
+            if self._requests >= self.max_requests - self.waiting():
                 raise busy
             self._requests += 1
         try:
@@ -2136,68 +2195,84 @@ class Hashing:
 
 
 class Waiters:
-    """The change feed's long-polls: how many wait, and the wake-up after each change."""
+    """The change feed's long-polls: how many wait, and waking those a change concerns.
+
+    Each waiting user has a condition of its own on one lock; a commit wakes only the users it
+    touched (see touch), so idle waiters of other users cost a write nothing.
+    """
 
     def __init__(self, settings: Settings) -> None:
         #: Long-polls held at once; the rest answer at once, so some threads stay free.
         self.max_waiting = settings.threads // 2
         self.waiting = 0
-        self._changes = threading.Condition()
-        self._change_count = 0
+        self._lock = threading.Lock()
+        #: For each user with waiters: its condition, its waiters and its count of changes.
+        self._users: dict[int, list] = {}
         self._stopping = False
 
-    def notify(self) -> None:
-        """Wake the long-polling readers of this process after a committed change."""
-        with self._changes:
-            self._change_count += 1
-            self._changes.notify_all()
+    def notify(self, user_ids: Iterable[int]) -> None:
+        """Wake the long-polls of these users after a committed change."""
+        with self._lock:
+            for user_id in user_ids:
+                entry = self._users.get(user_id)
+                if entry is not None:
+                    entry[2] += 1
+                    entry[0].notify_all()
 
     def stop(self) -> None:
         """Answer every long-poll now and hold no new ones: the server is shutting down."""
-        with self._changes:
+        with self._lock:
             self._stopping = True
-            self._changes.notify_all()
+            for condition, _, _ in self._users.values():
+                condition.notify_all()
 
     def long_poll(
         self,
+        user_id: int,
         query: Callable[[], Listing],
         wait_seconds: int,
         gone: Callable[[], bool] = lambda: False,
     ) -> tuple[Listing, str | None]:
         """Run the query, and while it finds nothing, again after each change, for a while.
 
-        Changes committed by this process wake the wait at once; changes by another process
-        (an admin command) are seen within a second, and so is a client that went away (gone)
-        and frees its place. Past max_waiting waiters, or while the server stops, the query
-        answers at once with the reason the wait was declined ("busy", "stopping").
+        Changes this process commits for the user wake the wait at once; changes by another
+        process (an admin command) are seen within a second, and so is a client that went
+        away (gone), which frees its place. Past max_waiting waiters, or while the server
+        stops, the query answers at once with the reason the wait was declined ("busy",
+        "stopping").
         """
         declined = None
-        with self._changes:
+        with self._lock:
             if wait_seconds and self._stopping:
                 declined = "stopping"
             elif wait_seconds and self.waiting >= self.max_waiting:
                 declined = "busy"
             elif wait_seconds:
                 self.waiting += 1
+                entry = self._users.setdefault(user_id, [threading.Condition(self._lock), 0, 0])
+                entry[1] += 1
         if not wait_seconds or declined:
             listing = query()
             return listing, None if listing.entries else declined
         try:
             deadline = time.monotonic() + wait_seconds
             while True:
-                seen = self._change_count
+                seen = entry[2]
                 listing = query()
                 remaining = deadline - time.monotonic()
                 if listing.entries or remaining <= 0 or self._stopping or gone():
                     return listing, None
-                with self._changes:
-                    self._changes.wait_for(
-                        lambda seen=seen: self._change_count != seen or self._stopping,
+                with self._lock:
+                    entry[0].wait_for(
+                        lambda seen=seen: entry[2] != seen or self._stopping,
                         timeout=min(remaining, 1.0),
                     )
         finally:
-            with self._changes:
+            with self._lock:
                 self.waiting -= 1
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._users[user_id]
 
 
 class Housekeeping:
@@ -2235,7 +2310,8 @@ class Housekeeping:
                 conn.executescript("PRAGMA incremental_vacuum;")
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as error:
-            log.warning("Housekeeping failed and will be tried again: %s", error.sqlite_errorname)
+            reason = getattr(error, "sqlite_errorname", type(error).__name__)
+            log.warning("Housekeeping failed and will be tried again: %s", reason)
 
 
 class Context:
@@ -2245,8 +2321,8 @@ class Context:
         self.settings = settings
         self.clock = clock
         self.db = Connections(settings)
-        self.hashing = Hashing(settings)
         self.waiters = Waiters(settings)
+        self.hashing = Hashing(settings, lambda: self.waiters.waiting)
         self.housekeeping = Housekeeping(settings)
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
         self.data_dir = os.path.dirname(os.path.abspath(settings.database))
@@ -2282,6 +2358,14 @@ class Context:
     def quota(self) -> Quota:
         """Return the per-user storage limits, and whether the disk is at its floor."""
         return Quota(self.settings.quota_bytes, self.settings.quota_keys, not self.disk_ok())
+
+    def from_trusted_proxy(self, environ: Mapping[str, Any]) -> bool:
+        """Whether the request came from one of the trusted reverse proxies."""
+        try:
+            address = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_proxies)
 
     def client_address(self, environ: Mapping[str, Any]) -> str:
         """Return the client address: the socket's, or X-Forwarded-For's behind trusted proxies."""
@@ -2531,10 +2615,12 @@ class ListingQuery:
     limit: int = 0
     prefix: str = ""
     after: str | None = None
+    #: A listing's later pages: the cursor of its first page, which they carry on.
+    cursor: int | None = None
 
 
 def read_listing_query() -> ListingQuery:
-    """Read since, wait, limit, prefix and after from the query string; REQ01 when malformed."""
+    """Read since, wait, limit, prefix, after and cursor from the query; REQ01 when malformed."""
 
     def number(name: str, low: int, high: int) -> int | None:
         text = query_text(name)
@@ -2550,9 +2636,9 @@ def read_listing_query() -> ListingQuery:
             raise ApiError("REQ01", f"The {name} parameter must be key text.")
         return value
 
-    since = number("since", 0, 2**62)
+    since, cursor = number("since", 0, 2**62), number("cursor", 0, 2**62)
     after = text("after")
-    if since is not None and after is not None:
+    if since is not None and (after is not None or cursor is not None):
         raise ApiError("REQ01", "The after parameter pages a listing; a feed pages by since.")
     return ListingQuery(
         since=since,
@@ -2560,20 +2646,54 @@ def read_listing_query() -> ListingQuery:
         limit=number("limit", 1, MAX_PAGE_ENTRIES) or 0,
         prefix=text("prefix") or "",
         after=after,
+        cursor=cursor,
     )
 
 
-def next_page_link(query: ListingQuery, listing: Listing) -> str:
-    """Return the Link header value pointing after the last entry of the listing."""
+def resume_cursor(query: ListingQuery, listing: Listing) -> int:
+    """Return the cursor to follow the feed from once this page is applied (X-Sync-Cursor).
+
+    A listing's is its first page's X-Sync-Seq, carried on by its Link; a feed page's is the
+    last change it holds, or on its last page the server's X-Sync-Seq.
+    """
+    if query.since is None:
+        return listing.seq if query.cursor is None else query.cursor
+    return listing.entries[-1].seq if listing.more else listing.seq
+
+
+def base_url(ctx: Context) -> str:
+    """Return this request's scheme, host and mount prefix, as the client reached it.
+
+    Behind a trusted proxy, X-Forwarded-Proto and X-Forwarded-Host say what the client used.
+    """
+    environ = bottle.request.environ
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = (
+        environ.get("HTTP_HOST")
+        or f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
+    )
+    if ctx.from_trusted_proxy(environ):
+        proto = (header("X-Forwarded-Proto") or "").split(",")[0].strip().lower()
+        forwarded = (header("X-Forwarded-Host") or "").split(",")[0].strip()
+        scheme = proto if proto in ("http", "https") else scheme
+        host = forwarded or host
+    if not HOST_NAME.fullmatch(host):
+        host = environ.get("SERVER_NAME", "localhost")
+    return f"{scheme}://{host}{mount_prefix()}"
+
+
+def next_page_link(ctx: Context, query: ListingQuery, listing: Listing) -> str:
+    """Return the Link header value, an absolute URL, pointing after the listing's last entry."""
     params = {"limit": str(query.limit)}
     if query.prefix:
         params["prefix"] = query.prefix
     if query.since is None:
         params["after"] = listing.entries[-1].key
+        params["cursor"] = str(resume_cursor(query, listing))
     else:
         params["since"] = str(listing.entries[-1].seq)
-    url = mount_prefix() + "/store?" + urllib.parse.urlencode(params, quote_via=urllib.parse.quote)
-    return f'<{url}>; rel="next"'
+    query_string = urllib.parse.urlencode(params, quote_via=urllib.parse.quote)
+    return f'<{base_url(ctx)}/store?{query_string}>; rel="next"'
 
 
 def read_batch(max_value_bytes: int) -> list[dict]:
@@ -3082,7 +3202,7 @@ def sync_request_password_reset(ctx: Context, caller: None):
 
 def sync_create_invite(ctx: Context, caller: Caller):
     conn = ctx.connection()
-    if not get_user(conn, row_id=caller.user_id).is_admin:
+    if not caller_user(conn, caller.user_id).is_admin:
         raise ApiError("PERM01", "Only the admin (the oldest account) may mint invites.")
     code, expires_ms = create_invite(conn, ctx.now_ms(), ctx.settings.invite_ttl * 1000)
     return json_response({"invite": code, "expiration": expires_ms})
@@ -3103,12 +3223,16 @@ def sync_list_keys(ctx: Context, caller: Caller):
             return list_changes(conn, caller.user_id, query.since, query.prefix, query.limit)
 
         gone = bottle.request.environ.get("waitress.client_disconnected", lambda: False)
-        listing, declined = ctx.waiters.long_poll(changes, query.wait, gone)
+        listing, declined = ctx.waiters.long_poll(caller.user_id, changes, query.wait, gone)
         if declined:  # so that a client backs off instead of polling again at once
             headers = {"Retry-After": "1", "X-Sync-Wait-Declined": declined}
-    headers = {"X-Sync-Seq": str(listing.seq), **headers}
+    headers = {
+        "X-Sync-Seq": str(listing.seq),
+        "X-Sync-Cursor": str(resume_cursor(query, listing)),
+        **headers,
+    }
     if listing.more:
-        headers["Link"] = next_page_link(query, listing)
+        headers["Link"] = next_page_link(ctx, query, listing)
     return json_response([item_json(item) for item in listing.entries], headers=headers)
 
 
@@ -3275,7 +3399,7 @@ SYNC_OPERATIONS = (
               errors=(401, 403, 507)),
     Operation("GET", "/store", "listKeys", "store.read", sync_list_keys,
               "List the keys the caller holds, or with since what changed after a cursor",
-              parameters=("since", "wait", "limit", "prefix", "after"),
+              parameters=("since", "wait", "limit", "prefix", "after", "cursor"),
               answers={"200": "Listing"}, errors=(400, 401, 403, 410)),
     Operation("POST", "/batch", "applyBatch", "store.write", sync_apply_batch,
               "Apply PUTs and DELETEs all or nothing", request="BatchRequest",
@@ -3628,8 +3752,16 @@ def user_dto(user: User, admin: bool = False) -> dict:
 
 
 def admin_dto(conn: sqlite3.Connection, user_id: int) -> dict:
-    """Return a user as UserAdminResponseDto."""
-    return user_dto(get_user(conn, row_id=user_id), admin=True)
+    """Return a user as UserAdminResponseDto; AUTH01 if the account went meanwhile."""
+    return user_dto(caller_user(conn, user_id), admin=True)
+
+
+def caller_user(conn: sqlite3.Connection, user_id: int) -> User:
+    """Return the caller's account; AUTH01 if it was deleted since the credential was read."""
+    user = get_user(conn, row_id=user_id)
+    if user is None:
+        raise ApiError("AUTH01", "The account was deleted.")
+    return user
 
 
 def api_key_dto(key: ApiKey) -> dict:
@@ -3773,6 +3905,8 @@ def app_get_my_api_key(ctx: Context, caller: Caller):
             app_message="Not authenticated with an API Key",
         )  # fmt: skip
     key = get_api_key(ctx.connection(), caller.user_id, row_id=caller.api_key_id)
+    if key is None:
+        raise ApiError("AUTH01", "The API key was deleted.", app_message="Invalid API key")
     return immich_json(api_key_dto(key))
 
 
@@ -4058,6 +4192,8 @@ PARAMETERS = {
                          "Only keys starting with it, taken literally."),
     "after": _parameter("after", "query", {**_STRING, "maxLength": MAX_KEY_CHARS},
                         "A listing page: keys after it."),
+    "cursor": _parameter("cursor", "query", {**_INTEGER, "minimum": 0, "maximum": 2**62},
+                         "A listing page: the cursor its first page gave (Link carries it)."),
     "users": _parameter("users", "query", {**_STRING, "minLength": 1},
                         "Comma-separated user ids.", True),
     "X-Sync-Token": _parameter("X-Sync-Token", "header", _STRING,
@@ -4091,6 +4227,9 @@ ANSWERS = {
         "The keys (or, with since, the changes); X-Sync-Seq is the cursor for since.",
         {
             "X-Sync-Seq": _header("The change-feed cursor of this answer.", _INTEGER),
+            "X-Sync-Cursor": _header(
+                "The cursor to follow the feed from (since) once this page is applied.", _INTEGER
+            ),
             "Link": _header('The next page, rel="next", when more remain.', required=False),
             "X-Sync-Wait-Declined": _header(
                 "Why a wait was declined (busy, stopping); Retry-After says when to poll again.",
@@ -4504,10 +4643,10 @@ class OperationPlugin:
             caller = None
             if operation.permission is not None:
                 caller = resolve_caller(ctx, api, operation.permission)
-            response = operation.handler(ctx, caller, **args)
-            if bottle.request.method not in ("GET", "HEAD", "OPTIONS"):
-                ctx.waiters.notify()  # a change, or a credential ended: wake the long-polls
-            return response
+            try:
+                return operation.handler(ctx, caller, **args)
+            finally:  # wake the long-polls of the users whose feed or credential changed
+                ctx.waiters.notify(ctx.db.take_changed())
 
         def sync_route(**args: str) -> Any:
             try:
@@ -4639,7 +4778,7 @@ def create_app(
 
 
 def error_body(status: int, error: bottle.HTTPError) -> bytes:
-    """Answer bottle's own errors (raised before a route runs) in the contract's JSON layout."""
+    """Answer bottle's own errors (raised before a route runs) in the Sync Node JSON layout."""
     code = {400: "REQ01", 404: "ERR01", 405: "REQ02", 413: "SIZE01"}.get(status, "ERR02")
     bottle.response.content_type = "application/json"
     return json.dumps({"code": code, "message": "The request could not be handled."}).encode()
@@ -4654,6 +4793,8 @@ def error_body(status: int, error: bottle.HTTPError) -> bytes:
 PARKED_ANSWER_BYTES = OUTBUF_HIGH_WATERMARK_BYTES // 2
 #: Seconds between the server's sweeps for stalled, idle and surplus connections.
 SWEEP_SECONDS = 1
+#: A request must arrive within client_timeout plus a second for each this many bytes of body.
+MIN_BODY_BYTES_PER_SECOND = 16 * 1024
 SERVER_ERROR_MESSAGES = {
     "REQ01": "The request could not be parsed.",
     "SIZE01": "The request is larger than this server accepts.",
@@ -4706,9 +4847,12 @@ def server_class(settings: Settings) -> type:
     - A pipelining client that leaves earlier answers unread waits for its next answer
       without holding a serving thread; a large value is sent by the main loop (see
       BlobReader), so no serving thread waits on a client that does not read.
-    - Once a second, connections are closed that stalled for client_timeout seconds (an
-      answer not read, a body not sent) or held no complete request for that long; past
-      half of max_connections such connections, the longest idle ones go first.
+    - Once a second, connections are closed that stalled for client_timeout seconds reading
+      an answer, or that hold a request not complete within client_timeout (plus a second per
+      MIN_BODY_BYTES_PER_SECOND of its declared body); past half of max_connections such
+      connections, the longest waiting ones go first.
+    - The work a request leaves for after its answer runs on a thread of its own, so that
+      the next request on the connection does not wait for it.
     """
     import waitress.channel
     import waitress.parser
@@ -4719,15 +4863,21 @@ def server_class(settings: Settings) -> type:
     timeout, waiting_limit = settings.client_timeout, settings.max_connections // 2
 
     class Parser(waitress.parser.HTTPRequestParser):
+        #: The largest body the request's route reads, known once its headers are.
+        body_limit = 0
+
         def received(self, data: bytes) -> int:
             had_headers = self.headers_finished
             start = (self.header_plus or data)[: MAX_KEY_CHARS * 12]
             consumed = super().received(data)
             if self.headers_finished and not had_headers and self.error is None:
-                limit = request_body_limit(settings, self.command, self.path)
-                if self.content_length > limit:
-                    self.error = waitress.utilities.RequestEntityTooLarge(f"over {limit}")
-                    self.completed, self.expect_continue = True, False
+                self.body_limit = request_body_limit(settings, self.command, self.path)
+            chunked = len(self.body_rcv) if self.chunked and self.body_rcv is not None else 0
+            too_large = max(self.content_length, chunked) > self.body_limit
+            if self.headers_finished and self.error is None and too_large:
+                # Declared, or (a chunked body) received so far: refused before more is read.
+                self.error = waitress.utilities.RequestEntityTooLarge(f"over {self.body_limit}")
+                self.completed, self.expect_continue = True, False
             elif self.error is not None and self.error.code == 431:
                 # Waitress forgets the request line of headers too large; its path picks
                 # the API whose layout the answer takes.
@@ -4773,13 +4923,13 @@ def server_class(settings: Settings) -> type:
             return environ
 
         def service(self) -> None:
-            super().service()
-            self.channel.answered = True
-            callbacks = self.environ.get(AFTER_ANSWER) if self.environ else None
-            if callbacks:
-                with self.channel.outbuf_lock:  # send the answer before the work behind it
-                    self.channel._flush_exception(self.channel._flush_some, do_close=False)
-                run_after_answer(callbacks)
+            try:
+                super().service()
+            finally:
+                self.channel.answered = True
+                callbacks = self.environ.get(AFTER_ANSWER) if self.environ else None
+                if callbacks:  # also when the client left: the work is the server's
+                    self.channel.server.after_answers.submit(run_after_answer, callbacks)
 
     class Channel(waitress.channel.HTTPChannel):
         task_class, error_task_class, parser_class = Task, ErrorTask, Parser
@@ -4802,6 +4952,10 @@ def server_class(settings: Settings) -> type:
             self.answered = False
             super().service()
             self.idle_since = time.time()
+
+        def writable(self) -> bool:
+            # A parked request must come back even if its answers went out meanwhile.
+            return self.parked or super().writable()
 
         def handle_write(self) -> None:
             if not self.parked:
@@ -4833,18 +4987,20 @@ def server_class(settings: Settings) -> type:
     class Server(waitress.server.TcpWSGIServer):
         channel_class = Channel
 
+        #: Runs the work requests leave for after their answers (see Task.service).
+        after_answers: concurrent.futures.ThreadPoolExecutor
+
         def maintenance(self, now: float) -> None:
-            cutoff = now - timeout
             for channel in self.active_channels.values():
                 request = channel.request
                 if channel.parked or channel.total_outbufs_len:
-                    stalled = channel.last_activity < cutoff  # an answer the client leaves
+                    stalled = channel.last_activity < now - timeout  # an answer left unread
                 elif channel.requests:
                     continue  # being answered
-                elif request is not None and request.headers_finished:
-                    stalled = channel.last_activity < cutoff  # a body on its way
-                else:
-                    stalled = channel.idle_since < cutoff  # no complete request in time
+                else:  # no complete request: it must arrive in time, its body at a pace
+                    body = request.content_length if request and request.headers_finished else 0
+                    allowed = timeout + body / MIN_BODY_BYTES_PER_SECOND
+                    stalled = channel.idle_since < now - allowed
                 if stalled:
                     channel.will_close = True
             self.close_surplus()
@@ -4854,18 +5010,14 @@ def server_class(settings: Settings) -> type:
             self.close_surplus()
 
         def close_surplus(self) -> None:
-            """Close the connections without a complete request past the limit, idlest first.
-
-            A body on its way goes last.
-            """
+            """Close the connections without a complete request past the limit, oldest first."""
             waiting = [
                 channel
                 for channel in self.active_channels.values()
                 if not (channel.requests or channel.total_outbufs_len or channel.will_close)
             ]
             if len(waiting) > waiting_limit:
-                waiting.sort(key=lambda c: (bool(c.request and c.request.headers_finished),
-                                            c.idle_since))  # fmt: skip
+                waiting.sort(key=lambda channel: channel.idle_since)
                 for channel in waiting[: len(waiting) - waiting_limit]:
                     channel.will_close = True
 
@@ -4902,10 +5054,12 @@ def make_server(settings: Settings, app: Callable | None = None, map: dict | Non
     dispatcher = waitress.task.ThreadedTaskDispatcher()
     dispatcher.set_thread_count(settings.threads)
     # A host name may resolve to several addresses; the server listens on the first.
-    return server_class(settings)(
+    server = server_class(settings)(
         app, {} if map is None else map, dispatcher=dispatcher, adj=adjustments,
         sockinfo=adjustments.listen[0],
     )  # fmt: skip
+    server.after_answers = concurrent.futures.ThreadPoolExecutor(1, "syncnode-after-answer")
+    return server
 
 
 # ==================================================================================================
@@ -5063,6 +5217,7 @@ def serve(app: SyncNodeApp, settings: Settings, server: Any = None) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+        server.after_answers.shutdown()
         waitress.wasyncore.close_all(server._map)
         app.close()
         log.info("Stopped.")
@@ -5092,7 +5247,7 @@ def restore_database(backup: str, database: str) -> str:
     """Swap a checked backup in for the database; return what was done.
 
     The backup must be a whole syncnode database of a schema this syncnode knows. No server
-    may hold the database (see Context.hold_database). The previous database is kept as
+    may hold the database (see Connections.hold). The previous database is kept as
     DATABASE.before-restore with its -wal, so that no old WAL is replayed into the backup.
     """
     if not os.path.isfile(backup):

@@ -3263,6 +3263,37 @@ def test_longpoll_past_max_waiting_answers_at_once(start_server):
     assert [entry["key"] for entry in first.result().json] == ["k"]
 
 
+def test_longpoll_wakes_only_the_users_a_change_concerns(start_server, monkeypatch):
+    server = start_server(threads=8)
+    alice, bob = server.register("alice"), server.register("bob")
+    queries: collections.Counter = collections.Counter()
+    original = syncnode.list_changes
+
+    def counted(conn, user_id, *args, **kwargs):
+        queries[user_id] += 1
+        return original(conn, user_id, *args, **kwargs)
+
+    monkeypatch.setattr(syncnode, "list_changes", counted)
+    bob_id = (
+        server.app.context.connection()
+        .execute("SELECT id FROM users WHERE name = 'bob'")
+        .fetchone()[0]
+    )
+    cursor = server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"]
+    started = time.monotonic()
+    poll = LongPoll(server, bob.headers, f"/store?since={cursor}&wait=10")
+    wait_for_waiters(server, 1)
+    for number in range(5):  # alice's own keys: nothing bob can see
+        assert server.request("PUT", f"/store/own/{number}", b"v", alice.headers).status_int == 204
+    time.sleep(max(0.0, 0.6 - (time.monotonic() - started)))
+    assert time.monotonic() - started < 0.95, "too slow to tell a wake-up from the 1 s re-check"
+    assert queries[bob_id] == 1, "bob's long-poll ran its query for changes he cannot see"
+    assert server.request("PUT", "/store/shared", b"v", alice.headers).status_int == 204
+    grant = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
+    assert server.request("PUT", "/permission/shared", grant, alice.headers).status_int == 204
+    assert [entry["key"] for entry in poll.result().json] == ["shared"]
+
+
 def test_longpoll_declined_past_max_waiting_says_busy_with_retry_after(start_server):
     server = start_server(threads=2)  # max_waiting = threads // 2 = 1
     alice = server.register("alice")
@@ -3279,13 +3310,13 @@ def test_longpoll_declined_past_max_waiting_says_busy_with_retry_after(start_ser
 
 def test_longpoll_not_declined_without_wait_or_with_changes(start_server):
     server = start_server(threads=2)
-    alice = server.register("alice")
+    alice, other = server.register("alice"), server.register("bob")
     cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
     first = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=5")
     wait_for_waiters(server, 1)
     no_wait = server.request("GET", f"/store?since={cursor}", headers=alice.headers)
     assert "X-Sync-Wait-Declined" not in no_wait.headers and "Retry-After" not in no_wait.headers
-    other = server.register("bob")  # bob's change does not concern alice's waiter
+    # bob's change does not concern alice's waiter
     bob_cursor = server.request("GET", "/store", headers=other.headers).headers["X-Sync-Seq"]
     server.request("PUT", "/store/b", b"v", other.headers)
     changes = server.request("GET", f"/store?since={bob_cursor}&wait=5", headers=other.headers)
@@ -3535,7 +3566,9 @@ def test_listing_limit_caps_and_links_to_the_next_page(client, user):
     seed(client, user, ["e", "d", "c", "b", "a"])
     response = client.get("/store?limit=2", headers=user.headers)
     assert [entry["key"] for entry in response.json] == ["a", "b"]
-    assert response.headers["Link"] == '</store?limit=2&after=b>; rel="next"'
+    seq = response.headers["X-Sync-Seq"]
+    link = f'<http://localhost:80/store?limit=2&after=b&cursor={seq}>; rel="next"'
+    assert response.headers["Link"] == link
     second = client.get(next_link(response), headers=user.headers)
     assert [entry["key"] for entry in second.json] == ["c", "d"]
     third = client.get(next_link(second), headers=user.headers)
@@ -3555,7 +3588,10 @@ def test_listing_link_keeps_the_prefix(client, user):
     response = client.get("/store?prefix=n/&limit=2", headers=user.headers)
     url = urllib.parse.urlsplit(next_link(response))
     assert url.path == "/store"
-    assert urllib.parse.parse_qs(url.query) == {"limit": ["2"], "prefix": ["n/"], "after": ["n/2"]}
+    cursor = response.headers["X-Sync-Cursor"]
+    assert urllib.parse.parse_qs(url.query) == {
+        "limit": ["2"], "prefix": ["n/"], "after": ["n/2"], "cursor": [cursor],
+    }  # fmt: skip
     assert follow_pages(client, user, "/store?prefix=n/&limit=2") == (
         client.get("/store?prefix=n/", headers=user.headers).json
     )
@@ -3598,9 +3634,71 @@ def test_listing_link_carries_the_mount_prefix(make_app, mount):
     for key in ["a", "b"]:
         client.put(f"/sync/store/{key}", b"v", headers=alice.headers)
     response = client.get("/sync/store?limit=1", headers=alice.headers)
-    assert response.headers["Link"] == '</sync/store?limit=1&after=a>; rel="next"'
+    seq = response.headers["X-Sync-Seq"]
+    link = f'<http://localhost:80/sync/store?limit=1&after=a&cursor={seq}>; rel="next"'
+    assert response.headers["Link"] == link
     following = client.get(next_link(response), headers=alice.headers)
     assert [entry["key"] for entry in following.json] == ["b"]
+
+
+def test_listing_every_page_carries_the_first_pages_cursor(client, user):
+    seed(client, user, ["c", "b", "a"])
+    first = client.get("/store?limit=1", headers=user.headers)
+    cursor = first.headers["X-Sync-Cursor"]
+    assert cursor == first.headers["X-Sync-Seq"]
+    put(client, user, "d")  # a change after the first page: the cursor must not pass it
+    second = client.get(next_link(first), headers=user.headers)
+    third = client.get(next_link(second), headers=user.headers)
+    assert second.headers["X-Sync-Cursor"] == third.headers["X-Sync-Cursor"] == cursor
+    assert int(third.headers["X-Sync-Seq"]) > int(cursor)
+    feed = client.get(f"/store?since={cursor}", headers=user.headers)
+    assert [entry["key"] for entry in feed.json] == ["d"]
+
+
+def test_listing_feed_page_cursor_is_its_last_change_then_the_servers(client, user):
+    cursor = current_seq(client, user)
+    seed(client, user, ["c", "a", "b"])
+    first = client.get(f"/store?since={cursor}&limit=2", headers=user.headers)
+    assert first.headers["X-Sync-Cursor"] == str(first.json[-1]["seq"])
+    assert first.headers["X-Sync-Seq"] != first.headers["X-Sync-Cursor"]  # the old pitfall
+    last = client.get(
+        f"/store?since={first.headers['X-Sync-Cursor']}&limit=2", headers=user.headers
+    )
+    assert "Link" not in last.headers
+    assert last.headers["X-Sync-Cursor"] == last.headers["X-Sync-Seq"]
+    empty = client.get(f"/store?since={last.headers['X-Sync-Cursor']}", headers=user.headers)
+    assert empty.json == [] and empty.headers["X-Sync-Cursor"] == last.headers["X-Sync-Cursor"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param("since=0&cursor=1", id="cursor-with-since"),
+        pytest.param("cursor=-1", id="negative"),
+        pytest.param(f"cursor={2**62 + 1}", id="past-the-maximum"),
+        pytest.param("cursor=x", id="not-a-number"),
+    ],
+)
+def test_listing_bad_cursor_is_req01(client, user, query):
+    assert_error(client.get(f"/store?{query}", headers=user.headers, status=400), 400, "REQ01")
+
+
+def test_listing_link_is_absolute_with_the_trusted_proxys_scheme_and_host(make_app):
+    client = webtest.TestApp(make_app(trusted_proxies="10.0.0.0/8"))
+    alice = register_user(client, "alice")
+    for key in ["a", "b"]:
+        put(client, alice, key)
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "sync.example.org"}
+    proxied = client.get(
+        "/store?limit=1", headers={**alice.headers, **forwarded},
+        extra_environ={"REMOTE_ADDR": "10.1.2.3"},
+    )  # fmt: skip
+    assert next_link(proxied).startswith("https://sync.example.org/store?limit=1&after=a")
+    direct = client.get(
+        "/store?limit=1", headers={**alice.headers, **forwarded},
+        extra_environ={"REMOTE_ADDR": "192.0.2.7"},
+    )  # fmt: skip
+    assert next_link(direct).startswith("http://localhost:80/store?limit=1&after=a")
 
 
 def test_listing_feed_pages_link_by_seq(client, user):
@@ -3609,7 +3707,9 @@ def test_listing_feed_pages_link_by_seq(client, user):
     response = client.get(f"/store?since={cursor}&limit=2", headers=user.headers)
     assert [entry["key"] for entry in response.json] == ["c", "a"]
     last = response.json[-1]["seq"]
-    assert response.headers["Link"] == f'</store?limit=2&since={last}>; rel="next"'
+    assert (
+        response.headers["Link"] == f'<http://localhost:80/store?limit=2&since={last}>; rel="next"'
+    )
     second = client.get(next_link(response), headers=user.headers)
     assert [entry["key"] for entry in second.json] == ["b"]
     assert "Link" not in second.headers
@@ -5668,6 +5768,55 @@ def test_server_closes_oldest_connections_without_request(start_server):
         clients.close()
 
 
+def test_server_trickled_bodies_neither_outstay_their_time_nor_shut_newcomers_out(start_server):
+    server = start_server(max_connections=20, client_timeout=2)  # at most 10 waiting
+    clients = Clients(server)
+    head = raw_request("POST", "/auth", {**JSON, "Content-Length": "100"})
+    stop = threading.Event()
+    try:
+        socks = [clients.open() for _ in range(10)]
+        for sock in socks:
+            sock.sendall(head + b"{")
+
+        def trickle() -> None:
+            for _ in range(40):  # one byte every 0.2 s, which keeps each connection "active"
+                if stop.wait(0.2):
+                    return
+                for sock in socks:
+                    with contextlib.suppress(OSError):
+                        sock.send(b" ")
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        for _ in range(3):  # newcomers are served while the trickled bodies hold their places
+            answer, seconds = health(server, timeout=5.0)
+            assert answer.status == 200 and seconds < 1.0, (answer.status, seconds)
+        time.sleep(2 + 100 / syncnode.MIN_BODY_BYTES_PER_SECOND + 1.5)
+        assert all(closed_after_drain(sock, 0.2) for sock in socks), "a trickled body outstayed"
+    finally:
+        stop.set()
+        clients.close()
+
+
+def test_server_refuses_a_chunked_body_once_it_passes_the_routes_limit(start_server):
+    server = start_server()
+    clients = Clients(server)
+    try:
+        sock = clients.open()
+        sock.sendall(raw_request("POST", "/auth", {**JSON, "Transfer-Encoding": "chunked"}))
+        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b" " * 64 * 1024)
+        sent = 0
+        with contextlib.suppress(OSError):  # the server may close while more is on its way
+            for _ in range(syncnode.MAX_JSON_BYTES // (64 * 1024) + 2):
+                sock.sendall(chunk)
+                sent += 64 * 1024
+        assert sent <= syncnode.MAX_JSON_BYTES + 128 * 1024
+        answer = read_answer(sock, timeout=5.0)
+        assert (answer.status, answer.json["code"]) == (413, "SIZE01")
+    finally:
+        clients.close()
+
+
 # Request limits -----------------------------------------------------------------------------------
 
 
@@ -7236,6 +7385,45 @@ def test_app_auth_admin_sign_up_makes_the_first_account_admin(client, db):
     assert table_counts(db)["sessions"] == 0
     client.post_json("/auth", {"id": "admin@example.org", "password": PASSWORD}, status=200)
     assert app_login(client, "ADMIN@example.org").json["userId"] == admin["id"]
+
+
+def test_busy_hashing_leaves_the_threads_long_polls_hold_to_others(start_server):
+    server = start_server(threads=4)  # two may wait; hashing may take what is left but one
+    alice = server.register("alice")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
+    polls = [LongPoll(server, alice.headers, f"/store?since={cursor}&wait=10") for _ in range(2)]
+    wait_for_waiters(server, 2)
+    with server.app.context.hashing.slot():  # one hashes: no thread is left for another
+        body = json.dumps({"id": "alice", "password": PASSWORD}).encode()
+        refused = server.request("POST", "/auth", body, JSON)
+        assert refused.status_int == 503, refused.body
+        assert json.loads(refused.body)["code"] == "BUSY01"
+    server.request("PUT", "/store/k", b"v", alice.headers)
+    for poll in polls:
+        assert poll.result().status_int == 200
+
+
+def test_reset_request_token_is_made_by_the_server_after_the_answer(start_server, db):
+    server = start_server()
+    server.register("alice")
+    clients = Clients(server)
+    try:
+        sock = clients.open()
+        body = b'{"id": "alice"}'
+        sock.sendall(raw_request("POST", "/resetpassword", {**JSON, "Content-Length": "15"}))
+        sock.sendall(body)
+        assert read_answer(sock, timeout=5.0).status == 204
+    finally:
+        clients.close()  # the client leaves at once; the server's work goes on
+    deadline = time.monotonic() + 5
+    while not db.execute("SELECT count(*) FROM reset_tokens").fetchone()[0]:
+        assert time.monotonic() < deadline, "no reset token was made"
+        time.sleep(0.02)
+
+
+def test_invite_by_an_account_deleted_meanwhile_is_auth01(client, user, monkeypatch):
+    monkeypatch.setattr(syncnode, "get_user", lambda conn, **kw: None)
+    assert_error(client.post("/invite", headers=user.headers, status=401), 401, "AUTH01")
 
 
 def test_app_auth_admin_sign_up_busy_hashing_is_503_not_400(make_app, db):
