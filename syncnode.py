@@ -33,6 +33,7 @@ import getpass
 import hashlib
 import html
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -101,6 +102,10 @@ CORS_MAX_AGE_SECONDS = 86400
 OUTBUF_HIGH_WATERMARK_BYTES = 1024 * 1024
 #: Values up to this size are read and written whole; larger ones stream in chunks.
 STREAM_FROM_BYTES = 256 * 1024
+#: With values=true, a listing or feed carries values up to this size inline (larger ones are
+#: marked "large", for a GET), and a page ends once its values and meta pass the budget.
+INLINE_VALUE_BYTES = 64 * 1024
+INLINE_BUDGET_BYTES = 1024 * 1024
 #: The WSGI environ key of the callbacks a request leaves for after its answer.
 AFTER_ANSWER = "syncnode.after_answer"
 
@@ -809,6 +814,9 @@ class Item:
     level: int
     token: str | None = None
     seq: int | None = None
+    #: With values: the value (None when over INLINE_VALUE_BYTES) and the meta.
+    value: bytes | None = None
+    meta: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -818,6 +826,25 @@ class Listing:
     entries: list[Item]
     seq: int
     more: bool
+    #: Whether the entries carry their values.
+    values: bool = False
+
+
+def page_of(rows: Iterable[tuple], limit: int, values: bool) -> tuple[list[Item], bool]:
+    """Take the entries of one page from rows (key, level, token, seq, value, meta, _).
+
+    A page holds at most limit entries (0: no limit) and, with values, ends once its values
+    and meta pass INLINE_BUDGET_BYTES (it always holds one); returns them and whether more
+    remain.
+    """
+    entries: list[Item] = []
+    spent = 0
+    for key, level, token, change, value, meta, _ in rows:
+        if (limit and len(entries) == limit) or (values and spent >= INLINE_BUDGET_BYTES):
+            return entries, True
+        entries.append(Item(key, level or 0, token, change, value, meta))
+        spent += len(value or b"") + len(meta or "")
+    return entries, False
 
 
 def bump_seq(conn: sqlite3.Connection) -> None:
@@ -862,17 +889,17 @@ def list_keys(
     prefix: str = "",
     after: str | None = None,
     limit: int = 0,
+    values: bool = False,
 ) -> Listing:
     """List the keys the user holds, sorted by key: those after `after` starting with prefix.
 
     The cursor is read in the same snapshot, so a listing at cursor C followed by the
-    changes after C misses nothing. With a limit, `more` tells whether a next page exists.
+    changes after C misses nothing. `more` tells whether a next page exists (see page_of).
     """
-    # One statement reads the rows and the cursor (a scalar subquery, computed once) in one
-    # snapshot. An empty answer has no row to carry the cursor: then both are read again
-    # inside one read transaction.
     query = """
-        SELECT items.key, permissions.level, items.token, (SELECT seq FROM sync_state)
+        SELECT items.key, permissions.level, items.token, NULL,
+               CASE WHEN :values AND items.size <= :inline THEN items.value END,
+               CASE WHEN :values THEN items.meta END, (SELECT seq FROM sync_state)
         FROM permissions JOIN items ON items.id = permissions.item_id
         WHERE permissions.user_id = :user
           AND substr(items.key, 1, length(:prefix)) = :prefix
@@ -885,21 +912,33 @@ def list_keys(
         "prefix": prefix,
         "after": after,
         "limit": limit + 1 if limit else -1,
+        "values": values,
+        "inline": INLINE_VALUE_BYTES,
     }
-    rows = conn.execute(query, params).fetchall()
-    if rows:
-        seq = rows[0][3]
-    else:
-        with transaction(conn):
-            rows = conn.execute(query, params).fetchall()
-            seq = conn.execute("SELECT seq FROM sync_state").fetchone()[0]
-    more = bool(limit) and len(rows) > limit
-    entries = [Item(key, level, token) for key, level, token, _ in rows[: limit or None]]
-    return Listing(entries, seq, more)
+    # One statement reads the rows, as they are paged, and the cursor (a scalar subquery,
+    # computed once) in one snapshot. An empty answer has no row to carry the cursor: then
+    # both are read again inside one read transaction.
+    rows = conn.execute(query, params)
+    try:
+        first = rows.fetchone()
+        if first is not None:
+            entries, more = page_of(itertools.chain([first], rows), limit, values)
+            return Listing(entries, first[6], more, values)
+    finally:
+        rows.close()  # a page that ended early leaves the statement's snapshot open
+    with transaction(conn):
+        entries, more = page_of(conn.execute(query, params), limit, values)
+        seq = conn.execute("SELECT seq FROM sync_state").fetchone()[0]
+    return Listing(entries, seq, more, values)
 
 
 def list_changes(
-    conn: sqlite3.Connection, user_id: int, since: int, prefix: str = "", limit: int = 0
+    conn: sqlite3.Connection,
+    user_id: int,
+    since: int,
+    prefix: str = "",
+    limit: int = 0,
+    values: bool = False,
 ) -> Listing:
     """List what changed for the user after change `since`, one entry per key, by seq.
 
@@ -921,12 +960,14 @@ def list_changes(
             )
         rows = conn.execute(
             """
-            SELECT items.key, permissions.level, items.token, permissions.seq
+            SELECT items.key, permissions.level, items.token, permissions.seq,
+                   CASE WHEN :values AND items.size <= :inline THEN items.value END,
+                   CASE WHEN :values THEN items.meta END, NULL
             FROM permissions JOIN items ON items.id = permissions.item_id
             WHERE permissions.user_id = :user AND permissions.seq > :since
               AND substr(items.key, 1, length(:prefix)) = :prefix
             UNION ALL
-            SELECT key, NULL, NULL, seq FROM tombstones
+            SELECT key, NULL, NULL, seq, NULL, NULL, NULL FROM tombstones
             WHERE user_id = :user AND seq > :since AND substr(key, 1, length(:prefix)) = :prefix
             ORDER BY 4
             LIMIT :limit
@@ -936,13 +977,13 @@ def list_changes(
                 "since": since,
                 "prefix": prefix,
                 "limit": limit + 1 if limit else -1,
+                "values": values,
+                "inline": INLINE_VALUE_BYTES,
             },
-        ).fetchall()
-    more = bool(limit) and len(rows) > limit
-    entries = [
-        Item(key, level or 0, token, change) for key, level, token, change in rows[: limit or None]
-    ]
-    return Listing(entries, seq, more)
+        )
+        entries, more = page_of(rows, limit, values)
+        rows.close()  # before the snapshot ends, when the page ended early
+    return Listing(entries, seq, more, values)
 
 
 def trim_tombstones(conn: sqlite3.Connection, per_user: int) -> None:
@@ -2617,6 +2658,8 @@ class ListingQuery:
     after: str | None = None
     #: A listing's later pages: the cursor of its first page, which they carry on.
     cursor: int | None = None
+    #: Whether the entries carry their values and meta (values=true).
+    values: bool = False
 
 
 def read_listing_query() -> ListingQuery:
@@ -2637,6 +2680,9 @@ def read_listing_query() -> ListingQuery:
         return value
 
     since, cursor = number("since", 0, 2**62), number("cursor", 0, 2**62)
+    values = query_text("values")
+    if values not in (None, "true", "false"):
+        raise ApiError("REQ01", "The values parameter must be true or false.")
     after = text("after")
     if since is not None and (after is not None or cursor is not None):
         raise ApiError("REQ01", "The after parameter pages a listing; a feed pages by since.")
@@ -2647,6 +2693,7 @@ def read_listing_query() -> ListingQuery:
         prefix=text("prefix") or "",
         after=after,
         cursor=cursor,
+        values=values == "true",
     )
 
 
@@ -2684,9 +2731,11 @@ def base_url(ctx: Context) -> str:
 
 def next_page_link(ctx: Context, query: ListingQuery, listing: Listing) -> str:
     """Return the Link header value, an absolute URL, pointing after the listing's last entry."""
-    params = {"limit": str(query.limit)}
+    params = {"limit": str(query.limit)} if query.limit else {}
     if query.prefix:
         params["prefix"] = query.prefix
+    if query.values:
+        params["values"] = "true"
     if query.since is None:
         params["after"] = listing.entries[-1].key
         params["cursor"] = str(resume_cursor(query, listing))
@@ -3214,13 +3263,17 @@ def sync_create_invite(ctx: Context, caller: Caller):
 def sync_list_keys(ctx: Context, caller: Caller):
     query, conn, headers = read_listing_query(), ctx.connection(), {}
     if query.since is None:
-        listing = list_keys(conn, caller.user_id, query.prefix, query.after, query.limit)
+        listing = list_keys(
+            conn, caller.user_id, query.prefix, query.after, query.limit, query.values
+        )
     else:
 
         def changes() -> Listing:
             if not credential_is_live(conn, caller, "store.read", ctx.now_ms()):
                 raise ApiError("AUTH01", "The credential of this long-poll was revoked.")
-            return list_changes(conn, caller.user_id, query.since, query.prefix, query.limit)
+            return list_changes(
+                conn, caller.user_id, query.since, query.prefix, query.limit, query.values
+            )
 
         gone = bottle.request.environ.get("waitress.client_disconnected", lambda: False)
         listing, declined = ctx.waiters.long_poll(caller.user_id, changes, query.wait, gone)
@@ -3233,15 +3286,28 @@ def sync_list_keys(ctx: Context, caller: Caller):
     }
     if listing.more:
         headers["Link"] = next_page_link(ctx, query, listing)
-    return json_response([item_json(item) for item in listing.entries], headers=headers)
+    entries = [item_json(item, listing.values) for item in listing.entries]
+    return json_response(entries, headers=headers)
 
 
-def item_json(item: Item) -> dict:
-    """Shape an entry of a listing or a feed (with seq), a deleted key as a tombstone."""
+def item_json(item: Item, values: bool) -> dict:
+    """Shape an entry of a listing or a feed (with seq), a deleted key as a tombstone.
+
+    With values, a live entry carries its value in base64 and its meta, or "large": true
+    for a value over INLINE_VALUE_BYTES, to be read with a GET.
+    """
     if not item.level:
         return {"key": item.key, "deleted": True, "seq": item.seq}
     entry = {"key": item.key, "permission": LEVEL_NAMES[item.level], "token": item.token}
-    return entry if item.seq is None else {**entry, "seq": item.seq}
+    if item.seq is not None:
+        entry["seq"] = item.seq
+    if values:
+        if item.value is None:
+            entry["large"] = True
+        else:
+            entry["value"] = base64.b64encode(item.value).decode()
+        entry["meta"] = item.meta
+    return entry
 
 
 def sync_get_value(ctx: Context, caller: Caller, key: str):
@@ -3399,7 +3465,7 @@ SYNC_OPERATIONS = (
               errors=(401, 403, 507)),
     Operation("GET", "/store", "listKeys", "store.read", sync_list_keys,
               "List the keys the caller holds, or with since what changed after a cursor",
-              parameters=("since", "wait", "limit", "prefix", "after", "cursor"),
+              parameters=("since", "wait", "limit", "prefix", "after", "cursor", "values"),
               answers={"200": "Listing"}, errors=(400, 401, 403, 410)),
     Operation("POST", "/batch", "applyBatch", "store.write", sync_apply_batch,
               "Apply PUTs and DELETEs all or nothing", request="BatchRequest",
@@ -4194,6 +4260,9 @@ PARAMETERS = {
                         "A listing page: keys after it."),
     "cursor": _parameter("cursor", "query", {**_INTEGER, "minimum": 0, "maximum": 2**62},
                          "A listing page: the cursor its first page gave (Link carries it)."),
+    "values": _parameter("values", "query", {**_STRING, "enum": ["true", "false"]},
+                         "Whether entries carry their values (base64) and meta, within a "
+                         "budget per page."),
     "users": _parameter("users", "query", {**_STRING, "minLength": 1},
                         "Comma-separated user ids.", True),
     "X-Sync-Token": _parameter("X-Sync-Token", "header", _STRING,
@@ -4250,6 +4319,11 @@ REQUESTS = {
 def sync_schemas() -> dict:
     """Return the Sync Node API's schemas, answers closed to other properties."""
     level = {"type": "string", "enum": list(LEVELS)}
+    inline = {  # with values=true
+        "value": {**_STRING, "contentEncoding": "base64"},
+        "meta": {"type": ["string", "null"]},
+        "large": {"type": "boolean", "enum": [True]},
+    }
     batch_base = {"key": _KEY_TEXT}
     batch_token = {"token": {"type": ["string", "null"]}}
     return {
@@ -4273,10 +4347,13 @@ def sync_schemas() -> dict:
         "SessionList": {"type": "array", "items": _ref("SessionInfo")},
         "Permission": level,
         "StoreKey": _object(
-            {"key": _STRING, "permission": _ref("Permission"), "token": _STRING}, closed=True
-        ),
+            {"key": _STRING, "permission": _ref("Permission"), "token": _STRING},
+            inline,
+            closed=True,
+        ),  # fmt: skip
         "StoreChange": _object(
             {"key": _STRING, "permission": _ref("Permission"), "token": _STRING, "seq": _INTEGER},
+            inline,
             closed=True,
         ),  # fmt: skip
         "StoreTombstone": _object(

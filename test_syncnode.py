@@ -3701,6 +3701,73 @@ def test_listing_link_is_absolute_with_the_trusted_proxys_scheme_and_host(make_a
     assert next_link(direct).startswith("http://localhost:80/store?limit=1&after=a")
 
 
+def test_listing_with_values_syncs_a_thousand_values_in_a_few_requests(client, user):
+    values = {f"notes/{number:04}": secrets.token_bytes(1024) for number in range(1000)}
+    batch_size = syncnode.MAX_BATCH_OPERATIONS
+    keys = list(values)
+    for start in range(0, len(keys), batch_size):
+        operations = [
+            {"method": "PUT", "key": key, "token": None, "value": b64(values[key]), "meta": None}
+            for key in keys[start : start + batch_size]
+        ]
+        client.post_json("/batch", {"operations": operations}, headers=user.headers)
+    url, requests, seen = "/store?values=true", 0, {}
+    while url:
+        page = client.get(url, headers=user.headers)
+        requests += 1
+        assert requests <= 5, "a fresh device took more than 5 requests"
+        for entry in page.json:
+            assert entry["key"] not in seen
+            seen[entry["key"]] = base64.b64decode(entry["value"])
+        url = next_link(page)
+    assert seen == values
+
+
+def test_listing_with_values_marks_a_large_value_and_keeps_meta(client, user):
+    large = b"x" * (syncnode.INLINE_VALUE_BYTES + 1)
+    edge = b"y" * syncnode.INLINE_VALUE_BYTES
+    put(client, user, "large", large, meta="big")
+    put(client, user, "edge", edge)
+    entries = {entry["key"]: entry for entry in
+               client.get("/store?values=true", headers=user.headers).json}  # fmt: skip
+    assert entries["large"]["large"] is True and "value" not in entries["large"]
+    assert entries["large"]["meta"] == "big"
+    assert base64.b64decode(entries["edge"]["value"]) == edge and "large" not in entries["edge"]
+    assert entries["edge"]["meta"] is None
+    plain = client.get("/store", headers=user.headers).json
+    assert all(set(entry) == {"key", "permission", "token"} for entry in plain)
+
+
+def test_listing_with_values_ends_a_page_at_the_budget(client, user):
+    size = syncnode.INLINE_VALUE_BYTES
+    count = syncnode.INLINE_BUDGET_BYTES // size + 3
+    for number in range(count):
+        put(client, user, f"k{number:03}", bytes([number]) * size)
+    first = client.get("/store?values=true", headers=user.headers)
+    inline = sum(len(base64.b64decode(entry["value"])) for entry in first.json)
+    assert syncnode.INLINE_BUDGET_BYTES <= inline < syncnode.INLINE_BUDGET_BYTES + size
+    rest = follow_pages(client, user, next_link(first))
+    assert [entry["key"] for entry in first.json + rest] == [f"k{n:03}" for n in range(count)]
+
+
+def test_listing_feed_with_values_carries_changes_and_bare_tombstones(client, user):
+    cursor = current_seq(client, user)
+    put(client, user, "kept", b"hello", meta="m")
+    token = token_of(put(client, user, "gone", b"bye"))
+    client.delete("/store/gone", headers={**user.headers, "X-Sync-Token": token})
+    feed = client.get(f"/store?since={cursor}&values=true", headers=user.headers).json
+    kept, gone = feed
+    assert (kept["key"], base64.b64decode(kept["value"]), kept["meta"]) == ("kept", b"hello", "m")
+    assert gone == {"key": "gone", "deleted": True, "seq": gone["seq"]}
+
+
+@pytest.mark.parametrize("value", [pytest.param("1", id="one"), pytest.param("yes", id="yes"),
+                                   pytest.param("", id="empty")])  # fmt: skip
+def test_listing_bad_values_is_req01(client, user, value):
+    response = client.get(f"/store?values={value}", headers=user.headers, status=400)
+    assert_error(response, 400, "REQ01")
+
+
 def test_listing_feed_pages_link_by_seq(client, user):
     cursor = current_seq(client, user)
     seed(client, user, ["c", "a", "b"])
