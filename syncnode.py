@@ -4082,7 +4082,7 @@ def app_delete_session(ctx: Context, caller: Caller, session_id: str):
 
 def app_search_users(ctx: Context, caller: Caller):
     conn = ctx.connection()
-    everyone = ctx.settings.public_users or admin_dto(conn, caller.user_id)["isAdmin"]
+    everyone = ctx.settings.public_users or caller_user(conn, caller.user_id).is_admin
     users = list_users(conn, None if everyone else caller.user_id)
     return immich_json([user_dto(user) for user in users])
 
