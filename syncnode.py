@@ -2126,9 +2126,20 @@ class Connections:
         syncnode restore takes it exclusively, so it never swaps a database a server uses.
         """
         with self._lock:
-            if fcntl is not None and self._held is None:
-                self._held = os.open(self.settings.database, os.O_RDONLY)
-                fcntl.flock(self._held, fcntl.LOCK_SH)
+            if fcntl is None or self._held is not None:
+                return
+            path = self.settings.database
+            held = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                if os.fstat(held).st_ino != os.stat(path).st_ino:  # swapped meanwhile
+                    raise BlockingIOError
+            except BlockingIOError:
+                os.close(held)
+                raise DatabaseUnusable(
+                    f"syncnode restore is replacing {path}; start again once it is done."
+                ) from None
+            self._held = held
 
     def close(self) -> None:
         """Close every connection (new ones open if the app is used again) and the lock."""
@@ -4799,11 +4810,11 @@ def open_context(settings: Settings, clock: Callable[[], float]) -> Context:
         refuse_newer(conn.execute("PRAGMA user_version").fetchone()[0], len(SCHEMA))
     ctx = Context(settings, clock)
     try:
+        ctx.db.hold()  # before anything changes it, so that no restore swaps it meanwhile
         conn = ctx.connection()
         migrate(conn)
         if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
             make_vacuum_incremental(conn)
-        ctx.db.hold()
     except BaseException:
         ctx.close()
         raise

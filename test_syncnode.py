@@ -11740,6 +11740,20 @@ def test_cli_restore_bad_backup_is_refused_and_the_database_untouched(
     assert not os.path.exists(db_path + ".before-restore")
 
 
+def test_embedding_app_refuses_a_database_a_restore_is_replacing(make_app, db_path):
+    import fcntl
+
+    make_app().close()
+    held = os.open(db_path, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as syncnode restore holds it
+        with pytest.raises(syncnode.DatabaseUnusable, match="restore"):
+            syncnode.create_app(db_path, **CHEAP_HASHING)
+    finally:
+        os.close(held)
+    make_app().close()  # once the restore is done, it opens
+
+
 def test_cli_restore_while_a_server_has_the_database_open_is_refused(
     restorable, make_app, db_path, tmp_path
 ):
