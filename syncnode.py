@@ -3629,17 +3629,27 @@ def immich_error(error: ApiError, correlation_id: str, failure: str):
     """
     status, message = APP_ERRORS[error.code]
     response = immich_json(
-        {
-            "message": error.app_message or message or failure,
-            "error": REASONS[status],
-            "statusCode": status,
-            "correlationId": correlation_id,
-        },
+        immich_error_body(status, error.app_message or message or failure, correlation_id),
         status,
     )
     if "Retry-After" in error.headers:
         response.set_header("Retry-After", error.headers["Retry-After"])
     return response
+
+
+def immich_error_body(status: int, message: str | list[str], correlation_id: str) -> dict:
+    """Return Immich's error layout."""
+    return {
+        "message": message,
+        "error": REASONS[status],
+        "statusCode": status,
+        "correlationId": correlation_id,
+    }
+
+
+def is_app_path(path: str) -> bool:
+    """Whether a path (under the app's root) belongs to the App API."""
+    return path == "/api" or path.startswith("/api/")
 
 
 def correlation_id() -> str:
@@ -4774,13 +4784,13 @@ def register_operations(app: bottle.Bottle) -> None:
         app.route(rule, operation.method, operation.handler, name=operation.operation_id,
                   operation=operation, api=api, allow=allow)  # fmt: skip
 
-    paths: dict[str, set[str]] = {}
+    methods: dict[str, set[str]] = {}
     for operation in SYNC_OPERATIONS:
-        paths.setdefault(operation.path, set()).add(operation.method)
+        methods.setdefault(operation.path, set()).add(operation.method)
+    allows = {path: allowed_methods(taken) for path, taken in methods.items()}
     for operation in SYNC_OPERATIONS:
-        add(operation.path, operation, SYNC_API, allowed_methods(paths[operation.path]))
-    for path, methods in paths.items():
-        allow = allowed_methods(methods)
+        add(operation.path, operation, SYNC_API, allows[operation.path])
+    for path, allow in allows.items():
         other = functools.partial(sync_other_method, allow=allow)
         add(path, Operation("ANY", path, "otherMethod", PUBLIC, other), SYNC_API, allow)
     for operation in APP_OPERATIONS:
@@ -4896,7 +4906,7 @@ def request_body_limit(settings: Settings, method: str, path: str) -> int:
     The same limits as the readers': a value for PUT /store, a batch for POST /batch, an
     App API body under /api, a JSON body elsewhere.
     """
-    if path == "/api" or path.startswith("/api/"):
+    if is_app_path(path):
         return MAX_APP_BODY_BYTES
     if method == "PUT" and path.startswith("/store/"):
         return settings.max_value_bytes
@@ -4914,13 +4924,8 @@ def server_error_answer(status: int, path: str) -> tuple[str, bytes]:
     code = "SIZE01" if status in (413, 431) else "ERR02" if status >= 500 else "REQ01"
     status = ERROR_STATUS[code]
     message = SERVER_ERROR_MESSAGES[code]
-    if path == "/api" or path.startswith("/api/"):
-        body = {
-            "message": message,
-            "error": REASONS[status],
-            "statusCode": status,
-            "correlationId": secrets.token_hex(4),
-        }
+    if is_app_path(path):
+        body = immich_error_body(status, message, secrets.token_hex(4))
     else:
         body = {"code": code, "message": message}
     return f"{status} {REASONS[status]}", json.dumps(body).encode()
@@ -4956,7 +4961,8 @@ def server_class(settings: Settings) -> type:
 
         def received(self, data: bytes) -> int:
             had_headers = self.headers_finished
-            start = (self.header_plus or data)[: MAX_KEY_CHARS * 12]
+            # The request line, kept while the headers come in (see the 431 case below).
+            start = b"" if had_headers else (self.header_plus or data)[: MAX_KEY_CHARS * 12]
             consumed = super().received(data)
             if self.headers_finished and not had_headers and self.error is None:
                 self.body_limit = request_body_limit(settings, self.command, self.path)
