@@ -9136,7 +9136,8 @@ def test_app_server_mount_prefix_reaches_discovery_cookies_and_404(make_app, pre
 
 
 def test_app_concurrency_admin_sign_up_race_has_one_winner(start_server, db):
-    live = start_server(server_threads=8)
+    # Threads enough that all 8 racers may hash at once (threads - 1): no loser sees BUSY01.
+    live = start_server(threads=9)
     callers = 8
     barrier = threading.Barrier(callers)
     answers: list[tuple[int, dict] | None] = [None] * callers
