@@ -31,6 +31,7 @@ import email.utils
 import functools
 import getpass
 import hashlib
+import heapq
 import html
 import ipaddress
 import itertools
@@ -108,6 +109,11 @@ INLINE_VALUE_BYTES = 64 * 1024
 INLINE_BUDGET_BYTES = 1024 * 1024
 #: The WSGI environ key of the callbacks a request leaves for after its answer.
 AFTER_ANSWER = "syncnode.after_answer"
+#: The WSGI environ key of the place syncnode's own server keeps a long-poll in (see Parking).
+PARKING = "syncnode.parking"
+#: Seconds between two looks of a process's watcher for other processes' commits and for
+#: long-polls whose wait is over.
+WATCH_SECONDS = 0.05
 
 LEVELS = {"READ": 1, "WRITE": 2, "OWN": 3}
 
@@ -210,8 +216,14 @@ class Settings:
         "sending a body or reading an answer before it is closed.",
     )
     max_connections: int = _setting(
-        1000,
+        2000,
         "Open connections at most; half of them at most may hold no complete request.",
+    )
+    max_waiters: int = _setting(
+        1000,
+        "Long-polls that wait at once; past them a poll answers at once, declined. Under "
+        "syncnode's own server a waiting poll holds its connection but no thread; under "
+        "another server it holds a thread, and at most half the threads wait.",
     )
     access_log: bool = _setting(False, "Whether to log one line per request.")
     shutdown_timeout: int = _setting(
@@ -487,6 +499,11 @@ SCHEMA = [
     INSERT INTO id_counters (name, last) SELECT 'api_keys', coalesce(max(id), 0) FROM api_keys;
     ALTER TABLE users ADD COLUMN feed_floor INTEGER NOT NULL DEFAULT 0;
     """,
+    # Fleets: a count of ended or narrowed credentials, which tells every process's watcher
+    # to have its long-polls check theirs again.
+    """
+    ALTER TABLE sync_state ADD COLUMN revocations INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -496,6 +513,59 @@ class DatabaseTooNew(RuntimeError):
 
 class DatabaseUnusable(RuntimeError):
     """The database path cannot be used (a missing or unwritable folder, say); says why."""
+
+
+class HeldFiles:
+    """The one descriptor this process keeps open of each database file its apps serve.
+
+    Closing any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+    own included: another process then takes the database for unused and deletes the -wal
+    under it, and what this one writes after is lost. So syncnode opens a database file
+    outside SQLite once per process, and closes it when the last app of that file closes.
+    The descriptor carries the shared flock that syncnode restore checks for.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: For each (device, inode): its descriptor and how many apps hold it.
+        self._files: dict[tuple[int, int], list[int]] = {}
+
+    def hold(self, path: str) -> tuple[int, int]:
+        """Hold the file with a shared flock; BlockingIOError while a restore swaps it."""
+        status = os.stat(path)
+        key = (status.st_dev, status.st_ino)
+        with self._lock:
+            entry = self._files.get(key)
+            if entry is not None:
+                entry[1] += 1
+                return key
+            held = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                opened, now = os.fstat(held), os.stat(path)
+                if (opened.st_dev, opened.st_ino) != key or now.st_ino != key[1]:  # swapped
+                    raise BlockingIOError
+            except BlockingIOError:
+                os.close(held)
+                raise
+            self._files[key] = [held, 1]
+            return key
+
+    def header(self, key: tuple[int, int]) -> bytes:
+        """Return the first 16 bytes of a held file."""
+        return os.pread(self._files[key][0], 16, 0)
+
+    def release(self, key: tuple[int, int]) -> None:
+        """Let go of a held file; the last app of it closes the descriptor."""
+        with self._lock:
+            entry = self._files[key]
+            entry[1] -= 1
+            if not entry[1]:
+                del self._files[key]
+                os.close(entry[0])
+
+
+HELD_FILES = HeldFiles()
 
 
 class Connection(sqlite3.Connection):
@@ -584,6 +654,16 @@ def touch(conn: sqlite3.Connection, user_ids: Iterable[int]) -> None:
     """
     if hasattr(conn, "pending"):
         conn.pending.update(user_ids)
+
+
+def revoke(conn: sqlite3.Connection, user_ids: Iterable[int]) -> None:
+    """Note inside a write transaction that it ends or narrows credentials of these users.
+
+    Their long-polls in this process wake at once (touch); those in other processes, whose
+    users this one cannot name, all check their credentials once the watcher sees the count.
+    """
+    touch(conn, user_ids)
+    conn.execute("UPDATE sync_state SET revocations = revocations + 1")
 
 
 def cannot_write(error: sqlite3.Error) -> bool:
@@ -1585,13 +1665,12 @@ def iso_time(ms: int) -> str:
 def end_user_session(conn: sqlite3.Connection, user_id: int, public_id: str) -> bool:
     """End one of the user's sessions with its children; False when there is none such."""
     with transaction(conn, write=True):
-        touch(conn, [user_id])
-        return (
-            conn.execute(
-                "DELETE FROM sessions WHERE user_id = ? AND public_id = ?", (user_id, public_id)
-            ).rowcount
-            == 1
-        )
+        deleted = conn.execute(
+            "DELETE FROM sessions WHERE user_id = ? AND public_id = ?", (user_id, public_id)
+        ).rowcount
+        if deleted:
+            revoke(conn, [user_id])
+    return deleted == 1
 
 
 def end_other_sessions(conn: sqlite3.Connection, user_id: int, keep_session_id: int | None) -> None:
@@ -1601,18 +1680,20 @@ def end_other_sessions(conn: sqlite3.Connection, user_id: int, keep_session_id: 
     end the kept session with it.
     """
     with transaction(conn, write=True):
-        touch(conn, [user_id])
         conn.execute("UPDATE sessions SET parent_id = NULL WHERE id = ?", (keep_session_id,))
-        conn.execute(
+        if conn.execute(
             "DELETE FROM sessions WHERE user_id = ? AND id IS NOT ?", (user_id, keep_session_id)
-        )
+        ).rowcount:
+            revoke(conn, [user_id])
 
 
 def end_session(conn: sqlite3.Connection, session_id: int) -> None:
     """Delete one session."""
     with transaction(conn, write=True):
         ended = conn.execute("DELETE FROM sessions WHERE id = ? RETURNING user_id", (session_id,))
-        touch(conn, [row[0] for row in ended.fetchall()])
+        user_ids = [row[0] for row in ended.fetchall()]
+        if user_ids:
+            revoke(conn, user_ids)
 
 
 def delete_account(conn: sqlite3.Connection, user_id: int, now_ms: int) -> None:
@@ -1641,7 +1722,7 @@ def delete_account(conn: sqlite3.Connection, user_id: int, now_ms: int) -> None:
             if others:
                 bury(conn, [row[0] for row in others], key, next_seq(conn), now_ms)
             conn.execute("DELETE FROM items WHERE id = ?", (item_id,))
-        touch(conn, [user_id])
+        revoke(conn, [user_id])
         conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
 
 
@@ -1833,7 +1914,6 @@ def update_api_key(
 ) -> ApiKey | None:
     """Change the fields given of one of the user's API keys; None when there is none such."""
     with transaction(conn, write=True):
-        touch(conn, [user_id])
         updated = conn.execute(
             """
             UPDATE api_keys SET name = coalesce(?, name),
@@ -1848,19 +1928,20 @@ def update_api_key(
                 public_id,
             ),
         ).rowcount
+        if updated:
+            revoke(conn, [user_id])
     return get_api_key(conn, user_id, public_id=public_id) if updated else None
 
 
 def delete_api_key(conn: sqlite3.Connection, user_id: int, public_id: str) -> bool:
     """Delete one of the user's API keys; False when there is none such."""
     with transaction(conn, write=True):
-        touch(conn, [user_id])
-        return (
-            conn.execute(
-                "DELETE FROM api_keys WHERE user_id = ? AND public_id = ?", (user_id, public_id)
-            ).rowcount
-            == 1
-        )
+        deleted = conn.execute(
+            "DELETE FROM api_keys WHERE user_id = ? AND public_id = ?", (user_id, public_id)
+        ).rowcount
+        if deleted:
+            revoke(conn, [user_id])
+    return deleted == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -2046,7 +2127,7 @@ class Connections:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._open: list[sqlite3.Connection] = []
-        self._held: int | None = None
+        self._held: tuple[int, int] | None = None
         self._healthy_until = 0.0
 
     def open(self) -> sqlite3.Connection:
@@ -2100,9 +2181,13 @@ class Connections:
             return True  # a flood of health checks does not queue behind the writers
         path = self.settings.database
         try:
-            with open(path, "rb") as file:
-                if file.read(16) != b"SQLite format 3\x00":
-                    return False
+            if self._held is not None:  # never a descriptor of its own: see HeldFiles
+                header = HELD_FILES.header(self._held)
+            else:  # (no POSIX locks here to lose)
+                with open(path, "rb") as file:
+                    header = file.read(16)
+            if header != b"SQLite format 3\x00":
+                return False
             conn = self.connection()
             with self.write_lock:
                 conn.execute("BEGIN IMMEDIATE")
@@ -2129,17 +2214,12 @@ class Connections:
             if fcntl is None or self._held is not None:
                 return
             path = self.settings.database
-            held = os.open(path, os.O_RDONLY)
             try:
-                fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                if os.fstat(held).st_ino != os.stat(path).st_ino:  # swapped meanwhile
-                    raise BlockingIOError
+                self._held = HELD_FILES.hold(path)
             except BlockingIOError:
-                os.close(held)
                 raise DatabaseUnusable(
                     f"syncnode restore is replacing {path}; start again once it is done."
                 ) from None
-            self._held = held
 
     def close(self) -> None:
         """Close every connection (new ones open if the app is used again) and the lock."""
@@ -2150,7 +2230,7 @@ class Connections:
         for conn in connections:
             conn.close()
         if held is not None:
-            os.close(held)
+            HELD_FILES.release(held)
 
 
 class Hashing:
@@ -2246,85 +2326,323 @@ class Hashing:
             pool.shutdown()
 
 
-class Waiters:
-    """The change feed's long-polls: how many wait, and waking those a change concerns.
+class Parked(BaseException):
+    """Raised through the app by a long-poll that waits without a thread (see Waiters).
 
-    Each waiting user has a condition of its own on one lock; a commit wakes only the users it
-    touched (see touch), so idle waiters of other users cost a write nothing.
+    syncnode's own server catches it, keeps the request and runs it again once the poll
+    wakes. It is a BaseException, so that no handler's `except Exception` takes it for an
+    error.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        #: Long-polls held at once; the rest answer at once, so some threads stay free.
-        self.max_waiting = settings.threads // 2
-        self.waiting = 0
+
+class Parking:
+    """The place syncnode's own server keeps a long-poll's request in, across its runs."""
+
+    def __init__(self, resume: Callable[[], None]) -> None:
+        #: Runs the request again on a serving thread.
+        self.resume = resume
+        #: When the poll's wait ends (monotonic seconds); set by its first run.
+        self.deadline: float | None = None
+        #: Whether the poll holds one of the places of max_waiters.
+        self.admitted = False
+        #: The poll's entry while it is parked.
+        self.waiter: Waiter | None = None
+        #: Frees the poll's place; the server calls it once the request is answered, however
+        #: it ends, or its client goes away.
+        self.release: Callable[[], None] = lambda: None
+
+
+@dataclasses.dataclass(eq=False)
+class Waiter:
+    """One long-poll waiting for changes: whose, from which cursor, and how to wake it."""
+
+    user_id: int
+    since: int
+    #: Runs a parked poll's request again; None while its query runs, and for a poll that
+    #: holds its thread (under another server).
+    resume: Callable[[], None] | None = None
+    #: Set by a wake-up that came while the poll's query ran, or while it holds its thread.
+    woken: bool = False
+
+
+class Waiters:
+    """The change feed's long-polls: how many wait, and waking only those a change concerns.
+
+    Under syncnode's own server a waiting poll is parked: it keeps its connection but no
+    thread, and its request runs again once it wakes or its wait ends. Under other servers a
+    poll holds its serving thread, so at most half the threads wait. A commit of this
+    process wakes the users it touched at once (see touch); one watcher thread per process
+    finds the commits of other processes from PRAGMA data_version, and ends parked polls
+    whose wait is over.
+    """
+
+    def __init__(self, settings: Settings, connections: Connections) -> None:
+        self.max_waiters = settings.max_waiters
+        #: Polls that may hold a serving thread at once; the other threads serve the rest.
+        self.max_holding = min(settings.threads // 2, settings.max_waiters)
+        self.connections = connections
+        #: Parked polls (admitted and not yet answered), and polls holding a thread.
+        self.parked = 0
+        self.holding = 0
         self._lock = threading.Lock()
-        #: For each user with waiters: its condition, its waiters and its count of changes.
-        self._users: dict[int, list] = {}
+        self._woken = threading.Condition(self._lock)
+        #: For each user with waiting polls: their entries.
+        self._users: dict[int, set[Waiter]] = {}
+        #: When the parked polls' waits end: (deadline, tie-breaker, parking).
+        self._deadlines: list[tuple[float, int, Parking]] = []
         self._stopping = False
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def waiting(self) -> int:
+        """How many long-polls wait now."""
+        return self.parked + self.holding
 
     def notify(self, user_ids: Iterable[int]) -> None:
         """Wake the long-polls of these users after a committed change."""
-        with self._lock:
-            for user_id in user_ids:
-                entry = self._users.get(user_id)
-                if entry is not None:
-                    entry[2] += 1
-                    entry[0].notify_all()
+        self._wake({user_id: None for user_id in user_ids})
 
     def stop(self) -> None:
         """Answer every long-poll now and hold no new ones: the server is shutting down."""
         with self._lock:
             self._stopping = True
-            for condition, _, _ in self._users.values():
-                condition.notify_all()
+        self._wake(None)
+
+    def close(self) -> None:
+        """Stop the watcher thread (a new one starts if the app is used again)."""
+        self._closed.set()
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=5)
+        self._closed.clear()
 
     def long_poll(
         self,
         user_id: int,
+        since: int,
         query: Callable[[], Listing],
         wait_seconds: int,
         gone: Callable[[], bool] = lambda: False,
+        parking: Parking | None = None,
     ) -> tuple[Listing, str | None]:
         """Run the query, and while it finds nothing, again after each change, for a while.
 
-        Changes this process commits for the user wake the wait at once; changes by another
-        process (an admin command) are seen within a second, and so is a client that went
-        away (gone), which frees its place. Past max_waiting waiters, or while the server
-        stops, the query answers at once with the reason the wait was declined ("busy",
-        "stopping").
+        Past max_waiters waiting polls (past max_holding where a poll holds its thread), or
+        while the server stops, the query answers at once with the reason the wait was
+        declined ("busy", "stopping"). Raises Parked where the server keeps the poll.
         """
-        declined = None
+        if not wait_seconds:
+            return query(), None
         with self._lock:
-            if wait_seconds and self._stopping:
+            declined = None
+            if parking is not None and parking.admitted:
+                pass  # a parked poll runs again
+            elif self._stopping:
                 declined = "stopping"
-            elif wait_seconds and self.waiting >= self.max_waiting:
+            elif parking is not None and self.parked < self.max_waiters:
+                self.parked += 1
+                parking.admitted = True
+                parking.deadline = time.monotonic() + wait_seconds
+                parking.release = functools.partial(self._leave, parking)
+            elif parking is None and self.holding < self.max_holding:
+                self.holding += 1
+            else:
                 declined = "busy"
-            elif wait_seconds:
-                self.waiting += 1
-                entry = self._users.setdefault(user_id, [threading.Condition(self._lock), 0, 0])
-                entry[1] += 1
-        if not wait_seconds or declined:
+        if declined:
             listing = query()
             return listing, None if listing.entries else declined
-        try:
-            deadline = time.monotonic() + wait_seconds
-            while True:
-                seen = entry[2]
-                listing = query()
-                remaining = deadline - time.monotonic()
-                if listing.entries or remaining <= 0 or self._stopping or gone():
-                    return listing, None
+        if parking is None:
+            try:
+                return self._hold(user_id, since, query, time.monotonic() + wait_seconds, gone)
+            finally:
                 with self._lock:
-                    entry[0].wait_for(
-                        lambda seen=seen: entry[2] != seen or self._stopping,
-                        timeout=min(remaining, 1.0),
-                    )
+                    self.holding -= 1
+        return self._park(user_id, since, query, parking, gone), None
+
+    def _hold(
+        self,
+        user_id: int,
+        since: int,
+        query: Callable[[], Listing],
+        deadline: float,
+        gone: Callable[[], bool],
+    ) -> tuple[Listing, None]:
+        """Wait on this thread; a client that went away (gone) is seen within a second."""
+        while True:
+            waiter = self._enter(user_id, since)
+            try:
+                listing = query()
+                with self._lock:
+                    while not (waiter.woken or self._stopping):
+                        remaining = deadline - time.monotonic()
+                        if listing.entries or remaining <= 0 or gone():
+                            return listing, None
+                        self._woken.wait(min(remaining, 1.0))
+                    if self._stopping:
+                        return listing, None
+            finally:
+                self._forget(waiter)
+
+    def _park(
+        self,
+        user_id: int,
+        since: int,
+        query: Callable[[], Listing],
+        parking: Parking,
+        gone: Callable[[], bool],
+    ) -> Listing:
+        """Answer what the query finds, or park the poll (raise Parked) until a change."""
+        while True:
+            waiter = self._enter(user_id, since)
+            try:
+                listing = query()
+            except BaseException:
+                self._forget(waiter)
+                raise
+            with self._lock:
+                done = listing.entries or self._stopping or gone()
+                if done or time.monotonic() >= parking.deadline:
+                    self._forget_locked(waiter)
+                    self._leave_locked(parking)
+                    return listing
+                if waiter.woken:  # a change came while the query ran: look again
+                    self._forget_locked(waiter)
+                    continue
+                waiter.resume, parking.waiter = parking.resume, waiter
+                heapq.heappush(self._deadlines, (parking.deadline, id(parking), parking))
+            raise Parked
+
+    def _enter(self, user_id: int, since: int) -> Waiter:
+        """Register a poll before its query runs, so that no wake-up meanwhile is lost."""
+        waiter = Waiter(user_id, since)
+        with self._lock:
+            self._users.setdefault(user_id, set()).add(waiter)
+            if self._watcher is None:
+                self._watcher = threading.Thread(
+                    target=self._watch, name="syncnode-watcher", daemon=True
+                )
+                self._watcher.start()
+        return waiter
+
+    def _forget(self, waiter: Waiter) -> None:
+        with self._lock:
+            self._forget_locked(waiter)
+
+    def _forget_locked(self, waiter: Waiter) -> None:
+        waiters = self._users.get(waiter.user_id)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._users[waiter.user_id]
+
+    def _leave(self, parking: Parking) -> None:
+        """Free a parked poll's place: it was answered, failed, or its client went away."""
+        with self._lock:
+            self._leave_locked(parking)
+
+    def _leave_locked(self, parking: Parking) -> None:
+        if parking.waiter is not None:
+            self._forget_locked(parking.waiter)
+            parking.waiter = None
+        if parking.admitted:
+            parking.admitted = False
+            self.parked -= 1
+
+    def _wake(self, changes: dict[int, int | None] | None) -> None:
+        """Wake the polls of these users (all with None) whose cursor is before their change.
+
+        A change of None concerns every poll of its user (a change this process committed,
+        or a credential that ended).
+        """
+        resumes = []
+        with self._lock:
+            users = self._users.keys() if changes is None else changes.keys() & self._users
+            for user_id in list(users):
+                seq = None if changes is None else changes[user_id]
+                for waiter in list(self._users[user_id]):
+                    if seq is not None and waiter.since >= seq:
+                        continue
+                    if waiter.resume is None:
+                        waiter.woken = True
+                    else:
+                        self._forget_locked(waiter)
+                        resumes.append(waiter.resume)
+            self._woken.notify_all()
+        for resume in resumes:
+            resume()
+
+    def _expire(self) -> None:
+        """Run again the parked polls whose wait is over, so that they answer."""
+        resumes = []
+        with self._lock:
+            now = time.monotonic()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                parking = heapq.heappop(self._deadlines)[2]
+                waiter = parking.waiter
+                if waiter is not None and waiter.resume is not None:
+                    if waiter in self._users.get(waiter.user_id, ()):
+                        self._forget_locked(waiter)
+                        resumes.append(waiter.resume)
+        for resume in resumes:
+            resume()
+
+    def _watch(self) -> None:
+        """The watcher: runs while polls wait, looking every WATCH_SECONDS (see Waiters)."""
+        conn = None
+        try:
+            conn = self.connections.open()
+            version, seq, revocations = self._look(conn)
+            while not self._closed.wait(WATCH_SECONDS):
+                with self._lock:
+                    if not self._users and not self._deadlines:
+                        self._watcher = None
+                        return
+                self._expire()
+                if conn.execute("PRAGMA data_version").fetchone()[0] == version:
+                    continue
+                last_seq, last_revocations = seq, revocations
+                version, seq, revocations = self._look(conn)
+                if revocations != last_revocations:
+                    self._wake(None)  # each poll checks its credential
+                elif seq != last_seq:
+                    self._wake(self._changed_since(conn, last_seq))
+        except sqlite3.Error as error:
+            reason = getattr(error, "sqlite_errorname", type(error).__name__)
+            log.warning("The long-poll watcher stopped and will start again: %s", reason)
         finally:
             with self._lock:
-                self.waiting -= 1
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._users[user_id]
+                if self._watcher is threading.current_thread():
+                    self._watcher = None
+            if conn is not None:
+                conn.close()
+
+    @staticmethod
+    def _look(conn: sqlite3.Connection) -> tuple[int, int, int]:
+        """Return the database's data version, its latest change and its revocation count."""
+        with transaction(conn):
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            seq, revocations = conn.execute("SELECT seq, revocations FROM sync_state").fetchone()
+        return version, seq, revocations
+
+    def _changed_since(self, conn: sqlite3.Connection, seq: int) -> dict[int, int | None]:
+        """Return the waiting users whose feed changed past seq, with their latest change."""
+        with self._lock:
+            user_ids = json.dumps(list(self._users))
+        rows = conn.execute(
+            """
+            SELECT user_id, max(seq) FROM permissions
+            WHERE user_id IN (SELECT value FROM json_each(?1)) AND seq > ?2 GROUP BY user_id
+            UNION ALL
+            SELECT user_id, max(seq) FROM tombstones
+            WHERE user_id IN (SELECT value FROM json_each(?1)) AND seq > ?2 GROUP BY user_id
+            """,
+            (user_ids, seq),
+        ).fetchall()
+        changes: dict[int, int | None] = {}
+        for user_id, latest in rows:
+            changes[user_id] = max(latest, changes.get(user_id) or 0)
+        return changes
 
 
 class Housekeeping:
@@ -2373,8 +2691,8 @@ class Context:
         self.settings = settings
         self.clock = clock
         self.db = Connections(settings)
-        self.waiters = Waiters(settings)
-        self.hashing = Hashing(settings, lambda: self.waiters.waiting)
+        self.waiters = Waiters(settings, self.db)
+        self.hashing = Hashing(settings, lambda: self.waiters.holding)
         self.housekeeping = Housekeeping(settings)
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
         self.data_dir = os.path.dirname(os.path.abspath(settings.database))
@@ -2403,7 +2721,8 @@ class Context:
             self.housekeeping.run(self.db, now_ms)
 
     def close(self) -> None:
-        """Close the app's connections and stop its hashing threads."""
+        """Close the app's connections and stop its watcher and hashing threads."""
+        self.waiters.close()
         self.db.close()
         self.hashing.close()
 
@@ -3286,8 +3605,11 @@ def sync_list_keys(ctx: Context, caller: Caller):
                 conn, caller.user_id, query.since, query.prefix, query.limit, query.values
             )
 
-        gone = bottle.request.environ.get("waitress.client_disconnected", lambda: False)
-        listing, declined = ctx.waiters.long_poll(caller.user_id, changes, query.wait, gone)
+        environ = bottle.request.environ
+        gone = environ.get("waitress.client_disconnected", lambda: False)
+        listing, declined = ctx.waiters.long_poll(
+            caller.user_id, query.since, changes, query.wait, gone, environ.get(PARKING)
+        )
         if declined:  # so that a client backs off instead of polling again at once
             headers = {"Retry-After": "1", "X-Sync-Wait-Declined": declined}
     headers = {
@@ -4958,6 +5280,8 @@ def server_class(settings: Settings) -> type:
     class Parser(waitress.parser.HTTPRequestParser):
         #: The largest body the request's route reads, known once its headers are.
         body_limit = 0
+        #: Where a long-poll waits between its runs (see Parking).
+        parking: Parking | None = None
 
         def received(self, data: bytes) -> int:
             had_headers = self.headers_finished
@@ -5014,16 +5338,30 @@ def server_class(settings: Settings) -> type:
             environ = super().get_environment()
             environ.setdefault(AFTER_ANSWER, [])
             environ["syncnode.server"] = "syncnode"
+            if self.request.parking is None:  # kept with the request across its runs
+                channel = self.channel
+                self.request.parking = Parking(functools.partial(channel.server.add_task, channel))
+            environ[PARKING] = self.request.parking
             return environ
 
         def service(self) -> None:
             try:
                 super().service()
-            finally:
-                self.channel.answered = True
-                callbacks = self.environ.get(AFTER_ANSWER) if self.environ else None
-                if callbacks:  # also when the client left: the work is the server's
-                    self.channel.server.after_answers.submit(run_after_answer, callbacks)
+            except Parked:
+                raise  # not answered yet: Channel.service keeps the request
+            except BaseException:
+                self.finished()
+                raise
+            self.finished()
+
+        def finished(self) -> None:
+            """Free the request's long-poll place, and run its after-answer work."""
+            self.channel.answered = True
+            if self.request.parking is not None:
+                self.request.parking.release()
+            callbacks = self.environ.get(AFTER_ANSWER) if self.environ else None
+            if callbacks:  # also when the client left: the work is the server's
+                self.channel.server.after_answers.submit(run_after_answer, callbacks)
 
     class Channel(waitress.channel.HTTPChannel):
         task_class, error_task_class, parser_class = Task, ErrorTask, Parser
@@ -5044,8 +5382,17 @@ def server_class(settings: Settings) -> type:
                     self.server.pull_trigger()
                     return
             self.answered = False
-            super().service()
+            try:
+                super().service()
+            except Parked:
+                return  # the request stays first; its Parking runs it again
             self.idle_since = time.time()
+
+        def handle_close(self) -> None:
+            for request in list(self.requests):  # a parked long-poll frees its place at once
+                if request.parking is not None:
+                    request.parking.release()
+            super().handle_close()
 
         def writable(self) -> bool:
             # A parked request must come back even if its answers went out meanwhile.
@@ -5118,6 +5465,27 @@ def server_class(settings: Settings) -> type:
     return Server
 
 
+def open_files_limit() -> int:
+    """Raise the soft limit of open files to the hard one, and return it.
+
+    A thousand waiting long-polls are a thousand sockets; many systems start processes with
+    a soft limit of 1,024 files.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this system: trust it
+        return 1 << 20
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return min(soft, hard)
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
 def make_server(settings: Settings, app: Callable | None = None, map: dict | None = None) -> Any:
     """Bind the hardened waitress server to the settings' host and port; app may come later.
 
@@ -5129,6 +5497,14 @@ def make_server(settings: Settings, app: Callable | None = None, map: dict | Non
     # Waitress warns about queue depth on nearly every request under load: an SD card pays for
     # every line, and a full queue is what the thread setting is for.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    # Each connection is a file; so are SQLite's files of each thread, the watcher's and the
+    # after-answer work's.
+    connection_limit = min(settings.max_connections, open_files_limit() - 4 * settings.threads - 64)
+    if connection_limit < settings.max_connections:
+        log.warning(
+            "Only %d connections fit the open-files limit (ulimit -n); max_connections is %d.",
+            connection_limit, settings.max_connections,
+        )  # fmt: skip
     adjustments = waitress.adjustments.Adjustments(
         host=settings.host,
         port=settings.port,
@@ -5137,11 +5513,13 @@ def make_server(settings: Settings, app: Callable | None = None, map: dict | Non
         # Waitress holds up to this much of an answer in memory before the serving thread
         # waits for the client (16 MiB by default): one large streamed value would cost that.
         outbuf_high_watermark=OUTBUF_HIGH_WATERMARK_BYTES,
-        connection_limit=settings.max_connections,
+        connection_limit=max(2, connection_limit),
         cleanup_interval=SWEEP_SECONDS,
         # Reading on while a request is served is how waitress sees a client leave, which
         # frees a long-poll's place (waitress.client_disconnected).
         channel_request_lookahead=1,
+        # select() takes no file number past 1,023, and a thousand polls are as many sockets.
+        asyncore_use_poll=True,
         channel_timeout=settings.client_timeout,
         max_request_body_size=max(settings.max_value_bytes, MAX_BATCH_BYTES) + 1,
     )
@@ -5261,6 +5639,30 @@ def parse_args(argv: list[str], environ: Mapping[str, str]) -> Settings:
     return parse_command(argv, environ)[1]
 
 
+def app_from_environment(environ: Mapping[str, str] | None = None) -> SyncNodeApp:
+    """Return the app for another WSGI server (gunicorn), with settings from SYNCNODE_* variables.
+
+    Loaded in a server's main thread, SIGTERM and SIGINT first answer this process's
+    long-polls, then do what they did before: a graceful stop does not wait for polls.
+    """
+    settings = parse_command([], os.environ if environ is None else environ)[1]
+    app = create_app(**dataclasses.asdict(settings))
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+
+            def stop(number: int, frame: Any, previous: Any = previous) -> None:
+                app.context.waiters.stop()
+                if callable(previous):
+                    previous(number, frame)
+                elif previous == signal.SIG_DFL:  # as if unhandled
+                    signal.signal(number, signal.SIG_DFL)
+                    os.kill(os.getpid(), number)
+
+            signal.signal(signum, stop)
+    return app
+
+
 def serve(app: SyncNodeApp, settings: Settings, server: Any = None) -> None:
     """Serve the app with waitress until SIGTERM or SIGINT, then stop gracefully.
 
@@ -5289,7 +5691,9 @@ def serve(app: SyncNodeApp, settings: Settings, server: Any = None) -> None:
     )
     try:
         while not stopping.is_set():
-            server.asyncore.loop(timeout=STOP_CHECK_SECONDS, map=server._map, count=1)
+            server.asyncore.loop(
+                timeout=STOP_CHECK_SECONDS, use_poll=True, map=server._map, count=1
+            )
         log.info("Stopping: finishing the requests under way.")
         waitress.wasyncore.dispatcher.close(server)  # no new connections
         app.context.waiters.stop()
@@ -5306,7 +5710,7 @@ def serve(app: SyncNodeApp, settings: Settings, server: Any = None) -> None:
                     channel.close()
             if not busy:
                 break
-            server.asyncore.loop(timeout=0.1, map=server._map, count=1)
+            server.asyncore.loop(timeout=0.1, use_poll=True, map=server._map, count=1)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -580,18 +580,20 @@ class RealServer:
 class LiveServer(RealServer):
     """A WSGI app served by waitress on 127.0.0.1 (port 0) from a daemon thread."""
 
-    def __init__(self, wsgi_app: Callable, threads: int) -> None:
+    def __init__(self, wsgi_app: Callable, threads: int, plain: bool = False) -> None:
         self.socket_map: dict = {}
         context = getattr(wsgi_app, "context", None)
-        if context is not None:  # syncnode's own server, as `python syncnode.py` runs it
+        if context is not None and not plain:  # syncnode's own, as `python syncnode.py` runs it
             settings = dataclasses.replace(
                 context.settings, host="127.0.0.1", port=0, threads=threads
             )
             self.server = syncnode.make_server(settings, wsgi_app, self.socket_map)
         else:
+            # Reading ahead is how waitress sees a client leave (waitress.client_disconnected).
             self.server = waitress.server.create_server(
-                wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads
-            )
+                wsgi_app, map=self.socket_map, host="127.0.0.1", port=0, threads=threads,
+                channel_request_lookahead=1,
+            )  # fmt: skip
         self.app = wsgi_app
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
@@ -628,16 +630,21 @@ def start_server(make_app):
     Without an app it serves a new syncnode app with the given settings. The server runs as many
     threads as the app's threads setting, as `python syncnode.py` does, unless server_threads
     says otherwise; the app's own bounds (hashing requests, long-polls) follow its setting.
+    A syncnode app runs on syncnode's own server unless plain asks for waitress's.
     """
     servers: list[LiveServer] = []
 
     def start(
-        wsgi_app: Callable | None = None, *, server_threads: int | None = None, **settings
+        wsgi_app: Callable | None = None,
+        *,
+        server_threads: int | None = None,
+        plain: bool = False,
+        **settings,
     ) -> LiveServer:
         wsgi_app = wsgi_app or make_app(**settings)
         if server_threads is None:
             server_threads = wsgi_app.context.settings.threads
-        server = LiveServer(wsgi_app, server_threads)
+        server = LiveServer(wsgi_app, server_threads, plain)
         servers.append(server)
         return server
 
@@ -3247,8 +3254,17 @@ def test_longpoll_ignores_changes_the_caller_cannot_see(start_server):
     assert int(answer.headers["X-Sync-Seq"]) >= cursor
 
 
-def test_longpoll_past_max_waiting_answers_at_once(start_server):
-    server = start_server(threads=2)  # max_waiting = threads // 2 = 1
+#: The two ways a poll waits, each with room for one waiting poll: parked by syncnode's own
+#: server (max_waiters), or holding a thread of another server (half the threads).
+ONE_PLACE = [
+    pytest.param({"max_waiters": 1}, id="parked"),
+    pytest.param({"threads": 2, "plain": True}, id="holding-a-thread"),
+]
+
+
+@pytest.mark.parametrize("one_place", ONE_PLACE)
+def test_longpoll_past_max_waiting_answers_at_once(start_server, one_place):
+    server = start_server(**one_place)
     alice = server.register("alice")
     cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
     first = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=5")
@@ -3297,8 +3313,9 @@ def test_longpoll_wakes_only_the_users_a_change_concerns(start_server, monkeypat
     assert [entry["key"] for entry in poll.result().json] == ["shared"]
 
 
-def test_longpoll_declined_past_max_waiting_says_busy_with_retry_after(start_server):
-    server = start_server(threads=2)  # max_waiting = threads // 2 = 1
+@pytest.mark.parametrize("one_place", ONE_PLACE)
+def test_longpoll_declined_past_max_waiting_says_busy_with_retry_after(start_server, one_place):
+    server = start_server(**one_place)
     alice = server.register("alice")
     cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
     first = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=5")
@@ -3311,8 +3328,9 @@ def test_longpoll_declined_past_max_waiting_says_busy_with_retry_after(start_ser
     assert "X-Sync-Wait-Declined" not in first.result().headers
 
 
-def test_longpoll_not_declined_without_wait_or_with_changes(start_server):
-    server = start_server(threads=2)
+@pytest.mark.parametrize("one_place", ONE_PLACE)
+def test_longpoll_not_declined_without_wait_or_with_changes(start_server, one_place):
+    server = start_server(**one_place)
     alice, other = server.register("alice"), server.register("bob")
     cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
     first = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=5")
@@ -3339,8 +3357,9 @@ def test_longpoll_declined_while_stopping_says_stopping(start_server):
     assert declined.headers["X-Sync-Wait-Declined"] == "stopping"
 
 
-def test_longpoll_of_a_client_that_left_frees_its_place_within_a_second(start_server):
-    server = start_server(threads=2)  # one place only
+@pytest.mark.parametrize("one_place", ONE_PLACE)
+def test_longpoll_of_a_client_that_left_frees_its_place_within_a_second(start_server, one_place):
+    server = start_server(**one_place)
     alice = server.register("alice")
     cursor = int(server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"])
     sock = socket.create_connection(("127.0.0.1", int(server.port)), timeout=5)
@@ -3357,6 +3376,175 @@ def test_longpoll_of_a_client_that_left_frees_its_place_within_a_second(start_se
     wait_for_waiters(server, 1)  # the place was free again: this one waits
     server.request("PUT", "/store/k", b"v", alice.headers)
     assert [entry["key"] for entry in second.result().json] == ["k"]
+
+
+# Long-polls at scale, and across processes -------------------------------------------------------
+
+
+def test_a_thousand_long_polls_wait_on_the_default_server_without_threads(start_server):
+    limit = syncnode.open_files_limit()  # make_server raises it the same way
+    assert limit >= 2300, f"the open-files limit ({limit}) cannot hold 1,000 polls and clients"
+    server = start_server()  # the default settings: 4 threads, max_waiters 1,000
+    waiters = server.app.context.waiters
+    alice = server.register("alice")
+    users = [server.register(f"user{number}") for number in range(100)]
+    cursors = {
+        user.name: server.request("GET", "/store", headers=user.headers).headers["X-Sync-Seq"]
+        for user in users
+    }
+    threads_before = threading.active_count()
+    clients = Clients(server)
+    try:
+        polls = []
+        for number in range(1000):
+            user = users[number % 100]
+            sock = clients.open(timeout=30)
+            path = f"/store?since={cursors[user.name]}&wait=50"
+            sock.sendall(raw_request("GET", path, user.headers))
+            polls.append((user, sock))
+        wait_for(lambda: waiters.waiting == 1000, timeout=60, what="1,000 waiting polls")
+        # They hold no thread (the watcher is one per process), and other requests get answers.
+        assert threading.active_count() <= threads_before + 1
+        assert waiters.holding == 0 and waiters.parked == 1000
+        assert server.request("GET", "/health").status_int == 200
+        declined = server.request("GET", "/store?since=0&wait=5", headers=alice.headers)
+        assert declined.status_int == 200, declined.body
+        assert declined.headers["X-Sync-Wait-Declined"] == "busy"
+        assert declined.headers["Retry-After"] == "1"
+        # One write to a key shared with half of the users answers their 500 polls alone.
+        sharers = users[:50]
+        assert server.request("PUT", "/store/shared", b"v", alice.headers).status_int == 204
+        grant = json.dumps([{"user": user.name, "permission": "READ"} for user in sharers])
+        reply = server.request("PUT", "/permission/shared", grant.encode(), alice.headers)
+        assert reply.status_int == 204, reply.body
+        for user, sock in polls:
+            if user in sharers:
+                answer = read_answer(sock, timeout=30)
+                assert answer.status == 200
+                assert [entry["key"] for entry in answer.json] == ["shared"]
+        wait_for(lambda: waiters.waiting == 500, timeout=10, what="the other polls alone")
+        waiters.stop()  # the rest answer at once, with nothing new
+        for user, sock in polls:
+            if user not in sharers:
+                answer = read_answer(sock, timeout=30)
+                assert (answer.status, answer.json) == (200, [])
+        assert waiters.waiting == 0
+    finally:
+        clients.close()
+
+
+def test_a_parked_poll_whose_credential_died_while_it_waited_frees_its_place(start_server):
+    server = start_server(max_waiters=1)
+    alice = server.register("alice")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
+    poll = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=10")
+    wait_for_waiters(server, 1)
+    assert server.request("DELETE", "/auth", headers=alice.headers).status_int == 204
+    assert poll.result().status_int == 401  # answered before the poll's handler ran again
+    assert server.app.context.waiters.waiting == 0
+    again = server.register("bob")
+    cursor = server.request("GET", "/store", headers=again.headers).headers["X-Sync-Seq"]
+    second = LongPoll(server, again.headers, f"/store?since={cursor}&wait=10")
+    wait_for_waiters(server, 1)  # the one place is free again
+    server.request("PUT", "/store/k", b"v", again.headers)
+    assert [entry["key"] for entry in second.result().json] == ["k"]
+
+
+def test_a_parked_poll_answers_once_its_wait_is_over(start_server):
+    server = start_server()
+    alice = server.register("alice")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
+    poll = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=1")
+    answer = poll.result(timeout=5)
+    assert (answer.status_int, answer.json) == (200, [])
+    assert answer.headers["X-Sync-Cursor"] == cursor
+    assert 0.95 <= poll.done_at - poll.started_at < 4
+    assert server.app.context.waiters.waiting == 0
+
+
+def test_pipelined_requests_behind_a_parked_poll_are_answered_after_it(start_server):
+    server = start_server()
+    alice = server.register("alice")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
+    clients = Clients(server)
+    try:
+        sock = clients.open()
+        poll = raw_request("GET", f"/store?since={cursor}&wait=10", alice.headers)
+        sock.sendall(poll + raw_request("GET", "/health"))
+        wait_for_waiters(server, 1)
+        assert server.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
+        first, second = read_answer(sock, timeout=5), read_answer(sock, timeout=5)
+        assert first.status == 200 and [entry["key"] for entry in first.json] == ["k"]
+        assert (second.status, second.json) == (200, {"database": True, "disk": True})
+    finally:
+        clients.close()
+
+
+@pytest.fixture
+def two_processes(start_server, make_app):
+    """A served app, and a second app on the same database: another process, as far as
+    long-polls can tell (its own connections, write lock and waiters)."""
+    server = start_server()
+    other = start_server(make_app())
+    yield server, other
+    server.app.context.waiters.stop()
+
+
+def test_a_commit_in_another_process_wakes_the_polls_it_concerns_at_once(two_processes):
+    server, other = two_processes
+    alice, bob = server.register("alice"), server.register("bob")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
+    poll = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=20", socket_timeout=25)
+    wait_for_waiters(server, 1)
+    started = time.monotonic()
+    written = other.request("PUT", "/store/k", b"v", alice.headers)
+    assert written.status_int == 204
+    answer = poll.result()
+    assert [entry["key"] for entry in answer.json] == ["k"]
+    print(f"woken {1000 * (poll.done_at - started):.0f} ms after the other process's PUT")
+    assert poll.done_at - started < 5, "woken by the wait running out, not by the watcher"
+    assert server.app.context.waiters.waiting == 0
+    assert bob.name == "bob"
+
+
+def test_a_commit_in_another_process_leaves_other_users_polls_asleep(two_processes, monkeypatch):
+    server, other = two_processes
+    alice, bob = server.register("alice"), server.register("bob")
+    queries: collections.Counter = collections.Counter()
+    original = syncnode.list_changes
+
+    def counted(conn, user_id, *args, **kwargs):
+        queries[user_id] += 1
+        return original(conn, user_id, *args, **kwargs)
+
+    monkeypatch.setattr(syncnode, "list_changes", counted)
+    cursor = server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"]
+    poll = LongPoll(server, bob.headers, f"/store?since={cursor}&wait=20", socket_timeout=25)
+    wait_for_waiters(server, 1)
+    (bob_id,) = queries
+    for number in range(5):  # alice's own keys, written in the other process
+        reply = other.request("PUT", f"/store/own/{number}", b"v", alice.headers)
+        assert reply.status_int == 204
+    time.sleep(0.3)  # several looks of the watcher
+    assert queries[bob_id] == 1, "bob's poll queried for changes he cannot see"
+    assert poll.thread.is_alive()
+    other.request("PUT", "/store/shared", b"v", alice.headers)
+    grant = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
+    assert other.request("PUT", "/permission/shared", grant, alice.headers).status_int == 204
+    assert [entry["key"] for entry in poll.result().json] == ["shared"]
+
+
+def test_a_session_ended_in_another_process_ends_its_poll(two_processes):
+    server, other = two_processes
+    alice = server.register("alice")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
+    poll = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=20", socket_timeout=25)
+    wait_for_waiters(server, 1)
+    started = time.monotonic()
+    assert other.request("DELETE", "/auth", headers=alice.headers).status_int == 204
+    answer = poll.result()
+    assert answer.status_int == 401 and answer.json["code"] == "AUTH01"
+    assert poll.done_at - started < PROMPTLY
 
 
 # Long-polls end when their credential dies --------------------------------------------------------
@@ -7445,7 +7633,8 @@ def test_app_auth_admin_sign_up_makes_the_first_account_admin(client, db):
 
 
 def test_busy_hashing_leaves_the_threads_long_polls_hold_to_others(start_server):
-    server = start_server(threads=4)  # two may wait; hashing may take what is left but one
+    # Under another server two polls may hold threads; hashing may take what is left but one.
+    server = start_server(threads=4, plain=True)
     alice = server.register("alice")
     cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
     polls = [LongPoll(server, alice.headers, f"/store?since={cursor}&wait=10") for _ in range(2)]
@@ -7458,6 +7647,21 @@ def test_busy_hashing_leaves_the_threads_long_polls_hold_to_others(start_server)
     server.request("PUT", "/store/k", b"v", alice.headers)
     for poll in polls:
         assert poll.result().status_int == 200
+
+
+def test_parked_long_polls_leave_every_thread_to_hashing(start_server):
+    server = start_server(threads=4)  # syncnode's own server: waiting polls hold no thread
+    alice = server.register("alice")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
+    polls = [LongPoll(server, alice.headers, f"/store?since={cursor}&wait=10") for _ in range(3)]
+    wait_for_waiters(server, 3)
+    assert server.app.context.waiters.holding == 0
+    with server.app.context.hashing.slot():  # one hashes: two more may, as with no polls
+        body = json.dumps({"id": "alice", "password": PASSWORD}).encode()
+        assert server.request("POST", "/auth", body, JSON).status_int == 200
+    server.request("PUT", "/store/k", b"v", alice.headers)
+    for poll in polls:
+        assert [entry["key"] for entry in poll.result().json] == ["k"]
 
 
 def test_reset_request_token_is_made_by_the_server_after_the_answer(start_server, db):
@@ -12095,6 +12299,39 @@ def start_syncnode(tmp_path):
         server.process.wait(timeout=10)
 
 
+def test_health_checks_keep_the_wal_of_a_serving_process_when_another_one_closes(
+    start_syncnode, db_path, tmp_path
+):
+    # Opening and closing the database file outside SQLite would drop the server's POSIX
+    # locks: the next process to close its connection would then delete the -wal under it.
+    server = start_syncnode(db_path)
+    for _ in range(3):
+        assert server.request("GET", "/health").status_int == 200
+    stats = run_cli(tmp_path, "stats", "--database", db_path)
+    assert stats.returncode == 0, stats.stderr
+    alice = server.register("alice")
+    assert server.request("PUT", "/store/k", b"kept", alice.headers).status_int == 204
+    assert os.path.exists(db_path + "-wal"), "another process deleted the serving one's -wal"
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:  # another process's view
+        assert conn.execute("SELECT value FROM items WHERE key = 'k'").fetchone() == (b"kept",)
+        assert conn.execute("SELECT count(*) FROM sessions").fetchone() == (1,)
+
+
+def test_closing_one_app_keeps_the_locks_of_another_on_the_same_file(make_app, db_path, tmp_path):
+    first, second = make_app(), make_app()
+    client = webtest.TestApp(first)
+    client.get("/health", status=200)
+    webtest.TestApp(second).get("/health", status=200)
+    second.close()  # the file's one descriptor stays open for the first app
+    stats = run_cli(tmp_path, "stats", "--database", db_path)
+    assert stats.returncode == 0, stats.stderr
+    token = register_user(client, "alice").token
+    client.put("/store/k", b"kept", headers=bearer_headers(token), status=204)
+    assert os.path.exists(db_path + "-wal")
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT value FROM items WHERE key = 'k'").fetchone() == (b"kept",)
+
+
 def test_shutdown_sigterm_finishes_a_put_under_way(start_syncnode, db_path):
     server = start_syncnode(db_path, "--shutdown-timeout", "5")
     alice = server.register("alice")
@@ -12247,6 +12484,204 @@ def test_restart_after_sigkill_keeps_every_acknowledged_write(start_syncnode, tm
         assert (result.returncode, result.stdout) == (0, "ok\n")
         server = start_syncnode(db_path)
         check_survivors(server, users, writers)
+
+
+# ==================================================================================================
+# Operations: several processes under gunicorn
+# ==================================================================================================
+
+
+@pytest.fixture
+def start_gunicorn(tmp_path, db_path):
+    """Start gunicorn with the README's command line on the test's database; stop it after."""
+    pytest.importorskip("gunicorn", reason="gunicorn is in the test extra")
+    started: list[ServerProcess] = []
+
+    def start(workers: int, *args: str, **variables: str) -> ServerProcess:
+        port, log_path = free_port(), str(tmp_path / f"gunicorn-{len(started)}.log")
+        command = [
+            sys.executable, "-m", "gunicorn", "--workers", str(workers),
+            "--worker-class", "gthread", "--threads", "4", "--keep-alive", "30",
+            "--bind", f"127.0.0.1:{port}", "--chdir", os.path.dirname(SYNCNODE_PY),
+            "--no-control-socket", *args,
+            "syncnode:app_from_environment()",
+        ]  # fmt: skip
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            process = subprocess.Popen(
+                command,
+                cwd=tmp_path,
+                env=cli_env(SYNCNODE_DATABASE=db_path, SYNCNODE_THREADS="4", **variables),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
+        server = ServerProcess(process, port, log_path)
+        started.append(server)
+        server.wait_until_up()
+        wait_for(lambda: len(gunicorn_workers(server)) == workers, what="gunicorn's workers")
+        return server
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+        server.process.wait(timeout=10)
+
+
+def gunicorn_workers(server: ServerProcess) -> list[int]:
+    """The process ids of a gunicorn master's workers."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as file:
+                    if int(file.read().rpartition(")")[2].split()[1]) == server.process.pid:
+                        children.append(int(entry))
+    return children
+
+
+def serving_worker(server: ServerProcess, conn: http.client.HTTPConnection) -> int | None:
+    """Which worker process holds the server's end of a kept-alive connection (Linux /proc)."""
+    client_port = conn.sock.getsockname()[1]
+    wanted = f"0100007F:{server.port:04X} 0100007F:{client_port:04X}"
+    with open("/proc/net/tcp", encoding="utf-8") as file:
+        rows = [line.split() for line in file.read().splitlines()[1:]]
+    inodes = [row[9] for row in rows if f"{row[1]} {row[2]}" == wanted]
+    if not inodes:
+        return None
+    for pid in gunicorn_workers(server):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inodes[0]}]":
+                        return pid
+    return None
+
+
+def connections_by_worker(server: ServerProcess, count: int = 2) -> dict[int, list]:
+    """Kept-alive connections to the server, at least one to each of `count` workers."""
+    by_worker: dict[int, list] = collections.defaultdict(list)
+    for _ in range(200):  # the kernel hands each new connection to one worker or another
+        conn = server.connect(timeout=30)
+        assert call(conn, "GET", "/health").status_int == 200
+        by_worker[serving_worker(server, conn)].append(conn)
+        if len([pid for pid in by_worker if pid is not None]) >= count:
+            break
+    assert None not in by_worker or len(by_worker) > count, "a connection's worker was not found"
+    return {pid: conns for pid, conns in by_worker.items() if pid is not None}
+
+
+def close_all(by_worker: dict[int, list]) -> None:
+    for conns in by_worker.values():
+        for conn in conns:
+            conn.close()
+
+
+class KeptPoll(LongPoll):
+    """A long-poll on a given kept-alive connection."""
+
+    def __init__(self, conn: http.client.HTTPConnection, headers: dict[str, str], url: str):
+        self.conn = conn
+        super().__init__(None, headers, url)
+
+    def run(self, server, headers, url, socket_timeout) -> None:
+        try:
+            self.answer = call(self.conn, "GET", url, headers=headers)
+        except BaseException as error:  # re-raised by result()
+            self.error = error
+        self.done_at = time.monotonic()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_gunicorn_serves_the_contract_with_one_or_two_workers(start_gunicorn, workers):
+    server = start_gunicorn(workers)
+    alice = server.register("alice")
+    written = server.request("PUT", "/store/k", b"v1", alice.headers)
+    assert written.status_int == 204
+    token = written.headers["X-Sync-Token"]
+    read = server.request("GET", "/store/k", headers=alice.headers)
+    assert (read.status_int, read.body, read.headers["X-Sync-Token"]) == (200, b"v1", token)
+    listing = server.request("GET", "/store?values=true", headers=alice.headers)
+    assert [(entry["key"], entry["value"]) for entry in listing.json] == [("k", b64(b"v1"))]
+    assert server.request("GET", "/openapi.json").status_int == 200
+
+
+def test_gunicorn_a_commit_in_one_worker_wakes_a_poll_in_the_other(start_gunicorn):
+    server = start_gunicorn(2)
+    alice = server.register("alice")
+    by_worker = connections_by_worker(server)
+    try:
+        (poll_worker, poll_conns), (put_worker, put_conns) = list(by_worker.items())[:2]
+        cursor = call(put_conns[0], "GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
+        poll = KeptPoll(poll_conns[0], alice.headers, f"/store?since={cursor}&wait=20")
+        time.sleep(0.3)  # the poll reaches its worker and waits
+        assert poll.thread.is_alive()
+        started = time.monotonic()
+        written = call(put_conns[0], "PUT", "/store/k", b"v", alice.headers)
+        assert written.status_int == 204
+        answer = poll.result(timeout=25)
+        print(
+            f"woken {1000 * (poll.done_at - started):.0f} ms after the other worker's PUT",
+            dict(answer.headers),
+        )
+        assert [entry["key"] for entry in answer.json] == ["k"]
+        assert poll.done_at - started < 5, "woken by the wait running out, not by the watcher"
+        assert serving_worker(server, poll_conns[0]) == poll_worker != put_worker
+    finally:
+        close_all(by_worker)
+
+
+def test_gunicorn_racing_writers_in_two_workers_one_wins_and_limits_hold(start_gunicorn, db):
+    server = start_gunicorn(2, SYNCNODE_LOGIN_FAILS_PER_ID="3")
+    alice = server.register("alice")
+    token = server.request("PUT", "/store/k", b"v0", alice.headers).headers["X-Sync-Token"]
+    by_worker = connections_by_worker(server)
+    try:
+        conns = [conn for conns in by_worker.values() for conn in conns[:3]]
+        headers = {**alice.headers, "If-Match": f'"{token}"'}
+        answers: list[int] = []
+
+        def write(conn: http.client.HTTPConnection, value: bytes) -> None:
+            answers.append(call(conn, "PUT", "/store/k", value, headers).status_int)
+
+        writers = [lambda conn=conn, n=n: write(conn, b"v%d" % n) for n, conn in enumerate(conns)]
+        run_threads(writers, timeout=30)
+        assert sorted(answers) == [204] + [409] * (len(conns) - 1)
+        # Failed logins count in the database: three in all, whichever worker took each.
+        wrong = json.dumps({"id": "alice", "password": "wrong password"}).encode()
+        statuses = [
+            # Each on a new connection, which the kernel gives to either worker.
+            server.request("POST", "/auth", wrong, JSON).status_int
+            for _ in range(4)
+        ]
+        assert statuses == [401, 401, 401, 429]
+    finally:
+        close_all(by_worker)
+    assert db.execute("SELECT count(*) FROM attempts WHERE kind = 'login_id'").fetchone()[0] == 3
+
+
+def test_gunicorn_sigterm_answers_waiting_polls_and_stops(start_gunicorn):
+    server = start_gunicorn(2, "--graceful-timeout", "30")
+    alice = server.register("alice")
+    by_worker = connections_by_worker(server)
+    try:
+        cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
+        polls = [
+            KeptPoll(conns[0], alice.headers, f"/store?since={cursor}&wait=50")
+            for conns in by_worker.values()
+        ]
+        time.sleep(0.3)
+        assert all(poll.thread.is_alive() for poll in polls)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        for poll in polls:
+            answer = poll.result(timeout=25)
+            assert (answer.status_int, answer.json) == (200, [])
+        assert server.process.wait(timeout=25) == 0
+        print(f"gunicorn stopped {time.monotonic() - signalled:.1f} s after SIGTERM")
+        assert time.monotonic() - signalled < 15, "the polls held the workers to the timeout"
+    finally:
+        close_all(by_worker)
 
 
 # ==================================================================================================
