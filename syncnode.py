@@ -41,9 +41,11 @@ import math
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import smtplib
+import socket
 import sqlite3
 import ssl
 import sys
@@ -55,7 +57,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import argon2
 import bottle
@@ -91,7 +93,8 @@ MAX_BATCH_BYTES = 16 * 1024 * 1024
 PROXY_SUFFIXES = ("-gzip", "-br", "-zstd", "-deflate")
 VALUE_CACHE_CONTROL = "no-cache, no-transform"
 CORS_ALLOW_HEADERS = (
-    "Authorization, Content-Type, X-Sync-Token, X-Sync-Meta, If-Match, If-None-Match, x-api-key"
+    "Authorization, Content-Type, X-Sync-Token, X-Sync-Meta, X-Sync-Cursor, If-Match, "
+    "If-None-Match, x-api-key"
 )
 CORS_EXPOSE_HEADERS = (
     "X-Sync-Token, X-Sync-Meta, X-Sync-Seq, X-Sync-Cursor, ETag, Link, Retry-After, "
@@ -136,6 +139,11 @@ SESSION_REFRESH_MS = 3600 * 1000
 HOUSEKEEPING_MS = 10 * 60 * 1000
 #: How much lower the CPU priority of hashing threads is than the serving threads'.
 HASH_NICENESS = 10
+#: Hashing slot n of every process serving a database is a lock on this byte plus n of the
+#: database file: past the 512 bytes from 1 GiB where SQLite keeps its own locks.
+HASH_LOCK_BYTE = 0x50000000
+#: How often a login waiting for a hashing slot looks whether another process freed one.
+HASH_RETRY_SECONDS = 0.01
 #: How often the serving loop looks for a stop signal.
 STOP_CHECK_SECONDS = 0.25
 #: How long GET /health trusts a database it found writable before trying a write again.
@@ -205,7 +213,9 @@ class Settings:
     quota_bytes: int = _setting(0, "Bytes of values each user may own (0: no limit).")
     quota_keys: int = _setting(100_000, "Keys each user may own (0: no limit).")
     hash_slots: int = _setting(
-        os.cpu_count() or 1, "Password hashes computed at once (each takes Argon2's memory)."
+        os.cpu_count() or 1,
+        "Password hashes computed at once by every process serving the database (each takes "
+        "Argon2's memory).",
     )
     hash_wait: int = _setting(
         2, "Seconds a login or registration waits for a hashing slot before BUSY01."
@@ -539,7 +549,10 @@ class HeldFiles:
             if entry is not None:
                 entry[1] += 1
                 return key
-            held = os.open(path, os.O_RDONLY)
+            try:  # writable, so that it can take the write locks of hashing slots
+                held = os.open(path, os.O_RDWR)
+            except PermissionError:
+                held = os.open(path, os.O_RDONLY)
             try:
                 fcntl.flock(held, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 opened, now = os.fstat(held), os.stat(path)
@@ -554,6 +567,10 @@ class HeldFiles:
     def header(self, key: tuple[int, int]) -> bytes:
         """Return the first 16 bytes of a held file."""
         return os.pread(self._files[key][0], 16, 0)
+
+    def descriptor(self, key: tuple[int, int]) -> int:
+        """Return the descriptor of a held file (for the locks of hashing slots)."""
+        return self._files[key][0]
 
     def release(self, key: tuple[int, int]) -> None:
         """Let go of a held file; the last app of it closes the descriptor."""
@@ -884,19 +901,20 @@ def find_item(conn: sqlite3.Connection, key: str, user_id: int) -> tuple[int, st
     ).fetchone()
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+class Item(NamedTuple):
     """A key as a listing or the change feed shows it: its permission level and token, the
     change that last touched it (in a feed), or level 0 for a key the user can no longer see.
+
+    A tuple, made straight from a row: a listing makes one per key it answers.
     """
 
     key: str
     level: int
-    token: str | None = None
-    seq: int | None = None
+    token: str | None
+    seq: int | None
     #: With values: the value (None when over INLINE_VALUE_BYTES) and the meta.
-    value: bytes | None = None
-    meta: str | None = None
+    value: bytes | None
+    meta: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -910,20 +928,23 @@ class Listing:
     values: bool = False
 
 
-def page_of(rows: Iterable[tuple], limit: int, values: bool) -> tuple[list[Item], bool]:
-    """Take the entries of one page from rows (key, level, token, seq, value, meta, _).
+def page_of(items: Iterable[Item], limit: int, values: bool) -> tuple[list[Item], bool]:
+    """Take the entries of one page; return them and whether more remain.
 
     A page holds at most limit entries (0: no limit) and, with values, ends once its values
-    and meta pass INLINE_BUDGET_BYTES (it always holds one); returns them and whether more
-    remain.
+    and meta pass INLINE_BUDGET_BYTES (it always holds one).
     """
-    entries: list[Item] = []
+    if not values:
+        entries = list(itertools.islice(items, limit + 1 if limit else None))
+        more = bool(limit) and len(entries) > limit
+        return (entries[:limit] if more else entries), more
+    entries = []
     spent = 0
-    for key, level, token, change, value, meta, _ in rows:
-        if (limit and len(entries) == limit) or (values and spent >= INLINE_BUDGET_BYTES):
+    for item in items:
+        if (limit and len(entries) == limit) or spent >= INLINE_BUDGET_BYTES:
             return entries, True
-        entries.append(Item(key, level or 0, token, change, value, meta))
-        spent += len(value or b"") + len(meta or "")
+        entries.append(item)
+        spent += len(item.value or b"") + len(item.meta or "")
     return entries, False
 
 
@@ -976,14 +997,15 @@ def list_keys(
     The cursor is read in the same snapshot, so a listing at cursor C followed by the
     changes after C misses nothing. `more` tells whether a next page exists (see page_of).
     """
-    query = """
-        SELECT items.key, permissions.level, items.token, NULL,
-               CASE WHEN :values AND items.size <= :inline THEN items.value END,
-               CASE WHEN :values THEN items.meta END, (SELECT seq FROM sync_state)
+    # Only the columns and conditions the request needs: each one costs on every row.
+    inline = ", CASE WHEN items.size <= :inline THEN items.value END, items.meta"
+    query = f"""
+        SELECT items.key, permissions.level, items.token, (SELECT seq FROM sync_state)
+               {inline if values else ""}
         FROM permissions JOIN items ON items.id = permissions.item_id
         WHERE permissions.user_id = :user
-          AND substr(items.key, 1, length(:prefix)) = :prefix
-          AND (:after IS NULL OR items.key > :after)
+          {"AND substr(items.key, 1, length(:prefix)) = :prefix" if prefix else ""}
+          {"AND items.key > :after" if after is not None else ""}
         ORDER BY items.key
         LIMIT :limit
     """
@@ -992,9 +1014,16 @@ def list_keys(
         "prefix": prefix,
         "after": after,
         "limit": limit + 1 if limit else -1,
-        "values": values,
         "inline": INLINE_VALUE_BYTES,
     }
+
+    def items(rows: Iterable[tuple]) -> Iterator[Item]:
+        # tuple.__new__ makes each Item at half the cost of Item(), a Python function.
+        make = tuple.__new__
+        if values:
+            return (make(Item, (*row[:3], None, *row[4:])) for row in rows)
+        return (make(Item, (key, level, token, None, None, None)) for key, level, token, _ in rows)
+
     # One statement reads the rows, as they are paged, and the cursor (a scalar subquery,
     # computed once) in one snapshot. An empty answer has no row to carry the cursor: then
     # both are read again inside one read transaction.
@@ -1002,12 +1031,12 @@ def list_keys(
     try:
         first = rows.fetchone()
         if first is not None:
-            entries, more = page_of(itertools.chain([first], rows), limit, values)
-            return Listing(entries, first[6], more, values)
+            entries, more = page_of(items(itertools.chain([first], rows)), limit, values)
+            return Listing(entries, first[3], more, values)
     finally:
         rows.close()  # a page that ended early leaves the statement's snapshot open
     with transaction(conn):
-        entries, more = page_of(conn.execute(query, params), limit, values)
+        entries, more = page_of(items(conn.execute(query, params)), limit, values)
         seq = conn.execute("SELECT seq FROM sync_state").fetchone()[0]
     return Listing(entries, seq, more, values)
 
@@ -1042,12 +1071,12 @@ def list_changes(
             """
             SELECT items.key, permissions.level, items.token, permissions.seq,
                    CASE WHEN :values AND items.size <= :inline THEN items.value END,
-                   CASE WHEN :values THEN items.meta END, NULL
+                   CASE WHEN :values THEN items.meta END
             FROM permissions JOIN items ON items.id = permissions.item_id
             WHERE permissions.user_id = :user AND permissions.seq > :since
               AND substr(items.key, 1, length(:prefix)) = :prefix
             UNION ALL
-            SELECT key, NULL, NULL, seq, NULL, NULL, NULL FROM tombstones
+            SELECT key, 0, NULL, seq, NULL, NULL FROM tombstones
             WHERE user_id = :user AND seq > :since AND substr(key, 1, length(:prefix)) = :prefix
             ORDER BY 4
             LIMIT :limit
@@ -1061,7 +1090,7 @@ def list_changes(
                 "inline": INLINE_VALUE_BYTES,
             },
         )
-        entries, more = page_of(rows, limit, values)
+        entries, more = page_of(map(Item._make, rows), limit, values)
         rows.close()  # before the snapshot ends, when the page ended early
     return Listing(entries, seq, more, values)
 
@@ -2162,6 +2191,11 @@ class Connections:
         with contextlib.suppress(sqlite3.Error):
             conn.close()
 
+    def held_descriptor(self) -> int | None:
+        """The descriptor of the database file this app holds (see HeldFiles), if any."""
+        held = self._held
+        return None if held is None else HELD_FILES.descriptor(held)
+
     def take_changed(self) -> set[int]:
         """Return and forget the users this thread's committed writes touched (see touch)."""
         conn = getattr(self._local, "conn", None)
@@ -2236,10 +2270,17 @@ class Connections:
 class Hashing:
     """Password hashing with Argon2id in a bounded number of slots, at a lower CPU priority."""
 
-    def __init__(self, settings: Settings, waiting: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        waiting: Callable[[], int] = lambda: 0,
+        database_file: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self.settings = settings
         #: How many serving threads long-polls hold, which hashing may not take as well.
         self.waiting = waiting
+        #: The descriptor of the database file, whose locks make the slots server-wide.
+        self.database_file = database_file
         self.hasher = argon2.PasswordHasher(
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_cost,
@@ -2249,7 +2290,9 @@ class Hashing:
         #: BUSY01 at once, so that at least one serving thread is always free for the rest.
         self.max_requests = max(1, settings.threads - 1)
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(settings.hash_slots)
+        self._freed = threading.Condition(self._lock)
+        #: The slots this process's hashes hold.
+        self._taken: set[int] = set()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._requests = 0
         self._dummy_hash: str | None = None
@@ -2271,15 +2314,52 @@ class Hashing:
                 raise busy
             self._requests += 1
         try:
-            if not self._slots.acquire(timeout=self.settings.hash_wait):
+            slot = self._take_slot(time.monotonic() + self.settings.hash_wait)
+            if slot is None:
                 raise busy
             try:
                 yield
             finally:
-                self._slots.release()
+                self._give_back(slot)
         finally:
             with self._lock:
                 self._requests -= 1
+
+    def _take_slot(self, deadline: float) -> int | None:
+        """Take a slot that no hash holds, in this process or another; None at the deadline.
+
+        Slot n is a write lock on byte HASH_LOCK_BYTE + n of the database file, so every
+        process serving the database shares hash_slots (a lock is the process's, so this
+        process's own slots are kept apart in _taken). Another process's slot going free is
+        seen within HASH_RETRY_SECONDS.
+        """
+        descriptor = self.database_file() if fcntl is not None else None
+        with self._lock:
+            while True:
+                for slot in range(self.settings.hash_slots):
+                    if slot in self._taken:
+                        continue
+                    if descriptor is not None:
+                        try:
+                            fcntl.lockf(
+                                descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, HASH_LOCK_BYTE + slot
+                            )
+                        except OSError:
+                            continue  # another process hashes in it
+                    self._taken.add(slot)
+                    return slot
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._freed.wait(min(remaining, HASH_RETRY_SECONDS))
+
+    def _give_back(self, slot: int) -> None:
+        descriptor = self.database_file() if fcntl is not None else None
+        with self._lock:
+            if descriptor is not None:
+                fcntl.lockf(descriptor, fcntl.LOCK_UN, 1, HASH_LOCK_BYTE + slot)
+            self._taken.discard(slot)
+            self._freed.notify()
 
     def run(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run an Argon2 call in a hashing slot, on a thread of lowered CPU priority.
@@ -2401,7 +2481,8 @@ class Waiters:
 
     def notify(self, user_ids: Iterable[int]) -> None:
         """Wake the long-polls of these users after a committed change."""
-        self._wake({user_id: None for user_id in user_ids})
+        if user_ids and self._users:  # (every request calls it, mostly with none)
+            self._wake({user_id: None for user_id in user_ids})
 
     def stop(self) -> None:
         """Answer every long-poll now and hold no new ones: the server is shutting down."""
@@ -2555,7 +2636,7 @@ class Waiters:
         A change of None concerns every poll of its user (a change this process committed,
         or a credential that ended).
         """
-        resumes = []
+        resumes, woken = [], False
         with self._lock:
             users = self._users.keys() if changes is None else changes.keys() & self._users
             for user_id in list(users):
@@ -2564,11 +2645,12 @@ class Waiters:
                     if seq is not None and waiter.since >= seq:
                         continue
                     if waiter.resume is None:
-                        waiter.woken = True
+                        waiter.woken = woken = True
                     else:
                         self._forget_locked(waiter)
                         resumes.append(waiter.resume)
-            self._woken.notify_all()
+            if woken or self._stopping:
+                self._woken.notify_all()
         for resume in resumes:
             resume()
 
@@ -2692,7 +2774,7 @@ class Context:
         self.clock = clock
         self.db = Connections(settings)
         self.waiters = Waiters(settings, self.db)
-        self.hashing = Hashing(settings, lambda: self.waiters.holding)
+        self.hashing = Hashing(settings, lambda: self.waiters.holding, self.db.held_descriptor)
         self.housekeeping = Housekeeping(settings)
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
         self.data_dir = os.path.dirname(os.path.abspath(settings.database))
@@ -2939,12 +3021,13 @@ def token_candidates(tag: str) -> tuple[str, ...]:
     return tuple(candidates)
 
 
-def query_text(name: str) -> str | None:
-    """Return a query parameter as text, None when absent; REQ01 when it is not UTF-8.
+def query_text(name: str, query: Mapping[str, str] | None = None) -> str | None:
+    """Return a query parameter (of the request's query, or the one given) as text, None when
+    absent; REQ01 when it is not UTF-8.
 
     (bottle's getunicode would answer None for a value that does not decode, as if absent.)
     """
-    raw = bottle.request.query.get(name)
+    raw = (bottle.request.query if query is None else query).get(name)
     if raw is None:
         return None
     try:
@@ -2993,10 +3076,11 @@ class ListingQuery:
 
 
 def read_listing_query() -> ListingQuery:
-    """Read since, wait, limit, prefix, after and cursor from the query; REQ01 when malformed."""
+    """Read the listing's or feed's parameters (since also from X-Sync-Cursor); REQ01 if bad."""
+    query = bottle.request.query
 
     def number(name: str, low: int, high: int) -> int | None:
-        text = query_text(name)
+        text = query_text(name, query)
         if text is None:
             return None
         if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
@@ -3004,13 +3088,21 @@ def read_listing_query() -> ListingQuery:
         return int(text)
 
     def text(name: str) -> str | None:
-        value = query_text(name)
+        value = query_text(name, query)
         if value is not None and (len(value) > MAX_KEY_CHARS or CONTROL_CHARS.search(value)):
             raise ApiError("REQ01", f"The {name} parameter must be key text.")
         return value
 
     since, cursor = number("since", 0, 2**62), number("cursor", 0, 2**62)
-    values = query_text("values")
+    sent = header("X-Sync-Cursor")  # since, where a browser's poll URL should stay the same
+    if sent is not None:
+        if not (sent.isascii() and sent.isdigit() and int(sent) <= 2**62):
+            message = f"The X-Sync-Cursor header must be a whole number 0 to {2**62}."
+            raise ApiError("REQ01", message)
+        if since is not None and since != int(sent):
+            raise ApiError("REQ01", "The since parameter and the X-Sync-Cursor header differ.")
+        since = int(sent)
+    values = query_text("values", query)
     if values not in (None, "true", "false"):
         raise ApiError("REQ01", "The values parameter must be true or false.")
     after = text("after")
@@ -3619,8 +3711,27 @@ def sync_list_keys(ctx: Context, caller: Caller):
     }
     if listing.more:
         headers["Link"] = next_page_link(ctx, query, listing)
+    if query.since is None and not listing.values:
+        body = plain_listing_json(listing.entries)
+        return answer(body, 200, {"Content-Type": "application/json", **headers})
     entries = [item_json(item, listing.values) for item in listing.entries]
     return json_response(entries, headers=headers)
+
+
+def plain_listing_json(entries: list[Item]) -> bytes:
+    """Write a listing without values as JSON text, each entry as item_json shapes it.
+
+    A listing answers an object per key: written directly, it costs a third of building
+    dicts for json.dumps (bench/run, list). The strings are quoted as json.dumps does.
+    """
+    quote = json.encoder.encode_basestring  # json.dumps' quoting with ensure_ascii=False
+    names = LEVEL_NAMES
+    text = ",".join(
+        f'{{"key":{quote(item.key)},"permission":"{names[item.level]}",'
+        f'"token":{quote(item.token)}}}'
+        for item in entries
+    )
+    return f"[{text}]".encode()
 
 
 def item_json(item: Item, values: bool) -> dict:
@@ -3798,7 +3909,8 @@ SYNC_OPERATIONS = (
               errors=(401, 403, 507)),
     Operation("GET", "/store", "listKeys", "store.read", sync_list_keys,
               "List the keys the caller holds, or with since what changed after a cursor",
-              parameters=("since", "wait", "limit", "prefix", "after", "cursor", "values"),
+              parameters=("since", "wait", "limit", "prefix", "after", "cursor", "values",
+                          "X-Sync-Cursor"),
               answers={"200": "Listing"}, errors=(400, 401, 403, 410)),
     Operation("POST", "/batch", "applyBatch", "store.write", sync_apply_batch,
               "Apply PUTs and DELETEs all or nothing", request="BatchRequest",
@@ -4606,6 +4718,10 @@ PARAMETERS = {
     "values": _parameter("values", "query", {**_STRING, "enum": ["true", "false"]},
                          "Whether entries carry their values (base64) and meta, within a "
                          "budget per page."),
+    "X-Sync-Cursor": _parameter("X-Sync-Cursor", "header",
+                                {**_INTEGER, "minimum": 0, "maximum": 2**62},
+                                "As since, in a header: a long-poll's URL then stays the same "
+                                "from poll to poll, so a browser preflights it once."),
     "users": _parameter("users", "query", {**_STRING, "minLength": 1},
                         "Comma-separated user ids.", True),
     "X-Sync-Token": _parameter("X-Sync-Token", "header", _STRING,
@@ -5215,6 +5331,12 @@ PARKED_ANSWER_BYTES = OUTBUF_HIGH_WATERMARK_BYTES // 2
 SWEEP_SECONDS = 1
 #: A request must arrive within client_timeout plus a second for each this many bytes of body.
 MIN_BODY_BYTES_PER_SECOND = 16 * 1024
+#: Sleeping long-polls leave the main loop where poll() can watch them apart (not on Windows).
+CAN_SLEEP = hasattr(select, "poll")
+POLLRDHUP = getattr(select, "POLLRDHUP", 0)
+#: How often the server looks whether the clients of sleeping long-polls went away, and at
+#: most how long its main loop waits for an event.
+GONE_CHECK_SECONDS = 0.25
 SERVER_ERROR_MESSAGES = {
     "REQ01": "The request could not be parsed.",
     "SIZE01": "The request is larger than this server accepts.",
@@ -5339,8 +5461,7 @@ def server_class(settings: Settings) -> type:
             environ.setdefault(AFTER_ANSWER, [])
             environ["syncnode.server"] = "syncnode"
             if self.request.parking is None:  # kept with the request across its runs
-                channel = self.channel
-                self.request.parking = Parking(functools.partial(channel.server.add_task, channel))
+                self.request.parking = Parking(self.channel.wake_poll)
             environ[PARKING] = self.request.parking
             return environ
 
@@ -5369,11 +5490,16 @@ def server_class(settings: Settings) -> type:
         parked = False
         #: Whether the current request's answer is complete.
         answered = False
+        #: Whether the first request is a parked long-poll, asleep until wake_poll.
+        poll_asleep = False
+        #: Set when the long-poll was woken before it fell asleep.
+        poll_woken_early = False
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             #: Since when the connection holds no request: its opening or its last answer.
             self.idle_since = self.creation_time
+            self.poll_lock = threading.Lock()
 
         def service(self) -> None:
             with self.outbuf_lock:
@@ -5385,8 +5511,45 @@ def server_class(settings: Settings) -> type:
             try:
                 super().service()
             except Parked:
-                return  # the request stays first; its Parking runs it again
+                self.sleep_poll()  # the request stays first; its Parking wakes it
+                return
             self.idle_since = time.time()
+
+        # A sleeping long-poll's socket leaves the main loop's map, whose every pass asks each
+        # socket in it what it waits for: a thousand sleeping polls would slow every request.
+        # Once a second the server looks whether their clients sent anything or went away.
+
+        def sleep_poll(self) -> None:
+            """Take the parked long-poll's socket out of the main loop until it wakes."""
+            with self.poll_lock:
+                if self.poll_woken_early:
+                    self.poll_woken_early = False
+                    self.server.add_task(self)
+                    return
+                self.poll_asleep = True
+            self.server.trigger.pull_trigger(self.leave_loop)
+
+        def wake_poll(self) -> None:
+            """Run the parked long-poll's request again (Parking.resume; any thread)."""
+            with self.poll_lock:
+                if not self.poll_asleep:
+                    self.poll_woken_early = True
+                    return
+                self.poll_asleep = False
+            self.server.trigger.pull_trigger(self.rejoin_and_run)
+
+        def leave_loop(self) -> None:
+            with self.poll_lock:
+                if CAN_SLEEP and self.poll_asleep and self._map.pop(self._fileno, None):
+                    self.server.sleeping[self._fileno] = self
+
+        def rejoin_loop(self) -> None:
+            if self.server.sleeping.pop(self._fileno, None) is not None:
+                self._map[self._fileno] = self
+
+        def rejoin_and_run(self) -> None:
+            self.rejoin_loop()
+            self.server.add_task(self)
 
         def handle_close(self) -> None:
             for request in list(self.requests):  # a parked long-poll frees its place at once
@@ -5430,6 +5593,52 @@ def server_class(settings: Settings) -> type:
 
         #: Runs the work requests leave for after their answers (see Task.service).
         after_answers: concurrent.futures.ThreadPoolExecutor
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            #: The channels of sleeping long-polls, out of the loop's map (see sleep_poll).
+            self.sleeping: dict[int, Channel] = {}
+            self.next_gone_check = 0.0
+            super().__init__(*args, **kwargs)
+
+        def readable(self) -> bool:
+            # As waitress's, with the sleeping polls' connections counted as open.
+            now = time.time()
+            if now >= self.next_channel_cleanup:
+                self.next_channel_cleanup = now + self.adj.cleanup_interval
+                self.maintenance(now)
+            if now >= self.next_gone_check:
+                self.next_gone_check = now + GONE_CHECK_SECONDS
+                self.wake_the_gone()
+            if not self.accepting:
+                return False
+            overflow = len(self._map) + len(self.sleeping) >= self.adj.connection_limit
+            if overflow and not self.in_connection_overflow:
+                log.warning("Reached --max-connections; accepting again once some close.")
+            self.in_connection_overflow = overflow
+            return not overflow
+
+        def wake_the_gone(self) -> None:
+            """Close the sleeping polls whose client went away, which frees their places."""
+            if not self.sleeping:
+                return
+            poller = select.poll()
+            for fd in self.sleeping:
+                poller.register(fd, select.POLLIN | select.POLLPRI | POLLRDHUP)
+            for fd, events in poller.poll(0):
+                channel = self.sleeping.get(fd)
+                if channel is None:
+                    continue
+                try:
+                    gone = bool(events & (select.POLLHUP | select.POLLERR | POLLRDHUP)) or (
+                        not channel.socket.recv(1, socket.MSG_PEEK)
+                    )
+                except OSError:
+                    gone = True
+                if gone:
+                    del self.sleeping[fd]
+                    channel.handle_close()  # frees the poll's place (Channel.handle_close)
+                else:  # it sent its next request: read once the poll has answered
+                    channel.rejoin_loop()
 
         def maintenance(self, now: float) -> None:
             for channel in self.active_channels.values():
@@ -5515,14 +5724,17 @@ def make_server(settings: Settings, app: Callable | None = None, map: dict | Non
         outbuf_high_watermark=OUTBUF_HIGH_WATERMARK_BYTES,
         connection_limit=max(2, connection_limit),
         cleanup_interval=SWEEP_SECONDS,
-        # Reading on while a request is served is how waitress sees a client leave, which
-        # frees a long-poll's place (waitress.client_disconnected).
-        channel_request_lookahead=1,
+        # No reading ahead while a request is served: it costs every request, and a parked
+        # long-poll's client is watched apart (Server.wake_the_gone).
+        channel_request_lookahead=0,
         # select() takes no file number past 1,023, and a thousand polls are as many sockets.
         asyncore_use_poll=True,
         channel_timeout=settings.client_timeout,
         max_request_body_size=max(settings.max_value_bytes, MAX_BATCH_BYTES) + 1,
     )
+    # The loop wakes at least this often to look after sleeping long-polls (set past the
+    # constructor, which would round it to whole seconds).
+    adjustments.asyncore_loop_timeout = GONE_CHECK_SECONDS
     dispatcher = waitress.task.ThreadedTaskDispatcher()
     dispatcher.set_thread_count(settings.threads)
     # A host name may resolve to several addresses; the server listens on the first.
@@ -5699,7 +5911,7 @@ def serve(app: SyncNodeApp, settings: Settings, server: Any = None) -> None:
         app.context.waiters.stop()
         deadline = time.monotonic() + settings.shutdown_timeout
         while time.monotonic() < deadline:
-            busy = False
+            busy = bool(server.sleeping)  # woken by waiters.stop(), on their way back
             for channel in list(server._map.values()):
                 if not isinstance(channel, waitress.channel.HTTPChannel):
                     continue
@@ -5716,7 +5928,7 @@ def serve(app: SyncNodeApp, settings: Settings, server: Any = None) -> None:
             signal.signal(signum, handler)
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
         server.after_answers.shutdown()
-        waitress.wasyncore.close_all(server._map)
+        waitress.wasyncore.close_all({**server._map, **server.sleeping})
         app.close()
         log.info("Stopped.")
 

@@ -613,6 +613,7 @@ class LiveServer(RealServer):
         def empty_map() -> None:
             sockets.extend(self.socket_map.values())
             self.socket_map.clear()
+            sockets.extend(getattr(self.server, "sleeping", {}).values())  # parked long-polls
 
         self.server.trigger.pull_trigger(empty_map)
         self.thread.join(timeout=5)
@@ -2897,6 +2898,53 @@ def test_feed_since_answers_only_later_changes_by_seq(client, user):
     ]
 
 
+def test_feed_x_sync_cursor_header_acts_as_since(client, user):
+    put(client, user, "a")
+    cursor = current_seq(client, user)
+    b = put(client, user, "b")
+    by_header = client.get("/store", headers={**user.headers, "X-Sync-Cursor": str(cursor)})
+    by_query = client.get(f"/store?since={cursor}", headers=user.headers)
+    assert by_header.json == by_query.json == [live("b", "OWN", token_of(b), cursor + 1)]
+    assert by_header.headers["X-Sync-Cursor"] == by_query.headers["X-Sync-Cursor"]
+    both = client.get(
+        f"/store?since={cursor}", headers={**user.headers, "X-Sync-Cursor": str(cursor)}
+    )
+    assert both.json == by_query.json
+
+
+@pytest.mark.parametrize(
+    "sent",
+    ["", "x", "-1", "1.5", " 1", "١", str(2**62 + 1)],
+    ids=["empty", "word", "negative", "fraction", "space", "arabic-digit", "past-2**62"],
+)
+def test_feed_x_sync_cursor_header_malformed_is_req01(client, user, db, sent):
+    put(client, user, "a")
+    before = snapshot(db)
+    headers = {**user.headers, "X-Sync-Cursor": sent.encode().decode("latin-1")}
+    response = client.get("/store", headers=headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert snapshot(db) == before
+
+
+def test_feed_x_sync_cursor_header_at_its_bound_is_a_cursor_past_the_server(client, user):
+    headers = {**user.headers, "X-Sync-Cursor": str(2**62)}
+    response = client.get("/store", headers=headers, status=410)
+    assert_error(response, 410, "SYNC01")  # taken as a cursor: newer than the server's
+
+
+def test_feed_x_sync_cursor_header_that_differs_from_since_is_req01(client, user):
+    cursor = current_seq(client, user)
+    headers = {**user.headers, "X-Sync-Cursor": str(cursor + 1)}
+    response = client.get(f"/store?since={cursor}", headers=headers, status=400)
+    assert_error(response, 400, "REQ01")
+    assert "X-Sync-Cursor" in response.json["message"]
+
+
+def test_feed_x_sync_cursor_header_with_after_is_req01(client, user):
+    headers = {**user.headers, "X-Sync-Cursor": "0"}
+    assert_error(client.get("/store?after=a", headers=headers, status=400), 400, "REQ01")
+
+
 def test_feed_since_zero_lists_every_held_key(client, user):
     put(client, user, "b")
     put(client, user, "a")
@@ -3406,6 +3454,9 @@ def test_a_thousand_long_polls_wait_on_the_default_server_without_threads(start_
         # They hold no thread (the watcher is one per process), and other requests get answers.
         assert threading.active_count() <= threads_before + 1
         assert waiters.holding == 0 and waiters.parked == 1000
+        # Their sockets sleep out of the main loop's map, so its passes do not grow with them.
+        wait_for(lambda: len(server.server.sleeping) == 1000, what="the polls' sockets to sleep")
+        assert not set(server.server.sleeping) & set(server.socket_map)
         assert server.request("GET", "/health").status_int == 200
         declined = server.request("GET", "/store?since=0&wait=5", headers=alice.headers)
         assert declined.status_int == 200, declined.body
@@ -5163,6 +5214,65 @@ def test_busy_login_waits_for_a_slot_freed_in_time(make_app):
     holder.join(5)
 
 
+#: A process that takes hashing slot N of a database file as syncnode does, says so, and holds
+#: it until its standard input closes.
+HOLD_HASH_SLOT = """
+import fcntl, os, sys
+descriptor = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(descriptor, fcntl.LOCK_EX, 1, int(sys.argv[2]))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_busy_hashing_counts_the_slots_another_process_holds(make_app, db_path, slots):
+    app = make_app(hash_slots=slots, hash_wait=1)
+    client = webtest.TestApp(app)
+    register_user(client, "alice")
+    holders = []
+    try:
+        for slot in range(slots):  # another process hashes in every slot
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLD_HASH_SLOT, db_path,
+                 str(syncnode.HASH_LOCK_BYTE + slot)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            holders.append(holder)
+            assert holder.stdout.readline() == "held\n"
+        body = {"id": "alice", "password": PASSWORD}
+        assert_error(client.post_json("/auth", body, status=503), 503, "BUSY01")
+        holders[-1].stdin.close()  # one slot frees up: a login hashes in it
+        holders[-1].wait(timeout=10)
+        client.post_json("/auth", body, status=200)
+    finally:
+        for holder in holders:
+            if holder.poll() is None:
+                holder.kill()
+            holder.wait(timeout=10)
+            holder.stdin.close()
+            holder.stdout.close()
+
+
+def test_busy_login_waits_for_a_slot_another_process_frees_in_time(make_app, db_path):
+    app = make_app(hash_slots=1, hash_wait=5)
+    client = webtest.TestApp(app)
+    register_user(client, "alice")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_HASH_SLOT, db_path, str(syncnode.HASH_LOCK_BYTE)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        threading.Timer(0.3, holder.stdin.close).start()
+        started = time.monotonic()
+        client.post_json("/auth", {"id": "alice", "password": PASSWORD}, status=200)
+        assert time.monotonic() - started >= 0.25
+    finally:
+        holder.wait(timeout=10)
+        holder.stdout.close()
+
+
 def test_busy_new_argon2_settings_rehash_at_the_next_login(make_app, db):
     register_user(webtest.TestApp(make_app()), "alice")
     low = webtest.TestApp(make_app(argon2_memory_cost=16, argon2_time_cost=2))
@@ -5184,8 +5294,8 @@ SYNC_PATHS = [
 PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "PUT"}
 EXPOSED = {"X-Sync-Token", "X-Sync-Meta", "X-Sync-Seq", "ETag"}
 ALLOWED_HEADERS = {
-    "authorization", "content-type", "x-sync-token", "x-sync-meta", "if-match", "if-none-match",
-    "x-api-key",
+    "authorization", "content-type", "x-sync-token", "x-sync-meta", "x-sync-cursor", "if-match",
+    "if-none-match", "x-api-key",
 }  # fmt: skip
 
 
@@ -5383,6 +5493,99 @@ def test_browser_page_writes_and_reads_through_cors(start_server, tmp_path, db):
         "listing": {"keys": ["from/browser"], "seq": result["listing"]["seq"]},
     }  # fmt: skip
     assert result["listing"]["seq"].isdigit()
+
+
+POLLING_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>syncnode polls</title></head>
+<body><pre id="result">pending</pre>
+<script>
+(async () => {
+  const base = "SYNCNODE_URL";
+  const out = document.getElementById("result");
+  try {
+    let response = await fetch(base + "/account", {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({id: "poller", password: "correct horse"}),
+    });
+    const auth = {"Authorization": "Bearer " + (await response.json()).token};
+    response = await fetch(base + "/store", {headers: auth});
+    let cursor = response.headers.get("X-Sync-Cursor");
+    const seen = {header: [], query: []};
+    for (const way of ["header", "query"]) {
+      for (let round = 0; round < 4; round++) {
+        const key = way + round;
+        await fetch(base + "/store/" + key, {method: "PUT", headers: auth, body: "v"});
+        response = way === "header"
+          ? await fetch(base + "/store?wait=5", {headers: {...auth, "X-Sync-Cursor": cursor}})
+          : await fetch(base + "/store?wait=5&since=" + cursor, {headers: auth});
+        seen[way].push((await response.json()).map(entry => entry.key));
+        cursor = response.headers.get("X-Sync-Cursor");
+      }
+    }
+    out.textContent = JSON.stringify(seen);
+  } catch (error) {
+    out.textContent = JSON.stringify({error: String(error)});
+  }
+})();
+</script></body></html>
+"""
+
+
+class Recorded:
+    """A WSGI app that notes each request's method, path and query string, then passes it on."""
+
+    def __init__(self, app) -> None:
+        self.app, self.context, self.requests = app, app.context, []
+
+    def __call__(self, environ, start_response):
+        self.requests.append(
+            (environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("QUERY_STRING", ""))
+        )
+        return self.app(environ, start_response)
+
+
+def run_page(page_html: str, start_server, make_app, tmp_path) -> tuple[dict, Recorded]:
+    """Load a page in headless Chromium against a live syncnode; its result and the requests."""
+    if not os.access(CHROMIUM, os.X_OK):
+        skip_or_fail("install Debian's chromium to run the browser test (apt-get install chromium)")
+    page: dict[str, bytes] = {"html": b""}
+    page_server = serve_page(page)
+    try:
+        page_url = f"http://127.0.0.1:{page_server.server_address[1]}"
+        recorded = Recorded(make_app(cors_origins=page_url))
+        sync = start_server(recorded)
+        page["html"] = page_html.replace("SYNCNODE_URL", sync.url).encode()
+        command = [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
+            "--virtual-time-budget=20000", "--dump-dom", page_url + "/",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, timeout=90, text=True)
+    finally:
+        page_server.shutdown()
+        page_server.server_close()
+    match = re.search(r'<pre id="result">(.*?)</pre>', done.stdout, re.S)
+    assert match, f"no result in the DOM; chromium said: {done.stderr[-2000:]}"
+    return json.loads(html.unescape(match.group(1))), recorded
+
+
+def test_browser_polls_with_the_cursor_in_a_header_are_preflighted_once(
+    start_server, make_app, tmp_path
+):
+    result, recorded = run_page(POLLING_PAGE, start_server, make_app, tmp_path)
+    assert result == {way: [[f"{way}{round}"] for round in range(4)] for way in ("header", "query")}
+    polls = [(method, query) for method, path, query in recorded.requests if path == "/store"]
+    # One URL for every poll: the browser asks once and keeps the answer (Access-Control-Max-Age).
+    assert polls.count(("GET", "wait=5")) == 4
+    assert polls.count(("OPTIONS", "wait=5")) == 1
+    # A cursor in the URL makes each poll's URL new, and each one is preflighted.
+    by_query = [query for method, query in polls if query.startswith("wait=5&since=")]
+    assert len(by_query) == 8 and len(set(by_query)) == 4
+    assert (
+        sorted(method for method, query in polls if query in by_query)
+        == ["GET"] * 4 + ["OPTIONS"] * 4
+    )
 
 
 # ==================================================================================================
