@@ -3531,6 +3531,41 @@ def test_pipelined_requests_behind_a_parked_poll_are_answered_after_it(start_ser
         clients.close()
 
 
+def test_plain_listing_json_is_what_json_dumps_writes():
+    keys = ["plain", 'quote"d', "back\\slash", "line\nbreak", "tab\t", "\u2028sep", "ünï", "🙂"]
+    items = [
+        syncnode.Item(key, level, f"tok-{number}_x", None, None, None)
+        for number, (key, level) in enumerate(zip(keys, [1, 2, 3] * 3, strict=False))
+    ]
+    expected = json.dumps(
+        [syncnode.item_json(item, False) for item in items],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
+    assert syncnode.plain_listing_json(items) == expected
+    assert syncnode.plain_listing_json([]) == b"[]"
+
+
+def test_a_request_sent_behind_a_sleeping_poll_is_answered_after_it(start_server):
+    server = start_server()
+    alice = server.register("alice")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Seq"]
+    clients = Clients(server)
+    try:
+        sock = clients.open()
+        sock.sendall(raw_request("GET", f"/store?since={cursor}&wait=10", alice.headers))
+        wait_for(lambda: len(server.server.sleeping) == 1, what="the poll to sleep")
+        sock.sendall(raw_request("GET", "/health"))  # while it sleeps
+        time.sleep(0.6)  # the server sees the data, and the poll goes on waiting
+        assert server.app.context.waiters.waiting == 1
+        assert server.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
+        first, second = read_answer(sock, timeout=5), read_answer(sock, timeout=5)
+        assert first.status == 200 and [entry["key"] for entry in first.json] == ["k"]
+        assert (second.status, second.json) == (200, {"database": True, "disk": True})
+    finally:
+        clients.close()
+
+
 @pytest.fixture
 def two_processes(start_server, make_app):
     """A served app, and a second app on the same database: another process, as far as
