@@ -13586,6 +13586,38 @@ def test_feed_replayed_on_a_listing_reproduces_the_final_listing(before, during,
 
 
 # ==================================================================================================
+# Clients: JavaScript
+# ==================================================================================================
+
+JS_CLIENT = os.path.join(os.path.dirname(SYNCNODE_PY), "clients", "js")
+
+
+def node_or_skip() -> str:
+    """The path of Node.js 18 or newer; skip (fail on CI) without it."""
+    node = shutil.which("node")
+    if node is None:
+        skip_or_fail("install Node.js 18 or newer to run the JavaScript client's tests")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout
+    if int(version.strip().lstrip("v").split(".")[0]) < 18:
+        skip_or_fail(f"the JavaScript client needs Node.js 18 or newer, not {version.strip()}")
+    return node
+
+
+def test_js_client_passes_its_node_tests_against_live_servers(start_server):
+    node = node_or_skip()
+    server = start_server()
+    one_waiter = start_server(max_waiters=1)
+    env = {**os.environ, "SYNCNODE_URL": server.url, "SYNCNODE_ONE_WAITER_URL": one_waiter.url}
+    done = subprocess.run(
+        [node, "--test", "--test-reporter=spec", "test/"],
+        cwd=JS_CLIENT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    print(done.stdout[-4000:])
+    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
+    assert "# fail 0" in done.stdout or "ℹ fail 0" in done.stdout
+
+
+# ==================================================================================================
 # The README's contract and curl session
 # ==================================================================================================
 
