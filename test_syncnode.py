@@ -13617,6 +13617,53 @@ def test_js_client_passes_its_node_tests_against_live_servers(start_server):
     assert "# fail 0" in done.stdout or "ℹ fail 0" in done.stdout
 
 
+#: RxDB and its rxjs, pinned, for the replication test.
+RXDB_PACKAGES = ("rxdb@17.6.0", "rxjs@7.8.2")
+
+
+@pytest.fixture(scope="session")
+def rxdb_dir(tmp_path_factory) -> Path:
+    """A folder with RxDB installed from npm (once per session), for clients/js/rxdb.js."""
+    node_or_skip()
+    npm = shutil.which("npm")
+    if npm is None:
+        skip_or_fail("npm is needed to install RxDB for the replication test")
+    folder = tmp_path_factory.mktemp("rxdb")
+    # A package.json of its own keeps npm from installing into a project further up.
+    (folder / "package.json").write_text('{"name": "rxdb-check", "private": true}\n')
+    command = [npm, "install", "--no-audit", "--no-fund", *RXDB_PACKAGES]
+    env = {**os.environ, "npm_config_update_notifier": "false"}
+    try:
+        done = subprocess.run(
+            command, cwd=folder, env=env, capture_output=True, text=True,
+            timeout=NPM_INSTALL_TIMEOUT,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        skip_or_fail(f"npm install {' '.join(RXDB_PACKAGES)} took over {NPM_INSTALL_TIMEOUT} s")
+    if done.returncode != 0 or not (folder / "node_modules" / "rxdb" / "package.json").exists():
+        skip_or_fail(f"npm install {' '.join(RXDB_PACKAGES)} failed: {done.stderr[-2000:]}")
+    return folder
+
+
+def test_js_rxdb_replication_converges_two_databases(start_server, rxdb_dir):
+    node = node_or_skip()
+    server = start_server()
+    # The client and its RxDB module beside node_modules, where their imports resolve.
+    for name in ("syncnode.js", "rxdb.js", os.path.join("rxdb-test", "converge.mjs")):
+        shutil.copy(os.path.join(JS_CLIENT, name), rxdb_dir)
+    done = subprocess.run(
+        [node, "--test", "--test-reporter=spec", "converge.mjs"],
+        cwd=rxdb_dir, env={**os.environ, "SYNCNODE_URL": server.url},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert "ℹ pass 1" in done.stdout and "ℹ fail 0" in done.stdout
+    assert server.app.context.db.connection().execute(
+        "SELECT count(*) FROM items WHERE key LIKE 'rxdb-%/todos/%'"
+    ).fetchone() == (4,)
+
+
 # ==================================================================================================
 # The README's contract and curl session
 # ==================================================================================================
