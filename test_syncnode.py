@@ -13624,24 +13624,9 @@ RXDB_PACKAGES = ("rxdb@17.6.0", "rxjs@7.8.2")
 @pytest.fixture(scope="session")
 def rxdb_dir(tmp_path_factory) -> Path:
     """A folder with RxDB installed from npm (once per session), for clients/js/rxdb.js."""
-    node_or_skip()
-    npm = shutil.which("npm")
-    if npm is None:
-        skip_or_fail("npm is needed to install RxDB for the replication test")
-    folder = tmp_path_factory.mktemp("rxdb")
-    # A package.json of its own keeps npm from installing into a project further up.
-    (folder / "package.json").write_text('{"name": "rxdb-check", "private": true}\n')
-    command = [npm, "install", "--no-audit", "--no-fund", *RXDB_PACKAGES]
-    env = {**os.environ, "npm_config_update_notifier": "false"}
-    try:
-        done = subprocess.run(
-            command, cwd=folder, env=env, capture_output=True, text=True,
-            timeout=NPM_INSTALL_TIMEOUT,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        skip_or_fail(f"npm install {' '.join(RXDB_PACKAGES)} took over {NPM_INSTALL_TIMEOUT} s")
-    if done.returncode != 0 or not (folder / "node_modules" / "rxdb" / "package.json").exists():
-        skip_or_fail(f"npm install {' '.join(RXDB_PACKAGES)} failed: {done.stderr[-2000:]}")
+    folder = npm_folder(tmp_path_factory, "rxdb", RXDB_PACKAGES)
+    if not (folder / "node_modules" / "rxdb" / "package.json").exists():
+        skip_or_fail("npm install left no node_modules/rxdb")
     return folder
 
 
@@ -13662,6 +13647,84 @@ def test_js_rxdb_replication_converges_two_databases(start_server, rxdb_dir):
     assert server.app.context.db.connection().execute(
         "SELECT count(*) FROM items WHERE key LIKE 'rxdb-%/todos/%'"
     ).fetchone() == (4,)
+
+
+#: puppeteer-core, pinned, to drive Debian's Chromium through the example app.
+PUPPETEER_PACKAGES = ("puppeteer-core@25.16.0",)
+
+
+def npm_folder(tmp_path_factory, name: str, packages: tuple[str, ...]) -> Path:
+    """A new folder with the npm packages installed (skip, or fail on CI, when npm cannot)."""
+    node_or_skip()
+    npm = shutil.which("npm")
+    if npm is None:
+        skip_or_fail(f"npm is needed to install {' '.join(packages)}")
+    folder = tmp_path_factory.mktemp(name)
+    # A package.json of its own keeps npm from installing into a project further up.
+    (folder / "package.json").write_text(f'{{"name": "{name}", "private": true}}\n')
+    command = [npm, "install", "--no-audit", "--no-fund", *packages]
+    env = {**os.environ, "npm_config_update_notifier": "false"}
+    try:
+        done = subprocess.run(
+            command, cwd=folder, env=env, capture_output=True, text=True,
+            timeout=NPM_INSTALL_TIMEOUT,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        skip_or_fail(f"npm install {' '.join(packages)} took over {NPM_INSTALL_TIMEOUT} s")
+    if done.returncode != 0:
+        skip_or_fail(f"npm install {' '.join(packages)} failed: {done.stderr[-2000:]}")
+    return folder
+
+
+def serve_folder(folder: str) -> http.server.ThreadingHTTPServer:
+    """Serve a folder's files on 127.0.0.1 (port 0) from a thread, as a static web server."""
+
+    class FileHandler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, directory=folder, **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass  # keep the test output clean
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="file-server", daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def puppeteer_dir(tmp_path_factory) -> Path:
+    folder = npm_folder(tmp_path_factory, "puppeteer", PUPPETEER_PACKAGES)
+    if not (folder / "node_modules" / "puppeteer-core" / "package.json").exists():
+        skip_or_fail("npm install left no node_modules/puppeteer-core")
+    return folder
+
+
+def test_js_example_app_syncs_two_browser_pages_one_offline(start_server, puppeteer_dir, db):
+    if not os.access(CHROMIUM, os.X_OK):
+        skip_or_fail("install Debian's chromium to run the browser test (apt-get install chromium)")
+    node = node_or_skip()
+    pages = serve_folder(JS_CLIENT)
+    try:
+        page_url = f"http://127.0.0.1:{pages.server_address[1]}"
+        sync = start_server(cors_origins=page_url)  # another origin than the page's
+        shutil.copy(os.path.join(JS_CLIENT, "example-test", "two-devices.mjs"), puppeteer_dir)
+        env = {**os.environ, "CHROMIUM": CHROMIUM, "PAGE_URL": page_url, "SYNCNODE_URL": sync.url}
+        done = subprocess.run(
+            [node, "--test", "--test-reporter=spec", "two-devices.mjs"],
+            cwd=puppeteer_dir, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        pages.shutdown()
+        pages.server_close()
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert "ℹ pass 1" in done.stdout and "ℹ fail 0" in done.stdout
+    titles = sorted(
+        json.loads(value)["title"]
+        for (value,) in db.execute("SELECT value FROM items WHERE key LIKE 'todo-%/todos/%'")
+    )
+    assert titles == ["bread", "eggs"]  # milk, the first, was deleted; the others are kept
 
 
 # ==================================================================================================
