@@ -13727,6 +13727,20 @@ def test_js_example_app_syncs_two_browser_pages_one_offline(start_server, puppet
     assert titles == ["bread", "eggs"]  # milk, the first, was deleted; the others are kept
 
 
+def test_js_client_declarations_type_check_a_usage_file(npm_tools, tmp_path):
+    node = node_or_skip()
+    tsc = npm_tools / "node_modules" / "typescript" / "bin" / "tsc"
+    folder = tmp_path / "js"
+    shutil.copytree(JS_CLIENT, folder, ignore=shutil.ignore_patterns("node_modules"))
+    command = [
+        node, str(tsc), "--noEmit", "--strict", "--target", "es2022", "--module", "nodenext",
+        "--moduleResolution", "nodenext", "--lib", "es2022,dom", "--skipLibCheck", "false",
+        str(folder / "types-test" / "usage.ts"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
 # ==================================================================================================
 # The README's contract and curl session
 # ==================================================================================================
