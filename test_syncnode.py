@@ -13606,8 +13606,13 @@ def node_or_skip() -> str:
 def test_js_client_passes_its_node_tests_against_live_servers(start_server):
     node = node_or_skip()
     server = start_server()
-    one_waiter = start_server(max_waiters=1)
-    env = {**os.environ, "SYNCNODE_URL": server.url, "SYNCNODE_ONE_WAITER_URL": one_waiter.url}
+    one_waiter, small_quota = start_server(max_waiters=1), start_server(quota_keys=2)
+    env = {
+        **os.environ,
+        "SYNCNODE_URL": server.url,
+        "SYNCNODE_ONE_WAITER_URL": one_waiter.url,
+        "SYNCNODE_SMALL_QUOTA_URL": small_quota.url,
+    }
     done = subprocess.run(
         [node, "--test", "--test-reporter=spec", "test/"],
         cwd=JS_CLIENT, env=env, capture_output=True, text=True, timeout=300,

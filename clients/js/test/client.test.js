@@ -10,6 +10,7 @@ import {
 
 const URL_ = process.env.SYNCNODE_URL;
 const ONE_WAITER_URL = process.env.SYNCNODE_ONE_WAITER_URL;
+const SMALL_QUOTA_URL = process.env.SYNCNODE_SMALL_QUOTA_URL;
 const PASSWORD = "correct horse battery";
 let users = 0;
 
@@ -239,6 +240,24 @@ test("error classes carry the server's code", async () => {
   }
   const busy = new Busy("m", { retryAfter: 3 });
   assert.equal(busy.retryAfter, 3);
+});
+
+test("permissions: share, list the holders, and a quota the server enforces", async () => {
+  const { client, id } = await newUser(SMALL_QUOTA_URL);
+  const reader = await newUser(SMALL_QUOTA_URL);
+  await client.put(`${id}/a`, "1", { create: true });
+  await client.share(`${id}/a`, { [reader.id]: "READ" });
+  const holders = await client.permissions(`${id}/a`);
+  assert.deepEqual(holders.map((holder) => [holder.user, holder.permission]).sort(), [[id, "OWN"], [reader.id, "READ"]].sort());
+  assert.equal(utf8((await reader.client.get(`${id}/a`)).value), "1");
+  await client.put(`${id}/b`, "2", { create: true });
+  await assert.rejects(client.put(`${id}/c`, "3", { create: true }), (error) => {
+    assert.ok(error instanceof QuotaExceeded);
+    assert.equal(error.status, 507);
+    assert.equal(error.code, "QUOTA01");
+    return true;
+  });
+  assert.equal(await client.get(`${id}/c`), null);
 });
 
 test("base64 helpers round-trip every byte", () => {
