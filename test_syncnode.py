@@ -53,6 +53,7 @@ import unicodedata
 import urllib.parse
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -5990,10 +5991,17 @@ def recv_by(sock: socket.socket, deadline: float, what: str, size: int = 65536) 
         raise AssertionError(f"no {what} before the deadline") from None
 
 
+#: Bytes read past an answer (the start of the next one, when both came in one read).
+UNREAD: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_answer(sock: socket.socket, timeout: float) -> RawAnswer:
-    """Read one answer: status line and headers, then a body by Content-Length or chunks."""
+    """Read one answer: status line and headers, then a body by Content-Length or chunks.
+
+    What arrives past it is kept for the next call on the socket (pipelined answers).
+    """
     deadline = time.monotonic() + timeout
-    buffer = b""
+    buffer = UNREAD.pop(sock, b"")
     for _ in range(MAX_READS):
         if b"\r\n\r\n" in buffer:
             break
@@ -6010,6 +6018,8 @@ def read_answer(sock: socket.socket, timeout: float) -> RawAnswer:
         name = name.strip().lower()
         headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
     if int(status) in (204, 304):
+        if rest:
+            UNREAD[sock] = rest
         return RawAnswer(int(status), headers, b"")
     if "chunked" in headers.get("transfer-encoding", "").lower():
         return RawAnswer(int(status), headers, read_chunked(sock, rest, deadline))
@@ -6022,6 +6032,8 @@ def read_answer(sock: socket.socket, timeout: float) -> RawAnswer:
             assert length < 0, f"the connection closed after {len(rest)} of {length} body bytes"
             break
         rest += chunk
+    if 0 <= length < len(rest):
+        UNREAD[sock] = rest[length:]
     return RawAnswer(int(status), headers, rest[:length] if length >= 0 else rest)
 
 

@@ -88,8 +88,16 @@ export function replicateSyncNode({
             const stored = await client.get(key);
             master = stored && { token: stored.token, json: decoder.decode(stored.value) };
           }
-          if (!master || master.json !== assumed) throw new Conflict("The master state moved on.");
-          options = { token: master.token };
+          if (!master && assumedMasterState._deleted) {
+            options = { create: true }; // deleted on the server: written anew
+          } else if (!master) {
+            conflicts.push({ [primary]: newDocumentState[primary], _deleted: true });
+            continue; // the master state is: deleted
+          } else if (master.json !== assumed) {
+            throw new Conflict("The master state moved on.");
+          } else {
+            options = { token: master.token };
+          }
         }
         const token = await client.put(key, body, options);
         known.set(key, { token, json: body });

@@ -129,6 +129,9 @@ export class Replica<T = unknown> {
   set(key: string, value: T): Promise<void>;
   delete(key: string): Promise<void>;
   on(listener: (event: ReplicaEvent<T>) => void): () => void;
+  /** Errors it cannot retry: a write the server refuses (the edit leaves the queue), or a
+   * session that ended (log in again and start a new replica). */
+  onError(listener: (error: SyncNodeError | Error, key: string | null) => void): () => void;
   start(): Promise<Replica<T>>;
   stop(): Promise<void>;
   flush(): Promise<void>;

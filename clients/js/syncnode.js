@@ -97,15 +97,29 @@ export function fromBase64(text) {
   return bytes;
 }
 
-/** The path of a key: each segment percent-encoded, its slashes kept. */
-function keyPath(key) {
-  return "/store/" + key.split("/").map(encodeURIComponent).join("/");
+/** A key as a path: each segment percent-encoded and its slashes kept, unless a segment is
+ * "." or "..", which URLs would collapse: then the slashes are encoded too. */
+function keyPart(key) {
+  const segments = key.split("/");
+  if (segments.some((segment) => segment === "." || segment === "..")) return encodeURIComponent(key);
+  return segments.map(encodeURIComponent).join("/");
+}
+
+const keyPath = (key) => "/store/" + keyPart(key);
+
+const PRINTABLE_ASCII = /^[\x20-\x7e]*$/;
+
+function checkMeta(meta) {
+  if (meta !== null && meta !== undefined && !PRINTABLE_ASCII.test(meta)) {
+    throw new InvalidRequest("Meta must be printable ASCII.", { code: "REQ01" });
+  }
 }
 
 const sleep = (seconds, signal) =>
   new Promise((resolve) => {
-    const timer = setTimeout(resolve, seconds * 1000);
-    signal?.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+    const done = () => { clearTimeout(timer); signal?.removeEventListener("abort", done); resolve(); };
+    const timer = setTimeout(done, seconds * 1000);
+    signal?.addEventListener("abort", done, { once: true });
   });
 
 // The client -------------------------------------------------------------------------------------
@@ -142,7 +156,7 @@ export class SyncNode {
     try {
       response = await this.fetchImpl(target, { method, headers: this.headers(headers), body, signal });
     } catch (error) {
-      if (error?.name === "AbortError") throw error;
+      if (signal?.aborted || error?.name === "AbortError") throw error;
       throw new ServerError(`The server could not be reached: ${error?.message ?? error}`);
     }
     if (!response.ok && response.status !== 304) throw await errorOf(response);
@@ -191,14 +205,14 @@ export class SyncNode {
       }
       throw error;
     }
-    if (response.status === 304) return { ...cached };
+    if (response.status === 304) return { ...cached, value: cached.value.slice() };
     const stored = {
       value: new Uint8Array(await response.arrayBuffer()),
       token: response.headers.get("X-Sync-Token"),
       meta: response.headers.get("X-Sync-Meta"),
     };
     this.cache.set(key, stored);
-    return { ...stored };
+    return { ...stored, value: stored.value.slice() };
   }
 
   async getText(key) {
@@ -215,7 +229,8 @@ export class SyncNode {
    *
    * Throws Conflict (with currentToken and value) when someone else wrote first. */
   async put(key, value, { token, create = false, meta } = {}) {
-    const bytes = toBytes(value);
+    const bytes = toBytes(value).slice(); // the caller may change its array afterwards
+    checkMeta(meta);
     const headers = { "Content-Type": "application/octet-stream" };
     if (token) headers["X-Sync-Token"] = token;
     else if (create) headers["If-None-Match"] = "*";
@@ -255,7 +270,8 @@ export class SyncNode {
       const next = await fn(current ? current.value : null, current);
       if (next === undefined) return current?.token ?? null;
       try {
-        const options = current ? { token: current.token, meta } : { create: true, meta };
+        const kept = meta === undefined ? current?.meta : meta; // a PUT replaces the meta too
+        const options = current ? { token: current.token, meta: kept } : { create: true, meta };
         return await this.put(key, next, options);
       } catch (error) {
         if (!(error instanceof Conflict) || attempt >= retries) throw error;
@@ -277,11 +293,11 @@ export class SyncNode {
 
   async share(key, grants) {
     const body = Object.entries(grants).map(([user, permission]) => ({ user, permission }));
-    await this.json("PUT", "/permission/" + keyPath(key).slice(7), body);
+    await this.json("PUT", "/permission/" + keyPart(key), body);
   }
 
   async permissions(key) {
-    return (await this.request("GET", "/permission/" + keyPath(key).slice(7))).json();
+    return (await this.request("GET", "/permission/" + keyPart(key))).json();
   }
 
   // Listings and the change feed.
@@ -392,6 +408,7 @@ export class Batch {
   }
 
   put(key, value, { token = null, meta = null } = {}) {
+    checkMeta(meta);
     this.operations.push({ method: "PUT", key, token, value: toBase64(toBytes(value)), meta });
     return this;
   }
@@ -463,19 +480,28 @@ export const theirsWin = (base, mine, theirs) => theirs;
  * (in storage) and are written with compare-and-swap once the server is reachable; a conflict
  * is settled by merge(base, mine, theirs), base being the last value both sides agreed on.
  * "change" listeners hear {key, value, origin: "local" | "remote"} (value undefined when
- * deleted); the replica's own writes are not heard again as remote changes.
+ * deleted); the replica's own writes are not heard again as remote changes. Errors the
+ * replica cannot retry (a write the server refuses, a session that ended) go to onError
+ * listeners; a refused edit leaves the queue.
  */
 export class Replica {
   constructor(client, { prefix = "", codec = jsonCodec, merge = theirsWin, storage = memoryStorage(), wait = 30 } = {}) {
     Object.assign(this, { client, prefix, codec, merge, storage, wait });
-    /** key -> {value, token, base}: base is the last value known to the server. */
+    /** key -> {value, token, base, deleted}: base is the last value known to the server. */
     this.docs = new Map();
     /** Keys edited locally and not yet written. */
     this.pending = new Set();
+    /** key -> how many local edits it had, so that a write tells whether one came meanwhile. */
+    this.edits = new Map();
+    /** Keys whose remote change was heard while their own write was under way. */
+    this.missed = new Set();
     this.cursor = null;
     this.listeners = new Set();
+    this.errorListeners = new Set();
     this.controller = null;
     this.flushing = null;
+    this.retry = null;
+    this.stopped = true;
   }
 
   on(listener) {
@@ -483,8 +509,18 @@ export class Replica {
     return () => this.listeners.delete(listener);
   }
 
+  onError(listener) {
+    this.errorListeners.add(listener);
+    return () => this.errorListeners.delete(listener);
+  }
+
   emit(key, value, origin) {
     for (const listener of this.listeners) listener({ key, value, origin });
+  }
+
+  fail(error, key = null) {
+    if (!this.errorListeners.size) console.error("syncnode replica:", key ?? "", error);
+    for (const listener of this.errorListeners) listener(error, key);
   }
 
   get(key) {
@@ -496,23 +532,24 @@ export class Replica {
     return [...this.docs].filter(([, doc]) => !doc.deleted).map(([key]) => key).sort();
   }
 
-  async set(key, value) {
-    const doc = this.docs.get(key) ?? { token: null, base: undefined };
-    this.docs.set(key, { ...doc, value, deleted: false });
+  async edit(key, doc, value) {
+    this.docs.set(key, doc);
+    this.edits.set(key, (this.edits.get(key) ?? 0) + 1);
     this.pending.add(key);
     this.emit(key, value, "local");
     await this.save();
     this.flush();
   }
 
+  async set(key, value) {
+    const doc = this.docs.get(key) ?? { token: null, base: undefined };
+    await this.edit(key, { ...doc, value, deleted: false }, value);
+  }
+
   async delete(key) {
     const doc = this.docs.get(key);
     if (!doc || doc.deleted) return;
-    this.docs.set(key, { ...doc, value: undefined, deleted: true });
-    this.pending.add(key);
-    this.emit(key, undefined, "local");
-    await this.save();
-    this.flush();
+    await this.edit(key, { ...doc, value: undefined, deleted: true }, undefined);
   }
 
   async load() {
@@ -520,7 +557,7 @@ export class Replica {
     if (!state) return;
     this.cursor = state.cursor;
     this.pending = new Set(state.pending);
-    this.docs = new Map(state.docs.map(([key, doc]) => [key, doc]));
+    this.docs = new Map(state.docs);
   }
 
   async save() {
@@ -530,40 +567,57 @@ export class Replica {
   /** Load the saved state, then write queued edits and follow the feed until stop(). */
   async start() {
     await this.load();
+    this.stopped = false;
     this.controller = new AbortController();
-    this.running = this.follow(this.controller.signal);
+    const signal = this.controller.signal;
+    this.running = this.follow(signal).catch((error) => {
+      if (!signal.aborted) this.fail(error);
+    });
     this.flush();
     return this;
   }
 
   async stop() {
+    this.stopped = true;
+    clearTimeout(this.retry);
+    this.retry = null;
     this.controller?.abort();
-    await this.running?.catch(() => {});
+    await this.running;
     await this.flushing;
   }
 
-  /** Write every queued edit; one at a time, retried later when the server is unreachable. */
+  /** Write every queued edit, one at a time; while the server is unreachable, try again. */
   flush() {
-    if (!this.flushing) {
-      this.flushing = this.writeQueued().finally(() => { this.flushing = null; });
+    if (!this.flushing && !this.stopped) {
+      this.flushing = this.writeQueued()
+        .catch((error) => this.fail(error))
+        .finally(() => { this.flushing = null; });
     }
-    return this.flushing;
+    return this.flushing ?? Promise.resolve();
   }
 
   async writeQueued() {
-    while (this.pending.size) {
+    while (this.pending.size && !this.stopped) {
       const [key] = this.pending;
+      const edits = this.edits.get(key) ?? 0;
       try {
         await this.writeOne(key);
-        this.pending.delete(key);
-        await this.save();
       } catch (error) {
         if (error instanceof ServerError || error instanceof Busy) {
-          this.retry ??= setTimeout(() => { this.retry = null; this.flush(); }, 1000);
+          if (!this.stopped) {
+            this.retry ??= setTimeout(() => { this.retry = null; this.flush(); }, 1000 * (error.retryAfter ?? 1));
+          }
           return; // offline: the queue waits
         }
-        throw error;
+        this.pending.delete(key); // refused for good: reported, and out of the queue
+        this.fail(error, key);
+        await this.save();
+        continue;
       }
+      this.pending.delete(key);
+      if ((this.edits.get(key) ?? 0) !== edits) this.pending.add(key); // edited meanwhile
+      if (this.missed.delete(key) && !this.pending.has(key)) await this.refresh(key);
+      await this.save();
     }
   }
 
@@ -574,37 +628,55 @@ export class Replica {
       try {
         if (doc.deleted) {
           if (doc.token) await this.client.delete(key, doc.token);
-          this.docs.delete(key);
+          const latest = this.docs.get(key);
+          if (latest?.deleted) this.docs.delete(key);
+          else if (latest) this.docs.set(key, { ...latest, token: null, base: undefined }); // re-created
           return;
         }
-        const bytes = this.codec.encode(doc.value);
+        const written = doc.value;
         const options = doc.token ? { token: doc.token } : { create: true };
-        const token = await this.client.put(key, bytes, options);
-        this.docs.set(key, { ...this.docs.get(key), token, base: doc.value });
+        const token = await this.client.put(key, this.codec.encode(written), options);
+        this.docs.set(key, { ...this.docs.get(key), token, base: written });
         return;
       } catch (error) {
         if (error instanceof NotFound && doc.deleted) {
-          this.docs.delete(key);
+          if (this.docs.get(key)?.deleted) this.docs.delete(key);
           return;
         }
         if (!(error instanceof Conflict)) throw error;
         const current = await this.client.get(key);
         const theirs = current ? this.codec.decode(current.value) : undefined;
-        const mine = doc.deleted ? undefined : doc.value;
-        const merged = this.merge(doc.base, mine, theirs);
-        const latest = this.docs.get(key);
-        this.docs.set(key, {
-          ...latest, value: merged, deleted: merged === undefined, token: current?.token ?? null,
-          base: theirs,
-        });
-        if (merged !== mine) this.emit(key, merged, "remote");
+        const latest = this.docs.get(key); // a newer local edit counts as mine
+        const mine = latest.deleted ? undefined : latest.value;
+        const merged = this.merge(latest.base, mine, theirs);
         if (merged === undefined && !current) {
           this.docs.delete(key);
+          if (mine !== undefined) this.emit(key, undefined, "remote");
           return;
         }
+        this.docs.set(key, {
+          value: merged, deleted: merged === undefined, token: current?.token ?? null, base: theirs,
+        });
+        if (merged !== mine) this.emit(key, merged, "remote");
       }
     }
     throw new Conflict(`The key ${key} kept changing while it was written.`);
+  }
+
+  /** Read a key again: a change heard while its own write was under way may be newer. */
+  async refresh(key) {
+    const current = await this.client.get(key);
+    const doc = this.docs.get(key);
+    if (!current) {
+      if (doc) {
+        this.docs.delete(key);
+        this.emit(key, undefined, "remote");
+      }
+    } else if (doc?.token !== current.token) {
+      const value = this.codec.decode(current.value);
+      this.docs.set(key, { value, token: current.token, base: value, deleted: false });
+      this.emit(key, value, "remote");
+    }
   }
 
   async follow(signal) {
@@ -628,20 +700,29 @@ export class Replica {
 
   async apply(entry) {
     const doc = this.docs.get(entry.key);
+    if (this.pending.has(entry.key)) {
+      // The queued edit meets it when it is written (its token moved on), unless the write
+      // is under way: then the key is read again once it is done.
+      this.missed.add(entry.key);
+      return;
+    }
     if (entry.deleted) {
-      if (doc && !this.pending.has(entry.key)) {
+      if (doc) {
         this.docs.delete(entry.key);
         this.emit(entry.key, undefined, "remote");
       }
       return;
     }
     if (doc && doc.token === entry.token) return; // its own write, or nothing new
-    if (this.pending.has(entry.key)) return; // the queued edit meets it when it is written
     let bytes = entry.value;
-    if (bytes === undefined || entry.large) bytes = (await this.client.get(entry.key))?.value;
-    if (bytes === undefined) return;
+    let token = entry.token;
+    if (bytes === undefined || entry.large) {
+      const stored = await this.client.get(entry.key);
+      if (!stored) return;
+      ({ value: bytes, token } = stored);
+    }
     const value = this.codec.decode(bytes);
-    this.docs.set(entry.key, { value, token: entry.token, base: value, deleted: false });
+    this.docs.set(entry.key, { value, token, base: value, deleted: false });
     this.emit(entry.key, value, "remote");
   }
 }

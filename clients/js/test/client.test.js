@@ -260,6 +260,77 @@ test("permissions: share, list the holders, and a quota the server enforces", as
   assert.equal(await client.get(`${id}/c`), null);
 });
 
+test("keys with dot segments, spaces and signs are stored as given", async () => {
+  const { client, id } = await newUser();
+  const keys = [`${id}/f/../g`, `${id}/d/./e`, `${id}/..`, `${id}/a b?c#d%e`, `${id}/ünï/`];
+  for (const key of keys) await client.put(key, key, { create: true });
+  const listed = [];
+  for await (const entry of client.list({ prefix: `${id}/` })) listed.push(entry.key);
+  assert.deepEqual(listed.sort(), [...keys].sort());
+  for (const key of keys) assert.equal(utf8((await client.get(key)).value), key);
+});
+
+test("update keeps the meta, and the cache never shares the caller's bytes", async () => {
+  const { client, id } = await newUser();
+  await client.put(`${id}/m`, "1", { create: true, meta: "text/plain" });
+  await client.update(`${id}/m`, (value) => String(Number(utf8(value)) + 1));
+  const fresh = new SyncNode({ url: URL_, token: client.token });
+  assert.deepEqual(await fresh.getText(`${id}/m`), { value: "2", token: (await fresh.get(`${id}/m`)).token, meta: "text/plain" });
+  const bytes = new TextEncoder().encode("hello");
+  await client.put(`${id}/b`, bytes, { create: true });
+  bytes[0] = 0x4a;
+  const read = await client.get(`${id}/b`);
+  assert.equal(utf8(read.value), "hello");
+  read.value[0] = 0x58;
+  assert.equal(utf8((await client.get(`${id}/b`)).value), "hello");
+  await assert.rejects(client.put(`${id}/c`, "x", { create: true, meta: "café" }), InvalidRequest);
+});
+
+test("a replica keeps an edit made while the same key is being written", async () => {
+  const { client, id } = await newUser();
+  const slow = (url, init) => (init?.method === "PUT"
+    ? new Promise((resolve) => setTimeout(resolve, 300)).then(() => fetch(url, init))
+    : fetch(url, init));
+  const writer = new SyncNode({ url: URL_, token: client.token, fetch: slow });
+  const replica = await writer.replica({ prefix: `${id}/`, wait: 1 }).start();
+  await replica.set(`${id}/k`, { title: "v1" });
+  await new Promise((resolve) => setTimeout(resolve, 100)); // v1's PUT is under way
+  await replica.set(`${id}/k`, { title: "v2" });
+  await waitFor(async () => (await client.getJSON(`${id}/k`))?.value?.title === "v2" && replica.pending.size === 0);
+  assert.deepEqual(replica.get(`${id}/k`), { title: "v2" });
+  await replica.stop();
+});
+
+test("a replica reports a write the server refuses and goes on with the others", async () => {
+  const { client, id } = await newUser();
+  const replica = await client.replica({ prefix: `${id}/`, wait: 1 }).start();
+  const errors = [];
+  replica.onError((error, key) => errors.push([error.code, key]));
+  const long = `${id}/` + "x".repeat(1100);
+  await replica.set(long, { n: 1 });
+  await replica.set(`${id}/fine`, { n: 2 });
+  await waitFor(async () => (await client.getJSON(`${id}/fine`))?.value?.n === 2);
+  assert.deepEqual(errors, [["REQ01", long]]);
+  assert.equal(replica.pending.size, 0);
+  await replica.stop();
+});
+
+test("a stopped replica sends nothing more", async () => {
+  const { client, id } = await newUser();
+  let requests = 0;
+  const offline = new SyncNode({
+    url: URL_, token: client.token,
+    fetch: () => { requests++; return Promise.reject(new TypeError("fetch failed")); },
+  });
+  const replica = await offline.replica({ prefix: `${id}/`, wait: 1 }).start();
+  await replica.set(`${id}/k`, { n: 1 });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  await replica.stop();
+  const before = requests;
+  await new Promise((resolve) => setTimeout(resolve, 2500));
+  assert.equal(requests, before);
+});
+
 test("base64 helpers round-trip every byte", () => {
   const bytes = new Uint8Array(70000).map((_, index) => index % 256);
   assert.deepEqual(fromBase64(toBase64(bytes)), bytes);
