@@ -1205,6 +1205,24 @@ def apply_put(
     # Bytes go in as they are; a file-held value as zeroblob(size), filled by write_value.
     inline = value.body if isinstance(value.body, bytes) else None
     new_bytes = value.size + len(value.meta or "")
+    if sent_token is not None and not create_only and not (quota.disk_full or quota.max_bytes):
+        # The common update, where growth binds no limit: one statement decides the key, the
+        # token and the WRITE or OWN permission. Anything else goes the long way for its error.
+        updated = conn.execute(
+            f"""
+            UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?,
+                value = coalesce(?, zeroblob(?))
+            WHERE key = ? AND token IN ({", ".join("?" * len(sent_token))})
+              AND EXISTS (SELECT 1 FROM permissions
+                          WHERE item_id = items.id AND user_id = ? AND level >= ?)
+            RETURNING id
+            """,
+            (token, value.meta, now_ms, value.size, inline, value.size, key, *sent_token,
+             user_id, LEVELS["WRITE"]),
+        ).fetchone()  # fmt: skip
+        if updated is not None:
+            record_update(conn, updated[0], value)
+            return token
     found = find_item(conn, key, user_id)
     if found is None:
         if sent_token is not None:
@@ -1248,6 +1266,14 @@ def apply_put(
     ).rowcount
     if updated != 1:
         raise ApiError("KEY01", "The token sent does not match the stored token.")
+    record_update(conn, item_id, value)
+    check_quota(conn, item_id, quota, grew=new_bytes > old_bytes)
+    return token
+
+
+def record_update(conn: sqlite3.Connection, item_id: int, value: NewValue) -> None:
+    """After an item's row changed: a new change number on every holder's row, their
+    long-polls noted, and a file-held value copied in."""
     bump_seq(conn)
     holders = conn.execute(
         "UPDATE permissions SET seq = (SELECT seq FROM sync_state) WHERE item_id = ? "
@@ -1256,8 +1282,6 @@ def apply_put(
     ).fetchall()
     touch(conn, (row[0] for row in holders))
     write_value(conn, item_id, value)
-    check_quota(conn, item_id, quota, grew=new_bytes > old_bytes)
-    return token
 
 
 def put_value(
@@ -2741,6 +2765,8 @@ class Housekeeping:
 
     def due(self, now_ms: int) -> bool:
         """Take the next run if it is due (or the clock was set back past the last one)."""
+        if self._next_ms - 2 * HOUSEKEEPING_MS < now_ms < self._next_ms:
+            return False  # the common case, decided again under the lock otherwise
         with self._lock:
             if self._next_ms - 2 * HOUSEKEEPING_MS < now_ms < self._next_ms:
                 return False
@@ -2869,9 +2895,22 @@ def answer(body: Any, status: int, headers: Mapping[str, str]) -> Any:
     """
     response = bottle.response
     response.status = status
+    stored = getattr(response, "_headers", None)
+    if stored is None:  # (not bottle 0.13)
+        for name, value in headers.items():
+            response[name] = value
+        return body
+    # bottle 0.13 keeps each header as a list under its title-cased name: set so, a third of
+    # the cost of response[name] = value, with the same checks of the value.
     for name, value in headers.items():
-        response[name] = value
+        stored[header_key(name)] = [bottle._hval(value)]
     return body
+
+
+@functools.cache
+def header_key(name: str) -> str:
+    """The name under which bottle keeps a response header (a handful of names: cached)."""
+    return bottle._hkey(name)
 
 
 def add_headers(response: Any, headers: Mapping[str, str]) -> None:
@@ -3001,7 +3040,13 @@ def read_credentials() -> tuple[str, str, dict]:
 
 def header(name: str) -> str | None:
     """Return a request header as sent (latin-1 text per WSGI), or None when absent."""
-    return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
+    return bottle.request.environ.get(environ_name(name))
+
+
+@functools.cache
+def environ_name(name: str) -> str:
+    """The WSGI environ key of a request header (a handful of names: cached)."""
+    return "HTTP_" + name.upper().replace("-", "_")
 
 
 def token_candidates(tag: str) -> tuple[str, ...]:
