@@ -13624,6 +13624,9 @@ def test_js_client_passes_its_node_tests_against_live_servers(start_server):
         "SYNCNODE_URL": server.url,
         "SYNCNODE_ONE_WAITER_URL": one_waiter.url,
         "SYNCNODE_SMALL_QUOTA_URL": small_quota.url,
+        # For the test that stops a server of its own and starts it again.
+        "SYNCNODE_PYTHON": sys.executable,
+        "SYNCNODE_PY": SYNCNODE_PY,
     }
     done = subprocess.run(
         [node, "--test", "--test-reporter=spec", "test/"],

@@ -1,6 +1,11 @@
 // Tests of the JavaScript client against live syncnode servers started by test_syncnode.py:
 // SYNCNODE_URL (default settings) and SYNCNODE_ONE_WAITER_URL (--max-waiters 1).
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { test } from "node:test";
 import {
   AuthError, Busy, Conflict, Forbidden, Gone, InvalidRequest, NotFound, QuotaExceeded,
@@ -329,6 +334,76 @@ test("a stopped replica sends nothing more", async () => {
   const before = requests;
   await new Promise((resolve) => setTimeout(resolve, 2500));
   assert.equal(requests, before);
+});
+
+test("failed logins past the limit are Busy with Retry-After", async () => {
+  const { id } = await newUser();
+  const client = new SyncNode({ url: URL_ });
+  let error;
+  for (let attempt = 0; attempt < 12 && !(error instanceof Busy); attempt++) {
+    error = await client.logIn(id, "wrong password").catch((caught) => caught);
+  }
+  assert.ok(error instanceof Busy, String(error));
+  assert.equal(error.status, 429);
+  assert.equal(error.code, "AUTH02");
+  assert.ok(error.retryAfter > 0);
+});
+
+/** A free port on 127.0.0.1, a moment ago. */
+const freePort = () =>
+  new Promise((resolve) => {
+    const probe = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+
+/** `python syncnode.py` on a port and database of its own; resolves once it answers. */
+async function startSyncnode(port, database) {
+  const child = spawn(process.env.SYNCNODE_PYTHON, [process.env.SYNCNODE_PY, "--port", String(port), "--database", database], {
+    stdio: "ignore",
+    env: { ...process.env, SYNCNODE_ARGON2_MEMORY_COST: "64", SYNCNODE_ARGON2_TIME_COST: "1", SYNCNODE_ARGON2_PARALLELISM: "1" },
+  });
+  const deadline = Date.now() + 15000;
+  for (;;) {
+    try {
+      if ((await fetch(`http://127.0.0.1:${port}/health`)).ok) return child;
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) { child.kill(); throw new Error("syncnode did not start"); }
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+const stopped = (child) => new Promise((resolve) => { child.once("exit", resolve); child.kill("SIGTERM"); });
+
+test("a replica's queue is written once the server comes back", { skip: !process.env.SYNCNODE_PY }, async () => {
+  const folder = mkdtempSync(join(tmpdir(), "syncnode-client-"));
+  const port = await freePort();
+  const url = `http://127.0.0.1:${port}`;
+  let server = await startSyncnode(port, join(folder, "sync.db"));
+  try {
+    const client = new SyncNode({ url });
+    await client.register("back@example.org", PASSWORD);
+    const storage = memoryStorage();
+    const replica = await client.replica({ prefix: "back/", storage, wait: 1 }).start();
+    await waitFor(() => replica.cursor !== null);
+    await stopped(server); // the server goes away
+    await replica.set("back/1", { n: 1 });
+    await replica.set("back/2", { n: 2 });
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    assert.deepEqual([...replica.pending].sort(), ["back/1", "back/2"]);
+    server = await startSyncnode(port, join(folder, "sync.db")); // and comes back
+    await waitFor(() => replica.pending.size === 0, 15000);
+    const reader = new SyncNode({ url, token: client.token });
+    assert.deepEqual((await reader.getJSON("back/1")).value, { n: 1 });
+    assert.deepEqual((await reader.getJSON("back/2")).value, { n: 2 });
+    await replica.stop();
+  } finally {
+    await stopped(server);
+    rmSync(folder, { recursive: true, force: true });
+  }
 });
 
 test("base64 helpers round-trip every byte", () => {
