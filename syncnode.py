@@ -2445,6 +2445,8 @@ class Parking:
     def __init__(self, resume: Callable[[], None]) -> None:
         #: Runs the request again on a serving thread.
         self.resume = resume
+        #: When the request first ran (monotonic seconds), for the access log.
+        self.started = time.monotonic()
         #: When the poll's wait ends (monotonic seconds); set by its first run.
         self.deadline: float | None = None
         #: Whether the poll holds one of the places of max_waiters.
@@ -5164,7 +5166,8 @@ class AccessLogged:
     def __init__(
         self, ctx: Context, environ: dict, start_response: Callable, app: Callable
     ) -> None:
-        self.started = time.monotonic()
+        parking = environ.get(PARKING)  # a parked long-poll lasts from its first run
+        self.started = time.monotonic() if parking is None else parking.started
         self.ctx, self.environ, self.status, self.sent = ctx, environ, "-", 0
 
         def capture(status: str, headers: list, exc_info: Any = None) -> Callable:

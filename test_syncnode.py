@@ -12442,6 +12442,19 @@ def test_access_log_writes_one_line_per_request(make_app, caplog):
     assert {match["client"] for match in matches} == {"192.0.2.7"}
 
 
+def test_access_log_times_a_parked_long_poll_from_its_first_run(start_server, caplog):
+    server = start_server(access_log=True)
+    alice = server.register("alice")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Cursor"]
+    with caplog.at_level(logging.INFO, logger="syncnode.access"):
+        poll = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=1")
+        assert (poll.result().status_int, poll.result().json) == (200, [])
+    lines = [ACCESS_LINE.fullmatch(line) for line in access_lines(caplog)]
+    polls = [match for match in lines if match and match["path"] == "/store"]
+    assert len(polls) == 1, "one line for the poll, however often it ran"
+    assert float(polls[0]["ms"]) >= 900  # its wait, not its last run's milliseconds
+
+
 def test_access_log_line_stays_one_line_for_any_path(make_app, caplog):
     client = webtest.TestApp(make_app(access_log=True), extra_environ=CLIENT_ADDRESS)
     forged = urllib.parse.quote("GET /forged 200 0 0.1ms 203.0.113.9")
