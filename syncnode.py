@@ -5666,27 +5666,31 @@ def server_class(settings: Settings) -> type:
             return not overflow
 
         def wake_the_gone(self) -> None:
-            """Close the sleeping polls whose client went away, which frees their places."""
+            """Close the sleeping polls whose client went away, which frees their places.
+
+            A client that sent its next request meanwhile sleeps on (the request is read once
+            the poll has answered); a hang-up behind those bytes still shows as POLLRDHUP.
+            """
             if not self.sleeping:
                 return
             poller = select.poll()
             for fd in self.sleeping:
-                poller.register(fd, select.POLLIN | select.POLLPRI | POLLRDHUP)
+                poller.register(fd, select.POLLIN | POLLRDHUP)
             for fd, events in poller.poll(0):
                 channel = self.sleeping.get(fd)
                 if channel is None:
                     continue
-                try:
-                    gone = bool(events & (select.POLLHUP | select.POLLERR | POLLRDHUP)) or (
-                        not channel.socket.recv(1, socket.MSG_PEEK)
-                    )
-                except OSError:
-                    gone = True
+                gone = bool(events & (select.POLLHUP | select.POLLERR | POLLRDHUP))
+                if not gone:
+                    try:
+                        gone = not channel.socket.recv(1, socket.MSG_PEEK)
+                    except (BlockingIOError, InterruptedError):
+                        pass  # nothing to read after all
+                    except OSError:
+                        gone = True
                 if gone:
                     del self.sleeping[fd]
                     channel.handle_close()  # frees the poll's place (Channel.handle_close)
-                else:  # it sent its next request: read once the poll has answered
-                    channel.rejoin_loop()
 
         def maintenance(self, now: float) -> None:
             for channel in self.active_channels.values():

@@ -43,6 +43,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -3563,6 +3564,50 @@ def test_a_request_sent_behind_a_sleeping_poll_is_answered_after_it(start_server
         first, second = read_answer(sock, timeout=5), read_answer(sock, timeout=5)
         assert first.status == 200 and [entry["key"] for entry in first.json] == ["k"]
         assert (second.status, second.json) == (200, {"database": True, "disk": True})
+    finally:
+        clients.close()
+
+
+@pytest.mark.parametrize("leave", ["close", "reset", "half-close"])
+def test_a_sleeping_poll_whose_client_sent_more_and_left_frees_its_place(start_server, leave):
+    server = start_server(max_waiters=1)
+    alice = server.register("alice")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Cursor"]
+    sock = socket.create_connection(("127.0.0.1", int(server.port)), timeout=5)
+    try:
+        sock.sendall(raw_request("GET", f"/store?since={cursor}&wait=30", alice.headers))
+        wait_for(lambda: len(server.server.sleeping) == 1, what="the poll to sleep")
+        sock.sendall(b"GET /hea")  # the start of a pipelined request, then the client goes
+        time.sleep(0.3)
+        if leave == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if leave == "half-close":
+            sock.shutdown(socket.SHUT_WR)
+        else:
+            sock.close()
+        wait_for(lambda: server.app.context.waiters.waiting == 0, timeout=2, what="the place")
+    finally:
+        sock.close()
+    second = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=5")
+    wait_for_waiters(server, 1)  # admitted: the one place is free again
+    server.request("PUT", "/store/k", b"v", alice.headers)
+    assert [entry["key"] for entry in second.result().json] == ["k"]
+
+
+def test_an_urgent_byte_to_a_sleeping_poll_does_not_end_it(start_server):
+    server = start_server()
+    alice = server.register("alice")
+    cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Cursor"]
+    clients = Clients(server)
+    try:
+        sock = clients.open()
+        sock.sendall(raw_request("GET", f"/store?since={cursor}&wait=10", alice.headers))
+        wait_for(lambda: len(server.server.sleeping) == 1, what="the poll to sleep")
+        sock.send(b"!", socket.MSG_OOB)
+        time.sleep(0.6)  # the server looks at its sleeping polls meanwhile
+        assert server.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
+        answer = read_answer(sock, timeout=5)
+        assert answer.status == 200 and [entry["key"] for entry in answer.json] == ["k"]
     finally:
         clients.close()
 
