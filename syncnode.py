@@ -1717,9 +1717,15 @@ def iso_time(ms: int) -> str:
 
 def end_user_session(conn: sqlite3.Connection, user_id: int, public_id: str) -> bool:
     """End one of the user's sessions with its children; False when there is none such."""
+    return delete_credential(conn, "sessions", user_id, public_id)
+
+
+def delete_credential(conn: sqlite3.Connection, table: str, user_id: int, public_id: str) -> bool:
+    """Delete one of the user's sessions or API keys by its public id, as a revocation;
+    False when there is none such."""
     with transaction(conn, write=True):
         deleted = conn.execute(
-            "DELETE FROM sessions WHERE user_id = ? AND public_id = ?", (user_id, public_id)
+            f"DELETE FROM {table} WHERE user_id = ? AND public_id = ?", (user_id, public_id)
         ).rowcount
         if deleted:
             revoke(conn, [user_id])
@@ -1988,13 +1994,7 @@ def update_api_key(
 
 def delete_api_key(conn: sqlite3.Connection, user_id: int, public_id: str) -> bool:
     """Delete one of the user's API keys; False when there is none such."""
-    with transaction(conn, write=True):
-        deleted = conn.execute(
-            "DELETE FROM api_keys WHERE user_id = ? AND public_id = ?", (user_id, public_id)
-        ).rowcount
-        if deleted:
-            revoke(conn, [user_id])
-    return deleted == 1
+    return delete_credential(conn, "api_keys", user_id, public_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3494,7 +3494,8 @@ def test_a_parked_poll_whose_credential_died_while_it_waited_frees_its_place(sta
     wait_for_waiters(server, 1)
     assert server.request("DELETE", "/auth", headers=alice.headers).status_int == 204
     assert poll.result().status_int == 401  # answered before the poll's handler ran again
-    assert server.app.context.waiters.waiting == 0
+    # The server frees the place once it has written that answer.
+    wait_for(lambda: server.app.context.waiters.waiting == 0, what="the poll's place")
     again = server.register("bob")
     cursor = server.request("GET", "/store", headers=again.headers).headers["X-Sync-Seq"]
     second = LongPoll(server, again.headers, f"/store?since={cursor}&wait=10")
@@ -5544,28 +5545,49 @@ def serve_page(page: dict[str, bytes]) -> http.server.ThreadingHTTPServer:
     return server
 
 
-def test_browser_page_writes_and_reads_through_cors(start_server, tmp_path, db):
+class Recorded:
+    """A WSGI app that notes each request's method, path and query string, then passes it on."""
+
+    def __init__(self, app) -> None:
+        self.app, self.context, self.requests = app, app.context, []
+
+    def __call__(self, environ, start_response):
+        self.requests.append(
+            (environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("QUERY_STRING", ""))
+        )
+        return self.app(environ, start_response)
+
+
+def run_page(page_html: str, start_server, make_app, tmp_path) -> tuple[dict, Recorded]:
+    """Load a page in headless Chromium against a live syncnode that admits the page's origin
+    only (CORS); return the page's result and the requests the server saw."""
     if not os.access(CHROMIUM, os.X_OK):
         skip_or_fail("install Debian's chromium to run the browser test (apt-get install chromium)")
     page: dict[str, bytes] = {"html": b""}
     page_server = serve_page(page)
     try:
         page_url = f"http://127.0.0.1:{page_server.server_address[1]}"
-        sync = start_server(cors_origins=page_url)  # the page's origin only: the echo path
-        page["html"] = BROWSER_PAGE.replace("SYNCNODE_URL", sync.url).encode()
+        recorded = Recorded(make_app(cors_origins=page_url))
+        sync = start_server(recorded)
+        page["html"] = page_html.replace("SYNCNODE_URL", sync.url).encode()
         command = [
             CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
             "--no-first-run", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
-            "--virtual-time-budget=10000", "--dump-dom", page_url + "/",
+            "--virtual-time-budget=20000", "--dump-dom", page_url + "/",
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, timeout=60, text=True)
+        done = subprocess.run(command, capture_output=True, timeout=90, text=True)
     finally:
         page_server.shutdown()
         page_server.server_close()
     match = re.search(r'<pre id="result">(.*?)</pre>', done.stdout, re.S)
     assert match, f"no result in the DOM; chromium said: {done.stderr[-2000:]}"
-    result = json.loads(html.unescape(match.group(1)))
+    return json.loads(html.unescape(match.group(1))), recorded
+
+
+def test_browser_page_writes_and_reads_through_cors(start_server, make_app, tmp_path, db):
+    # The page's origin only is allowed: the echo path.
+    result, _ = run_page(BROWSER_PAGE, start_server, make_app, tmp_path)
     stored_token = db.execute("SELECT token FROM items WHERE key = 'from/browser'").fetchone()[0]
     assert result == {
         "written": {"status": 204, "token": stored_token},
@@ -5610,45 +5632,6 @@ POLLING_PAGE = """<!doctype html>
 })();
 </script></body></html>
 """
-
-
-class Recorded:
-    """A WSGI app that notes each request's method, path and query string, then passes it on."""
-
-    def __init__(self, app) -> None:
-        self.app, self.context, self.requests = app, app.context, []
-
-    def __call__(self, environ, start_response):
-        self.requests.append(
-            (environ["REQUEST_METHOD"], environ["PATH_INFO"], environ.get("QUERY_STRING", ""))
-        )
-        return self.app(environ, start_response)
-
-
-def run_page(page_html: str, start_server, make_app, tmp_path) -> tuple[dict, Recorded]:
-    """Load a page in headless Chromium against a live syncnode; its result and the requests."""
-    if not os.access(CHROMIUM, os.X_OK):
-        skip_or_fail("install Debian's chromium to run the browser test (apt-get install chromium)")
-    page: dict[str, bytes] = {"html": b""}
-    page_server = serve_page(page)
-    try:
-        page_url = f"http://127.0.0.1:{page_server.server_address[1]}"
-        recorded = Recorded(make_app(cors_origins=page_url))
-        sync = start_server(recorded)
-        page["html"] = page_html.replace("SYNCNODE_URL", sync.url).encode()
-        command = [
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}",
-            "--virtual-time-budget=20000", "--dump-dom", page_url + "/",
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, timeout=90, text=True)
-    finally:
-        page_server.shutdown()
-        page_server.server_close()
-    match = re.search(r'<pre id="result">(.*?)</pre>', done.stdout, re.S)
-    assert match, f"no result in the DOM; chromium said: {done.stderr[-2000:]}"
-    return json.loads(html.unescape(match.group(1))), recorded
 
 
 def test_browser_polls_with_the_cursor_in_a_header_are_preflighted_once(
@@ -9778,33 +9761,50 @@ NPM_INSTALL_TIMEOUT = 180
 NODE_RUN_TIMEOUT = 60
 
 
-@pytest.fixture(scope="session")
-def immich_sdk_dir(tmp_path_factory) -> str:
-    """A folder with @immich/sdk 3.x installed from npm, once per test session."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        skip_or_fail("node and npm are needed to run @immich/sdk")
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30)
-    major = re.match(r"v(\d+)", version.stdout.strip())
-    if major is None or int(major[1]) < 18:
-        skip_or_fail(f"@immich/sdk needs Node.js 18 or newer (global fetch), not {version.stdout}")
-    folder = tmp_path_factory.mktemp("immich-sdk")
+def node_or_skip() -> str:
+    """The path of Node.js 18 or newer; skip (fail on CI) without it."""
+    node = shutil.which("node")
+    if node is None:
+        skip_or_fail("install Node.js 18 or newer to run the JavaScript client's tests")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout
+    if int(version.strip().lstrip("v").split(".")[0]) < 18:
+        skip_or_fail(f"the JavaScript client needs Node.js 18 or newer, not {version.strip()}")
+    return node
+
+
+def npm_folder(
+    tmp_path_factory, name: str, packages: tuple[str, ...], installs: tuple[str, ...]
+) -> Path:
+    """A new folder with the npm packages installed, each of installs (package names) found
+    in its node_modules; skip (fail on CI) when npm cannot."""
+    node_or_skip()
+    npm = shutil.which("npm")
+    if npm is None:
+        skip_or_fail(f"npm is needed to install {' '.join(packages)}")
+    folder = tmp_path_factory.mktemp(name)
     # A package.json of its own keeps npm from installing into a project further up.
-    (folder / "package.json").write_text('{"name": "sdk-check", "private": true}\n')
-    command = [npm, "install", "--no-audit", "--no-fund", "@immich/sdk@3"]
-    env = {**os.environ, "npm_config_update_notifier": "false"}
+    (folder / "package.json").write_text(f'{{"name": "{name}", "private": true}}\n')
+    command = [npm, "install", "--no-audit", "--no-fund", *packages]
     try:
         done = subprocess.run(
-            command, cwd=folder, env=env, capture_output=True, text=True,
+            command, cwd=folder, env=node_env(), capture_output=True, text=True,
             timeout=NPM_INSTALL_TIMEOUT,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
-        skip_or_fail(f"npm install @immich/sdk@3 took over {NPM_INSTALL_TIMEOUT} s")
+        skip_or_fail(f"npm install {' '.join(packages)} took over {NPM_INSTALL_TIMEOUT} s")
     if done.returncode != 0:
-        skip_or_fail(f"npm install @immich/sdk@3 failed: {done.stderr.strip()[-2000:]}")
+        skip_or_fail(f"npm install {' '.join(packages)} failed: {done.stderr[-2000:]}")
+    for package in installs:
+        if not (folder / "node_modules" / package / "package.json").exists():
+            skip_or_fail(f"npm install left no node_modules/{package}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def immich_sdk_dir(tmp_path_factory) -> str:
+    """A folder with @immich/sdk 3.x installed from npm, once per test session."""
+    folder = npm_folder(tmp_path_factory, "immich-sdk", ("@immich/sdk@3",), ("@immich/sdk",))
     manifest = folder / "node_modules" / "@immich" / "sdk" / "package.json"
-    if not manifest.exists():
-        skip_or_fail("npm install @immich/sdk@3 left no node_modules/@immich/sdk")
     assert json.loads(manifest.read_text())["version"].startswith("3.")
     return str(folder)
 
@@ -10349,23 +10349,8 @@ def npm_tools(tmp_path_factory) -> Path:
     found = re.match(r"v(\d+)\.(\d+)", version.stdout.strip())
     if found is None or (int(found[1]), int(found[2])) < NODE_MINIMUM:
         skip_or_fail(f"the npm tools need Node.js 20.19 or newer, not {version.stdout.strip()}")
-    folder = tmp_path_factory.mktemp("npm-tools")
-    # A package.json of its own keeps npm from installing into a project further up.
-    (folder / "package.json").write_text('{"name": "client-check", "private": true}\n')
-    command = [npm, "install", "--no-audit", "--no-fund", *NPM_PACKAGES]
-    try:
-        done = subprocess.run(
-            command, cwd=folder, env=node_env(), capture_output=True, text=True,
-            timeout=NPM_INSTALL_TIMEOUT,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        skip_or_fail(f"npm install {' '.join(NPM_PACKAGES)} took over {NPM_INSTALL_TIMEOUT} s")
-    if done.returncode != 0:
-        skip_or_fail(f"npm install {' '.join(NPM_PACKAGES)} failed: {done.stderr[-2000:]}")
-    for package in ("@hey-api/openapi-ts", "typescript", "@redocly/cli"):
-        if not (folder / "node_modules" / package / "package.json").exists():
-            skip_or_fail(f"npm install left no node_modules/{package}")
-    return folder
+    installs = ("@hey-api/openapi-ts", "typescript", "@redocly/cli")
+    return npm_folder(tmp_path_factory, "npm-tools", NPM_PACKAGES, installs)
 
 
 # The scenario and its checks ----------------------------------------------------------------------
@@ -13662,17 +13647,6 @@ def test_feed_replayed_on_a_listing_reproduces_the_final_listing(before, during,
 JS_CLIENT = os.path.join(os.path.dirname(SYNCNODE_PY), "clients", "js")
 
 
-def node_or_skip() -> str:
-    """The path of Node.js 18 or newer; skip (fail on CI) without it."""
-    node = shutil.which("node")
-    if node is None:
-        skip_or_fail("install Node.js 18 or newer to run the JavaScript client's tests")
-    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout
-    if int(version.strip().lstrip("v").split(".")[0]) < 18:
-        skip_or_fail(f"the JavaScript client needs Node.js 18 or newer, not {version.strip()}")
-    return node
-
-
 def test_js_client_passes_its_node_tests_against_live_servers(start_server):
     node = node_or_skip()
     server = start_server()
@@ -13702,10 +13676,7 @@ RXDB_PACKAGES = ("rxdb@17.6.0", "rxjs@7.8.2")
 @pytest.fixture(scope="session")
 def rxdb_dir(tmp_path_factory) -> Path:
     """A folder with RxDB installed from npm (once per session), for clients/js/rxdb.js."""
-    folder = npm_folder(tmp_path_factory, "rxdb", RXDB_PACKAGES)
-    if not (folder / "node_modules" / "rxdb" / "package.json").exists():
-        skip_or_fail("npm install left no node_modules/rxdb")
-    return folder
+    return npm_folder(tmp_path_factory, "rxdb", RXDB_PACKAGES, ("rxdb", "rxjs"))
 
 
 def test_js_rxdb_replication_converges_two_databases(start_server, rxdb_dir):
@@ -13731,29 +13702,6 @@ def test_js_rxdb_replication_converges_two_databases(start_server, rxdb_dir):
 PUPPETEER_PACKAGES = ("puppeteer-core@25.16.0",)
 
 
-def npm_folder(tmp_path_factory, name: str, packages: tuple[str, ...]) -> Path:
-    """A new folder with the npm packages installed (skip, or fail on CI, when npm cannot)."""
-    node_or_skip()
-    npm = shutil.which("npm")
-    if npm is None:
-        skip_or_fail(f"npm is needed to install {' '.join(packages)}")
-    folder = tmp_path_factory.mktemp(name)
-    # A package.json of its own keeps npm from installing into a project further up.
-    (folder / "package.json").write_text(f'{{"name": "{name}", "private": true}}\n')
-    command = [npm, "install", "--no-audit", "--no-fund", *packages]
-    env = {**os.environ, "npm_config_update_notifier": "false"}
-    try:
-        done = subprocess.run(
-            command, cwd=folder, env=env, capture_output=True, text=True,
-            timeout=NPM_INSTALL_TIMEOUT,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        skip_or_fail(f"npm install {' '.join(packages)} took over {NPM_INSTALL_TIMEOUT} s")
-    if done.returncode != 0:
-        skip_or_fail(f"npm install {' '.join(packages)} failed: {done.stderr[-2000:]}")
-    return folder
-
-
 def serve_folder(folder: str) -> http.server.ThreadingHTTPServer:
     """Serve a folder's files on 127.0.0.1 (port 0) from a thread, as a static web server."""
 
@@ -13772,10 +13720,8 @@ def serve_folder(folder: str) -> http.server.ThreadingHTTPServer:
 
 @pytest.fixture(scope="session")
 def puppeteer_dir(tmp_path_factory) -> Path:
-    folder = npm_folder(tmp_path_factory, "puppeteer", PUPPETEER_PACKAGES)
-    if not (folder / "node_modules" / "puppeteer-core" / "package.json").exists():
-        skip_or_fail("npm install left no node_modules/puppeteer-core")
-    return folder
+    """A folder with puppeteer-core installed from npm, once per test session."""
+    return npm_folder(tmp_path_factory, "puppeteer", PUPPETEER_PACKAGES, ("puppeteer-core",))
 
 
 def test_js_example_app_syncs_two_browser_pages_one_offline(start_server, puppeteer_dir, db):
