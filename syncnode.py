@@ -33,6 +33,7 @@ import getpass
 import hashlib
 import heapq
 import html
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -86,6 +87,10 @@ MAX_PASSWORD_CHARS = 1024
 MAX_JSON_BYTES = 1024 * 1024
 MAX_BEARER_CHARS = 512
 READ_CHUNK_BYTES = 64 * 1024
+#: Rows a listing fetches from PostgreSQL at a time (SQLite reads them one by one anyway).
+STREAM_ROWS = 100
+#: A LIMIT that limits nothing (SQLite's -1 is an error on PostgreSQL).
+NO_LIMIT = 2**63 - 1
 MAX_WAIT_SECONDS = 60
 MAX_PAGE_ENTRIES = 1000
 MAX_BATCH_OPERATIONS = 100
@@ -167,10 +172,14 @@ def _setting(default: Any, help: str, **options: Any) -> Any:
 class Settings:
     """Everything an operator can tune; the CLI reads each from a flag or a SYNCNODE_* variable."""
 
-    database: str = _setting("syncnode.db", "SQLite database file (created if missing).")
+    database: str = _setting(
+        "syncnode.db",
+        "SQLite database file (created if missing), or a postgresql:// URL (see the README, "
+        "More than one machine).",
+    )
     host: str = _setting("127.0.0.1", "Address to listen on.")
     port: int = _setting(8080, "TCP port to listen on.")
-    threads: int = _setting(4, "Serving threads (one SQLite connection each).")
+    threads: int = _setting(4, "Serving threads (one database connection each).")
     log_level: str = _setting(
         "INFO", "Server log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
@@ -277,7 +286,9 @@ class Settings:
             if choices and value not in choices:
                 raise ValueError(f"The setting {item.name} must be one of {', '.join(choices)}.")
         if not self.database or self.database == ":memory:" or self.database.startswith("file:"):
-            raise ValueError("The setting database must be the path of a database file.")
+            raise ValueError(
+                "The setting database must be the path of a database file or a postgresql:// URL."
+            )
         if not 1 <= self.port <= 65535 and self.port != 0:
             raise ValueError("The setting port must be 0 to 65535.")
         if self.hash_slots < 1:
@@ -585,26 +596,91 @@ class HeldFiles:
 HELD_FILES = HeldFiles()
 
 
-class Connection(sqlite3.Connection):
-    """A SQLite connection that may share an in-process write lock with its siblings."""
+class SQLiteConnection(sqlite3.Connection):
+    """A SQLite connection that may share an in-process write lock with its siblings.
+
+    With PostgreSQLConnection, the one place that knows which database it speaks to: its
+    schema and version, its errors, large values, the watcher's change count, upkeep.
+    """
 
     #: Held by write transactions of the same app, so that writers queue in Python.
     write_lock: threading.Lock | None = None
     #: Set when the file could not take a write: the app replaces the connection.
     stale = False
+    #: A SQLite connection never breaks (PostgreSQL's may).
+    broken = False
+    #: The open connections of the app that opened this one (see Connections.open).
+    owners: set | None = None
     #: Whether the open transaction of transaction() is a write transaction.
     writing = False
     #: Users whose feed or credentials the open transaction changes, and those of committed
     #: ones not yet told to their long-polls (see touch).
     pending: set[int]
     changed: set[int]
+    #: The migrations of this database, its errors, and a condition on a list of user ids
+    #: passed as one parameter (see id_list).
+    migrations = SCHEMA
+    Error = sqlite3.Error
+    IntegrityError = sqlite3.IntegrityError
+    IDS_IN = "IN (SELECT value FROM json_each(?))"
+
+    def schema_version(self) -> int:
+        """Return the schema version of the database (0 for a new one)."""
+        return self.execute("PRAGMA user_version").fetchone()[0]
+
+    def set_schema_version(self, version: int) -> None:
+        """Record the schema version inside the migration's transaction."""
+        self.execute(f"PRAGMA user_version = {int(version)}")
+
+    def run_script(self, script: str) -> None:
+        """Run a migration script, statement by statement."""
+        for statement in split_statements(script):
+            self.execute(statement)
+
+    def id_list(self, ids: Iterable[int]) -> str:
+        """Return user ids as the one parameter of IDS_IN."""
+        return json.dumps(list(ids))
+
+    def stream(self, sql: str, params: Any) -> sqlite3.Cursor:
+        """Return the rows of a query as they are read (SQLite steps through them lazily)."""
+        return self.execute(sql, params)
+
+    def fill_value(self, item_id: int, body: BinaryIO, size: int) -> None:
+        """Copy a file-held value into its row's zeroblob in chunks."""
+        with self.blobopen("items", "value", item_id) as blob:
+            while chunk := body.read(READ_CHUNK_BYTES):
+                blob.write(chunk)
+
+    def data_version(self) -> int:
+        """Return SQLite's count of commits other connections made (PRAGMA data_version)."""
+        return self.execute("PRAGMA data_version").fetchone()[0]
+
+    @contextlib.contextmanager
+    def housekeeping_turn(self) -> Iterator[bool]:
+        """Whether this process may do housekeeping now: always (each process does its own)."""
+        yield True
+
+    def restart_ids(self) -> None:
+        """Nothing after a copy: SQLite numbers new rows past the largest id by itself."""
+
+    def tidy(self, write_lock: threading.Lock) -> None:
+        """Give freed pages back to the file system and checkpoint the WAL."""
+        with write_lock:  # (one execute frees only one page)
+            self.executescript("PRAGMA incremental_vacuum;")
+        self.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def close(self) -> None:
+        """Close the connection (twice is harmless)."""
+        super().close()
+        if self.owners is not None:
+            self.owners.discard(self)
 
 
-def connect(
-    path: str, settings: Settings, write_lock: threading.Lock | None = None
-) -> sqlite3.Connection:
+def connect(path: str, settings: Settings, write_lock: threading.Lock | None = None) -> Connection:
     """Open a connection in autocommit mode with WAL, foreign keys and the busy timeout set."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=Connection)
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, factory=SQLiteConnection
+    )
     conn.write_lock = write_lock
     conn.pending, conn.changed = set(), set()
     conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout)}")
@@ -618,7 +694,7 @@ def connect(
 
 
 @contextlib.contextmanager
-def transaction(conn: sqlite3.Connection, write: bool = False) -> Iterator[sqlite3.Connection]:
+def transaction(conn: Connection, write: bool = False) -> Iterator[Connection]:
     """Run a block in one transaction: commit on a clean exit, roll back on any exception.
 
     Writes use BEGIN IMMEDIATE: the write lock is taken before the first read, so a busy
@@ -664,7 +740,7 @@ def transaction(conn: sqlite3.Connection, write: bool = False) -> Iterator[sqlit
             lock.release()
 
 
-def touch(conn: sqlite3.Connection, user_ids: Iterable[int]) -> None:
+def touch(conn: Connection, user_ids: Iterable[int]) -> None:
     """Note inside a write transaction the users whose feed or credentials it changes.
 
     Once it commits, their long-polls alone wake (Waiters.notify); a rollback forgets them.
@@ -673,7 +749,7 @@ def touch(conn: sqlite3.Connection, user_ids: Iterable[int]) -> None:
         conn.pending.update(user_ids)
 
 
-def revoke(conn: sqlite3.Connection, user_ids: Iterable[int]) -> None:
+def revoke(conn: Connection, user_ids: Iterable[int]) -> None:
     """Note inside a write transaction that it ends or narrows credentials of these users.
 
     Their long-polls in this process wake at once (touch); those in other processes, whose
@@ -683,15 +759,23 @@ def revoke(conn: sqlite3.Connection, user_ids: Iterable[int]) -> None:
     conn.execute("UPDATE sync_state SET revocations = revocations + 1")
 
 
-def cannot_write(error: sqlite3.Error) -> bool:
-    """Whether a database error means the file cannot take a write (full or read-only)."""
+def cannot_write(error: BaseException) -> bool:
+    """Whether a database error means the database cannot take a write (full or read-only)."""
+    if getattr(error, "sqlstate", None) in POSTGRESQL_CANNOT_WRITE:
+        return True
     return (getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF in (
         sqlite3.SQLITE_FULL,
         sqlite3.SQLITE_READONLY,
     )
 
 
-def write_if_possible(conn: sqlite3.Connection, statement: str, params: tuple) -> None:
+def error_name(error: BaseException) -> str:
+    """Name a database error for the log without its text (which may quote values)."""
+    name = getattr(error, "sqlite_errorname", None) or getattr(error, "sqlstate", None)
+    return name or type(error).__name__
+
+
+def write_if_possible(conn: Connection, statement: str, params: tuple) -> None:
     """Run one bookkeeping write that a read can do without; skip it if the file takes none.
 
     Reads go on working on a database that cannot be written; the connection is marked so
@@ -700,11 +784,11 @@ def write_if_possible(conn: sqlite3.Connection, statement: str, params: tuple) -
     try:
         with transaction(conn, write=True):
             conn.execute(statement, params)
-    except sqlite3.OperationalError as error:
+    except conn.Error as error:
         if not cannot_write(error):
             raise
         conn.stale = True
-        log.warning("Skipped a bookkeeping write: %s", error.sqlite_errorname)
+        log.warning("Skipped a bookkeeping write: %s", error_name(error))
 
 
 def split_statements(script: str) -> list[str]:
@@ -729,20 +813,36 @@ def refuse_newer(version: int, newest: int) -> None:
         )
 
 
-def migrate(conn: sqlite3.Connection, schema: list[str] = SCHEMA) -> int:
-    """Bring the database up to the newest schema in one transaction; return the version."""
+def kind_of(conn: Connection | sqlite3.Connection) -> type[Connection]:
+    """Return the class whose methods speak to conn's database (plain sqlite3: SQLite's)."""
+    return PostgreSQLConnection if isinstance(conn, PostgreSQLConnection) else SQLiteConnection
+
+
+def migrate(conn: Connection, schema: list[str] | None = None) -> int:
+    """Bring the database up to the newest schema in one transaction; return the version.
+
+    The write transaction holds the database's write lock, so of several processes starting
+    on one database one migrates while the others wait, then find nothing left to do.
+    """
+    kind = kind_of(conn)
+    schema = kind.migrations if schema is None else schema
     with transaction(conn, write=True):
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        version = kind.schema_version(conn)
         refuse_newer(version, len(schema))
         for number, script in enumerate(schema[version:], start=version + 1):
-            for statement in split_statements(script):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-            log.info("Migrated the database to schema version %d.", number)
+            kind.run_script(conn, script)
+            kind.set_schema_version(conn, number)
+            if script.strip():  # (PostgreSQL's schema starts at the newest version)
+                log.info("Migrated the database to schema version %d.", number)
     return len(schema)
 
 
-def take_id(conn: sqlite3.Connection, table: str) -> int:
+def placeholders(count: int) -> str:
+    """Return the placeholders of an IN list of count values (NULL, matching none, for 0)."""
+    return ", ".join("?" * count) if count else "NULL"
+
+
+def take_id(conn: Connection, table: str) -> int:
     """Take the next row id of users, sessions or api_keys inside a write transaction.
 
     SQLite would hand out the id of a deleted newest row again; these ids name who owns
@@ -751,6 +851,419 @@ def take_id(conn: sqlite3.Connection, table: str) -> int:
     return conn.execute(
         "UPDATE id_counters SET last = last + 1 WHERE name = ? RETURNING last", (table,)
     ).fetchone()[0]
+
+
+# The second database. SQL is written once, in SQLite's spelling; what PostgreSQL needs
+# otherwise sits here: its schema, its placeholders, its write lock and its large values.
+
+#: The schema on PostgreSQL at the version SCHEMA reaches: one script, because a
+#: PostgreSQL database starts at this version (later migrations go into both lists).
+#: Keys and names sort by their bytes (COLLATE "C"), as SQLite sorts them; zeroblob() is
+#: SQLite's placeholder for a value streamed in after its row (see PostgreSQLConnection);
+#: every change to sync_state is announced to the watchers of other nodes (NOTIFY).
+POSTGRESQL_SCHEMA = [""] * (len(SCHEMA) - 1) + [
+    """
+    CREATE TABLE users (
+        id BIGINT PRIMARY KEY,
+        name TEXT COLLATE "C" NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        uuid TEXT,
+        display_name TEXT,
+        updated_ms BIGINT,
+        feed_floor BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX users_by_uuid ON users (uuid);
+    CREATE TABLE sessions (
+        id BIGINT PRIMARY KEY,
+        public_id TEXT NOT NULL UNIQUE,
+        user_id BIGINT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        token_digest BYTEA NOT NULL UNIQUE,
+        created_ms BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL,
+        parent_id BIGINT REFERENCES sessions (id) ON DELETE CASCADE,
+        updated_ms BIGINT NOT NULL DEFAULT 0,
+        device_type TEXT NOT NULL DEFAULT '',
+        device_os TEXT NOT NULL DEFAULT '',
+        app_version TEXT
+    );
+    CREATE INDEX sessions_by_user ON sessions (user_id, created_ms);
+    CREATE INDEX sessions_by_expiry ON sessions (expires_ms);
+    CREATE INDEX sessions_by_parent ON sessions (parent_id);
+    CREATE TABLE reset_tokens (
+        user_id BIGINT PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+        token_digest BYTEA NOT NULL UNIQUE,
+        expires_ms BIGINT NOT NULL
+    );
+    CREATE TABLE items (
+        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        key TEXT COLLATE "C" NOT NULL UNIQUE,
+        token TEXT NOT NULL,
+        meta TEXT,
+        updated_ms BIGINT NOT NULL,
+        size BIGINT NOT NULL,
+        value BYTEA NOT NULL
+    );
+    ALTER TABLE items ALTER COLUMN value SET STORAGE EXTERNAL;
+    CREATE TABLE permissions (
+        item_id BIGINT NOT NULL REFERENCES items (id) ON DELETE CASCADE,
+        user_id BIGINT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        level INTEGER NOT NULL CHECK (level IN (1, 2, 3)),
+        seq BIGINT NOT NULL DEFAULT 1,
+        PRIMARY KEY (item_id, user_id)
+    );
+    CREATE INDEX permissions_by_user ON permissions (user_id, item_id);
+    CREATE INDEX permissions_by_user_seq ON permissions (user_id, seq);
+    CREATE TABLE attempts (
+        rowid BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX attempts_by_subject ON attempts (kind, subject, at_ms);
+    CREATE INDEX attempts_by_time ON attempts (at_ms);
+    CREATE TABLE api_keys (
+        id BIGINT PRIMARY KEY,
+        public_id TEXT NOT NULL UNIQUE,
+        user_id BIGINT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        secret_digest BYTEA NOT NULL UNIQUE,
+        permissions TEXT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL
+    );
+    CREATE INDEX api_keys_by_user ON api_keys (user_id, created_ms);
+    CREATE TABLE invites (
+        code_digest BYTEA PRIMARY KEY,
+        expires_ms BIGINT NOT NULL
+    );
+    CREATE TABLE sync_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq BIGINT NOT NULL,
+        floor BIGINT NOT NULL,
+        revocations BIGINT NOT NULL DEFAULT 0
+    );
+    INSERT INTO sync_state (id, seq, floor) VALUES (1, 1, 0);
+    CREATE TABLE tombstones (
+        user_id BIGINT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        key TEXT COLLATE "C" NOT NULL,
+        seq BIGINT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        PRIMARY KEY (user_id, key)
+    );
+    CREATE INDEX tombstones_by_user_seq ON tombstones (user_id, seq);
+    CREATE INDEX tombstones_by_time ON tombstones (created_ms);
+    CREATE TABLE id_counters (
+        name TEXT PRIMARY KEY,
+        last BIGINT NOT NULL
+    );
+    INSERT INTO id_counters (name, last) VALUES ('users', 0), ('sessions', 0), ('api_keys', 0);
+    CREATE FUNCTION zeroblob(size BIGINT) RETURNS BYTEA
+        LANGUAGE sql IMMUTABLE AS $$ SELECT ''::bytea $$;
+    CREATE FUNCTION syncnode_announce() RETURNS trigger
+        LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('syncnode', ''); RETURN NULL; END $$;
+    CREATE TRIGGER sync_state_announced AFTER UPDATE ON sync_state
+        FOR EACH STATEMENT EXECUTE FUNCTION syncnode_announce();
+    """
+]
+
+#: The first number of the advisory locks syncnode takes; the second names the lock.
+POSTGRESQL_LOCK_CLASS = 0x53594E43  # "SYNC"
+POSTGRESQL_WRITE_LOCK = 1
+POSTGRESQL_HOUSEKEEPING_LOCK = 2
+#: SQLSTATEs that mean the database takes no write: disk full, read-only transaction.
+POSTGRESQL_CANNOT_WRITE = ("53100", "25006")
+#: The first bytes of a binary COPY holding one row of one field (then its length).
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"\x00\x01"
+
+
+def is_postgresql(database: str) -> bool:
+    """Whether the database setting names a PostgreSQL database (a URL) and not a file."""
+    return database.startswith(("postgresql://", "postgres://"))
+
+
+def database_label(database: str) -> str:
+    """Name a database for logs and messages: a URL without its password."""
+    if not is_postgresql(database):
+        return database
+    parts = urllib.parse.urlsplit(database)
+    if parts.password is None:
+        return database
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def import_psycopg() -> Any:
+    """Import psycopg 3, saying how to install it when it is missing."""
+    try:
+        import psycopg
+    except ImportError:
+        raise DatabaseUnusable(
+            "A postgresql:// database needs psycopg 3: pip install 'syncnode[postgresql]'."
+        ) from None
+    return psycopg
+
+
+#: A placeholder, a quoted string or name (left alone), or a % (doubled for psycopg).
+SQL_PLACEHOLDER = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|\?|(?<!:):([A-Za-z_]\w*)|%""")
+
+
+def postgresql_text(sql: str) -> str:
+    """Return a statement written with SQLite's placeholders (? and :name) in psycopg's."""
+
+    def replace(match: re.Match) -> str:
+        text = match.group(0)
+        if text == "?":
+            return "%s"
+        if match.group(1):
+            return f"%({match.group(1)})s"
+        return "%%" if text == "%" else text
+
+    return SQL_PLACEHOLDER.sub(replace, sql)
+
+
+class PostgreSQLConnection:
+    """A psycopg connection that takes syncnode's SQL as a SQLite Connection does.
+
+    Statements keep SQLite's placeholders, translated once per text. BEGIN IMMEDIATE becomes
+    BEGIN and the database's advisory write lock, so writers take turns across every node as
+    they do on one SQLite file: CAS, quotas and the feed's sequence (assigned under the lock,
+    so in commit order) need nothing else. A read transaction is REPEATABLE READ, one
+    snapshot as in SQLite. Large values stream in through COPY and out by substring.
+    """
+
+    #: Held by write transactions of the same app, so that writers queue in Python.
+    write_lock: threading.Lock | None = None
+    #: Set when the database could not take a write: the app replaces the connection.
+    stale = False
+    #: Whether the open transaction of transaction() is a write transaction.
+    writing = False
+    #: The open connections of the app that opened this one (see Connections.open).
+    owners: set | None = None
+    #: As on SQLiteConnection; Error and IntegrityError are psycopg's (set when connecting).
+    migrations = POSTGRESQL_SCHEMA
+    IDS_IN = "= ANY(?)"
+
+    def __init__(
+        self,
+        url: str,
+        settings: Settings,
+        texts: dict[str, str],
+        write_lock: threading.Lock | None = None,
+    ) -> None:
+        psycopg = import_psycopg()
+        self.Error, self.IntegrityError = psycopg.Error, psycopg.IntegrityError
+        self.raw = psycopg.connect(url, autocommit=True)
+        self.write_lock = write_lock
+        self._texts = texts
+        self._idle = psycopg.pq.TransactionStatus.IDLE
+        self.pending: set[int] = set()
+        self.changed: set[int] = set()
+        self._announcements = 0
+        self._listening = False
+        # (0 would wait forever on PostgreSQL; SQLite's 0 is not to wait)
+        self.raw.execute(f"SET lock_timeout = {max(1, int(settings.busy_timeout))}")
+        if settings.synchronous == "NORMAL":  # may lose the last commits on a crash
+            self.raw.execute("SET synchronous_commit = off")
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open."""
+        return self.raw.info.transaction_status != self._idle
+
+    @property
+    def broken(self) -> bool:
+        """Whether the connection to the server was lost (the app then opens another)."""
+        return self.raw.broken
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        """Run one statement; return its cursor (fetchone, fetchall, rowcount, iteration)."""
+        if sql == "BEGIN IMMEDIATE":
+            try:
+                return self.raw.execute(
+                    f"BEGIN; SELECT pg_advisory_xact_lock({POSTGRESQL_LOCK_CLASS}, "
+                    f"{POSTGRESQL_WRITE_LOCK})"
+                )
+            except BaseException:  # no lock within lock_timeout: no transaction, as SQLite
+                with contextlib.suppress(self.Error):
+                    self.raw.execute("ROLLBACK")
+                raise
+        if sql == "BEGIN":
+            return self.raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        if not params:
+            return self.raw.execute(sql)
+        return self.raw.execute(self.text_of(sql), params)
+
+    def text_of(self, sql: str) -> str:
+        """Return a statement in psycopg's placeholders (translated once per text)."""
+        text = self._texts.get(sql)
+        if text is None:
+            text = self._texts[sql] = postgresql_text(sql)
+        return text
+
+    def executemany(self, sql: str, rows: Iterable[tuple]) -> None:
+        """Run one statement for each row of parameters."""
+        self.raw.cursor().executemany(postgresql_text(sql), list(rows))
+
+    def schema_version(self) -> int:
+        """Return the schema version of the database (0 for a new one)."""
+        if self.raw.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            return 0
+        return self.raw.execute("SELECT version FROM schema_version").fetchone()[0]
+
+    def set_schema_version(self, version: int) -> None:
+        """Record the schema version inside the migration's transaction."""
+        self.raw.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        self.raw.execute("DELETE FROM schema_version")
+        self.raw.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+    def run_script(self, script: str) -> None:
+        """Run a migration script, whole (its functions hold semicolons)."""
+        if script.strip():
+            self.raw.execute(script)
+
+    def id_list(self, ids: Iterable[int]) -> list[int]:
+        """Return user ids as the one parameter of IDS_IN."""
+        return list(ids)
+
+    def stream(self, sql: str, params: Any) -> PostgreSQLRows:
+        """Return the rows of a query as they are read: a cursor of the server's, fetched
+        STREAM_ROWS at a time, so that a page that ends early reads no further.
+
+        Such a cursor lives in a transaction: outside one, this opens a read transaction
+        that closing the rows ends.
+        """
+        began = not self.in_transaction
+        if began:
+            self.execute("BEGIN")
+        try:
+            cursor = self.raw.cursor(name="rows")
+            cursor.itersize = STREAM_ROWS
+            cursor.execute(self.text_of(sql), params)
+        except BaseException:
+            if began:
+                self.raw.execute("ROLLBACK")
+            raise
+        return PostgreSQLRows(self, cursor, began)
+
+    def fill_value(self, item_id: int, body: BinaryIO, size: int) -> None:
+        """Stream a file-held value into its row through COPY, never whole in memory."""
+        self.raw.execute(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS upload (value BYTEA) ON COMMIT DELETE ROWS"
+        )
+        with self.raw.cursor().copy("COPY upload (value) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(COPY_HEADER + size.to_bytes(4, "big", signed=True))
+            while chunk := body.read(READ_CHUNK_BYTES):
+                copy.write(chunk)
+            copy.write(b"\xff\xff")
+        self.raw.execute(
+            "UPDATE items SET value = (SELECT value FROM upload) WHERE id = %s", (item_id,)
+        )
+        self.raw.execute("DELETE FROM upload")
+
+    def blobopen(self, table: str, column: str, row: int, readonly: bool = True) -> PostgreSQLBlob:
+        """Open a stored value for reading in chunks (the only blob use on PostgreSQL)."""
+        return PostgreSQLBlob(self, row)
+
+    def data_version(self) -> int:
+        """Return how many changes of other connections were announced (see the schema).
+
+        The first call starts listening, outside any transaction, so that nothing committed
+        after it goes unannounced.
+        """
+        if not self._listening:
+            self.raw.execute("LISTEN syncnode")
+            self._listening = True
+        for _ in self.raw.notifies(timeout=0):
+            self._announcements += 1
+        return self._announcements
+
+    @contextlib.contextmanager
+    def housekeeping_turn(self) -> Iterator[bool]:
+        """Whether this node may do housekeeping now: not while another node does."""
+        lock = f"{POSTGRESQL_LOCK_CLASS}, {POSTGRESQL_HOUSEKEEPING_LOCK}"
+        if not self.raw.execute(f"SELECT pg_try_advisory_lock({lock})").fetchone()[0]:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self.raw.execute(f"SELECT pg_advisory_unlock({lock})")
+
+    def tidy(self, write_lock: threading.Lock) -> None:
+        """Nothing: PostgreSQL's autovacuum and checkpoints do this."""
+
+    def restart_ids(self) -> None:
+        """After a copy: number new items past the largest id copied."""
+        self.raw.execute(
+            "SELECT setval(pg_get_serial_sequence('items', 'id'), coalesce(max(id), 0) + 1, false) "
+            "FROM items"
+        )
+
+    def close(self) -> None:
+        """Close the connection (twice is harmless)."""
+        self.raw.close()
+        if self.owners is not None:
+            self.owners.discard(self)
+
+
+class PostgreSQLRows:
+    """The rows of PostgreSQLConnection.stream: iterate, fetchone, close."""
+
+    def __init__(self, conn: PostgreSQLConnection, cursor: Any, began: bool) -> None:
+        self.conn, self.cursor, self.began = conn, cursor, began
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self.cursor)
+
+    def fetchone(self) -> tuple | None:
+        """Return the next row, or None after the last."""
+        return self.cursor.fetchone()
+
+    def close(self) -> None:
+        """Close the cursor, and end the transaction stream() began for it."""
+        if self.cursor.closed:
+            return
+        self.cursor.close()
+        if self.began:
+            self.conn.raw.execute("COMMIT")
+
+
+class PostgreSQLBlob:
+    """A stored value read in chunks by substring, inside the reader's transaction."""
+
+    def __init__(self, conn: PostgreSQLConnection, item_id: int) -> None:
+        self.conn, self.item_id, self.position = conn, item_id, 0
+        self.size = conn.execute("SELECT size FROM items WHERE id = ?", (item_id,)).fetchone()[0]
+
+    def read(self, size: int = -1) -> bytes:
+        """Read up to size bytes (all that is left with -1)."""
+        left = self.size - self.position
+        size = left if size < 0 else min(size, left)
+        if size <= 0:
+            return b""
+        chunk = self.conn.execute(
+            "SELECT substring(value FROM ? FOR ?) FROM items WHERE id = ?",
+            (self.position + 1, size, self.item_id),
+        ).fetchone()[0]
+        self.position += len(chunk)
+        return bytes(chunk)
+
+    def seek(self, offset: int, origin: int = os.SEEK_SET) -> None:
+        """Move the read position, as a file does."""
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.size}[origin]
+        self.position = max(0, min(self.size, base + offset))
+
+    def tell(self) -> int:
+        """Return the read position."""
+        return self.position
+
+    def close(self) -> None:
+        """Nothing to free: the reader's connection ends the transaction."""
+
+
+#: A connection of either database, as the storage functions take it.
+Connection = SQLiteConnection | PostgreSQLConnection
 
 
 # ==================================================================================================
@@ -797,7 +1310,7 @@ class BlobReader:
     ends the transaction and closes the connection.
     """
 
-    def __init__(self, conn: sqlite3.Connection, item_id: int) -> None:
+    def __init__(self, conn: Connection, item_id: int) -> None:
         self.conn = conn
         self.blob = conn.blobopen("items", "value", item_id, readonly=True)
 
@@ -834,11 +1347,12 @@ class Quota:
     disk_full: bool = False
 
 
-def get_usage(conn: sqlite3.Connection, user_id: int) -> tuple[int, int]:
+def get_usage(conn: Connection, user_id: int) -> tuple[int, int]:
     """Return (keys, bytes of values and metadata) the user holds OWN on."""
     return conn.execute(
         """
-        SELECT count(*), coalesce(sum(items.size + coalesce(length(items.meta), 0)), 0)
+        SELECT count(*),
+               CAST(coalesce(sum(items.size + coalesce(length(items.meta), 0)), 0) AS BIGINT)
         FROM permissions JOIN items ON items.id = permissions.item_id
         WHERE permissions.user_id = ? AND permissions.level = ?
         """,
@@ -853,7 +1367,7 @@ def check_growth(quota: Quota, grew: bool) -> None:
 
 
 def check_quota(
-    conn: sqlite3.Connection,
+    conn: Connection,
     item_id: int,
     quota: Quota,
     grew: bool,
@@ -887,7 +1401,7 @@ def new_store_token() -> str:
     return secrets.token_urlsafe(16)
 
 
-def find_item(conn: sqlite3.Connection, key: str, user_id: int) -> tuple[int, str, int, int] | None:
+def find_item(conn: Connection, key: str, user_id: int) -> tuple[int, str, int, int] | None:
     """Return (item id, token, caller's level or 0, bytes of value and meta) for a key, or None."""
     return conn.execute(
         """
@@ -948,7 +1462,7 @@ def page_of(items: Iterable[Item], limit: int, values: bool) -> tuple[list[Item]
     return entries, False
 
 
-def bump_seq(conn: sqlite3.Connection) -> None:
+def bump_seq(conn: Connection) -> None:
     """Take the next server-wide change number inside the caller's write transaction.
 
     SQL that records it reads it back as (SELECT seq FROM sync_state).
@@ -956,13 +1470,13 @@ def bump_seq(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE sync_state SET seq = seq + 1")
 
 
-def next_seq(conn: sqlite3.Connection) -> int:
+def next_seq(conn: Connection) -> int:
     """Take the next change number, as bump_seq does, and return it."""
     bump_seq(conn)
     return conn.execute("SELECT seq FROM sync_state").fetchone()[0]
 
 
-def bury(conn: sqlite3.Connection, user_ids: Iterable[int], key: str, seq: int, now_ms: int):
+def bury(conn: Connection, user_ids: Iterable[int], key: str, seq: int, now_ms: int):
     """Record that these users can no longer see the key, as change seq."""
     user_ids = list(user_ids)
     touch(conn, user_ids)
@@ -976,7 +1490,7 @@ def bury(conn: sqlite3.Connection, user_ids: Iterable[int], key: str, seq: int, 
     )
 
 
-def unbury(conn: sqlite3.Connection, user_ids: Iterable[int], key: str) -> None:
+def unbury(conn: Connection, user_ids: Iterable[int], key: str) -> None:
     """Forget the tombstones of users who can see the key again."""
     conn.executemany(
         "DELETE FROM tombstones WHERE user_id = ? AND key = ?",
@@ -985,7 +1499,7 @@ def unbury(conn: sqlite3.Connection, user_ids: Iterable[int], key: str) -> None:
 
 
 def list_keys(
-    conn: sqlite3.Connection,
+    conn: Connection,
     user_id: int,
     prefix: str = "",
     after: str | None = None,
@@ -1013,7 +1527,7 @@ def list_keys(
         "user": user_id,
         "prefix": prefix,
         "after": after,
-        "limit": limit + 1 if limit else -1,
+        "limit": limit + 1 if limit else NO_LIMIT,
         "inline": INLINE_VALUE_BYTES,
     }
 
@@ -1027,7 +1541,7 @@ def list_keys(
     # One statement reads the rows, as they are paged, and the cursor (a scalar subquery,
     # computed once) in one snapshot. An empty answer has no row to carry the cursor: then
     # both are read again inside one read transaction.
-    rows = conn.execute(query, params)
+    rows = conn.stream(query, params)
     try:
         first = rows.fetchone()
         if first is not None:
@@ -1042,7 +1556,7 @@ def list_keys(
 
 
 def list_changes(
-    conn: sqlite3.Connection,
+    conn: Connection,
     user_id: int,
     since: int,
     prefix: str = "",
@@ -1056,18 +1570,19 @@ def list_changes(
     the server still remembers, or newer than the newest.
     """
     with transaction(conn):
-        seq, floor = conn.execute(
+        seq, floor, own_floor = conn.execute(
             """
-            SELECT seq, max(floor, coalesce((SELECT feed_floor FROM users WHERE id = ?), 0))
+            SELECT seq, floor, coalesce((SELECT feed_floor FROM users WHERE id = ?), 0)
             FROM sync_state
             """,
             (user_id,),
         ).fetchone()
+        floor = max(floor, own_floor)
         if since < floor or since > seq:
             raise ApiError(
                 "SYNC01", "The server no longer remembers changes that old; list every key again."
             )
-        rows = conn.execute(
+        rows = conn.stream(
             """
             SELECT items.key, permissions.level, items.token, permissions.seq,
                    CASE WHEN :values AND items.size <= :inline THEN items.value END,
@@ -1085,7 +1600,7 @@ def list_changes(
                 "user": user_id,
                 "since": since,
                 "prefix": prefix,
-                "limit": limit + 1 if limit else -1,
+                "limit": limit + 1 if limit else NO_LIMIT,
                 "values": values,
                 "inline": INLINE_VALUE_BYTES,
             },
@@ -1095,7 +1610,7 @@ def list_changes(
     return Listing(entries, seq, more, values)
 
 
-def trim_tombstones(conn: sqlite3.Connection, per_user: int) -> None:
+def trim_tombstones(conn: Connection, per_user: int) -> None:
     """Keep each user's newest per_user tombstones; its feed floor rises past the rest.
 
     A user whose deletions outgrow the bound answers SYNC01 to a cursor older than the
@@ -1112,18 +1627,21 @@ def trim_tombstones(conn: sqlite3.Connection, per_user: int) -> None:
             ).fetchone()
             conn.execute("DELETE FROM tombstones WHERE user_id = ? AND seq <= ?", (user_id, cut))
             conn.execute(
-                "UPDATE users SET feed_floor = max(feed_floor, ?) WHERE id = ?", (cut, user_id)
+                "UPDATE users SET feed_floor = ? WHERE id = ? AND feed_floor < ?",
+                (cut, user_id, cut),
             )
 
 
-def purge_tombstones(conn: sqlite3.Connection, before_ms: int) -> None:
+def purge_tombstones(conn: Connection, before_ms: int) -> None:
     """Forget tombstones made before the time, raising the floor of what since may ask for."""
     with transaction(conn, write=True):
         oldest_kept = conn.execute(
             "SELECT max(seq) FROM tombstones WHERE created_ms < ?", (before_ms,)
         ).fetchone()[0]
         if oldest_kept is not None:
-            conn.execute("UPDATE sync_state SET floor = max(floor, ?)", (oldest_kept,))
+            conn.execute(
+                "UPDATE sync_state SET floor = ? WHERE floor < ?", (oldest_kept, oldest_kept)
+            )
             conn.execute("DELETE FROM tombstones WHERE created_ms < ?", (before_ms,))
 
 
@@ -1135,7 +1653,7 @@ VALUE_QUERY = """
 """
 
 
-def get_value(conn: sqlite3.Connection, key: str, user_id: int) -> StoredValue:
+def get_value(conn: Connection, key: str, user_id: int) -> StoredValue:
     """Return the value of a key the user may read; ERR01 when missing or invisible.
 
     A value of up to STREAM_FROM_BYTES comes whole in the one query; for a larger one the
@@ -1147,7 +1665,7 @@ def get_value(conn: sqlite3.Connection, key: str, user_id: int) -> StoredValue:
     return StoredValue(row[1], row[2], row[3], row[4])
 
 
-def stream_value(conn: sqlite3.Connection, key: str, user_id: int) -> StoredValue:
+def stream_value(conn: Connection, key: str, user_id: int) -> StoredValue:
     """Return a value as get_value does, a large one as a BlobReader that owns conn.
 
     conn is a connection of the reader's own; it is closed here unless a BlobReader took it.
@@ -1175,17 +1693,15 @@ class NewValue:
     meta: str | None
 
 
-def write_value(conn: sqlite3.Connection, item_id: int, value: NewValue) -> None:
+def write_value(conn: Connection, item_id: int, value: NewValue) -> None:
     """Copy a file-held value into its row's zeroblob in chunks (bytes are already stored)."""
     if isinstance(value.body, bytes) or value.size == 0:
         return
-    with conn.blobopen("items", "value", item_id) as blob:
-        while chunk := value.body.read(READ_CHUNK_BYTES):
-            blob.write(chunk)
+    conn.fill_value(item_id, value.body, value.size)
 
 
 def apply_put(
-    conn: sqlite3.Connection,
+    conn: Connection,
     key: str,
     user_id: int,
     value: NewValue,
@@ -1212,7 +1728,7 @@ def apply_put(
             f"""
             UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?,
                 value = coalesce(?, zeroblob(?))
-            WHERE key = ? AND token IN ({", ".join("?" * len(sent_token))})
+            WHERE key = ? AND token IN ({placeholders(len(sent_token))})
               AND EXISTS (SELECT 1 FROM permissions
                           WHERE item_id = items.id AND user_id = ? AND level >= ?)
             RETURNING id
@@ -1232,9 +1748,10 @@ def apply_put(
             """
             INSERT INTO items (key, token, meta, updated_ms, size, value)
             VALUES (?, ?, ?, ?, ?, coalesce(?, zeroblob(?)))
+            RETURNING id
             """,
             (key, token, value.meta, now_ms, value.size, inline, value.size),
-        ).lastrowid
+        ).fetchone()[0]
         bump_seq(conn)
         conn.execute(
             """
@@ -1260,7 +1777,7 @@ def apply_put(
         f"""
         UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?,
             value = coalesce(?, zeroblob(?))
-        WHERE id = ? AND token IN ({", ".join("?" * len(sent_token))})
+        WHERE id = ? AND token IN ({placeholders(len(sent_token))})
         """,
         (token, value.meta, now_ms, value.size, inline, value.size, item_id, *sent_token),
     ).rowcount
@@ -1271,7 +1788,7 @@ def apply_put(
     return token
 
 
-def record_update(conn: sqlite3.Connection, item_id: int, value: NewValue) -> None:
+def record_update(conn: Connection, item_id: int, value: NewValue) -> None:
     """After an item's row changed: a new change number on every holder's row, their
     long-polls noted, and a file-held value copied in."""
     bump_seq(conn)
@@ -1285,7 +1802,7 @@ def record_update(conn: sqlite3.Connection, item_id: int, value: NewValue) -> No
 
 
 def put_value(
-    conn: sqlite3.Connection,
+    conn: Connection,
     key: str,
     user_id: int,
     value: NewValue,
@@ -1300,7 +1817,7 @@ def put_value(
 
 
 def apply_batch(
-    conn: sqlite3.Connection, user_id: int, operations: list[dict], now_ms: int, quota: Quota
+    conn: Connection, user_id: int, operations: list[dict], now_ms: int, quota: Quota
 ) -> list[dict]:
     """Apply PUTs and DELETEs all or nothing in one write transaction; return the new tokens.
 
@@ -1325,7 +1842,7 @@ def apply_batch(
 
 
 def apply_delete(
-    conn: sqlite3.Connection,
+    conn: Connection,
     key: str,
     user_id: int,
     sent_token: tuple[str, ...] | None,
@@ -1349,7 +1866,7 @@ def apply_delete(
 
 
 def delete_value(
-    conn: sqlite3.Connection,
+    conn: Connection,
     key: str,
     user_id: int,
     sent_token: tuple[str, ...] | None,
@@ -1360,7 +1877,7 @@ def delete_value(
         apply_delete(conn, key, user_id, sent_token, now_ms)
 
 
-def get_permissions(conn: sqlite3.Connection, key: str, user_id: int) -> list[dict]:
+def get_permissions(conn: Connection, key: str, user_id: int) -> list[dict]:
     """Return every holder of a key the user holds, sorted by user id; ERR01 otherwise."""
     with transaction(conn):
         found = find_item(conn, key, user_id)
@@ -1378,7 +1895,7 @@ def get_permissions(conn: sqlite3.Connection, key: str, user_id: int) -> list[di
     return [{"user": name, "permission": LEVEL_NAMES[level]} for name, level in rows]
 
 
-def check_owner_remains(conn: sqlite3.Connection, item_id: int) -> None:
+def check_owner_remains(conn: Connection, item_id: int) -> None:
     """Raise PERM02 if the key has no OWN holder left (the caller's transaction rolls back)."""
     owners = conn.execute(
         "SELECT count(*) FROM permissions WHERE item_id = ? AND level = ?",
@@ -1389,7 +1906,7 @@ def check_owner_remains(conn: sqlite3.Connection, item_id: int) -> None:
 
 
 def set_permissions(
-    conn: sqlite3.Connection,
+    conn: Connection,
     key: str,
     user_id: int,
     grants: dict[str, int],
@@ -1432,7 +1949,7 @@ def set_permissions(
 
 
 def remove_permissions(
-    conn: sqlite3.Connection, key: str, user_id: int, names: set[str], now_ms: int
+    conn: Connection, key: str, user_id: int, names: set[str], now_ms: int
 ) -> None:
     """Remove the named users' permissions; OWN needed unless the caller only removes itself."""
     with transaction(conn, write=True):
@@ -1443,7 +1960,7 @@ def remove_permissions(
         holders = conn.execute(
             f"""
             SELECT users.id FROM permissions JOIN users ON users.id = permissions.user_id
-            WHERE permissions.item_id = ? AND users.name IN ({", ".join("?" * len(names))})
+            WHERE permissions.item_id = ? AND users.name IN ({placeholders(len(names))})
             """,
             (item_id, *names),
         ).fetchall()
@@ -1522,7 +2039,7 @@ def default_display_name(name: str) -> str:
 
 
 def create_user(
-    conn: sqlite3.Connection,
+    conn: Connection,
     name: str,
     password_hash: str,
     now_ms: int,
@@ -1562,22 +2079,22 @@ def create_user(
                     now_ms,
                 ),
             ).fetchone()[0]
-    except sqlite3.IntegrityError:
+    except conn.IntegrityError:
         raise ApiError("ACCT03", "This user id is already in use.") from None
 
 
-def has_users(conn: sqlite3.Connection) -> bool:
+def has_users(conn: Connection) -> bool:
     """Whether any account exists."""
     return conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
 
 
-def find_user(conn: sqlite3.Connection, name: str) -> tuple[int, str] | None:
+def find_user(conn: Connection, name: str) -> tuple[int, str] | None:
     """Return (row id, password hash) of a user, or None."""
     return conn.execute("SELECT id, password_hash FROM users WHERE name = ?", (name,)).fetchone()
 
 
 def create_session(
-    conn: sqlite3.Connection,
+    conn: Connection,
     user_id: int,
     now_ms: int,
     expires_ms: int,
@@ -1612,7 +2129,7 @@ def create_session(
 
 
 def find_session(
-    conn: sqlite3.Connection,
+    conn: Connection,
     token: str,
     now_ms: int,
     app_version: str | None,
@@ -1651,7 +2168,7 @@ def find_session(
     return Caller(user_id, name, session_id=session_id)
 
 
-def credential_is_live(conn: sqlite3.Connection, caller: Caller, permission: str, now_ms: int):
+def credential_is_live(conn: Connection, caller: Caller, permission: str, now_ms: int):
     """Whether the session or API key behind a caller still exists and grants the permission.
 
     A long-poll asks again each time it wakes, so it ends once the session ends, the
@@ -1674,7 +2191,7 @@ def credential_is_live(conn: sqlite3.Connection, caller: Caller, permission: str
     ).allows(permission)
 
 
-def find_session_expiry(conn: sqlite3.Connection, session_id: int) -> int:
+def find_session_expiry(conn: Connection, session_id: int) -> int:
     """Return when a session expires; AUTH01 if it ended since it was read."""
     row = conn.execute("SELECT expires_ms FROM sessions WHERE id = ?", (session_id,)).fetchone()
     if row is None:
@@ -1694,7 +2211,7 @@ class Session:
     device: Device
 
 
-def list_sessions(conn: sqlite3.Connection, user_id: int, now_ms: int, by_use: bool = False):
+def list_sessions(conn: Connection, user_id: int, now_ms: int, by_use: bool = False):
     """Return the user's live sessions, newest first (by_use: most recently used first)."""
     order = "updated_ms DESC, created_ms DESC, id DESC" if by_use else "created_ms DESC, id DESC"
     rows = conn.execute(
@@ -1715,12 +2232,12 @@ def iso_time(ms: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
-def end_user_session(conn: sqlite3.Connection, user_id: int, public_id: str) -> bool:
+def end_user_session(conn: Connection, user_id: int, public_id: str) -> bool:
     """End one of the user's sessions with its children; False when there is none such."""
     return delete_credential(conn, "sessions", user_id, public_id)
 
 
-def delete_credential(conn: sqlite3.Connection, table: str, user_id: int, public_id: str) -> bool:
+def delete_credential(conn: Connection, table: str, user_id: int, public_id: str) -> bool:
     """Delete one of the user's sessions or API keys by its public id, as a revocation;
     False when there is none such."""
     with transaction(conn, write=True):
@@ -1732,7 +2249,7 @@ def delete_credential(conn: sqlite3.Connection, table: str, user_id: int, public
     return deleted == 1
 
 
-def end_other_sessions(conn: sqlite3.Connection, user_id: int, keep_session_id: int | None) -> None:
+def end_other_sessions(conn: Connection, user_id: int, keep_session_id: int | None) -> None:
     """End every session of the user but the one kept (all with None), children included.
 
     The kept session is detached from its parent first, so that ending the parent does not
@@ -1741,12 +2258,12 @@ def end_other_sessions(conn: sqlite3.Connection, user_id: int, keep_session_id: 
     with transaction(conn, write=True):
         conn.execute("UPDATE sessions SET parent_id = NULL WHERE id = ?", (keep_session_id,))
         if conn.execute(
-            "DELETE FROM sessions WHERE user_id = ? AND id IS NOT ?", (user_id, keep_session_id)
+            "DELETE FROM sessions WHERE user_id = ? AND id != ?", (user_id, keep_session_id or 0)
         ).rowcount:
             revoke(conn, [user_id])
 
 
-def end_session(conn: sqlite3.Connection, session_id: int) -> None:
+def end_session(conn: Connection, session_id: int) -> None:
     """Delete one session."""
     with transaction(conn, write=True):
         ended = conn.execute("DELETE FROM sessions WHERE id = ? RETURNING user_id", (session_id,))
@@ -1755,7 +2272,7 @@ def end_session(conn: sqlite3.Connection, session_id: int) -> None:
             revoke(conn, user_ids)
 
 
-def delete_account(conn: sqlite3.Connection, user_id: int, now_ms: int) -> None:
+def delete_account(conn: Connection, user_id: int, now_ms: int) -> None:
     """Delete a user with its sessions, tokens and permissions, and the keys only it owned.
 
     The other holders of a key that goes with the account get a tombstone for it.
@@ -1786,7 +2303,7 @@ def delete_account(conn: sqlite3.Connection, user_id: int, now_ms: int) -> None:
 
 
 def set_password(
-    conn: sqlite3.Connection,
+    conn: Connection,
     user_id: int,
     password_hash: str,
     keep_session_id: int | None,
@@ -1817,13 +2334,13 @@ def set_password(
         conn.execute("DELETE FROM reset_tokens WHERE user_id = ?", (user_id,))
 
 
-def update_password_hash(conn: sqlite3.Connection, user_id: int, password_hash: str) -> None:
+def update_password_hash(conn: Connection, user_id: int, password_hash: str) -> None:
     """Replace a hash after login found its parameters out of date."""
     with transaction(conn, write=True):
         conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
 
 
-def create_reset_token(conn: sqlite3.Connection, user_id: int, now_ms: int, ttl_ms: int) -> str:
+def create_reset_token(conn: Connection, user_id: int, now_ms: int, ttl_ms: int) -> str:
     """Replace the user's reset token with a new one and return it."""
     token = secrets.token_urlsafe(32)
     with transaction(conn, write=True):
@@ -1838,7 +2355,7 @@ def create_reset_token(conn: sqlite3.Connection, user_id: int, now_ms: int, ttl_
     return token
 
 
-def find_reset_token(conn: sqlite3.Connection, token: str, now_ms: int) -> int | None:
+def find_reset_token(conn: Connection, token: str, now_ms: int) -> int | None:
     """Return the user id a live reset token belongs to, or None."""
     row = conn.execute(
         "SELECT user_id FROM reset_tokens WHERE token_digest = ? AND expires_ms > ?",
@@ -1847,7 +2364,7 @@ def find_reset_token(conn: sqlite3.Connection, token: str, now_ms: int) -> int |
     return row[0] if row else None
 
 
-def reset_password(conn: sqlite3.Connection, token: str, password_hash: str, now_ms: int) -> None:
+def reset_password(conn: Connection, token: str, password_hash: str, now_ms: int) -> None:
     """Spend a reset token: set the password and end every session; AUTH01 if already spent."""
     user_id = find_reset_token(conn, token, now_ms)
     if user_id is None:
@@ -1855,7 +2372,7 @@ def reset_password(conn: sqlite3.Connection, token: str, password_hash: str, now
     set_password(conn, user_id, password_hash, None, now_ms, reset_token=token)
 
 
-def create_invite(conn: sqlite3.Connection, now_ms: int, ttl_ms: int) -> tuple[str, int]:
+def create_invite(conn: Connection, now_ms: int, ttl_ms: int) -> tuple[str, int]:
     """Mint a single-use invite code; return it with its expiry."""
     code, expires_ms = secrets.token_urlsafe(16), now_ms + ttl_ms
     with transaction(conn, write=True):
@@ -1866,7 +2383,7 @@ def create_invite(conn: sqlite3.Connection, now_ms: int, ttl_ms: int) -> tuple[s
     return code, expires_ms
 
 
-def invite_is_live(conn: sqlite3.Connection, code: str, now_ms: int) -> bool:
+def invite_is_live(conn: Connection, code: str, now_ms: int) -> bool:
     """Whether an invite code exists and has not expired (it stays unspent)."""
     return (
         conn.execute(
@@ -1877,7 +2394,7 @@ def invite_is_live(conn: sqlite3.Connection, code: str, now_ms: int) -> bool:
     )
 
 
-def spend_invite(conn: sqlite3.Connection, code: str, now_ms: int) -> bool:
+def spend_invite(conn: Connection, code: str, now_ms: int) -> bool:
     """Delete a live invite code inside the caller's transaction; False when there is none."""
     return (
         conn.execute(
@@ -1912,7 +2429,7 @@ def api_key_of(row: tuple) -> ApiKey:
 
 
 def create_api_key(
-    conn: sqlite3.Connection, user_id: int, name: str, permissions: list[str], now_ms: int
+    conn: Connection, user_id: int, name: str, permissions: list[str], now_ms: int
 ) -> tuple[str, ApiKey]:
     """Create an API key; return its secret (shown once) and the key."""
     secret, public_id = secrets.token_urlsafe(32), str(uuid.uuid4())
@@ -1926,7 +2443,7 @@ def create_api_key(
     return secret, api_key_of(row)
 
 
-def find_api_key(conn: sqlite3.Connection, secret: str) -> Caller | None:
+def find_api_key(conn: Connection, secret: str) -> Caller | None:
     """Return the caller behind an API key secret, or None."""
     row = conn.execute(
         """
@@ -1942,7 +2459,7 @@ def find_api_key(conn: sqlite3.Connection, secret: str) -> Caller | None:
     return Caller(user_id, name, api_key_id=key_id, permissions=frozenset(json.loads(permissions)))
 
 
-def list_api_keys(conn: sqlite3.Connection, user_id: int) -> list[ApiKey]:
+def list_api_keys(conn: Connection, user_id: int) -> list[ApiKey]:
     """Return the user's API keys, newest first."""
     rows = conn.execute(
         f"SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = ? "
@@ -1953,7 +2470,7 @@ def list_api_keys(conn: sqlite3.Connection, user_id: int) -> list[ApiKey]:
 
 
 def get_api_key(
-    conn: sqlite3.Connection, user_id: int, *, public_id: str = "", row_id: int = 0
+    conn: Connection, user_id: int, *, public_id: str = "", row_id: int = 0
 ) -> ApiKey | None:
     """Return one of the user's API keys by public or row id, or None."""
     row = conn.execute(
@@ -1964,7 +2481,7 @@ def get_api_key(
 
 
 def update_api_key(
-    conn: sqlite3.Connection,
+    conn: Connection,
     user_id: int,
     public_id: str,
     name: str | None,
@@ -1992,7 +2509,7 @@ def update_api_key(
     return get_api_key(conn, user_id, public_id=public_id) if updated else None
 
 
-def delete_api_key(conn: sqlite3.Connection, user_id: int, public_id: str) -> bool:
+def delete_api_key(conn: Connection, user_id: int, public_id: str) -> bool:
     """Delete one of the user's API keys; False when there is none such."""
     return delete_credential(conn, "api_keys", user_id, public_id)
 
@@ -2018,7 +2535,7 @@ USER_COLUMNS = """
 """
 
 
-def get_user(conn: sqlite3.Connection, *, row_id: int = 0, public_id: str = "") -> User | None:
+def get_user(conn: Connection, *, row_id: int = 0, public_id: str = "") -> User | None:
     """Return a user by row id or UUID, or None."""
     row = conn.execute(
         f"SELECT {USER_COLUMNS} FROM users WHERE id = ? OR uuid = ?", (row_id, public_id)
@@ -2026,10 +2543,10 @@ def get_user(conn: sqlite3.Connection, *, row_id: int = 0, public_id: str = "") 
     return User(*row[:6], bool(row[6])) if row else None
 
 
-def list_users(conn: sqlite3.Connection, user_id: int | None = None) -> list[User]:
+def list_users(conn: Connection, user_id: int | None = None) -> list[User]:
     """Return every account (or only the one with user_id), newest first."""
     rows = conn.execute(
-        f"SELECT {USER_COLUMNS} FROM users WHERE ? IS NULL OR id = ? "
+        f"SELECT {USER_COLUMNS} FROM users WHERE CAST(? AS BIGINT) IS NULL OR id = ? "
         "ORDER BY created_ms DESC, id DESC",
         (user_id, user_id),
     )
@@ -2037,7 +2554,7 @@ def list_users(conn: sqlite3.Connection, user_id: int | None = None) -> list[Use
 
 
 def update_user(
-    conn: sqlite3.Connection, user_id: int, name: str | None, display_name: str | None, now_ms: int
+    conn: Connection, user_id: int, name: str | None, display_name: str | None, now_ms: int
 ) -> None:
     """Rename a user's id and/or display name; ACCT03 when the new id is taken."""
     if name is None and display_name is None:
@@ -2052,7 +2569,7 @@ def update_user(
                 """,
                 (name, display_name, now_ms, user_id),
             )
-    except sqlite3.IntegrityError:
+    except conn.IntegrityError:
         raise ApiError("ACCT03", "This user id is already in use.") from None
 
 
@@ -2060,7 +2577,7 @@ def update_user(
 
 
 def take_attempts(
-    conn: sqlite3.Connection, attempts: list[tuple[str, str, int, int]], now_ms: int
+    conn: Connection, attempts: list[tuple[str, str, int, int]], now_ms: int
 ) -> list[int]:
     """Count one attempt for each (kind, subject, limit, window) at once; return their row ids.
 
@@ -2101,9 +2618,9 @@ def take_attempts(
         else:
             row_ids = [
                 conn.execute(
-                    "INSERT INTO attempts (kind, subject, at_ms) VALUES (?, ?, ?)",
+                    "INSERT INTO attempts (kind, subject, at_ms) VALUES (?, ?, ?) RETURNING rowid",
                     (kind, subject, now_ms),
-                ).lastrowid
+                ).fetchone()[0]
                 for kind, subject, _, _ in attempts
             ]
     if refusal is not None:
@@ -2111,13 +2628,13 @@ def take_attempts(
     return row_ids
 
 
-def release_attempts(conn: sqlite3.Connection, row_ids: list[int]) -> None:
+def release_attempts(conn: Connection, row_ids: list[int]) -> None:
     """Uncount attempts that turned out not to count (a right password, a failed sign-up)."""
     with transaction(conn, write=True):
         conn.executemany("DELETE FROM attempts WHERE rowid = ?", [(row_id,) for row_id in row_ids])
 
 
-def clear_attempts(conn: sqlite3.Connection, kind: str, subject: str) -> int:
+def clear_attempts(conn: Connection, kind: str, subject: str) -> int:
     """Forget every attempt of a kind by a subject (syncnode unlock); return how many."""
     with transaction(conn, write=True):
         return conn.execute(
@@ -2128,7 +2645,7 @@ def clear_attempts(conn: sqlite3.Connection, kind: str, subject: str) -> int:
 # Housekeeping and the admin commands' reports.
 
 
-def purge_expired(conn: sqlite3.Connection, now_ms: int, attempts_before_ms: int) -> None:
+def purge_expired(conn: Connection, now_ms: int, attempts_before_ms: int) -> None:
     """Delete expired sessions, reset tokens and invites, and attempts older than any window."""
     with transaction(conn, write=True):
         conn.execute("DELETE FROM sessions WHERE expires_ms <= ?", (now_ms,))
@@ -2137,23 +2654,34 @@ def purge_expired(conn: sqlite3.Connection, now_ms: int, attempts_before_ms: int
         conn.execute("DELETE FROM attempts WHERE at_ms <= ?", (attempts_before_ms,))
 
 
-def get_stats(conn: sqlite3.Connection, now_ms: int) -> dict[str, int]:
+def get_stats(conn: Connection, now_ms: int) -> dict[str, int]:
     """Return counts of users, keys, stored bytes and live sessions."""
     return {
         "users": conn.execute("SELECT count(*) FROM users").fetchone()[0],
         "keys": conn.execute("SELECT count(*) FROM items").fetchone()[0],
-        "bytes": conn.execute("SELECT coalesce(sum(size), 0) FROM items").fetchone()[0],
+        "bytes": conn.execute(
+            "SELECT CAST(coalesce(sum(size), 0) AS BIGINT) FROM items"
+        ).fetchone()[0],
         "sessions": conn.execute(
             "SELECT count(*) FROM sessions WHERE expires_ms > ?", (now_ms,)
         ).fetchone()[0],
     }
 
 
-def check_database(conn: sqlite3.Connection, newest: bool = True) -> list[str]:
+def check_database(conn: Connection, newest: bool = True) -> list[str]:
     """Run SQLite's integrity and foreign-key checks; return the problems found (none: []).
 
-    With newest, a schema version other than this syncnode's is a problem too.
+    With newest, a schema version other than this syncnode's is a problem too. PostgreSQL
+    checks its own pages and keys as it writes; there only the schema version is checked.
     """
+    if isinstance(conn, PostgreSQLConnection):
+        version = conn.schema_version()
+        newest_version = len(POSTGRESQL_SCHEMA)
+        return (
+            []
+            if version == newest_version
+            else [f"The schema version is {version}, not {newest_version}."]
+        )
     problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
     problems = [] if problems == ["ok"] else problems
     for table, row_id, parent, _ in conn.execute("PRAGMA foreign_key_check"):
@@ -2179,18 +2707,33 @@ class Connections:
         self.write_lock = threading.Lock()
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._open: list[sqlite3.Connection] = []
+        self._open: list[Connection] = []
+        #: Every open connection open() made, closed with the app if its owner has not (a
+        #: large value's reader whose answer a stalled client never took, say).
+        self._owned: set[Connection] = set()
         self._held: tuple[int, int] | None = None
         self._healthy_until = 0.0
+        #: Whether the database is PostgreSQL, and its statements in psycopg's placeholders.
+        self.postgresql = is_postgresql(settings.database)
+        self._texts: dict[str, str] = {}
 
-    def open(self) -> sqlite3.Connection:
+    def open(self) -> Connection:
         """Open a connection of the app's that its caller owns and closes."""
-        return connect(self.settings.database, self.settings, self.write_lock)
+        if self.postgresql:
+            conn: Connection = PostgreSQLConnection(
+                self.settings.database, self.settings, self._texts, self.write_lock
+            )
+        else:
+            conn = connect(self.settings.database, self.settings, self.write_lock)
+        conn.owners = self._owned
+        self._owned.add(conn)
+        return conn
 
-    def connection(self) -> sqlite3.Connection:
-        """Return this thread's connection, opening it on first use or after it went stale."""
+    def connection(self) -> Connection:
+        """Return this thread's connection, opening it on first use or after it went stale
+        (a file that took no write) or broke (a PostgreSQL server that restarted)."""
         conn = getattr(self._local, "conn", None)
-        if conn is not None and conn.stale and not conn.in_transaction:
+        if conn is not None and (conn.broken or (conn.stale and not conn.in_transaction)):
             self.discard()
             conn = None
         if conn is None:
@@ -2212,13 +2755,17 @@ class Connections:
         with self._lock:
             if conn in self._open:
                 self._open.remove(conn)
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(conn.Error):
             conn.close()
 
     def held_descriptor(self) -> int | None:
         """The descriptor of the database file this app holds (see HeldFiles), if any."""
         held = self._held
         return None if held is None else HELD_FILES.descriptor(held)
+
+    def errors(self) -> tuple[type[Exception], ...]:
+        """The errors of the database beside SQLite's: psycopg's on PostgreSQL."""
+        return (import_psycopg().Error,) if self.postgresql else ()
 
     def take_changed(self) -> set[int]:
         """Return and forget the users this thread's committed writes touched (see touch)."""
@@ -2237,6 +2784,8 @@ class Connections:
         """
         if time.monotonic() < self._healthy_until:
             return True  # a flood of health checks does not queue behind the writers
+        if self.postgresql:
+            return self._server_writable()
         path = self.settings.database
         try:
             if self._held is not None:  # never a descriptor of its own: see HeldFiles
@@ -2263,13 +2812,28 @@ class Connections:
         self._healthy_until = time.monotonic() + HEALTHY_FOR_SECONDS
         return True
 
+    def _server_writable(self) -> bool:
+        """Whether the PostgreSQL server answers and takes writes (not a read-only replica)."""
+        try:
+            conn = self.connection()
+            (read_only,) = conn.execute(
+                "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"
+            ).fetchone()
+        except import_psycopg().Error:
+            self.discard()
+            return False
+        if read_only:
+            return False
+        self._healthy_until = time.monotonic() + HEALTHY_FOR_SECONDS
+        return True
+
     def hold(self) -> None:
         """Hold a shared lock on the database file while the app is open.
 
         syncnode restore takes it exclusively, so it never swaps a database a server uses.
         """
         with self._lock:
-            if fcntl is None or self._held is not None:
+            if fcntl is None or self._held is not None or self.postgresql:
                 return
             path = self.settings.database
             try:
@@ -2282,7 +2846,8 @@ class Connections:
     def close(self) -> None:
         """Close every connection (new ones open if the app is used again) and the lock."""
         with self._lock:
-            connections, self._open = self._open, []
+            connections, self._open = [*self._open, *self._owned], []
+            self._owned = set()
             self._local = threading.local()
             held, self._held = self._held, None
         for conn in connections:
@@ -2700,6 +3265,7 @@ class Waiters:
         conn = None
         try:
             conn = self.connections.open()
+            conn.data_version()  # PostgreSQL: listening before the first look
             version, seq, revocations = self._look(conn)
             while not self._closed.wait(WATCH_SECONDS):
                 with self._lock:
@@ -2707,7 +3273,7 @@ class Waiters:
                         self._watcher = None
                         return
                 self._expire()
-                if conn.execute("PRAGMA data_version").fetchone()[0] == version:
+                if conn.data_version() == version:
                     continue
                 last_seq, last_revocations = seq, revocations
                 version, seq, revocations = self._look(conn)
@@ -2715,8 +3281,8 @@ class Waiters:
                     self._wake(None)  # each poll checks its credential
                 elif seq != last_seq:
                     self._wake(self._changed_since(conn, last_seq))
-        except sqlite3.Error as error:
-            reason = getattr(error, "sqlite_errorname", type(error).__name__)
+        except (sqlite3.Error, *self.connections.errors()) as error:
+            reason = error_name(error)
             log.warning("The long-poll watcher stopped and will start again: %s", reason)
         finally:
             with self._lock:
@@ -2726,26 +3292,26 @@ class Waiters:
                 conn.close()
 
     @staticmethod
-    def _look(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    def _look(conn: Connection) -> tuple[int, int, int]:
         """Return the database's data version, its latest change and its revocation count."""
         with transaction(conn):
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            version = conn.data_version()
             seq, revocations = conn.execute("SELECT seq, revocations FROM sync_state").fetchone()
         return version, seq, revocations
 
-    def _changed_since(self, conn: sqlite3.Connection, seq: int) -> dict[int, int | None]:
+    def _changed_since(self, conn: Connection, seq: int) -> dict[int, int | None]:
         """Return the waiting users whose feed changed past seq, with their latest change."""
         with self._lock:
-            user_ids = json.dumps(list(self._users))
+            user_ids = conn.id_list(self._users)
         rows = conn.execute(
-            """
+            f"""
             SELECT user_id, max(seq) FROM permissions
-            WHERE user_id IN (SELECT value FROM json_each(?1)) AND seq > ?2 GROUP BY user_id
+            WHERE user_id {conn.IDS_IN} AND seq > ? GROUP BY user_id
             UNION ALL
             SELECT user_id, max(seq) FROM tombstones
-            WHERE user_id IN (SELECT value FROM json_each(?1)) AND seq > ?2 GROUP BY user_id
+            WHERE user_id {conn.IDS_IN} AND seq > ? GROUP BY user_id
             """,
-            (user_ids, seq),
+            (user_ids, seq, user_ids, seq),
         ).fetchall()
         changes: dict[int, int | None] = {}
         for user_id, latest in rows:
@@ -2783,15 +3349,15 @@ class Housekeeping:
         )
         try:
             conn = connections.connection()
-            purge_expired(conn, now_ms, now_ms - longest_window * 1000)
-            purge_tombstones(conn, now_ms - settings.tombstone_ttl * 1000)
-            trim_tombstones(conn, settings.tombstones_per_user)
-            with connections.write_lock:  # give freed pages back (one execute frees only one)
-                conn.executescript("PRAGMA incremental_vacuum;")
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as error:
-            reason = getattr(error, "sqlite_errorname", type(error).__name__)
-            log.warning("Housekeeping failed and will be tried again: %s", reason)
+            with conn.housekeeping_turn() as mine:
+                if not mine:
+                    return  # another node's turn
+                purge_expired(conn, now_ms, now_ms - longest_window * 1000)
+                purge_tombstones(conn, now_ms - settings.tombstone_ttl * 1000)
+                trim_tombstones(conn, settings.tombstones_per_user)
+                conn.tidy(connections.write_lock)
+        except (sqlite3.Error, *connections.errors()) as error:
+            log.warning("Housekeeping failed and will be tried again: %s", error_name(error))
 
 
 class Context:
@@ -2820,7 +3386,7 @@ class Context:
             self._documents[prefix] = document
         return document
 
-    def connection(self) -> sqlite3.Connection:
+    def connection(self) -> Connection:
         """Return this thread's database connection (see Connections)."""
         return self.db.connection()
 
@@ -2863,7 +3429,13 @@ class Context:
         return address
 
     def disk_ok(self) -> bool:
-        """Whether the data directory is writable with at least min_free_bytes free."""
+        """Whether the data directory is writable with at least min_free_bytes free.
+
+        PostgreSQL keeps its files on its own server: there a full disk answers DISK01 when
+        the server refuses the write (see cannot_write).
+        """
+        if self.db.postgresql:
+            return True
         try:
             free = shutil.disk_usage(self.data_dir).free
         except OSError:
@@ -3086,11 +3658,14 @@ def query_text(name: str, query: Mapping[str, str] | None = None) -> str | None:
 def read_store_token() -> tuple[str, ...] | None:
     """Return the token a PUT or DELETE names by X-Sync-Token or If-Match, None if neither.
 
-    A value that is not ASCII can match no token, so it stays as sent (KEY01 later).
+    A value that is not ASCII can match no token, so it stays as sent (KEY01 later); one with
+    a control character is left out (PostgreSQL's text cannot even hold a NUL to compare).
     """
     sync_token, if_match = header("X-Sync-Token"), header("If-Match")
     if if_match is None:
-        return None if sync_token is None else (sync_token,)
+        if sync_token is None:
+            return None
+        return () if CONTROL_CHARS.search(sync_token) else (sync_token,)
     if if_match.strip() == "*":
         raise ApiError("REQ01", "If-Match must name the stored token, not *.")
     # RFC 9110 allows a list of entity tags; any of them may name the token.
@@ -3098,7 +3673,7 @@ def read_store_token() -> tuple[str, ...] | None:
     candidates = tuple(dict.fromkeys(c for tag in tags for c in token_candidates(tag)))
     if sync_token is not None and sync_token not in candidates:
         raise ApiError("REQ01", "X-Sync-Token and If-Match name different tokens.")
-    return candidates
+    return tuple(candidate for candidate in candidates if not CONTROL_CHARS.search(candidate))
 
 
 def matches_none(if_none_match: str, token: str) -> bool:
@@ -3377,8 +3952,11 @@ def device_from_environ(environ: Mapping[str, Any]) -> Device:
         device_os = next((name for mark, name in SYSTEM_MARKS if mark in agent), "")
     device_type = device_type or environ.get("HTTP_DEVICEMODEL", "")
     device_os = device_os or environ.get("HTTP_DEVICETYPE", "")
-    return Device(
-        device_type[:MAX_DEVICE_CHARS], device_os[:MAX_DEVICE_CHARS], app_version_of(environ)
+    version = app_version_of(environ)
+    return Device(  # control characters dropped: PostgreSQL's text cannot hold a NUL
+        CONTROL_CHARS.sub("", device_type)[:MAX_DEVICE_CHARS],
+        CONTROL_CHARS.sub("", device_os)[:MAX_DEVICE_CHARS],
+        None if version is None else CONTROL_CHARS.sub("", version),
     )
 
 
@@ -4043,8 +4621,8 @@ def classify_error(ctx: Context, error: Exception) -> ApiError:
     """
     if isinstance(error, ApiError):
         return error
-    if isinstance(error, sqlite3.OperationalError) and cannot_write(error):
-        log.error("The database could not be written: %s", error.sqlite_errorname)
+    if isinstance(error, (sqlite3.OperationalError, *ctx.db.errors())) and cannot_write(error):
+        log.error("The database could not be written: %s", error_name(error))
         ctx.db.discard()
         return out_of_space()
     log.error("Unexpected error in %s", bottle.request.method, exc_info=error)
@@ -4219,6 +4797,14 @@ class BodyChecks:
             self.messages.append(f"{field} must be shorter than or equal to {max_chars} characters")
         return value if len(self.messages) == before else None
 
+    def device(self, field: str) -> str | None:
+        """A device field: up to 255 characters, empty allowed, no control characters."""
+        value = self.text(field, False, 0, MAX_NAME_CHARS, not_empty=False)
+        if value is not None and CONTROL_CHARS.search(value):
+            self.messages.append(f"{field} must not contain control characters")
+            return None
+        return value
+
     def name(self, field: str, required: bool) -> str | None:
         """A display name: 1 to 255 characters without control characters."""
         value = self.text(field, required, max_chars=MAX_NAME_CHARS)
@@ -4319,12 +4905,12 @@ def user_dto(user: User, admin: bool = False) -> dict:
     return answer
 
 
-def admin_dto(conn: sqlite3.Connection, user_id: int) -> dict:
+def admin_dto(conn: Connection, user_id: int) -> dict:
     """Return a user as UserAdminResponseDto; AUTH01 if the account went meanwhile."""
     return user_dto(caller_user(conn, user_id), admin=True)
 
 
-def caller_user(conn: sqlite3.Connection, user_id: int) -> User:
+def caller_user(conn: Connection, user_id: int) -> User:
     """Return the caller's account; AUTH01 if it was deleted since the credential was read."""
     user = get_user(conn, row_id=user_id)
     if user is None:
@@ -4540,8 +5126,7 @@ def app_get_server_config(ctx: Context, caller: None):
 def app_create_session(ctx: Context, caller: Caller):
     checks = BodyChecks(read_app_body())
     duration = checks.duration("duration")
-    device_type = checks.text("deviceType", False, 0, MAX_NAME_CHARS, not_empty=False)
-    device_os = checks.text("deviceOS", False, 0, MAX_NAME_CHARS, not_empty=False)
+    device_type, device_os = checks.device("deviceType"), checks.device("deviceOS")
     checks.done()
     if caller.session_id is None:
         raise ApiError(
@@ -5301,15 +5886,17 @@ def open_context(settings: Settings, clock: Callable[[], float]) -> Context:
     A database written by a newer syncnode is refused before anything touches it (switching
     it to WAL mode would already change it).
     """
-    check_database_path(settings.database)
-    with contextlib.closing(sqlite3.connect(settings.database)) as conn:
-        refuse_newer(conn.execute("PRAGMA user_version").fetchone()[0], len(SCHEMA))
+    postgresql = is_postgresql(settings.database)
+    if not postgresql:
+        check_database_path(settings.database)
+        with contextlib.closing(sqlite3.connect(settings.database)) as conn:
+            refuse_newer(conn.execute("PRAGMA user_version").fetchone()[0], len(SCHEMA))
     ctx = Context(settings, clock)
     try:
         ctx.db.hold()  # before anything changes it, so that no restore swaps it meanwhile
         conn = ctx.connection()
         migrate(conn)
-        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        if not postgresql and conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
             make_vacuum_incremental(conn)
     except BaseException:
         ctx.close()
@@ -5333,7 +5920,7 @@ def check_database_path(path: str) -> None:
         )
 
 
-def make_vacuum_incremental(conn: sqlite3.Connection) -> None:
+def make_vacuum_incremental(conn: SQLiteConnection) -> None:
     """Switch a database made before incremental vacuum to it, once (VACUUM rewrites it).
 
     Housekeeping then gives the pages that deletions free back to the file system. Without
@@ -5832,7 +6419,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "serve":
             add_setting_flags(sub, argparse.SUPPRESS)
         else:
-            sub.add_argument("--database", default=argparse.SUPPRESS, help="SQLite database file.")
+            sub.add_argument(
+                "--database",
+                default=argparse.SUPPRESS,
+                help="SQLite database file or postgresql:// URL.",
+            )
         return sub
 
     command("serve", "Serve the API (the default).")
@@ -5855,6 +6446,11 @@ def build_parser() -> argparse.ArgumentParser:
         "restore", "Check a backup and swap it in for the database (no server may be running)."
     ).add_argument("backup")
     command("check", "Check the database's integrity; exit 1 on any problem.")
+    copy = command(
+        "copy", "Copy a syncnode database into a new, empty one (SQLite to PostgreSQL, say)."
+    )
+    copy.add_argument("source", help="The database to copy: a file or a postgresql:// URL.")
+    copy.add_argument("target", help="The empty database to fill: a file or a postgresql:// URL.")
     command("stats", "Print counts of users, keys, bytes and sessions.").add_argument(
         "--json", action="store_true", help="Print one JSON object."
     )
@@ -5948,7 +6544,7 @@ def serve(app: SyncNodeApp, settings: Settings, server: Any = None) -> None:
     log.info(
         "syncnode %s serving %s on http://%s:%s (registration %s)",
         __version__,
-        settings.database,
+        database_label(settings.database),
         settings.host,
         server.effective_port,
         settings.registration,
@@ -5985,7 +6581,7 @@ def serve(app: SyncNodeApp, settings: Settings, server: Any = None) -> None:
         log.info("Stopped.")
 
 
-def copy_database(conn: sqlite3.Connection, target: str) -> None:
+def copy_database(conn: Connection, target: str) -> None:
     """Copy a database consistently into target (through a .partial file, then a rename)."""
     partial = target + ".partial"
     with contextlib.closing(sqlite3.connect(partial)) as copy:
@@ -6074,8 +6670,139 @@ def read_new_password(stdin: Any) -> str:
     return password
 
 
+def database_errors(settings: Settings) -> tuple[type[Exception], ...]:
+    """The errors of the settings' database beside SQLite's (psycopg's, if it is installed)."""
+    if is_postgresql(settings.database) and importlib.util.find_spec("psycopg") is not None:
+        return (import_psycopg().Error,)
+    return ()
+
+
+#: What to do instead of backup and restore on PostgreSQL.
+PG_DUMP_ADVICE = (
+    "On PostgreSQL, back up with the server's own tools: pg_dump --format=custom "
+    "--file=syncnode.dump 'postgresql://...' while syncnode serves, and restore with "
+    "pg_restore --clean --dbname='postgresql://...' syncnode.dump with every node stopped."
+)
+
+#: The tables in the order syncnode copy fills them, each after those its rows point to.
+COPY_TABLES = (
+    "users", "sessions", "reset_tokens", "api_keys", "invites", "items", "permissions",
+    "tombstones", "attempts", "sync_state", "id_counters",
+)  # fmt: skip
+
+
+def open_database(database: str, settings: Settings) -> Connection:
+    """Open a connection to a database for an admin command, migrated to the newest schema."""
+    if is_postgresql(database):
+        conn: Connection = PostgreSQLConnection(database, settings, {})
+    else:
+        check_database_path(database)
+        conn = connect(database, settings)
+    try:
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def copy_rows(source: Connection, target: Connection) -> dict[str, int]:
+    """Copy every row of a syncnode database into an empty one; return the count per table.
+
+    The source is read in one snapshot and the target written in one transaction, which
+    commits only when every table holds as many rows as the source's: all or nothing.
+    Values are copied one at a time, a large one streamed, so none is held whole in memory.
+    """
+    counts = {}
+    with transaction(source), transaction(target, write=True):
+        if target.execute(
+            "SELECT (SELECT count(*) FROM users) + (SELECT count(*) FROM items)"
+        ).fetchone()[0]:
+            raise ApiError("REQ01", "The target database is not empty; copy into a new one.")
+        target.execute("DELETE FROM sync_state")
+        target.execute("DELETE FROM id_counters")
+        for table in COPY_TABLES:
+            if table == "items":
+                copy_items(source, target)
+            else:
+                rows = source.execute(f"SELECT * FROM {table}")
+                columns = [column[0] for column in rows.description]
+                if table == "attempts" and "rowid" in columns:  # numbered by the target
+                    columns.remove("rowid")
+                    rows = source.execute(f"SELECT {', '.join(columns)} FROM {table}")
+                statement = (
+                    f"INSERT INTO {table} ({', '.join(columns)}) "
+                    f"VALUES ({placeholders(len(columns))})"
+                )
+                if table == "sessions":  # parents before their children
+                    rows = iter(sorted(rows, key=lambda row: row[columns.index("id")]))
+                while batch := [tuple(row) for row in itertools.islice(rows, 500)]:
+                    target.executemany(statement, batch)
+            counts[table] = source.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            copied = target.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            if copied != counts[table]:
+                raise ApiError(
+                    "ERR02", f"The copy of {table} has {copied} rows, not {counts[table]}."
+                )
+        target.restart_ids()
+    return counts
+
+
+def copy_items(source: Connection, target: Connection) -> None:
+    """Copy the items with their ids, each value read whole only when it is small."""
+    rows = source.execute(
+        "SELECT id, key, token, meta, updated_ms, size FROM items ORDER BY id"
+    ).fetchall()
+    for item_id, key, token, meta, updated_ms, size in rows:
+        small = size <= STREAM_FROM_BYTES
+        value = (
+            source.execute("SELECT value FROM items WHERE id = ?", (item_id,)).fetchone()[0]
+            if small
+            else None
+        )
+        target.execute(
+            """
+            INSERT INTO items (id, key, token, meta, updated_ms, size, value)
+            VALUES (?, ?, ?, ?, ?, ?, coalesce(?, zeroblob(?)))
+            """,
+            (item_id, key, token, meta, updated_ms, size, value, size),
+        )
+        if not small:
+            target.fill_value(
+                item_id, source.blobopen("items", "value", item_id, readonly=True), size
+            )
+
+
+def copy_database_to(source_name: str, target_name: str, settings: Settings) -> str:
+    """Copy a syncnode database into a new one (SQLite to PostgreSQL, say); say what moved."""
+    source = open_database(source_name, settings)
+    try:
+        target = open_database(target_name, settings)
+        try:
+            counts = copy_rows(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    moved = ", ".join(f"{counts[table]} {table}" for table in ("users", "items", "sessions"))
+    return (
+        f"Copied {database_label(source_name)} to {database_label(target_name)}: {moved}; "
+        "every table holds as many rows as the source's."
+    )
+
+
 def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout: Any) -> int:
     """Run an admin command on the database; return the exit status."""
+    if args.command == "copy":
+        print(copy_database_to(args.source, args.target, settings), file=stdout)
+        return 0
+    if args.command in ("backup", "restore") and is_postgresql(settings.database):
+        raise ApiError("REQ01", PG_DUMP_ADVICE)
+    if args.command == "check" and is_postgresql(settings.database):
+        with contextlib.closing(PostgreSQLConnection(settings.database, settings, {})) as conn:
+            problems = check_database(conn)
+        print("\n".join(problems) if problems else "ok", file=stdout)
+        return 1 if problems else 0
     if args.command == "restore":
         print(restore_database(args.backup, settings.database), file=stdout)
         return 0
@@ -6166,8 +6893,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ApiError, DatabaseUnusable) as error:
         print(f"syncnode: {error}", file=sys.stderr)
         return 1
-    except (sqlite3.Error, DatabaseTooNew, OSError) as error:
-        print(f"syncnode: cannot use the database {settings.database}: {error}", file=sys.stderr)
+    except (sqlite3.Error, *database_errors(settings), DatabaseTooNew, OSError) as error:
+        database = database_label(settings.database)
+        print(f"syncnode: cannot use the database {database}: {error}", file=sys.stderr)
         return 1
     finally:
         if server is not None and server.application is None:

@@ -137,9 +137,112 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+# The database: each test that takes one runs on SQLite and again on PostgreSQL ---------------
+
+
+#: Fixtures that make a SQLite file misbehave (read-only, at the disk floor, of an old schema,
+#: a backup): a test that takes one runs on SQLite only, as if marked sqlite.
+SQLITE_FIXTURES = {"read_only", "floor", "v1_data", "restorable"}
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """Run every test that takes a database once per kind (SQLite only when marked sqlite)."""
+    if "database_kind" in metafunc.fixturenames:
+        sqlite_only = metafunc.definition.get_closest_marker("sqlite") is not None or bool(
+            SQLITE_FIXTURES & set(metafunc.fixturenames)
+        )
+        kinds = ["sqlite"] if sqlite_only else ["sqlite", "postgresql"]
+        metafunc.parametrize("database_kind", kinds, indirect=True)
+
+
 @pytest.fixture
-def db_path(tmp_path) -> str:
-    return str(tmp_path / "syncnode.db")
+def database_kind(request) -> str:
+    return request.param
+
+
+@dataclass
+class PostgreSQLCluster:
+    """A throwaway PostgreSQL server of the test session, on 127.0.0.1."""
+
+    folder: Path
+    port: int
+    run_as: list[str]
+
+    def url(self, schema: str | None = None, database: str = "postgres") -> str:
+        """The URL of a database (in one schema of it, with schema)."""
+        options = f"?options=-csearch_path%3D{schema}" if schema else ""
+        return f"postgresql://syncnode@127.0.0.1:{self.port}/{database}{options}"
+
+    def admin(self):
+        """A connection of the superuser, in autocommit mode."""
+        import psycopg
+
+        return psycopg.connect(self.url(), autocommit=True)
+
+
+def postgresql_programs() -> Path | None:
+    """The folder of Debian's PostgreSQL server programs, newest first; None without one."""
+    folders = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    return next((folder for folder in reversed(folders) if (folder / "initdb").exists()), None)
+
+
+@pytest.fixture(scope="session")
+def postgresql() -> Iterator[PostgreSQLCluster]:
+    """Start a PostgreSQL server in a temporary folder for the session and stop it after.
+
+    As root the server runs as the postgres user (PostgreSQL refuses root). fsync is off:
+    these tests check behaviour, not durability.
+    """
+    programs = postgresql_programs()
+    if programs is None or importlib.util.find_spec("psycopg") is None:
+        skip_or_fail("PostgreSQL's server (Debian's postgresql) or psycopg is not installed")
+    folder = Path(tempfile.mkdtemp(prefix="syncnode-postgresql-"))
+    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if run_as:
+        shutil.chown(folder, "postgres")
+    port = free_port()
+    data = folder / "data"
+    subprocess.run(
+        [*run_as, programs / "initdb", "-D", data, "-U", "syncnode", "--auth=trust",
+         "-E", "UTF8", "--no-locale", "--no-sync"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    settings = f"-k {folder} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*run_as, programs / "pg_ctl", "-D", data, "-o", settings, "-l", folder / "log",
+         "-w", "start"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        yield PostgreSQLCluster(folder, port, run_as)
+    finally:
+        subprocess.run(
+            [*run_as, programs / "pg_ctl", "-D", data, "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def db_path(request, database_kind, tmp_path) -> Iterator[str]:
+    """The test's database: a file, or a schema of its own on the session's PostgreSQL."""
+    if database_kind == "sqlite":
+        yield str(tmp_path / "syncnode.db")
+        return
+    with postgresql_schema(request.getfixturevalue("postgresql")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def postgresql_schema(cluster: PostgreSQLCluster) -> Iterator[str]:
+    """Make a schema of its own for a test and drop it after; yield its URL."""
+    schema = f"test_{uuid.uuid4().hex}"
+    with cluster.admin() as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    yield cluster.url(schema)
+    with cluster.admin() as admin:
+        admin.execute("SET lock_timeout = 10000")
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture
@@ -169,8 +272,14 @@ def client(app) -> webtest.TestApp:
 
 @pytest.fixture
 def db(db_path):
-    """A second connection to the test's database, for promises HTTP cannot show."""
-    conn = sqlite3.connect(db_path, isolation_level=None)
+    """A second connection to the test's database, for promises HTTP cannot show.
+
+    On PostgreSQL it is syncnode's own connection class, which takes the same SQL.
+    """
+    if syncnode.is_postgresql(db_path):
+        conn = syncnode.PostgreSQLConnection(db_path, syncnode.Settings(database=db_path), {})
+    else:
+        conn = sqlite3.connect(db_path, isolation_level=None)
     yield conn
     conn.close()
 
@@ -323,9 +432,33 @@ def assert_error(response, status: int, code: str) -> None:
         assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
+def table_names(db) -> list[str]:
+    """The tables of the test's database."""
+    if isinstance(db, syncnode.PostgreSQLConnection):
+        query = (
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+        )
+    else:
+        query = "SELECT name FROM sqlite_master WHERE type = 'table'"
+    return sorted(row[0] for row in db.execute(query))
+
+
+def stored_bytes(db, db_path: str) -> bytes:
+    """All that the database holds: SQLite's file and -wal, or every row of every table."""
+    if isinstance(db, syncnode.PostgreSQLConnection):
+        tables = table_names(db)
+        rows = (row for table in tables for row in db.execute(f"SELECT * FROM {table}"))
+        return b"".join(repr(row).encode() for row in rows)
+    contents = b""
+    for path in (db_path, db_path + "-wal"):
+        with open(path, "rb") as file:
+            contents += file.read()
+    return contents
+
+
 def table_counts(db) -> dict[str, int]:
     """Count the rows of every table, to show that a refused request changed nothing."""
-    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    tables = table_names(db)
     return {table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in tables}
 
 
@@ -906,7 +1039,7 @@ def session_id_of(db, token: str) -> str:
 
 def app_state(db) -> dict[str, list]:
     """Every row of every table but the login counters, to show a refused call changed nothing."""
-    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    tables = table_names(db)
     return {
         table: sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
         for table in tables
@@ -1141,6 +1274,7 @@ def test_account_register_closed_is_acct01(make_app, db):
     assert table_counts(db)["users"] == 0
 
 
+@pytest.mark.sqlite
 def test_account_register_low_disk_is_disk01(make_app, db):
     client = webtest.TestApp(make_app(min_free_bytes=2**62))
     response = client.post_json("/account", {"id": "alice", "password": PASSWORD}, status=507)
@@ -1669,9 +1803,7 @@ def test_reset_token_is_stored_only_as_digest(client, user, db, db_path, caplog)
     token = request_reset(client, caplog)
     [(stored,)] = db.execute("SELECT token_digest FROM reset_tokens").fetchall()
     assert stored == token_digest(token)
-    for path in (db_path, db_path + "-wal"):
-        with open(path, "rb") as file:
-            assert token.encode() not in file.read()
+    assert token.encode() not in stored_bytes(db, db_path)
 
 
 @pytest.mark.parametrize(
@@ -2353,6 +2485,7 @@ def test_store_meta_of_8192_printable_bytes_is_kept(client, user):
     assert client.get("/store/k", headers=user.headers).headers["X-Sync-Meta"] == meta
 
 
+@pytest.mark.sqlite
 def test_store_put_on_low_disk_is_disk01(make_app, db):
     client = webtest.TestApp(make_app())
     token = client.post_json("/account", {"id": "alice", "password": PASSWORD}).json["token"]
@@ -2362,6 +2495,7 @@ def test_store_put_on_low_disk_is_disk01(make_app, db):
     assert table_counts(db)["items"] == 0
 
 
+@pytest.mark.sqlite
 def test_store_values_are_rows_not_files(client, user, tmp_path):
     put(client, user, "k", b"x" * 10_000)
     names = {path.name for path in tmp_path.iterdir()}
@@ -3654,6 +3788,7 @@ def test_a_commit_in_another_process_leaves_other_users_polls_asleep(two_process
     cursor = server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"]
     poll = LongPoll(server, bob.headers, f"/store?since={cursor}&wait=20", socket_timeout=25)
     wait_for_waiters(server, 1)
+    wait_for(lambda: queries, what="bob's poll to look once")
     (bob_id,) = queries
     for number in range(5):  # alice's own keys, written in the other process
         reply = other.request("PUT", f"/store/own/{number}", b"v", alice.headers)
@@ -4395,7 +4530,11 @@ def read_only_connect(path: str, settings, write_lock=None, **_):
     """Open a connection as syncnode does, but read-only, as on a file system mounted ro."""
     uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
     conn = sqlite3.connect(
-        uri, uri=True, isolation_level=None, check_same_thread=False, factory=syncnode.Connection
+        uri,
+        uri=True,
+        isolation_level=None,
+        check_same_thread=False,
+        factory=syncnode.SQLiteConnection,
     )
     conn.write_lock = write_lock
     conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout)}")
@@ -4430,6 +4569,7 @@ def test_faults_spooling_out_of_space_is_disk01_and_stores_nothing(client, user,
     assert snapshot(db) == before
 
 
+@pytest.mark.sqlite
 def test_faults_read_only_connection_recovers_once_the_database_is_writable(
     client, read_only, monkeypatch
 ):
@@ -4489,6 +4629,7 @@ def test_faults_read_only_expired_session_is_auth01(client, clock, read_only):
         ),
     ],
 )
+@pytest.mark.sqlite
 def test_faults_read_only_writes_are_disk01(client, read_only, write):
     alice, token = read_only
     assert_error(write(client, alice, token), 507, "DISK01")
@@ -4527,6 +4668,7 @@ def test_disk_floor_batch_of_deletes_is_allowed(floor):
     floor.roomy.get("/store/b", headers=floor.alice.headers, status=404)
 
 
+@pytest.mark.sqlite
 def test_disk_floor_batch_with_a_new_key_is_disk01_and_changes_nothing(floor):
     token = token_of(put(floor.roomy, floor.alice, "a"))
     operations = [delete_op("a", token), put_op("new")]
@@ -4534,6 +4676,7 @@ def test_disk_floor_batch_with_a_new_key_is_disk01_and_changes_nothing(floor):
     floor.roomy.get("/store/a", headers=floor.alice.headers, status=200)
 
 
+@pytest.mark.sqlite
 def test_disk_floor_put_of_a_new_key_is_disk01(floor):
     assert_error(put(floor.full, floor.alice, "new", status=507), 507, "DISK01")
     floor.roomy.get("/store/new", headers=floor.alice.headers, status=404)
@@ -4564,6 +4707,7 @@ def test_disk_floor_put_that_does_not_grow_is_allowed(floor, old, new):
         pytest.param((b"abcd", None), (b"ab", "abc"), id="value-shrinks-meta-grows-more"),
     ],
 )
+@pytest.mark.sqlite
 def test_disk_floor_put_that_grows_is_disk01_and_keeps_the_value(floor, old, new):
     token = token_of(put(floor.roomy, floor.alice, "k", old[0], meta=old[1]))
     response = put(floor.full, floor.alice, "k", new[0], token, meta=new[1], status=507)
@@ -4732,12 +4876,14 @@ def test_health_needs_no_token_and_reports_both_parts(client):
     assert response.content_type == "application/json"
 
 
+@pytest.mark.sqlite
 def test_health_low_disk_is_500_with_disk_false(make_app):
     client = webtest.TestApp(make_app(min_free_bytes=2**62))
     response = client.get("/health", status=500)
     assert response.json == {"database": True, "disk": False}
 
 
+@pytest.mark.sqlite
 def test_health_broken_database_is_500_with_database_false(app, client, db_path):
     app.context.close()
     os.remove(db_path)
@@ -4756,11 +4902,13 @@ def test_health_healthy_database_is_200_with_both_parts(app, client, user, histo
     assert (response.status_int, response.json) == (200, {"database": True, "disk": True})
 
 
+@pytest.mark.sqlite
 def test_health_read_only_database_is_500_with_database_false(client, read_only):
     response = client.get("/health", status=500)
     assert response.json["database"] is False
 
 
+@pytest.mark.sqlite
 def test_health_wal_removed_under_the_app_is_500_with_database_false(client, user, db_path):
     put(client, user, "k")
     os.remove(db_path + "-wal")
@@ -4768,6 +4916,7 @@ def test_health_wal_removed_under_the_app_is_500_with_database_false(client, use
     assert response.json["database"] is False
 
 
+@pytest.mark.sqlite
 def test_health_malformed_database_is_500_with_database_false(client, user, db_path):
     put(client, user, "k")
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
@@ -5178,10 +5327,7 @@ def test_secrets_database_holds_no_raw_token_or_password(client, user, other, db
     tokens = [user.token, other.token, second]
     digests = {row[0] for row in db.execute("SELECT token_digest FROM sessions")}
     assert digests == {token_digest(token) for token in tokens}
-    contents = b""
-    for path in (db_path, db_path + "-wal"):
-        with open(path, "rb") as file:
-            contents += file.read()
+    contents = stored_bytes(db, db_path)
     for secret in [*tokens, reset, PASSWORD]:
         assert secret.encode() not in contents
 
@@ -5308,6 +5454,7 @@ sys.stdin.read()
 
 
 @pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.sqlite
 def test_busy_hashing_counts_the_slots_another_process_holds(make_app, db_path, slots):
     app = make_app(hash_slots=slots, hash_wait=1)
     client = webtest.TestApp(app)
@@ -5336,6 +5483,7 @@ def test_busy_hashing_counts_the_slots_another_process_holds(make_app, db_path, 
             holder.stdout.close()
 
 
+@pytest.mark.sqlite
 def test_busy_login_waits_for_a_slot_another_process_frees_in_time(make_app, db_path):
     app = make_app(hash_slots=1, hash_wait=5)
     client = webtest.TestApp(app)
@@ -5711,6 +5859,24 @@ CREATE TRIGGER audit_revoke AFTER DELETE ON permissions BEGIN
     INSERT INTO audit (event, key) SELECT 'revoke', key FROM items WHERE id = OLD.item_id;
 END;
 """
+#: The same on PostgreSQL, where write transactions take turns under the write lock, so the
+#: order of the audit's numbers is the order of the commits.
+AUDIT_POSTGRESQL = """
+CREATE TABLE audit (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, event TEXT NOT NULL, key TEXT NOT NULL,
+    token TEXT
+);
+CREATE FUNCTION audit_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    INSERT INTO audit (event, key, token) VALUES ('write', NEW.key, NEW.token); RETURN NULL;
+END $$;
+CREATE TRIGGER audit_write AFTER UPDATE ON items FOR EACH ROW EXECUTE FUNCTION audit_write();
+CREATE FUNCTION audit_revoke() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    INSERT INTO audit (event, key) SELECT 'revoke', key FROM items WHERE id = OLD.item_id;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER audit_revoke AFTER DELETE ON permissions
+    FOR EACH ROW EXECUTE FUNCTION audit_revoke();
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5796,7 +5962,10 @@ def test_real_server_revoke_racing_writes_no_write_commits_after_it(start_server
     after it, and the audit would show that write after the revoke.
     """
     live = start_server(server_threads=8)
-    db.executescript(AUDIT)
+    if isinstance(db, syncnode.PostgreSQLConnection):
+        db.run_script(AUDIT_POSTGRESQL)
+    else:
+        db.executescript(AUDIT)
     owner, bob = live.register("alice"), live.register("bob")
     for round_number in range(5):
         key = f"raced/{round_number}"
@@ -7422,6 +7591,7 @@ def test_app_wire_busy_database_is_500_failed_to(make_app, db, caplog):
     assert any(record.exc_info for record in caplog.records if record.name == "syncnode")
 
 
+@pytest.mark.sqlite
 def test_app_wire_low_disk_is_507_and_nothing_written(client, user, make_app, db):
     low = webtest.TestApp(make_app(min_free_bytes=2**62))
     before = app_state(db)
@@ -7994,6 +8164,7 @@ def test_app_auth_admin_sign_up_after_sync_node_registration_is_400(client, user
     assert my_user(client, user.headers)["isAdmin"] is True
 
 
+@pytest.mark.sqlite
 def test_app_auth_admin_sign_up_low_disk_is_507(make_app, db):
     client = webtest.TestApp(make_app(min_free_bytes=2**62))
     body = {"email": "admin", "password": PASSWORD, "name": "Admin"}
@@ -11294,12 +11465,14 @@ def v1_data(db_path, clock) -> V1Data:
     return build_v1_database(db_path, int(clock.now * 1000))
 
 
+@pytest.mark.sqlite
 def test_migration_v1_database_reaches_the_newest_version(v1_data, app, db):
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(syncnode.SCHEMA)
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"users", "sessions", "reset_tokens", "items", "permissions", "api_keys"} <= tables
 
 
+@pytest.mark.sqlite
 def test_migration_v1_users_get_uuids_names_and_update_times(v1_data, app, db):
     rows = db.execute(
         "SELECT id, name, uuid, display_name, created_ms, updated_ms FROM users ORDER BY id"
@@ -11314,6 +11487,7 @@ def test_migration_v1_users_get_uuids_names_and_update_times(v1_data, app, db):
     assert all(row[5] == row[4] for row in rows)
 
 
+@pytest.mark.sqlite
 def test_migration_v1_sessions_get_device_fields_and_update_times(v1_data, app, db):
     rows = db.execute(
         "SELECT public_id, created_ms, updated_ms, expires_ms, parent_id, device_type, device_os,"
@@ -11325,6 +11499,7 @@ def test_migration_v1_sessions_get_device_fields_and_update_times(v1_data, app, 
     ]
 
 
+@pytest.mark.sqlite
 def test_migration_v1_sessions_authenticate_on_both_apis(v1_data, client, db, clock):
     for token, (public_id, name, created_ms, expires_ms) in v1_data.sessions.items():
         client.get("/store", headers=bearer_headers(token), status=200)
@@ -11354,6 +11529,7 @@ def test_migration_v1_sessions_authenticate_on_both_apis(v1_data, client, db, cl
         assert app_current["deviceType"] == "" and app_current["appVersion"] is None
 
 
+@pytest.mark.sqlite
 def test_migration_v1_sessions_are_listed_on_the_sync_node_api(v1_data, client):
     for token, (public_id, _, created_ms, expires_ms) in v1_data.sessions.items():
         listing = client.get("/account", headers=bearer_headers(token), status=200).json
@@ -11362,6 +11538,7 @@ def test_migration_v1_sessions_are_listed_on_the_sync_node_api(v1_data, client):
         assert current["expiration"] == expires_ms and current["createdAt"] == created_ms
 
 
+@pytest.mark.sqlite
 def test_migration_v1_values_read_back_with_tokens_and_permissions(v1_data, client):
     for key, (value, token, meta, holders) in v1_data.items.items():
         expected_holders = [
@@ -11378,6 +11555,7 @@ def test_migration_v1_values_read_back_with_tokens_and_permissions(v1_data, clie
             assert {"key": key, "permission": level, "token": token} in listed
 
 
+@pytest.mark.sqlite
 def test_migration_v1_tokens_still_guard_updates(v1_data, client):
     alice = User("alice@example.org", v1_data.token_of("alice@example.org"))
     assert_error(put(client, alice, "shared", b"new", token="stale", status=409), 409, "KEY01")
@@ -11386,6 +11564,7 @@ def test_migration_v1_tokens_still_guard_updates(v1_data, client):
     assert client.get("/store/shared", headers=alice.headers).body == b"new"
 
 
+@pytest.mark.sqlite
 def test_migration_v1_passwords_and_reset_token_still_work(v1_data, client):
     for name in v1_data.users:
         client.post_json("/auth", {"id": name, "password": PASSWORD}, status=200)
@@ -11396,6 +11575,7 @@ def test_migration_v1_passwords_and_reset_token_still_work(v1_data, client):
     client.post_json("/auth", {"id": "bob", "password": "a new password"}, status=200)
 
 
+@pytest.mark.sqlite
 def test_migration_v1_users_keep_their_uuids_when_reopened(v1_data, make_app, db_path, db):
     make_app().close()
     first = db.execute("SELECT name, uuid, display_name FROM users ORDER BY id").fetchall()
@@ -11403,6 +11583,7 @@ def test_migration_v1_users_keep_their_uuids_when_reopened(v1_data, make_app, db
     assert db.execute("SELECT name, uuid, display_name FROM users ORDER BY id").fetchall() == first
 
 
+@pytest.mark.sqlite
 def test_migration_twice_is_a_no_op(v1_data, db_path):
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
@@ -11415,6 +11596,7 @@ def test_migration_twice_is_a_no_op(v1_data, db_path):
     assert dump_database(db_path) == once
 
 
+@pytest.mark.sqlite
 def test_migration_too_new_database_raises_and_changes_nothing(make_app, db_path):
     client = webtest.TestApp(make_app())
     client.post_json("/account", {"id": "alice", "password": PASSWORD}, status=200)
@@ -11434,6 +11616,7 @@ def test_migration_too_new_database_raises_and_changes_nothing(make_app, db_path
         pytest.param(1, id="from-v1"),
     ],
 )
+@pytest.mark.sqlite
 def test_migration_failing_step_rolls_back_whole(db_path, clock, start):
     if start:
         build_v1_database(db_path, int(clock.now * 1000))
@@ -11470,6 +11653,7 @@ def make_too_new_database(path: str) -> None:
     conn.close()
 
 
+@pytest.mark.sqlite
 def test_migration_too_new_database_file_is_left_byte_for_byte(db_path):
     make_too_new_database(db_path)
     with open(db_path, "rb") as file:
@@ -11481,6 +11665,7 @@ def test_migration_too_new_database_file_is_left_byte_for_byte(db_path):
 
 
 @pytest.mark.skipif('not os.path.isdir("/proc/self/fd")', reason="needs /proc/self/fd")
+@pytest.mark.sqlite
 def test_migration_refused_database_leaves_no_connection_open(db_path):
     make_too_new_database(db_path)
     with pytest.raises(syncnode.DatabaseTooNew):
@@ -11964,6 +12149,7 @@ def test_cli_check_healthy_database_prints_ok(admin, client, user):
     assert (result.returncode, result.stdout) == (0, "ok\n")
 
 
+@pytest.mark.sqlite
 def test_cli_check_corrupted_file_exits_1(admin, app, db_path):
     app.close()
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
@@ -11987,6 +12173,7 @@ def test_cli_check_corrupted_file_exits_1(admin, app, db_path):
     assert (result.stdout + result.stderr).strip()
 
 
+@pytest.mark.sqlite
 def test_cli_check_broken_foreign_key_exits_1_naming_the_table(admin, user, db):
     db.execute("PRAGMA foreign_keys = OFF")
     db.execute(
@@ -11998,6 +12185,7 @@ def test_cli_check_broken_foreign_key_exits_1_naming_the_table(admin, user, db):
     assert "sessions" in result.stdout and "ok" not in result.stdout.splitlines()
 
 
+@pytest.mark.sqlite
 def test_cli_check_broken_foreign_key_in_permissions_names_the_row(admin, client, user, db):
     put(client, user, "k")
     db.execute(
@@ -12072,6 +12260,7 @@ def check_ok(tmp_path, database) -> bool:
         pytest.param(lambda tmp_path: "./syncnode.db", id="relative-path"),
     ],
 )
+@pytest.mark.sqlite
 def test_cli_backup_onto_the_live_database_is_refused(
     admin, client, user, db_path, tmp_path, target
 ):
@@ -12083,6 +12272,7 @@ def test_cli_backup_onto_the_live_database_is_refused(
     assert check_ok(tmp_path, db_path)
 
 
+@pytest.mark.sqlite
 def test_cli_backup_into_a_missing_folder_names_the_folder(admin, user, tmp_path):
     folder = tmp_path / "missing"
     line = assert_exit_1_with_one_line(admin("backup", str(folder / "copy.db")))
@@ -12091,6 +12281,7 @@ def test_cli_backup_into_a_missing_folder_names_the_folder(admin, user, tmp_path
     assert not folder.exists()
 
 
+@pytest.mark.sqlite
 def test_cli_backup_onto_an_existing_file_is_refused_without_force(admin, user, tmp_path):
     target = tmp_path / "copy.db"
     target.write_bytes(b"an older backup")
@@ -12099,6 +12290,7 @@ def test_cli_backup_onto_an_existing_file_is_refused_without_force(admin, user, 
     assert target.read_bytes() == b"an older backup"
 
 
+@pytest.mark.sqlite
 def test_cli_backup_force_replaces_an_existing_file_with_a_good_copy(
     admin, client, user, db_path, tmp_path
 ):
@@ -12110,6 +12302,7 @@ def test_cli_backup_force_replaces_an_existing_file_with_a_good_copy(
     assert data_of(target) == data_of(db_path)
 
 
+@pytest.mark.sqlite
 def test_cli_backup_while_serving_holds_every_acknowledged_key(start_syncnode, tmp_path, db_path):
     server = start_syncnode(db_path)
     alice = server.register("alice")
@@ -12218,6 +12411,7 @@ def newer_schema_version(backup: str) -> None:
         pytest.param(newer_schema_version, id="newer-schema"),
     ],
 )
+@pytest.mark.sqlite
 def test_cli_restore_bad_backup_is_refused_and_the_database_untouched(
     restorable, db_path, tmp_path, spoil
 ):
@@ -12228,6 +12422,7 @@ def test_cli_restore_bad_backup_is_refused_and_the_database_untouched(
     assert not os.path.exists(db_path + ".before-restore")
 
 
+@pytest.mark.sqlite
 def test_embedding_app_refuses_a_database_a_restore_is_replacing(make_app, db_path):
     import fcntl
 
@@ -12242,6 +12437,7 @@ def test_embedding_app_refuses_a_database_a_restore_is_replacing(make_app, db_pa
     make_app().close()  # once the restore is done, it opens
 
 
+@pytest.mark.sqlite
 def test_cli_restore_while_a_server_has_the_database_open_is_refused(
     restorable, make_app, db_path, tmp_path
 ):
@@ -12253,6 +12449,7 @@ def test_cli_restore_while_a_server_has_the_database_open_is_refused(
     assert not os.path.exists(db_path + ".before-restore")
 
 
+@pytest.mark.sqlite
 def test_cli_restore_swaps_in_exactly_the_backup_data(restorable, db_path, tmp_path):
     leave_crash_files(restorable, db_path)
     expected = data_of(restorable.backup)
@@ -12261,6 +12458,7 @@ def test_cli_restore_swaps_in_exactly_the_backup_data(restorable, db_path, tmp_p
     assert check_ok(tmp_path, db_path)
 
 
+@pytest.mark.sqlite
 def test_cli_restore_leaves_no_wal_of_the_old_database(restorable, db_path, tmp_path):
     leave_crash_files(restorable, db_path)
     assert restore(tmp_path, db_path, restorable.backup).returncode == 0
@@ -12269,18 +12467,21 @@ def test_cli_restore_leaves_no_wal_of_the_old_database(restorable, db_path, tmp_
         assert not path.exists() or path.read_bytes() != stale, suffix
 
 
+@pytest.mark.sqlite
 def test_cli_restore_keeps_the_previous_database_as_before_restore(restorable, db_path, tmp_path):
     before = data_of(db_path)
     assert restore(tmp_path, db_path, restorable.backup).returncode == 0
     assert data_of(db_path + ".before-restore") == before
 
 
+@pytest.mark.sqlite
 def test_cli_restore_prints_what_it_did(restorable, db_path, tmp_path):
     result = restore(tmp_path, db_path, restorable.backup)
     assert result.returncode == 0
     assert ".before-restore" in result.stdout
 
 
+@pytest.mark.sqlite
 def test_cli_restore_then_a_server_serves_the_restored_data(
     restorable, make_app, db_path, tmp_path
 ):
@@ -12362,6 +12563,7 @@ def test_housekeeping_keeps_attempts_for_the_longest_window(make_app, clock, db)
     assert table_counts(db)["attempts"] == 0
 
 
+@pytest.mark.sqlite
 def test_housekeeping_wal_stays_bounded_under_steady_writes(make_app, clock, db_path):
     # NORMAL spares an fsync per write; the WAL grows the same way under FULL.
     client = webtest.TestApp(make_app(synchronous="NORMAL"))
@@ -12396,10 +12598,12 @@ def auto_vacuum(path: str) -> int:
         return conn.execute("PRAGMA auto_vacuum").fetchone()[0]
 
 
+@pytest.mark.sqlite
 def test_vacuum_new_database_is_incremental(app, db_path):
     assert auto_vacuum(db_path) == 2
 
 
+@pytest.mark.sqlite
 def test_vacuum_housekeeping_gives_freed_pages_back(client, user, clock, db, db_path):
     keys = [f"big/{number}" for number in range(8)]  # 2 MiB in all
     tokens = [token_of(put(client, user, key, os.urandom(256 * 1024))) for key in keys]
@@ -12414,6 +12618,7 @@ def test_vacuum_housekeeping_gives_freed_pages_back(client, user, clock, db, db_
     assert free_pages == 0 or os.path.getsize(db_path) <= stored_size - 2**20
 
 
+@pytest.mark.sqlite
 def test_vacuum_existing_database_is_switched_to_incremental(make_app, db_path):
     # As an older syncnode left it: the whole schema, in WAL mode, without auto-vacuum.
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
@@ -12592,6 +12797,7 @@ def start_syncnode(tmp_path):
         server.process.wait(timeout=10)
 
 
+@pytest.mark.sqlite
 def test_health_checks_keep_the_wal_of_a_serving_process_when_another_one_closes(
     start_syncnode, db_path, tmp_path
 ):
@@ -12610,6 +12816,7 @@ def test_health_checks_keep_the_wal_of_a_serving_process_when_another_one_closes
         assert conn.execute("SELECT count(*) FROM sessions").fetchone() == (1,)
 
 
+@pytest.mark.sqlite
 def test_closing_one_app_keeps_the_locks_of_another_on_the_same_file(make_app, db_path, tmp_path):
     first, second = make_app(), make_app()
     client = webtest.TestApp(first)
@@ -12625,6 +12832,7 @@ def test_closing_one_app_keeps_the_locks_of_another_on_the_same_file(make_app, d
         assert conn.execute("SELECT value FROM items WHERE key = 'k'").fetchone() == (b"kept",)
 
 
+@pytest.mark.sqlite
 def test_shutdown_sigterm_finishes_a_put_under_way(start_syncnode, db_path):
     server = start_syncnode(db_path, "--shutdown-timeout", "5")
     alice = server.register("alice")
@@ -12653,6 +12861,7 @@ def test_shutdown_sigterm_finishes_a_put_under_way(start_syncnode, db_path):
     assert row == (value, token)
 
 
+@pytest.mark.sqlite
 def test_shutdown_sigint_with_an_idle_connection_exits_0_at_once_without_a_wal(
     start_syncnode, db_path
 ):
@@ -12975,6 +13184,378 @@ def test_gunicorn_sigterm_answers_waiting_polls_and_stops(start_gunicorn):
         assert time.monotonic() - signalled < 15, "the polls held the workers to the timeout"
     finally:
         close_all(by_worker)
+
+
+# ==================================================================================================
+# More than one machine: nodes on one PostgreSQL database
+# ==================================================================================================
+
+
+@pytest.fixture
+def postgresql_url(postgresql) -> Iterator[str]:
+    """A schema of its own on the session's PostgreSQL, for the tests of several nodes."""
+    with postgresql_schema(postgresql) as url:
+        yield url
+
+
+@dataclass
+class Node(RealServer):
+    """A `python syncnode.py` process serving a PostgreSQL database on 127.0.0.1."""
+
+    process: subprocess.Popen
+    port: int
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def start_node(postgresql_url, tmp_path) -> Iterator[Callable[..., Node]]:
+    """Start syncnode processes (nodes) on the test's PostgreSQL schema; stop them after."""
+    nodes: list[Node] = []
+
+    def start(*flags: str) -> Node:
+        port = free_port()
+        log = open(tmp_path / f"node-{port}.log", "wb")
+        process = subprocess.Popen(
+            [sys.executable, SYNCNODE_PY, "--database", postgresql_url, "--port", str(port),
+             *flags],
+            env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        node = Node(process, port)
+        nodes.append(node)
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (tmp_path / f"node-{port}.log").read_text()
+            with contextlib.suppress(OSError):
+                if node.request("GET", "/health").status_int == 200:
+                    return node
+            assert time.monotonic() < deadline, "the node did not start"
+            time.sleep(0.05)
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+def test_nodes_racing_writers_on_two_nodes_one_wins(start_node, postgresql_url):
+    first, second = start_node(), start_node()
+    alice = first.register("alice")
+    token = first.request("PUT", "/store/k", b"v0", alice.headers).headers["X-Sync-Token"]
+    barrier = threading.Barrier(10)
+    answers: dict[int, Reply] = {}
+
+    def write(number: int) -> None:
+        node = (first, second)[number % 2]
+        conn = node.connect()
+        try:
+            conn.connect()
+            barrier.wait(timeout=10)
+            headers = {**alice.headers, "X-Sync-Token": token}
+            answers[number] = call(conn, "PUT", "/store/k", b"v%d" % number, headers)
+        finally:
+            conn.close()
+
+    run_threads([lambda n=n: write(n) for n in range(10)], timeout=30)
+    statuses = sorted(reply.status_int for reply in answers.values())
+    assert statuses == [204] + [409] * 9
+    (winner,) = [n for n, reply in answers.items() if reply.status_int == 204]
+    for node in (first, second):
+        read = node.request("GET", "/store/k", headers=alice.headers)
+        assert read.body == b"v%d" % winner
+        assert read.headers["X-Sync-Token"] == answers[winner].headers["X-Sync-Token"]
+    for n, reply in answers.items():
+        if n != winner:
+            assert reply.json["code"] == "KEY01"
+
+
+def test_nodes_feed_read_while_two_nodes_write_misses_no_change(start_node):
+    """A reader following the feed on one node while writers race on both ends up with
+    exactly the final state: no change committed later carries a number below its cursor."""
+    first, second = start_node(), start_node()
+    alice = first.register("alice")
+    keys = [f"k{n}" for n in range(8)]
+    tokens = {}
+    for key in keys:
+        tokens[key] = first.request("PUT", f"/store/{key}", b"0", alice.headers).headers[
+            "X-Sync-Token"
+        ]
+    cursor = int(first.request("GET", "/store", headers=alice.headers).headers["X-Sync-Cursor"])
+    seen: dict[str, str] = {}
+    writing = threading.Event()
+    writing.set()
+
+    def writer(node: Node, my_keys: list[str]) -> None:
+        conn = node.connect()
+        try:
+            for round_ in range(25):
+                for key in my_keys:
+                    headers = {**alice.headers, "X-Sync-Token": tokens[key]}
+                    reply = call(conn, "PUT", f"/store/{key}", b"%d" % round_, headers)
+                    assert reply.status_int == 204, reply.body
+                    tokens[key] = reply.headers["X-Sync-Token"]
+        finally:
+            conn.close()
+
+    def reader() -> None:
+        nonlocal cursor
+        conn = first.connect()
+        try:
+            while writing.is_set():
+                page = call(conn, "GET", f"/store?since={cursor}", headers=alice.headers)
+                assert page.status_int == 200, page.body
+                numbers = [entry["seq"] for entry in page.json]
+                assert numbers == sorted(numbers) and all(n > cursor for n in numbers)
+                for entry in page.json:
+                    seen[entry["key"]] = entry["token"]
+                cursor = int(page.headers["X-Sync-Cursor"])
+        finally:
+            conn.close()
+
+    reading = threading.Thread(target=reader, daemon=True)
+    reading.start()
+    run_threads([lambda: writer(first, keys[:4]), lambda: writer(second, keys[4:])], timeout=120)
+    writing.clear()
+    reading.join(30)
+    assert not reading.is_alive()
+    final = first.request("GET", f"/store?since={cursor}", headers=alice.headers)
+    for entry in final.json:
+        seen[entry["key"]] = entry["token"]
+    assert seen == tokens  # every key at its last token, whichever node wrote it
+
+
+def test_nodes_poll_on_one_node_wakes_for_a_write_on_the_other(start_node):
+    first, second = start_node(), start_node()
+    alice, bob = first.register("alice"), first.register("bob")
+    cursors = {
+        user.name: second.request("GET", "/store", headers=user.headers).headers["X-Sync-Cursor"]
+        for user in (alice, bob)
+    }
+    alices = LongPoll(second, alice.headers, f"/store?since={cursors['alice']}&wait=20", 30)
+    bobs = LongPoll(second, bob.headers, f"/store?since={cursors['bob']}&wait=3", 30)
+    time.sleep(0.5)  # both polls reach the second node and wait
+    started = time.monotonic()
+    assert first.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
+    answer = alices.result(timeout=25)
+    print(f"woken {1000 * (alices.done_at - started):.0f} ms after the other node's PUT")
+    assert [entry["key"] for entry in answer.json] == ["k"]
+    assert alices.done_at - started < 5, "woken by the wait running out, not by the write"
+    # Bob cannot see the key: his poll waits its three seconds out and says nothing changed.
+    assert bobs.result(timeout=10).json == []
+    assert bobs.done_at - bobs.started_at >= 2.5
+
+
+def test_nodes_logout_on_one_node_ends_a_poll_on_the_other(start_node):
+    first, second = start_node(), start_node()
+    alice = first.register("alice")
+    cursor = second.request("GET", "/store", headers=alice.headers).headers["X-Sync-Cursor"]
+    poll = LongPoll(second, alice.headers, f"/store?since={cursor}&wait=20", 30)
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert first.request("DELETE", "/auth", headers=alice.headers).status_int == 204
+    answer = poll.result(timeout=25)
+    assert answer.status_int == 401 and answer.json["code"] == "AUTH01"
+    assert poll.done_at - started < 5
+
+
+def test_nodes_starting_together_migrate_once(postgresql_url, clock):
+    barrier = threading.Barrier(4)
+    apps: list = []
+
+    def start() -> None:
+        barrier.wait(timeout=10)
+        apps.append(syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING))
+
+    try:
+        run_threads([start] * 4, timeout=60)
+        assert len(apps) == 4
+        with contextlib.closing(
+            syncnode.PostgreSQLConnection(postgresql_url, apps[0].context.settings, {})
+        ) as conn:
+            assert conn.schema_version() == len(syncnode.SCHEMA)
+            assert conn.execute("SELECT count(*) FROM sync_state").fetchone()[0] == 1
+            assert conn.execute("SELECT count(*) FROM id_counters").fetchone()[0] == 3
+    finally:
+        for app in apps:
+            app.close()
+
+
+def test_nodes_housekeeping_waits_for_the_node_that_holds_its_turn(postgresql_url, clock):
+    app = syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING)
+    try:
+        client = webtest.TestApp(app)
+        alice = register_user(client)
+        token = token_of(put(client, alice, "k", b"v"))
+        deleting(client, alice, "k", token)
+        with contextlib.closing(
+            syncnode.PostgreSQLConnection(postgresql_url, app.context.settings, {})
+        ) as other:
+            other.execute(
+                f"SELECT pg_advisory_lock({syncnode.POSTGRESQL_LOCK_CLASS}, "
+                f"{syncnode.POSTGRESQL_HOUSEKEEPING_LOCK})"
+            )  # another node is housekeeping
+            clock.advance(app.context.settings.tombstone_ttl + 3600)
+            client.get("/health")
+            assert other.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 1
+            other.execute(
+                f"SELECT pg_advisory_unlock({syncnode.POSTGRESQL_LOCK_CLASS}, "
+                f"{syncnode.POSTGRESQL_HOUSEKEEPING_LOCK})"
+            )
+            clock.advance(3600)
+            client.get("/health")
+            assert other.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 0
+    finally:
+        app.close()
+
+
+def test_nodes_refuse_a_database_of_a_newer_syncnode_untouched(postgresql_url, clock):
+    webtest.TestApp(syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING)).app.close()
+    settings = syncnode.Settings(database=postgresql_url)
+    with contextlib.closing(syncnode.PostgreSQLConnection(postgresql_url, settings, {})) as db:
+        db.execute("UPDATE schema_version SET version = ?", (len(syncnode.SCHEMA) + 1,))
+        before = app_state(db)
+        with pytest.raises(syncnode.DatabaseTooNew):
+            syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING)
+        assert app_state(db) == before
+        assert db.schema_version() == len(syncnode.SCHEMA) + 1
+
+
+def test_nodes_writes_take_the_database_write_lock(postgresql_url, clock):
+    """A write waits while another node holds the write lock, and fails (ERR02, nothing
+    written) once it waited busy_timeout; reads go on meanwhile."""
+    app = syncnode.create_app(postgresql_url, clock=clock, busy_timeout=300, **CHEAP_HASHING)
+    try:
+        client = webtest.TestApp(app)
+        alice = register_user(client)
+        put(client, alice, "k", b"v")
+        with contextlib.closing(
+            syncnode.PostgreSQLConnection(postgresql_url, app.context.settings, {})
+        ) as other:
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                started = time.monotonic()
+                response = client.put(
+                    "/store/new", b"x", headers={**alice.headers, "If-None-Match": "*"}, status=500
+                )
+                assert response.json["code"] == "ERR02"
+                assert time.monotonic() - started >= 0.25
+                assert client.get("/store/k", headers=alice.headers).body == b"v"
+            finally:
+                other.execute("ROLLBACK")
+            assert other.execute("SELECT count(*) FROM items WHERE key = 'new'").fetchone()[0] == 0
+        put(client, alice, "new", b"x")
+    finally:
+        app.close()
+
+
+def test_nodes_a_lost_database_connection_is_replaced(postgresql_url, postgresql, clock):
+    """A database connection the server lost (a restart, a failover) fails at most the
+    request that met it; the next requests open new connections and are answered."""
+    app = syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING)
+    try:
+        client = webtest.TestApp(app)
+        alice = register_user(client)
+        put(client, alice, "k", b"v")
+        with postgresql.admin() as admin:
+            ended = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
+        assert ended >= 1
+        first = client.get("/store/k", headers=alice.headers, expect_errors=True)
+        assert first.status_int in (200, 500)
+        assert client.get("/store/k", headers=alice.headers).body == b"v"
+        put(client, alice, "k2", b"after")
+        assert client.get("/health").json == {"database": True, "disk": True}
+    finally:
+        app.close()
+
+
+def test_cli_copy_sqlite_to_postgresql_moves_everything(tmp_path, postgresql_url, clock):
+    source = str(tmp_path / "pi.db")
+    app = syncnode.create_app(source, clock=clock, **CHEAP_HASHING)
+    client = webtest.TestApp(app)
+    alice, bob = register_user(client, "alice"), register_user(client, "bob")
+    big = bytes(range(256)) * 2048  # 512 KiB, streamed
+    put(client, alice, "notes/big", big)
+    put(client, alice, "notes/small", b"small", meta="m1")
+    put(client, alice, "notes/gone", b"x")
+    share(client, alice, "notes/small", {"bob": "WRITE"})
+    deleting(
+        client,
+        alice,
+        "notes/gone",
+        token_of(client.get("/store/notes/gone", headers=alice.headers)),
+    )
+    key = create_api_key(client, alice, "store.read")
+    before = {
+        user.name: (
+            client.get("/store?values=true", headers=user.headers).json,
+            client.get("/store?since=0", headers=user.headers).json,
+        )
+        for user in (alice, bob)
+    }
+    app.close()
+    copied = run_cli(tmp_path, "copy", source, postgresql_url)
+    assert copied.returncode == 0, copied.stderr
+    assert "2 users, 2 items, 2 sessions" in copied.stdout
+    served = syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING)
+    try:
+        client = webtest.TestApp(served)
+        for user in (alice, bob):  # the same sessions, listings and feed
+            assert (
+                client.get("/store?values=true", headers=user.headers).json,
+                client.get("/store?since=0", headers=user.headers).json,
+            ) == before[user.name]
+        assert client.get("/store/notes/big", headers=alice.headers).body == big
+        small = client.get("/store/notes/small", headers=key.headers)
+        assert (small.body, small.headers["X-Sync-Meta"]) == (b"small", "m1")
+        login(client, "bob", PASSWORD, status=200)
+        put(client, bob, "new", b"after the move")  # new rows get new ids
+        assert client.get("/store/new", headers=bob.headers).body == b"after the move"
+    finally:
+        served.close()
+    again = run_cli(tmp_path, "copy", source, postgresql_url)
+    assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_cli_copy_into_a_sqlite_file_from_postgresql(tmp_path, postgresql_url, clock):
+    app = syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING)
+    client = webtest.TestApp(app)
+    alice = register_user(client)
+    put(client, alice, "k", b"v" * 300_000)
+    app.close()
+    target = str(tmp_path / "back.db")
+    copied = run_cli(tmp_path, "copy", postgresql_url, target)
+    assert copied.returncode == 0, copied.stderr
+    served = syncnode.create_app(target, clock=clock, **CHEAP_HASHING)
+    try:
+        assert webtest.TestApp(served).get("/store/k", headers=alice.headers).body == b"v" * 300_000
+    finally:
+        served.close()
+
+
+def test_cli_backup_on_postgresql_says_to_use_pg_dump(tmp_path, postgresql_url):
+    for command in (["backup", str(tmp_path / "b.db")], ["restore", str(tmp_path / "b.db")]):
+        result = run_cli(tmp_path, "--database", postgresql_url, *command)
+        assert result.returncode == 1
+        assert "pg_dump" in result.stderr and "pg_restore" in result.stderr
+    assert not (tmp_path / "b.db").exists()
+
+
+def test_cli_messages_never_show_a_database_password(tmp_path, postgresql):
+    url = f"postgresql://syncnode:hunter2secret@127.0.0.1:{free_port()}/postgres"
+    result = run_cli(tmp_path, "--database", url, "stats")
+    assert result.returncode == 1
+    assert "hunter2secret" not in result.stderr + result.stdout
+    assert "syncnode:***@127.0.0.1" in result.stderr
 
 
 # ==================================================================================================
