@@ -180,6 +180,12 @@ class Settings:
     host: str = _setting("127.0.0.1", "Address to listen on.")
     port: int = _setting(8080, "TCP port to listen on.")
     threads: int = _setting(4, "Serving threads (one database connection each).")
+    pin_threads: bool = _setting(
+        True,
+        "Whether syncnode's own server runs its Python threads on one CPU (chosen by process "
+        "id): spread over several they contend for Python's lock and serve many times fewer "
+        "requests. Password hashing still uses every CPU.",
+    )
     log_level: str = _setting(
         "INFO", "Server log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
@@ -654,6 +660,11 @@ class SQLiteConnection(sqlite3.Connection):
     def data_version(self) -> int:
         """Return SQLite's count of commits other connections made (PRAGMA data_version)."""
         return self.execute("PRAGMA data_version").fetchone()[0]
+
+    @staticmethod
+    def wait_for_change(closed: threading.Event, seconds: float) -> bool:
+        """Wait the watcher's interval (SQLite tells of no commit); return whether closed."""
+        return closed.wait(seconds)
 
     @contextlib.contextmanager
     def housekeeping_turn(self) -> Iterator[bool]:
@@ -1178,6 +1189,13 @@ class PostgreSQLConnection:
             self._announcements += 1
         return self._announcements
 
+    def wait_for_change(self, closed: threading.Event, seconds: float) -> bool:
+        """Wait up to the watcher's interval, less when a change is announced; return
+        whether closed."""
+        for _ in self.raw.notifies(timeout=seconds, stop_after=1):
+            self._announcements += 1
+        return closed.is_set()
+
     @contextlib.contextmanager
     def housekeeping_turn(self) -> Iterator[bool]:
         """Whether this node may do housekeeping now: not while another node does."""
@@ -1541,7 +1559,8 @@ def list_keys(
     # One statement reads the rows, as they are paged, and the cursor (a scalar subquery,
     # computed once) in one snapshot. An empty answer has no row to carry the cursor: then
     # both are read again inside one read transaction.
-    rows = conn.stream(query, params)
+    # With values the page ends within its byte budget: the rows past it stay unread.
+    rows = conn.stream(query, params) if values else conn.execute(query, params)
     try:
         first = rows.fetchone()
         if first is not None:
@@ -1582,7 +1601,7 @@ def list_changes(
             raise ApiError(
                 "SYNC01", "The server no longer remembers changes that old; list every key again."
             )
-        rows = conn.stream(
+        rows = (conn.stream if values else conn.execute)(
             """
             SELECT items.key, permissions.level, items.token, permissions.seq,
                    CASE WHEN :values AND items.size <= :inline THEN items.value END,
@@ -2870,6 +2889,8 @@ class Hashing:
         self.waiting = waiting
         #: The descriptor of the database file, whose locks make the slots server-wide.
         self.database_file = database_file
+        #: The CPUs hashing threads may use, where serve's threads were pinned to one.
+        self.cpus: set[int] | None = None
         self.hasher = argon2.PasswordHasher(
             time_cost=settings.argon2_time_cost,
             memory_cost=settings.argon2_memory_cost,
@@ -2960,7 +2981,10 @@ class Hashing:
             with self._lock:
                 if self._pool is None:
                     self._pool = concurrent.futures.ThreadPoolExecutor(
-                        self.settings.hash_slots, "syncnode-hash", lower_thread_priority
+                        self.settings.hash_slots,
+                        "syncnode-hash",
+                        prepare_hash_thread,
+                        (self.cpus,),
                     )
                 pool = self._pool
             return pool.submit(function, *args).result()
@@ -3267,7 +3291,7 @@ class Waiters:
             conn = self.connections.open()
             conn.data_version()  # PostgreSQL: listening before the first look
             version, seq, revocations = self._look(conn)
-            while not self._closed.wait(WATCH_SECONDS):
+            while not conn.wait_for_change(self._closed, WATCH_SECONDS):
                 with self._lock:
                     if not self._users and not self._deadlines:
                         self._watcher = None
@@ -3448,16 +3472,19 @@ class Context:
             raise out_of_space()
 
 
-def lower_thread_priority() -> None:
-    """Lower the calling thread's CPU priority (Linux keeps a nice value per thread).
+def prepare_hash_thread(cpus: set[int] | None) -> None:
+    """Lower the calling thread's CPU priority (Linux keeps a nice value per thread), and let
+    it run on the given CPUs (those of the process, where the serving threads were pinned).
 
-    Argon2's lane threads, started from this one, inherit it.
+    Argon2's lane threads, started from this one, inherit both.
     """
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
             thread = threading.get_native_id()
             niceness = os.getpriority(os.PRIO_PROCESS, thread)
             os.setpriority(os.PRIO_PROCESS, thread, min(19, niceness + HASH_NICENESS))
+            if cpus:
+                os.sched_setaffinity(0, cpus)
 
 
 def answer(body: Any, status: int, headers: Mapping[str, str]) -> Any:
@@ -6334,6 +6361,23 @@ def open_files_limit() -> int:
     return soft
 
 
+def pin_python_threads(settings: Settings) -> set[int] | None:
+    """Run the calling thread, and the threads it starts from now on, on one CPU of those the
+    process may use; return those CPUs (for the hashing threads), or None if nothing moved.
+
+    Python runs one thread at a time: threads spread over several CPUs hand that lock from
+    CPU to CPU and serve many times fewer requests than on one (bench/run, postgresql).
+    The CPU is chosen by process id, so that nodes started on one machine tend to differ.
+    """
+    if not settings.pin_threads or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        return None
+    os.sched_setaffinity(0, {sorted(cpus)[os.getpid() % len(cpus)]})
+    return cpus
+
+
 def make_server(settings: Settings, app: Callable | None = None, map: dict | None = None) -> Any:
     """Bind the hardened waitress server to the settings' host and port; app may come later.
 
@@ -6876,6 +6920,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in (None, "serve"):
             return run_command(args, settings, sys.stdin, sys.stdout)
+        cpus = pin_python_threads(settings)  # before the serving threads start
         try:  # listen first: a taken port must not create or migrate a database
             server = make_server(settings)
         except (OSError, ValueError) as error:
@@ -6886,6 +6931,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         app = create_app(**dataclasses.asdict(settings))
+        app.context.hashing.cpus = cpus
         server.application = app
     except (KeyboardInterrupt, EOFError):
         print("syncnode: stopped before the command finished.", file=sys.stderr)

@@ -2521,6 +2521,44 @@ def test_stream_large_value_round_trips_and_is_stored_as_one_row(client, user, d
     assert db.execute("SELECT size, length(value) FROM items").fetchone() == (LARGE, LARGE)
 
 
+def test_stream_large_value_is_never_whole_in_memory(app, user, tmp_path):
+    """An 8 MiB value goes in from a file and out in chunks with at most a few chunks of
+    Python memory at a time, on either database."""
+    import tracemalloc
+
+    size = 8 * 1024 * 1024
+    source = tmp_path / "value"
+    source.write_bytes(os.urandom(size))
+    put_request = webob.Request.blank(
+        "/store/big",
+        method="PUT",
+        headers={**user.headers, "Content-Type": "application/octet-stream"},
+    )
+    get_request = webob.Request.blank("/store/big", headers=user.headers)
+    with open(source, "rb") as body:
+        put_request.body_file, put_request.content_length = body, size
+        tracemalloc.start()
+        try:
+            status, _, written = put_request.call_application(app)
+            b"".join(written)
+            stored_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.reset_peak()
+            status_get, _, chunks = get_request.call_application(app)
+            digest, received = hashlib.sha256(), 0
+            for chunk in chunks:
+                digest.update(chunk)
+                received += len(chunk)
+            if hasattr(chunks, "close"):
+                chunks.close()
+            read_peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert (status, status_get, received) == ("204 No Content", "200 OK", size)
+    assert digest.digest() == hashlib.sha256(source.read_bytes()).digest()
+    print(f"peak Python memory: {stored_peak / 2**20:.2f} MiB in, {read_peak / 2**20:.2f} MiB out")
+    assert stored_peak < size / 4 and read_peak < size / 4
+
+
 def test_stream_large_update_replaces_the_whole_value(client, user, db):
     first = put(client, user, "big", b"a" * LARGE).headers["X-Sync-Token"]
     shorter = os.urandom(LARGE // 2)
@@ -12830,6 +12868,38 @@ def test_closing_one_app_keeps_the_locks_of_another_on_the_same_file(make_app, d
     assert os.path.exists(db_path + "-wal")
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("SELECT value FROM items WHERE key = 'k'").fetchone() == (b"kept",)
+
+
+def thread_placements(pid: int) -> dict[int, tuple[int, str]]:
+    """Each thread of a process: its nice value and the CPUs it may run on."""
+    placements = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            nice = int((task / "stat").read_text().rpartition(")")[2].split()[16])
+            status = (task / "status").read_text()
+            cpus = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M).group(1)
+            placements[int(task.name)] = (nice, cpus)
+    return placements
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "not-pinned"])
+def test_server_runs_its_python_threads_on_one_cpu_and_hashes_on_all(
+    start_syncnode, tmp_path, pinned
+):
+    flags = [] if pinned else ["--pin-threads", "false"]
+    server = start_syncnode(str(tmp_path / "pin.db"), *flags)
+    server.register("alice")  # hashing threads start
+    everywhere = thread_placements(os.getpid())[threading.get_native_id()][1]
+    placements = thread_placements(server.process.pid).values()
+    serving = {cpus for nice, cpus in placements if nice == 0}
+    hashing = {cpus for nice, cpus in placements if nice > 0}
+    assert hashing == {everywhere}  # Argon2 may use every CPU the process may
+    if pinned and len(os.sched_getaffinity(0)) > 1:
+        (cpu,) = serving
+        assert cpu in {str(n) for n in os.sched_getaffinity(0)}
+    else:
+        assert serving == {everywhere}
 
 
 @pytest.mark.sqlite
