@@ -12,6 +12,10 @@ Two steps, each a subcommand:
   scenario for --duration seconds or --max-requests requests, whichever comes first, and prints
   one JSON line per group of clients on standard output and a summary on standard error.
 
+Several servers on one database (syncnode nodes on one PostgreSQL database): give the state file
+a ``"ports"`` list, and client i (the i-th user of the state, counted over every group) talks to
+``ports[i % len(ports)]``; without it every client uses ``"port"``, the one setup wrote.
+
 Scenarios (each client is one user of the state file, with its own key and session):
 
 - ``get``: GET /store/<own key> (a 1 KiB value);
@@ -27,7 +31,8 @@ on its own line: how logins slow down everyone else.
 Clients run in min(clients, 4) processes of clients/processes threads each, so that the client
 side is not held by one GIL, and each thread keeps one keep-alive http.client connection. A
 request counts as an error when it fails or answers anything but 2xx. The server's CPU time per
-request comes from /proc/<server pid>/stat (utime + stime) before and after the run.
+request comes from /proc/<server pid>/stat (utime + stime) before and after the run; with
+--server-pid given more than once (one per node), it is the sum over those processes.
 """
 
 from __future__ import annotations
@@ -186,6 +191,12 @@ def setup(
 # ==================================================================================================
 
 
+def port_of(state: dict, number: int) -> int:
+    """Return the port of the state's client number: ports[number % len(ports)], else port."""
+    ports = state.get("ports") or [state["port"]]
+    return ports[number % len(ports)]
+
+
 @dataclass(frozen=True, slots=True)
 class Group:
     """Clients that run one scenario together, each as its own user."""
@@ -198,10 +209,10 @@ class Client(threading.Thread):
     """One simulated client: a user, its key and session, and one keep-alive connection."""
 
     def __init__(
-        self, state: dict, scenario: str, user: dict, max_requests: int, seed: int
+        self, state: dict, scenario: str, number: int, user: dict, max_requests: int, seed: int
     ) -> None:
         super().__init__(daemon=True)
-        self.port, self.visible_keys = state["port"], state["visible_keys"]
+        self.port, self.visible_keys = port_of(state, number), state["visible_keys"]
         self.scenario = scenario
         self.max_requests = max_requests
         self.random = random.Random(seed)
@@ -296,16 +307,19 @@ def run_process(
     state: dict,
     group_index: int,
     scenario: str,
-    users: list[dict],
+    users: list[tuple[int, dict]],
     duration: float,
     max_per_client: int,
     barrier: multiprocessing.synchronize.Barrier,
     results: multiprocessing.Queue,
 ) -> None:
-    """Run some clients of one group in threads of this process; put their results on the queue."""
+    """Run some clients of one group in threads of this process; put their results on the queue.
+
+    Each user comes with its number in the state file, which chooses its port (see port_of).
+    """
     clients = [
-        Client(state, scenario, user, max_per_client, seed=hash((os.getpid(), n)))
-        for n, user in enumerate(users)
+        Client(state, scenario, number, user, max_per_client, seed=hash((os.getpid(), n)))
+        for n, (number, user) in enumerate(users)
     ]
     ready, go = threading.Barrier(len(clients) + 1), threading.Event()
     for client in clients:
@@ -357,12 +371,13 @@ def run(
     groups: list[Group],
     duration: float,
     max_requests: int,
-    server_pid: int | None,
+    server_pids: list[int] | None,
 ) -> list[dict]:
     """Run the groups of clients at once and return one result per group.
 
     The clock starts when every client of every group has connected and primed, and each
     client stops at the deadline or after its share of max_requests, whichever comes first.
+    The server CPU time is the sum over server_pids (one per node), None without any.
     """
     context = multiprocessing.get_context("fork")
     plans, offset = [], 0
@@ -370,7 +385,7 @@ def run(
     if total_clients > len(state["users"]):
         raise SystemExit(f"The state has {len(state['users'])} users; {total_clients} needed.")
     for index, group in enumerate(groups):
-        users = state["users"][offset : offset + group.clients]
+        users = list(enumerate(state["users"]))[offset : offset + group.clients]
         offset += group.clients
         processes = min(group.clients, MAX_PROCESSES)
         plans += [(index, group.scenario, users[n::processes]) for n in range(processes)]
@@ -389,9 +404,9 @@ def run(
         worker.start()
     try:
         barrier.wait(GRACE_SECONDS)
-        cpu_before = cpu_seconds(server_pid) if server_pid else None
+        cpu_before = sum(map(cpu_seconds, server_pids)) if server_pids else None
         parts = [results.get(timeout=duration + GRACE_SECONDS) for _ in workers]
-        cpu_after = cpu_seconds(server_pid) if server_pid else None
+        cpu_after = sum(map(cpu_seconds, server_pids)) if server_pids else None
         for worker in workers:
             worker.join(GRACE_SECONDS)
     finally:
@@ -436,7 +451,7 @@ def run(
     for answer in answers:
         # The server's and the load generator's CPU are shared by all groups of the run.
         answer["server_cpu_ms_per_request"] = (
-            round((cpu_after - cpu_before) * 1000 / total, 3) if server_pid and total else None
+            round((cpu_after - cpu_before) * 1000 / total, 3) if server_pids and total else None
         )
         answer["client_cpu_ms_per_request"] = round(client_cpu * 1000 / total, 3) if total else None
     return answers
@@ -488,7 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     drive.add_argument("--duration", type=float, default=5.0, help="Seconds (default 5).")
     drive.add_argument("--max-requests", type=int, default=200_000, help="Requests at most.")
-    drive.add_argument("--server-pid", type=int, help="Server process to measure CPU time of.")
+    drive.add_argument(
+        "--server-pid", type=int, action="append", dest="server_pids", metavar="PID",
+        help="Server process to measure CPU time of; repeat for several (their sum).",
+    )  # fmt: skip
     drive.add_argument("--quiet", action="store_true", help="No summary on standard error.")
     args = parser.parse_args(argv)
     if args.command == "setup":
@@ -500,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.state) as file:
         state = json.load(file)
     groups = [Group(args.scenario, args.clients), *args.extra]
-    results = run(state, groups, args.duration, args.max_requests, args.server_pid)
+    results = run(state, groups, args.duration, args.max_requests, args.server_pids)
     for result in results:
         print(json.dumps(result), flush=True)
         if not args.quiet:
