@@ -824,6 +824,19 @@ def refuse_newer(version: int, newest: int) -> None:
         )
 
 
+def open_connection(
+    database: str,
+    settings: Settings,
+    write_lock: threading.Lock | None = None,
+    texts: dict[str, str] | None = None,
+) -> Connection:
+    """Open a connection to a database file or a postgresql:// URL (texts: the app's cache
+    of statements translated for PostgreSQL)."""
+    if is_postgresql(database):
+        return PostgreSQLConnection(database, settings, {} if texts is None else texts, write_lock)
+    return connect(database, settings, write_lock)
+
+
 def kind_of(conn: Connection | sqlite3.Connection) -> type[Connection]:
     """Return the class whose methods speak to conn's database (plain sqlite3: SQLite's)."""
     return PostgreSQLConnection if isinstance(conn, PostgreSQLConnection) else SQLiteConnection
@@ -1004,6 +1017,13 @@ def database_label(database: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+def database_errors(database: str) -> tuple[type[Exception], ...]:
+    """The errors of a database beside SQLite's: psycopg's, for a URL (if it is installed)."""
+    if is_postgresql(database) and importlib.util.find_spec("psycopg") is not None:
+        return (import_psycopg().Error,)
+    return ()
+
+
 def import_psycopg() -> Any:
     """Import psycopg 3, saying how to install it when it is missing."""
     try:
@@ -1114,7 +1134,7 @@ class PostgreSQLConnection:
 
     def executemany(self, sql: str, rows: Iterable[tuple]) -> None:
         """Run one statement for each row of parameters."""
-        self.raw.cursor().executemany(postgresql_text(sql), list(rows))
+        self.raw.cursor().executemany(self.text_of(sql), list(rows))
 
     def schema_version(self) -> int:
         """Return the schema version of the database (0 for a new one)."""
@@ -2693,20 +2713,14 @@ def check_database(conn: Connection, newest: bool = True) -> list[str]:
     With newest, a schema version other than this syncnode's is a problem too. PostgreSQL
     checks its own pages and keys as it writes; there only the schema version is checked.
     """
-    if isinstance(conn, PostgreSQLConnection):
-        version = conn.schema_version()
-        newest_version = len(POSTGRESQL_SCHEMA)
-        return (
-            []
-            if version == newest_version
-            else [f"The schema version is {version}, not {newest_version}."]
-        )
-    problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
-    problems = [] if problems == ["ok"] else problems
-    for table, row_id, parent, _ in conn.execute("PRAGMA foreign_key_check"):
-        row = f"Row {row_id} of {table}" if row_id is not None else f"A row of {table}"
-        problems.append(f"{row} points to a missing row of {parent}.")
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    problems = []
+    if not isinstance(conn, PostgreSQLConnection):
+        problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+        problems = [] if problems == ["ok"] else problems
+        for table, row_id, parent, _ in conn.execute("PRAGMA foreign_key_check"):
+            row = f"Row {row_id} of {table}" if row_id is not None else f"A row of {table}"
+            problems.append(f"{row} points to a missing row of {parent}.")
+    version = kind_of(conn).schema_version(conn)
     if newest and version != len(SCHEMA):
         problems.append(f"The schema version is {version}, not {len(SCHEMA)}.")
     return problems
@@ -2738,12 +2752,8 @@ class Connections:
 
     def open(self) -> Connection:
         """Open a connection of the app's that its caller owns and closes."""
-        if self.postgresql:
-            conn: Connection = PostgreSQLConnection(
-                self.settings.database, self.settings, self._texts, self.write_lock
-            )
-        else:
-            conn = connect(self.settings.database, self.settings, self.write_lock)
+        settings = self.settings
+        conn = open_connection(settings.database, settings, self.write_lock, self._texts)
         conn.owners = self._owned
         self._owned.add(conn)
         return conn
@@ -2784,7 +2794,7 @@ class Connections:
 
     def errors(self) -> tuple[type[Exception], ...]:
         """The errors of the database beside SQLite's: psycopg's on PostgreSQL."""
-        return (import_psycopg().Error,) if self.postgresql else ()
+        return database_errors(self.settings.database)
 
     def take_changed(self) -> set[int]:
         """Return and forget the users this thread's committed writes touched (see touch)."""
@@ -2838,7 +2848,7 @@ class Connections:
             (read_only,) = conn.execute(
                 "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"
             ).fetchone()
-        except import_psycopg().Error:
+        except self.errors():
             self.discard()
             return False
         if read_only:
@@ -6714,13 +6724,6 @@ def read_new_password(stdin: Any) -> str:
     return password
 
 
-def database_errors(settings: Settings) -> tuple[type[Exception], ...]:
-    """The errors of the settings' database beside SQLite's (psycopg's, if it is installed)."""
-    if is_postgresql(settings.database) and importlib.util.find_spec("psycopg") is not None:
-        return (import_psycopg().Error,)
-    return ()
-
-
 #: What to do instead of backup and restore on PostgreSQL.
 PG_DUMP_ADVICE = (
     "On PostgreSQL, back up with the server's own tools: pg_dump --format=custom "
@@ -6737,11 +6740,9 @@ COPY_TABLES = (
 
 def open_database(database: str, settings: Settings) -> Connection:
     """Open a connection to a database for an admin command, migrated to the newest schema."""
-    if is_postgresql(database):
-        conn: Connection = PostgreSQLConnection(database, settings, {})
-    else:
+    if not is_postgresql(database):
         check_database_path(database)
-        conn = connect(database, settings)
+    conn = open_connection(database, settings)
     try:
         migrate(conn)
     except BaseException:
@@ -6769,17 +6770,13 @@ def copy_rows(source: Connection, target: Connection) -> dict[str, int]:
             if table == "items":
                 copy_items(source, target)
             else:
-                rows = source.execute(f"SELECT * FROM {table}")
-                columns = [column[0] for column in rows.description]
-                if table == "attempts" and "rowid" in columns:  # numbered by the target
-                    columns.remove("rowid")
-                    rows = source.execute(f"SELECT {', '.join(columns)} FROM {table}")
-                statement = (
-                    f"INSERT INTO {table} ({', '.join(columns)}) "
-                    f"VALUES ({placeholders(len(columns))})"
-                )
-                if table == "sessions":  # parents before their children
-                    rows = iter(sorted(rows, key=lambda row: row[columns.index("id")]))
+                described = source.execute(f"SELECT * FROM {table} LIMIT 0").description
+                # PostgreSQL's attempts.rowid: the target numbers its rows itself.
+                columns = [column[0] for column in described if column[0] != "rowid"]
+                names = ", ".join(columns)
+                order = " ORDER BY id" if table == "sessions" else ""  # parents before children
+                rows = source.execute(f"SELECT {names} FROM {table}{order}")
+                statement = f"INSERT INTO {table} ({names}) VALUES ({placeholders(len(columns))})"
                 while batch := [tuple(row) for row in itertools.islice(rows, 500)]:
                     target.executemany(statement, batch)
             counts[table] = source.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
@@ -6843,7 +6840,7 @@ def run_command(args: argparse.Namespace, settings: Settings, stdin: Any, stdout
     if args.command in ("backup", "restore") and is_postgresql(settings.database):
         raise ApiError("REQ01", PG_DUMP_ADVICE)
     if args.command == "check" and is_postgresql(settings.database):
-        with contextlib.closing(PostgreSQLConnection(settings.database, settings, {})) as conn:
+        with contextlib.closing(open_connection(settings.database, settings)) as conn:
             problems = check_database(conn)
         print("\n".join(problems) if problems else "ok", file=stdout)
         return 1 if problems else 0
@@ -6939,7 +6936,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ApiError, DatabaseUnusable) as error:
         print(f"syncnode: {error}", file=sys.stderr)
         return 1
-    except (sqlite3.Error, *database_errors(settings), DatabaseTooNew, OSError) as error:
+    except (sqlite3.Error, *database_errors(settings.database), DatabaseTooNew, OSError) as error:
         database = database_label(settings.database)
         print(f"syncnode: cannot use the database {database}: {error}", file=sys.stderr)
         return 1

@@ -3721,6 +3721,13 @@ def test_plain_listing_json_is_what_json_dumps_writes():
     assert syncnode.plain_listing_json([]) == b"[]"
 
 
+def send_sleeping_poll(server: LiveServer, sock: socket.socket, user: User, since: str, wait: int):
+    """Send a long-poll on the socket and wait until the server has put its connection to
+    sleep (out of the main loop)."""
+    sock.sendall(raw_request("GET", f"/store?since={since}&wait={wait}", user.headers))
+    wait_for(lambda: len(server.server.sleeping) == 1, what="the poll to sleep")
+
+
 def test_a_request_sent_behind_a_sleeping_poll_is_answered_after_it(start_server):
     server = start_server()
     alice = server.register("alice")
@@ -3728,8 +3735,7 @@ def test_a_request_sent_behind_a_sleeping_poll_is_answered_after_it(start_server
     clients = Clients(server)
     try:
         sock = clients.open()
-        sock.sendall(raw_request("GET", f"/store?since={cursor}&wait=10", alice.headers))
-        wait_for(lambda: len(server.server.sleeping) == 1, what="the poll to sleep")
+        send_sleeping_poll(server, sock, alice, cursor, wait=10)
         sock.sendall(raw_request("GET", "/health"))  # while it sleeps
         time.sleep(0.6)  # the server sees the data, and the poll goes on waiting
         assert server.app.context.waiters.waiting == 1
@@ -3748,8 +3754,7 @@ def test_a_sleeping_poll_whose_client_sent_more_and_left_frees_its_place(start_s
     cursor = server.request("GET", "/store", headers=alice.headers).headers["X-Sync-Cursor"]
     sock = socket.create_connection(("127.0.0.1", int(server.port)), timeout=5)
     try:
-        sock.sendall(raw_request("GET", f"/store?since={cursor}&wait=30", alice.headers))
-        wait_for(lambda: len(server.server.sleeping) == 1, what="the poll to sleep")
+        send_sleeping_poll(server, sock, alice, cursor, wait=30)
         sock.sendall(b"GET /hea")  # the start of a pipelined request, then the client goes
         time.sleep(0.3)
         if leave == "reset":
@@ -3774,8 +3779,7 @@ def test_an_urgent_byte_to_a_sleeping_poll_does_not_end_it(start_server):
     clients = Clients(server)
     try:
         sock = clients.open()
-        sock.sendall(raw_request("GET", f"/store?since={cursor}&wait=10", alice.headers))
-        wait_for(lambda: len(server.server.sleeping) == 1, what="the poll to sleep")
+        send_sleeping_poll(server, sock, alice, cursor, wait=10)
         sock.send(b"!", socket.MSG_OOB)
         time.sleep(0.6)  # the server looks at its sleeping polls meanwhile
         assert server.request("PUT", "/store/k", b"v", alice.headers).status_int == 204
@@ -13268,6 +13272,14 @@ def postgresql_url(postgresql) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def postgresql_db(postgresql_url) -> Iterator[syncnode.PostgreSQLConnection]:
+    """A connection of its own to the test's schema: another node, as far as locks go."""
+    settings = syncnode.Settings(database=postgresql_url)
+    with contextlib.closing(syncnode.PostgreSQLConnection(postgresql_url, settings, {})) as conn:
+        yield conn
+
+
 @dataclass
 class Node(RealServer):
     """A `python syncnode.py` process serving a PostgreSQL database on 127.0.0.1."""
@@ -13435,7 +13447,7 @@ def test_nodes_logout_on_one_node_ends_a_poll_on_the_other(start_node):
     assert poll.done_at - started < 5
 
 
-def test_nodes_starting_together_migrate_once(postgresql_url, clock):
+def test_nodes_starting_together_migrate_once(postgresql_url, postgresql_db, clock):
     barrier = threading.Barrier(4)
     apps: list = []
 
@@ -13446,58 +13458,52 @@ def test_nodes_starting_together_migrate_once(postgresql_url, clock):
     try:
         run_threads([start] * 4, timeout=60)
         assert len(apps) == 4
-        with contextlib.closing(
-            syncnode.PostgreSQLConnection(postgresql_url, apps[0].context.settings, {})
-        ) as conn:
-            assert conn.schema_version() == len(syncnode.SCHEMA)
-            assert conn.execute("SELECT count(*) FROM sync_state").fetchone()[0] == 1
-            assert conn.execute("SELECT count(*) FROM id_counters").fetchone()[0] == 3
+        conn = postgresql_db
+        assert conn.schema_version() == len(syncnode.SCHEMA)
+        assert conn.execute("SELECT count(*) FROM sync_state").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM id_counters").fetchone()[0] == 3
     finally:
         for app in apps:
             app.close()
 
 
-def test_nodes_housekeeping_waits_for_the_node_that_holds_its_turn(postgresql_url, clock):
+def test_nodes_housekeeping_waits_for_the_node_that_holds_its_turn(
+    postgresql_url, postgresql_db, clock
+):
     app = syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING)
     try:
         client = webtest.TestApp(app)
         alice = register_user(client)
         token = token_of(put(client, alice, "k", b"v"))
         deleting(client, alice, "k", token)
-        with contextlib.closing(
-            syncnode.PostgreSQLConnection(postgresql_url, app.context.settings, {})
-        ) as other:
-            other.execute(
-                f"SELECT pg_advisory_lock({syncnode.POSTGRESQL_LOCK_CLASS}, "
-                f"{syncnode.POSTGRESQL_HOUSEKEEPING_LOCK})"
-            )  # another node is housekeeping
-            clock.advance(app.context.settings.tombstone_ttl + 3600)
-            client.get("/health")
-            assert other.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 1
-            other.execute(
-                f"SELECT pg_advisory_unlock({syncnode.POSTGRESQL_LOCK_CLASS}, "
-                f"{syncnode.POSTGRESQL_HOUSEKEEPING_LOCK})"
-            )
-            clock.advance(3600)
-            client.get("/health")
-            assert other.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 0
+        other = postgresql_db
+        lock = f"{syncnode.POSTGRESQL_LOCK_CLASS}, {syncnode.POSTGRESQL_HOUSEKEEPING_LOCK}"
+        other.execute(f"SELECT pg_advisory_lock({lock})")  # another node is housekeeping
+        clock.advance(app.context.settings.tombstone_ttl + 3600)
+        client.get("/health")
+        assert other.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 1
+        other.execute(f"SELECT pg_advisory_unlock({lock})")
+        clock.advance(3600)
+        client.get("/health")
+        assert other.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 0
     finally:
         app.close()
 
 
-def test_nodes_refuse_a_database_of_a_newer_syncnode_untouched(postgresql_url, clock):
-    webtest.TestApp(syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING)).app.close()
-    settings = syncnode.Settings(database=postgresql_url)
-    with contextlib.closing(syncnode.PostgreSQLConnection(postgresql_url, settings, {})) as db:
-        db.execute("UPDATE schema_version SET version = ?", (len(syncnode.SCHEMA) + 1,))
-        before = app_state(db)
-        with pytest.raises(syncnode.DatabaseTooNew):
-            syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING)
-        assert app_state(db) == before
-        assert db.schema_version() == len(syncnode.SCHEMA) + 1
+def test_nodes_refuse_a_database_of_a_newer_syncnode_untouched(
+    postgresql_url, postgresql_db, clock
+):
+    syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING).close()
+    db = postgresql_db
+    db.execute("UPDATE schema_version SET version = ?", (len(syncnode.SCHEMA) + 1,))
+    before = app_state(db)
+    with pytest.raises(syncnode.DatabaseTooNew):
+        syncnode.create_app(postgresql_url, clock=clock, **CHEAP_HASHING)
+    assert app_state(db) == before
+    assert db.schema_version() == len(syncnode.SCHEMA) + 1
 
 
-def test_nodes_writes_take_the_database_write_lock(postgresql_url, clock):
+def test_nodes_writes_take_the_database_write_lock(postgresql_url, postgresql_db, clock):
     """A write waits while another node holds the write lock, and fails (ERR02, nothing
     written) once it waited busy_timeout; reads go on meanwhile."""
     app = syncnode.create_app(postgresql_url, clock=clock, busy_timeout=300, **CHEAP_HASHING)
@@ -13505,21 +13511,19 @@ def test_nodes_writes_take_the_database_write_lock(postgresql_url, clock):
         client = webtest.TestApp(app)
         alice = register_user(client)
         put(client, alice, "k", b"v")
-        with contextlib.closing(
-            syncnode.PostgreSQLConnection(postgresql_url, app.context.settings, {})
-        ) as other:
-            other.execute("BEGIN IMMEDIATE")
-            try:
-                started = time.monotonic()
-                response = client.put(
-                    "/store/new", b"x", headers={**alice.headers, "If-None-Match": "*"}, status=500
-                )
-                assert response.json["code"] == "ERR02"
-                assert time.monotonic() - started >= 0.25
-                assert client.get("/store/k", headers=alice.headers).body == b"v"
-            finally:
-                other.execute("ROLLBACK")
-            assert other.execute("SELECT count(*) FROM items WHERE key = 'new'").fetchone()[0] == 0
+        other = postgresql_db
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.monotonic()
+            response = client.put(
+                "/store/new", b"x", headers={**alice.headers, "If-None-Match": "*"}, status=500
+            )
+            assert response.json["code"] == "ERR02"
+            assert time.monotonic() - started >= 0.25
+            assert client.get("/store/k", headers=alice.headers).body == b"v"
+        finally:
+            other.execute("ROLLBACK")
+        assert other.execute("SELECT count(*) FROM items WHERE key = 'new'").fetchone()[0] == 0
         put(client, alice, "new", b"x")
     finally:
         app.close()
