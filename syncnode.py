@@ -56,7 +56,7 @@ import time
 import unicodedata
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NamedTuple
 
@@ -151,7 +151,8 @@ HASH_LOCK_BYTE = 0x50000000
 HASH_RETRY_SECONDS = 0.01
 #: How often the serving loop looks for a stop signal.
 STOP_CHECK_SECONDS = 0.25
-#: How long GET /health trusts a database it found writable before trying a write again.
+#: How long GET /health trusts a database it found writable before trying a write again, and
+#: writes trust a disk they found roomy before looking again.
 HEALTHY_FOR_SECONDS = 1
 #: The WAL file is cut back to this size after each checkpoint.
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
@@ -531,6 +532,15 @@ SCHEMA = [
     """
     ALTER TABLE sync_state ADD COLUMN revocations INTEGER NOT NULL DEFAULT 0;
     """,
+    # Speed: a changed value is written by one statement; this trigger gives every holder's
+    # row its new change number (see record_update).
+    """
+    CREATE TRIGGER items_changed AFTER UPDATE OF token ON items
+    BEGIN
+        UPDATE sync_state SET seq = seq + 1;
+        UPDATE permissions SET seq = (SELECT seq FROM sync_state) WHERE item_id = NEW.id;
+    END;
+    """,
 ]
 
 
@@ -620,9 +630,12 @@ class SQLiteConnection(sqlite3.Connection):
     #: Whether the open transaction of transaction() is a write transaction.
     writing = False
     #: Users whose feed or credentials the open transaction changes, and those of committed
-    #: ones not yet told to their long-polls (see touch).
+    #: ones not yet told to their long-polls (see touch); the same of changed items, whose
+    #: holders are looked up only when long-polls wait (see touch_items).
     pending: set[int]
     changed: set[int]
+    pending_items: set[int]
+    changed_items: set[int]
     #: The migrations of this database, its errors, and a condition on a list of user ids
     #: passed as one parameter (see id_list).
     migrations = SCHEMA
@@ -644,7 +657,7 @@ class SQLiteConnection(sqlite3.Connection):
             self.execute(statement)
 
     def id_list(self, ids: Iterable[int]) -> str:
-        """Return user ids as the one parameter of IDS_IN."""
+        """Return row ids as the one parameter of IDS_IN."""
         return json.dumps(list(ids))
 
     def stream(self, sql: str, params: Any) -> sqlite3.Cursor:
@@ -693,7 +706,7 @@ def connect(path: str, settings: Settings, write_lock: threading.Lock | None = N
         path, isolation_level=None, check_same_thread=False, factory=SQLiteConnection
     )
     conn.write_lock = write_lock
-    conn.pending, conn.changed = set(), set()
+    conn.pending, conn.changed, conn.pending_items, conn.changed_items = set(), set(), set(), set()
     conn.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout)}")
     # Takes effect in a new database (open_context converts an older one once).
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -740,12 +753,14 @@ def transaction(conn: Connection, write: bool = False) -> Iterator[Connection]:
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            if getattr(conn, "pending", None):
+            if hasattr(conn, "pending"):
                 conn.pending.clear()
+                conn.pending_items.clear()
             raise
-        if getattr(conn, "pending", None):
-            conn.changed |= conn.pending
+        if hasattr(conn, "pending"):
+            committed(conn, conn.pending, conn.pending_items)
             conn.pending.clear()
+            conn.pending_items.clear()
     finally:
         if lock is not None:
             lock.release()
@@ -758,6 +773,23 @@ def touch(conn: Connection, user_ids: Iterable[int]) -> None:
     """
     if hasattr(conn, "pending"):
         conn.pending.update(user_ids)
+
+
+def touch_items(conn: Connection, item_ids: Iterable[int]) -> None:
+    """Note, as touch does, items whose holders' feeds a write changes (or has changed,
+    outside a transaction): their holders are looked up only if long-polls wait."""
+    if not hasattr(conn, "pending"):
+        return
+    if conn.in_transaction:
+        conn.pending_items.update(item_ids)
+    else:
+        committed(conn, (), item_ids)
+
+
+def committed(conn: Connection, user_ids: Iterable[int], item_ids: Iterable[int]) -> None:
+    """Keep the users and items a committed write touched, until Waiters.notify takes them."""
+    conn.changed.update(user_ids)
+    conn.changed_items.update(item_ids)
 
 
 def revoke(conn: Connection, user_ids: Iterable[int]) -> None:
@@ -880,12 +912,12 @@ def take_id(conn: Connection, table: str) -> int:
 # The second database. SQL is written once, in SQLite's spelling; what PostgreSQL needs
 # otherwise sits here: its schema, its placeholders, its write lock and its large values.
 
-#: The schema on PostgreSQL at the version SCHEMA reaches: one script, because a
-#: PostgreSQL database starts at this version (later migrations go into both lists).
+#: The schema on PostgreSQL: one script for the version of its first release, where a
+#: PostgreSQL database starts, then each later migration of SCHEMA in PostgreSQL's words.
 #: Keys and names sort by their bytes (COLLATE "C"), as SQLite sorts them; zeroblob() is
 #: SQLite's placeholder for a value streamed in after its row (see PostgreSQLConnection);
 #: every change to sync_state is announced to the watchers of other nodes (NOTIFY).
-POSTGRESQL_SCHEMA = [""] * (len(SCHEMA) - 1) + [
+POSTGRESQL_SCHEMA = [""] * (len(SCHEMA) - 2) + [
     """
     CREATE TABLE users (
         id BIGINT PRIMARY KEY,
@@ -988,7 +1020,17 @@ POSTGRESQL_SCHEMA = [""] * (len(SCHEMA) - 1) + [
         LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('syncnode', ''); RETURN NULL; END $$;
     CREATE TRIGGER sync_state_announced AFTER UPDATE ON sync_state
         FOR EACH STATEMENT EXECUTE FUNCTION syncnode_announce();
+    """,
     """
+    CREATE FUNCTION syncnode_item_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE sync_state SET seq = seq + 1;
+        UPDATE permissions SET seq = (SELECT seq FROM sync_state) WHERE item_id = NEW.id;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER items_changed AFTER UPDATE OF token ON items
+        FOR EACH ROW EXECUTE FUNCTION syncnode_item_changed();
+    """,
 ]
 
 #: The first number of the advisory locks syncnode takes; the second names the lock.
@@ -1090,6 +1132,8 @@ class PostgreSQLConnection:
         self._idle = psycopg.pq.TransactionStatus.IDLE
         self.pending: set[int] = set()
         self.changed: set[int] = set()
+        self.pending_items: set[int] = set()
+        self.changed_items: set[int] = set()
         self._announcements = 0
         self._listening = False
         # (0 would wait forever on PostgreSQL; SQLite's 0 is not to wait)
@@ -1154,7 +1198,7 @@ class PostgreSQLConnection:
             self.raw.execute(script)
 
     def id_list(self, ids: Iterable[int]) -> list[int]:
-        """Return user ids as the one parameter of IDS_IN."""
+        """Return row ids as the one parameter of IDS_IN."""
         return list(ids)
 
     def stream(self, sql: str, params: Any) -> PostgreSQLRows:
@@ -1314,7 +1358,6 @@ class Caller:
     """Who is asking: the user, and the session or the API key behind the request."""
 
     user_id: int
-    name: str
     session_id: int | None = None
     api_key_id: int | None = None
     #: The API key's permissions; None for a session, which has every right of its user.
@@ -1760,23 +1803,10 @@ def apply_put(
     # Bytes go in as they are; a file-held value as zeroblob(size), filled by write_value.
     inline = value.body if isinstance(value.body, bytes) else None
     new_bytes = value.size + len(value.meta or "")
-    if sent_token is not None and not create_only and not (quota.disk_full or quota.max_bytes):
-        # The common update, where growth binds no limit: one statement decides the key, the
-        # token and the WRITE or OWN permission. Anything else goes the long way for its error.
-        updated = conn.execute(
-            f"""
-            UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?,
-                value = coalesce(?, zeroblob(?))
-            WHERE key = ? AND token IN ({placeholders(len(sent_token))})
-              AND EXISTS (SELECT 1 FROM permissions
-                          WHERE item_id = items.id AND user_id = ? AND level >= ?)
-            RETURNING id
-            """,
-            (token, value.meta, now_ms, value.size, inline, value.size, key, *sent_token,
-             user_id, LEVELS["WRITE"]),
-        ).fetchone()  # fmt: skip
-        if updated is not None:
-            record_update(conn, updated[0], value)
+    if updates_at_once(sent_token, quota, create_only):
+        item_id = update_current(conn, key, user_id, value, sent_token, token, now_ms)
+        if item_id is not None:
+            record_update(conn, item_id, value)
             return token
     found = find_item(conn, key, user_id)
     if found is None:
@@ -1827,16 +1857,51 @@ def apply_put(
     return token
 
 
+def item_holders(conn: Connection, item_ids: Iterable[int]) -> list[int]:
+    """Return the users who hold any of these items."""
+    rows = conn.execute(
+        f"SELECT DISTINCT user_id FROM permissions WHERE item_id {conn.IDS_IN}",
+        (conn.id_list(item_ids),),
+    )
+    return [row[0] for row in rows]
+
+
+def updates_at_once(sent_token: tuple[str, ...] | None, quota: Quota, create_only: bool) -> bool:
+    """Whether a PUT may first try update_current: an update where growth binds no limit."""
+    return sent_token is not None and not create_only and not (quota.disk_full or quota.max_bytes)
+
+
+def update_current(
+    conn: Connection,
+    key: str,
+    user_id: int,
+    value: NewValue,
+    sent_token: tuple[str, ...],
+    token: str,
+    now_ms: int,
+) -> int | None:
+    """The common update: one statement decides the key, the token and the WRITE or OWN
+    permission, and writes. Return the item's id, or None (the long way finds the error)."""
+    inline = value.body if isinstance(value.body, bytes) else None
+    updated = conn.execute(
+        f"""
+        UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?,
+            value = coalesce(?, zeroblob(?))
+        WHERE key = ? AND token IN ({placeholders(len(sent_token))})
+          AND EXISTS (SELECT 1 FROM permissions
+                      WHERE item_id = items.id AND user_id = ? AND level >= ?)
+        RETURNING id
+        """,
+        (token, value.meta, now_ms, value.size, inline, value.size, key, *sent_token,
+         user_id, LEVELS["WRITE"]),
+    ).fetchone()  # fmt: skip
+    return None if updated is None else updated[0]
+
+
 def record_update(conn: Connection, item_id: int, value: NewValue) -> None:
-    """After an item's row changed: a new change number on every holder's row, their
-    long-polls noted, and a file-held value copied in."""
-    bump_seq(conn)
-    holders = conn.execute(
-        "UPDATE permissions SET seq = (SELECT seq FROM sync_state) WHERE item_id = ? "
-        "RETURNING user_id",
-        (item_id,),
-    ).fetchall()
-    touch(conn, (row[0] for row in holders))
+    """After an item's token changed, which gave every holder's row a new change number
+    (the trigger items_changed): their long-polls noted, and a file-held value copied in."""
+    touch_items(conn, [item_id])
     write_value(conn, item_id, value)
 
 
@@ -1850,7 +1915,23 @@ def put_value(
     quota: Quota = Quota(),
     create_only: bool = False,
 ) -> str:
-    """Create or compare-and-swap a value in one write transaction; return its new token."""
+    """Create or compare-and-swap a value in one write transaction; return its new token.
+
+    On SQLite the common update of a value in memory is one statement, a transaction of its
+    own (its trigger included), queued behind this app's other writers as transaction's are.
+    """
+    if (
+        isinstance(conn, SQLiteConnection)
+        and isinstance(value.body, bytes)
+        and not conn.in_transaction
+        and updates_at_once(sent_token, quota, create_only)
+    ):
+        token = new_store_token()
+        with conn.write_lock or contextlib.nullcontext():
+            item_id = update_current(conn, key, user_id, value, sent_token, token, now_ms)
+        if item_id is not None:
+            touch_items(conn, [item_id])
+            return token
     with transaction(conn, write=True):
         return apply_put(conn, key, user_id, value, sent_token, now_ms, quota, create_only)
 
@@ -2180,17 +2261,13 @@ def find_session(
     another app version, records the time and this request's device again.
     """
     row = conn.execute(
-        """
-        SELECT sessions.id, sessions.user_id, users.name, sessions.expires_ms,
-               sessions.updated_ms, sessions.app_version
-        FROM sessions JOIN users ON users.id = sessions.user_id
-        WHERE sessions.token_digest = ?
-        """,
+        "SELECT id, user_id, expires_ms, updated_ms, app_version FROM sessions "
+        "WHERE token_digest = ?",
         (digest_token(token),),
     ).fetchone()
     if row is None:
         raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
-    session_id, user_id, name, expires_ms, updated_ms, stored_version = row
+    session_id, user_id, expires_ms, updated_ms, stored_version = row
     if expires_ms <= now_ms:
         write_if_possible(conn, "DELETE FROM sessions WHERE id = ?", (session_id,))
         raise ApiError("AUTH01", "The session token is unknown, expired or revoked.")
@@ -2204,7 +2281,7 @@ def find_session(
             """,
             (now_ms, device.device_type, device.device_os, device.app_version, session_id),
         )
-    return Caller(user_id, name, session_id=session_id)
+    return Caller(user_id, session_id=session_id)
 
 
 def credential_is_live(conn: Connection, caller: Caller, permission: str, now_ms: int):
@@ -2486,16 +2563,14 @@ def find_api_key(conn: Connection, secret: str) -> Caller | None:
     """Return the caller behind an API key secret, or None."""
     row = conn.execute(
         """
-        SELECT api_keys.id, api_keys.user_id, users.name, api_keys.permissions
-        FROM api_keys JOIN users ON users.id = api_keys.user_id
-        WHERE api_keys.secret_digest = ?
+        SELECT id, user_id, permissions FROM api_keys WHERE secret_digest = ?
         """,
         (digest_token(secret),),
     ).fetchone()
     if row is None:
         return None
-    key_id, user_id, name, permissions = row
-    return Caller(user_id, name, api_key_id=key_id, permissions=frozenset(json.loads(permissions)))
+    key_id, user_id, permissions = row
+    return Caller(user_id, api_key_id=key_id, permissions=frozenset(json.loads(permissions)))
 
 
 def list_api_keys(conn: Connection, user_id: int) -> list[ApiKey]:
@@ -2796,13 +2871,15 @@ class Connections:
         """The errors of the database beside SQLite's: psycopg's on PostgreSQL."""
         return database_errors(self.settings.database)
 
-    def take_changed(self) -> set[int]:
-        """Return and forget the users this thread's committed writes touched (see touch)."""
+    def take_changed(self) -> tuple[set[int], set[int]]:
+        """Return and forget the users and the items this thread's committed writes touched
+        (see touch and touch_items)."""
         conn = getattr(self._local, "conn", None)
-        if conn is None or not getattr(conn, "changed", None):
-            return set()
-        changed, conn.changed = conn.changed, set()
-        return changed
+        users, items = getattr(conn, "changed", None), getattr(conn, "changed_items", None)
+        if not (users or items):
+            return set(), set()
+        conn.changed, conn.changed_items = set(), set()
+        return users or set(), items or set()
 
     def writable(self) -> bool:
         """Whether the database file can take a write, cheaply and without raising.
@@ -3104,10 +3181,19 @@ class Waiters:
         """How many long-polls wait now."""
         return self.parked + self.holding
 
-    def notify(self, user_ids: Iterable[int]) -> None:
-        """Wake the long-polls of these users after a committed change."""
-        if user_ids and self._users:  # (every request calls it, mostly with none)
-            self._wake({user_id: None for user_id in user_ids})
+    def notify(self, user_ids: Collection[int], item_ids: Collection[int] = ()) -> None:
+        """Wake the long-polls of these users, and of the holders of these items, after a
+        committed change."""
+        if not self._users or not (user_ids or item_ids):  # (most requests: none of either)
+            return
+        users = dict.fromkeys(user_ids)
+        if item_ids:
+            try:
+                users.update(dict.fromkeys(item_holders(self.connections.connection(), item_ids)))
+            except (sqlite3.Error, *self.connections.errors()):
+                self._wake(None)  # each poll queries again
+                return
+        self._wake(users)
 
     def stop(self) -> None:
         """Answer every long-poll now and hold no new ones: the server is shutting down."""
@@ -3407,6 +3493,7 @@ class Context:
         self.trusted_proxies = parse_networks(settings.trusted_proxies)
         self.data_dir = os.path.dirname(os.path.abspath(settings.database))
         self._documents: dict[str, bytes] = {}
+        self._disk_ok_until = 0.0
 
     def now_ms(self) -> int:
         """Return the app clock's time in milliseconds since the Unix epoch."""
@@ -3465,16 +3552,20 @@ class Context:
     def disk_ok(self) -> bool:
         """Whether the data directory is writable with at least min_free_bytes free.
 
-        PostgreSQL keeps its files on its own server: there a full disk answers DISK01 when
-        the server refuses the write (see cannot_write).
+        A yes holds for HEALTHY_FOR_SECONDS (two system calls fewer for most writes); a no is
+        asked again each time. PostgreSQL keeps its files on its own server: there a full
+        disk answers DISK01 when the server refuses the write (see cannot_write).
         """
-        if self.db.postgresql:
+        if self.db.postgresql or time.monotonic() < self._disk_ok_until:
             return True
         try:
             free = shutil.disk_usage(self.data_dir).free
         except OSError:
             return False
-        return os.access(self.data_dir, os.W_OK) and free >= self.settings.min_free_bytes
+        if not (os.access(self.data_dir, os.W_OK) and free >= self.settings.min_free_bytes):
+            return False
+        self._disk_ok_until = time.monotonic() + HEALTHY_FOR_SECONDS
+        return True
 
     def require_disk(self) -> None:
         """Raise DISK01 unless the data directory can take a write."""
@@ -3515,6 +3606,8 @@ def answer(body: Any, status: int, headers: Mapping[str, str]) -> Any:
     # the cost of response[name] = value, with the same checks of the value.
     for name, value in headers.items():
         stored[header_key(name)] = [bottle._hval(value)]
+    if isinstance(body, bytes):  # (what bottle would set, the cheaper way)
+        stored["Content-Length"] = [str(len(body))]
     return body
 
 
@@ -3883,11 +3976,13 @@ def read_operation(operation: Any, max_value_bytes: int) -> dict:
     return result
 
 
-def cors_headers(settings: Settings, allow: str, preflight: bool) -> dict[str, str]:
-    """Return the CORS headers for this request's Origin, if cors_origins admits it."""
+def cors_headers(settings: Settings, allow: str) -> dict[str, str]:
+    """Return the CORS headers for this request's Origin, if cors_origins admits it
+    (an OPTIONS request is a preflight)."""
     origin = header("Origin")
     if not settings.cors_origins or origin is None:
         return {}
+    preflight = bottle.request.method == "OPTIONS"
     allowed = [item.strip() for item in settings.cors_origins.split(",")]
     if "*" in allowed:
         headers = {"Access-Control-Allow-Origin": "*"}
@@ -5050,7 +5145,8 @@ def app_change_password(ctx: Context, caller: Caller):
     new_password = checks.new_password("newPassword")
     checks.boolean("invalidateSessions")
     checks.done()
-    if check_login(ctx, caller.name, password) is None:
+    user = get_user(ctx.connection(), row_id=caller.user_id)
+    if user is None or check_login(ctx, user.name, password) is None:
         raise ApiError("REQ01", "The current password is wrong.", app_message="Wrong password")
     password_hash = ctx.hashing.hash(new_password)
     conn = ctx.connection()
@@ -5852,7 +5948,7 @@ class OperationPlugin:
             try:
                 return operation.handler(ctx, caller, **args)
             finally:  # wake the long-polls of the users whose feed or credential changed
-                ctx.waiters.notify(ctx.db.take_changed())
+                ctx.waiters.notify(*ctx.db.take_changed())
 
         def sync_route(**args: str) -> Any:
             try:
@@ -5861,9 +5957,8 @@ class OperationPlugin:
                 raise
             except Exception as error:
                 response = error_response(classify_error(ctx, error))
-            if allow is not None:
-                preflight = bottle.request.method == "OPTIONS"
-                add_headers(response, cors_headers(ctx.settings, allow, preflight))
+            if allow is not None and ctx.settings.cors_origins:
+                add_headers(response, cors_headers(ctx.settings, allow))
             return response
 
         def app_route(**args: str) -> Any:

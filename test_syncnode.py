@@ -3204,6 +3204,49 @@ def test_feed_update_by_a_writer_reaches_every_holder(client, user, other):
     assert changes(client, other, cursor) == [live("k", "WRITE", new, cursor + 1)]
 
 
+@pytest.mark.sqlite
+def test_store_update_is_one_statement_of_its_own_when_no_poll_waits(app, client, user, other, db):
+    token = token_of(put(client, user, "k"))
+    share(client, user, "k", {"bob": "READ"})
+    seq = current_seq(client, user)
+    statements: list[str] = []
+    conn = app.context.connection()  # the connection webtest's requests use (same thread)
+    conn.set_trace_callback(statements.append)
+    try:
+        new = token_of(put(client, user, "k", b"new", token))
+    finally:
+        conn.set_trace_callback(None)
+    # SQLite traces a statement again for each statement of a trigger it runs.
+    statements = [sql for n, sql in enumerate(statements) if n == 0 or statements[n - 1] != sql]
+    writes = [sql for sql in statements if not sql.lstrip().upper().startswith("SELECT")]
+    assert len(writes) == 1 and writes[0].lstrip().startswith("UPDATE items"), statements
+    assert not any("BEGIN" in sql or "COMMIT" in sql for sql in statements), statements
+    assert len(statements) == 2, "the session, then the update; no holders looked up"
+    # The trigger gave every holder's row the new change number, in the same statement.
+    rows = db.execute(
+        "SELECT users.name, permissions.seq FROM permissions "
+        "JOIN users ON users.id = permissions.user_id ORDER BY users.name"
+    ).fetchall()
+    assert [tuple(row) for row in rows] == [("alice", seq + 1), ("bob", seq + 1)]
+    assert db.execute("SELECT seq FROM sync_state").fetchone()[0] == seq + 1
+    assert changes(client, other, seq) == [live("k", "READ", new, seq + 1)]
+
+
+def test_store_any_write_of_a_token_reaches_every_holders_feed(client, user, other, db):
+    put(client, user, "k")
+    put(client, user, "mine")
+    share(client, user, "k", {"bob": "WRITE"})
+    seq = current_seq(client, user)
+    with syncnode.transaction(db, write=True):  # beside the app, as another tool would
+        db.execute("UPDATE items SET token = 'by-hand' WHERE key = ?", ("k",))
+    assert db.execute("SELECT seq FROM sync_state").fetchone()[0] == seq + 1
+    assert changes(client, user, seq) == [live("k", "OWN", "by-hand", seq + 1)]
+    assert changes(client, other, seq) == [live("k", "WRITE", "by-hand", seq + 1)]
+    with syncnode.transaction(db, write=True):  # a change of what no token names: no seq
+        db.execute("UPDATE items SET updated_ms = updated_ms + 1 WHERE key = ?", ("mine",))
+    assert db.execute("SELECT seq FROM sync_state").fetchone()[0] == seq + 1
+
+
 def test_feed_account_deletion_buries_the_keys_it_alone_owned(client, user, other):
     put(client, other, "bobs")
     share(client, other, "bobs", {"alice": "READ"})
@@ -3533,6 +3576,68 @@ def test_longpoll_wakes_only_the_users_a_change_concerns(start_server, monkeypat
     grant = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
     assert server.request("PUT", "/permission/shared", grant, alice.headers).status_int == 204
     assert [entry["key"] for entry in poll.result().json] == ["shared"]
+
+
+def test_longpoll_update_of_a_shared_key_wakes_its_holders_only_and_at_once(
+    start_server, monkeypatch
+):
+    monkeypatch.setattr(syncnode, "WATCH_SECONDS", 30)  # only the commit's own wake-up counts
+    server = start_server(threads=8)
+    alice, bob, carol = (server.register(name) for name in ("alice", "bob", "carol"))
+    token = server.request("PUT", "/store/shared", b"v", alice.headers).headers["X-Sync-Token"]
+    grant = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
+    assert server.request("PUT", "/permission/shared", grant, alice.headers).status_int == 204
+    ids = dict(server.app.context.connection().execute("SELECT name, id FROM users").fetchall())
+    queries: collections.Counter = collections.Counter()
+    original = syncnode.list_changes
+
+    def counted(conn, user_id, *args, **kwargs):
+        queries[user_id] += 1
+        return original(conn, user_id, *args, **kwargs)
+
+    monkeypatch.setattr(syncnode, "list_changes", counted)
+    cursor = server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"]
+    bobs = LongPoll(server, bob.headers, f"/store?since={cursor}&wait=20")
+    carols = LongPoll(server, carol.headers, f"/store?since={cursor}&wait=20")
+    wait_for_waiters(server, 2)
+    deadline = time.monotonic() + 5
+    while not (queries[ids["bob"]] and queries[ids["carol"]]) and time.monotonic() < deadline:
+        time.sleep(0.01)  # (each poll's first run)
+    before = dict(queries)
+    headers = {**alice.headers, "X-Sync-Token": token}
+    updated = server.request("PUT", "/store/shared", b"new", headers)
+    assert updated.status_int == 204
+    answer = bobs.result(timeout=5)
+    assert bobs.done_at - bobs.started_at < 5, "woken by the commit, not by the watcher"
+    assert [(entry["key"], entry["token"]) for entry in answer.json] == [
+        ("shared", updated.headers["X-Sync-Token"])
+    ]
+    assert carols.thread.is_alive(), "carol holds nothing the update changed"
+    assert queries[ids["bob"]] == before[ids["bob"]] + 1
+    assert queries[ids["carol"]] == before[ids["carol"]], "carol's poll woke for nothing"
+
+
+def test_longpoll_holders_lookup_failing_wakes_every_poll_to_look(start_server, monkeypatch):
+    monkeypatch.setattr(syncnode, "WATCH_SECONDS", 30)
+    server = start_server(threads=8)
+    alice, bob = server.register("alice"), server.register("bob")
+    token = server.request("PUT", "/store/shared", b"v", alice.headers).headers["X-Sync-Token"]
+    grant = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
+    assert server.request("PUT", "/permission/shared", grant, alice.headers).status_int == 204
+
+    def failing(conn, item_ids):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(syncnode, "item_holders", failing)
+    cursor = server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"]
+    poll = LongPoll(server, bob.headers, f"/store?since={cursor}&wait=20")
+    wait_for_waiters(server, 1)
+    updated = server.request(
+        "PUT", "/store/shared", b"new", {**alice.headers, "X-Sync-Token": token}
+    )
+    assert updated.status_int == 204, "the write stands; only the wake-up lost its precision"
+    assert [entry["key"] for entry in poll.result(timeout=5).json] == ["shared"]
+    assert poll.done_at - poll.started_at < 5
 
 
 @pytest.mark.parametrize("one_place", ONE_PLACE)
@@ -11502,6 +11607,30 @@ def test_migration_released_scripts_never_change():
     assert digests == RELEASED_SCHEMA_DIGESTS
 
 
+def test_migration_a_version_6_database_gets_the_trigger_that_numbers_changes(db, make_app):
+    syncnode.migrate(db, syncnode.kind_of(db).migrations[:6])
+    with syncnode.transaction(db, write=True):
+        db.execute(
+            "INSERT INTO users (id, name, password_hash, created_ms) "
+            "VALUES (1, 'alice', 'x', 0), (2, 'bob', 'x', 0)"
+        )
+        db.execute(
+            "INSERT INTO items (id, key, token, updated_ms, size, value) "
+            "VALUES (1, 'k', 't', 0, 1, ?)",
+            (b"v",),
+        )
+        db.execute(
+            "INSERT INTO permissions (item_id, user_id, level, seq) "
+            "VALUES (1, 1, 3, 1), (1, 2, 1, 1)"
+        )
+    make_app()
+    with syncnode.transaction(db, write=True):
+        db.execute("UPDATE items SET token = 't2' WHERE id = 1")
+    assert db.execute("SELECT seq FROM sync_state").fetchone()[0] == 2
+    rows = db.execute("SELECT user_id, seq FROM permissions ORDER BY user_id").fetchall()
+    assert [tuple(row) for row in rows] == [(1, 2), (2, 2)]
+
+
 @pytest.fixture
 def v1_data(db_path, clock) -> V1Data:
     return build_v1_database(db_path, int(clock.now * 1000))
@@ -12726,6 +12855,10 @@ def test_access_log_times_a_parked_long_poll_from_its_first_run(start_server, ca
     with caplog.at_level(logging.INFO, logger="syncnode.access"):
         poll = LongPoll(server, alice.headers, f"/store?since={cursor}&wait=1")
         assert (poll.result().status_int, poll.result().json) == (200, [])
+        deadline = time.monotonic() + 5  # the line is written once the answer is sent
+        while not access_lines(caplog) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # room for a second line, were the poll logged once per run
     lines = [ACCESS_LINE.fullmatch(line) for line in access_lines(caplog)]
     polls = [match for match in lines if match and match["path"] == "/store"]
     assert len(polls) == 1, "one line for the poll, however often it ran"
