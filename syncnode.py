@@ -1353,7 +1353,7 @@ Connection = SQLiteConnection | PostgreSQLConnection
 # ==================================================================================================
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: one per request, made at a third of the cost)
 class Caller:
     """Who is asking: the user, and the session or the API key behind the request."""
 
@@ -1370,7 +1370,7 @@ class Caller:
         return not self.permissions.isdisjoint(IMPLIED_BY.get(permission, (permission,)))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: one per request, made at a third of the cost)
 class StoredValue:
     """A value read from the store: its token, metadata, size and bytes (or a stream of them)."""
 
@@ -1512,7 +1512,7 @@ class Item(NamedTuple):
     meta: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: one per request, made at a third of the cost)
 class Listing:
     """One answer of GET /store: its entries, the cursor, and whether more entries remain."""
 
@@ -1766,7 +1766,7 @@ def stream_value(conn: Connection, key: str, user_id: int) -> StoredValue:
         raise
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: one per request, made at a third of the cost)
 class NewValue:
     """A value to store: its bytes, or a file holding size bytes, and its metadata."""
 
