@@ -3462,6 +3462,19 @@ def wait_for_waiters(server: LiveServer, count: int) -> None:
         time.sleep(0.005)
 
 
+def count_feed_queries(monkeypatch) -> collections.Counter:
+    """Count from now on each user's change-feed queries (a poll's runs), by user row id."""
+    queries: collections.Counter = collections.Counter()
+    original = syncnode.list_changes
+
+    def counted(conn, user_id, *args, **kwargs):
+        queries[user_id] += 1
+        return original(conn, user_id, *args, **kwargs)
+
+    monkeypatch.setattr(syncnode, "list_changes", counted)
+    return queries
+
+
 def test_longpoll_answers_at_once_when_changes_exist(client, user):
     put(client, user, "k")
     started = time.monotonic()
@@ -3547,14 +3560,7 @@ def test_longpoll_past_max_waiting_answers_at_once(start_server, one_place):
 def test_longpoll_wakes_only_the_users_a_change_concerns(start_server, monkeypatch):
     server = start_server(threads=8)
     alice, bob = server.register("alice"), server.register("bob")
-    queries: collections.Counter = collections.Counter()
-    original = syncnode.list_changes
-
-    def counted(conn, user_id, *args, **kwargs):
-        queries[user_id] += 1
-        return original(conn, user_id, *args, **kwargs)
-
-    monkeypatch.setattr(syncnode, "list_changes", counted)
+    queries = count_feed_queries(monkeypatch)
     bob_id = (
         server.app.context.connection()
         .execute("SELECT id FROM users WHERE name = 'bob'")
@@ -3588,14 +3594,7 @@ def test_longpoll_update_of_a_shared_key_wakes_its_holders_only_and_at_once(
     grant = json.dumps([{"user": "bob", "permission": "READ"}]).encode()
     assert server.request("PUT", "/permission/shared", grant, alice.headers).status_int == 204
     ids = dict(server.app.context.connection().execute("SELECT name, id FROM users").fetchall())
-    queries: collections.Counter = collections.Counter()
-    original = syncnode.list_changes
-
-    def counted(conn, user_id, *args, **kwargs):
-        queries[user_id] += 1
-        return original(conn, user_id, *args, **kwargs)
-
-    monkeypatch.setattr(syncnode, "list_changes", counted)
+    queries = count_feed_queries(monkeypatch)
     cursor = server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"]
     bobs = LongPoll(server, bob.headers, f"/store?since={cursor}&wait=20")
     carols = LongPoll(server, carol.headers, f"/store?since={cursor}&wait=20")
@@ -3924,14 +3923,7 @@ def test_a_commit_in_another_process_wakes_the_polls_it_concerns_at_once(two_pro
 def test_a_commit_in_another_process_leaves_other_users_polls_asleep(two_processes, monkeypatch):
     server, other = two_processes
     alice, bob = server.register("alice"), server.register("bob")
-    queries: collections.Counter = collections.Counter()
-    original = syncnode.list_changes
-
-    def counted(conn, user_id, *args, **kwargs):
-        queries[user_id] += 1
-        return original(conn, user_id, *args, **kwargs)
-
-    monkeypatch.setattr(syncnode, "list_changes", counted)
+    queries = count_feed_queries(monkeypatch)
     cursor = server.request("GET", "/store", headers=bob.headers).headers["X-Sync-Seq"]
     poll = LongPoll(server, bob.headers, f"/store?since={cursor}&wait=20", socket_timeout=25)
     wait_for_waiters(server, 1)
