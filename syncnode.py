@@ -1791,19 +1791,21 @@ def apply_put(
     now_ms: int,
     quota: Quota,
     create_only: bool = False,
+    update_tried: bool = False,
 ) -> str:
     """Create or compare-and-swap a value inside the caller's write transaction; return its token.
 
     The update is one conditional UPDATE on the key and the sent token inside the write
     transaction that also checked the permission, so of racing writers holding the same token
     exactly one changes a row, and a writer whose permission was just revoked never writes.
-    A large value is stored as a zeroblob of its size and then filled in chunks.
+    A large value is stored as a zeroblob of its size and then filled in chunks. update_tried:
+    update_current already found nothing to update just before (see put_value).
     """
     token = new_store_token()
     # Bytes go in as they are; a file-held value as zeroblob(size), filled by write_value.
     inline = value.body if isinstance(value.body, bytes) else None
     new_bytes = value.size + len(value.meta or "")
-    if updates_at_once(sent_token, quota, create_only):
+    if not update_tried and updates_at_once(sent_token, quota, create_only):
         item_id = update_current(conn, key, user_id, value, sent_token, token, now_ms)
         if item_id is not None:
             record_update(conn, item_id, value)
@@ -1920,20 +1922,23 @@ def put_value(
     On SQLite the common update of a value in memory is one statement, a transaction of its
     own (its trigger included), queued behind this app's other writers as transaction's are.
     """
-    if (
+    tried = (
         isinstance(conn, SQLiteConnection)
         and isinstance(value.body, bytes)
         and not conn.in_transaction
         and updates_at_once(sent_token, quota, create_only)
-    ):
+    )
+    if tried:
         token = new_store_token()
         with conn.write_lock or contextlib.nullcontext():
             item_id = update_current(conn, key, user_id, value, sent_token, token, now_ms)
         if item_id is not None:
-            touch_items(conn, [item_id])
+            record_update(conn, item_id, value)
             return token
-    with transaction(conn, write=True):
-        return apply_put(conn, key, user_id, value, sent_token, now_ms, quota, create_only)
+    with transaction(conn, write=True):  # the long way, for another change or for the error
+        return apply_put(
+            conn, key, user_id, value, sent_token, now_ms, quota, create_only, update_tried=tried
+        )
 
 
 def apply_batch(
@@ -5145,11 +5150,11 @@ def app_change_password(ctx: Context, caller: Caller):
     new_password = checks.new_password("newPassword")
     checks.boolean("invalidateSessions")
     checks.done()
-    user = get_user(ctx.connection(), row_id=caller.user_id)
+    conn = ctx.connection()
+    user = get_user(conn, row_id=caller.user_id)
     if user is None or check_login(ctx, user.name, password) is None:
         raise ApiError("REQ01", "The current password is wrong.", app_message="Wrong password")
     password_hash = ctx.hashing.hash(new_password)
-    conn = ctx.connection()
     set_password(conn, caller.user_id, password_hash, caller.session_id, ctx.now_ms())
     return immich_json(admin_dto(conn, caller.user_id))
 
