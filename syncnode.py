@@ -620,7 +620,7 @@ class SQLiteConnection(sqlite3.Connection):
     """
 
     #: Held by write transactions of the same app, so that writers queue in Python.
-    write_lock: threading.Lock | None = None
+    write_lock: WriteLock | None = None
     #: Set when the file could not take a write: the app replaces the connection.
     stale = False
     #: A SQLite connection never breaks (PostgreSQL's may).
@@ -687,7 +687,7 @@ class SQLiteConnection(sqlite3.Connection):
     def restart_ids(self) -> None:
         """Nothing after a copy: SQLite numbers new rows past the largest id by itself."""
 
-    def tidy(self, write_lock: threading.Lock) -> None:
+    def tidy(self, write_lock: WriteLock) -> None:
         """Give freed pages back to the file system and checkpoint the WAL."""
         with write_lock:  # (one execute frees only one page)
             self.executescript("PRAGMA incremental_vacuum;")
@@ -700,7 +700,106 @@ class SQLiteConnection(sqlite3.Connection):
             self.owners.discard(self)
 
 
-def connect(path: str, settings: Settings, write_lock: threading.Lock | None = None) -> Connection:
+@dataclass(slots=True)
+class QueuedWrite:
+    """A write statement waiting for WriteLock.run_together, and once its batch ended, its rows
+    (None when the batch failed)."""
+
+    sql: str
+    params: tuple
+    done: bool = False
+    rows: list[tuple] | None = None
+
+
+class WriteLock:
+    """The lock an app's writers queue on in Python, which also commits single-statement
+    writes of several threads together (run_together).
+
+    Committing costs a sync of the disk: statements that arrive while another thread writes
+    wait, and the next of them to take the lock runs them all in one transaction, so they
+    share one commit instead of queueing for one each.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turn = threading.Condition()
+        self._queue: list[QueuedWrite] = []
+        self._leading = False
+
+    def acquire(self) -> bool:
+        """Take the lock (as threading.Lock's)."""
+        return self._lock.acquire()
+
+    def release(self) -> None:
+        """Let go of the lock."""
+        self._lock.release()
+
+    def __enter__(self) -> WriteLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._lock.release()
+
+    def queued(self) -> int:
+        """Return how many statements wait for their batch."""
+        with self._turn:
+            return len(self._queue)
+
+    def run_together(self, conn: Connection, sql: str, params: tuple) -> list[tuple]:
+        """Run a write statement on its own or in one transaction with those queued beside it;
+        return its rows once committed.
+
+        Each statement decides on the rows as the ones before it in the batch left them, as
+        it would have alone in that order. Should any of the batch fail, the batch rolls back
+        and each runs alone again, so that a statement's error is its own.
+        """
+        write = QueuedWrite(sql, params)
+        with self._turn:
+            self._queue.append(write)
+            while self._leading and not write.done:
+                self._turn.wait()
+            lead = not write.done  # the batch before has ended without it: it leads the next
+            if lead:
+                self._leading = True
+        if lead:
+            batch: list[QueuedWrite] = []
+            try:
+                with self._lock:
+                    with self._turn:
+                        batch, self._queue = self._queue, []
+                    if len(batch) == 1:
+                        return conn.execute(sql, params).fetchall()
+                    run_batch(conn, batch)
+            finally:
+                with self._turn:
+                    for queued in batch:
+                        queued.done = True
+                    self._leading = False
+                    self._turn.notify_all()
+        if write.rows is not None:
+            return write.rows
+        with self._lock:  # its batch failed: alone, for its own outcome
+            return conn.execute(sql, params).fetchall()
+
+
+def run_batch(conn: Connection, batch: list[QueuedWrite]) -> None:
+    """Run queued writes in one write transaction; on any failure roll it all back."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for queued in batch:
+            queued.rows = conn.execute(queued.sql, queued.params).fetchall()
+        conn.execute("COMMIT")
+    except BaseException as error:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        for queued in batch:
+            queued.rows = None
+        if not isinstance(error, conn.Error):
+            raise
+
+
+def connect(path: str, settings: Settings, write_lock: WriteLock | None = None) -> Connection:
     """Open a connection in autocommit mode with WAL, foreign keys and the busy timeout set."""
     conn = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, factory=SQLiteConnection
@@ -859,7 +958,7 @@ def refuse_newer(version: int, newest: int) -> None:
 def open_connection(
     database: str,
     settings: Settings,
-    write_lock: threading.Lock | None = None,
+    write_lock: WriteLock | None = None,
     texts: dict[str, str] | None = None,
 ) -> Connection:
     """Open a connection to a database file or a postgresql:// URL (texts: the app's cache
@@ -1106,7 +1205,7 @@ class PostgreSQLConnection:
     """
 
     #: Held by write transactions of the same app, so that writers queue in Python.
-    write_lock: threading.Lock | None = None
+    write_lock: WriteLock | None = None
     #: Set when the database could not take a write: the app replaces the connection.
     stale = False
     #: Whether the open transaction of transaction() is a write transaction.
@@ -1122,7 +1221,7 @@ class PostgreSQLConnection:
         url: str,
         settings: Settings,
         texts: dict[str, str],
-        write_lock: threading.Lock | None = None,
+        write_lock: WriteLock | None = None,
     ) -> None:
         psycopg = import_psycopg()
         self.Error, self.IntegrityError = psycopg.Error, psycopg.IntegrityError
@@ -1272,7 +1371,7 @@ class PostgreSQLConnection:
         finally:
             self.raw.execute(f"SELECT pg_advisory_unlock({lock})")
 
-    def tidy(self, write_lock: threading.Lock) -> None:
+    def tidy(self, write_lock: WriteLock) -> None:
         """Nothing: PostgreSQL's autovacuum and checkpoints do this."""
 
     def restart_ids(self) -> None:
@@ -1881,23 +1980,28 @@ def update_current(
     sent_token: tuple[str, ...],
     token: str,
     now_ms: int,
+    together: bool = False,
 ) -> int | None:
     """The common update: one statement decides the key, the token and the WRITE or OWN
-    permission, and writes. Return the item's id, or None (the long way finds the error)."""
+    permission, and writes. Return the item's id, or None (the long way finds the error).
+
+    together: the statement is a transaction of its own, committed with those of other
+    threads that queue meanwhile (WriteLock.run_together).
+    """
     inline = value.body if isinstance(value.body, bytes) else None
-    updated = conn.execute(
-        f"""
+    sql = f"""
         UPDATE items SET token = ?, meta = ?, updated_ms = ?, size = ?,
             value = coalesce(?, zeroblob(?))
         WHERE key = ? AND token IN ({placeholders(len(sent_token))})
           AND EXISTS (SELECT 1 FROM permissions
                       WHERE item_id = items.id AND user_id = ? AND level >= ?)
         RETURNING id
-        """,
-        (token, value.meta, now_ms, value.size, inline, value.size, key, *sent_token,
-         user_id, LEVELS["WRITE"]),
-    ).fetchone()  # fmt: skip
-    return None if updated is None else updated[0]
+    """
+    params = (token, value.meta, now_ms, value.size, inline, value.size, key, *sent_token,
+              user_id, LEVELS["WRITE"])  # fmt: skip
+    lock = conn.write_lock if together else None
+    rows = lock.run_together(conn, sql, params) if lock else conn.execute(sql, params).fetchall()
+    return rows[0][0] if rows else None
 
 
 def record_update(conn: Connection, item_id: int, value: NewValue) -> None:
@@ -1920,7 +2024,8 @@ def put_value(
     """Create or compare-and-swap a value in one write transaction; return its new token.
 
     On SQLite the common update of a value in memory is one statement, a transaction of its
-    own (its trigger included), queued behind this app's other writers as transaction's are.
+    own (its trigger included), queued behind this app's other writers as transaction's are
+    and committed together with the updates of other threads queued beside it.
     """
     tried = (
         isinstance(conn, SQLiteConnection)
@@ -1930,8 +2035,9 @@ def put_value(
     )
     if tried:
         token = new_store_token()
-        with conn.write_lock or contextlib.nullcontext():
-            item_id = update_current(conn, key, user_id, value, sent_token, token, now_ms)
+        item_id = update_current(
+            conn, key, user_id, value, sent_token, token, now_ms, together=True
+        )
         if item_id is not None:
             record_update(conn, item_id, value)
             return token
@@ -2817,7 +2923,7 @@ class Connections:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         #: Held by write transactions of the app, so that its writers queue in Python.
-        self.write_lock = threading.Lock()
+        self.write_lock = WriteLock()
         self._lock = threading.Lock()
         self._local = threading.local()
         self._open: list[Connection] = []

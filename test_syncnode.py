@@ -3232,6 +3232,112 @@ def test_store_update_is_one_statement_of_its_own_when_no_poll_waits(app, client
     assert changes(client, other, seq) == [live("k", "READ", new, seq + 1)]
 
 
+def queue_puts(app, puts: list[tuple[User, str, bytes, str]]) -> list:
+    """Send PUTs (user, key, value, token) from threads of their own while the app's write
+    lock is held, until all wait for one batch; release it, and return their answers."""
+    lock, answers = app.context.db.write_lock, [None] * len(puts)
+
+    def send(index: int, user: User, key: str, value: bytes, token: str) -> None:
+        answers[index] = put(webtest.TestApp(app), user, key, value, token, status="*")
+
+    threads = [
+        threading.Thread(target=send, args=(index, *args)) for index, args in enumerate(puts)
+    ]
+    with lock:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while lock.queued() < len(puts) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert lock.queued() == len(puts), "the PUTs did not all queue"
+    for thread in threads:
+        thread.join(10)
+    return answers
+
+
+def count_batches(monkeypatch) -> list[int]:
+    """Record the size of each batch of writes run together in one transaction."""
+    sizes: list[int] = []
+    run_batch = syncnode.run_batch
+
+    def counted(conn, batch):
+        sizes.append(len(batch))
+        return run_batch(conn, batch)
+
+    monkeypatch.setattr(syncnode, "run_batch", counted)
+    return sizes
+
+
+@pytest.mark.sqlite
+def test_store_updates_queued_meanwhile_share_one_commit(app, client, make_user, db, monkeypatch):
+    users = [make_user(name) for name in ("alice", "bob", "carol")]
+    tokens = [token_of(put(client, user, f"k-{user.name}")) for user in users]
+    seq = current_seq(client, users[0])
+    batches = count_batches(monkeypatch)
+    answers = queue_puts(
+        app,
+        [
+            (user, f"k-{user.name}", user.name.encode(), token)
+            for user, token in zip(users, tokens, strict=True)
+        ],
+    )
+    assert batches == [3]
+    assert [answer.status_int for answer in answers] == [204, 204, 204]
+    stored = dict(db.execute("SELECT key, token FROM items").fetchall())
+    assert stored == {f"k-{user.name}": token_of(a) for user, a in zip(users, answers, strict=True)}
+    assert db.execute("SELECT seq FROM sync_state").fetchone()[0] == seq + 3
+    numbers = sorted(row[0] for row in db.execute("SELECT seq FROM permissions"))
+    assert numbers == [seq + 1, seq + 2, seq + 3]  # each update a change of its own
+    for user, answer in zip(users, answers, strict=True):
+        [entry] = changes(client, user, seq)
+        assert entry["token"] == token_of(answer)
+        assert client.get(f"/store/k-{user.name}", headers=user.headers).body == user.name.encode()
+
+
+@pytest.mark.sqlite
+def test_store_racing_updates_in_one_batch_let_one_win(app, client, user, other, db, monkeypatch):
+    token = token_of(put(client, user, "k"))
+    share(client, user, "k", {"bob": "WRITE"})
+    seq = current_seq(client, user)
+    batches = count_batches(monkeypatch)
+    answers = queue_puts(app, [(user, "k", b"alice's", token), (other, "k", b"bob's", token)])
+    assert batches == [2]
+    assert sorted(answer.status_int for answer in answers) == [204, 409]
+    [winner] = [answer for answer in answers if answer.status_int == 204]
+    [loser] = [answer for answer in answers if answer.status_int == 409]
+    assert loser.json["code"] == "KEY01"
+    assert db.execute("SELECT token FROM items").fetchone()[0] == token_of(winner)
+    assert db.execute("SELECT seq FROM sync_state").fetchone()[0] == seq + 1
+
+
+@pytest.mark.sqlite
+def test_store_batch_with_a_failing_update_rolls_back_and_each_runs_alone(
+    app, client, make_user, db, monkeypatch
+):
+    users = [make_user(name) for name in ("alice", "bob", "carol")]
+    tokens = [token_of(put(client, user, f"k-{user.name}")) for user in users]
+    seq = current_seq(client, users[0])
+    db.execute(
+        "CREATE TRIGGER refuse_bob BEFORE UPDATE OF token ON items WHEN old.key = 'k-bob' "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    batches = count_batches(monkeypatch)
+    answers = queue_puts(
+        app,
+        [
+            (user, f"k-{user.name}", b"new", token)
+            for user, token in zip(users, tokens, strict=True)
+        ],
+    )
+    assert batches == [3]  # rolled back whole, then each alone
+    alice, bob, carol = answers
+    assert (alice.status_int, carol.status_int) == (204, 204)
+    assert bob.status_int >= 500 and bob.json["code"] == "ERR02"
+    stored = dict(db.execute("SELECT key, token FROM items").fetchall())
+    assert stored == {"k-alice": token_of(alice), "k-bob": tokens[1], "k-carol": token_of(carol)}
+    assert db.execute("SELECT seq FROM sync_state").fetchone()[0] == seq + 2
+
+
 def test_store_any_write_of_a_token_reaches_every_holders_feed(client, user, other, db):
     put(client, user, "k")
     put(client, user, "mine")
